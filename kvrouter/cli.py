@@ -1,0 +1,75 @@
+"""``kvrouter`` subcommands. Each command lives in its own module exposing
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+dispatches, importing a command's module when it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "main"]
+
+# name -> module; each module must keep its top-level imports light (argparse only).
+COMMANDS: dict[str, str] = {
+    "serve": "router.cli",
+    "emulate": "simulator.emulate_cli",
+    "simulate": "simulator.simulate_cli",
+    "replay": "simulator.replay_cli",
+    "tune": "simulator.tune_cli",
+    "demo": "kvrouter.demo",
+}
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvrouter",
+        description="KV-cache-aware request router for vLLM and SGLang inference fleets.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        # Only the requested command's module is imported for its flags; the others are
+        # listed by name so `kvrouter --help` stays fast.
+        if command in (None, name):
+            module = importlib.import_module(module_name)
+            sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
+            module.add_arguments(sp)
+            sp.set_defaults(_run=module.run)
+        else:
+            sub.add_parser(name, help=f"see `kvrouter {name} --help`", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = _parser(command)
+    if command is None:
+        # Full help lists every command's one-line summary.
+        parser = argparse.ArgumentParser(
+            prog="kvrouter",
+            description="KV-cache-aware request router for vLLM and SGLang inference fleets.",
+        )
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        for name, module_name in COMMANDS.items():
+            if importlib.util.find_spec(module_name) is None:
+                continue
+            module = importlib.import_module(module_name)
+            sub.add_parser(name, help=module.HELP)
+    args = parser.parse_args(args_list)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

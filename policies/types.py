@@ -1,0 +1,155 @@
+"""The routing vocabulary: what a policy is asked, what it sees, and what it answers.
+
+One vocabulary for the live router and the simulator. A **backend** is one serving engine
+(a vLLM or SGLang pod). Must not import anything outside the standard library and ``policies``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from policies.index import PrefixIndex
+
+__all__ = [
+    "BackendId",
+    "BackendScore",
+    "BackendState",
+    "BlockHash",
+    "ClusterView",
+    "Decision",
+    "EngineKind",
+    "Policy",
+    "PolicyFactory",
+    "Role",
+    "RouteRequest",
+]
+
+BackendId = str
+"""A backend's stable name: its base URL in the live router, ``engine-N`` in the simulator."""
+
+BlockHash = int
+"""The router's own chained hash of one full KV block (unsigned 64-bit)."""
+
+
+class Role(StrEnum):
+    MIXED = "mixed"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class EngineKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy may know about one request. Built once per request by the caller.
+
+    ``prompt_text`` is the prompt as characters (chat messages concatenated), for policies that
+    match characters the way the peers do. ``block_hashes`` are the router's chained hashes of
+    the prompt's full KV blocks of ``block_size`` tokens, empty when the prompt was not
+    tokenized. ``prompt_tokens`` is exact when tokenized, otherwise an estimate.
+    """
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    prompt_text: str = ""
+    session_key: str | None = None
+    block_hashes: tuple[BlockHash, ...] = ()
+    block_size: int = 16
+    max_tokens: int = 16
+    stream: bool = False
+    tokens_exact: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """A snapshot of one candidate backend's load, taken for one decision.
+
+    Router-side counters (``in_flight_*``) are always fresh. Engine-side numbers come from the
+    engine's own ``/metrics`` scraped on an interval and are ``None`` when unknown or stale.
+    """
+
+    backend_id: BackendId
+    role: Role = Role.MIXED
+    engine: EngineKind = EngineKind.VLLM
+    healthy: bool = True
+    in_flight_requests: int = 0
+    in_flight_prompt_tokens: int = 0
+    engine_waiting_requests: int | None = None
+    engine_running_requests: int | None = None
+    kv_usage_ratio: float | None = None
+    total_kv_blocks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """Everything a policy sees besides the request: candidates, the prefix index, the time.
+
+    ``backends`` holds only eligible candidates (healthy, serving the request's model), in a
+    stable order. ``index`` is read-only for policies: it is fed by KV events (or, in approximate
+    mode, by the policy's own hooks) outside ``choose``.
+    """
+
+    now_s: float
+    backends: tuple[BackendState, ...]
+    index: PrefixIndex | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendScore:
+    """One backend's terms in a decision, for ``/debug/route`` and for tests."""
+
+    backend_id: BackendId
+    score: float
+    matched_tokens: int = 0
+    terms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer. ``backend_id`` serves the request (the decode side when split).
+
+    ``prefill_backend_id`` is set when the request should be prefilled elsewhere first
+    (prefill/decode disaggregation). ``predicted_hit_tokens`` is what the policy expects the
+    chosen backend to find cached.
+    """
+
+    backend_id: BackendId
+    reason: str
+    predicted_hit_tokens: int = 0
+    prefill_backend_id: BackendId | None = None
+    scores: tuple[BackendScore, ...] = ()
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The one routing interface, for every policy, in the router and in the simulator.
+
+    ``choose`` must not change what a later ``choose`` would answer, except through the injected
+    random generator: ``/debug/route`` calls it without dispatching. Recording happens in the
+    hooks. ``view.backends`` is never empty when ``choose`` is called.
+    """
+
+    name: str
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision: ...
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None: ...
+
+    def on_finished(
+        self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
+    ) -> None: ...
+
+    def on_backend_removed(self, backend_id: BackendId) -> None: ...
+
+
+class PolicyFactory(Protocol):
+    def __call__(self, params: Mapping[str, object], rng: random.Random) -> Policy: ...

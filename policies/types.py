@@ -87,6 +87,9 @@ class BackendState:
     engine_running_requests: int | None = None
     kv_usage_ratio: float | None = None
     total_kv_blocks: int | None = None
+    kv_events: bool = False
+    """True when the index is fed by this backend's own KV events (precise mode); False means
+    the router only knows what it sent there (approximate mode)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit install clean
+.PHONY: test demo lint typecheck unit install clean tools
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,7 +23,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+# Helm for the chart tests, cached in .tools/ (kubernetes-validate comes with the test extras).
+tools: .tools/helm
+
+.tools/helm: scripts/install-helm
+	scripts/install-helm
+	touch $@
+
+test: tools lint typecheck unit
 
 demo: $(STAMP)
 	$(BIN)/kvrouter demo

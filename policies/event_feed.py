@@ -106,10 +106,16 @@ def rehash_stored(
             if prev is None:
                 orphan = True
                 prev = orphan_seed(event.parent_block_hash)
+            elif prev < 0:  # the parent is itself an orphan's descendant
+                orphan = True
+                prev = ~prev
         router_hashes = hasher.extend(prev, event.token_ids[: n_blocks * block_size])
+    # Orphan chains are kept as negative numbers (router hashes are unsigned) so that their
+    # descendants are recognised as orphans too and none of them is ever indexed.
+    sign = -1 if orphan else 0
     for engine_hash, router_hash in zip(engine_hashes, router_hashes, strict=True):
         engine_map.pop(engine_hash, None)
-        engine_map[engine_hash] = router_hash
+        engine_map[engine_hash] = router_hash ^ sign
     if len(engine_map) > max_map_entries:
         # Only lost removals grow the map past what the engine holds; drop the oldest.
         for key in list(islice(engine_map, len(engine_map) - low_water(max_map_entries))):

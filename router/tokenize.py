@@ -1,0 +1,221 @@
+"""Prompt tokenization exactly as the engine does it, with a prefix cache for multi-turn chats.
+
+``ModelTokenizer`` wraps one Hugging Face tokenizer (``transformers.AutoTokenizer``, loaded from
+a local directory or an offline model id):
+
+- chat: the body's ``messages`` are shaped the way vLLM shapes them (content parts joined or
+  wrapped per the template's content format, assistant ``tool_calls`` arguments parsed, ``tools``
+  filled to vLLM's pydantic dump), rendered with ``apply_chat_template(tokenize=False,
+  add_generation_prompt=True unless told, continue_final_message, tools, **chat_template_kwargs)``
+  and encoded with ``add_special_tokens`` (default False for chat, as vLLM does);
+- completions: a string (``add_special_tokens`` default True), a list of strings (the first one
+  routes), token ids, or a list of token-id lists (the first one routes);
+- ``truncate_prompt_tokens`` keeps the last N tokens, as vLLM does.
+
+Speed: the text is cut right after each special token; when the tokenizer provably tokenizes the
+pieces between special tokens independently (checked at load on sample prompts against a
+whole-text encode), earlier turns come from ``router.tokenize_cache`` and only the new pieces
+are encoded, in one ``encode_batch_fast`` call (Rust, GIL released). Otherwise every prompt is
+encoded whole: parity with the engine beats speed. Calls are synchronous; the analyzer runs them
+in a thread pool so the event loop never waits on them.
+
+Must not import aiohttp, asyncio or anything from ``simulator``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from router.chat_render import PromptError, render_chat
+from router.tokenize_cache import PrefixCache, PromptRun
+
+__all__ = ["ModelTokenizer", "PromptError", "TokenizedPrompt", "load_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    token_ids: list[int]
+    text: str
+    """The rendered prompt ('' for token-id prompts), for character-matching policies."""
+    reused_tokens: int
+    """Leading tokens served from the prefix cache instead of being encoded again."""
+    run: PromptRun
+    """Cache record of this prompt; carries block hashes from turn to turn."""
+
+
+def load_tokenizer(source: str | Path, *, offline: bool = True) -> Any:
+    """``AutoTokenizer.from_pretrained`` from a directory or model id, never downloading."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=offline)
+    except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
+        raise ValueError(f"cannot load tokenizer {str(source)!r}: {exc}") from exc
+
+
+class ModelTokenizer:
+    """One model's tokenizer with its prefix cache. Safe to call from several threads."""
+
+    def __init__(self, hf_tokenizer: Any, *, cache_tokens: int = 1_000_000) -> None:
+        self.hf = hf_tokenizer
+        self.cache = PrefixCache(cache_tokens)
+        self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
+        specials = [
+            tok.content
+            for tok in getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
+            if not (tok.lstrip or tok.rstrip or tok.single_word or tok.normalized)
+        ]
+        specials.sort(key=len, reverse=True)
+        self._special_ids = {s: hf_tokenizer.convert_tokens_to_ids(s) for s in specials}
+        self._split = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._affixes = self._special_affixes()
+        self.incremental = self._fast is not None and self._split is not None
+        self.incremental = self.incremental and self._self_check()
+        if not self.incremental:
+            log.info("tokenizer %s: whole-prompt encoding (pieces are not independent)",
+                     getattr(hf_tokenizer, "name_or_path", "?"))
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def tokenize_body(self, body: Mapping[str, Any], *, chat: bool) -> TokenizedPrompt:
+        """Tokens of a chat or completions request body, as the engine will see them."""
+        if chat:
+            text = render_chat(self.hf, body)
+            add_special = _flag(body, "add_special_tokens", False)
+            result = self.encode(text, add_special_tokens=add_special)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+                prompt = prompt[0]  # a batch: the first prompt decides the route
+            if isinstance(prompt, str):
+                add_special = _flag(body, "add_special_tokens", True)
+                result = self.encode(prompt, add_special_tokens=add_special)
+            elif isinstance(prompt, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt
+            ):
+                ids = list(prompt)
+                result = TokenizedPrompt(ids, "", 0, PromptRun(ids))
+            else:
+                raise PromptError("prompt must be a string, a list of strings or token ids")
+        keep = body.get("truncate_prompt_tokens")
+        if isinstance(keep, int) and not isinstance(keep, bool) and 0 < keep < len(result.token_ids):
+            ids = result.token_ids[-keep:]
+            result = TokenizedPrompt(ids, result.text, 0, PromptRun(ids))
+        return result
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> TokenizedPrompt:
+        if not self.incremental:
+            ids = self._encode_whole(text, add_special_tokens)
+            return TokenizedPrompt(ids, text, 0, PromptRun(ids))
+        pieces, cuts = self._pieces(text)
+        keys = _cut_keys(text, cuts, add_special_tokens)
+        hit = self.cache.longest(keys)
+        if hit is not None:
+            ids = hit.run.token_ids[: hit.tokens]
+            counts = hit.run.cut_counts[: hit.cut + 1]
+            start = hit.cut + 1
+        else:
+            ids = list(self._affixes[0]) if add_special_tokens else []
+            counts = []
+            start = 0
+        reused = len(ids) if hit is not None else 0
+        texts = [p for p in pieces[2 * start :: 2] if p]
+        encoded = iter(self._fast.encode_batch_fast(texts, add_special_tokens=False) if texts else ())
+        for j in range(start, len(cuts) + 1):
+            if pieces[2 * j]:
+                ids.extend(next(encoded).ids)
+            if j < len(cuts):
+                ids.append(self._special_ids[pieces[2 * j + 1]])
+                counts.append(len(ids))
+        if add_special_tokens:
+            ids.extend(self._affixes[1])
+        run = PromptRun(ids, counts)
+        if hit is not None:
+            run.inherit(hit.run, hit.tokens)
+        self.cache.add(run, keys, counts)
+        return TokenizedPrompt(ids, text, reused, run)
+
+    # ---- pieces -----------------------------------------------------------------------------
+
+    def _pieces(self, text: str) -> tuple[list[str], list[int]]:
+        """[text, special, text, special, ..., text] and the char offsets right after specials."""
+        assert self._split is not None
+        pieces: list[str] = []
+        cuts: list[int] = []
+        pos = 0
+        for m in self._split.finditer(text):
+            pieces.append(text[pos : m.start()])
+            pieces.append(m.group())
+            pos = m.end()
+            cuts.append(pos)
+        pieces.append(text[pos:])
+        return pieces, cuts
+
+    # ---- checks at load ---------------------------------------------------------------------
+
+    def _encode_whole(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _special_affixes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Tokens the post-processor adds around a prompt (BOS/EOS) with add_special_tokens."""
+        probe = "hello world"
+        bare = self._encode_whole(probe, False)
+        full = self._encode_whole(probe, True)
+        for i in range(len(full) - len(bare) + 1):
+            if full[i : i + len(bare)] == bare:
+                return tuple(full[:i]), tuple(full[i + len(bare) :])
+        return (), ()
+
+    def _self_check(self) -> bool:
+        samples = ["plain text, no specials at all", " leading space\n\n  and gaps  "]
+        specials = list(self._special_ids)
+        for s in specials[:4]:
+            samples.append(f"before {s}after {s} {s}\n x{s}")
+        if getattr(self.hf, "chat_template", None):
+            try:
+                samples.append(render_chat(self.hf, {"messages": [
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": " Hi there!  1234 "},
+                    {"role": "assistant", "content": "Hello.\n"},
+                    {"role": "user", "content": "again"}]}))
+            except Exception:  # a template without system support still self-checks the rest
+                pass
+        for sample in samples:
+            for add in (False, True):
+                # The doubled sample goes through the cache hit path (the first copy is cached).
+                for text in (sample, sample + sample):
+                    if self.encode(text, add_special_tokens=add).token_ids != self._encode_whole(
+                        text, add
+                    ):
+                        return False
+        # The checks went through the cache; start serving with an empty one.
+        self.cache = PrefixCache(self.cache.max_tokens)
+        return True
+
+
+def _cut_keys(text: str, cuts: list[int], add_special_tokens: bool) -> list[int]:
+    h = xxhash.xxh3_64(b"\x01" if add_special_tokens else b"\x00")
+    keys: list[int] = []
+    pos = 0
+    for cut in cuts:
+        h.update(text[pos:cut].encode("utf-8", "surrogatepass"))
+        keys.append(h.intdigest())
+        pos = cut
+    return keys
+
+
+def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise PromptError(f"{key} must be true or false")
+    return value
+

@@ -1,0 +1,162 @@
+"""Router tokenization matches what vLLM feeds its engine (the tiny tokenizer's template)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from router.chat_render import PromptError, content_format, shape_tools
+from router.tokenize import ModelTokenizer, load_tokenizer
+from simulator.tiny_tokenizer import default_path
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return load_tokenizer(default_path())
+
+
+@pytest.fixture()
+def tok(hf):
+    return ModelTokenizer(hf)
+
+
+def _reference(hf, messages, *, tools=None, add_generation_prompt=True, cont=False, **kw):
+    """What vLLM does: apply_chat_template to text, then encode without special tokens."""
+    text = hf.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        continue_final_message=cont, tokenize=False, **kw,
+    )
+    return text, hf(text, add_special_tokens=False)["input_ids"]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize(
+    ("body", "ref_kwargs"),
+    [
+        ({"messages": [{"role": "user", "content": "Hello there"}]}, {}),
+        ({"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "What is 2+2?"}],
+          "add_generation_prompt": False}, {"add_generation_prompt": False}),
+        ({"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS},
+         {"tools": TOOLS}),
+        ({"messages": [{"role": "user", "content": "Write a poem"},
+                       {"role": "assistant", "content": "Roses are"}],
+          "continue_final_message": True, "add_generation_prompt": False},
+         {"cont": True, "add_generation_prompt": False}),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "part one"},
+                                                    {"type": "text", "text": " part two"}]}]},
+         {}),
+    ],
+    ids=["plain", "no-generation-prompt", "tools", "continue-final-message", "content-parts"],
+)
+def test_chat_matches_apply_chat_template(tok, hf, body, ref_kwargs):
+    result = tok.tokenize_body(body, chat=True)
+    text, ids = _reference(hf, body["messages"], **ref_kwargs)
+    assert result.text == text
+    assert result.token_ids == ids
+
+
+def test_tools_are_filled_like_vllm_pydantic_dump():
+    shaped = shape_tools([{"type": "function", "function": {"name": "f"}}])
+    assert shaped == [{"type": "function",
+                       "function": {"name": "f", "description": None, "parameters": None}}]
+
+
+def test_content_format_detection():
+    assert content_format("{% for m in messages %}{{ m['content'] }}{% endfor %}") == "string"
+    assert content_format(
+        "{% for m in messages %}{% for p in m['content'] %}{{ p.text }}{% endfor %}{% endfor %}"
+    ) == "openai"
+
+
+def test_completion_shapes(tok, hf):
+    text = "The quick brown fox"
+    expected = hf(text, add_special_tokens=True)["input_ids"]
+    assert tok.tokenize_body({"prompt": text}, chat=False).token_ids == expected
+    assert tok.tokenize_body({"prompt": [text, "other"]}, chat=False).token_ids == expected
+    assert tok.tokenize_body({"prompt": [5, 6, 7]}, chat=False).token_ids == [5, 6, 7]
+    assert tok.tokenize_body({"prompt": [[9, 8], [1]]}, chat=False).token_ids == [9, 8]
+    truncated = tok.tokenize_body({"prompt": text, "truncate_prompt_tokens": 2}, chat=False)
+    assert truncated.token_ids == expected[-2:]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": {"x": 1}}, {"prompt": [1.5, 2]}, {"prompt": "x", "add_special_tokens": "yes"}],
+    ids=["object", "floats", "bad-flag"],
+)
+def test_bad_completion_prompts_raise(tok, body):
+    with pytest.raises(PromptError):
+        tok.tokenize_body(body, chat=False)
+
+
+def test_bad_chat_bodies_raise(tok):
+    with pytest.raises(PromptError):
+        tok.tokenize_body({"messages": []}, chat=True)
+    with pytest.raises(PromptError):
+        tok.tokenize_body({"messages": [{"content": "no role"}]}, chat=True)
+
+
+def test_multi_turn_reuses_earlier_turns(tok, hf):
+    assert tok.incremental, "the tiny tokenizer splits specials first; the self-check must pass"
+    history = [{"role": "system", "content": "You answer questions about caches. " * 40}]
+    reused = []
+    for turn in range(4):
+        history.append({"role": "user", "content": f"Question {turn}: what is block {turn}?"})
+        result = tok.tokenize_body({"messages": history}, chat=True)
+        _, ids = _reference(hf, history)
+        assert result.token_ids == ids
+        reused.append(result.reused_tokens)
+        history.append({"role": "assistant", "content": f"Answer {turn} is cached."})
+    assert reused[0] == 0
+    # Every later turn reuses at least the whole previous prompt minus the generation prompt.
+    assert all(later > earlier for earlier, later in itertools.pairwise(reused))
+    assert tok.cache.hits >= 3
+
+
+def test_shared_system_prompt_reused_across_conversations(tok, hf):
+    system = {"role": "system", "content": "Shared instructions. " * 50}
+    tok.tokenize_body({"messages": [system, {"role": "user", "content": "first"}]}, chat=True)
+    second = tok.tokenize_body({"messages": [system, {"role": "user", "content": "second"}]},
+                               chat=True)
+    _, ids = _reference(hf, [system, {"role": "user", "content": "second"}])
+    assert second.token_ids == ids
+    assert second.reused_tokens > 100
+
+
+def test_cache_budget_bounds_tokens(hf):
+    small = ModelTokenizer(hf, cache_tokens=200)
+    for i in range(20):
+        small.tokenize_body({"messages": [{"role": "user", "content": f"message {i} " * 20}]},
+                            chat=True)
+    assert small.cache.tokens <= 200
+
+
+def test_tokenizer_without_independent_pieces_encodes_whole(hf):
+    # Same tokenizer but the special-token splitter disabled: must fall back to whole encoding.
+    class NoSpecials:
+        def __init__(self, inner):
+            self._inner = inner
+            self.added_tokens_decoder = {}
+            self.backend_tokenizer = inner.backend_tokenizer
+            self.chat_template = inner.chat_template
+
+        def __call__(self, *a, **k):
+            return self._inner(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    plain = ModelTokenizer(NoSpecials(hf))
+    assert not plain.incremental
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert plain.tokenize_body(body, chat=True).token_ids == _reference(hf, body["messages"])[1]
+
+
+def test_load_tokenizer_error_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
+        load_tokenizer(tmp_path / "missing")

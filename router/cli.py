@@ -1,0 +1,113 @@
+"""``kvrouter serve``: run the router from a config file, flags, or both.
+
+Precedence: the file, then the environment (``KVROUTER_PORT``, ``KVROUTER_LOG_LEVEL``), then
+flags. ``--backend``/``--prefill``/``--decode`` replace the file's backends when given. Top-level
+imports stay light (argparse only) so ``kvrouter --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["HELP", "add_arguments", "build_config", "run"]
+
+HELP = "Run the OpenAI-compatible routing proxy in front of vLLM/SGLang backends."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML config (see config.example.yaml); flags override it")
+    parser.add_argument("--backend", metavar="URL", action="append", default=[],
+                        help="a mixed-role backend base URL, e.g. http://10.0.0.1:8000 "
+                             "(repeatable; replaces the config's backends)")
+    parser.add_argument("--prefill", metavar="URL", action="append", default=[],
+                        help="a prefill-role backend for prefill/decode disaggregation (repeatable)")
+    parser.add_argument("--decode", metavar="URL", action="append", default=[],
+                        help="a decode-role backend for prefill/decode disaggregation (repeatable)")
+    parser.add_argument("--policy", metavar="NAME",
+                        help="routing policy, e.g. round_robin, least_loaded, session_affinity, "
+                             "kv_aware (its params come from the config file)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                        help="log verbosity (default info)")
+
+
+def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
+    """The effective Config: file (or defaults), env overrides, then flags."""
+    import dataclasses
+
+    from router.config import Config, ConfigError, apply_env, load_config, parse_config
+
+    config: Config = load_config(args.config) if args.config else parse_config({})
+    config = apply_env(config, environ)
+    server = config.server
+    if args.host:
+        server = dataclasses.replace(server, host=args.host)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError("--port", "expected 0..65535")
+        server = dataclasses.replace(server, port=args.port)
+    if args.log_level:
+        server = dataclasses.replace(server, log_level=args.log_level)
+    raw_backends = (
+        [{"url": u} for u in args.backend]
+        + [{"url": u, "role": "prefill"} for u in args.prefill]
+        + [{"url": u, "role": "decode"} for u in args.decode]
+    )
+    backends = config.backends
+    if raw_backends:
+        backends = parse_config({"backends": raw_backends}).backends
+    policy = config.policy
+    if args.policy:
+        # Params in the file belong to the file's policy; a different policy starts from its
+        # defaults rather than inheriting keys it may not know.
+        params = policy.params if args.policy == policy.name else {}
+        policy = parse_config({"policy": {"name": args.policy, "params": params,
+                                          "seed": policy.seed}}).policy
+    return dataclasses.replace(config, server=server, backends=backends, policy=policy)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+    import signal
+    import sys
+
+    from router.app import create_app, serve
+    from router.config import ConfigError
+
+    try:
+        config = build_config(args, dict(os.environ))
+    except ConfigError as exc:
+        print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("kvrouter")
+    if not config.backends:
+        log.warning("no backends configured: every request will get 503 until some are added")
+
+    async def main() -> None:
+        app = create_app(config)
+        runner, port = await serve(app, config.server.host, config.server.port,
+                                   access_log=config.server.log_level == "debug")
+        log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",
+                 config.server.host, port, config.policy.name, len(config.backends))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"kvrouter serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

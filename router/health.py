@@ -1,0 +1,110 @@
+"""Active health checks: each backend's health path on an interval, and model discovery.
+
+A backend turns unhealthy after ``unhealthy_threshold`` consecutive failed checks and healthy
+again after ``healthy_threshold`` passes; one that fails its very first check is unhealthy at
+once (nothing vouches for it yet). When a backend's models are not configured, the check also
+reads its ``/v1/models``. Passive ejection (the breaker) lives in the proxy's attempts; this
+loop only exports its state. The loop body catches everything but cancellation, counts it and
+goes on. Must not import ``router.app`` or ``router.proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from router.config import HealthConfig
+from router.metrics import RouterMetrics
+from router.pool import Backend, BackendPool
+
+__all__ = ["HealthChecker"]
+
+log = logging.getLogger("kvrouter.health")
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        pool: BackendPool,
+        config: HealthConfig,
+        metrics: RouterMetrics,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:
+                self.metrics.loop_errors.labels("health").inc()
+                log.exception("health check round failed")
+            await asyncio.sleep(self.config.interval_s)
+
+    async def check_all(self) -> None:
+        backends = list(self.pool)
+        await asyncio.gather(*(self.check(b) for b in backends))
+        self.export()
+
+    def export(self) -> None:
+        healthy = 0
+        for backend in self.pool:
+            healthy += backend.healthy
+            self.metrics.backend_healthy.labels(backend.backend_id).set(int(backend.healthy))
+            self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
+        self.metrics.healthy_backends.set(healthy)
+
+    async def _probe(self, backend: Backend) -> bool:
+        try:
+            async with self._session().get(
+                backend.url + self.config.path, timeout=self._timeout
+            ) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _discover_models(self, backend: Backend) -> None:
+        try:
+            async with self._session().get(
+                backend.url + "/v1/models", timeout=self._timeout
+            ) as response:
+                if response.status != 200:
+                    return
+                payload = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if isinstance(data, list):
+            backend.discovered_models = {
+                entry["id"]: entry
+                for entry in data
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+            }
+
+    async def check(self, backend: Backend) -> None:
+        ok = await self._probe(backend)
+        first = backend.health_successes == 0 and backend.health_failures == 0
+        if ok:
+            backend.health_successes += 1
+            backend.health_failures = 0
+            if not backend.healthy and backend.health_successes >= self.config.healthy_threshold:
+                backend.healthy = True
+                log.info("backend %s is healthy again", backend.backend_id)
+            if self.config.discover_models and not backend.configured_models:
+                await self._discover_models(backend)
+        else:
+            backend.health_failures += 1
+            backend.health_successes = 0
+            if backend.healthy and (
+                first or backend.health_failures >= self.config.unhealthy_threshold
+            ):
+                backend.healthy = False
+                log.warning("backend %s is unhealthy", backend.backend_id)

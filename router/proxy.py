@@ -1,0 +1,301 @@
+"""Forwarding: one request in, a policy-chosen backend, the response relayed back.
+
+The body is read and parsed once (``router.analyzer.read_fields``) and forwarded byte for
+byte. Each attempt acquires the backend in the pool, calls the policy's ``on_dispatched`` and
+always balances it with ``on_finished`` and a release, whatever happens (errors, client
+disconnects, cancellation). Retries go to a different backend and only before the first
+response byte (connect error, timeout, 502/503/504); after it, a broken stream ends with one
+SSE ``data: {"error": ...}`` event. Streams are relayed chunk by chunk as they arrive.
+
+Must not import ``router.app`` (the app wires this in) or ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from policies.types import ClusterView, Decision, Policy, RouteRequest
+from router.analyzer import RequestAnalyzer, RequestFields, read_fields
+from router.config import Config
+from router.errors import (
+    InvalidRequest,
+    NoBackend,
+    RequestTooLarge,
+    RouterError,
+    UnknownModel,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    error_body,
+    error_response,
+)
+from router.metrics import NO_BACKEND, RouterMetrics
+from router.pool import Backend, BackendPool
+from router.upstream import request_headers, response_headers
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger("kvrouter.proxy")
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_SSE = "text/event-stream"
+
+
+class _Retry(Exception):
+    """An attempt failed before the first response byte; ``error`` is what the client gets
+    if no other backend succeeds."""
+
+    def __init__(self, error: RouterError, reason: str) -> None:
+        self.error = error
+        self.reason = reason
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: Config,
+        pool: BackendPool,
+        policy: Policy,
+        analyzer: RequestAnalyzer,
+        metrics: RouterMetrics,
+        rng: random.Random,
+        index: object | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.policy = policy
+        self.analyzer = analyzer
+        self.metrics = metrics
+        self.rng = rng
+        self.index = index
+        self.session: aiohttp.ClientSession | None = None  # set by the app's start-up
+        up = config.upstream
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s
+        )
+        self._first_byte_timeout_s = up.first_byte_timeout_s
+
+    # -- reading the request ---------------------------------------------------------------
+
+    async def read_request(
+        self, request: web.Request, endpoint: str, request_id: str
+    ) -> tuple[bytes, RequestFields, RouteRequest]:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestTooLarge(
+                f"request body exceeds {self.config.server.max_body_bytes} bytes"
+            ) from None
+        parsed: object = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                if endpoint != "other":
+                    raise InvalidRequest("the request body is not valid JSON") from None
+        elif endpoint != "other":
+            raise InvalidRequest("the request body is empty; expected a JSON object")
+        fields = read_fields(
+            endpoint, request.raw_path, parsed, request.headers, request_id,
+            self.config.server.session_header,
+        )
+        if fields.model and not self.pool.knows_model(fields.model):
+            raise UnknownModel(f"the model '{fields.model}' does not exist", param="model")
+        return body, fields, await self.analyzer.analyze(fields)
+
+    # -- the proxy handler -----------------------------------------------------------------
+
+    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        started_s = time.monotonic()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            body, fields, route_request = await self.read_request(request, endpoint, request_id)
+            return await self._dispatch(request, body, fields, route_request, started_s)
+        except RouterError as error:
+            self.metrics.count(NO_BACKEND, error.status)
+            return error_response(error, {"x-request-id": request_id})
+
+    def _backoff_s(self, attempt: int) -> float:
+        r = self.config.retries
+        delay_s = min(r.backoff_max_s, r.backoff_initial_s * r.backoff_multiplier ** (attempt - 1))
+        return delay_s * (1.0 + r.jitter_ratio * (2.0 * self.rng.random() - 1.0))
+
+    async def _dispatch(
+        self,
+        request: web.Request,
+        body: bytes,
+        fields: RequestFields,
+        route_request: RouteRequest,
+        started_s: float,
+    ) -> web.StreamResponse:
+        tried: list[str] = []
+        last_error: RouterError | None = None
+        attempts = self.config.retries.max_attempts
+        for attempt in range(attempts):
+            now_s = time.monotonic()
+            candidates = self.pool.snapshot(fields.model, now_s, exclude=tried)
+            if not candidates:
+                break
+            if attempt:
+                await asyncio.sleep(self._backoff_s(attempt))
+                now_s = time.monotonic()
+            decision = self.policy.choose(
+                route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index)  # type: ignore[arg-type]
+            )
+            backend = self.pool.get(decision.backend_id)
+            if backend is None or all(c.backend_id != decision.backend_id for c in candidates):
+                raise RouterError(f"policy chose a non-candidate backend {decision.backend_id!r}")
+            tried.append(backend.backend_id)
+            try:
+                return await self._attempt(
+                    request, body, fields, route_request, backend, decision, started_s,
+                    last=attempt == attempts - 1,
+                )
+            except _Retry as retry:
+                last_error = retry.error
+                if attempt < attempts - 1:
+                    self.metrics.retries.labels(retry.reason).inc()
+                log.info("request %s: %s on %s (attempt %d)", fields.request_id, retry.reason,
+                         backend.backend_id, attempt + 1)
+        if last_error is None:
+            raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
+        raise last_error
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        body: bytes,
+        fields: RequestFields,
+        route_request: RouteRequest,
+        backend: Backend,
+        decision: Decision,
+        started_s: float,
+        last: bool,
+    ) -> web.StreamResponse:
+        assert self.session is not None, "the app's start-up creates the session"
+        prompt_tokens = route_request.prompt_tokens
+        self.pool.acquire(backend.backend_id, prompt_tokens, time.monotonic())
+        self.policy.on_dispatched(route_request, decision, time.monotonic())
+        in_flight, duration, ttfb = self.metrics.for_backend(backend.backend_id)
+        in_flight.inc()
+        ok = False
+        verdict: bool | None = None  # for the breaker: True success, False failure
+        try:
+            try:
+                async with asyncio.timeout(self._first_byte_timeout_s):
+                    upstream = await self.session.request(
+                        request.method, backend.url + fields.path, data=body or None,
+                        headers=request_headers(request.headers.items(), fields.request_id),
+                        timeout=self._timeout, allow_redirects=False,
+                    )
+            except TimeoutError:
+                verdict = False
+                raise _Retry(UpstreamTimeout(
+                    f"backend {backend.backend_id} did not answer in time"), "timeout") from None
+            except aiohttp.ClientError as exc:
+                verdict = False
+                raise _Retry(UpstreamConnectError(
+                    f"could not reach backend {backend.backend_id}: {exc.__class__.__name__}"),
+                    "connect") from None
+            ttfb.observe(time.monotonic() - started_s)
+            try:
+                status = upstream.status
+                verdict = status < 500
+                if status in _RETRY_STATUSES and not last:
+                    raise _Retry(UpstreamConnectError(
+                        f"backend {backend.backend_id} answered {status}"), f"status_{status}")
+                headers = response_headers(upstream.headers.items())
+                headers["x-request-id"] = fields.request_id
+                headers["x-kvrouter-backend"] = backend.backend_id
+                headers["x-kvrouter-predicted-hit-tokens"] = str(decision.predicted_hit_tokens)
+                if fields.stream or upstream.content_type == _SSE:
+                    response, outcome = await self._relay_stream(
+                        request, upstream, headers, backend)
+                    ok = outcome is True and status < 400
+                    verdict = None if outcome is None else verdict and outcome
+                else:
+                    response = await self._relay_whole(upstream, headers, backend)
+                    ok = status < 400
+                self.metrics.count(backend.backend_id, response.status)
+                return response
+            except asyncio.CancelledError:
+                # The client went away (aiohttp cancels the handler): drop the upstream
+                # connection now so the backend stops generating.
+                self.metrics.client_disconnects.inc()
+                verdict = None
+                upstream.close()
+                raise
+            except BaseException:
+                upstream.close()
+                raise
+            finally:
+                upstream.release()
+        finally:
+            self.pool.release(backend, prompt_tokens)
+            in_flight.dec()
+            duration.observe(time.monotonic() - started_s)
+            if verdict is True:
+                backend.breaker.on_success()
+            elif verdict is False:
+                backend.breaker.on_failure(time.monotonic())
+            else:
+                backend.breaker.on_abandoned()
+            self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
+            self.policy.on_finished(route_request, decision, time.monotonic(), ok)
+
+    async def _relay_whole(
+        self, upstream: aiohttp.ClientResponse, headers: Any, backend: Backend
+    ) -> web.Response:
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Nothing was written to the client yet, so it gets a clean error instead.
+            self.metrics.broken_streams.labels(backend.backend_id).inc()
+            error: RouterError = (
+                UpstreamTimeout(f"backend {backend.backend_id} stalled mid-response")
+                if isinstance(exc, TimeoutError)
+                else UpstreamConnectError(f"backend {backend.backend_id} broke the response")
+            )
+            return error_response(error, {k: headers[k] for k in (
+                "x-request-id", "x-kvrouter-backend", "x-kvrouter-predicted-hit-tokens")})
+        return web.Response(status=upstream.status, body=data, headers=headers)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: Any,
+        backend: Backend,
+    ) -> tuple[web.StreamResponse, bool | None]:
+        """Relay chunks as they arrive. Returns (response, True) at a clean end, False when
+        the backend broke the stream, None when the client went away."""
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.metrics.broken_streams.labels(backend.backend_id).inc()
+                    error = UpstreamConnectError(
+                        f"backend {backend.backend_id} broke the stream: {exc.__class__.__name__}")
+                    if upstream.content_type == _SSE:
+                        await response.write(b"data: " + error_body(error) + b"\n\n")
+                    await response.write_eof()
+                    return response, False
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            self.metrics.client_disconnects.inc()
+            return response, None
+        return response, True

@@ -117,8 +117,9 @@ class BackendPool:
         return len(self._backends)
 
     def knows_model(self, model: str) -> bool:
-        """False only when every backend lists its models and none lists this one."""
-        return any(b.serves(model) for b in self._backends.values())
+        """False only when every backend lists its models and none lists this one (an empty
+        pool knows nothing, so the request gets 503 rather than 404)."""
+        return not self._backends or any(b.serves(model) for b in self._backends.values())
 
     def healthy_models(self) -> dict[str, dict[str, Any]]:
         """The union of models served by healthy backends, as OpenAI model entries."""

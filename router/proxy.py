@@ -138,6 +138,7 @@ class Proxy:
     ) -> web.StreamResponse:
         tried: list[str] = []
         last_error: RouterError | None = None
+        last_reason = ""
         attempts = self.config.retries.max_attempts
         for attempt in range(attempts):
             now_s = time.monotonic()
@@ -145,6 +146,7 @@ class Proxy:
             if not candidates:
                 break
             if attempt:
+                self.metrics.retries.labels(last_reason).inc()
                 await asyncio.sleep(self._backoff_s(attempt))
                 now_s = time.monotonic()
             decision = self.policy.choose(
@@ -160,9 +162,7 @@ class Proxy:
                     last=attempt == attempts - 1,
                 )
             except _Retry as retry:
-                last_error = retry.error
-                if attempt < attempts - 1:
-                    self.metrics.retries.labels(retry.reason).inc()
+                last_error, last_reason = retry.error, retry.reason
                 log.info("request %s: %s on %s (attempt %d)", fields.request_id, retry.reason,
                          backend.backend_id, attempt + 1)
         if last_error is None:

@@ -47,6 +47,13 @@ class FakeBackend:
     received: list[Received] = field(default_factory=list)
     cancelled: int = 0
     finished: int = 0
+    runner: web.AppRunner | None = None
+
+    async def stop(self) -> None:
+        """Stop listening, as a crashed backend would (its port then refuses connections)."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -135,7 +142,7 @@ class RouterHandle:
 
 @pytest.fixture
 async def start_backend() -> AsyncIterator[Callable[..., Awaitable[FakeBackend]]]:
-    runners: list[web.AppRunner] = []
+    backends: list[FakeBackend] = []
 
     async def start(**knobs: Any) -> FakeBackend:
         backend = FakeBackend(**knobs)
@@ -143,13 +150,14 @@ async def start_backend() -> AsyncIterator[Callable[..., Awaitable[FakeBackend]]
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        runners.append(runner)
+        backend.runner = runner
         backend.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        backends.append(backend)
         return backend
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for backend in backends:
+        await backend.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,227 @@
+"""Bad input and failures: each gets its OpenAI-shaped error, and the router keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+
+def _assert_balanced(router) -> None:
+    """Every attempt released its backend: nothing leaks after an error."""
+    for backend in router.state.pool:
+        assert backend.in_flight_requests == 0
+        assert backend.in_flight_prompt_tokens == 0
+
+
+BAD_INPUTS = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b'{"prompt": "x"}', 400, "model"),
+    ("/v1/completions", b'{"model": 7, "prompt": "x"}', 400, "model"),
+    ("/v1/completions", b'{"model": "tiny"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": {"a": 1}}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "stream": "yes"}', 400, "stream"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": "9"}', 400, "max_tokens"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x", "user": 5}', 400, "user"),
+    ("/v1/chat/completions", b'{"model": "tiny"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"content": "x"}]}', 400,
+     "messages[0]"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": 3}]}',
+     400, "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"), BAD_INPUTS,
+    ids=["not-json", "empty", "not-object", "no-model", "model-int", "no-prompt", "prompt-dict",
+         "stream-str", "max-tokens-str", "user-int", "no-messages", "empty-messages",
+         "message-no-role", "content-int"],
+)
+async def test_bad_input_gets_openai_400(start_backend, start_router, http, path, body, status,
+                                         param):
+    a = await start_backend()
+    router = await start_router({"backends": [a.url]})
+    async with http.post(router.url + path, data=body,
+                         headers={"Content-Type": "application/json"}) as response:
+        assert response.status == status
+        error = (await response.json())["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        assert error["param"] == param
+    assert a.received == []
+
+
+async def test_body_over_limit_gets_413(start_backend, start_router, http):
+    a = await start_backend()
+    router = await start_router({"backends": [a.url], "server": {"max_body_bytes": 1000}})
+    big = json.dumps({"model": "tiny", "prompt": "x" * 2000}).encode()
+    async with http.post(router.url + "/v1/completions", data=big) as response:
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_too_large"
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "small"}) as response:
+        assert response.status == 200
+    assert len(a.received) == 1
+
+
+async def test_no_backend_503(start_router, http):
+    router = await start_router({})
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "no_backend_available"
+
+
+async def test_all_unhealthy_503(start_backend, start_router, http):
+    a = await start_backend(health_status=503)
+    router = await start_router({"backends": [{"url": a.url, "models": ["tiny"]}]})
+    await router.state.health.check_all()
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 503
+    assert a.received == []
+
+
+async def test_connect_failure_after_retries_502(start_backend, start_router, http):
+    a = await start_backend()
+    b = await start_backend()
+    router = await start_router({"backends": [a.url, b.url],
+                                 "retries": {"backoff_initial_s": 0.01}})
+    await router.state.health.check_all()
+    await a.stop()  # both die after their last passed health check
+    await b.stop()
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream_connect_error"
+    async with http.get(router.url + "/metrics") as response:
+        assert 'kvrouter_retries_total{reason="connect"} 1.0' in await response.text()
+    _assert_balanced(router)
+
+
+async def test_upstream_timeout_504(start_backend, start_router, http):
+    slow = await start_backend(delay_s=30)
+    router = await start_router({"backends": [slow.url], "retries": {"max_attempts": 1},
+                                 "upstream": {"first_byte_timeout_s": 0.3}})
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "upstream_timeout"
+    _assert_balanced(router)
+
+
+@pytest.mark.parametrize("failure", ["connect", "status_503", "timeout"])
+async def test_retry_goes_to_another_backend(start_backend, start_router, http, failure):
+    good = await start_backend(name="good")
+    bad = await start_backend(name="bad", fail_status=503 if failure == "status_503" else None,
+                              delay_s=30 if failure == "timeout" else 0)
+    router = await start_router({"backends": [bad.url, good.url],
+                                 "retries": {"backoff_initial_s": 0.01},
+                                 "upstream": {"first_byte_timeout_s": 0.5}})
+    await router.state.health.check_all()
+    if failure == "connect":
+        await bad.stop()
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 200  # round robin tried `bad` first
+        assert response.headers["x-kvrouter-backend"] == good.url
+    async with http.get(router.url + "/metrics") as response:
+        assert f'kvrouter_retries_total{{reason="{failure}"}} 1.0' in await response.text()
+    _assert_balanced(router)
+
+
+async def test_last_attempt_relays_upstream_5xx(start_backend, start_router, http):
+    bad = await start_backend(fail_status=503)
+    router = await start_router({"backends": [bad.url], "retries": {"max_attempts": 1}})
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x"}) as response:
+        assert response.status == 503
+        assert "failing" in (await response.json())["message"]
+
+
+async def test_broken_stream_ends_with_sse_error_event(start_backend, start_router, http):
+    a = await start_backend(chunks=5, break_after_chunks=2)
+    router = await start_router({"backends": [a.url]})
+    async with http.post(router.url + "/v1/completions",
+                         json={"model": "tiny", "prompt": "x", "stream": True}) as response:
+        assert response.status == 200
+        data = await response.read()
+    events = [e for e in data.split(b"\n\n") if e]
+    assert len(events) == 3
+    assert json.loads(events[-1][len(b"data: "):])["error"]["code"] == "upstream_connect_error"
+    assert b"[DONE]" not in data
+    _assert_balanced(router)
+    # No retry after the first byte.
+    assert len(a.received) == 1
+
+
+async def test_client_disconnect_cancels_upstream(start_backend, start_router):
+    a = await start_backend(chunks=100, chunk_delay_s=0.1)
+    router = await start_router({"backends": [a.url]})
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(router.url + "/v1/completions",
+                                      json={"model": "tiny", "prompt": "x", "stream": True})
+        await response.content.readuntil(b"\n\n")
+        response.close()  # drop the connection mid-stream
+    for _ in range(100):
+        if a.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert a.cancelled == 1 and a.finished == 0
+    for _ in range(100):
+        if router.state.pool.get(a.url).in_flight_requests == 0:
+            break
+        await asyncio.sleep(0.05)
+    _assert_balanced(router)
+
+
+async def test_breaker_opens_after_consecutive_failures_then_recovers(start_backend,
+                                                                      start_router, http):
+    a = await start_backend(name="a", fail_status=500)
+    b = await start_backend(name="b")
+    router = await start_router({
+        "backends": [a.url, b.url], "retries": {"max_attempts": 1},
+        "health": {"ejection_consecutive_failures": 2, "ejection_s": 0.5},
+    })
+    statuses = []
+    for _ in range(8):
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            statuses.append((response.headers["x-kvrouter-backend"], response.status))
+    # Two 500s from `a`, then `a` is ejected and everything goes to `b`.
+    assert statuses.count((a.url, 500)) == 2
+    assert statuses[-4:] == [(b.url, 200)] * 4
+    async with http.get(router.url + "/metrics") as response:
+        assert f'kvrouter_breaker_state{{backend="{a.url}"}} 2.0' in await response.text()
+    a.fail_status = None
+    await asyncio.sleep(0.6)
+    seen = set()
+    for _ in range(4):  # the half-open probe goes to `a`, succeeds, and closes the breaker
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            assert response.status == 200
+            seen.add(response.headers["x-kvrouter-backend"])
+    assert seen == {a.url, b.url}
+    assert router.state.pool.get(a.url).breaker.state == 0
+
+
+async def test_debug_route_needs_admin_token_and_does_not_send(start_backend, start_router, http):
+    a = await start_backend()
+    b = await start_backend()
+    router = await start_router({"backends": [a.url, b.url], "server": {"admin_token": "s3cret"}})
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
+    async with http.post(router.url + "/debug/route", json=body) as response:
+        assert response.status == 401
+    for _ in range(2):  # choose does not advance round robin: same answer twice
+        async with http.post(router.url + "/debug/route", json=body,
+                             headers={"Authorization": "Bearer s3cret"}) as response:
+            assert response.status == 200
+            explained = await response.json()
+        assert explained["decision"]["backend_id"] == a.url
+    assert [c["backend_id"] for c in explained["candidates"]] == [a.url, b.url]
+    assert explained["request"]["prompt_text"] == "hello"
+    assert a.received == [] and b.received == []

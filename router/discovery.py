@@ -179,9 +179,10 @@ def backend_url(host: str, port: int, scheme: str = "http") -> str:
 def resolve_endpoint(endpoint: str, host: str) -> tuple[str, bool]:
     """Make an engine's configured ZMQ endpoint reachable from the router.
 
-    Returns ``(endpoint, engine_binds)``. A wildcard host (``*``, ``::``) is what the engine
-    binds; it is replaced by the backend's ``host`` (a pod IP). Any other tcp host is where the
-    engine connects to (vLLM's rule), and is returned as is.
+    Returns ``(endpoint, engine_binds)``. A wildcard host (``*``, ``::``, and ``0.0.0.0``,
+    which vLLM's ``/kv_event_sources`` reports for a socket it bound) is replaced by the
+    backend's ``host`` (a pod IP). Any other tcp host is where the engine connects to (vLLM's
+    rule), and is returned as is.
     """
     if endpoint.startswith(("ipc://", "inproc://")):
         return endpoint, True
@@ -191,7 +192,7 @@ def resolve_endpoint(endpoint: str, host: str) -> tuple[str, bool]:
     address, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():
         raise ValueError(f"ZMQ endpoint has no port: {endpoint!r}")
-    if address in ("*", "::", "[::]"):
+    if address in ("*", "::", "[::]", "0.0.0.0"):
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{scheme}://{host}:{port}", True

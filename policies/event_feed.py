@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
-from itertools import islice
 
 import xxhash
 
@@ -79,7 +78,6 @@ def rehash_stored(
     backend: IndexedBackend,
     event: BlockStored,
     hasher: BlockHasher | None,
-    max_map_entries: int,
 ) -> tuple[Sequence[BlockHash], bool, bool]:
     """Router hashes of a BlockStored's blocks; records engine -> router in ``backend``.
 
@@ -116,8 +114,4 @@ def rehash_stored(
     for engine_hash, router_hash in zip(engine_hashes, router_hashes, strict=True):
         engine_map.pop(engine_hash, None)
         engine_map[engine_hash] = router_hash ^ sign
-    if len(engine_map) > max_map_entries:
-        # Only lost removals grow the map past what the engine holds; drop the oldest.
-        for key in list(islice(engine_map, len(engine_map) - low_water(max_map_entries))):
-            del engine_map[key]
     return router_hashes, orphan, malformed

@@ -26,7 +26,8 @@ Two ways to feed it, per backend:
   map (so later children and removals resolve) but not indexed, as their router hashes cannot
   be known. ``apply`` returns the router hashes it indexed, so the router can compare them with
   the hashes it computed for recent requests (token parity). The engine map holds one entry
-  per block the engine holds, capped at ``max_entries`` per backend against lost removals.
+  per block the engine holds; past ``2 * max_entries`` (lost removals) it keeps only entries
+  still indexed.
 - **Approximate** (``record_dispatch``): for backends without events, the blocks of each
   request sent there, expiring ``ttl_s`` after the last dispatch that carried them (checked
   lazily against ``now_s``) and capped at the backend's estimated capacity in blocks. A backend
@@ -219,13 +220,23 @@ class PrefixIndex:
 
     def _store(self, backend: IndexedBackend, event: BlockStored) -> tuple[BlockHash, ...]:
         hasher = self._hasher(backend, event) if event.token_ids else None
-        router_hashes, orphan, malformed = rehash_stored(backend, event, hasher, self.max_entries)
+        router_hashes, orphan, malformed = rehash_stored(backend, event, hasher)
         self.orphan_events += orphan
         self.malformed_events += malformed
-        if orphan:
-            return ()
-        self._hold(backend, router_hashes, tier_of_medium(event.medium))
-        return tuple(router_hashes)
+        if not orphan:
+            self._hold(backend, router_hashes, tier_of_medium(event.medium))
+        if len(backend.engine_to_router) > 2 * self.max_entries:
+            self._sweep_engine_map(backend)
+        return () if orphan else tuple(router_hashes)
+
+    def _sweep_engine_map(self, backend: IndexedBackend) -> None:
+        # The map outgrows the index only through lost removals or index evictions. Keep every
+        # entry still indexed for this backend (its removal must resolve); drop the rest.
+        slot_bits = 7 << (_BITS * backend.slot)
+        nodes = self._nodes
+        backend.engine_to_router = {
+            e: r for e, r in backend.engine_to_router.items() if nodes.get(r, 0) & slot_bits
+        }
 
     def _remove(self, backend: IndexedBackend, event: BlockRemoved) -> None:
         tier_bit = 1 << (_BITS * backend.slot + tier_of_medium(event.medium))

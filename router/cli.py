@@ -78,20 +78,22 @@ def run(args: argparse.Namespace) -> int:
 
     from router.app import create_app, serve
     from router.config import ConfigError
+    from router.discovery_setup import discovery_background
 
     try:
         config = build_config(args, dict(os.environ))
+        background = discovery_background(config, os.environ)
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvrouter")
-    if not config.backends:
+    if not config.backends and not background:
         log.warning("no backends configured: every request will get 503 until some are added")
 
     async def main() -> None:
-        app = create_app(config)
+        app = create_app(config, background=background)
         runner, port = await serve(app, config.server.host, config.server.port,
                                    access_log=config.server.log_level == "debug")
         log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",

@@ -146,6 +146,9 @@ def backend_from_pod(pod: Mapping[str, Any], params: KubernetesParams) -> Discov
         replay = _meta(pod, "kv-events-replay-endpoint")
         topic = _meta(pod, "kv-events-topic") or ""
         try:
+            resolve_endpoint(endpoint, ip)  # a malformed endpoint fails here, with its reason
+            if replay:
+                resolve_endpoint(replay, ip)
             for rank in range(ranks):
                 resolved, binds = resolve_endpoint(_shift_port(endpoint, rank), ip)
                 sources.append(

@@ -1,0 +1,257 @@
+"""kv_aware: route each request to the backend with the lowest predicted time to first token.
+
+Algorithm, per request, for each candidate backend ``b`` (score in seconds):
+
+    hit_tokens_b  = gpu_tokens + cpu_hit_ratio * cpu_tokens + storage_hit_ratio * storage_tokens
+                    (the request's longest chain prefix ``b`` holds, from the prefix index, at
+                    most prompt - 1 tokens since the last token is always computed)
+    prefill_s_b   = cost.seconds(new = prompt - hit_tokens_b, cached = hit_tokens_b)
+    queued_s_b    = prefill time of the work ahead: queued prompt tokens (the router's in-flight
+                    prompt tokens not yet prefilling, or the engine's waiting requests times
+                    their mean size when that is larger: other routers' traffic) times the
+                    share of them expected to need prefill (a per-backend moving average of
+                    the uncached share of what this policy sent there; ``queued_uncached_ratio``
+                    before anything was sent)
+    kv_pressure_s = kv_full_wait_s * max(0, (kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))**2
+                    (admission waits for KV to free up; a cached prefix may be evicted first)
+    ttft_s_b      = queued_s_b + prefill_s_b + kv_pressure_s_b
+
+The choice is a softmax over ``-ttft_s / T`` drawn with the injected RNG, with
+``T = max(temperature_s, temperature_ratio * best ttft_s)``: backends whose predicted TTFT is
+within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
+backends instead of collapsing onto the first one); far worse ones are practically never
+picked. Affinity yields to load continuously: each queued token adds ``linear_s_per_token`` to
+the holder's score, so a holder keeps requests whose cached prefix saves more than its queue
+costs, and sheds the rest (a hot prefix gets replicated on a second backend when its holder
+is saturated, because that is then the fastest place to prefill it).
+
+Roles: prefill decisions go to MIXED or PREFILL backends (DECODE ones only if nothing else is
+eligible). When the winner is a PREFILL backend and DECODE backends exist, the decode side is
+the DECODE backend with the fewest in-flight requests (ties by RNG) and the Decision is split.
+
+Where cache knowledge comes from: backends with ``kv_events`` are matched in ``view.index``,
+the caller's index fed by engine events (read-only here). For backends without events the
+policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
+``on_dispatched``, entries expire after ``approx_ttl_s``, at most ``approx_capacity_blocks``
+per backend or the engine's own ``total_kv_blocks`` when known), like any policy's memory of
+its own decisions; ``on_backend_removed`` purges it. Cost per request: O(blocks matched +
+backends). Pure: no I/O, clock or global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policies.base import PolicyBase
+from policies.index import BackendMatch, PrefixIndex
+from policies.params import parse_params
+from policies.prefill_cost import PrefillCost
+from policies.types import (
+    BackendId,
+    BackendScore,
+    BackendState,
+    ClusterView,
+    Decision,
+    Role,
+    RouteRequest,
+)
+
+__all__ = ["KvAware", "KvAwareParams", "create"]
+
+
+@dataclass(frozen=True, slots=True)
+class KvAwareParams:
+    """Every weight has a unit; defaults: the H200 Llama-3.1-8B fit and measured peer choices."""
+
+    linear_s_per_token: float = 29.3e-6
+    attention_s_per_token_pair: float = 0.393e-9
+    cpu_hit_ratio: float = 0.8  # share of a block's prefill saved when loaded from CPU offload
+    storage_hit_ratio: float = 0.3  # ... from the storage tier (disk, remote)
+    queued_uncached_ratio: float = 1.0  # uncached share of queued tokens before any history
+    uncached_memory_requests: int = 16  # moving-average window of the uncached share
+    default_prompt_tokens: int = 1024  # size of an engine-waiting request nothing else explains
+    kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
+    kv_knee_ratio: float = 0.8  # KV usage below which admission does not wait
+    temperature_s: float = 0.002  # TTFT differences of this size are noise
+    temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
+    approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
+    approx_capacity_blocks: int = 65536  # approximate mode: blocks a backend is assumed to hold
+    approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_hit_ratio", "storage_hit_ratio", "queued_uncached_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if not 0.0 <= self.kv_knee_ratio < 1.0:
+            raise ValueError("kv_knee_ratio must be within [0, 1)")
+        if self.temperature_s <= 0 or self.temperature_ratio < 0:
+            raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
+        for name in ("uncached_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
+                     "approx_max_entries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0:
+            raise ValueError("approx_ttl_s must be > 0 and kv_full_wait_s >= 0")
+        PrefillCost(self.linear_s_per_token, self.attention_s_per_token_pair)
+
+
+class KvAware(PolicyBase):
+    name = "kv_aware"
+
+    def __init__(self, params: KvAwareParams, rng: random.Random) -> None:
+        self.params = params
+        self._rng = rng
+        self._cost = PrefillCost(params.linear_s_per_token, params.attention_s_per_token_pair)
+        self._approx = PrefixIndex(max_entries=params.approx_max_entries)
+        # backend -> [moving sum of uncached tokens, moving sum of prompt tokens]
+        self._uncached: dict[BackendId, list[float]] = {}
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    def _matches(
+        self, request: RouteRequest, view: ClusterView, candidates: tuple[BackendState, ...]
+    ) -> dict[BackendId, BackendMatch]:
+        hashes = request.block_hashes
+        if not hashes:
+            return {}
+        precise = any(b.kv_events for b in candidates) and view.index is not None
+        found = view.index.match(hashes, view.now_s) if precise and view.index else {}
+        if all(b.kv_events for b in candidates):
+            return found
+        approx = self._approx.match(hashes, view.now_s)
+        return {
+            b.backend_id: m
+            for b in candidates
+            if (m := (found if b.kv_events else approx).get(b.backend_id)) is not None
+        }
+
+    def _score(
+        self, request: RouteRequest, backend: BackendState, match: BackendMatch | None
+    ) -> BackendScore:
+        p = self.params
+        bs = request.block_size
+        prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
+        cap = max(prompt - 1, 0) // bs * bs  # engines always compute the last token
+        gpu = cpu = storage = 0
+        if match is not None:
+            gpu, cpu, storage = match.gpu_blocks * bs, match.cpu_blocks * bs, match.storage_blocks * bs
+            # Past the cap, give up the slowest tiers first (they save the least).
+            over = max(gpu + cpu + storage - cap, 0)
+            cut = min(storage, over)
+            storage, over = storage - cut, over - cut
+            cut = min(cpu, over)
+            cpu, gpu = cpu - cut, gpu - (over - cut)
+        hit = gpu + p.cpu_hit_ratio * cpu + p.storage_hit_ratio * storage
+        prefill_s = self._cost.seconds(prompt - hit, hit)
+
+        queued_tokens = float(backend.in_flight_prompt_tokens)
+        queued_requests = float(backend.in_flight_requests)
+        mean = queued_tokens / queued_requests if queued_requests and queued_tokens else 0.0
+        waiting = backend.engine_waiting_requests
+        if waiting:
+            waiting_tokens = waiting * (mean or p.default_prompt_tokens)
+            if waiting_tokens > queued_tokens:
+                queued_tokens, mean = waiting_tokens, mean or p.default_prompt_tokens
+        history = self._uncached.get(backend.backend_id)
+        ratio = history[0] / history[1] if history and history[1] > 0 else p.queued_uncached_ratio
+        uncached = queued_tokens * ratio
+        # n requests of mean size: n * cost(mean*ratio new, mean*(1-ratio) cached), summed.
+        queued_s = uncached * (p.linear_s_per_token + p.attention_s_per_token_pair * mean)
+
+        usage = backend.kv_usage_ratio
+        pressure = 0.0
+        if usage is not None and usage > p.kv_knee_ratio:
+            pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
+        kv_pressure_s = p.kv_full_wait_s * pressure * pressure
+        ttft_s = queued_s + prefill_s + kv_pressure_s
+        return BackendScore(
+            backend_id=backend.backend_id,
+            score=ttft_s,
+            matched_tokens=gpu + cpu + storage,
+            terms={
+                "ttft_s": ttft_s,
+                "queued_s": queued_s,
+                "prefill_s": prefill_s,
+                "kv_pressure_s": kv_pressure_s,
+                "hit_tokens": hit,
+                "gpu_tokens": float(gpu),
+                "cpu_tokens": float(cpu),
+                "storage_tokens": float(storage),
+                "queued_tokens": queued_tokens,
+                "queued_uncached_ratio": ratio,
+                "uncached_tokens": prompt - hit,
+                "prompt_tokens": float(prompt),
+                "kv_events": 1.0 if backend.kv_events else 0.0,
+                "capacity_blocks": float(backend.total_kv_blocks or p.approx_capacity_blocks),
+            },
+        )
+
+    def _pick(self, scores: list[BackendScore]) -> BackendScore:
+        best = min(s.score for s in scores)
+        temperature = max(self.params.temperature_s, self.params.temperature_ratio * best)
+        weights = [math.exp(-(s.score - best) / temperature) for s in scores]
+        draw = self._rng.random() * sum(weights)
+        for score, weight in zip(scores, weights, strict=True):
+            draw -= weight
+            if draw < 0:
+                return score
+        return scores[-1]
+
+    # ---- the Policy interface -------------------------------------------------------------------
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
+        candidates = prefill_side or view.backends
+        matches = self._matches(request, view, candidates)
+        scores = [self._score(request, b, matches.get(b.backend_id)) for b in candidates]
+        chosen = self._pick(scores)
+        predicted = chosen.matched_tokens
+        decode = [b for b in view.backends if b.role is Role.DECODE]
+        role = next(b.role for b in candidates if b.backend_id == chosen.backend_id)
+        if role is Role.PREFILL and decode and prefill_side:
+            fewest = min(b.in_flight_requests for b in decode)
+            target = self._rng.choice([b for b in decode if b.in_flight_requests == fewest])
+            return Decision(
+                backend_id=target.backend_id,
+                reason="kv_aware: lowest predicted TTFT prefill, least-loaded decode",
+                predicted_hit_tokens=predicted,
+                prefill_backend_id=chosen.backend_id,
+                scores=tuple(scores),
+            )
+        return Decision(
+            backend_id=chosen.backend_id,
+            reason="kv_aware: lowest predicted TTFT",
+            predicted_hit_tokens=predicted,
+            scores=tuple(scores),
+        )
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        prefill_id = decision.prefill_backend_id or decision.backend_id
+        score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
+        if score is None:
+            return
+        terms = score.terms
+        window = self.params.uncached_memory_requests
+        history = self._uncached.setdefault(prefill_id, [0.0, 0.0])
+        # Token-weighted moving average: the uncached share of what was sent to this backend.
+        history[0] += (terms["uncached_tokens"] - history[0]) / window
+        history[1] += (terms["prompt_tokens"] - history[1]) / window
+        if not terms["kv_events"] and request.block_hashes:
+            self._approx.record_dispatch(
+                prefill_id,
+                request.block_hashes,
+                now_s,
+                self.params.approx_ttl_s,
+                capacity_blocks=int(terms["capacity_blocks"]),
+            )
+
+    def on_backend_removed(self, backend_id: BackendId) -> None:
+        self._approx.remove_backend(backend_id)
+        self._uncached.pop(backend_id, None)
+
+
+def create(params: Mapping[str, object], rng: random.Random) -> KvAware:
+    return KvAware(parse_params(KvAwareParams, params, "policy.params"), rng)

@@ -107,7 +107,10 @@ def rehash_stored(
             elif prev < 0:  # the parent is itself an orphan's descendant
                 orphan = True
                 prev = ~prev
-        router_hashes = hasher.extend(prev, event.token_ids[: n_blocks * block_size])
+        tokens = event.token_ids
+        if len(tokens) != n_blocks * block_size:
+            tokens = tokens[: n_blocks * block_size]
+        router_hashes = hasher.extend(prev, tokens)
     # Orphan chains are kept as negative numbers (router hashes are unsigned) so that their
     # descendants are recognised as orphans too and none of them is ever indexed.
     sign = -1 if orphan else 0

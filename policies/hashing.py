@@ -99,7 +99,8 @@ class BlockHasher:
         if n_blocks == 0:
             return ()
         step = self.block_size * 4
-        data = memoryview(pack_tokens(tokens[: n_blocks * self.block_size]))
+        whole = n_blocks * self.block_size
+        data = memoryview(pack_tokens(tokens if len(tokens) == whole else tokens[:whole]))
         h = self.root if prev_hash is None else prev_hash
         out: list[int] = []
         append = out.append

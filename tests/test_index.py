@@ -122,6 +122,9 @@ def test_malformed_token_count_stores_the_covered_blocks() -> None:
     short = BlockStored(event.block_hashes, None, event.token_ids[: 2 * BS + 1], BS)
     assert len(index.apply("a", short, 0.0)) == 2
     assert index.malformed_events == 1
+    extra = BlockStored(event.block_hashes[:1], None, event.token_ids, BS)
+    assert index.apply("b", extra, 0.0) == HASHER.hash_tokens(tokens_of([1]))
+    assert index.malformed_events == 2
 
 
 def test_token_ids_without_a_model_raise_a_clear_error() -> None:

@@ -1,0 +1,70 @@
+{{/* Names and labels shared by every object of the chart. */}}
+
+{{- define "kvrouter.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kvrouter.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kvrouter.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kvrouter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvrouter.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kvrouter.labels" -}}
+helm.sh/chart: {{ include "kvrouter.chart" . }}
+{{ include "kvrouter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{- define "kvrouter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kvrouter.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace discovery watches: the configured one, else the release's. */}}
+{{- define "kvrouter.discoveryNamespace" -}}
+{{- $k8s := ((.Values.config.discovery | default dict).kubernetes | default dict) }}
+{{- default .Release.Namespace $k8s.namespace }}
+{{- end }}
+
+{{- define "kvrouter.discoveryMode" -}}
+{{- ((.Values.config.discovery | default dict).mode | default "static") }}
+{{- end }}
+
+{{/* The router config as rendered into the ConfigMap: the values' `config`, with the
+     Kubernetes discovery namespace filled in (the router itself never guesses it). */}}
+{{- define "kvrouter.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if eq (include "kvrouter.discoveryMode" .) "kubernetes" }}
+{{- $discovery := get $config "discovery" }}
+{{- $k8s := get $discovery "kubernetes" | default dict }}
+{{- $_ := set $k8s "namespace" (include "kvrouter.discoveryNamespace" .) }}
+{{- $_ := set $discovery "kubernetes" $k8s }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{- define "kvrouter.port" -}}
+{{- ((.Values.config.server | default dict).port | default 8080) }}
+{{- end }}

@@ -1,0 +1,255 @@
+"""disaggregation: the prefill/decode decider, wrapped around any prefill-side policy.
+
+A model's pool is disaggregated when its candidates include PREFILL or DECODE backends; in a
+pool of MIXED backends only, the wrapper returns the inner policy's decision unchanged.
+
+Algorithm, per request in a disaggregated pool (every term in seconds):
+
+1. Prefill side: the inner policy (``kv_aware`` in practice) chooses ``P`` among PREFILL and
+   MIXED candidates; its score terms give ``ttft_P`` (queued prefill + uncached prefill + KV
+   pressure). The inner policy also scores local prefill on each DECODE candidate (a second
+   ``choose`` over DECODE backends only), which gives ``local_ttft_D`` and the decode backend's
+   own cached prefix ``hit_D``.
+2. Decode side: for each DECODE or MIXED candidate ``D``::
+
+       reused_D     = hit_D if D's engine reuses its own prefix cache on a remote prefill
+                      (vLLM: the connector loads only the blocks it lacks), else 0 (SGLang)
+       transfer_s_D = transfer_setup_s + (prompt - reused_D) * kv_bytes_per_token
+                                         / network_bytes_per_s
+       running_D    = max(engine running requests, router in-flight requests)
+       decode_s_D   = max_tokens * (decode_step_s + decode_s_per_running_request * running_D)
+       kv_wait_s_D  = kv_full_wait_s when its free blocks cannot hold prompt + max_tokens,
+                      else kv_full_wait_s * ((kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))^2
+       score_D      = transfer_s_D + decode_s_D + kv_wait_s_D
+
+   The lowest score wins (exact ties by the injected RNG).
+3. Split or local (conditional disaggregation):
+   - ``P`` is MIXED: it serves the request itself (no transfer beats a transfer);
+   - ``prompt - hit_D < min_uncached_tokens``: local on ``D`` (too little to prefill elsewhere);
+   - ``local_ttft_D <= ttft_P + transfer_s_D``: local on ``D`` (prefilling there is faster);
+   - otherwise split: ``Decision(backend_id=D, prefill_backend_id=P)``.
+   With no prefill-side candidate the best decode backend serves locally; with no decode-side
+   candidate the prefill winner does.
+
+Parameters (``DisaggregationParams``, units in names): ``min_uncached_tokens`` 512 (llm-d's
+decider threshold), ``kv_bytes_per_token`` 131072 (Llama-3.1-8B bf16: 32 layers x 8 KV heads
+x 128 x K,V x 2 bytes), ``network_bytes_per_s`` 25e9 (a 200 Gb/s RDMA NIC), ``transfer_setup_s``
+0.002, ``decode_step_s`` 0.004 (the H200 8B step floor), ``decode_s_per_running_request``
+0.0001, ``kv_full_wait_s`` 1.0, ``kv_knee_ratio`` 0.8.
+
+Decision.scores: the inner policy's prefill-side scores first (so its ``on_dispatched`` finds
+them), then its local scores of DECODE backends, then one decode-side score per decode
+candidate whose terms all start with ``decode_``. The reason names the rule that decided.
+Cost per request: two inner ``choose`` calls + O(decode candidates). Pure: no I/O, clock or
+global RNG. Must not import anything outside the standard library and ``policies``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policies.base import PolicyBase
+from policies.params import parse_params
+from policies.prefill_cost import PrefillCost
+from policies.types import (
+    BackendId,
+    BackendScore,
+    BackendState,
+    ClusterView,
+    Decision,
+    EngineKind,
+    Policy,
+    Role,
+    RouteRequest,
+)
+
+__all__ = ["Disaggregated", "DisaggregationParams", "is_disaggregated", "wrap"]
+
+# Engines whose decode side loads only the blocks it does not already hold.
+_REUSES_PREFIX = frozenset({EngineKind.VLLM})
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggregationParams:
+    min_uncached_tokens: int = 512
+    kv_bytes_per_token: int = 131072
+    network_bytes_per_s: float = 25e9
+    transfer_setup_s: float = 0.002
+    decode_step_s: float = 0.004
+    decode_s_per_running_request: float = 0.0001
+    kv_full_wait_s: float = 1.0
+    kv_knee_ratio: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.min_uncached_tokens < 0 or self.kv_bytes_per_token < 0:
+            raise ValueError("min_uncached_tokens and kv_bytes_per_token must be >= 0")
+        if self.network_bytes_per_s <= 0:
+            raise ValueError("network_bytes_per_s must be > 0")
+        for name in ("transfer_setup_s", "decode_step_s", "decode_s_per_running_request",
+                     "kv_full_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 0.0 <= self.kv_knee_ratio < 1.0:
+            raise ValueError("kv_knee_ratio must be within [0, 1)")
+
+    def transfer_s(self, tokens: float) -> float:
+        """Time to move the KV of ``tokens`` tokens from a prefill to a decode backend."""
+        return self.transfer_setup_s + max(tokens, 0.0) * self.kv_bytes_per_token / (
+            self.network_bytes_per_s)
+
+
+def is_disaggregated(backends: tuple[BackendState, ...]) -> bool:
+    return any(b.role is not Role.MIXED for b in backends)
+
+
+class Disaggregated(PolicyBase):
+    """The decider around ``inner``; keeps ``inner``'s name so metrics labels do not move."""
+
+    def __init__(self, inner: Policy, params: DisaggregationParams, rng: random.Random) -> None:
+        self.inner = inner
+        self.params = params
+        self.name = inner.name
+        self._rng = rng
+        self._fallback_cost = PrefillCost()
+
+    # ---- scoring ------------------------------------------------------------------------
+
+    def _ttft_s(self, request: RouteRequest, score: BackendScore | None) -> tuple[float, float]:
+        """(predicted TTFT, uncached tokens) from an inner score; a bare prefill estimate
+        when the inner policy does not predict TTFT."""
+        prompt = float(request.prompt_tokens)
+        if score is None:
+            return self._fallback_cost.seconds(prompt), prompt
+        terms = score.terms
+        uncached = terms.get("uncached_tokens", prompt - score.matched_tokens)
+        if "ttft_s" in terms:
+            return terms["ttft_s"], uncached
+        return self._fallback_cost.seconds(uncached, prompt - uncached), uncached
+
+    def _decode_score(
+        self, request: RouteRequest, backend: BackendState, local: BackendScore | None
+    ) -> BackendScore:
+        p = self.params
+        prompt = request.prompt_tokens
+        hit = float(local.matched_tokens) if local is not None else 0.0
+        reused = hit if backend.engine in _REUSES_PREFIX else 0.0
+        transfer_s = p.transfer_s(prompt - reused)
+        running = max(backend.engine_running_requests or 0, backend.in_flight_requests)
+        decode_s = request.max_tokens * (p.decode_step_s + p.decode_s_per_running_request * running)
+        usage = backend.kv_usage_ratio
+        kv_wait_s = 0.0
+        if usage is not None:
+            need = math.ceil((prompt + request.max_tokens) / request.block_size)
+            total = backend.total_kv_blocks
+            if total is not None and total * (1.0 - usage) < need:
+                kv_wait_s = p.kv_full_wait_s
+            elif usage > p.kv_knee_ratio:
+                pressure = (usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio)
+                kv_wait_s = p.kv_full_wait_s * min(pressure, 1.0) ** 2
+        score = transfer_s + decode_s + kv_wait_s
+        return BackendScore(
+            backend_id=backend.backend_id,
+            score=score,
+            matched_tokens=int(reused),
+            terms={
+                "decode_score_s": score,
+                "decode_transfer_s": transfer_s,
+                "decode_s": decode_s,
+                "decode_kv_wait_s": kv_wait_s,
+                "decode_running_requests": float(running),
+                "decode_reused_tokens": reused,
+            },
+        )
+
+    def _pick(self, scores: list[BackendScore]) -> BackendScore:
+        best = min(s.score for s in scores)
+        return self._rng.choice([s for s in scores if s.score == best])
+
+    # ---- the Policy interface -------------------------------------------------------------
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        if not is_disaggregated(view.backends):
+            return self.inner.choose(request, view)
+        prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
+        decode_only = tuple(b for b in view.backends if b.role is Role.DECODE)
+        decode_side = tuple(b for b in view.backends if b.role is not Role.PREFILL)
+        if not decode_side:
+            inner = self.inner.choose(request, dataclasses.replace(view, backends=prefill_side))
+            return dataclasses.replace(
+                inner, reason=f"disaggregation: local on prefill (no decode backend); {inner.reason}")
+        scores: list[BackendScore] = []
+        prefill: Decision | None = None
+        if prefill_side:
+            prefill = self.inner.choose(request, dataclasses.replace(view, backends=prefill_side))
+            scores.extend(prefill.scores)
+        local_scores: dict[BackendId, BackendScore] = {s.backend_id: s for s in scores}
+        if decode_only:
+            on_decode = self.inner.choose(
+                request, dataclasses.replace(view, backends=decode_only))
+            only = {b.backend_id for b in decode_only}
+            extra = [s for s in on_decode.scores if s.backend_id in only]
+            scores.extend(extra)
+            local_scores.update((s.backend_id, s) for s in extra)
+        decode_scores = [
+            self._decode_score(request, b, local_scores.get(b.backend_id)) for b in decode_side]
+        scores.extend(decode_scores)
+        chosen = self._pick(decode_scores)
+        d_id = chosen.backend_id
+        local_ttft_s, uncached = self._ttft_s(request, local_scores.get(d_id))
+        hit_d = local_scores[d_id].matched_tokens if d_id in local_scores else 0
+
+        def local(reason: str, backend_id: BackendId = d_id, hit: int = hit_d) -> Decision:
+            return Decision(backend_id=backend_id, reason=f"disaggregation: local, {reason}",
+                            predicted_hit_tokens=hit, scores=tuple(scores))
+
+        if prefill is None:
+            return local("no prefill backend")
+        p_id = prefill.backend_id
+        p_role = next(b.role for b in prefill_side if b.backend_id == p_id)
+        if p_role is Role.MIXED or p_id == d_id:
+            return local(f"mixed prefill winner {p_id} serves it", p_id,
+                         prefill.predicted_hit_tokens)
+        if uncached < self.params.min_uncached_tokens:
+            return local(f"{uncached:.0f} uncached tokens < min_uncached_tokens "
+                         f"{self.params.min_uncached_tokens}")
+        prefill_ttft_s, _ = self._ttft_s(
+            request, next((s for s in prefill.scores if s.backend_id == p_id), None))
+        split_ttft_s = prefill_ttft_s + chosen.terms["decode_transfer_s"]
+        if local_ttft_s <= split_ttft_s:
+            return local(f"predicted TTFT {local_ttft_s:.4f} s local <= {split_ttft_s:.4f} s "
+                         "prefill + transfer")
+        return Decision(
+            backend_id=d_id,
+            reason=(f"disaggregation: split, prefill on {p_id} then decode; predicted TTFT "
+                    f"{split_ttft_s:.4f} s prefill + transfer < {local_ttft_s:.4f} s local"),
+            predicted_hit_tokens=prefill.predicted_hit_tokens,
+            prefill_backend_id=p_id,
+            scores=tuple(scores),
+        )
+
+    def _for_inner(self, decision: Decision) -> Decision:
+        """The decision without the decode-side scores, which the inner policy never made."""
+        return dataclasses.replace(decision, scores=tuple(
+            s for s in decision.scores if "decode_score_s" not in s.terms))
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_dispatched(request, self._for_inner(decision), now_s)
+
+    def on_finished(
+        self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
+    ) -> None:
+        self.inner.on_finished(request, self._for_inner(decision), now_s, ok)
+
+    def on_backend_removed(self, backend_id: BackendId) -> None:
+        self.inner.on_backend_removed(backend_id)
+
+
+def wrap(inner: Policy, params: Mapping[str, object] | None, rng: random.Random,
+         path: str = "disaggregation") -> Disaggregated:
+    """Wrap ``inner``; ``params`` are validated into DisaggregationParams (errors name
+    ``path``)."""
+    return Disaggregated(inner, parse_params(DisaggregationParams, params, path), rng)

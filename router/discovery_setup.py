@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,19 @@ from typing import Any
 from policies.index import PrefixIndex
 from policies.types import BackendId, EngineKind, Role
 from router.config import Config, ConfigError, parse_section
-from router.discovery import BackendSet, DiscoveredBackend, DiscoveryMetrics
+from router.discovery import BackendSet, DiscoveredBackend, DiscoveryMetrics, EventSource
 from router.discovery_dns import DnsDiscovery, DnsParams
 from router.discovery_k8s import KubernetesDiscovery, KubernetesParams
 from router.kube_client import KubeConfig, KubeConfigError, in_cluster_config, kubeconfig_config
 from router.pool import BackendPool
 
-__all__ = ["DiscoverySection", "PoolSink", "discovery_background", "parse_discovery"]
+__all__ = [
+    "DiscoverySection",
+    "EventSourcesHook",
+    "PoolSink",
+    "discovery_background",
+    "parse_discovery",
+]
 
 log = logging.getLogger("kvrouter.discovery")
 
@@ -70,13 +76,31 @@ def parse_discovery(raw: object) -> ParsedDiscovery:
     return ParsedDiscovery("static")
 
 
+EventSourcesHook = Callable[[BackendId, tuple[EventSource, ...]], None]
+"""Told a discovered backend's KV-event sources (one per data-parallel rank) whenever they
+change, and ``()`` when the backend leaves: the seam for KV-event ingestion to subscribe."""
+
+
 class PoolSink:
     """Applies discovery changes to the pool; never touches backends it did not add."""
 
-    def __init__(self, pool: BackendPool, index: PrefixIndex | None) -> None:
+    def __init__(
+        self, pool: BackendPool, index: PrefixIndex | None,
+        on_event_sources: EventSourcesHook | None = None,
+    ) -> None:
         self._pool = pool
         self._index = index
+        self._on_event_sources = on_event_sources
         self._ours: set[BackendId] = set()
+        self._sources: dict[BackendId, tuple[EventSource, ...]] = {}
+
+    def _tell_sources(self, backend_id: BackendId, sources: tuple[EventSource, ...]) -> None:
+        if self._on_event_sources is None or self._sources.get(backend_id, ()) == sources:
+            return
+        self._sources[backend_id] = sources
+        if not sources:
+            del self._sources[backend_id]
+        self._on_event_sources(backend_id, sources)
 
     def backend_added(self, backend: DiscoveredBackend) -> None:
         if self._pool.get(backend.url) is not None and backend.url not in self._ours:
@@ -88,6 +112,7 @@ class PoolSink:
             kv_events_endpoint=_first_endpoint(backend),
         )
         self._ours.add(added.backend_id)
+        self._tell_sources(added.backend_id, backend.event_sources)
 
     def backend_updated(self, backend: DiscoveredBackend) -> None:
         existing = self._pool.get(backend.url)
@@ -97,11 +122,13 @@ class PoolSink:
         existing.engine = EngineKind(backend.engine)
         existing.configured_models = backend.models
         existing.kv_events_endpoint = _first_endpoint(backend)
+        self._tell_sources(backend.url, backend.event_sources)
 
     def backend_removed(self, backend_id: BackendId) -> None:
         if backend_id not in self._ours:
             return
         self._ours.discard(backend_id)
+        self._tell_sources(backend_id, ())
         self._pool.remove(backend_id)
         if self._index is not None:
             self._index.remove_backend(backend_id)
@@ -121,7 +148,8 @@ def _kube_config(params: KubernetesParams, environ: Mapping[str, str]) -> KubeCo
 
 
 def discovery_background(
-    config: Config, environ: Mapping[str, str]
+    config: Config, environ: Mapping[str, str],
+    on_event_sources: EventSourcesHook | None = None,
 ) -> list[Any]:
     """Background factories for ``create_app(background=...)``: none in static mode.
 
@@ -136,7 +164,8 @@ def discovery_background(
     def factory(state: Any) -> Coroutine[Any, Any, None]:
         metrics = DiscoveryMetrics(state.metrics.registry)
         index = state.index if isinstance(state.index, PrefixIndex) else None
-        backends = BackendSet(PoolSink(state.pool, index), metrics, parsed.mode)
+        sink = PoolSink(state.pool, index, on_event_sources)
+        backends = BackendSet(sink, metrics, parsed.mode)
         if parsed.dns is not None:
             return DnsDiscovery(parsed.dns, backends, metrics).run()
         assert parsed.kubernetes is not None and kube is not None

@@ -28,7 +28,8 @@ from router.discovery import (
     resolve_endpoint,
 )
 from router.discovery_k8s import KubernetesParams, PodError, backend_from_pod
-from router.discovery_setup import discovery_background, parse_discovery
+from router.discovery_setup import PoolSink, discovery_background, parse_discovery
+from router.pool import BackendPool
 
 
 class Sink:
@@ -148,6 +149,34 @@ def test_kubernetes_mode_outside_a_cluster_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"discovery\.kubernetes: not running in a cluster"):
         discovery_background(config, {})
     assert discovery_background(parse_config({}), {}) == []
+
+
+def test_pool_sink_applies_changes_tells_event_sources_and_spares_static_backends() -> None:
+    pool = BackendPool()
+    pool.add("http://static:1")
+    index = PrefixIndex()
+    told: list[tuple[str, tuple[EventSource, ...]]] = []
+    sink = PoolSink(pool, index, lambda backend_id, sources: told.append((backend_id, sources)))
+    rank0 = EventSource("tcp://10.0.0.1:5557", data_parallel_rank=0)
+    sink.backend_added(DiscoveredBackend("http://10.0.0.1:8000", role=Role.PREFILL,
+                                         models=("m",), event_sources=(rank0,)))
+    backend = pool.get("http://10.0.0.1:8000")
+    assert backend is not None and backend.role is Role.PREFILL and backend.models() == ("m",)
+    assert backend.kv_events_endpoint == "tcp://10.0.0.1:5557"
+    sink.backend_updated(DiscoveredBackend("http://10.0.0.1:8000", role=Role.DECODE,
+                                           event_sources=(rank0,)))
+    assert backend.role is Role.DECODE and backend.models() == ()
+    index.record_dispatch("http://10.0.0.1:8000", [7, 8], now_s=0.0, ttl_s=1e9)
+    sink.backend_removed("http://10.0.0.1:8000")
+    assert pool.get("http://10.0.0.1:8000") is None
+    assert index.backend_entries("http://10.0.0.1:8000") == 0
+    # Same sources on update are not repeated; leaving says ().
+    assert told == [("http://10.0.0.1:8000", (rank0,)), ("http://10.0.0.1:8000", ())]
+    # A discovered URL that is also configured statically is left alone both ways.
+    sink.backend_added(DiscoveredBackend("http://static:1", role=Role.DECODE))
+    sink.backend_removed("http://static:1")
+    static = pool.get("http://static:1")
+    assert static is not None and static.role is Role.MIXED
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:

@@ -6,12 +6,13 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     (the request's longest chain prefix ``b`` holds, from the prefix index, at
                     most prompt - 1 tokens since the last token is always computed)
     prefill_s_b   = cost.seconds(new = prompt - hit_tokens_b, cached = hit_tokens_b)
-    queued_s_b    = prefill time of the work ahead: queued prompt tokens (the router's in-flight
-                    prompt tokens not yet prefilling, or the engine's waiting requests times
-                    their mean size when that is larger: other routers' traffic) times the
-                    share of them expected to need prefill (a per-backend moving average of
-                    the uncached share of what this policy sent there; ``queued_uncached_ratio``
-                    before anything was sent)
+    queued_s_b    = predicted prefill time of the work ahead: the larger of (a) the prefill
+                    seconds this policy sent to ``b`` whose predicted first token (dispatch time
+                    + its ttft_s) is still ahead, scaled down if the router's in-flight prompt
+                    tokens show some of it already returned, and (b) the engine's own waiting
+                    requests times the mean prefill seconds of what was sent there
+                    (``default_prompt_tokens`` cold before any history): traffic from other
+                    router replicas shows up only there
     kv_pressure_s = kv_full_wait_s * max(0, (kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))**2
                     (admission waits for KV to free up; a cached prefix may be evicted first)
     ttft_s_b      = queued_s_b + prefill_s_b + kv_pressure_s_b
@@ -20,8 +21,8 @@ The choice is a softmax over ``-ttft_s / T`` drawn with the injected RNG, with
 ``T = max(temperature_s, temperature_ratio * best ttft_s)``: backends whose predicted TTFT is
 within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
 backends instead of collapsing onto the first one); far worse ones are practically never
-picked. Affinity yields to load continuously: each queued token adds ``linear_s_per_token`` to
-the holder's score, so a holder keeps requests whose cached prefix saves more than its queue
+picked. Affinity yields to load continuously: each queued second adds one second to the
+holder's score, so a holder keeps requests whose cached prefix saves more than its queue
 costs, and sheds the rest (a hot prefix gets replicated on a second backend when its holder
 is saturated, because that is then the fastest place to prefill it).
 
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from policies.base import PolicyBase
 from policies.index import BackendMatch, PrefixIndex
 from policies.params import parse_params
-from policies.prefill_cost import PrefillCost
+from policies.prefill_cost import PendingPrefill, PrefillCost
 from policies.types import (
     BackendId,
     BackendScore,
@@ -70,9 +71,8 @@ class KvAwareParams:
     attention_s_per_token_pair: float = 0.393e-9
     cpu_hit_ratio: float = 0.8  # share of a block's prefill saved when loaded from CPU offload
     storage_hit_ratio: float = 0.3  # ... from the storage tier (disk, remote)
-    queued_uncached_ratio: float = 1.0  # uncached share of queued tokens before any history
-    uncached_memory_requests: int = 16  # moving-average window of the uncached share
-    default_prompt_tokens: int = 1024  # size of an engine-waiting request nothing else explains
+    prefill_memory_requests: int = 16  # moving-average window of prefill seconds per request
+    default_prompt_tokens: int = 1024  # cold size of an engine-waiting request without history
     kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
     kv_knee_ratio: float = 0.8  # KV usage below which admission does not wait
     temperature_s: float = 0.002  # TTFT differences of this size are noise
@@ -82,14 +82,14 @@ class KvAwareParams:
     approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
 
     def __post_init__(self) -> None:
-        for name in ("cpu_hit_ratio", "storage_hit_ratio", "queued_uncached_ratio"):
+        for name in ("cpu_hit_ratio", "storage_hit_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
         if not 0.0 <= self.kv_knee_ratio < 1.0:
             raise ValueError("kv_knee_ratio must be within [0, 1)")
         if self.temperature_s <= 0 or self.temperature_ratio < 0:
             raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
-        for name in ("uncached_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
+        for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
                      "approx_max_entries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -106,8 +106,7 @@ class KvAware(PolicyBase):
         self._rng = rng
         self._cost = PrefillCost(params.linear_s_per_token, params.attention_s_per_token_pair)
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
-        # backend -> [moving sum of uncached tokens, moving sum of prompt tokens]
-        self._uncached: dict[BackendId, list[float]] = {}
+        self._pending: dict[BackendId, PendingPrefill] = {}
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -129,7 +128,11 @@ class KvAware(PolicyBase):
         }
 
     def _score(
-        self, request: RouteRequest, backend: BackendState, match: BackendMatch | None
+        self,
+        request: RouteRequest,
+        backend: BackendState,
+        match: BackendMatch | None,
+        now_s: float,
     ) -> BackendScore:
         p = self.params
         bs = request.block_size
@@ -147,19 +150,18 @@ class KvAware(PolicyBase):
         hit = gpu + p.cpu_hit_ratio * cpu + p.storage_hit_ratio * storage
         prefill_s = self._cost.seconds(prompt - hit, hit)
 
-        queued_tokens = float(backend.in_flight_prompt_tokens)
-        queued_requests = float(backend.in_flight_requests)
-        mean = queued_tokens / queued_requests if queued_requests and queued_tokens else 0.0
-        waiting = backend.engine_waiting_requests
-        if waiting:
-            waiting_tokens = waiting * (mean or p.default_prompt_tokens)
-            if waiting_tokens > queued_tokens:
-                queued_tokens, mean = waiting_tokens, mean or p.default_prompt_tokens
-        history = self._uncached.get(backend.backend_id)
-        ratio = history[0] / history[1] if history and history[1] > 0 else p.queued_uncached_ratio
-        uncached = queued_tokens * ratio
-        # n requests of mean size: n * cost(mean*ratio new, mean*(1-ratio) cached), summed.
-        queued_s = uncached * (p.linear_s_per_token + p.attention_s_per_token_pair * mean)
+        pending = self._pending.get(backend.backend_id)
+        own_s = mean_s = 0.0
+        if pending is not None:
+            # Bookkeeping only: what is predicted done by now_s stays done for any later call.
+            pending.expire(now_s)
+            own_s, mean_s = pending.seconds, pending.mean_prefill_s
+            if pending.prompt_tokens > backend.in_flight_prompt_tokens:
+                own_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
+        engine_s = (backend.engine_waiting_requests or 0) * (
+            mean_s or self._cost.seconds(p.default_prompt_tokens)
+        )
+        queued_s = max(own_s, engine_s)
 
         usage = backend.kv_usage_ratio
         pressure = 0.0
@@ -180,8 +182,8 @@ class KvAware(PolicyBase):
                 "gpu_tokens": float(gpu),
                 "cpu_tokens": float(cpu),
                 "storage_tokens": float(storage),
-                "queued_tokens": queued_tokens,
-                "queued_uncached_ratio": ratio,
+                "pending_prefill_s": own_s,
+                "engine_waiting_s": engine_s,
                 "uncached_tokens": prompt - hit,
                 "prompt_tokens": float(prompt),
                 "kv_events": 1.0 if backend.kv_events else 0.0,
@@ -206,7 +208,9 @@ class KvAware(PolicyBase):
         prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
         candidates = prefill_side or view.backends
         matches = self._matches(request, view, candidates)
-        scores = [self._score(request, b, matches.get(b.backend_id)) for b in candidates]
+        scores = [
+            self._score(request, b, matches.get(b.backend_id), view.now_s) for b in candidates
+        ]
         chosen = self._pick(scores)
         predicted = chosen.matched_tokens
         decode = [b for b in view.backends if b.role is Role.DECODE]
@@ -234,11 +238,12 @@ class KvAware(PolicyBase):
         if score is None:
             return
         terms = score.terms
-        window = self.params.uncached_memory_requests
-        history = self._uncached.setdefault(prefill_id, [0.0, 0.0])
-        # Token-weighted moving average: the uncached share of what was sent to this backend.
-        history[0] += (terms["uncached_tokens"] - history[0]) / window
-        history[1] += (terms["prompt_tokens"] - history[1]) / window
+        pending = self._pending.get(prefill_id)
+        if pending is None:
+            pending = self._pending[prefill_id] = PendingPrefill(
+                self.params.prefill_memory_requests
+            )
+        pending.add(now_s + terms["ttft_s"], terms["prefill_s"], int(terms["prompt_tokens"]))
         if not terms["kv_events"] and request.block_hashes:
             self._approx.record_dispatch(
                 prefill_id,
@@ -250,7 +255,7 @@ class KvAware(PolicyBase):
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self._approx.remove_backend(backend_id)
-        self._uncached.pop(backend_id, None)
+        self._pending.pop(backend_id, None)
 
 
 def create(params: Mapping[str, object], rng: random.Random) -> KvAware:

@@ -92,19 +92,18 @@ def test_new_prefixes_spread_across_idle_backends() -> None:
     assert max(counts.values()) <= 80 and min(counts.values()) >= 25, counts
 
 
-def holder_share(queued_tokens: int, trials: int = 200) -> float:
+def holder_share(waiting: int, trials: int = 200) -> float:
     index = PrefixIndex()
     request = prompt(1, 8192)
     hold(index, "b0", request.block_hashes[:256])  # 4,096 cached tokens on b0
-    busy = idle("b0", in_flight_prompt_tokens=queued_tokens,
-                in_flight_requests=max(1, queued_tokens // 1024))
-    v = view(index, busy, idle("b1"))
-    kv = policy(seed=queued_tokens)
+    v = view(index, idle("b0", engine_waiting_requests=waiting), idle("b1"))
+    # Small waiting requests (128 tokens, ~4 ms each) so the queue grows in fine steps.
+    kv = policy(seed=waiting, default_prompt_tokens=128)
     return sum(kv.choose(request, v).backend_id == "b0" for _ in range(trials)) / trials
 
 
 def test_affinity_yields_to_load_gradually() -> None:
-    queues = list(range(2000, 7001, 250))
+    queues = list(range(10, 61, 2))
     shares = [holder_share(q) for q in queues]
     assert shares[0] > 0.95 and shares[-1] < 0.05, shares
     assert all(b <= a + 0.12 for a, b in itertools.pairwise(shares)), shares
@@ -118,13 +117,39 @@ def test_holder_score_grows_linearly_with_its_queue() -> None:
     request = prompt(1, 8192)
     hold(index, "b0", request.block_hashes[:256])
     kv = policy()
-    scores = []
-    for queued in range(0, 8193, 1024):
-        state = idle("b0", in_flight_prompt_tokens=queued, in_flight_requests=max(1, queued // 1024))
-        scores.append(kv.choose(request, view(index, state)).scores[0].score)
+    scores = [
+        kv.choose(request, view(index, idle("b0", engine_waiting_requests=w))).scores[0].score
+        for w in range(9)
+    ]
     steps = [b - a for a, b in itertools.pairwise(scores)]
     assert all(step > 0 for step in steps)
     assert max(steps) - min(steps) < 1e-9
+    assert steps[0] == pytest.approx(PrefillCost().seconds(KvAwareParams().default_prompt_tokens))
+
+
+def test_its_own_dispatches_queue_until_their_predicted_first_token() -> None:
+    index = PrefixIndex()
+    kv = policy()
+    request = prompt(2, 4096)
+    hold(index, "b0", request.block_hashes[:200])
+    sent = 0
+    for i in range(30):  # a burst of cold 4k prompts, all placed on b0 by hand
+        cold = prompt(100 + i, 4096)
+        decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
+            cold, view(index, idle("b0", in_flight_prompt_tokens=sent))).scores)
+        kv.on_dispatched(cold, decision, 0.0)
+        sent += 4096
+    busy = idle("b0", in_flight_prompt_tokens=sent, in_flight_requests=30)
+    now = kv.choose(request, view(index, busy, idle("b1"), now_s=0.1))
+    assert now.backend_id == "b1"
+    queued = {s.backend_id: s.terms["queued_s"] for s in now.scores}
+    assert queued["b0"] > 20 * PrefillCost().seconds(4096) and queued["b1"] == 0.0
+    # Long after every predicted first token the requests are decoding: b0 is free again.
+    later = kv.choose(request, view(index, busy, idle("b1"), now_s=1000.0))
+    assert later.backend_id == "b0"
+    # Requests that already returned (released by the router) no longer count.
+    released = kv.choose(request, view(index, idle("b0"), idle("b1"), now_s=0.2))
+    assert released.backend_id == "b0"
 
 
 @pytest.mark.parametrize(
@@ -132,9 +157,9 @@ def test_holder_score_grows_linearly_with_its_queue() -> None:
     [
         {"kv_usage_ratio": 0.99, "in_flight_prompt_tokens": 20000, "in_flight_requests": 20},
         {"engine_waiting_requests": 40},
-        {"in_flight_prompt_tokens": 60000, "in_flight_requests": 30},
+        {"kv_usage_ratio": 1.0},
     ],
-    ids=["kv-full-and-queued", "engine-queue", "router-queue"],
+    ids=["kv-full-and-queued", "engine-queue", "kv-full"],
 )
 def test_avoids_saturated_backends_even_when_they_hold_the_prefix(
     saturated: dict[str, object]

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kv_aware (its params come from the config file)")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
+                        help="event loop: uvloop when installed (auto, the default) or asyncio")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
                         help="log verbosity (default info)")
 
@@ -51,6 +53,8 @@ def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
         server = dataclasses.replace(server, port=args.port)
     if args.log_level:
         server = dataclasses.replace(server, log_level=args.log_level)
+    if args.loop:
+        server = dataclasses.replace(server, event_loop=args.loop)
     raw_backends = (
         [{"url": u} for u in args.backend]
         + [{"url": u, "role": "prefill"} for u in args.prefill]
@@ -108,8 +112,25 @@ def run(args: argparse.Namespace) -> int:
             await runner.cleanup()
 
     try:
-        asyncio.run(main())
+        _run_loop(main(), config.server.event_loop, log)
     except OSError as exc:
         print(f"kvrouter serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_loop(main: Any, event_loop: str, log: Any) -> None:
+    """uvloop roughly halves the router's CPU per request (bench/README.md); asyncio otherwise."""
+    import asyncio
+
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise OSError("--loop uvloop: uvloop is not installed") from None
+        else:
+            log.debug("running on uvloop %s", uvloop.__version__)
+            uvloop.run(main)
+            return
+    asyncio.run(main)

@@ -49,6 +49,7 @@ ConfigError = ParamError
 
 EXTENSION_SECTIONS = ("kv_events", "discovery", "disaggregation")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 T = TypeVar("T")
 
 
@@ -61,6 +62,7 @@ class ServerConfig:
     session_header: str = "x-session-id"
     admin_token: str | None = None
     engine_signals_max_age_s: float = 15.0
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +199,8 @@ def parse_config(raw: object) -> Config:
              f"expected one of {', '.join(LOG_LEVELS)}")
     _check_positive(server, "server", ("max_body_bytes", "engine_signals_max_age_s"), False)
     _require(bool(server.session_header), "server.session_header", "must not be empty")
+    _require(server.event_loop in EVENT_LOOPS, "server.event_loop",
+             f"expected one of {', '.join(EVENT_LOOPS)}")
     upstream = parse_section(UpstreamConfig, raw.get("upstream"), "upstream")
     _check_positive(upstream, "upstream",
                     ("connect_timeout_s", "first_byte_timeout_s", "read_idle_timeout_s"), False)

@@ -1,0 +1,318 @@
+"""Router overhead benchmark: requests/s and added latency of kvrouter (and, with --peers,
+sglang-router and vllm-router) in front of a 0-latency local backend, versus calling the
+backend directly, all in one run.
+
+A closed-loop client (this process) keeps C requests in flight for a few seconds per cell,
+for C in --concurrency, non-streaming and streaming. The backend runs in its own process
+(one process listening on --backends ports) and answers at once: a fixed JSON completion, or
+8 SSE chunks then ``data: [DONE]``. It also answers what the peers probe at start-up
+(/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). Each router runs in
+its own process with round_robin over the same backends.
+
+    .venv/bin/python bench/overhead.py                 # direct vs kvrouter
+    .venv/bin/python bench/overhead.py --peers         # + sglang-router, vllm-router (installs
+                                                       #   them into .tools/peers-venv first)
+
+Compare numbers only within one run: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_VENV = ROOT / ".tools" / "peers-venv"
+MODEL = "tiny"
+SSE_CHUNKS = 8
+
+
+# -- the 0-latency backend (runs as `overhead.py backend --ports ...`) ------------------------
+
+def _backend_app(port: int) -> web.Application:
+    completion = json.dumps({
+        "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "text": " ok" * 16, "logprobs": None, "finish_reason": "length",
+                     "stop_reason": None}],
+        "usage": {"prompt_tokens": 500, "completion_tokens": 16, "total_tokens": 516},
+    }).encode()
+    chunks = [b"data: " + json.dumps({
+        "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "text": " ok", "logprobs": None,
+                     "finish_reason": "length" if i == SSE_CHUNKS - 1 else None,
+                     "stop_reason": None}]}).encode() + b"\n\n" for i in range(SSE_CHUNKS)]
+    chunks.append(b"data: [DONE]\n\n")
+    models = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm",
+                                          "root": MODEL, "max_model_len": 4096}]}
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b'"stream": true' not in body and b'"stream":true' not in body:
+            return web.Response(body=completion, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def info(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True,
+            "served_model_name": MODEL, "port": port, "max_total_num_tokens": 65536,
+            "disaggregation_mode": "null", "dp_size": 1, "tp_size": 1, "version": "bench"})
+
+    async def tokenize(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"tokens": list(range(16)), "count": 16, "max_model_len": 4096})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/health", ok)
+    app.router.add_get("/health_generate", ok)
+    app.router.add_get("/get_server_info", info)
+    app.router.add_get("/server_info", info)
+    app.router.add_get("/get_model_info", info)
+    app.router.add_get("/model_info", info)
+    app.router.add_get("/v1/models", lambda r: web.json_response(models))
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/v1/completions/render", tokenize)
+    app.router.add_post("/v1/chat/completions/render", tokenize)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
+    return app
+
+
+async def _run_backend(ports: list[int]) -> None:
+    runners = []
+    for port in ports:
+        runner = web.AppRunner(_backend_app(port), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# -- processes -------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Target:
+    name: str
+    urls: list[str]  # the client spreads over these (direct: the backends; a router: itself)
+    process: subprocess.Popen[bytes] | None = None
+
+
+async def _wait_ready(url: str, seconds: float, process: subprocess.Popen[bytes] | None) -> None:
+    body = {"model": MODEL, "prompt": "warm up", "max_tokens": 1}
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{url}: process exited with {process.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.post(url + "/v1/completions", json=body) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready in {seconds} s")
+
+
+def _start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    log = open(ROOT / ".tools" / f"bench-{log_name}.log", "wb")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _router_argv(name: str, port: int, backends: list[str]) -> list[str]:
+    if name.startswith("kvrouter"):
+        loop = "uvloop" if name.endswith("uvloop") else "asyncio"
+        return [str(ROOT / ".venv" / "bin" / "kvrouter"), "serve", "--port", str(port),
+                "--policy", "round_robin", "--log-level", "warning", "--loop", loop,
+                *[a for b in backends for a in ("--backend", b)]]
+    py = str(PEERS_VENV / "bin" / "python")
+    metrics_port = str(_free_port())  # both crash when their metrics port is taken
+    if name == "sglang-router":
+        return [py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
+                str(port), "--worker-urls", *backends, "--policy", "round_robin",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
+                "--log-level", "warn"]
+    return [str(PEERS_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *backends, "--policy", "round_robin", "--prometheus-port",
+            metrics_port, "--log-level", "warning"]
+
+
+@contextlib.asynccontextmanager
+async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
+    (ROOT / ".tools").mkdir(exist_ok=True)
+    ports = [_free_port() for _ in range(args.backends)]
+    backend = _start([sys.executable, __file__, "backend", "--ports", *map(str, ports)],
+                     "backend")
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    targets = [Target("direct", urls)]
+    names = [n for n in args.routers.split(",") if n]
+    names += ["sglang-router", "vllm-router"] if args.peers else []
+    try:
+        for url in urls:
+            await _wait_ready(url, 60, backend)
+        for name in names:
+            port = _free_port()
+            process = _start(_router_argv(name, port, urls), name)
+            targets.append(Target(name, [f"http://127.0.0.1:{port}"], process))
+        for target in targets[1:]:
+            await _wait_ready(target.urls[0], 120, target.process)
+        yield targets
+    finally:
+        for process in [backend] + [t.process for t in targets if t.process is not None]:
+            process.terminate()
+        for process in [backend] + [t.process for t in targets if t.process is not None]:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# -- the closed-loop client ------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    target: str
+    mode: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+async def _measure(target: Target, stream: bool, concurrency: int, seconds: float,
+                   warmup_s: float, prompt: str) -> Cell:
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16,
+                       "stream": stream}).encode()
+    headers = {"Content-Type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+        measure_from = start + warmup_s
+        end = measure_from + seconds
+
+        async def worker(i: int) -> None:
+            nonlocal errors
+            n = i
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= end:
+                    return
+                url = target.urls[n % len(target.urls)] + "/v1/completions"
+                n += 1
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= end:
+                    if status == 200:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0] * 99
+    return Cell(target.name, "stream" if stream else "plain", concurrency, len(latencies), errors,
+                seconds, statistics.median(latencies) * 1e3 if latencies else 0.0, q[98] * 1e3)
+
+
+def _table(cells: list[Cell]) -> str:
+    direct = {(c.mode, c.concurrency): c for c in cells if c.target == "direct"}
+    lines = ["| target | mode | concurrency | req/s | p50 ms | p99 ms | added p50 ms | "
+             "added p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        d = direct[(c.mode, c.concurrency)]
+        added = ("-", "-") if c.target == "direct" else (
+            f"{c.p50_ms - d.p50_ms:+.2f}", f"{c.p99_ms - d.p99_ms:+.2f}")
+        lines.append(f"| {c.target} | {c.mode} | {c.concurrency} | {c.rps:,.0f} | "
+                     f"{c.p50_ms:.2f} | {c.p99_ms:.2f} | {added[0]} | {added[1]} | {c.errors} |")
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 64)[: args.prompt_chars]
+    cells: list[Cell] = []
+    async with _targets(args) as targets:
+        for stream in [m == "stream" for m in args.modes.split(",")]:
+            for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                # Targets interleave within a cell so drifting machine load hits all alike.
+                for target in targets:
+                    cell = await _measure(target, stream, concurrency, args.seconds,
+                                          args.warmup, prompt)
+                    cells.append(cell)
+                    print(f"  {cell.target:14s} {cell.mode:6s} c={concurrency:<4d} "
+                          f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.2f} ms  "
+                          f"p99 {cell.p99_ms:6.2f} ms  errors {cell.errors}", flush=True)
+    print()
+    print(_table(cells))
+    return cells_ok(cells)
+
+
+def cells_ok(cells: list[Cell]) -> int:
+    return 0 if all(c.errors == 0 and c.requests > 0 for c in cells) else 1
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "backend":
+        parser = argparse.ArgumentParser(prog="overhead.py backend")
+        parser.add_argument("backend")
+        parser.add_argument("--ports", type=int, nargs="+", required=True)
+        asyncio.run(_run_backend(parser.parse_args().ports))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", action="store_true",
+                        help="also run sglang-router and vllm-router (installed on first use)")
+    parser.add_argument("--routers", default="kvrouter-asyncio,kvrouter-uvloop",
+                        help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop)")
+    parser.add_argument("--concurrency", default="1,32,128", help="comma-separated (1,32,128)")
+    parser.add_argument("--modes", default="plain,stream", help="plain and/or stream")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell")
+    parser.add_argument("--backends", type=int, default=2, help="backend ports (2)")
+    parser.add_argument("--prompt-chars", type=int, default=2000, help="prompt length (2000)")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args = parser.parse_args()
+    if args.peers and not (PEERS_VENV / "bin" / "vllm-router").exists():
+        subprocess.run([str(ROOT / "bench" / "install-peers")], check=True)
+    status = asyncio.run(_main(args))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

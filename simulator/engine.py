@@ -1,0 +1,350 @@
+"""The engine model: one vLLM-like serving engine (scheduler + paged prefix cache + cost model)
+driven in virtual time by its caller.
+
+Pure, synchronous and deterministic: no clock, no global random, no I/O. Must not import
+``router`` or asyncio. Drivers: the emulator (``simulator.emulator``, wall clock scaled) and the
+discrete-event cluster simulator.
+
+API::
+
+    cost = load_cost_model("h200-llama-3.1-8b")          # simulator.cost_model
+    config = EngineConfig(block_size=16, num_gpu_blocks=cost.num_gpu_blocks(16))
+    engine = EngineModel(config, cost, engine_id="engine-0")
+    engine.add_request(EngineRequest("r1", prompt_tokens=900, max_tokens=64,
+                                     block_keys=keys), now_s)   # ValueError if it can never run
+    result = engine.step(now_s)     # None when idle; else one scheduler step from now_s
+    # result.end_s: when the step's outputs exist; call step(result.end_s) next (or later).
+    # result.outputs: one RequestOutput per request that produced a token this step
+    #   (first_token + cached_tokens on its first one, finished on its last one).
+    # result.events: the step's KV events (policies.events), in vLLM's order and shape.
+    engine.abort("r1")              # True if it was queued or running; frees its blocks
+    engine.reset_prefix_cache()     # vLLM's: clears the cache when nothing is held
+
+Read-only stats: ``num_running``, ``num_waiting``, ``has_work``, ``kv_usage_ratio``,
+``prefix_cache_queries_tokens``, ``prefix_cache_hits_tokens``, ``num_preemptions``,
+``num_gpu_blocks``, ``block_size``, ``prompt_tokens_total``, ``generation_tokens_total``,
+``cached_keys()``, ``peek_cached_tokens(keys, prompt_tokens)``.
+
+``EngineRequest.block_keys`` is the chain of block keys of the prompt's full blocks (the
+caller's hash: the simulator passes the router's hashes, the emulator vLLM-like ones). They go
+into the events unchanged; ``token_ids``, when given, too.
+
+Scheduling (vLLM v1, FCFS, chunked prefill on): each step has a budget of
+``max_num_batched_tokens``. Running requests go first, in admission order: each gets
+``min(remaining, budget)`` tokens (1 for a decode, a chunk for a prefill). When blocks run out
+the most recently admitted running request is preempted (recompute: it frees everything, goes
+back to the head of the waiting queue, ``num_preemptions`` counts it). Then waiting requests
+are admitted in order while budget, ``max_num_seqs`` and free blocks allow (head-of-line
+blocking, none after a preemption in the same step). On admission the cached prefix is the
+longest run of cached keys, capped at ``(tokens - 1) // block_size`` blocks (the last token is
+always recomputed). A request whose scheduled tokens reach its total samples one token.
+A preempted request recomputes prompt + generated tokens. Cost: O(running + admitted + blocks
+touched) per step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from policies.events import KvEvent
+from simulator.cost_model import CostModel
+from simulator.prefix_cache import PrefixCache
+
+__all__ = ["EngineConfig", "EngineModel", "EngineRequest", "RequestOutput", "StepResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    num_gpu_blocks: int = 8192
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 131072
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_gpu_blocks", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    block_keys: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One request's progress in one step (it produced exactly one token)."""
+
+    request_id: str
+    output_tokens: int
+    """Tokens generated so far, this one included."""
+    first_token: bool
+    finished: bool
+    cached_tokens: int
+    """Prompt tokens found in the prefix cache at (last) admission."""
+    prompt_tokens: int
+    arrival_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    start_s: float
+    end_s: float
+    outputs: tuple[RequestOutput, ...]
+    events: tuple[KvEvent, ...]
+    preempted: tuple[str, ...]
+    prefill_tokens: int
+    decode_requests: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+class _Running:
+    __slots__ = ("anonymous", "arrival_s", "cached_tokens", "computed", "generated", "held", "req")
+
+    def __init__(self, req: EngineRequest, arrival_s: float) -> None:
+        self.req = req
+        self.arrival_s = arrival_s
+        self.computed = 0
+        self.generated = 0
+        self.cached_tokens = 0
+        self.held = 0  # leading block_keys held as cached blocks
+        self.anonymous = 0
+
+
+class EngineModel:
+    def __init__(self, config: EngineConfig, cost: CostModel, engine_id: str = "engine-0") -> None:
+        self.config = config
+        self.cost = cost
+        self.engine_id = engine_id
+        self.cache = PrefixCache(config.num_gpu_blocks, config.block_size)
+        self._waiting: deque[_Running] = deque()
+        self._running: list[_Running] = []
+        self._ids: dict[str, _Running] = {}
+        self.prefix_cache_queries_tokens = 0
+        self.prefix_cache_hits_tokens = 0
+        self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.config.num_gpu_blocks
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        return self.cache.usage_ratio
+
+    def cached_keys(self) -> set[int]:
+        return self.cache.cached_keys()
+
+    def peek_cached_tokens(self, block_keys: tuple[int, ...], prompt_tokens: int) -> int:
+        """What an admission right now would find cached (no side effects)."""
+        cap = max(prompt_tokens - 1, 0) // self.config.block_size
+        return self.cache.match(block_keys[:cap]) * self.config.block_size
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest, now_s: float) -> None:
+        """Queue a request; ValueError (one line) if it is malformed or could never run."""
+        cfg = self.config
+        if request.request_id in self._ids:
+            raise ValueError(f"duplicate request_id {request.request_id!r}")
+        if request.prompt_tokens < 1 or request.max_tokens < 1:
+            raise ValueError("prompt_tokens and max_tokens must be >= 1")
+        if len(request.block_keys) > request.prompt_tokens // cfg.block_size:
+            raise ValueError("block_keys must cover full prompt blocks only")
+        total = request.prompt_tokens + request.max_tokens
+        if total > cfg.max_model_len:
+            raise ValueError(f"{total} tokens exceed max_model_len {cfg.max_model_len}")
+        if -(-total // cfg.block_size) > cfg.num_gpu_blocks:
+            raise ValueError(f"{total} tokens need more than the {cfg.num_gpu_blocks} KV blocks")
+        state = _Running(request, now_s)
+        self._ids[request.request_id] = state
+        self._waiting.append(state)
+        self.prompt_tokens_total += request.prompt_tokens
+
+    def abort(self, request_id: str) -> bool:
+        state = self._ids.pop(request_id, None)
+        if state is None:
+            return False
+        if state in self._running:
+            self._running.remove(state)
+            self._free(state)
+        else:
+            self._waiting.remove(state)
+        return True
+
+    def reset_prefix_cache(self) -> tuple[bool, tuple[KvEvent, ...]]:
+        """vLLM's reset: refused (False) while running requests hold blocks."""
+        events: list[KvEvent] = []
+        ok = self.cache.reset(events)
+        return ok, tuple(events)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self, now_s: float) -> StepResult | None:
+        if not self._running and not self._waiting:
+            return None
+        cfg = self.config
+        bs = cfg.block_size
+        cache = self.cache
+        events: list[KvEvent] = []
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[tuple[_Running, int]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self._running) and budget > 0:
+            st = self._running[i]
+            n = min(st.req.prompt_tokens + st.generated - st.computed, budget)
+            need = -(-(st.computed + n) // bs) - st.held - st.anonymous
+            while need > cache.free_blocks:
+                victim = self._running.pop()
+                self._preempt(victim)
+                preempted.append(victim.req.request_id)
+                if victim is st:
+                    break
+            else:
+                if need > 0:
+                    cache.allocate_anonymous(need, events)
+                    st.anonymous += need
+                scheduled.append((st, n))
+                budget -= n
+                i += 1
+                continue
+            break
+
+        while (
+            self._waiting
+            and budget > 0
+            and not preempted
+            and len(self._running) < cfg.max_num_seqs
+        ):
+            st = self._waiting[0]
+            req = st.req
+            tokens = req.prompt_tokens + st.generated
+            cap = min(len(req.block_keys), (tokens - 1) // bs)
+            hits = cache.match(req.block_keys[:cap])
+            hit_keys = req.block_keys[:hits]
+            n = min(tokens - hits * bs, budget)
+            need = -(-(hits * bs + n) // bs) - hits
+            if need + cache.count_evictable(hit_keys) > cache.free_blocks:
+                break
+            self._waiting.popleft()
+            cache.acquire(hit_keys)
+            cache.allocate_anonymous(need, events)
+            st.held = hits
+            st.anonymous = need
+            st.computed = hits * bs
+            st.cached_tokens = hits * bs
+            self.prefix_cache_queries_tokens += tokens
+            self.prefix_cache_hits_tokens += hits * bs
+            self._running.append(st)
+            scheduled.append((st, n))
+            budget -= n
+
+        return self._finish_step(now_s, scheduled, events, preempted, budget)
+
+    def _finish_step(
+        self,
+        now_s: float,
+        scheduled: list[tuple[_Running, int]],
+        events: list[KvEvent],
+        preempted: list[str],
+        budget_left: int,
+    ) -> StepResult:
+        bs = self.config.block_size
+        chunks: list[tuple[int, int]] = []
+        decode_context = 0
+        decodes = 0
+        for st, n in scheduled:
+            if st.generated > 0 and n == 1 and st.computed == st.req.prompt_tokens + st.generated - 1:
+                decode_context += st.computed + 1
+                decodes += 1
+            else:
+                chunks.append((n, st.computed))
+        end_s = now_s + self.cost.step_s(chunks, decode_context)
+
+        outputs: list[RequestOutput] = []
+        finished: list[_Running] = []
+        for st, n in scheduled:
+            st.computed += n
+            req = st.req
+            full = min(len(req.block_keys), st.computed // bs)
+            if full > st.held:
+                keys = req.block_keys[st.held : full]
+                parent = req.block_keys[st.held - 1] if st.held else None
+                tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
+                self.cache.store(keys, parent, tokens, events)
+                st.anonymous -= full - st.held
+                st.held = full
+            if st.computed == req.prompt_tokens + st.generated:
+                st.generated += 1
+                self.generation_tokens_total += 1
+                done = st.generated >= req.max_tokens
+                outputs.append(
+                    RequestOutput(
+                        request_id=req.request_id,
+                        output_tokens=st.generated,
+                        first_token=st.generated == 1,
+                        finished=done,
+                        cached_tokens=st.cached_tokens,
+                        prompt_tokens=req.prompt_tokens,
+                        arrival_s=st.arrival_s,
+                    )
+                )
+                if done:
+                    finished.append(st)
+        if finished:
+            for st in finished:
+                del self._ids[st.req.request_id]
+                self._free(st)
+            done_ids = {id(st) for st in finished}
+            self._running = [st for st in self._running if id(st) not in done_ids]
+        return StepResult(
+            start_s=now_s,
+            end_s=end_s,
+            outputs=tuple(outputs),
+            events=tuple(events),
+            preempted=tuple(preempted),
+            prefill_tokens=sum(n for n, _ in chunks),
+            decode_requests=decodes,
+        )
+
+    def _free(self, st: _Running) -> None:
+        self.cache.release(st.req.block_keys[: st.held], st.anonymous, [])
+        st.held = 0
+        st.anonymous = 0
+
+    def _preempt(self, st: _Running) -> None:
+        self._free(st)
+        st.computed = 0
+        self.num_preemptions += 1
+        self._waiting.appendleft(st)

@@ -35,8 +35,12 @@ the caller's index fed by engine events (read-only here). For backends without e
 policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
 ``on_dispatched``, entries expire after ``approx_ttl_s``, at most ``approx_capacity_blocks``
 per backend or the engine's own ``total_kv_blocks`` when known), like any policy's memory of
-its own decisions; ``on_backend_removed`` purges it. Cost per request: O(blocks matched +
-backends). Pure: no I/O, clock or global RNG.
+its own decisions; ``on_backend_removed`` purges it. ``choose`` mutates nothing a later
+``choose`` could see except the RNG: it only drops pending prefills predicted done before
+``now_s``, which no later call (``now_s`` never decreases) would count anyway.
+
+Cost per request: O(blocks matched + backends), plus amortised O(log n) per dispatch for the
+pending-prefill heaps. Pure: no I/O, clock or global RNG.
 """
 
 from __future__ import annotations

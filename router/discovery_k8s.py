@@ -196,24 +196,29 @@ class KubernetesDiscovery:
         self._pods: dict[str, DiscoveredBackend] = {}
         self.resource_version: str | None = None
         self.lists = 0
+        self._watch_events = 0
 
     async def run(self) -> None:
         async with KubeClient(self._config) as kube:
             failures = 0
+            gone = 0  # 410s in a row without an event between them
             while True:
                 try:
                     if self.resource_version is None:
                         await self._list(kube)
-                        failures = 0
                     if await self._watch(kube):
-                        failures = 0
+                        failures = gone = 0
                         continue
                     reason = "watch ended without events"
                 except KubeGone as exc:
                     self._metrics.count("relist")
-                    log.info("k8s: %s; listing pods again", exc)
                     self.resource_version = None
-                    continue
+                    gone = 1 if self._watch_events else gone + 1
+                    if gone == 1:
+                        log.info("k8s: %s; listing pods again", exc)
+                        continue
+                    # Gone again straight after a fresh list: do not hammer the API server.
+                    reason = f"{exc} (again, right after listing)"
                 except (KubeError, aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                     self._metrics.count("watch_error")
                     reason = f"{type(exc).__name__}: {exc}"
@@ -242,11 +247,13 @@ class KubernetesDiscovery:
         """One watch until the server ends it; True if anything arrived."""
         assert self.resource_version is not None
         got_any = False
+        self._watch_events = 0
         async for event in kube.watch_pods(
             self.namespace, self._params.label_selector, self.resource_version,
             self._params.watch_timeout_s,
         ):
             got_any = True
+            self._watch_events += 1
             pod = event.object
             version = (pod.get("metadata") or {}).get("resourceVersion")
             if event.type in ("ADDED", "MODIFIED"):

@@ -442,3 +442,24 @@ async def test_https_api_server_verified_with_the_given_ca(certificate: tuple[Pa
         await untrusted.__aexit__()
     finally:
         await kube.stop()
+
+
+async def test_gone_straight_after_listing_backs_off_instead_of_hammering(kube: FakeKube) -> None:
+    await kube.apply(make_pod("a", "127.0.0.2", labels=LABELS))
+    h = Harness(kube)
+    delays: list[int] = []
+    backoff = h.discovery._backoff_s
+
+    def recording(failures: int) -> float:
+        delays.append(failures)
+        return backoff(failures)
+
+    h.discovery._backoff_s = recording  # type: ignore[method-assign]
+    kube.compacted_below = 10**9  # every watch is 410 Gone, whatever version it asks for
+    h.task = asyncio.create_task(h.discovery.run())
+    await wait_for(lambda: h.discovery.lists >= 5, "repeated lists")
+    await h.__aexit__()
+    assert h.urls == {"http://127.0.0.2:8000"}
+    # The first 410 relists at once; each further one right after a list backs off, growing.
+    assert len(delays) >= h.discovery.lists - 2 >= 3
+    assert delays[:3] == [1, 2, 3]

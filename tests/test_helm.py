@@ -47,6 +47,8 @@ ALL_ON = {
     "serviceAccount": {"annotations": {"example.com/role": "router"}},
     "podAnnotations": {"example.com/scrape": "true"},
     "env": [{"name": "KVROUTER_LOG_LEVEL", "value": "debug"}],
+    "extraVolumes": [{"name": "tokenizers", "configMap": {"name": "tiny-tokenizer"}}],
+    "extraVolumeMounts": [{"name": "tokenizers", "mountPath": "/models/tiny", "readOnly": True}],
     "topologySpreadConstraints": [{
         "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
         "whenUnsatisfiable": "ScheduleAnyway",
@@ -197,6 +199,9 @@ def test_all_optional_objects(helm: Path, tmp_path: Path) -> None:
     kinds = by_kind(docs)
     (deployment,) = kinds["Deployment"]
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["volumes"][-1]["name"] == "tokenizers"
+    assert pod["containers"][0]["volumeMounts"][-1]["mountPath"] == "/models/tiny"
     (hpa,) = kinds["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     # Discovery in another namespace: the Role lives there, the binding names our account.

@@ -14,8 +14,10 @@ API::
                                      block_keys=keys), now_s)   # ValueError if it can never run
     result = engine.step(now_s)     # None when idle; else one scheduler step from now_s
     # result.end_s: when the step's outputs exist; call step(result.end_s) next (or later).
-    # result.outputs: one RequestOutput per request that produced a token this step
-    #   (first_token + cached_tokens on its first one, finished on its last one).
+    # result.outputs: a RequestOutput per request whose FIRST (first_token, cached_tokens) or
+    #   LAST (finished) token came out of this step; result.decoded: ids of the requests that
+    #   produced one other token (kept as bare ids so a decode step costs no objects).
+    # Every request in outputs or decoded produced exactly one token in the step.
     # result.events: the step's KV events (policies.events), in vLLM's order and shape.
     engine.abort("r1")              # True if it was queued or running; frees its blocks
     engine.reset_prefix_cache()     # vLLM's: clears the cache when nothing is held
@@ -97,6 +99,9 @@ class StepResult:
     start_s: float
     end_s: float
     outputs: tuple[RequestOutput, ...]
+    """Requests whose first token or last token came out of this step (both flags may hold)."""
+    decoded: tuple[str, ...]
+    """Requests that produced one other (middle) token in this step."""
     events: tuple[KvEvent, ...]
     preempted: tuple[str, ...]
     prefill_tokens: int
@@ -108,10 +113,22 @@ class StepResult:
 
 
 class _Running:
-    __slots__ = ("anonymous", "arrival_s", "cached_tokens", "computed", "generated", "held", "req")
+    __slots__ = (
+        "anonymous",
+        "arrival_s",
+        "cached_tokens",
+        "computed",
+        "generated",
+        "held",
+        "max_tokens",
+        "prompt_tokens",
+        "req",
+    )
 
     def __init__(self, req: EngineRequest, arrival_s: float) -> None:
         self.req = req
+        self.prompt_tokens = req.prompt_tokens
+        self.max_tokens = req.max_tokens
         self.arrival_s = arrival_s
         self.computed = 0
         self.generated = 0
@@ -212,47 +229,65 @@ class EngineModel:
     def step(self, now_s: float) -> StepResult | None:
         if not self._running and not self._waiting:
             return None
-        cfg = self.config
-        bs = cfg.block_size
+        bs = self.config.block_size
         cache = self.cache
         events: list[KvEvent] = []
-        budget = cfg.max_num_batched_tokens
-        scheduled: list[tuple[_Running, int]] = []
+        budget = self.config.max_num_batched_tokens
+        prefills: list[tuple[_Running, int]] = []
+        decoders: list[_Running] = []
+        decode_context = 0
         preempted: list[str] = []
 
+        # Running requests first, in admission order. A decode needs a new block only when its
+        # context crosses a block boundary, so the common case touches no cache state.
+        running = self._running
         i = 0
-        while i < len(self._running) and budget > 0:
-            st = self._running[i]
-            n = min(st.req.prompt_tokens + st.generated - st.computed, budget)
-            need = -(-(st.computed + n) // bs) - st.held - st.anonymous
-            while need > cache.free_blocks:
-                victim = self._running.pop()
-                self._preempt(victim)
-                preempted.append(victim.req.request_id)
-                if victim is st:
+        while i < len(running) and budget > 0:
+            st = running[i]
+            c = st.computed
+            remaining = st.prompt_tokens + st.generated - c
+            n = 1 if remaining == 1 else min(remaining, budget)
+            need = -(-(c + n) // bs) - st.held - st.anonymous
+            if need > 0:
+                if not self._make_room(need, st, preempted):
                     break
+                cache.allocate_anonymous(need, events)
+                st.anonymous += need
+            if remaining == 1 and st.generated:
+                decoders.append(st)
+                decode_context += c + 1
             else:
-                if need > 0:
-                    cache.allocate_anonymous(need, events)
-                    st.anonymous += need
-                scheduled.append((st, n))
-                budget -= n
-                i += 1
-                continue
-            break
+                prefills.append((st, n))
+            budget -= n
+            i += 1
 
-        while (
-            self._waiting
-            and budget > 0
-            and not preempted
-            and len(self._running) < cfg.max_num_seqs
-        ):
+        if not preempted:
+            self._admit(budget, prefills, events)
+        return self._finish_step(now_s, prefills, decoders, decode_context, events, preempted)
+
+    def _make_room(self, need: int, st: _Running, preempted: list[str]) -> bool:
+        """Preempt the latest-admitted running requests until ``need`` blocks are free; False
+        when ``st`` itself had to go."""
+        while need > self.cache.free_blocks:
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted.append(victim.req.request_id)
+            if victim is st:
+                return False
+        return True
+
+    def _admit(
+        self, budget: int, prefills: list[tuple[_Running, int]], events: list[KvEvent]
+    ) -> None:
+        bs = self.config.block_size
+        cache = self.cache
+        max_seqs = self.config.max_num_seqs
+        while self._waiting and budget > 0 and len(self._running) < max_seqs:
             st = self._waiting[0]
-            req = st.req
-            tokens = req.prompt_tokens + st.generated
-            cap = min(len(req.block_keys), (tokens - 1) // bs)
-            hits = cache.match(req.block_keys[:cap])
-            hit_keys = req.block_keys[:hits]
+            keys = st.req.block_keys
+            tokens = st.prompt_tokens + st.generated
+            hits = cache.match(keys[: min(len(keys), (tokens - 1) // bs)])
+            hit_keys = keys[:hits]
             n = min(tokens - hits * bs, budget)
             need = -(-(hits * bs + n) // bs) - hits
             if need + cache.count_evictable(hit_keys) > cache.free_blocks:
@@ -267,34 +302,34 @@ class EngineModel:
             self.prefix_cache_queries_tokens += tokens
             self.prefix_cache_hits_tokens += hits * bs
             self._running.append(st)
-            scheduled.append((st, n))
+            prefills.append((st, n))
             budget -= n
-
-        return self._finish_step(now_s, scheduled, events, preempted, budget)
 
     def _finish_step(
         self,
         now_s: float,
-        scheduled: list[tuple[_Running, int]],
+        prefills: list[tuple[_Running, int]],
+        decoders: list[_Running],
+        decode_context: int,
         events: list[KvEvent],
         preempted: list[str],
-        budget_left: int,
     ) -> StepResult:
         bs = self.config.block_size
-        chunks: list[tuple[int, int]] = []
-        decode_context = 0
-        decodes = 0
-        for st, n in scheduled:
-            if st.generated > 0 and n == 1 and st.computed == st.req.prompt_tokens + st.generated - 1:
-                decode_context += st.computed + 1
-                decodes += 1
-            else:
-                chunks.append((n, st.computed))
+        chunks = [(n, st.computed) for st, n in prefills]
         end_s = now_s + self.cost.step_s(chunks, decode_context)
 
         outputs: list[RequestOutput] = []
+        decoded: list[str] = []
         finished: list[_Running] = []
-        for st, n in scheduled:
+        for st in decoders:
+            st.computed += 1
+            st.generated += 1
+            if st.generated >= st.max_tokens:
+                finished.append(st)
+                outputs.append(self._output(st))
+            else:
+                decoded.append(st.req.request_id)
+        for st, n in prefills:
             st.computed += n
             req = st.req
             full = min(len(req.block_keys), st.computed // bs)
@@ -305,37 +340,44 @@ class EngineModel:
                 self.cache.store(keys, parent, tokens, events)
                 st.anonymous -= full - st.held
                 st.held = full
-            if st.computed == req.prompt_tokens + st.generated:
+            if st.computed == st.prompt_tokens + st.generated:
                 st.generated += 1
-                self.generation_tokens_total += 1
-                done = st.generated >= req.max_tokens
-                outputs.append(
-                    RequestOutput(
-                        request_id=req.request_id,
-                        output_tokens=st.generated,
-                        first_token=st.generated == 1,
-                        finished=done,
-                        cached_tokens=st.cached_tokens,
-                        prompt_tokens=req.prompt_tokens,
-                        arrival_s=st.arrival_s,
-                    )
-                )
-                if done:
+                if st.generated >= st.max_tokens:
                     finished.append(st)
+                    outputs.append(self._output(st))
+                elif st.generated == 1:
+                    outputs.append(self._output(st))
+                else:
+                    decoded.append(req.request_id)
+        produced = len(outputs) + len(decoded)
+        self.generation_tokens_total += produced
         if finished:
             for st in finished:
                 del self._ids[st.req.request_id]
                 self._free(st)
-            done_ids = {id(st) for st in finished}
-            self._running = [st for st in self._running if id(st) not in done_ids]
+            done = {id(st) for st in finished}
+            self._running = [st for st in self._running if id(st) not in done]
         return StepResult(
             start_s=now_s,
             end_s=end_s,
             outputs=tuple(outputs),
+            decoded=tuple(decoded),
             events=tuple(events),
             preempted=tuple(preempted),
             prefill_tokens=sum(n for n, _ in chunks),
-            decode_requests=decodes,
+            decode_requests=len(decoders),
+        )
+
+    @staticmethod
+    def _output(st: _Running) -> RequestOutput:
+        return RequestOutput(
+            request_id=st.req.request_id,
+            output_tokens=st.generated,
+            first_token=st.generated == 1,
+            finished=st.generated >= st.max_tokens,
+            cached_tokens=st.cached_tokens,
+            prompt_tokens=st.prompt_tokens,
+            arrival_s=st.arrival_s,
         )
 
     def _free(self, st: _Running) -> None:

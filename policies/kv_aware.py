@@ -13,9 +13,15 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     requests times the mean prefill seconds of what was sent there
                     (``default_prompt_tokens`` cold before any history): traffic from other
                     router replicas shows up only there
+    step_s_b      = cost.step_overhead_s(queued + own uncached tokens, running context): the
+                    step floors and the decode work of running requests (context = the router's
+                    in-flight prompt tokens, or the engine's running requests times their mean
+                    size when larger) paid while those tokens are prefilled in chunks
     kv_pressure_s = kv_full_wait_s * max(0, (kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))**2
                     (admission waits for KV to free up; a cached prefix may be evicted first)
-    ttft_s_b      = queued_s_b + prefill_s_b + kv_pressure_s_b
+    ttft_s_b      = queued_s_b + prefill_s_b + step_s_b + kv_pressure_s_b
+
+(``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
 The choice is a softmax over ``-ttft_s / T`` drawn with the injected RNG, with
 ``T = max(temperature_s, temperature_ratio * best ttft_s)``: backends whose predicted TTFT is
@@ -73,6 +79,9 @@ class KvAwareParams:
 
     linear_s_per_token: float = 29.3e-6
     attention_s_per_token_pair: float = 0.393e-9
+    step_floor_s: float = 0.004  # fixed cost of one engine step
+    decode_s_per_context_token: float = 0.4e-6  # per step, per context token of running requests
+    max_batched_tokens: int = 8192  # prefill chunk per step (vLLM max_num_batched_tokens)
     cpu_hit_ratio: float = 0.8  # share of a block's prefill saved when loaded from CPU offload
     storage_hit_ratio: float = 0.3  # ... from the storage tier (disk, remote)
     prefill_memory_requests: int = 16  # moving-average window of prefill seconds per request
@@ -99,7 +108,16 @@ class KvAwareParams:
                 raise ValueError(f"{name} must be >= 1")
         if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0:
             raise ValueError("approx_ttl_s must be > 0 and kv_full_wait_s >= 0")
-        PrefillCost(self.linear_s_per_token, self.attention_s_per_token_pair)
+        self.cost()
+
+    def cost(self) -> PrefillCost:
+        return PrefillCost(
+            self.linear_s_per_token,
+            self.attention_s_per_token_pair,
+            self.step_floor_s,
+            self.decode_s_per_context_token,
+            self.max_batched_tokens,
+        )
 
 
 class KvAware(PolicyBase):
@@ -108,7 +126,7 @@ class KvAware(PolicyBase):
     def __init__(self, params: KvAwareParams, rng: random.Random) -> None:
         self.params = params
         self._rng = rng
-        self._cost = PrefillCost(params.linear_s_per_token, params.attention_s_per_token_pair)
+        self._cost = params.cost()
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
         self._pending: dict[BackendId, PendingPrefill] = {}
 
@@ -155,24 +173,37 @@ class KvAware(PolicyBase):
         prefill_s = self._cost.seconds(prompt - hit, hit)
 
         pending = self._pending.get(backend.backend_id)
-        own_s = mean_s = 0.0
+        own_s = own_tokens = mean_s = mean_tokens = 0.0
         if pending is not None:
             # Bookkeeping only: what is predicted done by now_s stays done for any later call.
             pending.expire(now_s)
-            own_s, mean_s = pending.seconds, pending.mean_prefill_s
+            own_s, own_tokens = pending.seconds, pending.new_tokens
+            mean_s, mean_tokens = pending.mean_prefill_s, pending.mean_new_tokens
             if pending.prompt_tokens > backend.in_flight_prompt_tokens:
-                own_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
-        engine_s = (backend.engine_waiting_requests or 0) * (
-            mean_s or self._cost.seconds(p.default_prompt_tokens)
-        )
-        queued_s = max(own_s, engine_s)
+                returned = backend.in_flight_prompt_tokens / pending.prompt_tokens
+                own_s, own_tokens = own_s * returned, own_tokens * returned
+        if not mean_tokens:
+            mean_tokens = float(p.default_prompt_tokens)
+            mean_s = self._cost.seconds(mean_tokens)
+        waiting = backend.engine_waiting_requests or 0
+        queued_s, queued_tokens = own_s, own_tokens
+        if waiting * mean_s > own_s:  # traffic this policy did not send (other replicas)
+            queued_s, queued_tokens = waiting * mean_s, waiting * mean_tokens
+
+        # Decode work of running requests slows every step our prefill shares with them.
+        context = float(backend.in_flight_prompt_tokens)
+        if backend.engine_running_requests is not None:
+            mean_prompt = (context / backend.in_flight_requests if backend.in_flight_requests
+                           else float(p.default_prompt_tokens))
+            context = max(context, backend.engine_running_requests * mean_prompt)
+        step_s = self._cost.step_overhead_s(queued_tokens + prompt - hit, context)
 
         usage = backend.kv_usage_ratio
         pressure = 0.0
         if usage is not None and usage > p.kv_knee_ratio:
             pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
-        ttft_s = queued_s + prefill_s + kv_pressure_s
+        ttft_s = queued_s + prefill_s + step_s + kv_pressure_s
         return BackendScore(
             backend_id=backend.backend_id,
             score=ttft_s,
@@ -186,8 +217,9 @@ class KvAware(PolicyBase):
                 "gpu_tokens": float(gpu),
                 "cpu_tokens": float(cpu),
                 "storage_tokens": float(storage),
-                "pending_prefill_s": own_s,
-                "engine_waiting_s": engine_s,
+                "step_s": step_s,
+                "queued_tokens": queued_tokens,
+                "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,
                 "prompt_tokens": float(prompt),
                 "kv_events": 1.0 if backend.kv_events else 0.0,
@@ -247,7 +279,12 @@ class KvAware(PolicyBase):
             pending = self._pending[prefill_id] = PendingPrefill(
                 self.params.prefill_memory_requests
             )
-        pending.add(now_s + terms["ttft_s"], terms["prefill_s"], int(terms["prompt_tokens"]))
+        pending.add(
+            now_s + terms["ttft_s"],
+            terms["prefill_s"],
+            terms["uncached_tokens"],
+            int(terms["prompt_tokens"]),
+        )
         if not terms["kv_events"] and request.block_hashes:
             self._approx.record_dispatch(
                 prefill_id,

@@ -1,15 +1,26 @@
-"""The prefill-time model the KV-aware policy uses to turn tokens into seconds.
+"""The engine time model the KV-aware policy uses to turn tokens into seconds.
 
-Prefilling ``new`` tokens of a prompt whose first ``cached`` tokens already have KV costs
+Prefilling the ``new`` tokens of an N-token prompt whose first ``cached`` = M tokens already
+have KV costs
 
-    linear_s_per_token * new + attention_s_per_token_pair * new * (new + cached)   seconds
+    linear_s_per_token * new + attention_s_per_token_pair * new * (new + 2 * cached)   seconds
 
-(each new token passes through the weights once and attends to its whole context). Defaults
-are the least-squares fit of full prefills of Llama-3.1-8B measured on one H200
-(``/work/shared/calibration/README.md``: 29.3 us per token + 0.393 ns per token pair, ~0.25 s
-for 8k tokens cold). Calibrate per fleet by refitting the two coefficients. Also the queue
-of predicted prefill work per backend (``PendingPrefill``). Pure; must not import anything
-outside the standard library.
+i.e. ``a (N - M) + b (N - M)(N + M)``: each new token passes through the weights once and
+attends to its whole context. Defaults are the least-squares fit of full prefills of
+Llama-3.1-8B on one H200 (``/work/shared/calibration/README.md``: 29.3 us per token and
+0.393 ns per token pair; ~0.25 s for 8k tokens cold, a few ms with 97% cached).
+
+An engine step (continuous batching) also pays a fixed floor and the decode of every running
+request, whose cost grows with their total context (KV reads):
+
+    step_s = step_floor_s + decode_s_per_context_token * context tokens of running requests
+
+and prefilling T tokens takes about ``1 + T / max_batched_tokens`` such steps. Defaults: a
+4 ms floor (16 GB of weights at ~4.3 TB/s) and 0.4 us per context token (the slope of the
+H200 8B decode table beyond 32k total context tokens). Calibrate per fleet by refitting.
+
+Also ``PendingPrefill``: the prefill work a policy sent one backend and predicts unfinished.
+Pure; must not import anything outside the standard library.
 """
 
 from __future__ import annotations
@@ -24,55 +35,73 @@ __all__ = ["PendingPrefill", "PrefillCost"]
 class PrefillCost:
     linear_s_per_token: float = 29.3e-6
     attention_s_per_token_pair: float = 0.393e-9
+    step_floor_s: float = 0.004
+    decode_s_per_context_token: float = 0.4e-6
+    max_batched_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        if self.linear_s_per_token < 0 or self.attention_s_per_token_pair < 0:
-            raise ValueError("prefill cost coefficients must be >= 0")
+        if min(self.linear_s_per_token, self.attention_s_per_token_pair, self.step_floor_s,
+               self.decode_s_per_context_token) < 0:
+            raise ValueError("engine time coefficients must be >= 0")
+        if self.max_batched_tokens < 1:
+            raise ValueError("max_batched_tokens must be >= 1")
 
     def seconds(self, new_tokens: float, cached_tokens: float = 0.0) -> float:
-        """Predicted time to prefill ``new_tokens`` after ``cached_tokens`` of cached context."""
+        """Compute time to prefill ``new_tokens`` after ``cached_tokens`` of cached context."""
         if new_tokens <= 0:
             return 0.0
         return new_tokens * (
             self.linear_s_per_token
-            + self.attention_s_per_token_pair * (new_tokens + cached_tokens)
+            + self.attention_s_per_token_pair * (new_tokens + 2.0 * cached_tokens)
         )
+
+    def step_overhead_s(self, prefill_tokens: float, running_context_tokens: float) -> float:
+        """Step floors and decode work paid while ``prefill_tokens`` are prefilled in chunks
+        beside running requests holding ``running_context_tokens`` of context."""
+        step_s = self.step_floor_s + self.decode_s_per_context_token * running_context_tokens
+        return step_s * (1.0 + max(prefill_tokens, 0.0) / self.max_batched_tokens)
 
 
 class PendingPrefill:
     """The prefill work a policy sent one backend and predicts is not finished yet.
 
-    Each dispatch adds its predicted prefill seconds until its predicted first-token time;
-    ``expire(now_s)`` drops what should be done by then. Router-side in-flight counters cannot
-    tell prefilling requests from decoding ones; this can. ``mean_prefill_s`` is a moving
-    average over the last ``window`` dispatches, used to price the engine's own waiting
-    requests. Amortised O(log n) per dispatch.
+    Each dispatch adds its predicted prefill seconds and uncached tokens until its predicted
+    first-token time; ``expire(now_s)`` drops what should be done by then. Router-side
+    in-flight counters cannot tell prefilling requests from decoding ones; this can.
+    ``mean_prefill_s`` / ``mean_new_tokens`` are moving averages over the last ``window``
+    dispatches, used to price the engine's own waiting requests. O(log n) per dispatch.
     """
 
-    __slots__ = ("_heap", "_seq", "_window", "mean_prefill_s", "prompt_tokens", "seconds")
+    __slots__ = ("_heap", "_seq", "_window", "mean_new_tokens", "mean_prefill_s", "new_tokens",
+                 "prompt_tokens", "seconds")
 
     def __init__(self, window: int) -> None:
-        self._heap: list[tuple[float, int, float, int]] = []
+        self._heap: list[tuple[float, int, float, float, int]] = []
         self._seq = 0
         self._window = window
         self.seconds = 0.0
+        self.new_tokens = 0.0
         self.prompt_tokens = 0
         self.mean_prefill_s = 0.0
+        self.mean_new_tokens = 0.0
 
-    def add(self, done_s: float, prefill_s: float, prompt_tokens: int) -> None:
+    def add(self, done_s: float, prefill_s: float, new_tokens: float, prompt_tokens: int) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (done_s, self._seq, prefill_s, prompt_tokens))
+        heapq.heappush(self._heap, (done_s, self._seq, prefill_s, new_tokens, prompt_tokens))
         self.seconds += prefill_s
+        self.new_tokens += new_tokens
         self.prompt_tokens += prompt_tokens
         weight = 1.0 / min(self._seq, self._window)
         self.mean_prefill_s += (prefill_s - self.mean_prefill_s) * weight
+        self.mean_new_tokens += (new_tokens - self.mean_new_tokens) * weight
 
     def expire(self, now_s: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now_s:
-            _, _, prefill_s, prompt_tokens = heapq.heappop(heap)
+            _, _, prefill_s, new_tokens, prompt_tokens = heapq.heappop(heap)
             self.seconds -= prefill_s
+            self.new_tokens -= new_tokens
             self.prompt_tokens -= prompt_tokens
         if not heap:  # no float drift left behind
-            self.seconds = 0.0
+            self.seconds = self.new_tokens = 0.0
             self.prompt_tokens = 0

@@ -124,7 +124,10 @@ def test_holder_score_grows_linearly_with_its_queue() -> None:
     steps = [b - a for a, b in itertools.pairwise(scores)]
     assert all(step > 0 for step in steps)
     assert max(steps) - min(steps) < 1e-9
-    assert steps[0] == pytest.approx(PrefillCost().seconds(KvAwareParams().default_prompt_tokens))
+    waiting = KvAwareParams().default_prompt_tokens  # each waiting request: a cold prompt
+    cost = PrefillCost()
+    assert steps[0] == pytest.approx(
+        cost.seconds(waiting) + cost.step_floor_s * waiting / cost.max_batched_tokens)
 
 
 def test_its_own_dispatches_queue_until_their_predicted_first_token() -> None:
@@ -246,11 +249,11 @@ def test_scores_explain_every_candidate() -> None:
     by_id = {s.backend_id: s for s in decision.scores}
     assert by_id["b1"].matched_tokens == 992 and by_id["b0"].matched_tokens == 0
     cost = PrefillCost()
-    assert by_id["b0"].score == pytest.approx(cost.seconds(1000))
-    assert by_id["b1"].score == pytest.approx(cost.seconds(8, 992))
+    assert by_id["b0"].score == pytest.approx(cost.seconds(1000) + cost.step_overhead_s(1000, 0))
+    assert by_id["b1"].score == pytest.approx(cost.seconds(8, 992) + cost.step_overhead_s(8, 0))
     for s in decision.scores:
         assert s.score == pytest.approx(s.terms["queued_s"] + s.terms["prefill_s"]
-                                        + s.terms["kv_pressure_s"])
+                                        + s.terms["step_s"] + s.terms["kv_pressure_s"])
     assert decision.backend_id == "b1" and decision.predicted_hit_tokens == 992
 
 

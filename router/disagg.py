@@ -1,0 +1,505 @@
+"""Serving a split decision: the prefill leg, the decode leg, retries, fallbacks and metrics.
+
+The proxy hands over any ``Decision`` with ``prefill_backend_id`` set (it never asks which
+policy made it). The protocol follows the decode backend's engine kind: vLLM is sequential
+(``router.pd_vllm``), SGLang concurrent (``router.pd_sglang``). Failures, each before anything
+reached the client:
+
+    prefill fails or times out  -> the next prefill backend (the policy chooses among the PREFILL
+                                   backends not tried), at most ``max_prefill_attempts`` in all,
+                                   then local prefill on a decode backend (``fallback_to_local``)
+    prefill answers 4xx         -> that answer goes to the client (the request itself is bad)
+    decode fails (connect, timeout, 502/503/504)
+                                -> vLLM: another decode backend with the same transfer
+                                   parameters (the prefill backend holds the blocks until pulled);
+                                   SGLang: the prefill is redone with a new room on another
+                                   decode backend (a room pairs one prefill with one decode)
+
+Every path ends in the decode backend's response or one OpenAI-shaped error. The split path
+re-serializes the client's JSON because it adds fields; the local fallback forwards the
+client's bytes unchanged. Transfer parameters are never logged.
+
+The ``disaggregation`` config section holds the decider's parameters
+(``policies.disaggregation.DisaggregationParams``) and this module's ``DisaggConfig``. Must not
+import ``router.app`` or ``simulator``; uses the proxy (passed in) for its session, pool,
+policy, metrics and response relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import Counter, Histogram
+
+from policies.disaggregation import DisaggregationParams, is_disaggregated, wrap
+from policies.types import BackendState, ClusterView, Decision, EngineKind, Policy, Role
+from router import pd_sglang, pd_vllm
+from router.config import Config, ConfigError, parse_section
+from router.errors import (
+    NoBackend,
+    RouterError,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    error_body,
+    error_response,
+)
+from router.pd_vllm import PrefillFailed
+from router.upstream import HOP_BY_HOP, response_headers
+
+if TYPE_CHECKING:
+    from policies.types import RouteRequest
+    from router.analyzer import RequestFields
+    from router.pool import Backend
+    from router.proxy import Proxy
+
+__all__ = ["DisaggConfig", "Disaggregation", "check_config", "parse_disaggregation",
+           "wrap_policy"]
+
+log = logging.getLogger("kvrouter.disagg")
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_SSE = "text/event-stream"
+_PREFILL_ROLES = frozenset({Role.PREFILL})
+_DECODE_ROLES = frozenset({Role.DECODE, Role.MIXED})
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggConfig:
+    prefill_timeout_s: float = 120.0
+    max_prefill_attempts: int = 2
+    max_decode_attempts: int = 2
+    fallback_to_local: bool = True
+    bootstrap_port: int = pd_sglang.DEFAULT_BOOTSTRAP_PORT
+    bootstrap_hosts: dict[str, str] = field(default_factory=dict)
+    bootstrap_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefill_timeout_s <= 0:
+            raise ValueError("prefill_timeout_s must be > 0")
+        if self.max_prefill_attempts < 1 or self.max_decode_attempts < 1:
+            raise ValueError("max_prefill_attempts and max_decode_attempts must be >= 1")
+
+
+def parse_disaggregation(raw: object) -> tuple[DisaggConfig, dict[str, object]]:
+    """(router settings, decider parameters) of the ``disaggregation`` section."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("disaggregation", "expected a mapping")
+    decider_keys = {f.name for f in dataclasses.fields(DisaggregationParams)}
+    router_keys = {f.name for f in dataclasses.fields(DisaggConfig)}
+    for key in raw:
+        if key not in decider_keys | router_keys:
+            raise ConfigError(f"disaggregation.{key}", "unknown key (known: "
+                              f"{', '.join(sorted(decider_keys | router_keys))})")
+    settings = parse_section(
+        DisaggConfig, {k: v for k, v in raw.items() if k in router_keys}, "disaggregation")
+    return settings, {k: v for k, v in raw.items() if k in decider_keys}
+
+
+def wrap_policy(policy: Policy, config: Config, rng: random.Random) -> Policy:
+    """The configured policy inside the prefill/decode decider (a no-op in mixed pools)."""
+    _, decider = parse_disaggregation(config.extensions.get("disaggregation"))
+    return wrap(policy, decider, rng)
+
+
+def check_config(config: Config) -> None:
+    """Raise ConfigError for a bad ``disaggregation`` section (for start-up)."""
+    wrap_policy(_NullPolicy(), config, random.Random(0))
+
+
+class _NullPolicy:
+    name = "none"
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return Decision(view.backends[0].backend_id, "none")
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        return None
+
+    def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
+                    ok: bool) -> None:
+        return None
+
+    def on_backend_removed(self, backend_id: str) -> None:
+        return None
+
+
+class _DecodeRetry(Exception):
+    def __init__(self, error: RouterError, reason: str) -> None:
+        self.error = error
+        self.reason = reason
+
+
+class Disaggregation:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.config, _ = parse_disaggregation(proxy.config.extensions.get("disaggregation"))
+        up = proxy.config.upstream
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s)
+        r = proxy.metrics.registry
+        self.decisions = Counter(
+            "kvrouter_pd_decisions", "Decisions in disaggregated pools: split or local.",
+            ["mode"], registry=r)
+        self.legs = Counter(
+            "kvrouter_pd_legs", "Requests sent to backends on the split path, by role.",
+            ["role", "backend"], registry=r)
+        self.failures = Counter(
+            "kvrouter_pd_transfer_failures", "Failed prefill or decode legs of split requests.",
+            ["stage", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "kvrouter_pd_fallbacks", "What the router did after a failed leg.", ["action"],
+            registry=r)
+        self.prefill_duration = Histogram(
+            "kvrouter_pd_prefill_duration_seconds", "Prefill leg duration, successful legs.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0),
+            registry=r)
+
+    def observe(self, decision: Decision, candidates: tuple[BackendState, ...]) -> None:
+        if is_disaggregated(candidates):
+            self.decisions.labels("split" if decision.prefill_backend_id else "local").inc()
+
+    # ---- choosing replacements ----------------------------------------------------------
+
+    def _next(self, route_request: RouteRequest, model: str, roles: frozenset[Role],
+              tried: list[str]) -> Backend | None:
+        proxy = self.proxy
+        now_s = time.monotonic()
+        candidates = proxy.pool.snapshot(model, now_s, exclude=tried, roles=roles)
+        if not candidates:
+            return None
+        # One role only: the decider answers locally, i.e. the inner policy's best backend.
+        decision = proxy.policy.choose(
+            route_request, ClusterView(now_s, candidates, proxy.index))  # type: ignore[arg-type]
+        return proxy.pool.get(decision.backend_id)
+
+    # ---- the legs ---------------------------------------------------------------------------
+
+    async def _prefill(self, backend: Backend, fields: RequestFields,
+                       route_request: RouteRequest, body: Mapping[str, Any]) -> bytes:
+        proxy = self.proxy
+        assert proxy.session is not None
+        tokens = route_request.prompt_tokens
+        proxy.pool.acquire(backend.backend_id, tokens, time.monotonic())
+        in_flight, _, _ = proxy.metrics.for_backend(backend.backend_id)
+        in_flight.inc()
+        self.legs.labels("prefill", backend.backend_id).inc()
+        started_s = time.monotonic()
+        verdict: bool | None = None
+        try:
+            _, payload = await pd_vllm.post_prefill(
+                proxy.session, backend.backend_id, backend.url + fields.path, body,
+                _forward_headers(fields),
+                self.config.prefill_timeout_s, proxy.config.upstream.connect_timeout_s)
+            verdict = True
+            self.prefill_duration.observe(time.monotonic() - started_s)
+            return payload
+        except PrefillFailed as failed:
+            verdict = failed.client_error
+            self.failures.labels("prefill", failed.reason).inc()
+            log.info("request %s: prefill on %s failed: %s", fields.request_id,
+                     backend.backend_id, failed.reason)
+            raise
+        finally:
+            proxy.pool.release(backend, tokens)
+            in_flight.dec()
+            _verdict(backend, verdict)
+
+    async def _open(self, backend: Backend, fields: RequestFields, data: bytes,
+                    gate: asyncio.Task[bytes] | None) -> aiohttp.ClientResponse:
+        """Send the decode request; with a ``gate`` (SGLang's concurrent prefill) the answer
+        is held back until the prefill succeeded, and a failed prefill wins the race."""
+        proxy = self.proxy
+        assert proxy.session is not None
+        opening = asyncio.ensure_future(proxy.session.request(
+            "POST", backend.url + fields.path, data=data, headers=_forward_headers(fields),
+            timeout=self._timeout, allow_redirects=False))
+        try:
+            async with asyncio.timeout(proxy.config.upstream.first_byte_timeout_s):
+                if gate is not None:
+                    await asyncio.wait({opening, gate}, return_when=asyncio.FIRST_COMPLETED)
+                    if gate.done():
+                        gate.result()
+                upstream = await opening
+                if gate is not None:
+                    await gate
+                return upstream
+        except BaseException as exc:
+            opening.cancel()
+            await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                opening.result().close()
+            if isinstance(exc, TimeoutError):
+                raise _DecodeRetry(UpstreamTimeout(
+                    f"decode backend {backend.backend_id} did not answer in time"),
+                    "timeout") from None
+            if isinstance(exc, aiohttp.ClientError):
+                raise _DecodeRetry(UpstreamConnectError(
+                    f"could not reach decode backend {backend.backend_id}: "
+                    f"{exc.__class__.__name__}"), "connect") from None
+            raise
+
+    async def _decode(self, request: web.Request, fields: RequestFields, decision: Decision,
+                      backend: Backend, data: bytes, prompt_tokens: int, last: bool,
+                      gate: asyncio.Task[bytes] | None, mode: str) -> web.StreamResponse:
+        proxy = self.proxy
+        proxy.pool.acquire(backend.backend_id, prompt_tokens, time.monotonic())
+        in_flight, duration, ttfb = proxy.metrics.for_backend(backend.backend_id)
+        in_flight.inc()
+        self.legs.labels("decode", backend.backend_id).inc()
+        started_s = time.monotonic()
+        verdict: bool | None = None
+        try:
+            try:
+                upstream = await self._open(backend, fields, data, gate)
+            except _DecodeRetry:
+                verdict = False
+                raise
+            ttfb.observe(time.monotonic() - started_s)
+            try:
+                status = upstream.status
+                verdict = status < 500
+                if status in _RETRY_STATUSES and not last:
+                    raise _DecodeRetry(UpstreamConnectError(
+                        f"decode backend {backend.backend_id} answered {status}"),
+                        f"status_{status}")
+                headers = response_headers(upstream.headers.items())
+                headers["x-request-id"] = fields.request_id
+                headers["x-kvrouter-backend"] = backend.backend_id
+                headers["x-kvrouter-predicted-hit-tokens"] = str(decision.predicted_hit_tokens)
+                headers["x-kvrouter-pd"] = mode
+                response, outcome = await self._relay(request, upstream, headers, backend,
+                                                      fields.stream)
+                verdict = None if outcome is None else verdict and outcome
+                proxy.metrics.count(backend.backend_id, response.status)
+                return response
+            except asyncio.CancelledError:
+                proxy.metrics.client_disconnects.inc()
+                verdict = None
+                upstream.close()
+                raise
+            except BaseException:
+                upstream.close()
+                raise
+            finally:
+                upstream.release()
+        finally:
+            proxy.pool.release(backend, prompt_tokens)
+            in_flight.dec()
+            duration.observe(time.monotonic() - started_s)
+            _verdict(backend, verdict)
+            proxy.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     headers: CIMultiDict[str], backend: Backend,
+                     stream: bool) -> tuple[web.StreamResponse, bool | None]:
+        """Relay the decode answer as it arrives. (response, True) at a clean end, False when
+        the backend broke it, None when the client went away."""
+        metrics = self.proxy.metrics
+        if not stream and upstream.content_type != _SSE:
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError):
+                metrics.broken_streams.labels(backend.backend_id).inc()
+                return error_response(UpstreamConnectError(
+                    f"decode backend {backend.backend_id} broke the response"),
+                    {"x-request-id": headers["x-request-id"]}), False
+            return web.Response(status=upstream.status, body=data, headers=headers), True
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    metrics.broken_streams.labels(backend.backend_id).inc()
+                    error = UpstreamConnectError(f"decode backend {backend.backend_id} broke "
+                                                 f"the stream: {exc.__class__.__name__}")
+                    if upstream.content_type == _SSE:
+                        await response.write(b"data: " + error_body(error) + b"\n\n")
+                    await response.write_eof()
+                    return response, False
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            metrics.client_disconnects.inc()
+            return response, None
+        return response, True
+
+    # ---- the flows --------------------------------------------------------------------------
+
+    async def serve(self, request: web.Request, body: bytes, fields: RequestFields,
+                    route_request: RouteRequest, decision: Decision) -> web.StreamResponse:
+        proxy = self.proxy
+        decode = proxy.pool.get(decision.backend_id)
+        prefill = proxy.pool.get(decision.prefill_backend_id or "")
+        if decode is None:
+            raise NoBackend(f"decode backend {decision.backend_id} left the pool")
+        proxy.policy.on_dispatched(route_request, decision, time.monotonic())
+        ok = False
+        try:
+            flow = self._sglang if decode.engine is EngineKind.SGLANG else self._vllm
+            response = await flow(request, body, fields, route_request, decision, prefill, decode)
+            ok = response.status < 400
+            return response
+        finally:
+            proxy.policy.on_finished(route_request, decision, time.monotonic(), ok)
+
+    async def _vllm(self, request: web.Request, body: bytes, fields: RequestFields,
+                    route_request: RouteRequest, decision: Decision, prefill: Backend | None,
+                    decode: Backend) -> web.StreamResponse:
+        tried: list[str] = []
+        error: RouterError | None = None
+        for _ in range(self.config.max_prefill_attempts):
+            if prefill is None:
+                break
+            tried.append(prefill.backend_id)
+            try:
+                payload = await self._prefill(
+                    prefill, fields, route_request, pd_vllm.prefill_body(fields.body))
+            except PrefillFailed as failed:
+                if failed.client_error:
+                    return _surface(failed, fields, prefill)
+                error = failed.error
+            else:
+                params = pd_vllm.transfer_params_of(payload)
+                if params is not None:
+                    data = _dump(pd_vllm.decode_body(fields.body, params))
+                    # The prefill backend holds the blocks for whichever decode backend pulls
+                    # them: a failed decode is retried elsewhere with the same parameters.
+                    return await self._decodes(request, fields, route_request, decision,
+                                               decode, data, 0, "split", "retry_decode")
+                self.failures.labels("prefill", "no_transfer_params").inc()
+                error = UpstreamConnectError(
+                    f"prefill backend {prefill.backend_id} returned no kv_transfer_params")
+            prefill = self._next(route_request, fields.model, _PREFILL_ROLES, tried)
+            if prefill is not None:
+                self.fallbacks.labels("retry_prefill").inc()
+        return await self._local(request, body, fields, route_request, decision, decode, error)
+
+    async def _sglang(self, request: web.Request, body: bytes, fields: RequestFields,
+                      route_request: RouteRequest, decision: Decision, prefill: Backend | None,
+                      decode: Backend | None) -> web.StreamResponse:
+        cfg = self.config
+        tried_prefill: list[str] = []
+        tried_decode: list[str] = []
+        error: RouterError | None = None
+        prefill_failures = decode_failures = 0
+        while prefill is not None and decode is not None:
+            host, port = pd_sglang.bootstrap_of(prefill.url, cfg.bootstrap_hosts,
+                                                cfg.bootstrap_ports, cfg.bootstrap_port)
+            room = pd_sglang.new_room(self.proxy.rng)
+            paired = pd_sglang.bootstrap_body(fields.body, host, port, room)
+            gate = asyncio.create_task(self._prefill(prefill, fields, route_request, paired))
+            try:
+                return await self._decode(request, fields, decision, decode, _dump(paired), 0,
+                                          decode_failures + 1 >= cfg.max_decode_attempts, gate,
+                                          "split")
+            except PrefillFailed as failed:
+                if failed.client_error:
+                    return _surface(failed, fields, prefill)
+                error, prefill_failures = failed.error, prefill_failures + 1
+                tried_prefill.append(prefill.backend_id)
+                if prefill_failures >= cfg.max_prefill_attempts:
+                    break
+                prefill = self._next(route_request, fields.model, _PREFILL_ROLES, tried_prefill)
+                if prefill is not None:
+                    self.fallbacks.labels("retry_prefill").inc()
+            except _DecodeRetry as retry:
+                self.failures.labels("decode", retry.reason).inc()
+                error, decode_failures = retry.error, decode_failures + 1
+                tried_decode.append(decode.backend_id)
+                if decode_failures >= cfg.max_decode_attempts:
+                    raise retry.error from None
+                # The room paired this prefill with the failed decode backend: start over.
+                decode = self._next(route_request, fields.model, _DECODE_ROLES, tried_decode)
+                if decode is not None:
+                    self.fallbacks.labels("redo_prefill").inc()
+            finally:
+                if not gate.done():
+                    gate.cancel()
+                await asyncio.wait({gate})
+                if not gate.cancelled():
+                    gate.exception()  # retrieved: a failure was handled above or superseded
+        if decode is None:
+            raise error or NoBackend("no decode backend left")
+        return await self._local(request, body, fields, route_request, decision, decode, error)
+
+    async def _local(self, request: web.Request, body: bytes, fields: RequestFields,
+                     route_request: RouteRequest, decision: Decision, decode: Backend,
+                     error: RouterError | None) -> web.StreamResponse:
+        if not self.config.fallback_to_local:
+            raise error or NoBackend("no prefill backend left")
+        self.fallbacks.labels("local_prefill").inc()
+        return await self._decodes(request, fields, route_request, decision, decode, body,
+                                   route_request.prompt_tokens, "local_fallback", "retry_local")
+
+    async def _decodes(self, request: web.Request, fields: RequestFields,
+                       route_request: RouteRequest, decision: Decision, decode: Backend | None,
+                       data: bytes, prompt_tokens: int, mode: str,
+                       action: str) -> web.StreamResponse:
+        tried: list[str] = []
+        attempts = self.config.max_decode_attempts
+        error: RouterError = NoBackend("no decode backend left")
+        for attempt in range(attempts):
+            if decode is None:
+                break
+            tried.append(decode.backend_id)
+            try:
+                return await self._decode(request, fields, decision, decode, data,
+                                          prompt_tokens, attempt == attempts - 1, None, mode)
+            except _DecodeRetry as retry:
+                self.failures.labels("decode", retry.reason).inc()
+                error = retry.error
+            decode = self._next(route_request, fields.model, _DECODE_ROLES, tried)
+            if decode is not None and attempt < attempts - 1:
+                self.fallbacks.labels(action).inc()
+        raise error
+
+
+def _forward_headers(fields: RequestFields) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones; the body is re-serialized JSON."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in fields.headers.items():
+        if name.lower() not in HOP_BY_HOP and name.lower() not in ("x-request-id",
+                                                                   "content-type"):
+            out.add(name, value)
+    out["x-request-id"] = fields.request_id
+    out["Content-Type"] = "application/json"
+    return out
+
+
+def _dump(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _verdict(backend: Backend, verdict: bool | None) -> None:
+    if verdict is True:
+        backend.breaker.on_success()
+    elif verdict is False:
+        backend.breaker.on_failure(time.monotonic())
+    else:
+        backend.breaker.on_abandoned()
+
+
+def _surface(failed: PrefillFailed, fields: RequestFields, prefill: Backend) -> web.Response:
+    """The prefill backend rejected the request: the client gets that answer as it was."""
+    return web.Response(status=failed.status or 400, body=failed.body,
+                        content_type=failed.content_type,
+                        headers={"x-request-id": fields.request_id,
+                                 "x-kvrouter-backend": prefill.backend_id,
+                                 "x-kvrouter-pd": "prefill_error"})

@@ -177,7 +177,7 @@ class KvAware(PolicyBase):
         if pending is not None:
             # Bookkeeping only: what is predicted done by now_s stays done for any later call.
             pending.expire(now_s)
-            own_s, own_tokens = pending.seconds, pending.new_tokens
+            own_s, own_tokens = pending.remaining_s(now_s), pending.new_tokens
             mean_s, mean_tokens = pending.mean_prefill_s, pending.mean_new_tokens
             if pending.prompt_tokens > backend.in_flight_prompt_tokens:
                 returned = backend.in_flight_prompt_tokens / pending.prompt_tokens

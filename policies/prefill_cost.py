@@ -95,6 +95,14 @@ class PendingPrefill:
         self.mean_prefill_s += (prefill_s - self.mean_prefill_s) * weight
         self.mean_new_tokens += (new_tokens - self.mean_new_tokens) * weight
 
+    def remaining_s(self, now_s: float) -> float:
+        """Pending prefill seconds at ``now_s``: the earliest-finishing request is assumed to be
+        in progress, so only what is left of it until its predicted finish counts."""
+        if not self._heap:
+            return 0.0
+        done_s, _, prefill_s, _, _ = self._heap[0]
+        return self.seconds - prefill_s + min(prefill_s, max(done_s - now_s, 0.0))
+
     def expire(self, now_s: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now_s:

@@ -298,3 +298,18 @@ def test_lru_budget_holds_and_match_never_invents_blocks(
     reference = reference_match(held, chain)
     for backend, m in index.match(chain).items():
         assert m.matched_blocks <= reference[backend][0]
+
+
+def test_touch_keeps_a_used_chain_through_evictions() -> None:
+    index = new_index(max_entries=16)
+    used, idle_chain = [1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2]
+    index.apply("a", stored(used), 0.0)
+    index.apply("a", stored(idle_chain), 1.0)
+    index.touch(HASHER.hash_tokens(tokens_of(used)))  # e.g. after a dispatch that hit it
+    index.apply("a", stored([3, 3, 3, 3, 3, 3]), 2.0)
+    assert index.match(HASHER.hash_tokens(tokens_of(used)))["a"].matched_blocks == 6
+    assert "a" not in index.match(HASHER.hash_tokens(tokens_of(idle_chain))) or (
+        index.match(HASHER.hash_tokens(tokens_of(idle_chain)))["a"].matched_blocks < 6)
+    stats = index.stats()
+    assert stats.entries == index.entries <= 16 and stats.evicted_entries > 0
+    assert stats.estimated_bytes > 0

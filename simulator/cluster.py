@@ -1,0 +1,353 @@
+"""The discrete-event cluster simulator: N engine models behind one router running a real policy.
+
+Virtual time, one ``simulator.des.EventLoop``. What happens, as events:
+
+- arrival: the trace is pulled one request at a time (streamed; only in-flight requests are
+  held). The request becomes a ``RouteRequest`` (hash-only traces: ``block_hashes`` = the
+  trace's chained block keys, ``prompt_text`` = deterministic characters derived from them so
+  equal prefixes give equal text), goes through ``SimRouter.route`` (the policy built by
+  ``policies.registry.build_policy``, the same object the live router uses), then to the
+  chosen engine. The pooled-LRU oracle sees the prompt at the same instant.
+- engine step: ``EngineModel.step(now)``; its outputs (first token, finish) and KV events take
+  effect at the step's end. KV events reach the router's ``PrefixIndex`` after
+  ``event_delay_s``; a whole step's batch is lost with probability ``event_loss_ratio`` (a
+  stale index, as after a dropped ZMQ message).
+- scrape: every ``scrape_interval_s`` each engine's waiting/running counts and KV usage are
+  copied into the router (stale between scrapes); the router's in-flight counts are always
+  fresh.
+
+Deterministic: same trace, config, policy and seed give identical results (ties in time run in
+scheduling order; every random draw comes from generators seeded by ``seed``). Must not import
+``router``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import xxhash
+
+from policies.registry import build_policy
+from policies.types import Decision, RouteRequest
+from simulator.cost_model import DEFAULT_PROFILE, CostModel, load_cost_model
+from simulator.des import EventLoop
+from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
+from simulator.results import PooledLruOracle, RunMetrics
+from simulator.sim_router import EngineSignals, SimRouter
+from simulator.traces import SIM_MODEL, TraceRequest
+
+__all__ = ["ClusterSim", "SimConfig", "prompt_text_of", "simulate"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Everything about a simulated cluster except the trace and the policy."""
+
+    backends: int = 16
+    cost_profile: str = DEFAULT_PROFILE
+    num_gpu_blocks: int = 0  # per engine; 0 = what the profile's KV memory holds
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 1_048_576
+    scrape_interval_s: float = 1.0
+    engine_signals_max_age_s: float = 15.0
+    event_delay_s: float = 0.0
+    event_loss_ratio: float = 0.0
+    kv_events: bool = True
+    slo_ttft_s: float = 2.0
+    chars_per_token: int = 4
+    model: str = SIM_MODEL
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backends < 1:
+            raise ValueError("simulation.backends must be >= 1")
+        if not 0.0 <= self.event_loss_ratio <= 1.0:
+            raise ValueError("simulation.event_loss_ratio must be within [0, 1]")
+        if self.event_delay_s < 0 or self.scrape_interval_s <= 0 or self.chars_per_token < 1:
+            raise ValueError(
+                "simulation: event_delay_s must be >= 0, scrape_interval_s > 0, chars_per_token >= 1"
+            )
+
+
+def prompt_text_of(request: TraceRequest, chars_per_token: int) -> str:
+    """Deterministic characters for a hash-only prompt: block ``k`` -> a pattern of its key.
+
+    Two prompts share exactly their shared blocks' characters (different keys' patterns differ
+    from the first character with probability 15/16), which is what character matchers need.
+    """
+    if request.text is not None:
+        return request.text
+    if request.messages is not None:
+        return "".join(str(m.get("content", "")) for m in request.messages)
+    per_block = request.block_size * chars_per_token
+    parts = []
+    remaining = request.input_tokens * chars_per_token
+    for key in request.hash_ids:
+        pattern = xxhash.xxh64_hexdigest(key.to_bytes(8, "little", signed=True))
+        n = min(per_block, remaining)
+        parts.append((pattern * (n // 16 + 1))[:n])
+        remaining -= n
+    return "".join(parts)
+
+
+class _Live:
+    __slots__ = (
+        "arrival_s",
+        "cached_tokens",
+        "decision",
+        "first_token_s",
+        "position",
+        "route",
+        "trace",
+    )
+
+    def __init__(
+        self, trace: TraceRequest, route: RouteRequest, decision: Decision, position: int
+    ) -> None:
+        self.trace = trace
+        self.route = route
+        self.decision = decision
+        self.position = position
+        self.arrival_s = trace.arrival_s
+        self.first_token_s = -1.0
+        self.cached_tokens = 0
+
+
+class ClusterSim:
+    """One run: one policy, one trace, one cluster. Build, ``run()``, read the summary."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        policy_name: str,
+        policy_params: Mapping[str, object] | None = None,
+        cost: CostModel | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.policy_name = policy_name
+        self.policy_params = dict(policy_params or {})
+        self.cost = cost or load_cost_model(config.cost_profile)
+        self.progress = progress
+        self.loop = EventLoop()
+        policy = build_policy(policy_name, self.policy_params, random.Random(config.seed))
+        self.router = SimRouter(
+            policy,
+            config.backends,
+            kv_events=config.kv_events,
+            engine_signals_max_age_s=config.engine_signals_max_age_s,
+        )
+        self.metrics = RunMetrics(policy_name, config.backends, config.slo_ttft_s, seed=config.seed)
+        self._loss_rng = random.Random(config.seed ^ 0x5EED)
+        self.engines: list[EngineModel] = []
+        self._idle: list[bool] = []
+        self._live: dict[str, _Live] = {}
+        self._trace: Iterator[TraceRequest] = iter(())
+        self._arrivals_done = False
+        self._seq = 0
+        self.block_size = 0
+        self.oracle: PooledLruOracle | None = None
+        self.events_dropped = 0
+        self.events_delivered = 0
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _build_engines(self, block_size: int) -> None:
+        cfg = self.config
+        blocks = cfg.num_gpu_blocks or self.cost.num_gpu_blocks(block_size)
+        if blocks <= 0:
+            raise ValueError(
+                f"cost profile {self.cost.name!r} gives no KV capacity; set simulation.num_gpu_blocks"
+            )
+        engine_config = EngineConfig(
+            block_size=block_size,
+            num_gpu_blocks=blocks,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len,
+        )
+        self.block_size = block_size
+        self.engines = [
+            EngineModel(engine_config, self.cost, engine_id=b) for b in self.router.backend_ids
+        ]
+        self._idle = [True] * cfg.backends
+        self.oracle = PooledLruOracle(blocks * cfg.backends)
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def _schedule_next_arrival(self) -> None:
+        request = next(self._trace, None)
+        if request is None:
+            self._arrivals_done = True
+            return
+        if not self.engines:
+            self._build_engines(request.block_size)
+        elif request.block_size != self.block_size:
+            raise ValueError(
+                f"request {request.request_id}: block_size {request.block_size} differs from "
+                f"the trace's {self.block_size}"
+            )
+        self.loop.at(request.arrival_s, self._arrive, request)
+
+    def _arrive(self, trace: TraceRequest) -> None:
+        now = self.loop.now_s
+        self._schedule_next_arrival()
+        self.metrics.on_arrival(trace.arrival_s)
+        assert self.oracle is not None
+        blocks = trace.full_blocks
+        self.oracle.observe(blocks, trace.block_size, trace.input_tokens)
+        self._seq += 1
+        key = str(self._seq)
+        route = RouteRequest(
+            request_id=key,
+            model=self.config.model,
+            prompt_tokens=trace.input_tokens,
+            prompt_text=prompt_text_of(trace, self.config.chars_per_token),
+            session_key=trace.session_id,
+            block_hashes=blocks,
+            block_size=trace.block_size,
+            max_tokens=max(trace.output_tokens, 1),
+            stream=True,
+            tokens_exact=True,
+        )
+        decision = self.router.route(route, now)
+        position = self.router.position(decision.backend_id)
+        self.metrics.on_routed(position)
+        live = _Live(trace, route, decision, position)
+        engine = self.engines[position]
+        try:
+            engine.add_request(
+                EngineRequest(key, trace.input_tokens, route.max_tokens, block_keys=blocks), now
+            )
+        except ValueError:
+            # The engine refuses it (too long for its memory or max_model_len), as vLLM would.
+            self.metrics.on_failed()
+            self.router.finish(route, decision, now, ok=False)
+            return
+        self._live[key] = live
+        if self._idle[position]:
+            self._idle[position] = False
+            self.loop.at(now, self._step, position)
+
+    def _step(self, position: int) -> None:
+        result = self.engines[position].step(self.loop.now_s)
+        if result is None:
+            self._idle[position] = True
+            return
+        work = result.prefill_tokens + result.decode_requests
+        prefill_s = result.duration_s * result.prefill_tokens / work if work else 0.0
+        self.metrics.on_busy(position, result.start_s, result.end_s, prefill_s)
+        self.loop.at(result.end_s, self._step_done, position, result)
+
+    def _step_done(self, position: int, result: StepResult) -> None:
+        now = self.loop.now_s
+        for out in result.outputs:
+            live = self._live.get(out.request_id)
+            if live is None:
+                raise RuntimeError(f"engine output for unknown request {out.request_id}")
+            if out.first_token:
+                live.first_token_s = now
+                live.cached_tokens = out.cached_tokens
+            if out.finished:
+                del self._live[out.request_id]
+                self.metrics.on_finished(
+                    live.arrival_s,
+                    live.first_token_s,
+                    now,
+                    live.trace.input_tokens,
+                    live.cached_tokens,
+                    out.output_tokens,
+                )
+                self.router.finish(live.route, live.decision, now, ok=True)
+                if self.progress is not None:
+                    self.progress(self.metrics.finished + self.metrics.failed)
+        if result.events:
+            if (
+                self.config.event_loss_ratio
+                and self._loss_rng.random() < self.config.event_loss_ratio
+            ):
+                self.events_dropped += len(result.events)
+            elif self.config.event_delay_s:
+                self.loop.after(self.config.event_delay_s, self._deliver, position, result.events)
+            else:
+                self._deliver(position, result.events)
+        self._step(position)
+
+    def _deliver(self, position: int, events: tuple[Any, ...]) -> None:
+        now = self.loop.now_s
+        for event in events:
+            self.router.apply_event(position, event, now)
+        self.events_delivered += len(events)
+
+    def _scrape(self) -> None:
+        now = self.loop.now_s
+        for position, engine in enumerate(self.engines):
+            signals = EngineSignals(
+                waiting_requests=engine.num_waiting,
+                running_requests=engine.num_running,
+                kv_usage_ratio=engine.kv_usage_ratio,
+                total_kv_blocks=engine.num_gpu_blocks,
+            )
+            self.router.scrape(position, signals, now)
+        if not (self._arrivals_done and not self._live):
+            self.loop.after(self.config.scrape_interval_s, self._scrape)
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self, requests: Iterable[TraceRequest]) -> dict[str, Any]:
+        """Simulate every request to completion; return the summary (``results.json`` entry)."""
+        started = time.perf_counter()
+        self._trace = iter(requests)
+        self._schedule_next_arrival()
+        if self.engines:
+            self.loop.at(0.0, self._scrape)
+        self.loop.run()
+        if self._live:
+            raise RuntimeError(f"{len(self._live)} requests never finished (engine stalled)")
+        m = self.metrics
+        if m.arrived != m.finished + m.failed:
+            raise RuntimeError(
+                f"conservation broken: {m.arrived} arrived, {m.finished} finished, {m.failed} failed"
+            )
+        summary = m.summary(self.oracle)
+        xs, ys = m.ttft_cdf()
+        summary.update(
+            arrived=m.arrived,
+            ttft_cdf={"s": xs, "ratio": ys},
+            load={"bucket_s": m.timeline.bucket_s, "utilisation": m.timeline.utilisation()},
+            preemptions=sum(e.num_preemptions for e in self.engines),
+            engine_hit_tokens=sum(e.prefix_cache_hits_tokens for e in self.engines),
+            events_delivered=self.events_delivered,
+            events_dropped=self.events_dropped,
+            index_entries=self.router.index.entries,
+            num_gpu_blocks=self.engines[0].num_gpu_blocks if self.engines else 0,
+            block_size=self.block_size,
+            cost_profile=self.cost.name,
+            policy_params=self.policy_params,
+            sim_end_s=self.loop.now_s,
+            events_run=self.loop.events_run,
+            wall_s=time.perf_counter() - started,
+        )
+        return summary
+
+
+def simulate(
+    config: SimConfig,
+    policy_name: str,
+    requests: Iterable[TraceRequest],
+    policy_params: Mapping[str, object] | None = None,
+    cost: CostModel | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """One policy over one trace on one cluster: the summary dict (see ``RunMetrics.summary``)."""
+    sim = ClusterSim(config, policy_name, policy_params, cost=cost, progress=progress)
+    summary = sim.run(requests)
+    summary["config"] = asdict(config)
+    return summary

@@ -12,7 +12,9 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     tokens show some of it already returned, and (b) the engine's own waiting
                     requests times the mean prefill seconds of what was sent there
                     (``default_prompt_tokens`` cold before any history): traffic from other
-                    router replicas shows up only there
+                    router replicas shows up only there. With neither (no dispatch history
+                    there, no engine numbers) the router's in-flight prompt tokens are taken
+                    as cold queued prompts
     step_s_b      = cost.step_overhead_s(queued + own uncached tokens, running context): the
                     step floors and the decode work of running requests (context = the router's
                     in-flight prompt tokens, or the engine's running requests times their mean
@@ -189,6 +191,13 @@ class KvAware(PolicyBase):
         queued_s, queued_tokens = own_s, own_tokens
         if waiting * mean_s > own_s:  # traffic this policy did not send (other replicas)
             queued_s, queued_tokens = waiting * mean_s, waiting * mean_tokens
+        elif (pending is None and backend.engine_waiting_requests is None
+              and backend.in_flight_requests and backend.in_flight_prompt_tokens):
+            # In flight there, but not placed by this policy and no engine numbers: the only
+            # evidence is the router's counters, so assume all of it still needs prefill.
+            queued_tokens = float(backend.in_flight_prompt_tokens)
+            queued_s = backend.in_flight_requests * self._cost.seconds(
+                queued_tokens / backend.in_flight_requests)
 
         # Decode work of running requests slows every step our prefill shares with them.
         context = float(backend.in_flight_prompt_tokens)

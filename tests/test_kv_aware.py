@@ -304,3 +304,18 @@ def test_registry_builds_it_and_bad_params_name_their_key() -> None:
 def test_decision_is_a_plain_value() -> None:
     decision = policy().choose(prompt(6, 100), view(None, idle("b0")))
     assert isinstance(decision, Decision) and decision.backend_id == "b0"
+
+
+@pytest.mark.parametrize(
+    ("state", "queued"),
+    [({"in_flight_prompt_tokens": 8000, "in_flight_requests": 2}, True),
+     ({"in_flight_prompt_tokens": 8000, "in_flight_requests": 2, "engine_waiting_requests": 0},
+      False)],
+    ids=["router-counters-only", "engine-says-nothing-waits"],
+)
+def test_unplaced_in_flight_work_counts_only_without_better_evidence(
+    state: dict[str, object], queued: bool
+) -> None:
+    score = policy().choose(prompt(8, 1000), view(None, idle("b0", **state))).scores[0]
+    expected = 2 * PrefillCost().seconds(4000) if queued else 0.0
+    assert score.terms["queued_s"] == pytest.approx(expected)

@@ -1,0 +1,382 @@
+"""An emulated pod's HTTP front: vLLM's OpenAI-compatible API (and SGLang's info endpoints),
+served by aiohttp over one ``EmulatedPod``.
+
+Async; used by ``simulator.emulator``. Must not import ``router``.
+
+Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (prompt as a string or token ids,
+chat through the tokenizer's template; ``stream`` with SSE ``data: {...}`` chunks and
+``data: [DONE]``; chat's first chunk carries ``delta: {"role": "assistant", "content": ""}``;
+``stream_options.include_usage`` adds a last chunk with ``choices: []`` and ``usage``;
+``usage.prompt_tokens_details.cached_tokens`` always), ``GET /v1/models`` (with
+``max_model_len``), ``GET /health``, ``GET /version``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /kv_event_sources``, ``POST /reset_prefix_cache``, ``GET /metrics``; with
+``engine_kind="sglang"`` also ``GET /get_server_info`` and ``GET /get_model_info``.
+
+Errors use vLLM's shape ``{"error": {"message", "type", "param", "code"}}``: 400
+``BadRequestError`` (bad JSON, missing model, bad prompt or max_tokens, prompt plus max_tokens
+over ``max_model_len``), 404 ``NotFoundError`` (unknown model). ``max_tokens`` defaults to 16.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from simulator.emulator_pod import EmulatedPod, TokenStream
+
+__all__ = ["POD_KEY", "build_app"]
+
+POD_KEY = web.AppKey("pod", EmulatedPod)
+DEFAULT_MAX_TOKENS = 16
+
+
+class _ClientError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
+        status=status,
+    )
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _ClientError as exc:
+        return _error(exc.status, exc.message, exc.param)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise _ClientError(400, f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise _ClientError(400, "The request body must be a JSON object")
+    return body
+
+
+def _check_model(pod: EmulatedPod, body: dict[str, Any], required: bool = True) -> None:
+    model = body.get("model")
+    if model is None:
+        if required:
+            raise _ClientError(400, "The 'model' field is required", "model")
+        return
+    if model != pod.config.model:
+        raise _ClientError(404, f"The model `{model}` does not exist.", "model")
+
+
+def _token_list(value: object) -> list[int] | None:
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    ):
+        return list(value)
+    return None
+
+
+def _prompt_ids(pod: EmulatedPod, body: dict[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = pod.codec.encode(prompt)
+    else:
+        ids = _token_list(prompt) or []
+        if not ids and prompt not in ("", []):
+            raise _ClientError(400, "prompt must be a string or a list of token ids", "prompt")
+    if not ids:
+        raise _ClientError(400, "The prompt cannot be empty", "prompt")
+    return ids
+
+
+def _chat_ids(pod: EmulatedPod, body: dict[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and "role" in m for m in messages)
+    ):
+        raise _ClientError(400, "messages must be a non-empty list of {role, content}", "messages")
+    try:
+        return pod.codec.chat(messages, bool(body.get("add_generation_prompt", True)))
+    except Exception as exc:  # a template error is the client's malformed messages
+        raise _ClientError(400, f"Cannot apply the chat template: {exc}", "messages") from None
+
+
+def _max_tokens(pod: EmulatedPod, body: dict[str, Any], prompt_len: int, chat: bool) -> int:
+    value = body.get("max_completion_tokens") if chat else None
+    if value is None:
+        value = body.get("max_tokens")
+    if value is None:
+        value = DEFAULT_MAX_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _ClientError(400, "max_tokens must be an integer >= 1", "max_tokens")
+    limit = pod.config.max_model_len
+    if prompt_len + value > limit:
+        raise _ClientError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + value} tokens ({prompt_len} in the messages, {value} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            "max_tokens" if prompt_len < limit else "messages",
+        )
+    return value
+
+
+def _usage(stream: TokenStream) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "total_tokens": stream.prompt_tokens + stream.produced,
+        "completion_tokens": stream.produced,
+        "prompt_tokens_details": {"cached_tokens": stream.cached_tokens},
+    }
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    pod = request.app[POD_KEY]
+    body = await _body(request)
+    _check_model(pod, body)
+    ids = _chat_ids(pod, body) if chat else _prompt_ids(pod, body)
+    max_tokens = _max_tokens(pod, body, len(ids), chat)
+    try:
+        stream = pod.submit(ids, max_tokens)
+    except ValueError as exc:
+        raise _ClientError(400, str(exc)) from None
+    try:
+        if body.get("stream"):
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            return await _stream(request, pod, stream, chat, usage)
+        return await _collect(pod, stream, chat)
+    finally:
+        if not stream.finished:
+            pod.cancel(stream)
+
+
+async def _collect(pod: EmulatedPod, stream: TokenStream, chat: bool) -> web.Response:
+    parts = []
+    while (token := await stream.next_token()) is not None:
+        parts.append(token)
+    text = "".join(parts)
+    choice: dict[str, Any]
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+    else:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
+    return web.json_response(
+        {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": pod.config.model,
+            "choices": [choice],
+            "usage": _usage(stream),
+        },
+        dumps=_dumps,
+    )
+
+
+async def _stream(
+    request: web.Request, pod: EmulatedPod, stream: TokenStream, chat: bool, usage: bool
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": pod.config.model,
+    }
+
+    async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        chunk = {**head, "choices": choices, **(extra or {})}
+        await response.write(f"data: {_dumps(chunk)}\n\n".encode())
+
+    if chat:
+        await send(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    sent = 0
+    while (token := await stream.next_token()) is not None:
+        sent += 1
+        # Exactly max_tokens come out (EOS is ignored), so the last one is known on arrival.
+        finish = "length" if sent >= stream.max_tokens else None
+        if chat:
+            choice = {"index": 0, "delta": {"content": token}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": token, "logprobs": None}
+        choice["finish_reason"] = finish
+        choice["stop_reason"] = None
+        await send([choice])
+    if usage:
+        await send([], {"usage": _usage(stream)})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def models(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    model = pod.config.model
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": pod.config.engine_kind,
+                    "root": model,
+                    "parent": None,
+                    "max_model_len": pod.config.max_model_len,
+                    "permission": [],
+                }
+            ],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": "0.32.0+emulated"})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    body = await _body(request)
+    _check_model(pod, body, required=False)
+    ids = _chat_ids(pod, body) if "messages" in body else _prompt_ids(pod, body)
+    return web.json_response(
+        {
+            "count": len(ids),
+            "max_model_len": pod.config.max_model_len,
+            "tokens": ids,
+            "token_strs": None,
+        }
+    )
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    body = await _body(request)
+    _check_model(pod, body, required=False)
+    ids = _token_list(body.get("tokens"))
+    if ids is None:
+        raise _ClientError(400, "tokens must be a non-empty list of token ids", "tokens")
+    return web.json_response({"prompt": pod.codec.decode(ids)})
+
+
+async def kv_event_sources(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    sources = [pod.publisher.source_info()] if pod.publisher is not None else []
+    return web.json_response(sources)
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    # vLLM answers 200 whether or not the reset happened (it is refused while blocks are held).
+    request.app[POD_KEY].reset_prefix_cache()
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[POD_KEY].metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def server_info(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    cfg = pod.config
+    return web.json_response(
+        {
+            "model_path": cfg.model,
+            "tokenizer_path": pod.codec.name,
+            "served_model_name": cfg.model,
+            "page_size": cfg.block_size,
+            "max_total_num_tokens": cfg.num_gpu_blocks * cfg.block_size,
+            "context_length": cfg.max_model_len,
+            "max_running_requests": cfg.max_num_seqs,
+            "chunked_prefill_size": cfg.max_num_batched_tokens,
+            "version": "0.5.0+emulated",
+        }
+    )
+
+
+async def model_info(request: web.Request) -> web.Response:
+    pod = request.app[POD_KEY]
+    return web.json_response(
+        {"model_path": pod.config.model, "tokenizer_path": pod.codec.name, "is_generation": True}
+    )
+
+
+def build_app(pod: EmulatedPod) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app[POD_KEY] = pod
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/kv_event_sources", kv_event_sources)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_get("/metrics", metrics)
+    if pod.config.engine_kind == "sglang":
+        app.router.add_get("/get_server_info", server_info)
+        app.router.add_get("/get_model_info", model_info)
+    return app

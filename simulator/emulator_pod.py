@@ -1,0 +1,289 @@
+"""One emulated pod's engine side: the engine model driven in scaled wall-clock time, the
+tokenizer, per-request token streams, metrics and the KV-event publisher.
+
+Async (asyncio); used by ``simulator.emulator_http`` and ``simulator.emulator``. Must not import
+``router`` or aiohttp.
+
+Time: the engine model runs in virtual seconds; one virtual second lasts ``1 / time_scale`` wall
+seconds. The driver steps the engine, sleeps the step's scaled duration, then delivers the
+step's tokens to the waiting handlers and publishes the step's KV events (vLLM publishes after
+the step too).
+
+Tokenization: ``load_codec(path)`` loads a tokenizer directory with ``transformers`` (the tiny
+tokenizer by default). When that fails, ``ByteCodec`` is used: a deterministic fallback mapping
+each UTF-8 byte to id ``byte + 3`` (ids 0-2 reserved), chat as ``role: content`` lines, so the
+emulator still runs without a tokenizer.
+
+Output: deterministic filler tokens (a fixed cycle of common words), ``max_tokens`` of them (EOS
+is ignored, like ``ignore_eos``), one per decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from simulator.cost_model import CostModel
+from simulator.emulator_kv import KvEventPublisher, vllm_block_hashes
+from simulator.emulator_metrics import PodMetrics
+from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
+
+__all__ = ["ByteCodec", "Codec", "EmulatedPod", "HfCodec", "PodConfig", "TokenStream", "load_codec"]
+
+log = logging.getLogger(__name__)
+
+_FILLER_TEXT = " the cache block router request backend engine prefix decode prefill query answer"
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+    ) -> list[int]: ...
+
+
+class HfCodec:
+    """A ``transformers`` tokenizer: completions encode the prompt; chat renders the template
+    and encodes it without adding special tokens again (vLLM's behaviour)."""
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self._tok = tokenizer
+        self.name = name
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids)))
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[int]:
+        text = self._tok.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+
+class ByteCodec:
+    """The fallback: one token per UTF-8 byte, id = byte + 3."""
+
+    name = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[int]:
+        lines = [f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in messages]
+        if add_generation_prompt:
+            lines.append("assistant: ")
+        return self.encode("".join(lines))
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", ""))
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def load_codec(path: str | Path | None) -> Codec:
+    """The tokenizer at ``path`` (default: the shipped tiny tokenizer), else ``ByteCodec``."""
+    if path is None:
+        from simulator.tiny_tokenizer import default_path
+
+        path = default_path()
+    try:
+        from transformers import AutoTokenizer
+
+        return HfCodec(AutoTokenizer.from_pretrained(str(path)), str(path))
+    except Exception as exc:  # any load failure means: use the documented fallback
+        log.warning("tokenizer %s not loadable (%s); using the byte fallback", path, exc)
+        return ByteCodec()
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    model: str = "tiny-llama"
+    engine_kind: str = "vllm"
+    block_size: int = 16
+    num_gpu_blocks: int = 4096
+    max_model_len: int = 8192
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    time_scale: float = 1.0
+
+
+class TokenStream:
+    """One request's tokens as the engine produces them: ``await next_token()`` returns the
+    filler token's text, ``None`` after the last one."""
+
+    __slots__ = (
+        "_queue",
+        "cached_tokens",
+        "finished",
+        "max_tokens",
+        "produced",
+        "prompt_tokens",
+        "request_id",
+    )
+
+    def __init__(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.cached_tokens = 0
+        self.finished = False
+        self.produced = 0
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def next_token(self) -> str | None:
+        return await self._queue.get()
+
+    def _emit(self, filler: Sequence[str]) -> None:
+        self._queue.put_nowait(filler[self.produced % len(filler)])
+        self.produced += 1
+
+
+class EmulatedPod:
+    def __init__(
+        self,
+        config: PodConfig,
+        cost: CostModel,
+        codec: Codec,
+        index: int = 0,
+        publisher: KvEventPublisher | None = None,
+    ) -> None:
+        if config.time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {config.time_scale}")
+        self.config = config
+        self.codec = codec
+        self.index = index
+        self.publisher = publisher
+        self.engine = EngineModel(
+            EngineConfig(
+                block_size=config.block_size,
+                num_gpu_blocks=config.num_gpu_blocks,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=config.max_model_len,
+            ),
+            cost,
+            engine_id=f"pod-{index}",
+        )
+        self.metrics = PodMetrics(self.engine, config.model, sglang=config.engine_kind == "sglang")
+        self._hash_seed = f"emulated-engine-{index}".encode()
+        self._streams: dict[str, TokenStream] = {}
+        self._arrivals_wall: dict[str, float] = {}
+        self._ids = itertools.count()
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._virtual_s = 0.0
+        self._wall0 = 0.0
+        filler = codec.encode(_FILLER_TEXT)
+        self._filler = [codec.decode([i]) for i in filler] or ["x"]
+        self.driver_errors = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wall0 = loop.time()
+        if self.publisher is not None:
+            await self.publisher.start()
+        self._task = asyncio.create_task(self._drive(), name=f"emulated-pod-{self.index}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    def _virtual_now(self) -> float:
+        wall = asyncio.get_running_loop().time() - self._wall0
+        self._virtual_s = max(self._virtual_s, wall * self.config.time_scale)
+        return self._virtual_s
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def submit(self, token_ids: Sequence[int], max_tokens: int) -> TokenStream:
+        """Queue a request; ValueError (client's fault) when the engine could never run it."""
+        rid = f"{self.index}-{next(self._ids)}"
+        keys = vllm_block_hashes(token_ids, self.config.block_size, self._hash_seed)
+        request = EngineRequest(rid, len(token_ids), max_tokens, keys, tuple(token_ids))
+        self.engine.add_request(request, self._virtual_now())
+        stream = TokenStream(rid, len(token_ids), max_tokens)
+        self._streams[rid] = stream
+        self._arrivals_wall[rid] = asyncio.get_running_loop().time()
+        self._work.set()
+        return stream
+
+    def cancel(self, stream: TokenStream) -> None:
+        """The client went away: free the engine's blocks (vLLM aborts the request)."""
+        if self._streams.pop(stream.request_id, None) is not None:
+            self._arrivals_wall.pop(stream.request_id, None)
+            self.engine.abort(stream.request_id)
+
+    def reset_prefix_cache(self) -> bool:
+        ok, events = self.engine.reset_prefix_cache()
+        if self.publisher is not None:
+            self.publisher.publish(events)
+        return ok
+
+    # -- the driver ----------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self.engine.has_work:
+                now = self._virtual_now()
+                result = self.engine.step(now)
+                if result is None:
+                    break
+                self._virtual_s = result.end_s
+                await asyncio.sleep((result.end_s - now) / self.config.time_scale)
+                try:
+                    self._deliver(result, loop.time())
+                except Exception:  # bad state must not stop the pod; count and go on
+                    self.driver_errors += 1
+                    log.exception("emulated pod %d: delivering a step failed", self.index)
+
+    def _deliver(self, result: StepResult, wall_now: float) -> None:
+        streams = self._streams
+        filler = self._filler
+        for out in result.outputs:
+            stream = streams.get(out.request_id)
+            if stream is None:
+                continue  # cancelled while the step ran
+            if out.first_token:
+                stream.cached_tokens = out.cached_tokens
+                arrival = self._arrivals_wall.get(out.request_id, wall_now)
+                self.metrics.ttft.observe(wall_now - arrival)
+            stream._emit(filler)
+            if out.finished:
+                stream.finished = True
+                stream._queue.put_nowait(None)
+                del streams[out.request_id]
+                arrival = self._arrivals_wall.pop(out.request_id, wall_now)
+                self.metrics.e2e.observe(wall_now - arrival)
+        for rid in result.decoded:
+            stream = streams.get(rid)
+            if stream is not None:
+                stream._emit(filler)
+        if self.publisher is not None:
+            self.publisher.publish(result.events)

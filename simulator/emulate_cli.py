@@ -1,0 +1,119 @@
+"""``kvrouter emulate``: start N emulated vLLM (or SGLang) pods on 127.0.0.1 until interrupted.
+
+Top-level imports stay light (argparse only): the emulator is imported in ``run``. Must not import
+``router``.
+
+Example: ``kvrouter emulate --count 4 --port 8100 --time-scale 10`` serves pods on ports
+8100-8103, KV events on ephemeral bound ports (see each pod's ``/kv_event_sources``), and prints
+one line per pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "Run N emulated vLLM/SGLang pods (engine model + HTTP API + ZMQ KV events) on 127.0.0.1."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", type=int, default=2, help="number of pods (default 2)")
+    parser.add_argument(
+        "--port", type=int, default=8100, help="first HTTP port; pod i uses port+i (0: ephemeral)"
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="virtual engine seconds per wall second (10 runs the engines 10x faster)",
+    )
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument("--model", default="tiny-llama", help="served model name")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=4096,
+        help="KV blocks per pod (0: what the profile's KV memory holds)",
+    )
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--profile",
+        default="h200-llama-3.1-8b",
+        help="cost profile name in simulator/data or a JSON path (default h200-llama-3.1-8b)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory (default: the shipped tiny tokenizer; byte fallback if unloadable)",
+    )
+    parser.add_argument(
+        "--kv-events-endpoint",
+        default="tcp://*:0",
+        help="ZMQ PUB endpoint; binds for * / :: / ipc:// / inproc:// (port+i per pod, 0 "
+        "ephemeral), otherwise every pod connects to it; 'none' disables events",
+    )
+    parser.add_argument(
+        "--kv-replay-endpoint", default="tcp://*:0", help="replay ROUTER endpoint (port+i per pod)"
+    )
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+
+    from simulator.emulator import EmulatedCluster
+
+    endpoint = None if str(args.kv_events_endpoint).lower() == "none" else args.kv_events_endpoint
+    cluster = EmulatedCluster(
+        count=args.count,
+        port=args.port,
+        engine=args.engine,
+        model=args.model,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        time_scale=args.time_scale,
+        profile=args.profile,
+        tokenizer=args.tokenizer,
+        kv_events_endpoint=endpoint,
+        kv_replay_endpoint=args.kv_replay_endpoint,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with cluster:
+        for i, url in enumerate(cluster.urls):
+            pod = cluster.pods[i]
+            kv = ""
+            if pod.publisher is not None:
+                kv = (
+                    f" kv_events={pod.publisher.endpoint} replay={pod.publisher.replay_endpoint}"
+                    f" topic={pod.publisher.topic}"
+                )
+            print(f"pod {i}: {url} engine={args.engine} model={args.model}{kv}", flush=True)
+        print(f"{len(cluster.urls)} emulated pods ready; Ctrl-C stops them", flush=True)
+        await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if args.count < 1:
+        print("kvrouter emulate: --count must be >= 1")
+        return 2
+    if args.time_scale <= 0:
+        print("kvrouter emulate: --time-scale must be > 0")
+        return 2
+    try:
+        asyncio.run(_serve(args))
+    except (ValueError, OSError) as exc:
+        print(f"kvrouter emulate: {exc}")
+        return 1
+    return 0

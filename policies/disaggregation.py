@@ -25,6 +25,7 @@ Algorithm, per request in a disaggregated pool (every term in seconds):
    The lowest score wins (exact ties by the injected RNG).
 3. Split or local (conditional disaggregation):
    - ``P`` is MIXED: it serves the request itself (no transfer beats a transfer);
+   - ``D`` is an SGLang DECODE server: split (it serves only bootstrapped requests);
    - ``prompt - hit_D < min_uncached_tokens``: local on ``D`` (too little to prefill elsewhere);
    - ``local_ttft_D <= ttft_P + transfer_s_D``: local on ``D`` (prefilling there is faster);
    - otherwise split: ``Decision(backend_id=D, prefill_backend_id=P)``.
@@ -71,6 +72,8 @@ __all__ = ["Disaggregated", "DisaggregationParams", "is_disaggregated", "wrap"]
 
 # Engines whose decode side loads only the blocks it does not already hold.
 _REUSES_PREFIX = frozenset({EngineKind.VLLM})
+# Engines whose PREFILL/DECODE servers serve only paired (bootstrapped) requests.
+_PAIRED_ONLY = frozenset({EngineKind.SGLANG})
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,16 @@ class Disaggregated(PolicyBase):
         if p_role is Role.MIXED or p_id == d_id:
             return local(f"mixed prefill winner {p_id} serves it", p_id,
                          prefill.predicted_hit_tokens)
+        d_role = next(b.role for b in decode_side if b.backend_id == d_id)
+        if d_role is Role.DECODE and chosen_engine(decode_side, d_id) in _PAIRED_ONLY:
+            return Decision(
+                backend_id=d_id,
+                reason=f"disaggregation: split, prefill on {p_id} then decode (an SGLang "
+                       "decode backend serves only bootstrapped requests)",
+                predicted_hit_tokens=prefill.predicted_hit_tokens,
+                prefill_backend_id=p_id,
+                scores=tuple(scores),
+            )
         if uncached < self.params.min_uncached_tokens:
             return local(f"{uncached:.0f} uncached tokens < min_uncached_tokens "
                          f"{self.params.min_uncached_tokens}")
@@ -246,6 +259,10 @@ class Disaggregated(PolicyBase):
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
+
+
+def chosen_engine(backends: tuple[BackendState, ...], backend_id: BackendId) -> EngineKind:
+    return EngineKind(next(b.engine for b in backends if b.backend_id == backend_id))
 
 
 def wrap(inner: Policy, params: Mapping[str, object] | None, rng: random.Random,

@@ -352,7 +352,8 @@ class Disaggregation:
         proxy.policy.on_dispatched(route_request, decision, time.monotonic())
         ok = False
         try:
-            flow = self._sglang if decode.engine is EngineKind.SGLANG else self._vllm
+            # The pool may hold the engine as its config string; compare by value.
+            flow = self._sglang if EngineKind(decode.engine) is EngineKind.SGLANG else self._vllm
             response = await flow(request, body, fields, route_request, decision, prefill, decode)
             ok = response.status < 400
             return response
@@ -382,7 +383,8 @@ class Disaggregation:
                     # The prefill backend holds the blocks for whichever decode backend pulls
                     # them: a failed decode is retried elsewhere with the same parameters.
                     return await self._decodes(request, fields, route_request, decision,
-                                               decode, data, 0, "split", "retry_decode")
+                                               decode, data, 0, "split", "retry_decode",
+                                               _DECODE_ROLES)
                 self.failures.labels("prefill", "no_transfer_params").inc()
                 error = UpstreamConnectError(
                     f"prefill backend {prefill.backend_id} returned no kv_transfer_params")
@@ -421,6 +423,8 @@ class Disaggregation:
                     self.fallbacks.labels("retry_prefill").inc()
             except _DecodeRetry as retry:
                 self.failures.labels("decode", retry.reason).inc()
+                log.info("request %s: decode on %s failed: %s", fields.request_id,
+                         decode.backend_id, retry.reason)
                 error, decode_failures = retry.error, decode_failures + 1
                 tried_decode.append(decode.backend_id)
                 if decode_failures >= cfg.max_decode_attempts:
@@ -444,14 +448,25 @@ class Disaggregation:
                      error: RouterError | None) -> web.StreamResponse:
         if not self.config.fallback_to_local:
             raise error or NoBackend("no prefill backend left")
+        roles = _DECODE_ROLES
+        if EngineKind(decode.engine) is EngineKind.SGLANG:
+            # An SGLang decode-mode server serves only bootstrapped requests: local prefill
+            # needs a MIXED one.
+            roles = frozenset({Role.MIXED})
+            if decode.role is not Role.MIXED:
+                found = self._next(route_request, fields.model, roles, [])
+                if found is None:
+                    raise error or NoBackend("no backend can prefill locally")
+                decode = found
         self.fallbacks.labels("local_prefill").inc()
         return await self._decodes(request, fields, route_request, decision, decode, body,
-                                   route_request.prompt_tokens, "local_fallback", "retry_local")
+                                   route_request.prompt_tokens, "local_fallback", "retry_local",
+                                   roles)
 
     async def _decodes(self, request: web.Request, fields: RequestFields,
                        route_request: RouteRequest, decision: Decision, decode: Backend | None,
-                       data: bytes, prompt_tokens: int, mode: str,
-                       action: str) -> web.StreamResponse:
+                       data: bytes, prompt_tokens: int, mode: str, action: str,
+                       roles: frozenset[Role]) -> web.StreamResponse:
         tried: list[str] = []
         attempts = self.config.max_decode_attempts
         error: RouterError = NoBackend("no decode backend left")
@@ -464,8 +479,10 @@ class Disaggregation:
                                           prompt_tokens, attempt == attempts - 1, None, mode)
             except _DecodeRetry as retry:
                 self.failures.labels("decode", retry.reason).inc()
+                log.info("request %s: decode on %s failed: %s", fields.request_id,
+                         decode.backend_id, retry.reason)
                 error = retry.error
-            decode = self._next(route_request, fields.model, _DECODE_ROLES, tried)
+            decode = self._next(route_request, fields.model, roles, tried)
             if decode is not None and attempt < attempts - 1:
                 self.fallbacks.labels(action).inc()
         raise error

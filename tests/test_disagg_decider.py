@@ -68,6 +68,8 @@ CASES = [
     ([("p0", P, {}), ("d0", D, {"engine_running_requests": 3}),
       ("d1", D, {"engine_running_requests": 3})], {"p0": 440, "d1": 200}, 8000, {}, "d1",
      "p0", "split"),
+    ([("p0", P, {"engine": EngineKind.SGLANG}), ("d0", D, {"engine": EngineKind.SGLANG})], {},
+     300, {}, "d0", "p0", "bootstrapped"),
 ]
 IDS = [
     "long-prompt-cached-on-prefill-splits",
@@ -83,6 +85,7 @@ IDS = [
     "decode-side-avoids-long-batch",
     "decode-side-avoids-full-kv",
     "decode-side-credits-its-own-prefix",
+    "sglang-decode-cannot-prefill-alone",
 ]
 
 

@@ -82,6 +82,16 @@ class Cluster:
     def pair(self) -> list[Any]:
         return [self.a, self.b]
 
+    def kill(self, engine: Any) -> None:
+        """Crash the engine: SIGKILL its whole process group (API server, core, worker)."""
+        vllm_cpu.stop_engine(engine, sig=signal.SIGKILL)
+
+    def restart_spare(self) -> Any:
+        """Start the spare again on the same ports and topic, so later tests have it."""
+        self.spare = vllm_cpu.start_engines([self.spare.spec], self.run_dir,
+                                            timeout_s=ENGINE_START_TIMEOUT_S)[0]
+        return self.spare
+
 
 @pytest.fixture(scope="session")
 def cluster(vllm_build: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -97,10 +107,11 @@ def cluster(vllm_build: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for name in ("a", "b", "spare")
     ]
     engines = vllm_cpu.start_engines(specs, run_dir, timeout_s=ENGINE_START_TIMEOUT_S)
+    cluster = Cluster(*engines, events_endpoint=events_endpoint, run_dir=run_dir)
     try:
-        yield Cluster(*engines, events_endpoint=events_endpoint, run_dir=run_dir)
+        yield cluster
     finally:
-        for engine in engines:
+        for engine in (cluster.a, cluster.b, cluster.spare):
             vllm_cpu.stop_engine(engine)
 
 
@@ -113,9 +124,8 @@ def router_config(
     for engine in engines:
         backend: dict[str, Any] = {"url": engine.url, "models": [MODEL]}
         if kv_events:
+            # The replay endpoint and topic come from the engine's own /kv_event_sources.
             backend["kv_events_endpoint"] = engine.spec.kv_events_endpoint
-            backend["kv_events_replay_endpoint"] = engine.spec.replay_endpoint
-            backend["kv_events_topic"] = engine.spec.event_topic
         backends.append(backend)
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "info"},
@@ -127,8 +137,6 @@ def router_config(
         "models": {MODEL: {"tokenizer": str(ROOT / "simulator" / "data" / "tiny-tokenizer"),
                            "block_size": BLOCK_SIZE_TOKENS}},
     }
-    if kv_events:
-        config["kv_events"] = {"enabled": True}
     return config
 
 

@@ -43,6 +43,7 @@ from policies.registry import build_policy
 from policies.types import ClusterView, Policy, Role
 from router.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.config import Config
+from router.disagg import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response
 from router.health import HealthChecker
 from router.metrics import RouterMetrics
@@ -103,7 +104,8 @@ def create_app(
 ) -> web.Application:
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
-        policy = build_policy(config.policy.name, config.policy.params, rng)
+        policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
+                             config, rng)
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)

@@ -26,6 +26,7 @@ from aiohttp import web
 from policies.types import ClusterView, Decision, Policy, RouteRequest
 from router.analyzer import RequestAnalyzer, RequestFields, read_fields
 from router.config import Config
+from router.disagg import Disaggregation
 from router.errors import (
     InvalidRequest,
     NoBackend,
@@ -82,6 +83,8 @@ class Proxy:
             total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s
         )
         self._first_byte_timeout_s = up.first_byte_timeout_s
+        # Serves decisions with a prefill backend (prefill/decode disaggregation).
+        self.disagg = Disaggregation(self)
 
     # -- reading the request ---------------------------------------------------------------
 
@@ -155,6 +158,9 @@ class Proxy:
             backend = self.pool.get(decision.backend_id)
             if backend is None or all(c.backend_id != decision.backend_id for c in candidates):
                 raise RouterError(f"policy chose a non-candidate backend {decision.backend_id!r}")
+            self.disagg.observe(decision, candidates)
+            if decision.prefill_backend_id is not None:
+                return await self.disagg.serve(request, body, fields, route_request, decision)
             tried.append(backend.backend_id)
             try:
                 return await self._attempt(

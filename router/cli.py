@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     from router.app import create_app, serve
     from router.config import ConfigError
+    from router.disagg import check_config
     from router.discovery_setup import discovery_background
 
     try:
         config = build_config(args, dict(os.environ))
+        check_config(config)
         background = discovery_background(config, os.environ)
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ from router.config import Config
 from router.disagg import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response
 from router.health import HealthChecker
+from router.http_client import HttpClient
 from router.metrics import RouterMetrics
 from router.pool import BackendPool
 from router.proxy import Proxy
@@ -162,7 +163,10 @@ async def _errors_middleware(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.proxy.session = client_session(state.config.upstream)
+    up = state.config.upstream
+    state.proxy.session = client_session(up)
+    state.proxy.client = HttpClient(up.connect_timeout_s, up.first_byte_timeout_s,
+                                    up.read_idle_timeout_s)
     tasks = [asyncio.create_task(state.health.run(), name="kvrouter-health")]
     for factory in app[_BACKGROUND]:
         tasks.append(asyncio.create_task(factory(state)))
@@ -176,6 +180,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await task
         await state.proxy.session.close()
         state.proxy.session = None
+        state.proxy.client.close()
+        state.proxy.client = None
 
 
 async def _models(request: web.Request) -> web.Response:

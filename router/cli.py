@@ -132,7 +132,7 @@ def _run_loop(main: Any, event_loop: str, log: Any) -> None:
             if event_loop == "uvloop":
                 raise OSError("--loop uvloop: uvloop is not installed") from None
         else:
-            log.debug("running on uvloop %s", uvloop.__version__)
+            log.debug("running on uvloop")
             uvloop.run(main)
             return
     asyncio.run(main)

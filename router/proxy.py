@@ -38,9 +38,16 @@ from router.errors import (
     error_body,
     error_response,
 )
+from router.http_client import (
+    ConnectFailed,
+    HeadTimeout,
+    HttpClient,
+    ResponseBroken,
+    UpstreamResponse,
+)
 from router.metrics import NO_BACKEND, RouterMetrics
 from router.pool import Backend, BackendPool
-from router.upstream import request_headers, response_headers
+from router.upstream import forward_headers, response_headers
 
 __all__ = ["Proxy"]
 
@@ -77,14 +84,15 @@ class Proxy:
         self.metrics = metrics
         self.rng = rng
         self.index = index
-        self.session: aiohttp.ClientSession | None = None  # set by the app's start-up
-        up = config.upstream
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s
-        )
-        self._first_byte_timeout_s = up.first_byte_timeout_s
+        # Both set by the app's start-up: the lean hot-path client, and aiohttp for the rest.
+        self.client: HttpClient | None = None
+        self.session: aiohttp.ClientSession | None = None
         # Serves decisions with a prefill backend (prefill/decode disaggregation).
         self.disagg = Disaggregation(self)
+        up = config.upstream
+        # For callers that send through the aiohttp session (prefill legs of a split request).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s)
 
     # -- reading the request ---------------------------------------------------------------
 
@@ -186,7 +194,7 @@ class Proxy:
         started_s: float,
         last: bool,
     ) -> web.StreamResponse:
-        assert self.session is not None, "the app's start-up creates the session"
+        assert self.client is not None, "the app's start-up creates the client"
         prompt_tokens = route_request.prompt_tokens
         self.pool.acquire(backend.backend_id, prompt_tokens, time.monotonic())
         self.policy.on_dispatched(route_request, decision, time.monotonic())
@@ -196,21 +204,17 @@ class Proxy:
         verdict: bool | None = None  # for the breaker: True success, False failure
         try:
             try:
-                async with asyncio.timeout(self._first_byte_timeout_s):
-                    upstream = await self.session.request(
-                        request.method, backend.url + fields.path, data=body or None,
-                        headers=request_headers(request.headers.items(), fields.request_id),
-                        timeout=self._timeout, allow_redirects=False,
-                    )
-            except TimeoutError:
+                upstream = await self.client.request(
+                    backend.url, request.method, fields.path.encode("utf-8", "surrogateescape"),
+                    forward_headers(request.raw_headers, fields.request_id), body)
+            except HeadTimeout:
                 verdict = False
                 raise _Retry(UpstreamTimeout(
                     f"backend {backend.backend_id} did not answer in time"), "timeout") from None
-            except aiohttp.ClientError as exc:
+            except (ConnectFailed, ResponseBroken) as exc:
                 verdict = False
                 raise _Retry(UpstreamConnectError(
-                    f"could not reach backend {backend.backend_id}: {exc.__class__.__name__}"),
-                    "connect") from None
+                    f"could not reach backend {backend.backend_id}: {exc}"), "connect") from None
             ttfb.observe(time.monotonic() - started_s)
             try:
                 status = upstream.status
@@ -218,7 +222,7 @@ class Proxy:
                 if status in _RETRY_STATUSES and not last:
                     raise _Retry(UpstreamConnectError(
                         f"backend {backend.backend_id} answered {status}"), f"status_{status}")
-                headers = response_headers(upstream.headers.items())
+                headers = response_headers(upstream.headers)
                 headers["x-request-id"] = fields.request_id
                 headers["x-kvrouter-backend"] = backend.backend_id
                 headers["x-kvrouter-predicted-hit-tokens"] = str(decision.predicted_hit_tokens)
@@ -258,18 +262,16 @@ class Proxy:
             self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
     async def _relay_whole(
-        self, upstream: aiohttp.ClientResponse, headers: Any, backend: Backend
+        self, upstream: UpstreamResponse | aiohttp.ClientResponse, headers: Any, backend: Backend
     ) -> web.Response:
+        source = _AiohttpBody(upstream) if isinstance(upstream, aiohttp.ClientResponse) else upstream
         try:
-            data = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            data = await source.read()
+        except ResponseBroken as exc:
             # Nothing was written to the client yet, so it gets a clean error instead.
             self.metrics.broken_streams.labels(backend.backend_id).inc()
-            error: RouterError = (
-                UpstreamTimeout(f"backend {backend.backend_id} stalled mid-response")
-                if isinstance(exc, TimeoutError)
-                else UpstreamConnectError(f"backend {backend.backend_id} broke the response")
-            )
+            error: RouterError = UpstreamConnectError(
+                f"backend {backend.backend_id} broke the response: {exc}")
             return error_response(error, {k: headers[k] for k in (
                 "x-request-id", "x-kvrouter-backend", "x-kvrouter-predicted-hit-tokens")})
         return web.Response(status=upstream.status, body=data, headers=headers)
@@ -277,22 +279,23 @@ class Proxy:
     async def _relay_stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse | aiohttp.ClientResponse,
         headers: Any,
         backend: Backend,
     ) -> tuple[web.StreamResponse, bool | None]:
         """Relay chunks as they arrive. Returns (response, True) at a clean end, False when
         the backend broke the stream, None when the client went away."""
+        source = _AiohttpBody(upstream) if isinstance(upstream, aiohttp.ClientResponse) else upstream
         response = web.StreamResponse(status=upstream.status, headers=headers)
         try:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await upstream.content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    chunk = await source.read_chunk()
+                except ResponseBroken as exc:
                     self.metrics.broken_streams.labels(backend.backend_id).inc()
                     error = UpstreamConnectError(
-                        f"backend {backend.backend_id} broke the stream: {exc.__class__.__name__}")
+                        f"backend {backend.backend_id} broke the stream: {exc}")
                     if upstream.content_type == _SSE:
                         await response.write(b"data: " + error_body(error) + b"\n\n")
                     await response.write_eof()
@@ -305,3 +308,24 @@ class Proxy:
             self.metrics.client_disconnects.inc()
             return response, None
         return response, True
+
+
+class _AiohttpBody:
+    """An aiohttp response read through the same calls as ``UpstreamResponse``."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.content_type = response.content_type
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ResponseBroken(exc.__class__.__name__) from None
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ResponseBroken(exc.__class__.__name__) from None

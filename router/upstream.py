@@ -1,9 +1,9 @@
-"""The HTTP client side: one shared aiohttp ``ClientSession`` to every backend.
+"""The client side's shared pieces: which headers cross the proxy, and the aiohttp session.
 
-One session per app, created in the app's start-up and closed in its clean-up, with a
-keep-alive connector so the hot path never opens a connection it could reuse. Bodies travel
-as bytes both ways: no automatic decompression and no re-serialization, so what the client
-sent is what the backend gets. Must not import other ``router`` modules except
+The proxy's hot path sends through ``router.http_client``; health checks and background loops
+use the one aiohttp ``ClientSession`` made here (created in the app's start-up, closed in its
+clean-up). Bodies and headers travel as bytes: no decompression and no re-serialization, so
+what the client sent is what the backend gets. Must not import other ``router`` modules except
 ``router.config``.
 """
 
@@ -19,6 +19,7 @@ from router.config import UpstreamConfig
 __all__ = [
     "HOP_BY_HOP",
     "client_session",
+    "forward_headers",
     "request_headers",
     "response_headers",
 ]
@@ -32,6 +33,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {"server", "date"}
+_DROP_FROM_REQUEST_BYTES = frozenset(h.encode() for h in HOP_BY_HOP | {"x-request-id"})
 
 
 def client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -53,12 +55,21 @@ def client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
 
 
 def request_headers(items: Iterable[tuple[str, str]], request_id: str) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, with ``x-request-id`` set."""
+    """For aiohttp requests: the client's headers minus hop-by-hop ones, ``x-request-id`` set."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in items:
         if name.lower() not in HOP_BY_HOP:
             out.add(name, value)
     out["x-request-id"] = request_id
+    return out
+
+
+def forward_headers(
+    raw: Iterable[tuple[bytes, bytes]], request_id: str
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as received (bytes), minus hop-by-hop ones, ``x-request-id`` set."""
+    out = [(n, v) for n, v in raw if n.lower() not in _DROP_FROM_REQUEST_BYTES]
+    out.append((b"x-request-id", request_id.encode("latin-1")))
     return out
 
 

@@ -1,0 +1,407 @@
+"""A lean HTTP/1.1 client for the proxy's hot path: keep-alive connections per backend.
+
+aiohttp's ClientSession spends more CPU per request than everything else in the router
+together (bench/README.md); the proxy needs only a small part of it: send a request head and
+a body as given, read a status, headers and a body framed by Content-Length, chunked encoding
+or connection close, chunk by chunk as it arrives. This module does exactly that on an
+``asyncio.Protocol``, with the three timeouts the proxy needs (connect, first byte, idle
+read) as loop timers. A request on a reused connection that the backend had already closed
+(no response byte yet) is resent once on a fresh connection; anything else is the caller's
+to retry. Health checks and background loops keep using aiohttp.
+
+Must not import other ``router`` modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Iterable
+from typing import cast
+from urllib.parse import urlsplit
+
+__all__ = ["ConnectFailed", "HeadTimeout", "HttpClient", "ResponseBroken", "UpstreamResponse"]
+
+_MAX_HEAD_BYTES = 64 * 1024
+_HIGH_WATER_BYTES = 256 * 1024
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+
+
+class ConnectFailed(Exception):
+    """No connection could be opened (refused, unreachable, connect timeout)."""
+
+
+class HeadTimeout(Exception):
+    """The backend sent no response head within the first-byte timeout."""
+
+
+class ResponseBroken(Exception):
+    """The connection broke, stalled past the idle timeout, or spoke bad HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout_s: float) -> None:
+        self._loop = loop
+        self._idle_timeout_s = idle_timeout_s
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.got_bytes = False
+        self._buf = bytearray()
+        self._state = _DONE
+        self._remaining = 0
+        self._keep_alive = False
+        self._head: asyncio.Future[tuple[int, list[tuple[str, str]]]] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._state == _UNTIL_CLOSE:
+            self._finish()
+        elif self._state != _DONE:
+            self._fail(ResponseBroken("the backend closed the connection mid-response"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _DONE:
+            self._abort()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        self.got_bytes = True
+        self._buf += data
+        try:
+            self._parse()
+        except (ValueError, IndexError) as exc:
+            self._fail(ResponseBroken(f"bad HTTP from the backend: {exc}"))
+            self._abort()
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes, head_only: bool) -> None:
+        assert self.transport is not None
+        self._state = _HEAD
+        self._head_only = head_only
+        self._buf.clear()
+        self._chunks.clear()
+        self._buffered = 0
+        self._error = None
+        self.got_bytes = False
+        self._head = self._loop.create_future()
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while buf:
+            state = self._state
+            if state == _HEAD:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_HEAD_BYTES:
+                        raise ValueError("response head too large")
+                    return
+                self._on_head(bytes(buf[:end]))
+                del buf[: end + 4]
+            elif state == _LENGTH or state == _CHUNK_DATA:
+                take = min(self._remaining, len(buf))
+                self._push(bytes(buf[:take]))
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    if state == _LENGTH:
+                        self._finish()
+                    else:
+                        self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    return
+                if buf[:2] != b"\r\n":
+                    raise ValueError("missing CRLF after a chunk")
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise ValueError("chunk size line too long")
+                    return
+                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
+                del buf[: end + 2]
+                if size == 0:
+                    self._state = _TRAILERS
+                else:
+                    self._remaining, self._state = size, _CHUNK_DATA
+            elif state == _TRAILERS:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return
+                del buf[: end + 2]
+                if end == 0:
+                    self._finish()
+            elif state == _UNTIL_CLOSE:
+                self._push(bytes(buf))
+                buf.clear()
+            else:
+                raise ValueError("data after the end of the response")
+
+    def _on_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise ValueError(f"not an HTTP/1 status line: {lines[0][:40]!r}")
+        status = int(rest[:3])
+        headers: list[tuple[str, str]] = []
+        length = -1
+        chunked = False
+        connection = b""
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif name == b"connection":
+                connection = value.lower()
+            headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+        if 100 <= status < 200:
+            return  # an interim response (100 Continue): the real head follows
+        self._keep_alive = version == b"HTTP/1.1" and b"close" not in connection
+        if self._head_only or status in (204, 304):
+            self._state, self._remaining = _LENGTH, 0
+        elif chunked:
+            self._state = _CHUNK_SIZE
+        elif length >= 0:
+            self._state, self._remaining = _LENGTH, length
+        else:
+            self._state, self._keep_alive = _UNTIL_CLOSE, False
+        assert self._head is not None
+        if not self._head.done():
+            self._head.set_result((status, headers))
+        if self._state == _LENGTH and self._remaining == 0:
+            self._finish()
+
+    def _push(self, data: bytes) -> None:
+        if not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER_BYTES and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._state = _DONE
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._state = _DONE
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- reading (by UpstreamResponse) -------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self._state == _DONE and self._error is None and not self._chunks
+
+    async def read_chunk(self) -> bytes:
+        while not self._chunks:
+            if self._state == _DONE:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(self._idle_timeout_s, self._on_idle_timeout)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._paused and self._buffered < _HIGH_WATER_BYTES // 4 and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def _on_idle_timeout(self) -> None:
+        self._fail(ResponseBroken(f"no data from the backend for {self._idle_timeout_s} s"))
+        self._abort()
+
+    def reusable(self) -> bool:
+        return self.complete and self._keep_alive and not self.closed
+
+
+class UpstreamResponse:
+    """One response; ``release()`` (or ``close()``) must be called exactly once."""
+
+    __slots__ = ("_client", "_conn", "_key", "headers", "status")
+
+    def __init__(self, client: HttpClient, key: tuple[str, int, bool], conn: _Connection,
+                 status: int, headers: list[tuple[str, str]]) -> None:
+        self._client = client
+        self._key = key
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+
+    @property
+    def content_type(self) -> str:
+        for name, value in self.headers:
+            if name == "content-type":
+                return value.split(";", 1)[0].strip().lower()
+        return ""
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of body as it arrived; b"" at the end. Raises ResponseBroken."""
+        return await self._conn.read_chunk()
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self._conn.read_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Give the connection back for reuse if the response was read to its end."""
+        self._client._put(self._key, self._conn)
+
+    def close(self) -> None:
+        """Drop the connection now: the backend sees a disconnect and stops generating."""
+        self._conn._abort()
+
+
+class HttpClient:
+    def __init__(self, connect_timeout_s: float, first_byte_timeout_s: float,
+                 read_idle_timeout_s: float, max_idle_per_backend: int = 256) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._first_byte_timeout_s = first_byte_timeout_s
+        self._idle_timeout_s = read_idle_timeout_s
+        self._max_idle = max_idle_per_backend
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._targets: dict[str, tuple[tuple[str, int, bool], bytes, bytes]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _target(self, base_url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
+        """(connection key, Host header line, path prefix) of a backend base URL, memoised."""
+        target = self._targets.get(base_url)
+        if target is None:
+            parts = urlsplit(base_url)
+            tls = parts.scheme == "https"
+            host = parts.hostname or "127.0.0.1"
+            port = parts.port or (443 if tls else 80)
+            target = ((host, port, tls), f"Host: {parts.netloc}\r\n".encode(),
+                      parts.path.rstrip("/").encode())
+            self._targets[base_url] = target
+        return target
+
+    async def request(self, base_url: str, method: str, path: bytes,
+                      headers: Iterable[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        """Send one request and wait for the response head (not the body)."""
+        key, host_line, prefix = self._target(base_url)
+        lines = [method.encode(), b" ", prefix, path, b" HTTP/1.1\r\n", host_line]
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        head = b"".join(lines)
+        for _ in range(2):
+            conn, reused = self._take(key)
+            if conn is None:
+                conn = await self._connect(key)
+            conn.send(head, body, head_only=method == "HEAD")
+            assert conn._head is not None
+            timer = asyncio.get_running_loop().call_later(
+                self._first_byte_timeout_s, _head_timeout, conn)
+            try:
+                status, response_headers = await conn._head
+            except ResponseBroken:
+                if reused and not conn.got_bytes:
+                    continue  # a stale keep-alive connection: resend once on a fresh one
+                raise
+            except BaseException:
+                conn._abort()
+                raise
+            finally:
+                timer.cancel()
+            return UpstreamResponse(self, key, conn, status, response_headers)
+        raise ResponseBroken("the backend closed two connections before answering")
+
+    def _take(self, key: tuple[str, int, bool]) -> tuple[_Connection | None, bool]:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        return None, False
+
+    def _put(self, key: tuple[str, int, bool], conn: _Connection) -> None:
+        if not conn.reusable():
+            conn._abort()
+            return
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self._max_idle:
+            conn._abort()
+        else:
+            idle.append(conn)
+
+    async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
+        host, port, tls = key
+        loop = asyncio.get_running_loop()
+        if tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                transport, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self._idle_timeout_s), host, port,
+                    ssl=self._ssl if tls else None)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectFailed(f"{exc.__class__.__name__}: {exc}") from None
+        # uvloop may call connection_made after create_connection returns; its transports
+        # are not asyncio.Transport subclasses, hence the cast.
+        conn.transport = cast(asyncio.Transport, transport)
+        return conn
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn._abort()
+        self._idle.clear()
+
+
+def _head_timeout(conn: _Connection) -> None:
+    if conn._head is not None and not conn._head.done():
+        conn._head.set_exception(HeadTimeout())
+        conn._state = _DONE
+        conn._abort()

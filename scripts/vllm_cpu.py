@@ -197,13 +197,22 @@ def _finish(venv: Path, status: BuildStatus) -> BuildStatus:
     return _write_status(venv, status)
 
 
-def build(venv: Path = VENV, force: bool = False) -> BuildStatus:
-    """Create (or reuse) the vLLM venv and the tiny model; record and return the outcome."""
+def build(
+    venv: Path = VENV, force: bool = False, *,
+    requirements: Sequence[str] = REQUIREMENTS, pip_args: Sequence[str] = (),
+) -> BuildStatus:
+    """Create (or reuse) the vLLM venv and the tiny model; record and return the outcome.
+
+    ``requirements`` and ``pip_args`` exist for the tests of the outcome classification
+    (e.g. ``--no-index``); the defaults are the real build.
+    """
     with _build_lock(venv):
-        return _build_locked(venv, force)
+        return _build_locked(venv, force, tuple(requirements), tuple(pip_args))
 
 
-def _build_locked(venv: Path, force: bool) -> BuildStatus:
+def _build_locked(
+    venv: Path, force: bool, requirements: tuple[str, ...], pip_args: tuple[str, ...]
+) -> BuildStatus:
     python = str(venv / "bin" / "python")
     model_dir = str(venv / MODEL_NAME)
     machine = platform.machine().lower()
@@ -223,8 +232,8 @@ def _build_locked(venv: Path, force: bool) -> BuildStatus:
         venv.mkdir(parents=True)
         steps: list[tuple[list[str], float]] = [
             ([sys.executable, "-m", "venv", str(venv)], 300),
-            ([python, "-m", "pip", "install", "-q", "-U", "pip"], 600),
-            ([python, "-m", "pip", "install", "-q", *REQUIREMENTS], 1800),
+            ([python, "-m", "pip", "install", "-q", "-U", *pip_args, "pip"], 600),
+            ([python, "-m", "pip", "install", "-q", *pip_args, *requirements], 1800),
             ([python, "-m", "pip", "uninstall", "-q", "-y", *REMOVE], 300),
         ]
         for cmd, timeout_s in steps:

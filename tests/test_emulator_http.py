@@ -1,0 +1,275 @@
+"""The emulator's vLLM-compatible HTTP API against real local servers: completions and chat,
+streaming and not, cached_tokens growing on a repeated prefix, metric names, tokenize, errors,
+and the SGLang flavour."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulator.emulator import EmulatedCluster
+from simulator.emulator_pod import ByteCodec, load_codec
+
+MODEL = "tiny-llama"
+LONG_PROMPT = "the system prompt of a tenant with a long shared prefix. " * 20
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[EmulatedCluster]:
+    async with EmulatedCluster(count=2, time_scale=100.0, block_size=16) as c:
+        yield c
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        yield s
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def sse(s: aiohttp.ClientSession, url: str, body: Any) -> list[Any]:
+    async with s.post(url, json=body) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        text = await r.text()
+    events = [line[len("data: ") :] for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+async def test_completion_cached_tokens_grow_on_a_repeated_prefix(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    url = cluster.urls[0] + "/v1/completions"
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4}
+    status, first = await post(session, url, body)
+    assert status == 200
+    assert first["object"] == "text_completion"
+    assert first["choices"][0]["finish_reason"] == "length"
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert first["usage"]["completion_tokens"] == 4
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    status, second = await post(session, url, body)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (prompt_tokens - 1) // 16 * 16 > 0
+    assert second["choices"][0]["text"] == first["choices"][0]["text"] != ""
+    # A longer prompt sharing the prefix hits the same blocks; the other pod has nothing.
+    status, third = await post(
+        session, url, {**body, "prompt": LONG_PROMPT + " and a new question?"}
+    )
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] >= cached
+    status, other = await post(session, cluster.urls[1] + "/v1/completions", body)
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+async def test_token_id_prompt_matches_text_prompt(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    base = cluster.urls[0]
+    status, tok = await post(session, base + "/tokenize", {"model": MODEL, "prompt": LONG_PROMPT})
+    assert status == 200 and tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 8192
+    await post(
+        session, base + "/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1}
+    )
+    status, by_ids = await post(
+        session,
+        base + "/v1/completions",
+        {"model": MODEL, "prompt": tok["tokens"], "max_tokens": 1},
+    )
+    assert by_ids["usage"]["prompt_tokens"] == tok["count"]
+    assert by_ids["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    status, detok = await post(
+        session, base + "/detokenize", {"model": MODEL, "tokens": tok["tokens"]}
+    )
+    assert detok["prompt"] == LONG_PROMPT
+
+
+async def test_streaming_completion_with_usage(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    chunks = await sse(
+        session,
+        cluster.urls[0] + "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": "hello",
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len(texts) == 5
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None] * 4 + [
+        "length"
+    ]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert "prompt_tokens_details" in chunks[-1]["usage"]
+
+
+async def test_chat_streaming_first_chunk_is_the_role(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    messages = [{"role": "system", "content": LONG_PROMPT}, {"role": "user", "content": "hi"}]
+    chunks = await sse(
+        session,
+        cluster.urls[0] + "/v1/chat/completions",
+        {"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True},
+    )
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(chunks) == 4 and all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # Non-streaming chat of the same conversation hits the cached system prompt.
+    status, reply = await post(
+        session,
+        cluster.urls[0] + "/v1/chat/completions",
+        {"model": MODEL, "messages": messages, "max_tokens": 2},
+    )
+    assert status == 200 and reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    status, tok = await post(
+        session, cluster.urls[0] + "/tokenize", {"model": MODEL, "messages": messages}
+    )
+    assert tok["count"] == reply["usage"]["prompt_tokens"]
+
+
+async def test_metrics_have_vllm_names_and_labels(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 3}
+    await post(session, cluster.urls[0] + "/v1/completions", body)
+    await post(session, cluster.urls[0] + "/v1/completions", body)
+    async with session.get(cluster.urls[0] + "/metrics") as r:
+        found = metrics(await r.text())
+    labels = (("engine", "0"), ("model_name", MODEL))
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+    ):
+        assert labels in found[name], name
+    assert found["vllm:generation_tokens_total"][labels] == 6
+    assert found["vllm:time_to_first_token_seconds_count"][labels] == 2
+    queries = found["vllm:prefix_cache_queries_total"][labels]
+    hits = found["vllm:prefix_cache_hits_total"][labels]
+    assert 0 < hits < queries
+    (info_labels,) = found["vllm:cache_config_info"]
+    assert dict(info_labels)["block_size"] == "16"
+    assert dict(info_labels)["num_gpu_blocks"] == "4096"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"prompt": "hi"}, 400, "model"),
+        ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 9000}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": {"x": 1}}, 400, "prompt"),
+        ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ],
+    ids=["missing-model", "unknown-model", "too-long", "zero-max-tokens", "bad-prompt", "empty"],
+)
+async def test_rejects_like_vllm(
+    cluster: EmulatedCluster,
+    session: aiohttp.ClientSession,
+    body: dict[str, Any],
+    status: int,
+    fragment: str,
+) -> None:
+    got, answer = await post(session, cluster.urls[0] + "/v1/completions", body)
+    assert got == status
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["code"] == status
+    assert fragment in answer["error"]["message"]
+
+
+async def test_bad_json_and_info_endpoints(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    base = cluster.urls[0]
+    async with session.post(base + "/v1/chat/completions", data=b"{not json") as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["type"] == "BadRequestError"
+    async with session.get(base + "/health") as r:
+        assert r.status == 200
+    async with session.get(base + "/v1/models") as r:
+        data = (await r.json())["data"]
+    assert data[0]["id"] == MODEL and data[0]["max_model_len"] == 8192
+    async with session.get(base + "/kv_event_sources") as r:
+        (source,) = await r.json()
+    assert source["endpoint"].startswith("tcp://*:") and source["topic"] == "kv@pod-0"
+    assert source["replay_endpoint"].startswith("tcp://*:")
+
+
+async def test_reset_prefix_cache_drops_hits(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    url = cluster.urls[0] + "/v1/completions"
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 1}
+    await post(session, url, body)
+    async with session.post(cluster.urls[0] + "/reset_prefix_cache") as r:
+        assert r.status == 200
+    _status, again = await post(session, url, body)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+async def test_sglang_flavour(session: aiohttp.ClientSession) -> None:
+    async with EmulatedCluster(
+        count=1, engine="sglang", time_scale=100.0, kv_events_endpoint=None
+    ) as c:
+        base = c.urls[0]
+        body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 2}
+        await post(session, base + "/v1/completions", body)
+        _status, second = await post(session, base + "/v1/completions", body)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        async with session.get(base + "/get_server_info") as r:
+            info = await r.json()
+        assert info["page_size"] == 16 and info["context_length"] == 8192
+        async with session.get(base + "/get_model_info") as r:
+            assert (await r.json())["is_generation"] is True
+        async with session.get(base + "/metrics") as r:
+            found = metrics(await r.text())
+        for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"):
+            assert (("model_name", MODEL),) in found[name]
+        rate = found["sglang:cache_hit_rate"][(("model_name", MODEL),)]
+        assert 0.3 < rate < 0.6  # the second of two identical prompts hit almost all of it
+        assert not any(name.startswith("vllm:") for name in found)
+        async with session.get(base + "/kv_event_sources") as r:
+            assert await r.json() == []
+
+
+def test_byte_fallback_is_deterministic_and_reversible(tmp_path: Any) -> None:
+    codec = load_codec(tmp_path / "no-tokenizer-here")
+    assert isinstance(codec, ByteCodec)
+    ids = codec.encode("héllo")
+    assert ids == codec.encode("héllo") and codec.decode(ids) == "héllo"
+    assert codec.chat([{"role": "user", "content": "hi"}], True) == codec.encode(
+        "user: hi\nassistant: "
+    )

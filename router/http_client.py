@@ -389,8 +389,8 @@ class HttpClient:
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"{exc.__class__.__name__}: {exc}") from None
         # uvloop may call connection_made after create_connection returns; its transports
-        # are not asyncio.Transport subclasses, hence the cast.
-        conn.transport = cast(asyncio.Transport, transport)
+        # are not asyncio.Transport subclasses (connection_made casts).
+        conn.transport = transport
         return conn
 
     def close(self) -> None:

@@ -71,6 +71,7 @@ class RouterMetrics:
         )
         # Label children cached per backend: .labels() is a dict lookup plus a lock each call.
         self._per_backend: dict[str, tuple[Gauge, Histogram, Histogram]] = {}
+        self._counts: dict[tuple[str, int], Counter] = {}
 
     def for_backend(self, backend: str) -> tuple[Gauge, Histogram, Histogram]:
         """(in-flight gauge, duration histogram, ttfb histogram) for one backend."""
@@ -85,4 +86,8 @@ class RouterMetrics:
         return children
 
     def count(self, backend: str, status: int) -> None:
-        self.requests.labels(backend, str(status), self.policy).inc()
+        child = self._counts.get((backend, status))
+        if child is None:
+            child = self._counts[(backend, status)] = self.requests.labels(
+                backend, str(status), self.policy)
+        child.inc()

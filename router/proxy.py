@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -126,7 +126,7 @@ class Proxy:
 
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         started_s = time.monotonic()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         try:
             body, fields, route_request = await self.read_request(request, endpoint, request_id)
             return await self._dispatch(request, body, fields, route_request, started_s)
@@ -258,7 +258,8 @@ class Proxy:
                 backend.breaker.on_failure(time.monotonic())
             else:
                 backend.breaker.on_abandoned()
-            self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
+            if backend.breaker.state:  # closed is the common case; /metrics exports it too
+                self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
             self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
     async def _relay_whole(

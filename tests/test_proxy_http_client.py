@@ -1,0 +1,150 @@
+"""The proxy's lean HTTP/1.1 client against raw servers that send crafted bytes on real
+sockets: framing (length, chunked split anywhere, until close), interim responses, keep-alive
+reuse and the stale-connection resend, timeouts and broken bodies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.http_client import ConnectFailed, HeadTimeout, HttpClient, ResponseBroken
+
+
+class RawServer:
+    """Answers each request with the next canned reply, written in the given pieces."""
+
+    def __init__(self, replies: list[list[bytes]], close_after: bool = False,
+                 delay_s: float = 0.0) -> None:
+        self.replies = replies
+        self.close_after = close_after
+        self.delay_s = delay_s
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.replies:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.requests.append(head + await reader.readexactly(length))
+                await asyncio.sleep(self.delay_s)
+                for piece in self.replies.pop(0):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def client(**kw: float) -> HttpClient:
+    return HttpClient(kw.get("connect", 5.0), kw.get("first_byte", 10.0), kw.get("idle", 10.0))
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+           b"\r\n7\r\ndata: a\r\n9;ext=1\r\ndata: bcd\r\n0\r\nX-Trailer: 1\r\n\r\n")
+
+FRAMINGS = [
+    ("length-one-piece", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"], b"hello", True),
+    ("length-split", [b"HTTP/1.1 200 OK\r\nConte", b"nt-Length: 5\r\n\r\nhe", b"llo"], b"hello",
+     True),
+    ("chunked-one-piece", [CHUNKED], b"data: adata: bcd", True),
+    ("chunked-byte-by-byte", [CHUNKED[i:i + 1] for i in range(len(CHUNKED))],
+     b"data: adata: bcd", True),
+    ("until-close", [b"HTTP/1.0 200 OK\r\n\r\nold ", b"style"], b"old style", False),
+    ("interim-100", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2"
+                     b"\r\n\r\nok"], b"ok", True),
+    ("no-content", [b"HTTP/1.1 204 No Content\r\n\r\n"], b"", True),
+]
+
+
+@pytest.mark.parametrize(("pieces", "body", "reusable"), [f[1:] for f in FRAMINGS],
+                         ids=[f[0] for f in FRAMINGS])
+async def test_framings(pieces, body, reusable):
+    server = RawServer([pieces, [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"]],
+                       close_after=not reusable)
+    async with server as url:
+        http = client()
+        response = await http.request(url, "POST", b"/v1/x?q=1", [(b"X-A", b"1")], b"{}")
+        assert await response.read() == body
+        response.release()
+        assert server.requests[0].startswith(b"POST /v1/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert b"X-A: 1\r\n" in server.requests[0] and server.requests[0].endswith(b"\r\n\r\n{}")
+        if reusable:  # the second request goes over the same connection
+            second = await http.request(url, "POST", b"/", [], b"")
+            assert (second.status, await second.read()) == (200, b"hi")
+            second.release()
+            assert server.connections == 1
+        http.close()
+
+
+async def test_stale_keep_alive_connection_is_resent_once():
+    server = RawServer([[b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"],
+                        [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"]], close_after=True)
+    async with server as url:
+        http = client()
+        first = await http.request(url, "POST", b"/", [], b"1")
+        assert await first.read() == b"a"
+        first.release()  # kept: the head did not say close, but the server closes after it
+        await asyncio.sleep(0.1)
+        second = await http.request(url, "POST", b"/", [], b"2")
+        assert await second.read() == b"b"
+        second.release()
+        assert server.connections == 2
+        http.close()
+
+
+async def test_head_timeout_and_connect_failure():
+    server = RawServer([[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]], delay_s=5)
+    async with server as url:
+        http = client(first_byte=0.2)
+        with pytest.raises(HeadTimeout):
+            await http.request(url, "POST", b"/", [], b"")
+        http.close()
+    http = client(connect=1.0)
+    with pytest.raises(ConnectFailed):
+        await http.request(url, "POST", b"/", [], b"")
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"],
+     [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"],
+     [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+     [b"SPDY/3 200 OK\r\n\r\n"]],
+    ids=["length-cut", "chunked-cut", "bad-chunk-size", "not-http1"],
+)
+async def test_broken_bodies_raise(pieces):
+    async with RawServer([pieces], close_after=True) as url:
+        http = client()
+        with pytest.raises(ResponseBroken):
+            response = await http.request(url, "POST", b"/", [], b"")
+            await response.read()
+        http.close()
+
+
+async def test_idle_timeout_mid_body_and_chunks_arrive_as_sent():
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n"]
+    async with RawServer([pieces, [b""]]) as url:  # then silence, the connection open
+        http = client(idle=0.3)
+        response = await http.request(url, "GET", b"/", [], b"")
+        assert await response.read_chunk() == b"one"
+        with pytest.raises(ResponseBroken, match="no data"):
+            await response.read_chunk()
+        response.release()
+        http.close()

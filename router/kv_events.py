@@ -1,0 +1,285 @@
+"""KV-event ingestion: engines' ZMQ streams -> ``PrefixIndex.apply``, with gaps closed by replay.
+
+Sockets. vLLM's publisher BINDS when its endpoint contains ``*`` or ``::`` or is ``ipc://`` /
+``inproc://``, and CONNECTS otherwise. So for each source the router CONNECTS a SUB socket to
+binding engines (``*`` replaced by the backend's host) and BINDS one for connecting engines;
+sources naming the same bind address share one socket (fan-in) and are told apart by topic.
+
+Streams. Each (socket, topic, data-parallel rank) is one stream with an expected sequence
+number; batches are applied strictly in order:
+
+- seq == expected: apply;
+- seq > expected (gap, e.g. the PUB dropped messages): ask the engine's REPLAY socket (DEALER,
+  ``[b"", start_seq]``) for everything from ``expected``, hold live messages meanwhile, apply
+  the answer, then the held messages not already covered;
+- seq < expected on the live socket: the engine restarted (sequences restart at 0): clear the
+  backend in the index (``AllBlocksCleared``), then continue from this message (replaying from 0
+  when it is not 0);
+- start-up (the router joining late) asks every source's replay socket for everything from 0, so
+  blocks cached before the router started are known.
+
+A replay answer that starts after the asked sequence means the engine's buffer moved on: the
+gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
+send requests to caches that no longer hold them). A source without a replay endpoint accepts
+gaps and counts them. Malformed messages are counted and skipped; nothing a source sends can
+stop the loop. Lag (engine ``ts`` to applied, wall clock) is a histogram.
+
+Must not import aiohttp or ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import zmq
+import zmq.asyncio
+
+from policies.events import AllBlocksCleared, BlockStored, KvEvent
+from policies.types import BackendId, BlockHash
+from router.kv_metrics import KvMetrics
+from router.kv_sources import KvEventSource, subscribe_plan
+from router.kv_wire import DecodedBatch, WireError, decode_live, decode_replay, replay_request
+
+__all__ = ["EventSink", "KvEventIngestor", "StoredObserver"]
+
+log = logging.getLogger("kvrouter.kv_events")
+
+
+class EventSink(Protocol):
+    """What ingestion needs from ``policies.index.PrefixIndex``."""
+
+    def apply(self, backend_id: BackendId, event: KvEvent, now_s: float) -> tuple[BlockHash, ...]:
+        ...
+
+
+StoredObserver = Callable[[BackendId, BlockStored, tuple[BlockHash, ...]], None]
+"""Called with each applied BlockStored and the router hashes it indexed (token parity)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    source: KvEventSource
+    rank: int
+    next_seq: int | None = None
+    last_ts: float = float("-inf")
+    replaying: bool = False
+    held: list[DecodedBatch] = field(default_factory=list)
+
+
+class KvEventIngestor:
+    """Background KV-event ingestion for a set of sources; ``run()`` is the app's task."""
+
+    def __init__(
+        self,
+        sink: EventSink,
+        sources: list[KvEventSource],
+        metrics: KvMetrics,
+        *,
+        now_s: Callable[[], float] = time.monotonic,
+        wall_s: Callable[[], float] = time.time,
+        replay_timeout_s: float = 5.0,
+        replay_on_start: bool = True,
+        on_stored: StoredObserver | None = None,
+        on_backend_live: Callable[[BackendId], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.sources = list(sources)
+        self.metrics = metrics
+        self._now_s = now_s
+        self._wall_s = wall_s
+        self.replay_timeout_s = replay_timeout_s
+        self.replay_on_start = replay_on_start
+        self.on_stored = on_stored
+        self.on_backend_live = on_backend_live
+        self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
+        self._replay_tasks: set[asyncio.Task[None]] = set()
+        self._ctx: zmq.asyncio.Context | None = None
+        self.ready = asyncio.Event()
+        """Set once every socket is bound/connected and start-up replays have finished."""
+        self.applied_batches = 0
+
+    async def run(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        sockets: list[zmq.asyncio.Socket] = []
+        try:
+            plan = subscribe_plan(self.sources)
+            readers = []
+            for address, bind, sources in plan:
+                sock = self._ctx.socket(zmq.SUB)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, 100_000)
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+                if bind:
+                    sock.bind(address)
+                else:
+                    sock.connect(address)
+                sockets.append(sock)
+                readers.append(self._read(sock, address, sources))
+            # Readers run during the start-up replays; a stream being replayed holds its live
+            # messages, so nothing is applied twice or out of order.
+            await asyncio.gather(self._start(), *readers)
+        finally:
+            for task in list(self._replay_tasks):
+                task.cancel()
+            for task in list(self._replay_tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for sock in sockets:
+                sock.close(linger=0)
+            self._ctx.term()
+
+    async def _start(self) -> None:
+        if self.replay_on_start:
+            for source in self.sources:
+                if source.replay_endpoint is not None:
+                    self._spawn_replay(self._stream(source, 0), 0)
+            while self._replay_tasks:
+                await asyncio.wait(set(self._replay_tasks))
+        self.ready.set()
+
+    # ---- live messages ----------------------------------------------------------------------
+
+    async def _read(self, sock: zmq.asyncio.Socket, address: str,
+                    sources: list[KvEventSource]) -> None:
+        by_topic = {s.topic: s for s in sources}
+        catch_all = sources[0] if len(sources) == 1 and not sources[0].topic else None
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                decoded = decode_live(frames)
+            except WireError as exc:
+                self.metrics.malformed.labels(sources[0].backend_id if len(sources) == 1
+                                              else address).inc()
+                log.debug("malformed KV-event message on %s: %s", address, exc)
+                continue
+            source = by_topic.get(decoded.topic) or catch_all
+            if source is None:
+                self.metrics.unknown_topic.inc()
+                continue
+            try:
+                self._on_live(self._stream(source, decoded.batch.data_parallel_rank), decoded)
+            except Exception:  # a bug on one message must not stop ingestion
+                log.exception("applying KV events from %s failed", source.backend_id)
+                self.metrics.malformed.labels(source.backend_id).inc()
+
+    def _stream(self, source: KvEventSource, rank: int) -> _Stream:
+        key = (source.backend_id, source.topic, rank)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream(source, rank)
+        return stream
+
+    def _on_live(self, stream: _Stream, decoded: DecodedBatch) -> None:
+        if stream.replaying:
+            stream.held.append(decoded)
+            return
+        expected = stream.next_seq
+        seq = decoded.seq
+        if expected is not None and seq < expected:
+            if decoded.batch.ts <= stream.last_ts:
+                return  # a copy of a batch a replay already applied
+            self.metrics.restarts.labels(stream.source.backend_id).inc()
+            log.info("KV events from %s restarted at seq %d (expected %d): clearing its blocks",
+                     stream.source.backend_id, seq, expected)
+            self._clear(stream)
+            expected = stream.next_seq = None
+        if (expected is None and seq == 0) or seq == expected:
+            self._apply(stream, decoded)
+            return
+        # A gap (or a first message that is not the stream's first): fill it from the buffer.
+        if expected is not None:
+            self.metrics.gaps.labels(stream.source.backend_id).inc()
+        if stream.source.replay_endpoint is None:
+            self._apply(stream, decoded)
+            return
+        stream.held.append(decoded)
+        self._spawn_replay(stream, expected or 0)
+
+    def _apply(self, stream: _Stream, decoded: DecodedBatch) -> None:
+        backend = stream.source.backend_id
+        if decoded.skipped:
+            self.metrics.malformed.labels(backend).inc(decoded.skipped)
+        now_s = self._now_s()
+        for event in decoded.batch.events:
+            stored = self.sink.apply(backend, event, now_s)
+            self.metrics.events.labels(backend, type(event).__name__).inc()
+            if self.on_stored is not None and isinstance(event, BlockStored):
+                self.on_stored(backend, event, stored)
+        self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
+        stream.next_seq = decoded.seq + 1
+        stream.last_ts = max(stream.last_ts, decoded.batch.ts)
+        self.applied_batches += 1
+        if self.on_backend_live is not None:
+            self.on_backend_live(backend)
+
+    def _clear(self, stream: _Stream) -> None:
+        self.sink.apply(stream.source.backend_id, AllBlocksCleared(), self._now_s())
+
+    # ---- replay -----------------------------------------------------------------------------
+
+    def _spawn_replay(self, stream: _Stream, start_seq: int) -> None:
+        stream.replaying = True
+        task = asyncio.get_running_loop().create_task(self._replay(stream, start_seq))
+        self._replay_tasks.add(task)
+        task.add_done_callback(self._replay_tasks.discard)
+
+    async def _replay(self, stream: _Stream, start_seq: int) -> None:
+        backend = stream.source.backend_id
+        assert self._ctx is not None and stream.source.replay_endpoint is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        outcome = "ok"
+        try:
+            sock.connect(stream.source.replay_address())
+            await sock.send_multipart(replay_request(start_seq))
+            first = True
+            while True:
+                frames = await asyncio.wait_for(sock.recv_multipart(), self.replay_timeout_s)
+                try:
+                    decoded = decode_replay(frames)
+                except WireError:
+                    self.metrics.malformed.labels(backend).inc()
+                    continue
+                if decoded is None:
+                    break
+                if first and decoded.seq > start_seq:
+                    outcome = "incomplete"
+                    self.metrics.unrecovered.labels(backend).inc()
+                    self._clear(stream)
+                first = False
+                if stream.next_seq is None or decoded.seq >= stream.next_seq:
+                    self._apply(stream, decoded)
+        except TimeoutError:
+            outcome = "timeout"
+        except zmq.ZMQError as exc:
+            outcome = "error"
+            log.warning("replay from %s failed: %s", backend, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            outcome = "error"
+            log.exception("replay from %s failed", backend)
+        finally:
+            sock.close(linger=0)
+            self.metrics.replays.labels(backend, outcome).inc()
+        self._drain(stream)
+
+    def _drain(self, stream: _Stream) -> None:
+        """Apply live messages held during a replay, in order, skipping what it covered."""
+        held = sorted(stream.held, key=lambda d: d.seq)
+        stream.held = []
+        stream.replaying = False
+        for i, decoded in enumerate(held):
+            if stream.next_seq is not None and decoded.seq < stream.next_seq:
+                continue
+            self._on_live(stream, decoded)
+            if stream.replaying:  # another gap: the new replay takes the rest
+                stream.held.extend(held[i + 1 :])
+                return
+

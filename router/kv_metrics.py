@@ -1,0 +1,103 @@
+"""Prometheus metrics of the router's KV plumbing: event ingestion, freshness, tokenizing,
+parity and engine scraping, registered in the app's own ``CollectorRegistry``.
+
+Must not import aiohttp, zmq or other ``router`` modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["KvMetrics"]
+
+# Event lag spans sub-millisecond (same host) to seconds (a stalled subscriber).
+_LAG_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  5.0, 10.0)
+
+
+class KvMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.events = Counter(
+            "kvrouter_kv_events", "KV events applied to the prefix index, by backend and type.",
+            ["backend", "type"], registry=r,
+        )
+        self.malformed = Counter(
+            "kvrouter_kv_events_malformed",
+            "KV-event messages (or events inside them) that could not be decoded; skipped.",
+            ["backend"], registry=r,
+        )
+        self.lag = Histogram(
+            "kvrouter_kv_event_lag_seconds",
+            "Engine timestamp of a KV-event batch to the moment it is applied to the index.",
+            ["backend"], buckets=_LAG_BUCKETS_S, registry=r,
+        )
+        self.gaps = Counter(
+            "kvrouter_kv_event_gaps", "Sequence gaps seen in a backend's KV-event stream.",
+            ["backend"], registry=r,
+        )
+        self.unrecovered = Counter(
+            "kvrouter_kv_event_gaps_unrecovered",
+            "Gaps the replay socket could not fill (its buffer had moved on); the backend's "
+            "index entries were cleared.", ["backend"], registry=r,
+        )
+        self.replays = Counter(
+            "kvrouter_kv_event_replays", "Replay requests sent, by backend and outcome.",
+            ["backend", "outcome"], registry=r,
+        )
+        self.restarts = Counter(
+            "kvrouter_kv_event_engine_restarts",
+            "Sequence resets (engine restarts); the backend's index entries were cleared.",
+            ["backend"], registry=r,
+        )
+        self.unknown_topic = Counter(
+            "kvrouter_kv_events_unknown_topic", "Messages whose topic matches no configured "
+            "source.", registry=r,
+        )
+        self.index_entries = Gauge(
+            "kvrouter_index_entries", "(block, backend) pairs in the prefix index.", registry=r,
+        )
+        self.index_bytes = Gauge(
+            "kvrouter_index_bytes", "Estimated memory of the prefix index.", registry=r,
+        )
+        self.tokenize_fallback = Counter(
+            "kvrouter_tokenize_fallback",
+            "Requests routed on a character estimate (no tokenizer for the model, or a prompt "
+            "the tokenizer rejected), by model.", ["model"], registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "kvrouter_tokenize_seconds", "Time to tokenize and hash one prompt (thread pool).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25), registry=r,
+        )
+        self.tokenize_reused = Counter(
+            "kvrouter_tokenize_reused_tokens",
+            "Prompt tokens served from the tokenizer's prefix cache instead of encoded.",
+            ["model"], registry=r,
+        )
+        self.parity_checked = Counter(
+            "kvrouter_token_parity_checked_blocks",
+            "Engine-stored blocks compared with the router's own blocks for the same request.",
+            ["model"], registry=r,
+        )
+        self.parity_mismatch = Counter(
+            "kvrouter_token_parity_mismatch",
+            "Engine-stored blocks that differ from what the router computed for the request "
+            "(a wrong chat template or tokenizer).", ["model"], registry=r,
+        )
+        self.scrape_errors = Counter(
+            "kvrouter_engine_scrape_errors", "Failed /metrics scrapes of backends.",
+            ["backend"], registry=r,
+        )
+        self.scrape_age = Gauge(
+            "kvrouter_engine_scrape_age_seconds", "Seconds since the backend's last good scrape.",
+            ["backend"], registry=r,
+        )
+
+    def watch_index(self, entries: Callable[[], float], nbytes: Callable[[], float]) -> None:
+        """Read the index size at scrape time instead of after every event."""
+        self.index_entries.set_function(entries)
+        self.index_bytes.set_function(nbytes)

@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokenizer directory for text traces (default: the tiny one)",
     )
+    parser.add_argument(
+        "--prefill-backends",
+        default=None,
+        help="prefill/decode disaggregation: K prefill + (backends - K) decode engines, or a "
+        "comma list (0 = all mixed, through the same code); decider parameters come from the "
+        "config file's disaggregation: section (see docs/disaggregation.md)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -176,6 +183,14 @@ def run(args: argparse.Namespace) -> int:
         for config in configs
         for name in policies
     ]
+    if args.prefill_backends is not None:
+        from simulator.sim_disagg import disagg_specs
+
+        try:
+            specs = disagg_specs(specs, args.prefill_backends, args.config)
+        except ValueError as exc:
+            print(f"kvrouter simulate: {exc}", file=sys.stderr)
+            return 2
     try:
         results = run_all(specs, jobs=args.jobs, total_requests=total, show_progress=not args.quiet)
     except (ValueError, TraceError) as exc:

@@ -75,6 +75,9 @@ class RunSpec:
     max_requests: int | None = None
     tokenizer: str | None = None
     label: str = ""
+    # Prefill/decode disaggregation (simulator.sim_disagg): prefill engine count, None = off.
+    prefill_backends: int | None = None
+    disagg_params: Mapping[str, object] = field(default_factory=dict)
 
 
 _progress: Any = None  # the shared counters, set in each worker by the pool initializer
@@ -94,7 +97,13 @@ def _run_one(args: tuple[int, RunSpec]) -> dict[str, Any]:
             shared[slot] = done
 
     requests = open_trace(spec.trace, spec.config.seed, spec.max_requests, spec.tokenizer)
-    result = simulate(spec.config, spec.policy, requests, spec.params, progress=report)
+    if spec.prefill_backends is not None:
+        from simulator.sim_disagg import simulate_disagg
+
+        result = simulate_disagg(spec.config, spec.policy, spec.prefill_backends, requests,
+                                 spec.params, spec.disagg_params, progress=report)
+    else:
+        result = simulate(spec.config, spec.policy, requests, spec.params, progress=report)
     result["trace"] = spec.trace
     if spec.label:
         result["label"] = spec.label

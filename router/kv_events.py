@@ -98,6 +98,8 @@ class KvEventIngestor:
         self.on_stored = on_stored
         self.on_backend_live = on_backend_live
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
+        self._groups: dict[tuple[str, bool], list[KvEventSource]] = {}
+        self._sockets: dict[tuple[str, bool], tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
         self._replay_tasks: set[asyncio.Task[None]] = set()
         self._ctx: zmq.asyncio.Context | None = None
         self.ready = asyncio.Event()
@@ -105,52 +107,76 @@ class KvEventIngestor:
         self.applied_batches = 0
 
     async def run(self) -> None:
+        """Subscribe to the initial sources, replay them, then ingest until cancelled."""
         self._ctx = zmq.asyncio.Context()
-        sockets: list[zmq.asyncio.Socket] = []
         try:
-            plan = subscribe_plan(self.sources)
-            readers = []
-            for address, bind, sources in plan:
-                sock = self._ctx.socket(zmq.SUB)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RCVHWM, 100_000)
-                sock.setsockopt(zmq.SUBSCRIBE, b"")
-                if bind:
-                    sock.bind(address)
-                else:
-                    sock.connect(address)
-                sockets.append(sock)
-                readers.append(self._read(sock, address, sources))
-            # Readers run during the start-up replays; a stream being replayed holds its live
-            # messages, so nothing is applied twice or out of order.
-            await asyncio.gather(self._start(), *readers)
-        finally:
-            for task in list(self._replay_tasks):
-                task.cancel()
-            for task in list(self._replay_tasks):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            for sock in sockets:
-                sock.close(linger=0)
-            self._ctx.term()
-
-    async def _start(self) -> None:
-        if self.replay_on_start:
-            for source in self.sources:
-                if source.replay_endpoint is not None:
-                    self._spawn_replay(self._stream(source, 0), 0)
+            for source in list(self.sources):
+                self.sources.remove(source)
+                self.add_source(source)
             while self._replay_tasks:
                 await asyncio.wait(set(self._replay_tasks))
-        self.ready.set()
+            self.ready.set()
+            await asyncio.Event().wait()
+        finally:
+            tasks = list(self._replay_tasks) + [t for _, t in self._sockets.values()]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for sock, _ in self._sockets.values():
+                sock.close(linger=0)
+            self._sockets.clear()
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    def add_source(self, source: KvEventSource) -> None:
+        """Subscribe to one more source while running (discovery); replays it from 0.
+
+        Raises ValueError when it would share a bound socket without a distinct topic.
+        """
+        assert self._ctx is not None, "add_source needs a running ingestor"
+        plan = subscribe_plan([*self.sources, source])
+        address, bind, _ = next(p for p in plan if source in p[2])
+        self.sources.append(source)
+        self._groups = {(a, b): g for a, b, g in plan}
+        entry = self._sockets.get((address, bind))
+        if entry is None:
+            sock = self._ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            try:
+                sock.bind(address) if bind else sock.connect(address)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                self.sources.remove(source)
+                self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+                raise
+            task = asyncio.get_running_loop().create_task(self._read(sock, address, bind))
+            self._sockets[(address, bind)] = (sock, task)
+        if self.replay_on_start and source.replay_endpoint is not None:
+            self._spawn_replay(self._stream(source, 0), 0)
+
+    def remove_backend(self, backend_id: BackendId) -> None:
+        """Stop taking events from ``backend_id`` (its sockets close when no source is left)."""
+        self.sources = [s for s in self.sources if s.backend_id != backend_id]
+        for stream_key in [k for k in self._streams if k[0] == backend_id]:
+            del self._streams[stream_key]
+        self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+        for socket_key in [k for k in self._sockets if k not in self._groups]:
+            sock, task = self._sockets.pop(socket_key)
+            task.cancel()
+            sock.close(linger=0)
 
     # ---- live messages ----------------------------------------------------------------------
 
-    async def _read(self, sock: zmq.asyncio.Socket, address: str,
-                    sources: list[KvEventSource]) -> None:
-        by_topic = {s.topic: s for s in sources}
-        catch_all = sources[0] if len(sources) == 1 and not sources[0].topic else None
+    async def _read(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
         while True:
             frames = await sock.recv_multipart()
+            sources = self._groups.get((address, bind), [])
+            if not sources:
+                continue
             try:
                 decoded = decode_live(frames)
             except WireError as exc:
@@ -158,7 +184,9 @@ class KvEventIngestor:
                                               else address).inc()
                 log.debug("malformed KV-event message on %s: %s", address, exc)
                 continue
-            source = by_topic.get(decoded.topic) or catch_all
+            source = next((s for s in sources if s.topic == decoded.topic), None)
+            if source is None and len(sources) == 1 and not sources[0].topic:
+                source = sources[0]
             if source is None:
                 self.metrics.unknown_topic.inc()
                 continue
@@ -268,6 +296,8 @@ class KvEventIngestor:
         finally:
             sock.close(linger=0)
             self.metrics.replays.labels(backend, outcome).inc()
+        if outcome == "ok" and self.on_backend_live is not None:
+            self.on_backend_live(backend)
         self._drain(stream)
 
     def _drain(self, stream: _Stream) -> None:

@@ -3,7 +3,8 @@ sglang-router and vllm-router) in front of a 0-latency local backend, versus cal
 backend directly, all in one run.
 
 A closed-loop client (this process) keeps C requests in flight for a few seconds per cell,
-for C in --concurrency, non-streaming and streaming. The backend runs in its own process
+for C in --concurrency, non-streaming and streaming; within a cell the targets take turns in
+short slices so drifting machine load falls on all of them alike. The backend runs in its own process
 (one process listening on --backends ports) and answers at once: a fixed JSON completion, or
 8 SSE chunks then ``data: [DONE]``. It also answers what the peers probe at start-up
 (/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). Each router runs in
@@ -212,43 +213,63 @@ class Cell:
         return self.requests / self.seconds
 
 
-async def _measure(target: Target, stream: bool, concurrency: int, seconds: float,
-                   warmup_s: float, prompt: str) -> Cell:
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16,
-                       "stream": stream}).encode()
+async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
+                 concurrency: int, seconds: float, warmup_s: float) -> tuple[list[float], int]:
+    """One closed-loop slice: latencies of requests that started and ended in the window."""
     headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
     errors = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        start = time.perf_counter()
-        measure_from = start + warmup_s
-        end = measure_from + seconds
+    measure_from = time.perf_counter() + warmup_s
+    end = measure_from + seconds
 
-        async def worker(i: int) -> None:
-            nonlocal errors
-            n = i
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
-                url = target.urls[n % len(target.urls)] + "/v1/completions"
-                n += 1
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    status = response.status
-                t1 = time.perf_counter()
-                if t0 >= measure_from and t1 <= end:
-                    if status == 200:
-                        latencies.append(t1 - t0)
-                    else:
-                        errors += 1
+    async def worker(i: int) -> None:
+        nonlocal errors
+        n = i
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                return
+            url = target.urls[n % len(target.urls)] + "/v1/completions"
+            n += 1
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                status = response.status
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= end:
+                if status == 200:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    latencies.sort()
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0] * 99
-    return Cell(target.name, "stream" if stream else "plain", concurrency, len(latencies), errors,
-                seconds, statistics.median(latencies) * 1e3 if latencies else 0.0, q[98] * 1e3)
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return latencies, errors
+
+
+async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, seconds: float,
+                        warmup_s: float, rounds: int, prompt: str) -> list[Cell]:
+    """Targets take turns in short slices, ``rounds`` times, so that the machine's drifting
+    load (it is shared) falls on all of them alike."""
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16,
+                       "stream": stream}).encode()
+    results: dict[str, tuple[list[float], list[int]]] = {t.name: ([], []) for t in targets}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for _ in range(rounds):
+            for target in targets:
+                latencies, errors = await _slice(session, target, body, concurrency,
+                                                 seconds / rounds, warmup_s)
+                results[target.name][0].extend(latencies)
+                results[target.name][1].append(errors)
+    cells = []
+    for target in targets:
+        latencies, errors = results[target.name]
+        latencies.sort()
+        q = (statistics.quantiles(latencies, n=100, method="inclusive")
+             if len(latencies) > 1 else [0.0] * 99)
+        cells.append(Cell(target.name, "stream" if stream else "plain", concurrency,
+                          len(latencies), sum(errors), seconds,
+                          statistics.median(latencies) * 1e3 if latencies else 0.0,
+                          q[98] * 1e3))
+    return cells
 
 
 def _table(cells: list[Cell]) -> str:
@@ -270,10 +291,8 @@ async def _main(args: argparse.Namespace) -> int:
     async with _targets(args) as targets:
         for stream in [m == "stream" for m in args.modes.split(",")]:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
-                # Targets interleave within a cell so drifting machine load hits all alike.
-                for target in targets:
-                    cell = await _measure(target, stream, concurrency, args.seconds,
-                                          args.warmup, prompt)
+                for cell in await _measure_cell(targets, stream, concurrency, args.seconds,
+                                                args.warmup, args.rounds, prompt):
                     cells.append(cell)
                     print(f"  {cell.target:14s} {cell.mode:6s} c={concurrency:<4d} "
                           f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.2f} ms  "
@@ -302,8 +321,12 @@ def main() -> int:
                         help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop)")
     parser.add_argument("--concurrency", default="1,32,128", help="comma-separated (1,32,128)")
     parser.add_argument("--modes", default="plain,stream", help="plain and/or stream")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
-    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measured seconds per target and cell (3)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="slices per cell; targets take turns slice by slice (6)")
+    parser.add_argument("--warmup", type=float, default=0.1,
+                        help="unmeasured seconds at the start of each slice (0.1)")
     parser.add_argument("--backends", type=int, default=2, help="backend ports (2)")
     parser.add_argument("--prompt-chars", type=int, default=2000, help="prompt length (2000)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

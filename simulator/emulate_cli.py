@@ -29,6 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="virtual engine seconds per wall second (10 runs the engines 10x faster)",
     )
     parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--role",
+        choices=["mixed", "prefill", "decode"],
+        default="mixed",
+        help="prefill/decode disaggregation role of every pod: prefill pods answer with KV "
+        "transfer parameters (vLLM) or fill bootstrap rooms (SGLang, bootstrap server on the "
+        "pod's own HTTP port); decode pods pull that KV (docs/disaggregation.md)",
+    )
+    parser.add_argument(
+        "--kv-network-gbps",
+        type=float,
+        default=200.0,
+        help="network bandwidth a decode pod pulls KV with, Gbit/s (default 200)",
+    )
     parser.add_argument("--model", default="tiny-llama", help="served model name")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
@@ -83,6 +97,8 @@ async def _serve(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         kv_events_endpoint=endpoint,
         kv_replay_endpoint=args.kv_replay_endpoint,
+        role=args.role,
+        kv_network_bytes_per_s=args.kv_network_gbps * 1e9 / 8,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,7 +113,8 @@ async def _serve(args: argparse.Namespace) -> None:
                     f" kv_events={pod.publisher.endpoint} replay={pod.publisher.replay_endpoint}"
                     f" topic={pod.publisher.topic}"
                 )
-            print(f"pod {i}: {url} engine={args.engine} model={args.model}{kv}", flush=True)
+            print(f"pod {i}: {url} engine={args.engine} role={args.role} model={args.model}{kv}",
+                  flush=True)
         print(f"{len(cluster.urls)} emulated pods ready; Ctrl-C stops them", flush=True)
         await stop.wait()
 

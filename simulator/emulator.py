@@ -31,9 +31,11 @@ from types import TracebackType
 import zmq.asyncio
 from aiohttp import web
 
+from policies.types import EngineKind, Role
 from simulator.cost_model import DEFAULT_PROFILE, load_cost_model
 from simulator.emulator_http import build_app
 from simulator.emulator_kv import KvEventPublisher, engine_binds
+from simulator.emulator_pd import PdNode
 from simulator.emulator_pod import EmulatedPod, PodConfig, load_codec
 
 __all__ = ["EmulatedCluster"]
@@ -73,6 +75,8 @@ class EmulatedCluster:
         kv_events_endpoint: str | None = "tcp://*:0",
         kv_replay_endpoint: str = "tcp://*:0",
         buffer_steps: int = 10_000,
+        role: str = "mixed",
+        kv_network_bytes_per_s: float = 25e9,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
@@ -97,6 +101,10 @@ class EmulatedCluster:
         self._kv_endpoint = kv_events_endpoint
         self._kv_replay = kv_replay_endpoint
         self._buffer_steps = buffer_steps
+        # Prefill/decode role of every pod (simulator.emulator_pd); "mixed" adds nothing.
+        self.role = Role(role)
+        self._kv_network_bytes_per_s = kv_network_bytes_per_s
+        self.pd_nodes: list[PdNode] = []
         self.pods: list[EmulatedPod] = []
         self.urls: list[str] = []
         self._runners: list[web.AppRunner] = []
@@ -139,12 +147,24 @@ class EmulatedCluster:
                 pod = EmulatedPod(self.config, self._cost, codec, index=i, publisher=publisher)
                 self.pods.append(pod)
                 await pod.start()
-                runner = web.AppRunner(build_app(pod), access_log=None)
+                app = build_app(pod)
+                node = None
+                if self.role is not Role.MIXED:
+                    node = PdNode(self.role, EngineKind(self.config.engine_kind), f"pod-{i}",
+                                  block_size=self.config.block_size,
+                                  kv_bytes_per_token=self._cost.kv_bytes_per_token or 131072,
+                                  network_bytes_per_s=self._kv_network_bytes_per_s,
+                                  time_scale=self.config.time_scale)
+                    node.attach(app)
+                    self.pd_nodes.append(node)
+                runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 self._runners.append(runner)
                 site = web.TCPSite(runner, "127.0.0.1", self.port + i if self.port else 0)
                 await site.start()
                 host, bound_port = runner.addresses[0][:2]
+                if node is not None:
+                    node.host, node.port = host, int(bound_port)
                 self.urls.append(f"http://{host}:{bound_port}")
         except BaseException:
             await self.close()

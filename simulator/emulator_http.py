@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from simulator.emulator_pd import PD_KEY, PdError
 from simulator.emulator_pod import EmulatedPod, TokenStream
 
 __all__ = ["POD_KEY", "build_app"]
@@ -158,17 +159,34 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     _check_model(pod, body)
     ids = _chat_ids(pod, body) if chat else _prompt_ids(pod, body)
     max_tokens = _max_tokens(pod, body, len(ids), chat)
+    # Prefill/decode roles (simulator.emulator_pd): plan, and pull the KV a decode needs.
+    pd = request.app.get(PD_KEY)
+    if pd is not None:
+        try:
+            plan, pulled = await pd.prepare(pod, body, ids)
+        except PdError as exc:
+            raise _ClientError(exc.status, exc.message) from None
+        max_tokens = min(max_tokens, plan.max_tokens or max_tokens)
     try:
         stream = pod.submit(ids, max_tokens)
     except ValueError as exc:
+        if pd is not None:
+            pd.finished(plan, len(ids), ok=False)
         raise _ClientError(400, str(exc)) from None
+    if pd is not None:
+        pd.submitted(pod, pulled)
     try:
         if body.get("stream"):
             options = body.get("stream_options")
             usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return await _stream(request, pod, stream, chat, usage)
-        return await _collect(pod, stream, chat)
+        response = await _collect(pod, stream, chat)
+        if pd is not None:
+            pd.answer(response, plan, len(ids))
+        return response
     finally:
+        if pd is not None:
+            pd.finished(plan, len(ids), ok=stream.finished)
         if not stream.finished:
             pod.cancel(stream)
 

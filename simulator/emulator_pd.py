@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -38,8 +39,9 @@ import aiohttp
 from aiohttp import web
 
 from policies.types import EngineKind, Role
+from simulator.emulator_pod import EmulatedPod
 
-__all__ = ["PdError", "PdNode", "PdPlan", "Pull"]
+__all__ = ["PD_KEY", "PdError", "PdNode", "PdPlan", "Pull"]
 
 
 class PdError(Exception):
@@ -65,6 +67,7 @@ class PdPlan:
     pull: Pull | None = None
     export: bool = False
     room: int | None = None
+    max_tokens: int | None = None  # a cap: SGLang's prefill server stops after the first token
 
 
 def _int(body: Mapping[str, Any], key: str) -> int:
@@ -87,6 +90,7 @@ class PdNode:
         transfer_setup_s: float = 0.002,
         hold_s: float = 30.0,
         room_wait_s: float = 30.0,
+        time_scale: float = 1.0,
     ) -> None:
         self.role = role
         self.engine = engine
@@ -97,6 +101,7 @@ class PdNode:
         self.transfer_setup_s = transfer_setup_s
         self.hold_s = hold_s
         self.room_wait_s = room_wait_s
+        self.time_scale = time_scale  # the emulator's: a virtual second lasts 1/time_scale s
         self.host = "127.0.0.1"
         self.port = 0  # set by the front once it listens
         self.computed_prompt_tokens = 0
@@ -106,6 +111,7 @@ class PdNode:
         self._block_ids = itertools.count(1)
         self._exports: dict[int, tuple[int, float]] = {}  # first block id -> (tokens, expiry)
         self._rooms: dict[int, asyncio.Future[int]] = {}
+        self._session: aiohttp.ClientSession | None = None
 
     # ---- planning -----------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class PdNode:
             raise PdError("'bootstrap_host' must be a host name for a bootstrap request")
         if self.role is Role.PREFILL:
             self._room(room)
-            return PdPlan(new, room=room)
+            return PdPlan(new, room=room, max_tokens=1)
         # SGLang's decode side allocates the whole prompt and receives all of it.
         url = f"http://{host}:{port}/_pd/bootstrap/{room}"
         return PdPlan(0, pull=Pull(url, None, prompt_tokens, False))
@@ -223,9 +229,13 @@ class PdNode:
     def transfer_s(self, tokens: int) -> float:
         return self.transfer_setup_s + tokens * self.kv_bytes_per_token / self.network_bytes_per_s
 
-    async def pull(self, session: aiohttp.ClientSession, pull: Pull) -> int:
+    async def pull(self, session: aiohttp.ClientSession | None, pull: Pull) -> int:
         """Fetch the KV; returns the prompt tokens still to compute here (0 on success).
         Raises PdError when the protocol cannot recompute (SGLang)."""
+        if session is None:
+            if self._session is None:
+                self._session = aiohttp.ClientSession()
+            session = self._session
         try:
             timeout = aiohttp.ClientTimeout(total=self.room_wait_s + 5.0)
             if pull.payload is not None:
@@ -242,6 +252,60 @@ class PdNode:
             if pull.recompute_on_failure:
                 return pull.tokens
             raise PdError(f"KV transfer failed: {detail}", 502)
-        await asyncio.sleep(self.transfer_s(pull.tokens))
+        await asyncio.sleep(self.transfer_s(pull.tokens) / self.time_scale)
         self.pulled_tokens += pull.tokens
         return 0
+
+    # ---- the emulator's hooks (simulator.emulator_http) -----------------------------------
+
+    def attach(self, app: web.Application) -> None:
+        app[PD_KEY] = self
+        app.add_routes(self.routes())
+        app.on_cleanup.append(self._close)
+
+    async def _close(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def prepare(self, pod: EmulatedPod, body: Mapping[str, Any],
+                      token_ids: list[int]) -> tuple[PdPlan, int]:
+        """Plan one request on ``pod`` and pull the KV a decode needs: (plan, pulled tokens).
+        Pulled blocks land in the pod's prefix cache (with their KV events), where the
+        engine's admission finds them. Raises PdError."""
+        keys = pod.block_keys(token_ids)
+        prompt = len(token_ids)
+        plan = self.plan(body, prompt, pod.engine.peek_cached_tokens(keys, prompt))
+        if plan.pull is None or await self.pull(None, plan.pull):
+            return plan, 0
+        events: list[Any] = []
+        cache = pod.engine.cache
+        if keys and cache.allocate_anonymous(len(keys), events):
+            cache.store(keys, None, token_ids[: len(keys) * pod.config.block_size], events)
+            cache.release(keys, 0, events)
+            if pod.publisher is not None:
+                pod.publisher.publish(tuple(events))
+        return plan, plan.pull.tokens
+
+    def submitted(self, pod: EmulatedPod, pulled_tokens: int) -> None:
+        # vllm:prompt_tokens_total counts prefilled tokens: pulled ones were prefilled
+        # elsewhere, which is what makes a split visible per pod.
+        pod.engine.prompt_tokens_total -= pulled_tokens
+
+    def answer(self, response: web.Response, plan: PdPlan, prompt_tokens: int) -> None:
+        """A vLLM prefill's whole answer carries the transfer parameters."""
+        if plan.export and isinstance(response.body, bytes):
+            data = json.loads(response.body)
+            data["kv_transfer_params"] = self.export(prompt_tokens, time.monotonic())
+            response.body = json.dumps(data, separators=(",", ":")).encode()
+
+    def finished(self, plan: PdPlan, prompt_tokens: int, ok: bool) -> None:
+        """An SGLang prefill fills its room when done, or fails it (the decode then fails)."""
+        if plan.room is not None:
+            if ok:
+                self.deposit(plan.room, prompt_tokens)
+            else:
+                self.fail_room(plan.room)
+
+
+PD_KEY = web.AppKey("kvrouter_pd", PdNode)

@@ -219,6 +219,10 @@ class EmulatedPod:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def block_keys(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        """The engine's keys of the full blocks of ``token_ids`` (what ``submit`` uses)."""
+        return tuple(vllm_block_hashes(token_ids, self.config.block_size, self._hash_seed))
+
     def submit(self, token_ids: Sequence[int], max_tokens: int) -> TokenStream:
         """Queue a request; ValueError (client's fault) when the engine could never run it."""
         rid = f"{self.index}-{next(self._ids)}"

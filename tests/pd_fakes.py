@@ -102,6 +102,7 @@ class PdBackend:
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             return _error("max_tokens is required by this fake", 400)
         max_tokens = int(body.get("max_completion_tokens") or body["max_tokens"])
+        max_tokens = min(max_tokens, plan.max_tokens or max_tokens)
         self.node.computed_prompt_tokens += computed
         self.node.generated_tokens += max_tokens
         if plan.room is not None:

@@ -1,0 +1,151 @@
+"""Engine-metric scraping: each backend's own ``/metrics`` -> the pool's engine signals.
+
+Every ``interval_s`` each backend's ``GET /metrics`` is parsed with prometheus-client's text
+parser and stored on the pool's ``Backend`` with the scrape time (``engine_scraped_at_s``);
+the pool reads values older than its staleness bound as ``None`` in ``BackendState``, so a
+backend whose scrapes fail falls back to router-side counters by itself.
+
+- vLLM: ``vllm:num_requests_waiting`` and ``vllm:num_requests_running`` (summed over engines,
+  i.e. data-parallel ranks), ``vllm:kv_cache_usage_perc`` (0..1, the fullest engine),
+  ``vllm:cache_config_info`` labels ``block_size`` and ``num_gpu_blocks``;
+- SGLang: ``sglang:num_queue_reqs``, ``sglang:num_running_reqs``, ``sglang:token_usage``.
+
+Errors (connection, status, unparsable text) are counted per backend and never stop the loop.
+Must not import ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.kv_metrics import KvMetrics
+from router.pool import Backend, BackendPool
+
+__all__ = ["EngineScraper", "EngineSignals", "parse_engine_metrics"]
+
+log = logging.getLogger("kvrouter.scrape")
+
+_WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+_USAGE = ("vllm:kv_cache_usage_perc", "sglang:token_usage")
+_CACHE_INFO = "vllm:cache_config_info"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSignals:
+    waiting_requests: int | None = None
+    running_requests: int | None = None
+    kv_usage_ratio: float | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+
+
+def parse_engine_metrics(text: str) -> EngineSignals:
+    """The signals a router needs from a vLLM or SGLang exposition; ValueError on bad text."""
+    waiting: float | None = None
+    running: float | None = None
+    usage: float | None = None
+    block_size: int | None = None
+    blocks: int | None = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, value = sample.name, sample.value
+            if name in _WAITING:
+                waiting = (waiting or 0.0) + value
+            elif name in _RUNNING:
+                running = (running or 0.0) + value
+            elif name in _USAGE:
+                usage = value if usage is None else max(usage, value)
+            elif name == _CACHE_INFO:
+                block_size = _int_label(sample.labels, "block_size") or block_size
+                blocks = _int_label(sample.labels, "num_gpu_blocks") or blocks
+    return EngineSignals(
+        waiting_requests=None if waiting is None else round(waiting),
+        running_requests=None if running is None else round(running),
+        kv_usage_ratio=None if usage is None else min(1.0, max(0.0, usage)),
+        block_size=block_size,
+        num_gpu_blocks=blocks,
+    )
+
+
+def _int_label(labels: dict[str, str], key: str) -> int | None:
+    raw = labels.get(key)
+    try:
+        value = int(raw) if raw not in (None, "", "None") else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
+class EngineScraper:
+    """The background scrape loop over every backend in the pool."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        metrics: KvMetrics,
+        session: Callable[[], aiohttp.ClientSession],
+        *,
+        interval_s: float = 2.0,
+        timeout_s: float = 2.0,
+        now_s: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.session = session
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._now_s = now_s
+        self.scrapes = 0
+
+    async def run(self) -> None:
+        while True:
+            await self.scrape_all()
+            await asyncio.sleep(self.interval_s)
+
+    async def scrape_all(self) -> None:
+        backends = list(self.pool)
+        await asyncio.gather(*(self.scrape(b) for b in backends))
+        now_s = self._now_s()
+        for backend in backends:
+            if backend.engine_scraped_at_s is not None:
+                self.metrics.scrape_age.labels(backend.backend_id).set(
+                    now_s - backend.engine_scraped_at_s)
+        self.scrapes += 1
+
+    async def scrape(self, backend: Backend) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+            async with self.session().get(f"{backend.url.rstrip('/')}/metrics",
+                                          timeout=timeout) as response:
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status}")
+                text = await response.text()
+            signals = parse_engine_metrics(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the loop's boundary: count, keep the old (aging) values
+            self.metrics.scrape_errors.labels(backend.backend_id).inc()
+            log.debug("scraping %s failed: %s", backend.url, exc)
+            return False
+        store(backend, signals, self._now_s())
+        return True
+
+
+def store(backend: Backend, signals: EngineSignals, now_s: float) -> None:
+    backend.engine_waiting_requests = signals.waiting_requests
+    backend.engine_running_requests = signals.running_requests
+    backend.kv_usage_ratio = signals.kv_usage_ratio
+    if signals.num_gpu_blocks is not None:
+        backend.total_kv_blocks = signals.num_gpu_blocks
+    if signals.block_size is not None:
+        backend.block_size = signals.block_size
+    backend.engine_scraped_at_s = now_s
+

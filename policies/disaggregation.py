@@ -36,7 +36,8 @@ Parameters (``DisaggregationParams``, units in names): ``min_uncached_tokens`` 5
 decider threshold), ``kv_bytes_per_token`` 131072 (Llama-3.1-8B bf16: 32 layers x 8 KV heads
 x 128 x K,V x 2 bytes), ``network_bytes_per_s`` 25e9 (a 200 Gb/s RDMA NIC), ``transfer_setup_s``
 0.002, ``decode_step_s`` 0.004 (the H200 8B step floor), ``decode_s_per_running_request``
-0.0001, ``kv_full_wait_s`` 1.0, ``kv_knee_ratio`` 0.8.
+0.0001, ``kv_full_wait_s`` 1.0, ``kv_knee_ratio`` 0.8, ``conditional`` true (false: split every
+request a PREFILL and a decode backend can share, as the peers' P/D modes do).
 
 Decision.scores: the inner policy's prefill-side scores first (so its ``on_dispatched`` finds
 them), then its local scores of DECODE backends, then one decode-side score per decode
@@ -86,6 +87,7 @@ class DisaggregationParams:
     decode_s_per_running_request: float = 0.0001
     kv_full_wait_s: float = 1.0
     kv_knee_ratio: float = 0.8
+    conditional: bool = True
 
     def __post_init__(self) -> None:
         if self.min_uncached_tokens < 0 or self.kv_bytes_per_token < 0:
@@ -222,6 +224,15 @@ class Disaggregated(PolicyBase):
                 backend_id=d_id,
                 reason=f"disaggregation: split, prefill on {p_id} then decode (an SGLang "
                        "decode backend serves only bootstrapped requests)",
+                predicted_hit_tokens=prefill.predicted_hit_tokens,
+                prefill_backend_id=p_id,
+                scores=tuple(scores),
+            )
+        if not self.params.conditional:
+            return Decision(
+                backend_id=d_id,
+                reason=f"disaggregation: split, prefill on {p_id} then decode (conditional "
+                       "disaggregation off)",
                 predicted_hit_tokens=prefill.predicted_hit_tokens,
                 prefill_backend_id=p_id,
                 scores=tuple(scores),

@@ -70,6 +70,7 @@ CASES = [
      "p0", "split"),
     ([("p0", P, {"engine": EngineKind.SGLANG}), ("d0", D, {"engine": EngineKind.SGLANG})], {},
      300, {}, "d0", "p0", "bootstrapped"),
+    ([("p0", P, {}), ("d0", D, {})], {}, 300, {"conditional": False}, "d0", "p0", "off"),
 ]
 IDS = [
     "long-prompt-cached-on-prefill-splits",
@@ -86,6 +87,7 @@ IDS = [
     "decode-side-avoids-full-kv",
     "decode-side-credits-its-own-prefix",
     "sglang-decode-cannot-prefill-alone",
+    "unconditional-splits-short-prompts",
 ]
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from policies.index import PrefixIndex
 from policies.types import BackendId, EngineKind, Role
 from router.config import Config, ConfigError, parse_section
@@ -29,6 +31,8 @@ from router.discovery import BackendSet, DiscoveredBackend, DiscoveryMetrics, Ev
 from router.discovery_dns import DnsDiscovery, DnsParams
 from router.discovery_k8s import KubernetesDiscovery, KubernetesParams
 from router.kube_client import KubeConfig, KubeConfigError, in_cluster_config, kubeconfig_config
+from router.kv_events import KvEventIngestor
+from router.kv_sources import KvEventSource
 from router.pool import BackendPool
 
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "EventSourcesHook",
     "PoolSink",
     "discovery_background",
+    "ingestion_hook",
+    "kv_event_source",
     "parse_discovery",
 ]
 
@@ -112,6 +118,7 @@ class PoolSink:
             kv_events_endpoint=_first_endpoint(backend),
         )
         self._ours.add(added.backend_id)
+        self._name_model(backend)
         self._tell_sources(added.backend_id, backend.event_sources)
 
     def backend_updated(self, backend: DiscoveredBackend) -> None:
@@ -122,7 +129,14 @@ class PoolSink:
         existing.engine = EngineKind(backend.engine)
         existing.configured_models = backend.models
         existing.kv_events_endpoint = _first_endpoint(backend)
+        self._name_model(backend)
         self._tell_sources(backend.url, backend.event_sources)
+
+    def _name_model(self, backend: DiscoveredBackend) -> None:
+        # The index rehashes a backend's event token ids in its model's namespace; a backend
+        # serving several base models cannot be told apart per event, so it is left unset.
+        if self._index is not None and len(backend.models) == 1:
+            self._index.set_backend_model(backend.url, backend.models[0])
 
     def backend_removed(self, backend_id: BackendId) -> None:
         if backend_id not in self._ours:
@@ -132,6 +146,35 @@ class PoolSink:
         self._pool.remove(backend_id)
         if self._index is not None:
             self._index.remove_backend(backend_id)
+
+
+def kv_event_source(backend_id: BackendId, source: EventSource) -> KvEventSource:
+    """Discovery's resolved source in ingestion's terms: the endpoint as the engine was
+    configured (``tcp://*:P`` when it binds, the host coming from the backend's URL)."""
+    endpoint = source.endpoint
+    if source.engine_binds and endpoint.startswith("tcp://"):
+        endpoint = "tcp://*:" + endpoint.rsplit(":", 1)[1]
+    return KvEventSource.for_backend(backend_id, endpoint, source.replay_endpoint, source.topic)
+
+
+def ingestion_hook(ingestor: KvEventIngestor) -> EventSourcesHook:
+    """Subscribe ``ingestor`` to discovered backends' events as they come and go.
+
+    ``add_source`` needs the ingestor running: start its task before discovery's (discovery
+    calls this only after its first answer from the API server or DNS). A source the ingestor
+    refuses (a fan-in clash) is logged and the backend stays in approximate mode.
+    """
+
+    def hook(backend_id: BackendId, sources: tuple[EventSource, ...]) -> None:
+        ingestor.remove_backend(backend_id)
+        for source in sources:
+            try:
+                ingestor.add_source(kv_event_source(backend_id, source))
+            except (ValueError, OSError, zmq.ZMQError) as exc:
+                log.warning("cannot subscribe to %s's KV events at %s: %s",
+                            backend_id, source.endpoint, exc)
+
+    return hook
 
 
 def _first_endpoint(backend: DiscoveredBackend) -> str | None:

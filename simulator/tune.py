@@ -1,0 +1,100 @@
+"""Offline weight tuning for the kv_aware policy: seeded random search in the simulator.
+
+Trial 0 is always the policy's defaults, so the winner is never worse than the defaults on the
+trace it was tuned on (it may be on another: tune on a representative trace, check on a second
+one). Each other trial draws every searched parameter from ``SEARCH_SPACE`` (log-uniform for
+scales, uniform for ratios) with a ``random.Random(seed)``; the same seed gives the same trials.
+Parameters the policy does not have (an older or newer ``KvAwareParams``) are skipped.
+Objectives: minimise ``ttft_p99_s`` (default), ``ttft_p50_s`` or ``e2e_p99_s``, or maximise
+``goodput_rps`` or ``hit_rate``. Must not import ``router``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["OBJECTIVES", "SEARCH_SPACE", "best_trial", "draw_trials", "params_yaml"]
+
+# name -> (kind, low, high); "scale" multiplies the default (log-uniform), "log" and "uniform"
+# are absolute ranges.
+SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
+    "linear_s_per_token": ("scale", 0.5, 2.0),
+    "attention_s_per_token_pair": ("scale", 0.25, 4.0),
+    "decode_s_per_context_token": ("scale", 0.25, 4.0),
+    "temperature_s": ("log", 0.0005, 0.05),
+    "temperature_ratio": ("uniform", 0.0, 0.2),
+    "kv_full_wait_s": ("uniform", 0.0, 4.0),
+    "kv_knee_ratio": ("uniform", 0.5, 0.95),
+    "queued_uncached_ratio": ("uniform", 0.2, 1.0),
+}
+
+OBJECTIVES: dict[str, int] = {
+    # +1: lower is better, -1: higher is better.
+    "ttft_p99_s": 1,
+    "ttft_p50_s": 1,
+    "e2e_p99_s": 1,
+    "goodput_rps": -1,
+    "hit_rate": -1,
+}
+
+
+def _defaults(policy: str) -> dict[str, Any]:
+    import importlib
+
+    from policies.registry import POLICY_MODULES
+
+    module = importlib.import_module(POLICY_MODULES[policy])
+    params_cls = next(
+        value
+        for name, value in vars(module).items()
+        if name.endswith("Params") and dataclasses.is_dataclass(value)
+    )
+    return {f.name: f.default for f in dataclasses.fields(params_cls)}
+
+
+def draw_trials(trials: int, seed: int, policy: str = "kv_aware") -> list[dict[str, Any]]:
+    """``trials`` parameter sets; the first is ``{}`` (the defaults)."""
+    defaults = _defaults(policy)
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = [{}]
+    for _ in range(max(trials - 1, 0)):
+        params: dict[str, Any] = {}
+        for name, (kind, low, high) in SEARCH_SPACE.items():
+            if name not in defaults:
+                continue
+            if kind == "scale":
+                params[name] = float(defaults[name]) * math.exp(
+                    rng.uniform(math.log(low), math.log(high))
+                )
+            elif kind == "log":
+                params[name] = math.exp(rng.uniform(math.log(low), math.log(high)))
+            else:
+                params[name] = rng.uniform(low, high)
+            params[name] = float(f"{params[name]:.4g}")
+        out.append(params)
+    return out
+
+
+def best_trial(results: Sequence[Mapping[str, Any]], objective: str) -> int:
+    """Index of the best result (ties: the earlier trial, so the defaults win a tie)."""
+    sign = OBJECTIVES[objective]
+
+    def key(i: int) -> tuple[float, int]:
+        value = results[i].get(objective)
+        bad = value is None or (isinstance(value, float) and math.isnan(value))
+        return (math.inf if bad else sign * float(value), i)  # type: ignore[arg-type]
+
+    return min(range(len(results)), key=key)
+
+
+def params_yaml(policy: str, params: Mapping[str, Any]) -> str:
+    """A ``policy:`` block ready to paste into the router (or simulator) config."""
+    import yaml
+
+    defaults = _defaults(policy)
+    full = {k: params.get(k, v) for k, v in defaults.items() if k in SEARCH_SPACE or k in params}
+    return yaml.safe_dump({"policy": {"name": policy, "params": full}}, sort_keys=False)

@@ -1,0 +1,106 @@
+"""kvrouter simulate end to end: results.json fields, PNGs, the self-contained HTML, sweeps,
+config files and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvrouter.cli import main
+
+TRACE = "synthetic:multi_tenant,requests=60,rate=6,tenants=8"
+
+
+def test_simulate_writes_results_plots_and_html(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim"
+    config = tmp_path / "sim.yaml"
+    config.write_text(
+        "simulation:\n  num_gpu_blocks: 2000\n  scrape_interval_s: 0.5\n"
+        "policy:\n  name: kv_aware\n  params:\n    temperature_s: 0.004\n"
+    )
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            TRACE,
+            "--backends",
+            "2,3",
+            "--policies",
+            "round_robin,kv_aware",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--config",
+            str(config),
+            "--jobs",
+            "2",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "simulate [" in captured.err  # the progress bar
+    assert "round_robin" in captured.out and "report:" in captured.out
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["policy"], r["backends"]) for r in results] == [
+        ("round_robin", 2),
+        ("kv_aware", 2),
+        ("round_robin", 3),
+        ("kv_aware", 3),
+    ]
+    for r in results:
+        for key in ("hit_rate", "oracle_hit_rate", "ttft_p50_s", "ttft_p99_s", "imbalance"):
+            assert isinstance(r[key], float), key
+        assert r["requests"] == 60 and r["num_gpu_blocks"] == 2000
+        assert 0.0 <= r["hit_rate"] <= 1.0 and r["imbalance"] >= 1.0
+    assert results[1]["policy_params"] == {"temperature_s": 0.004}
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # CDF, hit rate, load, capacity
+    for name in ("ttft_cdf.png", "hit_rate.png", "load.png", "capacity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "backends hold TTFT p99" in captured.out or "SLO not held" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "nope"], "unknown policy 'nope'"),
+        (["--backends", "0"], "--backends"),
+        (["--trace", "/nonexistent.jsonl"], "no such file"),
+        (["--trace", "synthetic:multi_tenant,bogus=1"], "trace.bogus"),
+    ],
+    ids=["policy", "backends", "file", "synthetic-key"],
+)
+def test_simulate_errors_are_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    base = {"--trace": TRACE, "--out": str(tmp_path / "x"), "--policies": "round_robin"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = ["simulate", "--quiet"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("kvrouter simulate:") and "\n" not in err
+
+
+def test_simulate_config_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("simulation:\n  engines: 4\n")
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            TRACE,
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(config),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "simulation.engines: unknown key" in capsys.readouterr().err

@@ -21,7 +21,8 @@ deleted. Labels or annotations (annotations win; label values cannot hold ``/``)
     kvrouter.io/data-parallel-size       N ranks; rank r uses both ports + r (vLLM's layout)
 
 Without an events endpoint and with ``params.ask_event_sources`` the pod's own
-``/kv_event_sources`` is asked. A pod whose annotations cannot be read is skipped and counted
+``/kv_event_sources`` is asked here (off by default: the KV-event plumbing asks every backend
+in the pool itself; turn it on when ingestion is fed through discovery's hook). A pod whose annotations cannot be read is skipped and counted
 (``invalid_backend``). Must not import ``simulator``.
 """
 
@@ -62,7 +63,7 @@ class KubernetesParams:
     port: int = 8000
     role: str = "mixed"
     engine: str = "vllm"
-    ask_event_sources: bool = True
+    ask_event_sources: bool = False
     kubeconfig: str = ""
     context: str = ""
     watch_timeout_s: float = 300.0

@@ -178,7 +178,11 @@ def ingestion_hook(ingestor: KvEventIngestor) -> EventSourcesHook:
 
 
 def _first_endpoint(backend: DiscoveredBackend) -> str | None:
-    return backend.event_sources[0].endpoint if backend.event_sources else None
+    # The pool keeps the endpoint as the engine was configured (``tcp://*:P`` for an engine
+    # that binds), the form ingestion reads when a backend has no /kv_event_sources.
+    if not backend.event_sources:
+        return None
+    return kv_event_source(backend.url, backend.event_sources[0]).endpoint
 
 
 def _kube_config(params: KubernetesParams, environ: Mapping[str, str]) -> KubeConfig:

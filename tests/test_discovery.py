@@ -121,7 +121,7 @@ def test_bad_pod_metadata_is_named(labels: dict[str, str], annotations: dict[str
 def test_annotations_win_over_labels_and_ipv6_pods_get_brackets() -> None:
     pod = make_pod("p", "fd00::5", labels={"kvrouter.io/role": "prefill"},
                    annotations={"kvrouter.io/role": "decode", "kvrouter.io/model": "org/m"})
-    backend = backend_from_pod(pod, KubernetesParams(port=9000))
+    backend = backend_from_pod(pod, KubernetesParams(port=9000, ask_event_sources=True))
     assert backend is not None
     assert backend.url == "http://[fd00::5]:9000"
     assert backend.role is Role.DECODE and backend.models == ("org/m",)
@@ -162,7 +162,8 @@ def test_pool_sink_applies_changes_tells_event_sources_and_spares_static_backend
                                          models=("m",), event_sources=(rank0,)))
     backend = pool.get("http://10.0.0.1:8000")
     assert backend is not None and backend.role is Role.PREFILL and backend.models() == ("m",)
-    assert backend.kv_events_endpoint == "tcp://10.0.0.1:5557"
+    # Kept as the engine was configured (it binds): ingestion connects to the pod's host.
+    assert backend.kv_events_endpoint == "tcp://*:5557"
     sink.backend_updated(DiscoveredBackend("http://10.0.0.1:8000", role=Role.DECODE,
                                            event_sources=(rank0,)))
     assert backend.role is Role.DECODE and backend.models() == ()

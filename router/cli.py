@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", metavar="NAME",
                         help="routing policy, e.g. round_robin, least_loaded, session_affinity, "
                              "kv_aware (its params come from the config file)")
+    parser.add_argument("--model-tokenizer", metavar="NAME=DIR", action="append", default=[],
+                        help="tokenize model NAME's prompts with the Hugging Face tokenizer in DIR "
+                             "(or an offline model id), as the engine does (repeatable; same as "
+                             "models.NAME.tokenizer in the config)")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
     import os
+    import random
     import signal
     import sys
 
@@ -84,10 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from router.config import ConfigError
     from router.disagg import check_config
     from router.discovery_setup import discovery_background
+    from router.kv_setup import build_kv, wants_kv
 
     try:
         config = build_config(args, dict(os.environ))
         check_config(config)
+        tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
+        kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
         background = discovery_background(config, os.environ)
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
@@ -99,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no backends configured: every request will get 503 until some are added")
 
     async def main() -> None:
-        app = create_app(config, background=background)
+        if kv is None:
+            app = create_app(config, background=background)
+        else:
+            rng = random.Random(config.policy.seed)
+            app = create_app(config, background=[*background, kv.background],
+                             analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng)
         runner, port = await serve(app, config.server.host, config.server.port,
                                    access_log=config.server.log_level == "debug")
         log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",
@@ -119,6 +132,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvrouter serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_tokenizers(pairs: list[str]) -> dict[str, str]:
+    from router.config import ConfigError
+
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError("--model-tokenizer", f"expected NAME=DIR, got {pair!r}")
+        out[name] = path
+    return out
 
 
 def _run_loop(main: Any, event_loop: str, log: Any) -> None:

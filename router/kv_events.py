@@ -102,6 +102,8 @@ class KvEventIngestor:
         self._sockets: dict[tuple[str, bool], tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
         self._replay_tasks: set[asyncio.Task[None]] = set()
         self._ctx: zmq.asyncio.Context | None = None
+        self.started = asyncio.Event()
+        """Set once ``run`` can take ``add_source`` calls."""
         self.ready = asyncio.Event()
         """Set once every socket is bound/connected and start-up replays have finished."""
         self.applied_batches = 0
@@ -109,6 +111,7 @@ class KvEventIngestor:
     async def run(self) -> None:
         """Subscribe to the initial sources, replay them, then ingest until cancelled."""
         self._ctx = zmq.asyncio.Context()
+        self.started.set()
         try:
             for source in list(self.sources):
                 self.sources.remove(source)

@@ -7,6 +7,7 @@ Must not import aiohttp, zmq or other ``router`` modules.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -96,6 +97,10 @@ class KvMetrics:
             "kvrouter_engine_scrape_age_seconds", "Seconds since the backend's last good scrape.",
             ["backend"], registry=r,
         )
+
+    def collectors(self) -> list[Any]:
+        """Every metric, to register in another registry (the app's)."""
+        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
 
     def watch_index(self, entries: Callable[[], float], nbytes: Callable[[], float]) -> None:
         """Read the index size at scrape time instead of after every event."""

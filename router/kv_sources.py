@@ -33,6 +33,8 @@ class KvEventSource:
     """The backend's host, put in place of ``*`` / ``::`` when the engine binds."""
     bind_endpoint: str | None = None
     """Where the router binds for engines that connect out (default: ``endpoint`` itself)."""
+    engine_binds: bool | None = None
+    """Whether the engine's PUB binds; ``None`` infers it from ``endpoint`` (vLLM's rule)."""
 
     def replay_address(self) -> str:
         """The replay socket is always bound by the engine: connect there."""
@@ -55,7 +57,8 @@ def subscribe_plan(sources: list[KvEventSource]) -> list[tuple[str, bool, list[K
     """(address, router binds?, sources on that socket); ValueError on ambiguous fan-in."""
     plan: dict[tuple[str, bool], list[KvEventSource]] = {}
     for source in sources:
-        if engine_binds(source.endpoint):
+        binds = engine_binds(source.endpoint) if source.engine_binds is None else source.engine_binds
+        if binds:
             key = (_with_host(source.endpoint, source.host), False)
         else:
             key = (source.bind_endpoint or source.endpoint, True)

@@ -1,0 +1,271 @@
+"""Wiring the KV plumbing into the app: the ``kv_events`` config section, tokenizers per model,
+the prefix index, the tokenizing analyzer, token parity and one background task.
+
+    kv_events:
+      bind: tcp://0.0.0.0:5557        # the router binds here for engines that connect out
+      sources:                        # explicit sources (else each backend's /kv_event_sources)
+        - {backend: http://10.0.0.7:8000, endpoint: "tcp://*:5557",
+           replay_endpoint: "tcp://*:5558", topic: "kv@pod-7"}
+      discover: true                  # ask backends without sources for /kv_event_sources
+      replay: true                    # replay from 0 when a source is added (late join)
+    models:
+      llama-8b: {tokenizer: /models/llama-8b, block_size: 16}
+
+``build_kv(config, tokenizer_dirs)`` returns a ``KvPlumbing`` whose pieces go into
+``create_app(analyzer=..., index=..., policy=..., background=[...])``. The background task
+registers the KV metrics in the app's registry, then runs, until clean-up: event-source
+discovery (``/v1/models`` for a backend's base model, ``/kv_event_sources``), the ingestor,
+and the engine-metric scraper. Must not import ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from policies.events import KvEvent
+from policies.index import PrefixIndex
+from policies.registry import build_policy
+from policies.types import BackendId, BlockHash, Policy
+from router.config import Config, ConfigError, parse_section
+from router.disagg import wrap_policy
+from router.kv_events import KvEventIngestor
+from router.kv_metrics import KvMetrics
+from router.kv_sources import KvEventSource, parse_event_sources
+from router.parity import ParityPolicy, TokenParity
+from router.pool import BackendPool
+from router.prompt_analyzer import ModelShape, TokenizingAnalyzer
+from router.scrape import EngineScraper
+from router.tokenize import ModelTokenizer, load_tokenizer
+
+__all__ = ["KvEventsSection", "KvPlumbing", "build_kv", "wants_kv"]
+
+log = logging.getLogger("kvrouter.kv")
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventsSection:
+    enabled: bool = True
+    bind: str | None = None
+    sources: tuple[dict[str, object], ...] = ()
+    discover: bool = True
+    discover_interval_s: float = 5.0
+    replay: bool = True
+    replay_timeout_s: float = 5.0
+    index_max_entries: int = 2_000_000
+    scrape: bool = True
+    scrape_interval_s: float = 2.0
+    scrape_timeout_s: float = 2.0
+    tokenizer_threads: int = 2
+    tokenizer_cache_tokens: int = 1_000_000
+    parity_ttl_s: float = 30.0
+    chars_per_token: float = 4.0
+
+
+def wants_kv(config: Config, tokenizer_dirs: Mapping[str, str]) -> bool:
+    """Build the plumbing only when something uses it (baseline routers stay lean)."""
+    return bool(
+        config.policy.name == "kv_aware" or tokenizer_dirs or "kv_events" in config.extensions
+        or any(m.tokenizer for m in config.models.values())
+    )
+
+
+class KvPlumbing:
+    def __init__(self, config: Config, section: KvEventsSection,
+                 tokenizers: dict[str, ModelTokenizer]) -> None:
+        self.config = config
+        self.section = section
+        self.metrics = KvMetrics()
+        self.index = PrefixIndex(section.index_max_entries)
+        self.parity = TokenParity(self.metrics, ttl_s=section.parity_ttl_s)
+        self.analyzer = TokenizingAnalyzer(
+            tokenizers, self.metrics, shape_of=self.shape_of, parity=self.parity,
+            threads=section.tokenizer_threads, chars_per_token=section.chars_per_token)
+        self.pool: BackendPool | None = None
+        self.ingestor: KvEventIngestor | None = None
+        self._warned_block_size: set[str] = set()
+
+    def policy(self, rng: random.Random) -> Policy:
+        inner = wrap_policy(build_policy(self.config.policy.name, self.config.policy.params, rng),
+                            self.config, rng)
+        return ParityPolicy(inner, self.parity)
+
+    # ---- what the analyzer asks -------------------------------------------------------------
+
+    def shape_of(self, model: str) -> ModelShape:
+        base, lora = model, None
+        sizes: set[int] = set()
+        for backend in self.pool or ():
+            entry = backend.discovered_models.get(model)
+            parent = entry.get("parent") if entry else None
+            if isinstance(parent, str) and parent and parent != model:
+                base, lora = parent, model
+            if backend.block_size and backend.serves(model):
+                sizes.add(backend.block_size)
+        configured = self.config.models.get(model) or self.config.models.get(base)
+        block_size = configured.block_size if configured is not None else 16
+        if len(sizes) == 1:
+            (scraped,) = sizes
+            if configured is not None and scraped != block_size and model not in \
+                    self._warned_block_size:
+                self._warned_block_size.add(model)
+                log.warning("models.%s.block_size is %d but its backends report %d; using %d",
+                            model, block_size, scraped, scraped)
+            block_size = scraped
+        return ModelShape(base, lora, block_size)
+
+    # ---- what the ingestor feeds --------------------------------------------------------------
+
+    def apply(self, backend_id: BackendId, event: KvEvent, now_s: float) -> tuple[BlockHash, ...]:
+        if backend_id not in self.index.backend_ids():
+            self.index.set_backend_model(backend_id, self._base_model(backend_id))
+        return self.index.apply(backend_id, event, now_s)
+
+    def _base_model(self, backend_id: BackendId) -> str:
+        backend = self.pool.get(backend_id) if self.pool is not None else None
+        if backend is not None:
+            for model in backend.models():
+                entry = backend.discovered_models.get(model) or {}
+                if not entry.get("parent") or entry.get("parent") == model:
+                    return model
+        if len(self.config.models) == 1:
+            return next(iter(self.config.models))
+        raise ValueError(f"the model served by {backend_id} is not known yet")
+
+    def _live(self, backend_id: BackendId) -> None:
+        backend = self.pool.get(backend_id) if self.pool is not None else None
+        if backend is not None:
+            backend.kv_events = True
+
+    # ---- the background task ------------------------------------------------------------------
+
+    def background(self, state: Any) -> Coroutine[Any, Any, None]:
+        return self._run(state)
+
+    async def _run(self, state: Any) -> None:
+        for collector in self.metrics.collectors():
+            state.metrics.registry.register(collector)
+        self.metrics.watch_index(lambda: self.index.entries, self.index.estimated_bytes)
+        self.pool = state.pool
+        state.pool.on_removed.append(self._removed)
+        section = self.section
+        self.ingestor = KvEventIngestor(
+            self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
+            replay_on_start=section.replay,
+            on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
+            on_backend_live=self._live)
+        tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]
+        if section.scrape:
+            scraper = EngineScraper(state.pool, self.metrics, state.session,
+                                    interval_s=section.scrape_interval_s,
+                                    timeout_s=section.scrape_timeout_s)
+            tasks.append(asyncio.create_task(scraper.run(), name="kvrouter-scrape"))
+        tasks.append(asyncio.create_task(self._discover(state), name="kvrouter-kv-sources"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.analyzer.close()
+
+    def _removed(self, backend_id: BackendId) -> None:
+        if self.ingestor is not None:
+            self.ingestor.remove_backend(backend_id)
+        self.parity.remove_backend(backend_id)
+
+    async def _discover(self, state: Any) -> None:
+        """Subscribe to every backend's sources: configured ones, else /kv_event_sources."""
+        assert self.ingestor is not None
+        await self.ingestor.started.wait()
+        done: set[BackendId] = set()
+        configured = self._configured_sources()
+        while True:
+            for backend in list(state.pool):
+                if backend.backend_id in done:
+                    continue
+                try:
+                    if not backend.models():
+                        await self._fetch_models(state.session(), backend)
+                    sources = configured.get(backend.backend_id)
+                    if sources is None and self.section.discover:
+                        sources = await self._fetch_sources(state.session(), backend.url,
+                                                            backend.kv_events_endpoint)
+                    for source in sources or ():
+                        self.ingestor.add_source(source)
+                    done.add(backend.backend_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the backend is not up yet: ask again later
+                    log.debug("KV event sources of %s: %s", backend.url, exc)
+            done &= {b.backend_id for b in state.pool}
+            await asyncio.sleep(self.section.discover_interval_s)
+
+    def _configured_sources(self) -> dict[BackendId, list[KvEventSource]]:
+        out: dict[BackendId, list[KvEventSource]] = {}
+        for i, raw in enumerate(self.section.sources):
+            path = f"kv_events.sources[{i}]"
+            backend, endpoint = raw.get("backend"), raw.get("endpoint")
+            if not isinstance(backend, str) or not isinstance(endpoint, str):
+                raise ConfigError(path, "needs string `backend` and `endpoint`")
+            replay, topic = raw.get("replay_endpoint"), raw.get("topic", "")
+            source = KvEventSource.for_backend(
+                backend.rstrip("/"), endpoint, replay if isinstance(replay, str) else None,
+                str(topic), self.section.bind)
+            out.setdefault(source.backend_id, []).append(source)
+        for backend_config in self.config.backends:
+            url = backend_config.url.rstrip("/")
+            if backend_config.kv_events_endpoint and url not in out and not self.section.discover:
+                out[url] = [KvEventSource.for_backend(url, backend_config.kv_events_endpoint,
+                                                      None, "", self.section.bind)]
+        return out
+
+    async def _fetch_models(self, session: aiohttp.ClientSession, backend: Any) -> None:
+        async with session.get(f"{backend.url}/v1/models",
+                               timeout=aiohttp.ClientTimeout(total=5)) as response:
+            response.raise_for_status()
+            data = (await response.json()).get("data") or []
+        backend.discovered_models = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
+
+    async def _fetch_sources(self, session: aiohttp.ClientSession, url: str,
+                             endpoint: str | None) -> list[KvEventSource]:
+        async with session.get(f"{url}/kv_event_sources",
+                               timeout=aiohttp.ClientTimeout(total=5)) as response:
+            if response.status == 404:
+                return self._endpoint_only(url, endpoint)
+            response.raise_for_status()
+            sources = parse_event_sources(url, await response.json())
+        if self.section.bind:
+            sources = [_with_bind(s, self.section.bind) for s in sources]
+        return sources or self._endpoint_only(url, endpoint)
+
+    def _endpoint_only(self, url: str, endpoint: str | None) -> list[KvEventSource]:
+        if endpoint is None:
+            return []
+        return [KvEventSource.for_backend(url, endpoint, None, "", self.section.bind)]
+
+
+def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
+    return KvEventSource(source.backend_id, source.endpoint, source.replay_endpoint, source.topic,
+                         source.host, bind, source.engine_binds)
+
+
+def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) -> KvPlumbing:
+    """Parse the section and load tokenizers now, so a bad path is a start-up config error."""
+    section = parse_section(KvEventsSection, config.extensions.get("kv_events"), "kv_events")
+    dirs = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
+    dirs.update(tokenizer_dirs or {})
+    tokenizers = {}
+    for name, source in dirs.items():
+        try:
+            tokenizers[name] = ModelTokenizer(load_tokenizer(source),
+                                              cache_tokens=section.tokenizer_cache_tokens)
+        except ValueError as exc:
+            raise ConfigError(f"models.{name}.tokenizer", str(exc)) from None
+    return KvPlumbing(config, section, tokenizers)

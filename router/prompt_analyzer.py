@@ -1,0 +1,170 @@
+"""The tokenizing ``RequestAnalyzer``: exact prompt tokens and block hashes for every request.
+
+For a completions or chat request of a model with a tokenizer (``router.tokenize``), the prompt
+is tokenized exactly as the engine will, cut into full blocks of the model's block size and
+hashed with ``policies.hashing`` in the request's namespace:
+
+- model: the backends' base model (for a LoRA adapter, the ``parent`` its backends report in
+  ``/v1/models``; the adapter name goes into the namespace, as vLLM's events carry
+  ``lora_name``);
+- ``cache_salt`` from the body (vLLM keeps salted blocks apart);
+- block size: what the backends serving the model report (``vllm:cache_config_info``, scraped
+  into the pool), else ``models.<name>.block_size`` from the config (default 16).
+
+The work (render, encode, hash) runs in a small thread pool, never on the event loop. Hashes of
+blocks a conversation's earlier turns already had are reused (``PromptRun``), so a long chat
+pays only for its new turn. No tokenizer for the model, or a prompt the tokenizer rejects
+(the engine will answer it with its own error), falls back to ``chars_per_token`` characters
+per token with approximate block hashes over character chunks (``chars_per_token x block_size``
+characters each, chained with xxh3 in the same namespace), counted in
+``kvrouter_tokenize_fallback_total{model}``: such hashes never match engine events, but they
+give the policy's approximate mode stable prefix keys.
+
+Must not import aiohttp or ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from policies.hashing import BlockHasher, Namespace
+from policies.types import BlockHash, RouteRequest
+from router.analyzer import Endpoint, RequestFields
+from router.chat_render import PromptError
+from router.kv_metrics import KvMetrics
+from router.parity import TokenParity
+from router.tokenize import ModelTokenizer
+
+__all__ = ["ModelShape", "TokenizingAnalyzer"]
+
+log = logging.getLogger("kvrouter.analyzer")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """How the backends serving a model cache it."""
+
+    base_model: str
+    lora: str | None
+    block_size: int
+
+
+class TokenizingAnalyzer:
+    def __init__(
+        self,
+        tokenizers: Mapping[str, ModelTokenizer],
+        metrics: KvMetrics,
+        *,
+        shape_of: Callable[[str], ModelShape],
+        parity: TokenParity | None = None,
+        threads: int = 2,
+        chars_per_token: float = 4.0,
+    ) -> None:
+        self.tokenizers = dict(tokenizers)
+        self.metrics = metrics
+        self.shape_of = shape_of
+        self.parity = parity
+        self.chars_per_token = chars_per_token
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrouter-tok")
+        self._hashers: dict[tuple[Namespace, int], BlockHasher] = {}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def analyze(self, fields: RequestFields) -> RouteRequest:
+        shape = self.shape_of(fields.model)
+        salt = fields.body.get("cache_salt")
+        namespace = Namespace(shape.base_model, shape.lora, salt if isinstance(salt, str) else None)
+        hasher = self._hasher(namespace, shape.block_size)
+        tokenizer = self.tokenizers.get(fields.model) or self.tokenizers.get(shape.base_model)
+        max_tokens = fields.max_tokens if fields.max_tokens is not None else 16
+        if tokenizer is not None and fields.endpoint != Endpoint.OTHER:
+            loop = asyncio.get_running_loop()
+            try:
+                ids, hashes, reused, elapsed_s = await loop.run_in_executor(
+                    self._pool, _tokenize_and_hash, tokenizer, fields.body,
+                    fields.endpoint == Endpoint.CHAT, hasher, repr(namespace))
+            except PromptError as exc:
+                log.debug("prompt of %s not tokenized (%s); estimating", fields.request_id, exc)
+            else:
+                self.metrics.tokenize_seconds.observe(elapsed_s)
+                if reused:
+                    self.metrics.tokenize_reused.labels(fields.model).inc(reused)
+                if self.parity is not None and namespace.cache_salt is None:
+                    self.parity.note(fields.request_id, fields.model, hashes)
+                return RouteRequest(
+                    request_id=fields.request_id, model=fields.model, prompt_tokens=ids,
+                    prompt_text=fields.prompt_text, session_key=fields.session_key,
+                    block_hashes=hashes, block_size=shape.block_size, max_tokens=max_tokens,
+                    stream=fields.stream, tokens_exact=True,
+                )
+        return self._estimate(fields, hasher, max_tokens)
+
+    def _estimate(self, fields: RequestFields, hasher: BlockHasher, max_tokens: int) -> RouteRequest:
+        if fields.endpoint != Endpoint.OTHER:
+            self.metrics.tokenize_fallback.labels(fields.model).inc()
+        if fields.prompt_token_ids is not None:
+            ids = fields.prompt_token_ids
+            return RouteRequest(
+                request_id=fields.request_id, model=fields.model, prompt_tokens=len(ids),
+                session_key=fields.session_key, block_hashes=hasher.hash_tokens(ids),
+                block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
+                tokens_exact=True,
+            )
+        text = fields.prompt_text
+        return RouteRequest(
+            request_id=fields.request_id, model=fields.model,
+            prompt_tokens=math.ceil(len(text) / self.chars_per_token), prompt_text=text,
+            session_key=fields.session_key,
+            block_hashes=char_block_hashes(text, hasher, self.chars_per_token),
+            block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
+            tokens_exact=False,
+        )
+
+    def _hasher(self, namespace: Namespace, block_size: int) -> BlockHasher:
+        key = (namespace, block_size)
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            if len(self._hashers) > 10_000:  # salts are per tenant; keep the table bounded
+                self._hashers.clear()
+            hasher = self._hashers[key] = BlockHasher(namespace, block_size)
+        return hasher
+
+
+def _tokenize_and_hash(tokenizer: ModelTokenizer, body: Mapping[str, Any], chat: bool,
+                       hasher: BlockHasher, key: str) -> tuple[int, tuple[BlockHash, ...], int, float]:
+    """Runs in the thread pool: tokens, block hashes (reusing a cached prefix's), timing."""
+    start = time.perf_counter()
+    result = tokenizer.tokenize_body(body, chat=chat)
+    ids = result.token_ids
+    bs = hasher.block_size
+    n_full = len(ids) // bs
+    known = result.run.cached_hashes(key, bs)
+    if len(known) >= n_full:
+        hashes = tuple(known[:n_full])
+    else:
+        more = hasher.extend(known[-1] if known else None, ids[len(known) * bs : n_full * bs])
+        full = [*known, *more]
+        result.run.store_hashes(key, bs, full)
+        hashes = tuple(full)
+    return len(ids), hashes, result.reused_tokens, time.perf_counter() - start
+
+
+def char_block_hashes(text: str, hasher: BlockHasher, chars_per_token: float) -> tuple[int, ...]:
+    """Approximate blocks: ``chars_per_token * block_size`` characters each, chained."""
+    chunk = max(1, round(chars_per_token * hasher.block_size))
+    h = hasher.root ^ 0x5A5A_5A5A_5A5A_5A5A  # never equal to a token chain's root
+    out = []
+    for start in range(0, len(text) - chunk + 1, chunk):
+        h = xxhash.xxh3_64_intdigest(text[start : start + chunk].encode("utf-8", "surrogatepass"), h)
+        out.append(h)
+    return tuple(out)

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
@@ -111,17 +112,14 @@ def router_config(
     engines: list[Any], policy: str, *, kv_events: bool, port: int,
     policy_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The router's YAML for these engines: the tiny tokenizer, 32-token blocks, fast health."""
-    backends = []
-    for engine in engines:
-        backend: dict[str, Any] = {"url": engine.url, "models": [MODEL]}
-        if kv_events:
-            # The replay endpoint and topic come from the engine's own /kv_event_sources.
-            backend["kv_events_endpoint"] = engine.spec.kv_events_endpoint
-        backends.append(backend)
+    """The router's YAML for these engines: the tiny tokenizer, 32-token blocks, fast health.
+
+    With ``kv_events`` the router binds the address the engines publish to and learns each
+    engine's topic and replay endpoint from its ``GET /kv_event_sources``, as in production.
+    """
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "info"},
-        "backends": backends,
+        "backends": [{"url": engine.url, "models": [MODEL]} for engine in engines],
         "health": {"interval_s": 0.5, "timeout_s": 2.0, "unhealthy_threshold": 1,
                    "healthy_threshold": 1, "discover_models": False},
         "retries": {"max_attempts": 3, "backoff_initial_s": 0.05},
@@ -129,6 +127,11 @@ def router_config(
         "models": {MODEL: {"tokenizer": str(ROOT / "simulator" / "data" / "tiny-tokenizer"),
                            "block_size": BLOCK_SIZE_TOKENS}},
     }
+    if kv_events:
+        endpoints = {engine.spec.kv_events_endpoint for engine in engines}
+        assert len(endpoints) == 1, endpoints
+        config["kv_events"] = {"bind": endpoints.pop(), "discover": True,
+                               "discover_interval_s": 0.5}
     return config
 
 
@@ -137,6 +140,8 @@ class RouterProcess:
 
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
         self.config = config
+        self.kv_backends = ([b["url"] for b in config["backends"]]
+                            if "kv_events" in config else [])
         self.port = int(config["server"]["port"])
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -157,12 +162,30 @@ class RouterProcess:
             code = self.process.poll()
             if code is not None:
                 raise RuntimeError(f"router exited with {code} at start:\n{self.log_tail()}")
-            if _get_status(f"{self.url}/ready") == 200:
+            if _get_status(f"{self.url}/ready") == 200 and self._events_subscribed():
                 return self
             if time.monotonic() > deadline:
                 raise TimeoutError(f"router not ready after {ROUTER_START_TIMEOUT_S:.0f} s:\n"
                                    f"{self.log_tail()}")
             time.sleep(0.2)
+
+    def _events_subscribed(self) -> bool:
+        """Every backend's KV-event source found and replayed from 0 (the router's start-up
+        replay): from then on no event of theirs can be missed."""
+        if not self.kv_backends:
+            return True
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=2.0) as resp:
+                raw = resp.read().decode()
+        except (urllib.error.URLError, OSError):
+            return False
+        replayed = {
+            sample.labels.get("backend")
+            for family in text_string_to_metric_families(raw)
+            for sample in family.samples
+            if sample.name == "kvrouter_kv_event_replays_total" and sample.value > 0
+        }
+        return all(url in replayed for url in self.kv_backends)
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):

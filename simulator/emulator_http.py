@@ -167,8 +167,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         except PdError as exc:
             raise _ClientError(exc.status, exc.message) from None
         max_tokens = min(max_tokens, plan.max_tokens or max_tokens)
+    streaming = bool(body.get("stream"))
     try:
-        stream = pod.submit(ids, max_tokens)
+        stream = pod.submit(ids, max_tokens, streaming)
     except ValueError as exc:
         if pd is not None:
             pd.finished(plan, len(ids), ok=False)
@@ -176,7 +177,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if pd is not None:
         pd.submitted(pod, pulled)
     try:
-        if body.get("stream"):
+        if streaming:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return await _stream(request, pod, stream, chat, usage)
@@ -192,10 +193,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 async def _collect(pod: EmulatedPod, stream: TokenStream, chat: bool) -> web.Response:
-    parts = []
-    while (token := await stream.next_token()) is not None:
-        parts.append(token)
-    text = "".join(parts)
+    await stream.done()
+    text = stream.text()
     choice: dict[str, Any]
     if chat:
         choice = {

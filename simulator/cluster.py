@@ -23,6 +23,7 @@ scheduling order; every random draw comes from generators seeded by ``seed``). M
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -147,7 +148,10 @@ class ClusterSim:
         self.metrics = RunMetrics(policy_name, config.backends, config.slo_ttft_s, seed=config.seed)
         self._loss_rng = random.Random(config.seed ^ 0x5EED)
         self.engines: list[EngineModel] = []
-        self._idle: list[bool] = []
+        # Per engine: the step in progress (its effects are due at its end) or None, and the
+        # time an idle engine was handed work (its next step starts then).
+        self._pending: list[StepResult | None] = []
+        self._wake: list[float | None] = []
         self._live: dict[str, _Live] = {}
         self._trace: Iterator[TraceRequest] = iter(())
         self._arrivals_done = False
@@ -177,7 +181,8 @@ class ClusterSim:
         self.engines = [
             EngineModel(engine_config, self.cost, engine_id=b) for b in self.router.backend_ids
         ]
-        self._idle = [True] * cfg.backends
+        self._pending = [None] * cfg.backends
+        self._wake = [None] * cfg.backends
         self._busy_start = [-1.0] * cfg.backends
         self._busy_end = [-1.0] * cfg.backends
         self.oracle = PooledLruOracle(blocks * cfg.backends)
@@ -234,17 +239,8 @@ class ClusterSim:
             self.router.finish(route, decision, now, ok=False)
             return
         self._live[key] = live
-        if self._idle[position]:
-            self._idle[position] = False
-            self.loop.at(now, self._step, position)
-
-    def _step(self, position: int) -> None:
-        result = self.engines[position].step(self.loop.now_s)
-        if result is None:
-            self._idle[position] = True
-            return
-        self._account(position, result)
-        self.loop.at(result.end_s, self._step_done, position, result)
+        if self._pending[position] is None and self._wake[position] is None:
+            self._wake[position] = now
 
     def _account(self, position: int, result: StepResult) -> None:
         work = result.prefill_tokens + result.decode_requests
@@ -264,25 +260,38 @@ class ClusterSim:
             self.metrics.on_busy(position, start, end)
         self._busy_start[position] = self._busy_end[position] = -1.0
 
-    def _step_done(self, position: int, result: StepResult) -> None:
+    def _advance(self, position: int, horizon_s: float) -> None:
+        """Run engine ``position`` up to ``horizon_s``: every step ending by then takes effect.
+
+        Engines only interact through the router, and the router only acts at queued events
+        (arrivals, scrapes, event deliveries), so each engine runs alone up to the next one:
+        no heap traffic per engine step. A step ending exactly at the horizon takes effect
+        before the event there; an engine handed work at the horizon starts after it (so
+        simultaneous arrivals share a step).
+        """
         engine = self.engines[position]
         loop = self.loop
-        while True:
+        result = self._pending[position]
+        if result is None:
+            wake = self._wake[position]
+            if wake is None or wake >= horizon_s:
+                return
+            self._wake[position] = None
+            result = engine.step(wake)
+            if result is None:
+                return
+            self._account(position, result)
+        while result.end_s <= horizon_s:
+            loop.now_s = result.end_s
             if result.outputs:
                 self._outputs(result)
             if result.events:
                 self._events(position, result)
-            next_result = engine.step(loop.now_s)
-            if next_result is None:
-                self._idle[position] = True
-                return
-            self._account(position, next_result)
-            # Nothing else happens before this step ends: run its end now instead of queueing
-            # it (same order of effects as the queued path, one heap round trip fewer).
-            if not loop.advance_to(next_result.end_s):
-                loop.at(next_result.end_s, self._step_done, position, next_result)
-                return
-            result = next_result
+            result = engine.step(result.end_s)
+            if result is None:
+                break
+            self._account(position, result)
+        self._pending[position] = result
 
     def _outputs(self, result: StepResult) -> None:
         now = self.loop.now_s
@@ -343,7 +352,17 @@ class ClusterSim:
         self._schedule_next_arrival()
         if self.engines:
             self.loop.at(0.0, self._scrape)
-        self.loop.run()
+        loop = self.loop
+        positions = range(len(self.engines))
+        while True:
+            horizon_s = loop.next_time_s()
+            for position in positions:
+                self._advance(position, math.inf if horizon_s is None else horizon_s)
+            if horizon_s is None:
+                if loop.next_time_s() is None:
+                    break
+                continue
+            loop.run_next()
         for position in range(len(self.engines)):
             self._flush_busy(position)
         if self._live:

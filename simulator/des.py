@@ -40,13 +40,12 @@ class EventLoop:
     def next_time_s(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def advance_to(self, time_s: float) -> bool:
-        """Jump to ``time_s`` when no event is due before or at it (a caller running the next
-        step inline instead of scheduling it); False, and no change, otherwise."""
-        if self._heap and self._heap[0][0] <= time_s:
-            return False
-        self.now_s = max(self.now_s, time_s)
-        return True
+    def run_next(self) -> None:
+        """Run the one next event (for drivers that interleave their own work between events)."""
+        time_s, _seq, callback, args = heapq.heappop(self._heap)
+        self.now_s = time_s
+        self.events_run += 1
+        callback(*args)
 
     def run(self, until_s: float = float("inf"), stop: Callable[[], bool] | None = None) -> None:
         """Run events due at or before ``until_s``; ``stop()`` is checked after each event."""

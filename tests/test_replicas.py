@@ -2,8 +2,8 @@
 
 Four emulated vLLM pods (real HTTP servers, real ZMQ KV-event publishers) are listed as pods by
 the fake Kubernetes API. Each replica discovers them, asks each pod's ``/kv_event_sources``,
-subscribes to every engine's events (discovery's ingestion hook) and routes with ``kv_aware``
-from its own index. The workload alternates between the replicas. Checked:
+subscribes to every engine's events and routes with ``kv_aware`` from its own index; once wired
+exactly as ``kvrouter serve`` does, once through discovery's own event-sources hook. The workload alternates between the replicas. Checked:
 
 - both indexes agree, block for block, on what every backend holds;
 - a prefix first routed by one replica is found by the other: later turns of a group land on
@@ -35,7 +35,9 @@ from router.config import parse_config
 from router.discovery_setup import discovery_background, ingestion_hook
 from router.kv_events import KvEventIngestor
 from router.kv_metrics import KvMetrics
+from router.kv_setup import build_kv
 from simulator.emulator import EmulatedCluster
+from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"
 BLOCK = 16
@@ -79,15 +81,29 @@ class Replica:
 
 
 async def start_replica(
-    start_router: Callable[..., Awaitable[RouterHandle]], kubeconfig: Path, seed: int
+    start_router: Callable[..., Awaitable[RouterHandle]], kubeconfig: Path, seed: int,
+    wiring: str,
 ) -> Replica:
-    config = parse_config({
-        "policy": {"name": "kv_aware", "seed": seed},
-        "health": {"interval_s": 0.5},
-        "discovery": {"mode": "kubernetes", "kubernetes": {
-            "kubeconfig": str(kubeconfig), "label_selector": "app=vllm",
-            "ask_event_sources": True}},
-    })
+    """``serve``: built exactly as ``kvrouter serve`` builds it (KV plumbing asking each
+    discovered pod's /kv_event_sources). ``hook``: discovery itself asks and subscribes the
+    ingestor through its event-sources hook."""
+    discovery = {"mode": "kubernetes", "kubernetes": {
+        "kubeconfig": str(kubeconfig), "label_selector": "app=vllm",
+        "ask_event_sources": wiring == "hook"}}
+    raw: dict[str, Any] = {"policy": {"name": "kv_aware", "seed": seed},
+                           "health": {"interval_s": 0.5}, "discovery": discovery}
+    if wiring == "serve":
+        raw["kv_events"] = {"discover_interval_s": 0.1, "scrape_interval_s": 0.5}
+        raw["models"] = {MODEL: {"tokenizer": str(default_path()), "block_size": BLOCK}}
+        config = parse_config(raw)
+        kv = build_kv(config)
+        rng = random.Random(seed)
+        handle = await start_router(
+            config, background=[*discovery_background(config, {}), kv.background],
+            analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng)
+        return Replica(handle, kv.index)
+
+    config = parse_config(raw)
     index = PrefixIndex()
     ingestors: list[KvEventIngestor] = []
 
@@ -112,9 +128,10 @@ async def start_replica(
     return Replica(handle, index)
 
 
-@pytest.fixture
+@pytest.fixture(params=["serve", "hook"])
 async def fleet(
-    tmp_path: Path, start_router: Callable[..., Awaitable[RouterHandle]]
+    request: pytest.FixtureRequest, tmp_path: Path,
+    start_router: Callable[..., Awaitable[RouterHandle]],
 ) -> Any:
     async with EmulatedCluster(count=4, time_scale=50.0, model=MODEL, block_size=BLOCK,
                                num_gpu_blocks=4096) as cluster:
@@ -132,11 +149,12 @@ async def fleet(
                 "clusters": [{"name": "k", "cluster": {"server": kube.url}}],
                 "users": [{"name": "u", "user": {"token": "t"}}],
             }))
-            replicas = [await start_replica(start_router, kubeconfig, seed) for seed in (11, 22)]
+            replicas = [await start_replica(start_router, kubeconfig, seed, request.param)
+                        for seed in (11, 22)]
             for replica in replicas:
                 pool = replica.handle.state.pool
                 await wait_for(lambda pool=pool: {b.url for b in pool} == set(cluster.urls)
-                               and all(b.kv_events_endpoint for b in pool), "pods discovered")
+                               and all(b.kv_events for b in pool), "pods discovered, events live")
             yield cluster, replicas
         finally:
             await kube.stop()
@@ -187,15 +205,13 @@ async def test_two_replicas_agree_on_the_index_and_spread_without_herding(
     burst_spread = Counter(chosen)
     assert len(burst_spread) >= 3 and max(burst_spread.values()) <= 8, burst_spread
 
-    # Both indexes hold the same blocks on the same backends once the events have settled.
-    def same_index() -> bool:
-        a, b = replicas[0].index, replicas[1].index
-        return a.entries == b.entries and all(
-            a.backend_entries(u) == b.backend_entries(u) for u in cluster.urls)
+    # Once the events have settled, both indexes hold exactly what each engine has cached.
+    def settled() -> bool:
+        return all(r.index.backend_entries(url) == len(pod.engine.cached_keys())
+                   for r in replicas for url, pod in zip(cluster.urls, cluster.pods, strict=True))
 
-    await wait_for(same_index, "indexes to converge")
-    assert replicas[0].index.entries > 0
+    await wait_for(settled, "both indexes to match the engines' caches")
+    assert replicas[0].index.entries == replicas[1].index.entries > 0
     for hashes in prefix_hashes + [hasher.hash_tokens(ids) for ids in burst]:
         assert replicas[0].holders(hashes) == replicas[1].holders(hashes)
-    for url, pod in zip(cluster.urls, cluster.pods, strict=True):
-        assert replicas[0].index.backend_entries(url) == len(pod.engine.cached_keys()) > 0
+        assert max(replicas[0].holders(hashes).values()) == full

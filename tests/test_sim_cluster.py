@@ -116,6 +116,8 @@ def test_deterministic_conserving_and_under_the_oracle(policy: str) -> None:
     assert sum(first["routed"]) == 150  # type: ignore[arg-type]
     assert first["hit_rate"] <= first["oracle_hit_rate"] + 1e-12  # type: ignore[operator]
     assert first["hit_tokens"] <= first["input_tokens"]  # type: ignore[operator]
+    # No request beats its prompt prefilled alone with the oracle's hits.
+    assert first["ttft_floor_p99_s"] <= first["ttft_p99_s"]  # type: ignore[operator]
 
 
 def test_a_different_seed_changes_the_workload() -> None:

@@ -162,12 +162,9 @@ class DisaggClusterSim(ClusterSim):
             self.router.finish(live.route, live.decision, now, ok=False)
             return
         self._live[key] = live
-        self._wake(position)
-
-    def _wake(self, position: int) -> None:
-        if self._idle[position]:
-            self._idle[position] = False
-            self.loop.at(self.loop.now_s, self._step, position)
+        # Hand the engine work as ClusterSim._arrive does: an idle engine steps from now.
+        if self._pending[position] is None and self._wake[position] is None:
+            self._wake[position] = self.loop.now_s
 
     def _outputs(self, result: StepResult) -> None:
         hits = self._prefill_hits

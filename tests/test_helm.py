@@ -24,6 +24,7 @@ import yaml
 
 from router.config import parse_config
 from router.discovery_setup import parse_discovery
+from router.kv_setup import build_kv, wants_kv
 
 pytestmark = pytest.mark.helm
 
@@ -116,6 +117,8 @@ def router_config(docs: list[dict[str, Any]]) -> Any:
     (configmap,) = [d for d in by_kind(docs)["ConfigMap"] if "config.yaml" in d["data"]]
     raw = yaml.safe_load(configmap["data"]["config.yaml"])
     config = parse_config(raw)
+    if wants_kv(config, {}):
+        build_kv(config)  # the kv_events section and tokenizer paths, as serve checks them
     return config, parse_discovery(config.extensions.get("discovery"))
 
 

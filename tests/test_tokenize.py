@@ -1,4 +1,5 @@
-"""Router tokenization matches what vLLM feeds its engine (the tiny tokenizer's template)."""
+"""Router tokenization matches what vLLM feeds its engine (the tiny tokenizer's template), and
+the tokenizing analyzer turns it into the right block hashes, or a counted estimate."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import itertools
 
 import pytest
 
+from policies.hashing import BlockHasher, Namespace
+from router.analyzer import Endpoint, RequestFields
 from router.chat_render import PromptError, content_format, shape_tools
+from router.kv_metrics import KvMetrics
+from router.prompt_analyzer import ModelShape, TokenizingAnalyzer
 from router.tokenize import ModelTokenizer, load_tokenizer
 from simulator.tiny_tokenizer import default_path
 
@@ -160,3 +165,71 @@ def test_tokenizer_without_independent_pieces_encodes_whole(hf):
 def test_load_tokenizer_error_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="cannot load tokenizer"):
         load_tokenizer(tmp_path / "missing")
+
+
+# ---- the tokenizing analyzer -----------------------------------------------------------------
+
+def _fields(body, endpoint=Endpoint.CHAT, rid="r1", text="", ids=None):
+    return RequestFields(endpoint, "/v1/x", body, {}, rid, body["model"], prompt_text=text,
+                         prompt_token_ids=ids)
+
+
+@pytest.fixture()
+def analyzer(hf):
+    shapes = {"tiny": ModelShape("tiny", None, 16), "tiny-lora": ModelShape("tiny", "tiny-lora", 16)}
+    a = TokenizingAnalyzer({"tiny": ModelTokenizer(hf)}, KvMetrics(),
+                           shape_of=lambda m: shapes.get(m, ModelShape(m, None, 16)))
+    yield a
+    a.close()
+
+
+async def test_analyzer_exact_tokens_and_block_hashes(analyzer, hf):
+    messages = [{"role": "user", "content": "tell me about caches " * 30}]
+    request = await analyzer.analyze(_fields({"model": "tiny", "messages": messages}))
+    _, ids = _reference(hf, messages)
+    assert request.tokens_exact and request.prompt_tokens == len(ids)
+    assert request.block_size == 16
+    assert request.block_hashes == BlockHasher(Namespace("tiny"), 16).hash_tokens(ids)
+
+
+async def test_analyzer_multi_turn_hashes_equal_fresh_hashes(analyzer, hf):
+    history = [{"role": "system", "content": "system words " * 100}]
+    for turn in range(3):
+        history.append({"role": "user", "content": f"turn {turn} " * 20})
+        request = await analyzer.analyze(_fields({"model": "tiny", "messages": list(history)},
+                                                 rid=f"t{turn}"))
+        _, ids = _reference(hf, history)
+        assert request.block_hashes == BlockHasher(Namespace("tiny"), 16).hash_tokens(ids)
+        history.append({"role": "assistant", "content": f"answer {turn} " * 10})
+    reused = analyzer.metrics.registry.get_sample_value("kvrouter_tokenize_reused_tokens_total",
+                                                        {"model": "tiny"})
+    assert reused and reused > 300
+
+
+async def test_analyzer_namespaces_salt_and_lora(analyzer):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "same words " * 40}]}
+    plain = await analyzer.analyze(_fields(body))
+    salted = await analyzer.analyze(_fields({**body, "cache_salt": "tenant-a"}))
+    lora = await analyzer.analyze(_fields({**body, "model": "tiny-lora"}))
+    assert plain.prompt_tokens == salted.prompt_tokens == lora.prompt_tokens
+    assert len({plain.block_hashes[0], salted.block_hashes[0], lora.block_hashes[0]}) == 3
+
+
+async def test_analyzer_falls_back_and_counts(analyzer):
+    text = "x" * 1000
+    request = await analyzer.analyze(_fields(
+        {"model": "unknown", "prompt": text}, Endpoint.COMPLETIONS, text=text))
+    assert not request.tokens_exact and request.prompt_tokens == 250
+    assert len(request.block_hashes) == 1000 // 64
+    ids = await analyzer.analyze(_fields(
+        {"model": "unknown", "prompt": list(range(40))}, Endpoint.COMPLETIONS, ids=tuple(range(40))))
+    assert ids.tokens_exact and ids.block_hashes == BlockHasher(
+        Namespace("unknown"), 16).hash_tokens(list(range(40)))
+    # A body the tokenizer rejects is routed on the estimate too (the engine answers it).
+    bad = await analyzer.analyze(_fields(
+        {"model": "tiny", "prompt": "hello", "add_special_tokens": "yes"}, Endpoint.COMPLETIONS,
+        text="hello"))
+    assert not bad.tokens_exact
+    fallback = analyzer.metrics.registry.get_sample_value
+    assert fallback("kvrouter_tokenize_fallback_total", {"model": "unknown"}) == 2
+    assert fallback("kvrouter_tokenize_fallback_total", {"model": "tiny"}) == 1

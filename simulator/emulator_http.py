@@ -254,18 +254,19 @@ async def _stream(
                 }
             ]
         )
+    # Token chunks differ only in the token and the finish reason: serialize the rest once.
+    opening = _dumps(head)[:-1] + ',"choices":[{"index":0,'
+    field = '"delta":{"content":' if chat else '"text":'
+    closing = "}" if chat else ""
     sent = 0
     while (token := await stream.next_token()) is not None:
         sent += 1
         # Exactly max_tokens come out (EOS is ignored), so the last one is known on arrival.
-        finish = "length" if sent >= stream.max_tokens else None
-        if chat:
-            choice = {"index": 0, "delta": {"content": token}, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": token, "logprobs": None}
-        choice["finish_reason"] = finish
-        choice["stop_reason"] = None
-        await send([choice])
+        finish = '"length"' if sent >= stream.max_tokens else "null"
+        await response.write(
+            f"data: {opening}{field}{_dumps(token)}{closing},"
+            f'"logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}\n\n'.encode()
+        )
     if usage:
         await send([], {"usage": _usage(stream)})
     await response.write(b"data: [DONE]\n\n")

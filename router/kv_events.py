@@ -176,7 +176,15 @@ class KvEventIngestor:
 
     async def _read(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
         while True:
-            frames = await sock.recv_multipart()
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError as exc:  # a socket error must not end ingestion for good
+                if sock.closed:
+                    return
+                self.metrics.malformed.labels(address).inc()
+                log.warning("receiving KV events on %s failed: %s", address, exc)
+                await asyncio.sleep(0.5)
+                continue
             sources = self._groups.get((address, bind), [])
             if not sources:
                 continue

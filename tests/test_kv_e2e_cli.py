@@ -1,0 +1,88 @@
+"""`kvrouter serve --policy kv_aware --backend ... --model-tokenizer NAME=DIR` end to end, as a
+real process in front of emulated pods: KV events flow in and hits are predicted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import aiohttp
+
+from simulator.emulator import EmulatedCluster
+from simulator.tiny_tokenizer import default_path
+
+MODEL = "tiny-llama"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _metric_lines(session, url, prefix):
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+async def test_serve_with_model_tokenizer_predicts_hits():
+    async with EmulatedCluster(count=2, model=MODEL, block_size=16, time_scale=20.0,
+                               tokenizer=default_path()) as cluster:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "kvrouter.cli", "serve", "--policy", "kv_aware",
+               "--port", str(port), "--loop", "asyncio", "--log-level", "warning",
+               "--model-tokenizer", f"{MODEL}={default_path()}"]
+        for url in cluster.urls:
+            cmd += ["--backend", url]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        router = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 60
+                while True:  # up, and both pods' event sources replayed
+                    assert proc.returncode is None, await proc.stderr.read()
+                    assert time.monotonic() < deadline, "router never came up with KV events"
+                    try:
+                        ok = await _metric_lines(session, router,
+                                                 "kvrouter_kv_event_replays_total")
+                        if sum('outcome="ok"' in line for line in ok) >= 2:
+                            break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.2)
+                body = {"model": MODEL, "max_tokens": 2, "messages": [
+                    {"role": "system", "content": "shared instructions " * 80},
+                    {"role": "user", "content": "first question"}]}
+                url = f"{router}/v1/chat/completions"
+                async with session.post(url, json=body) as r:
+                    assert r.status == 200
+                    first = r.headers["x-kvrouter-backend"]
+                body["messages"][1]["content"] = "second question"
+                deadline = time.monotonic() + 30
+                while True:  # the first request's blocks reach the index through events
+                    async with session.post(url, json=body) as r:
+                        assert r.status == 200
+                        hits = int(r.headers["x-kvrouter-predicted-hit-tokens"])
+                        backend = r.headers["x-kvrouter-backend"]
+                    if hits > 0:
+                        break
+                    assert time.monotonic() < deadline, "no hit was ever predicted"
+                    await asyncio.sleep(0.1)
+                assert backend == first and hits >= 16 * 10
+                stored = await _metric_lines(session, router, "kvrouter_kv_events_total")
+                assert any('type="BlockStored"' in line for line in stored)
+                assert await _metric_lines(session, router, "kvrouter_index_entries")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class ModelTokenizer:
         self.hf = hf_tokenizer
         self.cache = PrefixCache(cache_tokens)
         self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._whole_lock = threading.Lock()
         specials = [
             tok.content
             for tok in getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
@@ -163,7 +165,10 @@ class ModelTokenizer:
     # ---- checks at load ---------------------------------------------------------------------
 
     def _encode_whole(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+        # transformers' __call__ may reset truncation/padding on the shared Rust tokenizer,
+        # which is not safe from several threads at once ("Already borrowed").
+        with self._whole_lock:
+            return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def _special_affixes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Tokens the post-processor adds around a prompt (BOS/EOS) with add_special_tokens."""

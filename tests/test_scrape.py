@@ -121,3 +121,21 @@ async def test_unreachable_and_garbage_backends_are_counted():
                                             {"backend": backend}) == 1
         assert pool.get(backend).engine_scraped_at_s is None
     await runner.cleanup()
+
+
+def test_scraped_block_size_and_lora_parent_shape_the_analyzer():
+    from router.config import parse_config
+    from router.kv_setup import build_kv
+
+    kv = build_kv(parse_config({"models": {"base": {"block_size": 16}}}))
+    pool = BackendPool()
+    a = pool.add("http://127.0.0.1:1")
+    a.discovered_models = {"base": {"id": "base"},
+                           "adapter": {"id": "adapter", "parent": "base"}}
+    kv.pool = pool
+    assert kv.shape_of("base").block_size == 16  # configured: nothing scraped yet
+    a.block_size = 128  # vllm:cache_config_info said so
+    shape = kv.shape_of("adapter")
+    assert (shape.base_model, shape.lora, shape.block_size) == ("base", "adapter", 128)
+    assert kv.shape_of("base").block_size == 128
+    kv.analyzer.close()

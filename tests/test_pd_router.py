@@ -4,6 +4,7 @@ engines' protocols, streaming and not, and each failure path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -328,3 +329,23 @@ async def test_real_decider_explains_itself_in_debug_route_and_metrics(
     assert (await session.post(router.url + "/v1/completions", json=short)).status == 200
     assert d.node.computed_prompt_tokens > 0 and not p.received
     assert await metric(session, router.url, 'kvrouter_pd_decisions_total{mode="local"}') == 1
+
+
+@ENGINES
+async def test_client_leaving_mid_split_releases_everything(
+    engine: EngineKind, pd: Starter, start_router: Any, session: aiohttp.ClientSession
+) -> None:
+    p = await pd(Role.PREFILL, engine, "p0")
+    d = await pd(Role.DECODE, engine, "d0", delay_s=30.0)
+    router = await start(start_router, config(engine, [p], [d]))
+    with pytest.raises(TimeoutError):
+        await session.post(router.url + "/v1/completions",
+                           json={"model": "tiny", "prompt": LONG, "max_tokens": 2},
+                           timeout=aiohttp.ClientTimeout(total=0.5))
+    for _ in range(200):
+        if d.cancelled and all(b.in_flight_requests == 0 for b in router.state.pool):
+            break
+        await asyncio.sleep(0.02)
+    assert d.cancelled == 1
+    assert [b.in_flight_prompt_tokens for b in router.state.pool] == [0, 0]
+    assert all(b.in_flight_requests == 0 for b in router.state.pool)

@@ -132,6 +132,25 @@ class Target:
     urls: list[str]  # the client spreads over these (direct: the backends; a router: itself)
     process: subprocess.Popen[bytes] | None = None
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the router's process tree (all threads); 0 for direct.
+        Unlike latency, this barely moves with the shared machine's load."""
+        if self.process is None:
+            return 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        pids, total = [self.process.pid], 0.0
+        while pids:
+            pid = pids.pop()
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        return total
+
 
 async def _wait_ready(url: str, seconds: float, process: subprocess.Popen[bytes] | None) -> None:
     body = {"model": MODEL, "prompt": "warm up", "max_tokens": 1}
@@ -213,6 +232,7 @@ class Cell:
     seconds: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_request: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -220,16 +240,17 @@ class Cell:
 
 
 async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
-                 concurrency: int, seconds: float, warmup_s: float) -> tuple[list[float], int]:
+                 concurrency: int, seconds: float, warmup_s: float
+                 ) -> tuple[list[float], int, int]:
     """One closed-loop slice: latencies of the requests that ended in the measured window."""
     headers = {"Content-Type": "application/json"}
     latencies: list[float] = []
-    errors = 0
+    errors = completed = 0
     measure_from = time.perf_counter() + warmup_s
     end = measure_from + seconds
 
     async def worker(i: int) -> None:
-        nonlocal errors
+        nonlocal errors, completed
         n = i
         while True:
             t0 = time.perf_counter()
@@ -241,6 +262,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
                 await response.read()
                 status = response.status
             t1 = time.perf_counter()
+            completed += 1
             # Every request that ends inside the window counts (for req/s and latency); one
             # that must also start inside it would bias both towards short requests.
             if measure_from <= t1 <= end:
@@ -250,7 +272,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
                     errors += 1
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return latencies, errors
+    return latencies, errors, completed
 
 
 async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, seconds: float,
@@ -260,11 +282,18 @@ async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, s
     body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16,
                        "stream": stream}).encode()
     results: dict[str, tuple[list[float], list[int]]] = {t.name: ([], []) for t in targets}
+    cpu_s = dict.fromkeys((t.name for t in targets), 0.0)
+    done = dict.fromkeys((t.name for t in targets), 0)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         for _ in range(rounds):
             for target in targets:
-                latencies, errors = await _slice(session, target, body, concurrency,
-                                                 seconds / rounds, warmup_s)
+                before_s = target.cpu_s()
+                latencies, errors, completed = await _slice(
+                    session, target, body, concurrency, seconds / rounds, warmup_s)
+                # CPU covers the whole slice (warm-up and tail too), so divide by every
+                # request the slice completed, not only the measured ones.
+                cpu_s[target.name] += target.cpu_s() - before_s
+                done[target.name] += completed
                 results[target.name][0].extend(latencies)
                 results[target.name][1].append(errors)
     cells = []
@@ -276,20 +305,23 @@ async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, s
         cells.append(Cell(target.name, "stream" if stream else "plain", concurrency,
                           len(latencies), sum(errors), seconds,
                           statistics.median(latencies) * 1e3 if latencies else 0.0,
-                          q[98] * 1e3))
+                          q[98] * 1e3, cpu_s[target.name] * 1e3 / max(done[target.name], 1)))
     return cells
 
 
 def _table(cells: list[Cell]) -> str:
     direct = {(c.mode, c.concurrency): c for c in cells if c.target == "direct"}
     lines = ["| target | mode | concurrency | req/s | p50 ms | p99 ms | added p50 ms | "
-             "added p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "added p99 ms | router CPU ms/request | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         d = direct[(c.mode, c.concurrency)]
         added = ("-", "-") if c.target == "direct" else (
             f"{c.p50_ms - d.p50_ms:+.2f}", f"{c.p99_ms - d.p99_ms:+.2f}")
         lines.append(f"| {c.target} | {c.mode} | {c.concurrency} | {c.rps:,.0f} | "
-                     f"{c.p50_ms:.2f} | {c.p99_ms:.2f} | {added[0]} | {added[1]} | {c.errors} |")
+                     f"{c.p50_ms:.2f} | {c.p99_ms:.2f} | {added[0]} | {added[1]} | "
+                     f"{'-' if c.target == 'direct' else f'{c.cpu_ms_per_request:.3f}'} | "
+                     f"{c.errors} |")
     return "\n".join(lines)
 
 
@@ -304,7 +336,8 @@ async def _main(args: argparse.Namespace) -> int:
                     cells.append(cell)
                     print(f"  {cell.target:14s} {cell.mode:6s} c={concurrency:<4d} "
                           f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.2f} ms  "
-                          f"p99 {cell.p99_ms:6.2f} ms  errors {cell.errors}", flush=True)
+                          f"p99 {cell.p99_ms:6.2f} ms  cpu {cell.cpu_ms_per_request:.3f} ms/req  "
+                          f"errors {cell.errors}", flush=True)
     print()
     print(_table(cells))
     return cells_ok(cells)

@@ -90,6 +90,7 @@ class KvPlumbing:
         self.pool: BackendPool | None = None
         self.ingestor: KvEventIngestor | None = None
         self._warned_block_size: set[str] = set()
+        self.configured_sources = self._configured_sources()  # a bad entry fails at start-up
 
     def policy(self, rng: random.Random) -> Policy:
         inner = wrap_policy(build_policy(self.config.policy.name, self.config.policy.params, rng),
@@ -185,7 +186,7 @@ class KvPlumbing:
         assert self.ingestor is not None
         await self.ingestor.started.wait()
         done: set[BackendId] = set()
-        configured = self._configured_sources()
+        configured = self.configured_sources
         while True:
             for backend in list(state.pool):
                 if backend.backend_id in done:

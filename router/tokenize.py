@@ -57,10 +57,14 @@ def load_tokenizer(source: str | Path, *, offline: bool = True) -> Any:
     """``AutoTokenizer.from_pretrained`` from a directory or model id, never downloading."""
     from transformers import AutoTokenizer
 
+    looks_local = isinstance(source, Path) or str(source).startswith((".", "/", "~"))
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ValueError(f"no tokenizer directory at {str(source)!r}")
     try:
         return AutoTokenizer.from_pretrained(str(source), local_files_only=offline)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
-        raise ValueError(f"cannot load tokenizer {str(source)!r}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line, for a one-line config error
+        raise ValueError(f"cannot load tokenizer {str(source)!r}: {reason}") from exc
 
 
 class ModelTokenizer:

@@ -86,3 +86,23 @@ async def test_serve_with_model_tokenizer_predicts_hits():
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def test_serve_config_errors_are_one_line(capsys, tmp_path):
+    from kvrouter.cli import main
+
+    cases = [
+        (["--model-tokenizer", f"m={tmp_path / 'missing'}"], "models.m.tokenizer"),
+        (["--model-tokenizer", "no-equals-sign"], "--model-tokenizer"),
+    ]
+    config = tmp_path / "c.yaml"
+    config.write_text("kv_events:\n  sources:\n    - {backend: 5}\n")
+    cases.append((["--config", str(config), "--policy", "kv_aware"], "kv_events.sources[0]"))
+    config2 = tmp_path / "c2.yaml"
+    config2.write_text("kv_events:\n  replay_timeout: 3\n")
+    cases.append((["--config", str(config2)], "kv_events.replay_timeout"))
+    for flags, path in cases:
+        assert main(["serve", "--backend", "http://127.0.0.1:9", *flags]) == 2
+        # (transformers may print its own notice first; the router's error is one line)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("kvrouter serve: config error: ") and path in err, err

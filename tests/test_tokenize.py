@@ -163,8 +163,10 @@ def test_tokenizer_without_independent_pieces_encodes_whole(hf):
 
 
 def test_load_tokenizer_error_names_the_path(tmp_path):
-    with pytest.raises(ValueError, match="cannot load tokenizer"):
+    with pytest.raises(ValueError, match="no tokenizer directory"):
         load_tokenizer(tmp_path / "missing")
+    with pytest.raises(ValueError, match="cannot load tokenizer 'no-such/model-id'"):
+        load_tokenizer("no-such/model-id")
 
 
 # ---- the tokenizing analyzer -----------------------------------------------------------------

@@ -9,7 +9,8 @@ Algorithm, per request in a disaggregated pool (every term in seconds):
    MIXED candidates; its score terms give ``ttft_P`` (queued prefill + uncached prefill + KV
    pressure). The inner policy also scores local prefill on each DECODE candidate (a second
    ``choose`` over DECODE backends only), which gives ``local_ttft_D`` and the decode backend's
-   own cached prefix ``hit_D``.
+   own cached prefix ``hit_D``; that ``choose``'s winner ``L`` is where a request that is not
+   split goes (cache affinity), while a split request's decode side ``D`` is step 2's.
 2. Decode side: for each DECODE or MIXED candidate ``D``::
 
        reused_D     = hit_D if D's engine reuses its own prefix cache on a remote prefill
@@ -25,9 +26,9 @@ Algorithm, per request in a disaggregated pool (every term in seconds):
    The lowest score wins (exact ties by the injected RNG).
 3. Split or local (conditional disaggregation):
    - ``P`` is MIXED: it serves the request itself (no transfer beats a transfer);
-   - ``D`` is an SGLang DECODE server: split (it serves only bootstrapped requests);
-   - ``prompt - hit_D < min_uncached_tokens``: local on ``D`` (too little to prefill elsewhere);
-   - ``local_ttft_D <= ttft_P + transfer_s_D``: local on ``D`` (prefilling there is faster);
+   - ``L`` is an SGLang DECODE server: split (it serves only bootstrapped requests);
+   - ``prompt - hit_L < min_uncached_tokens``: local on ``L`` (too little to prefill elsewhere);
+   - ``local_ttft_L <= ttft_P + transfer_s_D``: local on ``L`` (prefilling there is faster);
    - otherwise split: ``Decision(backend_id=D, prefill_backend_id=P)``.
    With no prefill-side candidate the best decode backend serves locally; with no decode-side
    candidate the prefill winner does.
@@ -181,6 +182,7 @@ class Disaggregated(PolicyBase):
             return self.inner.choose(request, view)
         prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
         decode_only = tuple(b for b in view.backends if b.role is Role.DECODE)
+        on_decode: Decision | None = None
         decode_side = tuple(b for b in view.backends if b.role is not Role.PREFILL)
         if not decode_side:
             inner = self.inner.choose(request, dataclasses.replace(view, backends=prefill_side))
@@ -204,10 +206,13 @@ class Disaggregated(PolicyBase):
         scores.extend(decode_scores)
         chosen = self._pick(decode_scores)
         d_id = chosen.backend_id
-        local_ttft_s, uncached = self._ttft_s(request, local_scores.get(d_id))
-        hit_d = local_scores[d_id].matched_tokens if d_id in local_scores else 0
+        # Local prefill goes where the inner policy would prefill among the DECODE backends
+        # (cache affinity); the split's decode side is the best decode score (load).
+        l_id = on_decode.backend_id if on_decode is not None else d_id
+        local_ttft_s, uncached = self._ttft_s(request, local_scores.get(l_id))
+        hit_l = local_scores[l_id].matched_tokens if l_id in local_scores else 0
 
-        def local(reason: str, backend_id: BackendId = d_id, hit: int = hit_d) -> Decision:
+        def local(reason: str, backend_id: BackendId = l_id, hit: int = hit_l) -> Decision:
             return Decision(backend_id=backend_id, reason=f"disaggregation: local, {reason}",
                             predicted_hit_tokens=hit, scores=tuple(scores))
 
@@ -218,8 +223,8 @@ class Disaggregated(PolicyBase):
         if p_role is Role.MIXED or p_id == d_id:
             return local(f"mixed prefill winner {p_id} serves it", p_id,
                          prefill.predicted_hit_tokens)
-        d_role = next(b.role for b in decode_side if b.backend_id == d_id)
-        if d_role is Role.DECODE and chosen_engine(decode_side, d_id) in _PAIRED_ONLY:
+        l_role = next(b.role for b in decode_side if b.backend_id == l_id)
+        if l_role is Role.DECODE and chosen_engine(decode_side, l_id) in _PAIRED_ONLY:
             return Decision(
                 backend_id=d_id,
                 reason=f"disaggregation: split, prefill on {p_id} then decode (an SGLang "

@@ -71,6 +71,8 @@ CASES = [
     ([("p0", P, {"engine": EngineKind.SGLANG}), ("d0", D, {"engine": EngineKind.SGLANG})], {},
      300, {}, "d0", "p0", "bootstrapped"),
     ([("p0", P, {}), ("d0", D, {})], {}, 300, {"conditional": False}, "d0", "p0", "off"),
+    ([("p0", P, {}), ("d0", D, {"engine_running_requests": 30}), ("d1", D, {})], {"d0": 480},
+     8000, {}, "d0", None, "uncached"),
 ]
 IDS = [
     "long-prompt-cached-on-prefill-splits",
@@ -88,6 +90,7 @@ IDS = [
     "decode-side-credits-its-own-prefix",
     "sglang-decode-cannot-prefill-alone",
     "unconditional-splits-short-prompts",
+    "local-goes-to-the-decode-cache-holder",
 ]
 
 

@@ -15,7 +15,8 @@ each UTF-8 byte to id ``byte + 3`` (ids 0-2 reserved), chat as ``role: content``
 emulator still runs without a tokenizer.
 
 Output: deterministic filler tokens (a fixed cycle of common words), ``max_tokens`` of them (EOS
-is ignored, like ``ignore_eos``), one per decode step.
+is ignored, like ``ignore_eos``), one per decode step. Full blocks of output are cached (and
+announced in BlockStored events with their token ids) as decoding fills them, like vLLM.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ class EmulatedPod:
         self._task: asyncio.Task[None] | None = None
         self._virtual_s = 0.0
         self._wall0 = 0.0
-        filler = codec.encode(_FILLER_TEXT)
-        self._filler = [codec.decode([i]) for i in filler] or ["x"]
+        self._filler_ids = codec.encode(_FILLER_TEXT) or [3]
+        self._filler = [codec.decode([i]) for i in self._filler_ids]
         self.driver_errors = 0
 
     async def start(self) -> None:
@@ -261,8 +262,13 @@ class EmulatedPod:
     ) -> TokenStream:
         """Queue a request; ValueError (client's fault) when the engine could never run it."""
         rid = f"{self.index}-{next(self._ids)}"
-        keys = vllm_block_hashes(token_ids, self.config.block_size, self._hash_seed)
-        request = EngineRequest(rid, len(token_ids), max_tokens, keys, tuple(token_ids))
+        # The output is known in advance (filler), so its blocks get keys too and are cached as
+        # decoding fills them: a next turn repeating the answer hits them, as on vLLM.
+        filler = self._filler_ids
+        output = [filler[i % len(filler)] for i in range(max_tokens)]
+        sequence = (*token_ids, *output)
+        keys = vllm_block_hashes(sequence, self.config.block_size, self._hash_seed)
+        request = EngineRequest(rid, len(token_ids), max_tokens, keys, sequence)
         self.engine.add_request(request, self._virtual_now())
         stream = TokenStream(rid, len(token_ids), max_tokens, self._filler, streaming)
         self._streams[rid] = stream

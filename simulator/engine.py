@@ -28,8 +28,11 @@ Read-only stats: ``num_running``, ``num_waiting``, ``has_work``, ``kv_usage_rati
 ``cached_keys()``, ``peek_cached_tokens(keys, prompt_tokens)``.
 
 ``EngineRequest.block_keys`` is the chain of block keys of the prompt's full blocks (the
-caller's hash: the simulator passes the router's hashes, the emulator vLLM-like ones). They go
-into the events unchanged; ``token_ids``, when given, too.
+caller's hash: the simulator passes the router's hashes, the emulator vLLM-like ones), and may
+go on over the blocks of the output the caller knows it will get (at most
+``(prompt_tokens + max_tokens) // block_size`` keys): those blocks are cached as decoding fills
+them, as vLLM caches output blocks, so a next turn that repeats the answer hits them. Keys go
+into the events unchanged; ``token_ids`` (prompt, then output), when given, too.
 
 Scheduling (vLLM v1, FCFS, chunked prefill on): each step has a budget of
 ``max_num_batched_tokens``. Running requests go first, in admission order: each gets
@@ -195,8 +198,8 @@ class EngineModel:
             raise ValueError(f"duplicate request_id {request.request_id!r}")
         if request.prompt_tokens < 1 or request.max_tokens < 1:
             raise ValueError("prompt_tokens and max_tokens must be >= 1")
-        if len(request.block_keys) > request.prompt_tokens // cfg.block_size:
-            raise ValueError("block_keys must cover full prompt blocks only")
+        if len(request.block_keys) > (request.prompt_tokens + request.max_tokens) // cfg.block_size:
+            raise ValueError("block_keys must cover full blocks of prompt + max_tokens only")
         total = request.prompt_tokens + request.max_tokens
         if total > cfg.max_model_len:
             raise ValueError(f"{total} tokens exceed max_model_len {cfg.max_model_len}")
@@ -323,6 +326,10 @@ class EngineModel:
         finished: list[_Running] = []
         for st in decoders:
             st.computed += 1
+            if st.computed % bs == 0 and st.held < len(st.req.block_keys):
+                # A block of generated tokens just filled: cached like a prompt block when the
+                # caller supplied its key (vLLM caches output blocks too).
+                self._store(st, st.computed // bs, events)
             st.generated += 1
             if st.generated >= st.max_tokens:
                 finished.append(st)
@@ -332,14 +339,7 @@ class EngineModel:
         for st, n in prefills:
             st.computed += n
             req = st.req
-            full = min(len(req.block_keys), st.computed // bs)
-            if full > st.held:
-                keys = req.block_keys[st.held : full]
-                parent = req.block_keys[st.held - 1] if st.held else None
-                tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
-                self.cache.store(keys, parent, tokens, events)
-                st.anonymous -= full - st.held
-                st.held = full
+            self._store(st, st.computed // bs, events)
             if st.computed == st.prompt_tokens + st.generated:
                 st.generated += 1
                 if st.generated >= st.max_tokens:
@@ -367,6 +367,20 @@ class EngineModel:
             prefill_tokens=sum(n for n, _ in chunks),
             decode_requests=len(decoders),
         )
+
+    def _store(self, st: _Running, full_blocks: int, events: list[KvEvent]) -> None:
+        """Cache the request's blocks up to ``full_blocks`` that have keys and are not yet held."""
+        req = st.req
+        full = min(len(req.block_keys), full_blocks)
+        if full <= st.held:
+            return
+        bs = self.config.block_size
+        keys = req.block_keys[st.held : full]
+        parent = req.block_keys[st.held - 1] if st.held else None
+        tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
+        self.cache.store(keys, parent, tokens, events)
+        st.anonymous -= full - st.held
+        st.held = full
 
     @staticmethod
     def _output(st: _Running) -> RequestOutput:

@@ -10,8 +10,8 @@ Semantics (vLLM v1 ``BlockPool``/``KVCacheManager``):
   ``kv_cache_usage_perc`` does the same).
 - Only full blocks are cached, keyed by a chained hash supplied by the caller (``keys[i]``
   depends on ``keys[i-1]``). A request's cached prefix is the longest run of leading keys present.
-- Partial tail blocks and generated-token blocks are anonymous: they take capacity but are never
-  cached (a simplification: vLLM also caches full blocks of generated tokens).
+- Partial tail blocks, and full blocks the caller has no key for, are anonymous: they take
+  capacity but are never cached.
 - Eviction takes the least recently freed evictable block. A request frees its blocks tail
   first, so a chain's tail blocks are evicted before its head (vLLM appends them to the free
   queue in reverse order). A hit takes the block out of the evictable queue.

@@ -153,6 +153,26 @@ async def test_chat_streaming_first_chunk_is_the_role(
     assert tok["count"] == reply["usage"]["prompt_tokens"]
 
 
+async def test_next_turn_hits_the_previous_answer(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    url = cluster.urls[0] + "/v1/chat/completions"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    status, turn1 = await post(
+        session, url, {"model": MODEL, "messages": messages, "max_tokens": 40}
+    )
+    assert status == 200
+    answer = turn1["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "more"}]
+    status, turn2 = await post(
+        session, url, {"model": MODEL, "messages": messages, "max_tokens": 1}
+    )
+    # The cached prefix reaches past the first turn's prompt into its answer (vLLM caches
+    # output blocks; the tiny tokenizer re-encodes the filler answer to the same ids).
+    cached = turn2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= turn1["usage"]["prompt_tokens"] + 16
+
+
 async def test_metrics_have_vllm_names_and_labels(
     cluster: EmulatedCluster, session: aiohttp.ClientSession
 ) -> None:

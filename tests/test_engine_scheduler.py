@@ -128,6 +128,21 @@ def test_preemption_when_decode_runs_out_of_blocks() -> None:
     assert engine.generation_tokens_total == 180
 
 
+def test_output_blocks_with_keys_are_cached_as_decoding_fills_them() -> None:
+    engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=64), COST)
+    keys = keys_for(5, 4)  # 2 prompt blocks + 2 blocks of the 40-token output
+    engine.add_request(EngineRequest("a", 32, 40, keys), 0.0)
+    now, results = run(engine)
+    stored = [e.block_hashes for r in results for e in r.events]
+    assert stored == [keys[:2], keys[2:3], keys[3:4]]
+    parents = [e.parent_block_hash for r in results for e in r.events if isinstance(e, BlockStored)]
+    assert parents == [None, keys[1], keys[2]]
+    # The next turn repeats prompt + answer and goes on: it hits the answer's blocks too.
+    engine.add_request(EngineRequest("b", 80, 1, keys), now)
+    _, results = run(engine, now)
+    assert first_outputs(results) == {"b": 64}
+
+
 def test_abort_frees_blocks() -> None:
     engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=16), COST)
     engine.add_request(EngineRequest("a", 64, 100, keys_for(4, 4)), 0.0)
@@ -145,7 +160,7 @@ def test_abort_frees_blocks() -> None:
         (EngineRequest("x", 100, 10**6), "max_model_len"),
         (EngineRequest("x", 5000, 10), "KV blocks"),
         (EngineRequest("x", 0, 10), ">= 1"),
-        (EngineRequest("x", 20, 10, (1, 2)), "full prompt blocks"),
+        (EngineRequest("x", 20, 10, (1, 2)), "prompt \\+ max_tokens"),
     ],
     ids=["too-long", "never-fits", "empty", "too-many-keys"],
 )

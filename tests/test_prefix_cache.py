@@ -152,7 +152,7 @@ def test_reset_refused_while_held_then_clears() -> None:
 # -- property: the event stream is a faithful copy of the cache ---------------------------------
 
 _op = st.one_of(
-    st.tuples(st.just("add"), st.integers(0, 5), st.integers(1, 40), st.integers(1, 6)),
+    st.tuples(st.just("add"), st.integers(0, 5), st.integers(1, 40), st.integers(1, 12)),
     st.tuples(st.just("step"), st.integers(1, 4), st.just(0), st.just(0)),
     st.tuples(st.just("abort"), st.integers(0, 30), st.just(0), st.just(0)),
     st.tuples(st.just("reset"), st.just(0), st.just(0), st.just(0)),
@@ -176,10 +176,11 @@ def test_replayed_events_reproduce_the_cache(
         if kind == "add":
             # Six prompt families sharing leading tokens, so hits, sharing and eviction happen.
             tokens = [a % 3] * 8 + [a] * 4 + list(range(b))
-            keys = chain(tokens)
+            # Keys and token ids go on over the known output, whose blocks get cached too.
+            sequence = tokens + [99] * c
             try:
                 engine.add_request(
-                    EngineRequest(f"r{n}", len(tokens), c, keys, tuple(tokens)), now
+                    EngineRequest(f"r{n}", len(tokens), c, chain(sequence), tuple(sequence)), now
                 )
             except ValueError:
                 pass  # too large for this cache: refused, as designed

@@ -9,7 +9,8 @@ Virtual time, one ``simulator.des.EventLoop``. What happens, as events:
   ``policies.registry.build_policy``, the same object the live router uses), then to the
   chosen engine. The pooled-LRU oracle sees the prompt at the same instant.
 - engine step: ``EngineModel.step(now)``; its outputs (first token, finish) and KV events take
-  effect at the step's end. KV events reach the router's ``PrefixIndex`` after
+  effect at the step's end. Engines interact only through the router, which acts only at
+  queued events, so between two queued events each engine runs alone step after step. KV events reach the router's ``PrefixIndex`` after
   ``event_delay_s``; a whole step's batch is lost with probability ``event_loss_ratio`` (a
   stale index, as after a dropped ZMQ message).
 - scrape: every ``scrape_interval_s`` each engine's waiting/running counts and KV usage are
@@ -27,75 +28,22 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
-
-import xxhash
 
 from policies.registry import build_policy
 from policies.types import Decision, RouteRequest
-from simulator.cost_model import DEFAULT_PROFILE, CostModel, load_cost_model
+from simulator.cost_model import CostModel, load_cost_model
 from simulator.des import EventLoop
 from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
 from simulator.results import PooledLruOracle, Reservoir, RunMetrics, quantile
+from simulator.sim_inputs import SimConfig, prompt_text_of
 from simulator.sim_router import EngineSignals, SimRouter
-from simulator.traces import SIM_MODEL, TraceRequest
+from simulator.traces import TraceRequest
 
 __all__ = ["ClusterSim", "SimConfig", "prompt_text_of", "simulate"]
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class SimConfig:
-    """Everything about a simulated cluster except the trace and the policy."""
-
-    backends: int = 16
-    cost_profile: str = DEFAULT_PROFILE
-    num_gpu_blocks: int = 0  # per engine; 0 = what the profile's KV memory holds
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    max_model_len: int = 1_048_576
-    scrape_interval_s: float = 1.0
-    engine_signals_max_age_s: float = 15.0
-    event_delay_s: float = 0.0
-    event_loss_ratio: float = 0.0
-    kv_events: bool = True
-    slo_ttft_s: float = 2.0
-    chars_per_token: int = 4
-    model: str = SIM_MODEL
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.backends < 1:
-            raise ValueError("simulation.backends must be >= 1")
-        if not 0.0 <= self.event_loss_ratio <= 1.0:
-            raise ValueError("simulation.event_loss_ratio must be within [0, 1]")
-        if self.event_delay_s < 0 or self.scrape_interval_s <= 0 or self.chars_per_token < 1:
-            raise ValueError(
-                "simulation: event_delay_s must be >= 0, scrape_interval_s > 0, chars_per_token >= 1"
-            )
-
-
-def prompt_text_of(request: TraceRequest, chars_per_token: int) -> str:
-    """Deterministic characters for a hash-only prompt: block ``k`` -> a pattern of its key.
-
-    Two prompts share exactly their shared blocks' characters (different keys' patterns differ
-    from the first character with probability 15/16), which is what character matchers need.
-    """
-    if request.text is not None:
-        return request.text
-    if request.messages is not None:
-        return "".join(str(m.get("content", "")) for m in request.messages)
-    per_block = request.block_size * chars_per_token
-    parts = []
-    remaining = request.input_tokens * chars_per_token
-    for key in request.hash_ids:
-        pattern = xxhash.xxh64_hexdigest(key.to_bytes(8, "little", signed=True))
-        n = min(per_block, remaining)
-        parts.append((pattern * (n // 16 + 1))[:n])
-        remaining -= n
-    return "".join(parts)
 
 
 class _Live:

@@ -155,6 +155,9 @@ def test_prompt_text_shares_exactly_the_shared_blocks() -> None:
     assert len(ta) == 20 and len(tb) == 24
     assert ta[:16] == tb[:16]  # blocks 7 and 8, 4 tokens x 2 characters each
     assert ta[16:20] != tb[16:20]
+    # Router hashes are unsigned 64-bit, invented Azure keys negative: both have a pattern.
+    c = TraceRequest("c", 0.0, 8, 1, (2**64 - 1, -5), block_size=4)
+    assert len(prompt_text_of(c, 2)) == 16
 
 
 def test_too_long_requests_fail_cleanly(tmp_path: Path) -> None:

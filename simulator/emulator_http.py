@@ -7,7 +7,8 @@ Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (prompt as a strin
 chat through the tokenizer's template; ``stream`` with SSE ``data: {...}`` chunks and
 ``data: [DONE]``; chat's first chunk carries ``delta: {"role": "assistant", "content": ""}``;
 ``stream_options.include_usage`` adds a last chunk with ``choices: []`` and ``usage``;
-``usage.prompt_tokens_details.cached_tokens`` always), ``GET /v1/models`` (with
+``usage.prompt_tokens_details.cached_tokens`` always; ``vllm_xargs: {"kv_cache_report_mode":
+"full"}`` re-announces a request's hit blocks as a BlockStored with no parent), ``GET /v1/models`` (with
 ``max_model_len``), ``GET /health``, ``GET /version``, ``POST /tokenize``, ``POST /detokenize``,
 ``GET /kv_event_sources``, ``POST /reset_prefix_cache``, ``GET /metrics``; with
 ``engine_kind="sglang"`` also ``GET /get_server_info`` and ``GET /get_model_info``.
@@ -168,8 +169,10 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             raise _ClientError(exc.status, exc.message) from None
         max_tokens = min(max_tokens, plan.max_tokens or max_tokens)
     streaming = bool(body.get("stream"))
+    xargs = body.get("vllm_xargs")
+    report_hits = isinstance(xargs, dict) and xargs.get("kv_cache_report_mode") == "full"
     try:
-        stream = pod.submit(ids, max_tokens, streaming)
+        stream = pod.submit(ids, max_tokens, streaming, report_hits)
     except ValueError as exc:
         if pd is not None:
             pd.finished(plan, len(ids), ok=False)

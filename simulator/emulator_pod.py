@@ -258,7 +258,11 @@ class EmulatedPod:
         return tuple(vllm_block_hashes(token_ids, self.config.block_size, self._hash_seed))
 
     def submit(
-        self, token_ids: Sequence[int], max_tokens: int, streaming: bool = False
+        self,
+        token_ids: Sequence[int],
+        max_tokens: int,
+        streaming: bool = False,
+        report_hits: bool = False,
     ) -> TokenStream:
         """Queue a request; ValueError (client's fault) when the engine could never run it."""
         rid = f"{self.index}-{next(self._ids)}"
@@ -268,7 +272,7 @@ class EmulatedPod:
         output = [filler[i % len(filler)] for i in range(max_tokens)]
         sequence = (*token_ids, *output)
         keys = vllm_block_hashes(sequence, self.config.block_size, self._hash_seed)
-        request = EngineRequest(rid, len(token_ids), max_tokens, keys, sequence)
+        request = EngineRequest(rid, len(token_ids), max_tokens, keys, sequence, report_hits)
         self.engine.add_request(request, self._virtual_now())
         stream = TokenStream(rid, len(token_ids), max_tokens, self._filler, streaming)
         self._streams[rid] = stream

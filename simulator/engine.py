@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from policies.events import KvEvent
+from policies.events import BlockStored, KvEvent
 from simulator.cost_model import CostModel
 from simulator.prefix_cache import PrefixCache
 
@@ -80,6 +80,9 @@ class EngineRequest:
     max_tokens: int
     block_keys: tuple[int, ...] = ()
     token_ids: tuple[int, ...] = ()
+    report_hits: bool = False
+    """vLLM's ``kv_cache_report_mode: full``: re-announce the blocks this request hits as one
+    BlockStored with ``parent_block_hash`` None (so a router can check its view of them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +300,9 @@ class EngineModel:
                 break
             self._waiting.popleft()
             cache.acquire(hit_keys)
+            if hits and st.req.report_hits:
+                token_ids = st.req.token_ids[: hits * bs] if st.req.token_ids else ()
+                events.append(BlockStored(tuple(hit_keys), None, tuple(token_ids), bs))
             cache.allocate_anonymous(need, events)
             st.held = hits
             st.anonymous = need

@@ -160,6 +160,29 @@ async def test_stream_decodes_and_replay_closes_a_gap(
         sub.close()
 
 
+async def test_full_report_mode_reannounces_hits(
+    ctx: zmq.asyncio.Context, session: aiohttp.ClientSession
+) -> None:
+    async with EmulatedCluster(count=1, time_scale=100.0, block_size=BS) as cluster:
+        url = cluster.urls[0]
+        prompt = "a prompt that will be hit and then reported in full. " * 4
+        await complete(session, url, prompt)
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "vllm_xargs": {"kv_cache_report_mode": "full"},
+        }
+        async with session.post(url + "/v1/completions", json=body) as r:
+            cached = (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
+        batches = await replay(ctx, cluster.kv_replay_endpoints[0], 0)
+        events = [decode([t.encode(), s.to_bytes(8, "big"), p])[2] for t, s, p in batches]
+        first, report = events[0][0], events[-1][0]
+        assert report["type"] == "BlockStored" and report["parent_block_hash"] is None
+        assert report["block_hashes"] == first["block_hashes"][: cached // BS]
+        assert report["token_ids"] == first["token_ids"][:cached]
+
+
 async def test_malformed_replay_requests_do_not_kill_the_publisher(
     ctx: zmq.asyncio.Context, session: aiohttp.ClientSession
 ) -> None:

@@ -53,6 +53,21 @@ def test_repeated_prefix_hits_and_last_token_is_never_cached() -> None:
     assert engine.prefix_cache_hits_tokens == 32 + 48
 
 
+def test_full_report_mode_reannounces_hit_blocks() -> None:
+    engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=64), COST)
+    tokens = tuple(range(48))
+    engine.add_request(EngineRequest("a", 48, 1, keys_for(6, 3), tokens), 0.0)
+    now, _ = run(engine)
+    engine.add_request(EngineRequest("quiet", 48, 1, keys_for(6, 3), tokens), now)
+    now, quiet = run(engine, now)
+    engine.add_request(EngineRequest("loud", 48, 1, keys_for(6, 3), tokens, True), now)
+    _, loud = run(engine, now)
+    assert [e for r in quiet for e in r.events] == []
+    assert [e for r in loud for e in r.events] == [
+        BlockStored(keys_for(6, 2), None, tokens[:32], BS)
+    ]
+
+
 def test_cache_hit_makes_the_prefill_cheaper() -> None:
     engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=2048), COST)
     engine.add_request(EngineRequest("cold", 8000, 1, keys_for(2, 500)), 0.0)

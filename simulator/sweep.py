@@ -38,7 +38,9 @@ def tokenizer_function(directory: str | None) -> Tokenize:
     def tokenize(prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             return list(tok.encode(prompt, add_special_tokens=True))
-        return list(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+        # As vLLM does: render the template to text, then encode without adding specials.
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(text, add_special_tokens=False))
 
     return tokenize
 

@@ -104,3 +104,49 @@ def test_simulate_config_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert code == 2
     assert "simulation.engines: unknown key" in capsys.readouterr().err
+
+
+def test_simulate_a_text_and_chat_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    system = "You are a helpful assistant for the cache team. " * 20
+    rows = []
+    for i in range(12):
+        if i % 2:
+            rows.append(
+                {"arrival_s": i * 0.5, "text": system + f"question {i}?", "output_tokens": 4}
+            )
+        else:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]
+            rows.append(
+                {
+                    "arrival_s": i * 0.5,
+                    "messages": messages,
+                    "output_tokens": 4,
+                    "session_id": f"s{i % 3}",
+                }
+            )
+    trace = tmp_path / "text.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            str(trace),
+            "--backends",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--policies",
+            "sglang_cache_aware,kv_aware",
+            "--jobs",
+            "1",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    # Tokenized with the tiny tokenizer and hashed with the router's scheme: the shared system
+    # prompt is reused by both policies.
+    for r in results:
+        assert r["requests"] == 12 and r["block_size"] == 16
+        assert r["hit_rate"] > 0.3

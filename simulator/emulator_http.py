@@ -242,21 +242,13 @@ async def _stream(
         "model": pod.config.model,
     }
 
-    async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-        chunk = {**head, "choices": choices, **(extra or {})}
-        await response.write(f"data: {_dumps(chunk)}\n\n".encode())
+    def event(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+        return f"data: {_dumps({**head, 'choices': choices, **(extra or {})})}\n\n"
 
     if chat:
-        await send(
-            [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
+        role = {"role": "assistant", "content": ""}
+        first = {"index": 0, "delta": role, "logprobs": None, "finish_reason": None}
+        await response.write(event([first]).encode())
     # Token chunks differ only in the token and the finish reason: serialize the rest once.
     opening = _dumps(head)[:-1] + ',"choices":[{"index":0,'
     field = '"delta":{"content":' if chat else '"text":'
@@ -265,15 +257,21 @@ async def _stream(
     while (token := await stream.next_token()) is not None:
         sent += 1
         # Exactly max_tokens come out (EOS is ignored), so the last one is known on arrival.
-        finish = '"length"' if sent >= stream.max_tokens else "null"
-        await response.write(
+        last = sent >= stream.max_tokens
+        finish = '"length"' if last else "null"
+        chunk = (
             f"data: {opening}{field}{_dumps(token)}{closing},"
-            f'"logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}\n\n'.encode()
+            f'"logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}\n\n'
         )
-    if usage:
-        await send([], {"usage": _usage(stream)})
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        if not last:
+            await response.write(chunk.encode())
+            continue
+        # The last token, the usage chunk, [DONE] and the end of the body leave in one send.
+        tail = event([], {"usage": _usage(stream)}) if usage else ""
+        await response.write_eof(f"{chunk}{tail}data: [DONE]\n\n".encode())
+        return response
+    # The producer ended without a last token (not expected): still end the stream properly.
+    await response.write_eof(b"data: [DONE]\n\n")
     return response
 
 

@@ -157,7 +157,9 @@ class EmulatedCluster:
                                   time_scale=self.config.time_scale)
                     node.attach(app)
                     self.pd_nodes.append(node)
-                runner = web.AppRunner(app, access_log=None)
+                # Closing the cluster cuts in-flight requests after a short grace period rather
+                # than waiting for long generations to finish.
+                runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
                 await runner.setup()
                 self._runners.append(runner)
                 site = web.TCPSite(runner, "127.0.0.1", self.port + i if self.port else 0)

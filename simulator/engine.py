@@ -20,7 +20,7 @@ API::
     # Every request in outputs or decoded produced exactly one token in the step.
     # result.events: the step's KV events (policies.events), in vLLM's order and shape.
     engine.abort("r1")              # True if it was queued or running; frees its blocks
-    engine.reset_prefix_cache()     # vLLM's: clears the cache when nothing is held
+    ok, events = engine.reset_prefix_cache()  # vLLM's: refused (False) while blocks are held
 
 Read-only stats: ``num_running``, ``num_waiting``, ``has_work``, ``kv_usage_ratio``,
 ``prefix_cache_queries_tokens``, ``prefix_cache_hits_tokens``, ``num_preemptions``,
@@ -33,6 +33,9 @@ go on over the blocks of the output the caller knows it will get (at most
 ``(prompt_tokens + max_tokens) // block_size`` keys): those blocks are cached as decoding fills
 them, as vLLM caches output blocks, so a next turn that repeats the answer hits them. Keys go
 into the events unchanged; ``token_ids`` (prompt, then output), when given, too.
+``report_hits=True`` is vLLM's ``kv_cache_report_mode: full``: the blocks a request hits are
+re-announced as one BlockStored without parent. A step lasts ``cost.step_s(prefill chunks as
+(new, context) pairs, summed context of the decodes)`` (``simulator.cost_model``).
 
 Scheduling (vLLM v1, FCFS, chunked prefill on): each step has a budget of
 ``max_num_batched_tokens``. Running requests go first, in admission order: each gets

@@ -108,6 +108,8 @@ def _prompt_ids(pod: EmulatedPod, body: dict[str, Any]) -> list[int]:
             raise _ClientError(400, "prompt must be a string or a list of token ids", "prompt")
     if not ids:
         raise _ClientError(400, "The prompt cannot be empty", "prompt")
+    if max(ids) >= pod.codec.vocab_size:
+        raise _ClientError(400, f"Token id {max(ids)} is out of vocabulary", "prompt")
     return ids
 
 

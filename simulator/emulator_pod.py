@@ -43,6 +43,7 @@ _FILLER_TEXT = " the cache block router request backend engine prefix decode pre
 
 class Codec(Protocol):
     name: str
+    vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -58,6 +59,7 @@ class HfCodec:
     def __init__(self, tokenizer: Any, name: str) -> None:
         self._tok = tokenizer
         self.name = name
+        self.vocab_size = len(tokenizer)
         # The Rust tokenizer under a fast tokenizer gives the same ids without transformers'
         # per-call Python overhead (a quarter of the emulator's CPU per short request).
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -81,6 +83,7 @@ class ByteCodec:
     """The fallback: one token per UTF-8 byte, id = byte + 3."""
 
     name = "bytes"
+    vocab_size = 259
 
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode()]

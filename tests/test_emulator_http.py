@@ -213,8 +213,17 @@ async def test_metrics_have_vllm_names_and_labels(
         ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": {"x": 1}}, 400, "prompt"),
         ({"model": MODEL, "prompt": ""}, 400, "empty"),
+        ({"model": MODEL, "prompt": [5, 10**6]}, 400, "out of vocabulary"),
     ],
-    ids=["missing-model", "unknown-model", "too-long", "zero-max-tokens", "bad-prompt", "empty"],
+    ids=[
+        "missing-model",
+        "unknown-model",
+        "too-long",
+        "zero-max-tokens",
+        "bad-prompt",
+        "empty",
+        "out-of-vocabulary",
+    ],
 )
 async def test_rejects_like_vllm(
     cluster: EmulatedCluster,

@@ -17,8 +17,10 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
 - ``policy``/``rng``: override the policy built from ``config.policy`` (tests, the simulator's
   parity check).
 
-``serve`` starts the app on a socket with handler cancellation on, so a client disconnect
-cancels the upstream request at once. Must not import ``simulator``.
+Proxied requests go through ``state.proxy.client`` (``router.http_client``, a lean HTTP/1.1
+keep-alive client); ``state.session()`` is the aiohttp session for everything else (health
+checks, background loops). ``serve`` starts the app on a socket with handler cancellation on,
+so a client disconnect cancels the upstream request at once. Must not import ``simulator``.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 32
 INDEX_TIMEOUT_S = 60.0
+GROUPS = 8  # shared-prefix groups; each has one warm-up and two follow-ups
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ async def _shared_prefix_run(session: aiohttp.ClientSession, router: Any, seed: 
     group to the engine that holds the prefix, whatever its starting point.
     """
     groups = []
-    for g in range(4):
+    for g in range(GROUPS):
         prefix = text(seed + g, 1024)
         sent = []
         for k in range(3):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.http_client import ConnectFailed, HeadTimeout, HttpClient, ResponseBroken
 
@@ -148,3 +150,31 @@ async def test_idle_timeout_mid_body_and_chunks_arrive_as_sent():
             await response.read_chunk()
         response.release()
         http.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=300), min_size=0, max_size=8),
+    cuts=st.lists(st.integers(min_value=1, max_value=2000), max_size=6),
+)
+def test_chunked_bodies_survive_any_split(chunks, cuts):
+    """Any chunk payloads (CRLFs inside included), cut into pieces anywhere, come out whole."""
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    pieces, start = [], 0
+    for cut in sorted(set(cuts)):
+        if start < cut < len(wire):
+            pieces.append(wire[start:cut])
+            start = cut
+    pieces.append(wire[start:])
+
+    async def run() -> bytes:
+        async with RawServer([pieces]) as url:
+            http = client()
+            response = await http.request(url, "GET", b"/", [], b"")
+            body = await response.read()
+            response.release()
+            http.close()
+            return body
+
+    assert asyncio.run(run()) == b"".join(chunks)

@@ -39,7 +39,7 @@ async def test_request_id_propagated_to_backend_and_client(start_backend, start_
 
 
 async def test_chat_stream_relayed_chunk_by_chunk(start_backend, start_router, http):
-    a = await start_backend(name="a", chunks=4, chunk_delay_s=0.2)
+    a = await start_backend(name="a", chunks=4, chunk_delay_s=0.5)
     router = await start_router({"backends": [a.url]})
     request = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     async with http.post(router.url + "/v1/chat/completions", json=request) as response:

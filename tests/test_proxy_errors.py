@@ -106,7 +106,7 @@ async def test_connect_failure_after_retries_502(start_backend, start_router, ht
 async def test_upstream_timeout_504(start_backend, start_router, http):
     slow = await start_backend(delay_s=30)
     router = await start_router({"backends": [slow.url], "retries": {"max_attempts": 1},
-                                 "upstream": {"first_byte_timeout_s": 0.3}})
+                                 "upstream": {"first_byte_timeout_s": 1.0}})
     async with http.post(router.url + "/v1/completions",
                          json={"model": "tiny", "prompt": "x"}) as response:
         assert response.status == 504
@@ -121,7 +121,7 @@ async def test_retry_goes_to_another_backend(start_backend, start_router, http, 
                               delay_s=30 if failure == "timeout" else 0)
     router = await start_router({"backends": [bad.url, good.url],
                                  "retries": {"backoff_initial_s": 0.01},
-                                 "upstream": {"first_byte_timeout_s": 0.5}})
+                                 "upstream": {"first_byte_timeout_s": 2.0}})
     await router.state.health.check_all()
     if failure == "connect":
         await bad.stop()

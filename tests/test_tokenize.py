@@ -235,3 +235,22 @@ async def test_analyzer_falls_back_and_counts(analyzer):
     fallback = analyzer.metrics.registry.get_sample_value
     assert fallback("kvrouter_tokenize_fallback_total", {"model": "unknown"}) == 2
     assert fallback("kvrouter_tokenize_fallback_total", {"model": "tiny"}) == 1
+
+
+def test_chat_template_kwargs_and_string_content_format(hf):
+    import copy
+
+    custom = copy.deepcopy(hf)
+    # A string-format template (it prints content, never loops over it) reading a kwarg.
+    custom.chat_template = ("{% for m in messages %}<|start|>{{ m['role'] }} {{ flavor }}\n"
+                            "{{ m['content'] }}<|end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    tok = ModelTokenizer(custom)
+    parts = [{"type": "text", "text": "one"}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "two"}]
+    body = {"messages": [{"role": "user", "content": parts}],
+            "chat_template_kwargs": {"flavor": "salty"}}
+    result = tok.tokenize_body(body, chat=True)
+    # vLLM joins a string-format template's text parts with newlines and passes the kwargs.
+    assert result.text == "<|start|>user salty\none\ntwo<|end|>\n<|start|>assistant\n"
+    assert result.token_ids == hf(result.text, add_special_tokens=False)["input_ids"]

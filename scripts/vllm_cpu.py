@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,8 +376,27 @@ def engine_command(spec: EngineSpec, venv: Path = VENV) -> list[str]:
     ]
 
 
-def start_engine(spec: EngineSpec, run_dir: Path, venv: Path = VENV) -> Engine:
-    """Launch one engine in its own process group and record it; does not wait for health."""
+def _die_with_parent_hook() -> Callable[[], object] | None:
+    """A pre-exec hook that SIGTERMs the child when the process that started it ends, so a
+    test run killed hard does not leave engines (2 GB each) behind. Resolved here, in the
+    parent: the child between fork and exec must not import anything."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    return functools.partial(ctypes.CDLL(None, use_errno=True).prctl, pr_set_pdeathsig,
+                             int(signal.SIGTERM))
+
+
+def start_engine(
+    spec: EngineSpec, run_dir: Path, venv: Path = VENV, *, die_with_parent: bool = False
+) -> Engine:
+    """Launch one engine in its own process group and record it; does not wait for health.
+
+    ``die_with_parent`` (the test fixture) ends the engine when its starter process ends;
+    ``scripts/vllm-cpu start`` leaves it off, the engines outlive the command.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"engine-{spec.port}.log"
     with log_path.open("wb") as log:
@@ -384,6 +404,7 @@ def start_engine(spec: EngineSpec, run_dir: Path, venv: Path = VENV) -> Engine:
             engine_command(spec, venv), cwd=str(ROOT), env=_engine_env(run_dir),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent_hook() if die_with_parent else None,
         )
     engine = Engine(spec, process.pid, log_path, run_dir, process)
     record = {"pid": process.pid, "log": str(log_path), "spec": dataclasses.asdict(spec)}
@@ -427,13 +448,14 @@ def wait_healthy(engines: Sequence[Engine], timeout_s: float = 600.0) -> None:
 
 
 def start_engines(
-    specs: Sequence[EngineSpec], run_dir: Path, venv: Path = VENV, timeout_s: float = 600.0
+    specs: Sequence[EngineSpec], run_dir: Path, venv: Path = VENV, timeout_s: float = 600.0,
+    *, die_with_parent: bool = False,
 ) -> list[Engine]:
     """Start engines in parallel and wait for all; on failure stop the ones started."""
     engines: list[Engine] = []
     try:
         for spec in specs:
-            engines.append(start_engine(spec, run_dir, venv))
+            engines.append(start_engine(spec, run_dir, venv, die_with_parent=die_with_parent))
         wait_healthy(engines, timeout_s)
     except BaseException:
         for engine in engines:

@@ -82,7 +82,8 @@ class Cluster:
     def restart_spare(self) -> Any:
         """Start the spare again on the same ports and topic, so later tests have it."""
         self.spare = vllm_cpu.start_engines([self.spare.spec], self.run_dir,
-                                            timeout_s=ENGINE_START_TIMEOUT_S)[0]
+                                            timeout_s=ENGINE_START_TIMEOUT_S,
+                                            die_with_parent=True)[0]
         return self.spare
 
 
@@ -99,7 +100,8 @@ def cluster(vllm_build: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         )
         for name in ("a", "b", "spare")
     ]
-    engines = vllm_cpu.start_engines(specs, run_dir, timeout_s=ENGINE_START_TIMEOUT_S)
+    engines = vllm_cpu.start_engines(specs, run_dir, timeout_s=ENGINE_START_TIMEOUT_S,
+                                     die_with_parent=True)
     cluster = Cluster(*engines, events_endpoint=events_endpoint, run_dir=run_dir)
     try:
         yield cluster

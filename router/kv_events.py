@@ -245,11 +245,15 @@ class KvEventIngestor:
         if decoded.skipped:
             self.metrics.malformed.labels(backend).inc(decoded.skipped)
         now_s = self._now_s()
+        counted: dict[type, int] = {}
         for event in decoded.batch.events:
             stored = self.sink.apply(backend, event, now_s)
-            self.metrics.events.labels(backend, type(event).__name__).inc()
+            counted[type(event)] = counted.get(type(event), 0) + 1
             if self.on_stored is not None and isinstance(event, BlockStored):
                 self.on_stored(backend, event, stored)
+        # One metric update per batch and type, not per event (labels() takes a lock).
+        for kind, n in counted.items():
+            self.metrics.events.labels(backend, kind.__name__).inc(n)
         self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
         stream.next_seq = decoded.seq + 1
         stream.last_ts = max(stream.last_ts, decoded.batch.ts)

@@ -130,7 +130,9 @@ def _event(raw: Any) -> KvEvent | None:
         parent = fields.get("parent_block_hash")
         token_ids = fields.get("token_ids") or []
         block_size: Any = fields.get("block_size")
-        if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
+        # Each id's type is checked when the index packs them (a ValueError there is counted
+        # as malformed too); a per-token check here would cost more than the whole rehash.
+        if not isinstance(token_ids, list):
             raise WireError("BlockStored.token_ids must be a list of ints")
         if not _is_int(block_size) or block_size <= 0:
             raise WireError("BlockStored.block_size must be a positive int")
@@ -160,6 +162,8 @@ def _event(raw: Any) -> KvEvent | None:
 def _hashes(raw: Any) -> tuple[int, ...]:
     if not isinstance(raw, list) or not raw:
         raise WireError("block_hashes must be a non-empty list")
+    if all(type(h) is int and 0 <= h <= 0xFFFF_FFFF_FFFF_FFFF for h in raw):
+        return tuple(raw)  # the usual case: unsigned 64-bit ints, taken as they are
     return tuple(_hash(h) for h in raw)
 
 

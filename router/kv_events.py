@@ -247,7 +247,14 @@ class KvEventIngestor:
         now_s = self._now_s()
         counted: dict[type, int] = {}
         for event in decoded.batch.events:
-            stored = self.sink.apply(backend, event, now_s)
+            try:
+                stored = self.sink.apply(backend, event, now_s)
+            except (ValueError, TypeError, OverflowError) as exc:
+                # Bad data inside a well-formed message (e.g. a token id that is not a uint32):
+                # skip that event, keep the sequence (the batch itself was received).
+                self.metrics.malformed.labels(backend).inc()
+                log.debug("KV event from %s not applied: %s", backend, exc)
+                continue
             counted[type(event)] = counted.get(type(event), 0) + 1
             if self.on_stored is not None and isinstance(event, BlockStored):
                 self.on_stored(backend, event, stored)

@@ -324,10 +324,12 @@ async def test_malformed_messages_are_counted_and_skipped(ctx):
     engine.pub.send_multipart([b"other-topic", engine.seq.to_bytes(8, "big"),
                                msgpack.packb([0.0, [], 0])])
     tokens = list(range(4))
-    engine.publish([stored_map([1], None, tokens)])
+    # A well-formed message whose token ids are not uint32: that event is skipped, the next
+    # event of the same batch still applies.
+    engine.publish([stored_map([7], None, ["a", "b", "c", "d"]), stored_map([1], None, tokens)])
     await wait_for(lambda: index.match(chain(tokens), time.monotonic()).get(source.backend_id))
     assert counter(metrics, "kvrouter_kv_events_malformed_total",
-                   backend=source.backend_id) == 2
+                   backend=source.backend_id) == 3
     assert counter(metrics, "kvrouter_kv_events_unknown_topic_total") == 1
     assert not task.done()
     await stop(task)

@@ -142,6 +142,8 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
                 workdir: Path) -> dict[str, Any]:
     import asyncio
 
+    import yaml
+
     from simulator.replay import ReplayConfig, TokenBlocks, replay
     from simulator.tiny_tokenizer import default_path
 
@@ -150,15 +152,13 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     router_port = _free_ports(1)
     pod_urls = [f"http://127.0.0.1:{pod_port + i}" for i in range(args.pods)]
     config = workdir / f"{policy}.yaml"
-    config.write_text(
-        "server: {host: 127.0.0.1, port: %d, log_level: warning}\n"
-        "health: {interval_s: 1.0}\n"
-        "policy: {name: %s, seed: %d}\n"
-        "models: {%s: {tokenizer: %s, block_size: 16}}\n"
-        "backends:\n%s"
-        % (router_port, policy, args.seed, MODEL, default_path(),
-           "".join(f"  - url: {u}\n" for u in pod_urls))
-    )
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},
+        "health": {"interval_s": 1.0},
+        "policy": {"name": policy, "seed": args.seed},
+        "models": {MODEL: {"tokenizer": str(default_path()), "block_size": 16}},
+        "backends": [{"url": u} for u in pod_urls],
+    }))
     logs = (workdir / f"{policy}-emulator.log").open("wb")
     pods = subprocess.Popen(
         [*exe, "emulate", "--count", str(args.pods), "--port", str(pod_port), "--model", MODEL,

@@ -67,7 +67,7 @@ def build(path: Path = DEFAULT_DIR, vocab_size: int = 2048, seed: int = 0) -> Pa
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed, 20_000), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token="<|bos|>",
         eos_token="<|eos|>",

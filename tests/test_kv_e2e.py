@@ -143,5 +143,16 @@ async def test_router_joining_late_agrees_with_the_pods_caches():
                 request = await plumbing.analyzer.analyze(fields)
                 found = plumbing.index.match(request.block_hashes, time.monotonic())
                 assert found[cluster.urls[i % 2]].matched_blocks == len(request.block_hashes)
+            # Live events keep it in agreement: a cache reset on pod 0 (AllBlocksCleared)
+            # empties that pod's entries and nothing else.
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{cluster.urls[0]}/reset_prefix_cache") as r:
+                    assert r.status == 200
+            deadline = time.monotonic() + 20
+            while plumbing.index.backend_entries(cluster.urls[0]) != 0:
+                assert time.monotonic() < deadline, "the reset never reached the index"
+                await asyncio.sleep(0.02)
+            assert plumbing.index.backend_entries(cluster.urls[1]) == len(
+                cluster.pods[1].engine.cached_keys()) > 0
         finally:
             await runner.cleanup()

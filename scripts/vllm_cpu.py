@@ -54,6 +54,7 @@ __all__ = [
     "EngineSpec",
     "build",
     "free_port",
+    "model_is_current",
     "read_status",
     "start_engine",
     "start_engines",
@@ -166,11 +167,20 @@ def _tokenizer_digest() -> str:
     return h.hexdigest()
 
 
+def model_is_current(venv: Path = VENV) -> bool:
+    """Whether the built model carries the project's current tokenizer (cheap: no imports)."""
+    digest_file = venv / MODEL_NAME / "kvrouter-tokenizer.sha256"
+    try:
+        return digest_file.read_text().strip() == _tokenizer_digest()
+    except OSError:
+        return False
+
+
 def _build_model(venv: Path, log: Path) -> tuple[bool, str]:
     model_dir = venv / MODEL_NAME
     digest_file = model_dir / "kvrouter-tokenizer.sha256"
     digest = _tokenizer_digest()
-    if digest_file.exists() and digest_file.read_text().strip() == digest:
+    if model_is_current(venv):
         return True, "cached"
     code, out = _run(
         [str(venv / "bin" / "python"), str(SCRIPTS / "build_tiny_model.py"), str(model_dir)],

@@ -52,7 +52,8 @@ import vllm_cpu  # noqa: E402
 @pytest.fixture(scope="session")
 def vllm_build() -> Any:
     status = vllm_cpu.read_status()
-    if status is None:
+    if status is None or (status.ok and not vllm_cpu.model_is_current()):
+        # Never built, or the tokenizer changed since: build (cached parts are reused).
         status = vllm_cpu.build()
     if status.status == "unavailable" and os.environ.get("KVROUTER_REQUIRE_VLLM") != "1":
         pytest.skip(f"vLLM CPU cannot be installed on this machine: {status.reason}")

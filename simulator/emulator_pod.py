@@ -304,7 +304,13 @@ class EmulatedPod:
             self._work.clear()
             while self.engine.has_work:
                 now = self._virtual_now()
-                result = self.engine.step(now)
+                try:
+                    result = self.engine.step(now)
+                except Exception:  # the pod keeps serving; count, back off, try again
+                    self.driver_errors += 1
+                    log.exception("emulated pod %d: engine step failed", self.index)
+                    await asyncio.sleep(1.0)
+                    continue
                 if result is None:
                     break
                 self._virtual_s = result.end_s

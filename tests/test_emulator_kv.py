@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -252,3 +253,17 @@ async def test_connect_endpoint_fans_in_to_a_bound_subscriber(
         for hashes_a, hashes_b in pairs:
             assert hashes_a != hashes_b
     sub.close()
+
+
+async def test_ipc_endpoints_are_bound_per_pod(
+    ctx: zmq.asyncio.Context, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    base = f"ipc://{tmp_path}/kv"
+    async with EmulatedCluster(count=2, time_scale=100.0, kv_events_endpoint=base) as cluster:
+        # ipc:// binds (vLLM's rule), one path per pod like its data-parallel ranks.
+        assert cluster.kv_endpoints == [base, f"{base}-1"]
+        for endpoint, url in zip(cluster.kv_endpoints, cluster.urls, strict=True):
+            sub, (topic, _, events) = await subscribe_until_flowing(ctx, endpoint, session, url)
+            assert topic == f"kv@pod-{cluster.urls.index(url)}"
+            assert events and events[0]["type"] == "BlockStored"
+            sub.close()

@@ -225,3 +225,31 @@ async def test_debug_route_needs_admin_token_and_does_not_send(start_backend, st
     assert [c["backend_id"] for c in explained["candidates"]] == [a.url, b.url]
     assert explained["request"]["prompt_text"] == "hello"
     assert a.received == [] and b.received == []
+
+
+async def test_no_task_outlives_failed_requests(start_backend, start_router):
+    a = await start_backend(chunks=50, chunk_delay_s=0.05)
+    b = await start_backend(chunks=5, break_after_chunks=1)
+    router = await start_router({"backends": [a.url, b.url], "retries": {"max_attempts": 1}})
+    await asyncio.sleep(0.2)  # the health loop's first round is done
+    baseline = len(asyncio.all_tasks())
+    async with aiohttp.ClientSession() as session:
+        for body, status in ((b"{bad", 400), (b'{"model": "tiny"}', 400),
+                             (b'{"model": "x", "prompt": "y"}', 404)):
+            async with session.post(router.url + "/v1/completions", data=body) as response:
+                assert response.status == status
+        # One stream cut by the client (to `a`), one cut by the backend (`b`).
+        response = await session.post(router.url + "/v1/completions",
+                                       json={"model": "tiny", "prompt": "x", "stream": True})
+        await response.content.readuntil(b"\n\n")
+        response.close()
+        async with session.post(router.url + "/v1/completions",
+                                json={"model": "tiny", "prompt": "x", "stream": True}) as r:
+            assert b'"error"' in await r.read()
+    for _ in range(100):
+        if len(asyncio.all_tasks()) <= baseline:
+            break
+        await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) <= baseline
+    assert a.cancelled == 1  # the client's cut reached the backend
+    _assert_balanced(router)

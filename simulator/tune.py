@@ -5,7 +5,7 @@ trace it was tuned on (it may be on another: tune on a representative trace, che
 one). Each other trial draws every searched parameter from ``SEARCH_SPACE`` (log-uniform for
 scales, uniform for ratios) with a ``random.Random(seed)``; the same seed gives the same trials.
 Parameters the policy does not have (an older or newer ``KvAwareParams``) are skipped.
-Objectives: minimise ``ttft_p99_s`` (default), ``ttft_p50_s`` or ``e2e_p99_s``, or maximise
+Objectives: minimise ``ttft_p99_s`` (default), ``ttft_p50_s``, ``e2e_p99_s`` or ``imbalance``, or maximise
 ``goodput_rps`` or ``hit_rate``. Must not import ``router``.
 """
 
@@ -37,6 +37,7 @@ OBJECTIVES: dict[str, int] = {
     "ttft_p99_s": 1,
     "ttft_p50_s": 1,
     "e2e_p99_s": 1,
+    "imbalance": 1,
     "goodput_rps": -1,
     "hit_rate": -1,
 }

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--objective",
         default="ttft_p99_s",
-        help="ttft_p99_s (default), ttft_p50_s, e2e_p99_s, goodput_rps or hit_rate",
+        help="ttft_p99_s (default), ttft_p50_s, e2e_p99_s, imbalance, goodput_rps or hit_rate",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the search, the policy and synthetic traces"

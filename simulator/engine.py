@@ -8,6 +8,8 @@ discrete-event cluster simulator.
 API::
 
     cost = load_cost_model("h200-llama-3.1-8b")          # simulator.cost_model
+    # EngineConfig, EngineRequest, RequestOutput, StepResult live in simulator.engine_values
+    # and are re-exported here.
     config = EngineConfig(block_size=16, num_gpu_blocks=cost.num_gpu_blocks(16))
     engine = EngineModel(config, cost, engine_id="engine-0")
     engine.add_request(EngineRequest("r1", prompt_tokens=900, max_tokens=64,
@@ -53,72 +55,13 @@ touched) per step.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from policies.events import BlockStored, KvEvent
 from simulator.cost_model import CostModel
+from simulator.engine_values import EngineConfig, EngineRequest, RequestOutput, StepResult
 from simulator.prefix_cache import PrefixCache
 
 __all__ = ["EngineConfig", "EngineModel", "EngineRequest", "RequestOutput", "StepResult"]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    block_size: int = 16
-    num_gpu_blocks: int = 8192
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    max_model_len: int = 131072
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "num_gpu_blocks", "max_num_batched_tokens", "max_num_seqs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRequest:
-    request_id: str
-    prompt_tokens: int
-    max_tokens: int
-    block_keys: tuple[int, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    report_hits: bool = False
-    """vLLM's ``kv_cache_report_mode: full``: re-announce the blocks this request hits as one
-    BlockStored with ``parent_block_hash`` None (so a router can check its view of them)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """One request's progress in one step (it produced exactly one token)."""
-
-    request_id: str
-    output_tokens: int
-    """Tokens generated so far, this one included."""
-    first_token: bool
-    finished: bool
-    cached_tokens: int
-    """Prompt tokens found in the prefix cache at (last) admission."""
-    prompt_tokens: int
-    arrival_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    start_s: float
-    end_s: float
-    outputs: tuple[RequestOutput, ...]
-    """Requests whose first token or last token came out of this step (both flags may hold)."""
-    decoded: tuple[str, ...]
-    """Requests that produced one other (middle) token in this step."""
-    events: tuple[KvEvent, ...]
-    preempted: tuple[str, ...]
-    prefill_tokens: int
-    decode_requests: int
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
 
 
 class _Running:

@@ -16,7 +16,11 @@ number; batches are applied strictly in order:
   backend in the index (``AllBlocksCleared``), then continue from this message (replaying from 0
   when it is not 0);
 - start-up (the router joining late) asks every source's replay socket for everything from 0, so
-  blocks cached before the router started are known.
+  blocks cached before the router started are known;
+- a connection that (re)opens after start-up (a socket monitor sees it) replays its sources from
+  0 again: batches already applied are recognised by their engine timestamps and skipped, and a
+  batch below our sequence that we never saw means the engine restarted even when the first
+  batches of its new life were lost (its sequence may then look continuous).
 
 A replay answer that starts after the asked sequence means the engine's buffer moved on: the
 gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
@@ -99,7 +103,8 @@ class KvEventIngestor:
         self.on_backend_live = on_backend_live
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
         self._groups: dict[tuple[str, bool], list[KvEventSource]] = {}
-        self._sockets: dict[tuple[str, bool], tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}
+        self._sockets: dict[tuple[str, bool],
+                            tuple[zmq.asyncio.Socket, tuple[asyncio.Task[None], ...]]] = {}
         self._replay_tasks: set[asyncio.Task[None]] = set()
         self._ctx: zmq.asyncio.Context | None = None
         self.started = asyncio.Event()
@@ -121,7 +126,7 @@ class KvEventIngestor:
             self.ready.set()
             await asyncio.Event().wait()
         finally:
-            tasks = list(self._replay_tasks) + [t for _, t in self._sockets.values()]
+            tasks = list(self._replay_tasks) + [t for _, ts in self._sockets.values() for t in ts]
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -156,8 +161,10 @@ class KvEventIngestor:
                 self.sources.remove(source)
                 self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
                 raise
-            task = asyncio.get_running_loop().create_task(self._read(sock, address, bind))
-            self._sockets[(address, bind)] = (sock, task)
+            loop = asyncio.get_running_loop()
+            tasks = (loop.create_task(self._read(sock, address, bind)),
+                     loop.create_task(self._watch(sock, address, bind)))
+            self._sockets[(address, bind)] = (sock, tasks)
         if self.replay_on_start and source.replay_endpoint is not None:
             self._spawn_replay(self._stream(source, 0), 0)
 
@@ -168,9 +175,36 @@ class KvEventIngestor:
             del self._streams[stream_key]
         self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
         for socket_key in [k for k in self._sockets if k not in self._groups]:
-            sock, task = self._sockets.pop(socket_key)
-            task.cancel()
+            sock, tasks = self._sockets.pop(socket_key)
+            for task in tasks:
+                task.cancel()
             sock.close(linger=0)
+
+    async def _watch(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
+        """Replay a socket's sources from 0 whenever a connection (re)opens after start-up.
+
+        Messages published while a connection was down are lost without a trace when they were
+        the last ones, and an engine that restarted may have sent its first batches into the
+        void (so its sequence can look continuous). Replaying from 0 settles both: batches
+        already applied are recognised by their timestamps and skipped, batches below our
+        sequence that we never saw mean a restart.
+        """
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+        try:
+            while True:
+                await monitor.recv_multipart()
+                if not self.ready.is_set():
+                    continue  # the start-up replays cover the first connections
+                for source in self._groups.get((address, bind), []):
+                    if source.replay_endpoint is None:
+                        continue
+                    streams = [st for k, st in self._streams.items()
+                               if k[0] == source.backend_id and k[1] == source.topic]
+                    for stream in streams or [self._stream(source, 0)]:
+                        if not stream.replaying:
+                            self._spawn_replay(stream, 0)
+        finally:
+            monitor.close(linger=0)
 
     # ---- live messages ----------------------------------------------------------------------
 
@@ -223,11 +257,8 @@ class KvEventIngestor:
         if expected is not None and seq < expected:
             if decoded.batch.ts <= stream.last_ts:
                 return  # a copy of a batch a replay already applied
-            self.metrics.restarts.labels(stream.source.backend_id).inc()
-            log.info("KV events from %s restarted at seq %d (expected %d): clearing its blocks",
-                     stream.source.backend_id, seq, expected)
-            self._clear(stream)
-            expected = stream.next_seq = None
+            self._restarted(stream, seq, expected)
+            expected = None
         if (expected is None and seq == 0) or seq == expected:
             self._apply(stream, decoded)
             return
@@ -268,6 +299,13 @@ class KvEventIngestor:
         if self.on_backend_live is not None:
             self.on_backend_live(backend)
 
+    def _restarted(self, stream: _Stream, seq: int, expected: int) -> None:
+        self.metrics.restarts.labels(stream.source.backend_id).inc()
+        log.info("KV events from %s restarted at seq %d (expected %d): clearing its blocks",
+                 stream.source.backend_id, seq, expected)
+        self._clear(stream)
+        stream.next_seq = None
+
     def _clear(self, stream: _Stream) -> None:
         self.sink.apply(stream.source.backend_id, AllBlocksCleared(), self._now_s())
 
@@ -298,13 +336,19 @@ class KvEventIngestor:
                     continue
                 if decoded is None:
                     break
-                if first and decoded.seq > start_seq:
+                expected = stream.next_seq
+                if first and decoded.seq > max(start_seq, expected or 0):
                     outcome = "incomplete"
                     self.metrics.unrecovered.labels(backend).inc()
                     self._clear(stream)
                 first = False
-                if stream.next_seq is None or decoded.seq >= stream.next_seq:
-                    self._apply(stream, decoded)
+                if expected is not None and decoded.seq < expected:
+                    if decoded.batch.ts <= stream.last_ts:
+                        continue  # already applied
+                    # A batch below our sequence that we never saw: the engine restarted
+                    # (and the first messages of its new life were lost on the way).
+                    self._restarted(stream, decoded.seq, expected)
+                self._apply(stream, decoded)
         except TimeoutError:
             outcome = "timeout"
         except zmq.ZMQError as exc:

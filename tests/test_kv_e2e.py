@@ -156,3 +156,63 @@ async def test_router_joining_late_agrees_with_the_pods_caches():
                 cluster.pods[1].engine.cached_keys()) > 0
         finally:
             await runner.cleanup()
+
+
+async def test_engine_restart_clears_its_entries():
+    import zmq
+    import zmq.asyncio
+
+    from simulator.emulator_kv import KvEventPublisher
+
+    async with EmulatedCluster(count=2, model=MODEL, block_size=BS, time_scale=20.0,
+                               tokenizer=default_path()) as cluster:
+        runner, url, plumbing, app = await _start_router(cluster.urls, "round_robin")
+        ctx = zmq.asyncio.Context()
+        try:
+            bodies = _workload(seed=9, groups=2, requests=4)
+            await _drive(url, bodies, concurrency=1)
+            pod = cluster.pods[0]
+            deadline = time.monotonic() + 20
+            while plumbing.index.backend_entries(cluster.urls[0]) != len(pod.engine.cached_keys()):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            # "Restart" pod 0's engine: empty cache, a new publisher on the same endpoints
+            # whose sequence starts again at 0.
+            old = pod.publisher
+            await old.close()
+            pod.engine.reset_prefix_cache()
+            deadline = time.monotonic() + 20
+            while True:  # the old sockets release their ports asynchronously
+                new = KvEventPublisher(ctx, old.endpoint, old.replay_endpoint, old.topic)
+                try:
+                    await new.start()
+                    break
+                except zmq.ZMQError:
+                    await new.close()
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            pod.publisher = new
+            fresh = {"model": MODEL, "max_tokens": 2,
+                     "messages": [{"role": "user", "content": "after the restart " * 30}]}
+            deadline = time.monotonic() + 20
+            async with aiohttp.ClientSession() as session:
+                while True:  # the SUB socket reconnects to the new PUB on its own
+                    async with session.post(f"{cluster.urls[0]}/v1/chat/completions",
+                                            json=fresh) as r:
+                        assert r.status == 200
+                    restarts = app[STATE].metrics.registry.get_sample_value(
+                        "kvrouter_kv_event_engine_restarts_total", {"backend": cluster.urls[0]})
+                    if restarts:
+                        break
+                    assert time.monotonic() < deadline, "the restart was never noticed"
+                    await asyncio.sleep(0.1)
+            while plumbing.index.backend_entries(cluster.urls[0]) != len(pod.engine.cached_keys()):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert restarts == 1
+            assert app[STATE].metrics.registry.get_sample_value(
+                "kvrouter_kv_event_engine_restarts_total", {"backend": cluster.urls[1]}) is None
+        finally:
+            await runner.cleanup()
+            await pod.publisher.close()
+            ctx.destroy(linger=0)

@@ -269,4 +269,8 @@ def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) ->
                                               cache_tokens=section.tokenizer_cache_tokens)
         except ValueError as exc:
             raise ConfigError(f"models.{name}.tokenizer", str(exc)) from None
+    if not tokenizers:
+        log.warning("no tokenizer configured (models.<name>.tokenizer or --model-tokenizer): "
+                    "prompts are estimated from characters, so engine KV events cannot be "
+                    "matched and kv_aware sees no cached prefixes on backends that send them")
     return KvPlumbing(config, section, tokenizers)

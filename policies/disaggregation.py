@@ -28,7 +28,9 @@ Algorithm, per request in a disaggregated pool (every term in seconds):
    - ``P`` is MIXED: it serves the request itself (no transfer beats a transfer);
    - ``L`` is an SGLang DECODE server: split (it serves only bootstrapped requests);
    - ``prompt - hit_L < min_uncached_tokens``: local on ``L`` (too little to prefill elsewhere);
-   - ``local_ttft_L <= ttft_P + transfer_s_D``: local on ``L`` (prefilling there is faster);
+   - ``local_ttft_L + stall_weight * running_L * prefill_s_L <= ttft_P + transfer_s_D``: local
+     on ``L`` (prefilling there is faster, counting the stall a local prefill inflicts on the
+     requests decoding on ``L``; ``stall_weight`` 0 compares TTFT alone);
    - otherwise split: ``Decision(backend_id=D, prefill_backend_id=P)``.
    With no prefill-side candidate the best decode backend serves locally; with no decode-side
    candidate the prefill winner does.
@@ -37,7 +39,8 @@ Parameters (``DisaggregationParams``, units in names): ``min_uncached_tokens`` 5
 decider threshold), ``kv_bytes_per_token`` 131072 (Llama-3.1-8B bf16: 32 layers x 8 KV heads
 x 128 x K,V x 2 bytes), ``network_bytes_per_s`` 25e9 (a 200 Gb/s RDMA NIC), ``transfer_setup_s``
 0.002, ``decode_step_s`` 0.004 (the H200 8B step floor), ``decode_s_per_running_request``
-0.0001, ``kv_full_wait_s`` 1.0, ``kv_knee_ratio`` 0.8, ``conditional`` true (false: split every
+0.0001, ``kv_full_wait_s`` 1.0, ``kv_knee_ratio`` 0.8, ``stall_weight`` 1.0 (every second of
+delay counts the same, this request's or a running one's), ``conditional`` true (false: split every
 request a PREFILL and a decode backend can share, as the peers' P/D modes do).
 
 Decision.scores: the inner policy's prefill-side scores first (so its ``on_dispatched`` finds
@@ -89,6 +92,7 @@ class DisaggregationParams:
     kv_full_wait_s: float = 1.0
     kv_knee_ratio: float = 0.8
     conditional: bool = True
+    stall_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.min_uncached_tokens < 0 or self.kv_bytes_per_token < 0:
@@ -96,7 +100,7 @@ class DisaggregationParams:
         if self.network_bytes_per_s <= 0:
             raise ValueError("network_bytes_per_s must be > 0")
         for name in ("transfer_setup_s", "decode_step_s", "decode_s_per_running_request",
-                     "kv_full_wait_s"):
+                     "kv_full_wait_s", "stall_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not 0.0 <= self.kv_knee_ratio < 1.0:
@@ -248,13 +252,20 @@ class Disaggregated(PolicyBase):
         prefill_ttft_s, _ = self._ttft_s(
             request, next((s for s in prefill.scores if s.backend_id == p_id), None))
         split_ttft_s = prefill_ttft_s + chosen.terms["decode_transfer_s"]
-        if local_ttft_s <= split_ttft_s:
-            return local(f"predicted TTFT {local_ttft_s:.4f} s local <= {split_ttft_s:.4f} s "
-                         "prefill + transfer")
+        # A local prefill also stalls every request decoding on L for about its duration.
+        l_score = local_scores.get(l_id)
+        l_prefill_s = l_score.terms.get("prefill_s", local_ttft_s) if l_score else local_ttft_s
+        running = next(s.terms["decode_running_requests"] for s in decode_scores
+                       if s.backend_id == l_id)
+        stall_s = self.params.stall_weight * running * l_prefill_s
+        if local_ttft_s + stall_s <= split_ttft_s:
+            return local(f"predicted TTFT {local_ttft_s:.4f} s local (+ {stall_s:.4f} s stall "
+                         f"of {running:.0f} running) <= {split_ttft_s:.4f} s prefill + transfer")
         return Decision(
             backend_id=d_id,
             reason=(f"disaggregation: split, prefill on {p_id} then decode; predicted TTFT "
-                    f"{split_ttft_s:.4f} s prefill + transfer < {local_ttft_s:.4f} s local"),
+                    f"{split_ttft_s:.4f} s prefill + transfer < {local_ttft_s:.4f} s local "
+                    f"+ {stall_s:.4f} s stall of {running:.0f} running"),
             predicted_hit_tokens=prefill.predicted_hit_tokens,
             prefill_backend_id=p_id,
             scores=tuple(scores),

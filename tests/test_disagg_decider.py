@@ -73,6 +73,10 @@ CASES = [
     ([("p0", P, {}), ("d0", D, {})], {}, 300, {"conditional": False}, "d0", "p0", "off"),
     ([("p0", P, {}), ("d0", D, {"engine_running_requests": 30}), ("d1", D, {})], {"d0": 480},
      8000, {}, "d0", None, "uncached"),
+    ([("p0", P, {}), ("d0", D, {"engine_running_requests": 8})], {}, 8000, {}, "d0", "p0",
+     "stall of 8 running"),
+    ([("p0", P, {}), ("d0", D, {"engine_running_requests": 8})], {}, 8000,
+     {"stall_weight": 0.0}, "d0", None, "TTFT"),
 ]
 IDS = [
     "long-prompt-cached-on-prefill-splits",
@@ -91,6 +95,8 @@ IDS = [
     "sglang-decode-cannot-prefill-alone",
     "unconditional-splits-short-prompts",
     "local-goes-to-the-decode-cache-holder",
+    "local-prefill-would-stall-a-decode-batch",
+    "stall-ignored-with-zero-weight",
 ]
 
 

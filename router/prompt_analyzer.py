@@ -110,9 +110,7 @@ class TokenizingAnalyzer:
         return self._estimate(fields, hasher, max_tokens)
 
     def _estimate(self, fields: RequestFields, hasher: BlockHasher, max_tokens: int) -> RouteRequest:
-        if fields.endpoint != Endpoint.OTHER:
-            self.metrics.tokenize_fallback.labels(fields.model).inc()
-        if fields.prompt_token_ids is not None:
+        if fields.prompt_token_ids is not None:  # token ids need no tokenizer: still exact
             ids = fields.prompt_token_ids
             return RouteRequest(
                 request_id=fields.request_id, model=fields.model, prompt_tokens=len(ids),
@@ -120,6 +118,8 @@ class TokenizingAnalyzer:
                 block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
                 tokens_exact=True,
             )
+        if fields.endpoint != Endpoint.OTHER:
+            self.metrics.tokenize_fallback.labels(fields.model).inc()
         text = fields.prompt_text
         return RouteRequest(
             request_id=fields.request_id, model=fields.model,

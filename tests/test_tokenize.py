@@ -233,7 +233,7 @@ async def test_analyzer_falls_back_and_counts(analyzer):
         text="hello"))
     assert not bad.tokens_exact
     fallback = analyzer.metrics.registry.get_sample_value
-    assert fallback("kvrouter_tokenize_fallback_total", {"model": "unknown"}) == 2
+    assert fallback("kvrouter_tokenize_fallback_total", {"model": "unknown"}) == 1
     assert fallback("kvrouter_tokenize_fallback_total", {"model": "tiny"}) == 1
 
 

@@ -296,7 +296,8 @@ class KvEventIngestor:
         stream.next_seq = decoded.seq + 1
         stream.last_ts = max(stream.last_ts, decoded.batch.ts)
         self.applied_batches += 1
-        if self.on_backend_live is not None:
+        # "Live" means the index reflects the engine: not before a replay has caught up.
+        if self.on_backend_live is not None and not stream.replaying:
             self.on_backend_live(backend)
 
     def _restarted(self, stream: _Stream, seq: int, expected: int) -> None:

@@ -4,13 +4,20 @@ A per-app registry (not prometheus-client's global one) lets tests and benchmark
 routers in one process. Names follow Prometheus conventions with the ``kvrouter_`` prefix.
 Other modules add their own metrics to ``RouterMetrics.registry``. Must not import other
 ``router`` modules.
+
+Routing decisions are counted where the proxy acts on them (not by ``/debug/route``): one
+decision per attempt, so a retried request counts once per backend it was sent to. The
+predicted hit rate is ``kvrouter_predicted_hit_tokens_total / kvrouter_routed_prompt_tokens_total``
+per backend; the backend is the one that prefills (the prefill side of a split decision), where
+the policy expected the cached prefix. ``reason`` labels are ``reason_label`` of the policy's
+free-text reason: bounded by construction.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["NO_BACKEND", "RouterMetrics"]
+__all__ = ["MAX_REASON_LABELS", "NO_BACKEND", "RouterMetrics", "reason_label"]
 
 NO_BACKEND = "none"
 """The ``backend`` label of requests answered before any backend was chosen."""
@@ -18,6 +25,26 @@ NO_BACKEND = "none"
 # Router overhead is sub-millisecond and LLM requests run for seconds: cover both ends.
 _BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
               30.0, 60.0, 120.0, 300.0)
+
+
+MAX_REASON_LABELS = 32
+"""Distinct ``reason`` label values per router; later new ones are counted as ``other``."""
+_REASON_CUTS = (",", ";", "(", "<", ">", "=")
+
+
+def reason_label(reason: str) -> str:
+    """The fixed head of a policy's reason: what comes before the first clause separator.
+
+    Policies write ``name: rule`` or ``name:variant`` and may append numbers and backend names
+    after a comma, semicolon or parenthesis (``disaggregation: split, prefill on URL ...``);
+    only the head goes into a label, so label values stay a short fixed vocabulary.
+    """
+    end = len(reason)
+    for cut in _REASON_CUTS:
+        i = reason.find(cut, 0, end)
+        if i >= 0:
+            end = i
+    return reason[:end].strip()[:64] or "none"
 
 
 class RouterMetrics:
@@ -69,9 +96,28 @@ class RouterMetrics:
             "kvrouter_background_errors", "Errors caught in background loops, by loop.",
             ["loop"], registry=r,
         )
+        self.predicted_hit_tokens = Counter(
+            "kvrouter_predicted_hit_tokens",
+            "Prompt tokens the policy predicted the chosen backend holds cached, per decision.",
+            ["backend"], registry=r,
+        )
+        self.routed_prompt_tokens = Counter(
+            "kvrouter_routed_prompt_tokens",
+            "Prompt tokens of routed requests (estimated without a tokenizer), per decision.",
+            ["backend"], registry=r,
+        )
+        self.decisions = Counter(
+            "kvrouter_routing_decisions", "Routing decisions acted on, by policy and reason.",
+            ["policy", "reason"], registry=r,
+        )
         # Label children cached per backend: .labels() is a dict lookup plus a lock each call.
         self._per_backend: dict[str, tuple[Gauge, Histogram, Histogram]] = {}
         self._counts: dict[tuple[str, int], Counter] = {}
+        self._routed: dict[str, tuple[Counter, Counter]] = {}
+        # Keyed by the reason string itself: policies mostly return the same constant strings,
+        # whose hash Python caches, so the common case is one dict lookup.
+        self._reasons: dict[str, Counter] = {}
+        self._reason_labels: dict[str, Counter] = {}
 
     def for_backend(self, backend: str) -> tuple[Gauge, Histogram, Histogram]:
         """(in-flight gauge, duration histogram, ttfb histogram) for one backend."""
@@ -91,3 +137,33 @@ class RouterMetrics:
             child = self._counts[(backend, status)] = self.requests.labels(
                 backend, str(status), self.policy)
         child.inc()
+
+    def routed(self, backend: str, reason: str, prompt_tokens: int,
+               predicted_hit_tokens: int) -> None:
+        """One routing decision acted on (see the module docstring)."""
+        children = self._routed.get(backend)
+        if children is None:
+            children = self._routed[backend] = (
+                self.routed_prompt_tokens.labels(backend),
+                self.predicted_hit_tokens.labels(backend),
+            )
+        children[0].inc(prompt_tokens)
+        if predicted_hit_tokens:
+            children[1].inc(predicted_hit_tokens)
+        child = self._reasons.get(reason)
+        if child is None:
+            child = self._decision_child(reason)
+            if len(self._reasons) < 1024:  # reasons carrying numbers are not worth keeping
+                self._reasons[reason] = child
+        child.inc()
+
+    def _decision_child(self, reason: str) -> Counter:
+        label = reason_label(reason)
+        child = self._reason_labels.get(label)
+        if child is None:
+            if len(self._reason_labels) >= MAX_REASON_LABELS:
+                label = "other"
+                child = self._reason_labels.get(label)
+            if child is None:
+                child = self._reason_labels[label] = self.decisions.labels(self.policy, label)
+        return child

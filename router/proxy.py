@@ -167,6 +167,10 @@ class Proxy:
             if backend is None or all(c.backend_id != decision.backend_id for c in candidates):
                 raise RouterError(f"policy chose a non-candidate backend {decision.backend_id!r}")
             self.disagg.observe(decision, candidates)
+            # The predicted hit belongs to where the prompt is prefilled.
+            self.metrics.routed(decision.prefill_backend_id or decision.backend_id,
+                                decision.reason, route_request.prompt_tokens,
+                                decision.predicted_hit_tokens)
             if decision.prefill_backend_id is not None:
                 return await self.disagg.serve(request, body, fields, route_request, decision)
             tried.append(backend.backend_id)

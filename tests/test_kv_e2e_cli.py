@@ -76,6 +76,15 @@ async def test_serve_with_model_tokenizer_predicts_hits():
                     assert time.monotonic() < deadline, "no hit was ever predicted"
                     await asyncio.sleep(0.1)
                 assert backend == first and hits >= 16 * 10
+                # /debug/route explains the same decision without sending the request.
+                async with session.post(f"{router}/debug/route", json=body) as r:
+                    assert r.status == 200
+                    explained = await r.json()
+                assert explained["request"]["tokens_exact"] is True
+                assert explained["request"]["block_hashes_count"] >= 10
+                assert explained["decision"]["backend_id"] == first
+                # (at least the hits predicted before: that request's own blocks are now cached)
+                assert explained["decision"]["predicted_hit_tokens"] >= hits
                 stored = await _metric_lines(session, router, "kvrouter_kv_events_total")
                 assert any('type="BlockStored"' in line for line in stored)
                 assert await _metric_lines(session, router, "kvrouter_index_entries")

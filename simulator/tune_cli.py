@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nkvrouter tune: {exc}", file=sys.stderr)
         return 2
     for i, result in enumerate(results):
+        result.pop("wall_s", None)
         result["policy"] = f"{args.policy}#{i}" if i else f"{args.policy} (defaults)"
     best = best_trial(results, args.objective)
     print(format_table(results), file=sys.stderr)

@@ -150,3 +150,29 @@ def test_simulate_a_text_and_chat_trace(tmp_path: Path, capsys: pytest.CaptureFi
     for r in results:
         assert r["requests"] == 12 and r["block_size"] == 16
         assert r["hit_rate"] > 0.3
+
+
+def test_same_seed_gives_a_byte_identical_results_json(tmp_path: Path) -> None:
+    files = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        argv = [
+            "simulate",
+            "--trace",
+            TRACE,
+            "--backends",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--policies",
+            "kv_aware,sglang_cache_aware",
+            "--seed",
+            "4",
+            "--jobs",
+            "1",
+        ]
+        assert main(argv) == 0
+        files.append((out / "results.json").read_bytes())
+    assert files[0] == files[1]
+    assert b'"wall_s"' not in files[0]  # the one non-deterministic number lives in the report

@@ -109,7 +109,7 @@ def test_deterministic_conserving_and_under_the_oracle(policy: str) -> None:
     first = _run(policy, seed=3, requests=150)
     second = _run(policy, seed=3, requests=150)
     for run in (first, second):
-        run.pop("wall_s")
+        run.pop("wall_s")  # the CLI moves it out of results.json
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
     # Conservation: every arrival finished exactly once (the simulator also raises otherwise).
     assert first["arrived"] == first["requests"] + first["failed"] == 150

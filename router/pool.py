@@ -56,8 +56,13 @@ class Backend:
         return self.configured_models or tuple(self.discovered_models)
 
     def serves(self, model: str) -> bool:
-        models = self.models()
-        return not models or not model or model in models
+        # Same answer as ``not models() or not model or model in models()``, without building
+        # the tuple of discovered models: this runs for every backend on every request.
+        if not model:
+            return True
+        if self.configured_models:
+            return model in self.configured_models
+        return not self.discovered_models or model in self.discovered_models
 
 
 class BackendPool:

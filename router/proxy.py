@@ -164,7 +164,7 @@ class Proxy:
                 route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index)  # type: ignore[arg-type]
             )
             backend = self.pool.get(decision.backend_id)
-            if backend is None or all(c.backend_id != decision.backend_id for c in candidates):
+            if backend is None or decision.backend_id not in [c.backend_id for c in candidates]:
                 raise RouterError(f"policy chose a non-candidate backend {decision.backend_id!r}")
             self.disagg.observe(decision, candidates)
             # The predicted hit belongs to where the prompt is prefilled.

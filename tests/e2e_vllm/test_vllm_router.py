@@ -307,11 +307,20 @@ async def test_responses_byte_identical_to_engine(
     routed = await _routed(session, router, body)
     engine = cluster.a if routed.backend == cluster.a.url else cluster.b
     assert routed.backend == engine.url
-    direct = await _direct(session, engine, body)
-    assert routed.headers["content-type"] == direct.headers["content-type"]
     if stream:
         assert sse_events(routed.body)[-1] == "[DONE]"
     assert routed.cached_tokens() > 0
+    # vLLM's CPU kernels are not always bit-reproducible on this random-weight model (top-2
+    # logprob gaps down to 2e-4 were seen, and a rare rerun picks the other token), so the
+    # routed bytes must equal ONE of up to three direct answers of the same engine: a router
+    # that changed a single byte matches none of them.
+    for _ in range(3):
+        direct = await _direct(session, engine, body)
+        assert routed.headers["content-type"] == direct.headers["content-type"]
+        if normalised(routed.body) == normalised(direct.body):
+            break
+    if stream:
+        assert sse_events(normalised(routed.body)) == sse_events(normalised(direct.body))
     assert normalised(routed.body) == normalised(direct.body)
 
 

@@ -8,7 +8,7 @@ short slices so drifting machine load falls on all of them alike. The backend ru
 (one process listening on --backends ports) and answers at once: a fixed JSON completion, or
 8 SSE chunks then ``data: [DONE]``. It also answers what the peers probe at start-up
 (/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). Each router runs in
-its own process with round_robin over the same backends.
+its own process with round_robin over the same backends (kvrouter: `--policy`, e.g. kv_aware).
 
     .venv/bin/python bench/overhead.py                 # direct vs kvrouter
     .venv/bin/python bench/overhead.py --peers         # + sglang-router, vllm-router (installs
@@ -172,11 +172,14 @@ def _start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def _router_argv(name: str, port: int, backends: list[str]) -> list[str]:
+def _router_argv(name: str, port: int, backends: list[str], policy: str) -> list[str]:
     if name.startswith("kvrouter"):
         loop = "uvloop" if name.endswith("uvloop") else "asyncio"
+        # kv_aware tokenizes every prompt with the project's tiny tokenizer, as served.
+        tokenizer = (["--model-tokenizer", f"{MODEL}={ROOT / 'simulator/data/tiny-tokenizer'}"]
+                     if policy == "kv_aware" else [])
         return [str(ROOT / ".venv" / "bin" / "kvrouter"), "serve", "--port", str(port),
-                "--policy", "round_robin", "--log-level", "warning", "--loop", loop,
+                "--policy", policy, "--log-level", "warning", "--loop", loop, *tokenizer,
                 *[a for b in backends for a in ("--backend", b)]]
     py = str(PEERS_VENV / "bin" / "python")
     metrics_port = str(_free_port())  # both crash when their metrics port is taken
@@ -205,7 +208,7 @@ async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
             await _wait_ready(url, 60, backend)
         for name in names:
             port = _free_port()
-            process = _start(_router_argv(name, port, urls), name)
+            process = _start(_router_argv(name, port, urls, args.policy), name)
             targets.append(Target(name, [f"http://127.0.0.1:{port}"], process))
         for target in targets[1:]:
             await _wait_ready(target.urls[0], 120, target.process)
@@ -360,6 +363,9 @@ def main() -> int:
                         help="also run sglang-router and vllm-router (installed on first use)")
     parser.add_argument("--routers", default="kvrouter-asyncio,kvrouter-uvloop",
                         help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop)")
+    parser.add_argument("--policy", default="round_robin",
+                        help="kvrouter's policy (round_robin); kv_aware also tokenizes every "
+                             "prompt with the tiny tokenizer. The peers always run round_robin")
     parser.add_argument("--concurrency", default="1,32,128", help="comma-separated (1,32,128)")
     parser.add_argument("--modes", default="plain,stream", help="plain and/or stream")
     parser.add_argument("--seconds", type=float, default=3.0,

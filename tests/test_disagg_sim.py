@@ -84,3 +84,48 @@ def test_simulate_cli_sweeps_prefill_counts(tmp_path: Path,
     assert "kv_aware 2P+4D" in capsys.readouterr().out
     assert main(["simulate", "--trace", TRACE, "--backends", "6", "--prefill-backends", "6",
                  "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_router_and_simulator_make_the_same_split_decisions() -> None:
+    # The same decider over the live pool's snapshot and the simulator's router: same views,
+    # same seeds, same decisions, request after request.
+    import random
+
+    from policies.disaggregation import wrap
+    from policies.hashing import BlockHasher, Namespace
+    from policies.registry import build_policy
+    from policies.types import ClusterView, Role, RouteRequest
+    from router.pool import BackendPool
+    from simulator.sim_disagg import _RoleRouter
+
+    roles = (Role.PREFILL, Role.PREFILL, Role.DECODE, Role.DECODE, Role.DECODE)
+
+    def policy() -> Any:
+        rng = random.Random(11)
+        return wrap(build_policy("kv_aware", {}, rng), {}, rng)
+
+    sim = _RoleRouter(roles, policy=policy(), kv_events=False)
+    pool = BackendPool()
+    for i, role in enumerate(roles):
+        pool.add(f"engine-{i}", role=role)
+    live = policy()
+    hasher = BlockHasher(Namespace("m"), 16)
+    decisions = []
+    for n in range(30):
+        tokens = 600 + 700 * (n % 9)
+        ids = [(n % 4) * 100_003 + i for i in range(tokens)]
+        request = RouteRequest(f"r{n}", "m", tokens, block_hashes=hasher.hash_tokens(ids),
+                               tokens_exact=True, max_tokens=64)
+        now_s = float(n)
+        view = ClusterView(now_s, pool.snapshot("m", now_s), None)
+        assert view.backends == sim.snapshot(now_s)
+        expected = sim.route(request, now_s)
+        got = live.choose(request, view)
+        assert got == expected
+        # The live proxy's bookkeeping for the same decision.
+        if got.prefill_backend_id is not None:
+            pool.acquire(got.prefill_backend_id, tokens, now_s)
+        pool.acquire(got.backend_id, 0 if got.prefill_backend_id else tokens, now_s)
+        live.on_dispatched(request, got, now_s)
+        decisions.append(got.prefill_backend_id is not None)
+    assert any(decisions) and not all(decisions)

@@ -22,11 +22,20 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
     kv_pressure_s = kv_full_wait_s * max(0, (kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))**2
                     (admission waits for KV to free up; a cached prefix may be evicted first)
     ttft_s_b      = queued_s_b + prefill_s_b + step_s_b + kv_pressure_s_b
+    decode_s_b    = min(max_tokens, decode_horizon_tokens) * cost.step_overhead_s(0, running
+                    context + prompt), MIXED backends only: the first output tokens decode in
+                    that engine's batch, so a big running batch costs every one of them
+    score_b       = ttft_s_b + decode_s_b   (predicted seconds to the first 16 tokens)
+
+Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
+costs as much as a cold prefill elsewhere (0.27 s for 8k tokens, ~650k tokens of running
+context); the hot tenants' engine then runs TPOT 0.2 s while others idle. Each token of the
+horizon turns running-context differences into seconds, so affinity yields gradually.
 
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
-The choice is a softmax over ``-ttft_s / T`` drawn with the injected RNG, with
-``T = max(temperature_s, temperature_ratio * best ttft_s)``: backends whose predicted TTFT is
+The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
+``T = max(temperature_s, temperature_ratio * best score)``: backends whose predicted TTFT is
 within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
 backends instead of collapsing onto the first one); far worse ones are practically never
 picked. Affinity yields to load continuously: each queued second adds one second to the
@@ -90,6 +99,7 @@ class KvAwareParams:
     default_prompt_tokens: int = 1024  # cold size of an engine-waiting request without history
     kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
     kv_knee_ratio: float = 0.8  # KV usage below which admission does not wait
+    decode_horizon_tokens: int = 16  # output tokens whose decode time joins the score
     temperature_s: float = 0.002  # TTFT differences of this size are noise
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
     approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
@@ -104,6 +114,8 @@ class KvAwareParams:
             raise ValueError("kv_knee_ratio must be within [0, 1)")
         if self.temperature_s <= 0 or self.temperature_ratio < 0:
             raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
+        if self.decode_horizon_tokens < 0:
+            raise ValueError("decode_horizon_tokens must be >= 0")
         for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
                      "approx_max_entries"):
             if getattr(self, name) < 1:
@@ -213,9 +225,17 @@ class KvAware(PolicyBase):
             pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
         ttft_s = queued_s + prefill_s + step_s + kv_pressure_s
+        # The first output tokens are decoded beside the running batch there: without this,
+        # a holder keeps its hot prefix until its decode steps cost as much as a cold prefill.
+        # Only MIXED backends: a split's decode side is priced by the disaggregation wrapper,
+        # which also asks this policy where a DECODE backend would prefill fastest.
+        decode_s = 0.0
+        if backend.role is Role.MIXED:
+            decode_s = min(request.max_tokens, p.decode_horizon_tokens) * self._cost.step_overhead_s(
+                0.0, context + prompt)
         return BackendScore(
             backend_id=backend.backend_id,
-            score=ttft_s,
+            score=ttft_s + decode_s,
             matched_tokens=gpu + cpu + storage,
             terms={
                 "ttft_s": ttft_s,
@@ -227,6 +247,7 @@ class KvAware(PolicyBase):
                 "cpu_tokens": float(cpu),
                 "storage_tokens": float(storage),
                 "step_s": step_s,
+                "decode_s": decode_s,
                 "queued_tokens": queued_tokens,
                 "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,

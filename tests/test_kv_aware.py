@@ -147,9 +147,14 @@ def test_its_own_dispatches_queue_until_their_predicted_first_token() -> None:
     assert now.backend_id == "b1"
     queued = {s.backend_id: s.terms["queued_s"] for s in now.scores}
     assert queued["b0"] > 20 * PrefillCost().seconds(4096) and queued["b1"] == 0.0
-    # Long after every predicted first token the requests are decoding: b0 is free again.
+    # Long after every predicted first token the requests are decoding: nothing is queued on
+    # b0 and its cached prefix makes the first token fastest there again. (The choice itself
+    # may still go to b1: 30 requests decoding on b0 slow the new request's own decode.)
     later = kv.choose(request, view(index, busy, idle("b1"), now_s=1000.0))
-    assert later.backend_id == "b0"
+    late = {s.backend_id: s.terms for s in later.scores}
+    assert late["b0"]["queued_s"] == 0.0
+    assert late["b0"]["ttft_s"] < late["b1"]["ttft_s"]
+    assert late["b0"]["decode_s"] > late["b1"]["decode_s"]
     # Requests that already returned (released by the router) no longer count.
     released = kv.choose(request, view(index, idle("b0"), idle("b1"), now_s=0.2))
     assert released.backend_id == "b0"
@@ -249,11 +254,16 @@ def test_scores_explain_every_candidate() -> None:
     by_id = {s.backend_id: s for s in decision.scores}
     assert by_id["b1"].matched_tokens == 992 and by_id["b0"].matched_tokens == 0
     cost = PrefillCost()
-    assert by_id["b0"].score == pytest.approx(cost.seconds(1000) + cost.step_overhead_s(1000, 0))
-    assert by_id["b1"].score == pytest.approx(cost.seconds(8, 992) + cost.step_overhead_s(8, 0))
+    # The first min(max_tokens, 16) output tokens decode beside the request's own 1000 tokens.
+    decode_s = min(request.max_tokens, 16) * cost.step_overhead_s(0, 1000)
+    assert by_id["b0"].score == pytest.approx(
+        cost.seconds(1000) + cost.step_overhead_s(1000, 0) + decode_s)
+    assert by_id["b1"].score == pytest.approx(
+        cost.seconds(8, 992) + cost.step_overhead_s(8, 0) + decode_s)
     for s in decision.scores:
-        assert s.score == pytest.approx(s.terms["queued_s"] + s.terms["prefill_s"]
-                                        + s.terms["step_s"] + s.terms["kv_pressure_s"])
+        assert s.terms["ttft_s"] == pytest.approx(s.terms["queued_s"] + s.terms["prefill_s"]
+                                                  + s.terms["step_s"] + s.terms["kv_pressure_s"])
+        assert s.score == pytest.approx(s.terms["ttft_s"] + s.terms["decode_s"])
     assert decision.backend_id == "b1" and decision.predicted_hit_tokens == 992
 
 

@@ -90,6 +90,9 @@ class KvPlumbing:
         self.pool: BackendPool | None = None
         self.ingestor: KvEventIngestor | None = None
         self._warned_block_size: set[str] = set()
+        # Backends whose sources the ingestor follows; a backend leaves this set when it turns
+        # unhealthy (its cache is presumed lost) and re-enters, replayed, once healthy again.
+        self._subscribed: set[BackendId] = set()
         self.configured_sources = self._configured_sources()  # a bad entry fails at start-up
 
     def policy(self, rng: random.Random) -> Policy:
@@ -168,6 +171,7 @@ class KvPlumbing:
                                     timeout_s=section.scrape_timeout_s)
             tasks.append(asyncio.create_task(scraper.run(), name="kvrouter-scrape"))
         tasks.append(asyncio.create_task(self._discover(state), name="kvrouter-kv-sources"))
+        tasks.append(asyncio.create_task(self._follow_health(state), name="kvrouter-kv-health"))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -185,11 +189,11 @@ class KvPlumbing:
         """Subscribe to every backend's sources: configured ones, else /kv_event_sources."""
         assert self.ingestor is not None
         await self.ingestor.started.wait()
-        done: set[BackendId] = set()
+        done = self._subscribed
         configured = self.configured_sources
         while True:
             for backend in list(state.pool):
-                if backend.backend_id in done:
+                if backend.backend_id in done or not backend.healthy:
                     continue
                 try:
                     if not backend.models():
@@ -207,6 +211,33 @@ class KvPlumbing:
                     log.debug("KV event sources of %s: %s", backend.url, exc)
             done &= {b.backend_id for b in state.pool}
             await asyncio.sleep(self.section.discover_interval_s)
+
+    async def _follow_health(self, state: Any) -> None:
+        """Forget what an unhealthy backend held; resubscribe (and replay) when it recovers.
+
+        A backend that fails its health checks has most likely lost its KV cache (crash, OOM,
+        restart) and, restarted, announces nothing until new blocks are stored: believing its
+        old blocks would send prefix traffic to an empty cache. So its index entries are purged
+        at once and its event streams dropped. When it is healthy again, discovery subscribes
+        anew and replays from 0: after a mere network blip the engine's buffer restores what it
+        still holds; after a restart the buffer is the new, empty life.
+        """
+        was_healthy: dict[BackendId, bool] = {}
+        while True:
+            for backend in list(state.pool):
+                backend_id = backend.backend_id
+                if was_healthy.get(backend_id, True) and not backend.healthy:
+                    if backend_id in self._subscribed or backend.kv_events:
+                        log.warning("backend %s is unhealthy: forgetting its cached blocks",
+                                    backend_id)
+                        self._subscribed.discard(backend_id)
+                        if self.ingestor is not None:
+                            self.ingestor.remove_backend(backend_id)
+                        self.index.remove_backend(backend_id)
+                        self.parity.remove_backend(backend_id)
+                        backend.kv_events = False
+                was_healthy[backend_id] = backend.healthy
+            await asyncio.sleep(0.25)
 
     def _configured_sources(self) -> dict[BackendId, list[KvEventSource]]:
         out: dict[BackendId, list[KvEventSource]] = {}

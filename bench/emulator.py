@@ -20,25 +20,19 @@ Compare figures only within one run: the machine is shared and noisy.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
+import socket
+import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-# Run as a script, Python puts bench/ first on sys.path, where a module named like a stdlib one
-# (bench/tokenize.py) shadows it and breaks `import asyncio`; drop it before importing more.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
+import aiohttp
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama"

@@ -19,28 +19,22 @@ Compare numbers only within one run: the machine is shared and noisy.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
 import os
+import socket
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
-# bench/ holds scripts named like standard modules (tokenize.py); running this file puts bench/
-# first on the import path, where it would shadow them, so take it off before anything else.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import aiohttp  # noqa: E402
-from aiohttp import web  # noqa: E402
+import aiohttp
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".tools" / "peers-venv"

@@ -1,10 +1,7 @@
 """Tokenize + hash + match for an 8,000-token chat prompt, cold and with its first 7,000 tokens
 seen on an earlier turn (the tiny tokenizer, block size 16, an index of 4 backends).
 
-    .venv/bin/python -m bench.tokenize [--iterations 60]
-
-(Run it as a module: as a script, its directory would come first on sys.path and this file
-would shadow the standard library's ``tokenize``.)
+    .venv/bin/python bench/prompt_path.py [--iterations 60]
 
 Prints p50/p90 per path, next to same-run baselines: the tokenizer library's own encode of
 the same text (what any exact router pays at least) and the chat template render alone.

@@ -1,143 +1,17 @@
-"""Shared test fixtures: fake OpenAI backends and routers on real 127.0.0.1 sockets.
-
-``FakeBackend`` speaks vLLM's OpenAI wire format (JSON bodies; SSE ``data: {json}\\n\\n`` chunks
-ending with ``data: [DONE]\\n\\n``) and can be told to delay, fail with a status, stall, or cut
-a stream mid-way. It records every request it got, byte for byte.
-"""
+"""Shared test fixtures: fake OpenAI backends and routers (``tests/fake_backend.py``)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
+from fake_backend import FakeBackend, RouterHandle
 
-from router.app import STATE, RouterState, create_app, serve
+from router.app import STATE, create_app, serve
 from router.config import Config, parse_config
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-@dataclass
-class FakeBackend:
-    """Knobs can be changed while it runs; ``url`` is set once it listens."""
-
-    name: str = "backend"
-    models: list[str] = field(default_factory=lambda: ["tiny"])
-    delay_s: float = 0.0
-    fail_status: int | None = None
-    chunks: int = 3
-    chunk_delay_s: float = 0.0
-    break_after_chunks: int | None = None
-    health_status: int = 200
-    url: str = ""
-    received: list[Received] = field(default_factory=list)
-    cancelled: int = 0
-    finished: int = 0
-    runner: web.AppRunner | None = None
-
-    async def stop(self) -> None:
-        """Stop listening, as a crashed backend would (its port then refuses connections)."""
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_route("*", "/v1/{tail:.*}", self._generate)
-        return app
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.Response(status=self.health_status)
-
-    async def _models(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "owned_by": "vllm", "max_model_len": 2048,
-                 "root": m} for m in self.models]
-        return web.json_response({"object": "list", "data": data})
-
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(Received(request.method, request.path_qs, CIMultiDict(request.headers),
-                                      body))
-        try:
-            return await self._answer(request, body)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-
-    async def _answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.fail_status is not None:
-            return web.json_response(
-                {"object": "error", "message": f"{self.name} failing", "type": "Internal",
-                 "code": self.fail_status}, status=self.fail_status)
-        if not request.path.endswith("/completions"):
-            return web.json_response({"object": "list", "data": [], "path": request.path})
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return web.json_response({"object": "error", "message": "invalid JSON",
-                                      "type": "BadRequestError", "code": 400}, status=400)
-        chat = request.path.endswith("/chat/completions")
-        base = {"id": f"cmpl-{self.name}", "created": int(time.time()),
-                "model": payload.get("model", "")}
-        if not payload.get("stream"):
-            text = f"{self.name} " + " ".join(f"t{i}" for i in range(self.chunks))
-            choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "length"} if chat else
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                 "stop_reason": None})
-            self.finished += 1
-            return web.json_response(base | {
-                "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": {"prompt_tokens": 5, "completion_tokens": self.chunks,
-                          "total_tokens": 5 + self.chunks}})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(self.chunks):
-            if self.break_after_chunks is not None and i == self.break_after_chunks:
-                assert request.transport is not None
-                request.transport.close()  # a backend crash mid-stream
-                return response
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
-            last = i == self.chunks - 1
-            choice = (
-                {"index": 0, "delta": {"content": f"{self.name}-t{i} "},
-                 "finish_reason": "length" if last else None} if chat else
-                {"index": 0, "text": f"{self.name}-t{i} ", "logprobs": None,
-                 "finish_reason": "length" if last else None, "stop_reason": None})
-            chunk = base | {"object": "chat.completion.chunk" if chat else "text_completion",
-                            "choices": [choice]}
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        self.finished += 1
-        return response
-
-
-@dataclass
-class RouterHandle:
-    url: str
-    state: RouterState
-    app: web.Application
 
 
 @pytest.fixture

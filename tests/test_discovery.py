@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import FakeBackend, RouterHandle
+from fake_backend import FakeBackend, RouterHandle
 from fake_kube import FakeKube, make_pod
 from prometheus_client import CollectorRegistry
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from conftest import FakeBackend
+from fake_backend import FakeBackend
 from fake_kube import FakeKube, make_pod
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import RouterHandle
+from fake_backend import RouterHandle
 from fake_kube import FakeKube, make_pod
 
 from policies.hashing import BlockHasher, Namespace

@@ -112,6 +112,30 @@ def test_affinity_yields_to_load_gradually() -> None:
     assert sum(0.05 < s < 0.95 for s in shares) >= 2, shares
 
 
+def decoding_holder_share(running: int, trials: int = 200, **params: object) -> float:
+    """Share of a prefix's requests its holder keeps while ``running`` 8k-token requests decode
+    there (none waiting) and another backend is idle."""
+    index = PrefixIndex()
+    request = prompt(1, 8192)
+    hold(index, "b0", request.block_hashes[:256])  # 4,096 cached tokens on b0
+    busy = idle("b0", engine_waiting_requests=0, engine_running_requests=running,
+                in_flight_requests=running, in_flight_prompt_tokens=8192 * running)
+    v = view(index, busy, idle("b1", engine_waiting_requests=0, engine_running_requests=0))
+    kv = policy(seed=running, **params)
+    return sum(kv.choose(request, v).backend_id == "b0" for _ in range(trials)) / trials
+
+
+def test_a_big_decode_batch_sheds_a_hot_prefix_gradually() -> None:
+    batches = list(range(0, 13))
+    shares = [decoding_holder_share(n) for n in batches]
+    assert shares[0] > 0.95 and shares[-1] < 0.05, shares
+    assert all(b <= a + 0.12 for a, b in itertools.pairwise(shares)), shares
+    assert sum(0.05 < s < 0.95 for s in shares) >= 1, shares
+    # Scoring TTFT alone, the holder keeps the prefix under the same batch (until ~24 running):
+    # the first token comes sooner there even though every later token is slower.
+    assert decoding_holder_share(batches[-1], decode_horizon_tokens=0) > 0.95
+
+
 def test_holder_score_grows_linearly_with_its_queue() -> None:
     index = PrefixIndex()
     request = prompt(1, 8192)
@@ -254,8 +278,8 @@ def test_scores_explain_every_candidate() -> None:
     by_id = {s.backend_id: s for s in decision.scores}
     assert by_id["b1"].matched_tokens == 992 and by_id["b0"].matched_tokens == 0
     cost = PrefillCost()
-    # The first min(max_tokens, 16) output tokens decode beside the request's own 1000 tokens.
-    decode_s = min(request.max_tokens, 16) * cost.step_overhead_s(0, 1000)
+    # The first min(max_tokens, 8) output tokens decode beside the request's own 1000 tokens.
+    decode_s = min(request.max_tokens, 8) * cost.step_overhead_s(0, 1000)
     assert by_id["b0"].score == pytest.approx(
         cost.seconds(1000) + cost.step_overhead_s(1000, 0) + decode_s)
     assert by_id["b1"].score == pytest.approx(

@@ -52,7 +52,8 @@ eligible). When the winner is a PREFILL backend and DECODE backends exist, the d
 the DECODE backend with the fewest in-flight requests (ties by RNG) and the Decision is split.
 
 Where cache knowledge comes from: backends with ``kv_events`` are matched in ``view.index``,
-the caller's index fed by engine events (read-only here). For backends without events the
+the caller's index fed by engine events (read-only here), when the request's tokens are exact.
+For backends without events, and for requests whose tokens were only estimated, the
 policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
 ``on_dispatched``, entries expire after ``approx_ttl_s``, at most ``approx_capacity_blocks``
 per backend or the engine's own ``total_kv_blocks`` when known), like any policy's memory of
@@ -156,15 +157,19 @@ class KvAware(PolicyBase):
         hashes = request.block_hashes
         if not hashes:
             return {}
-        precise = any(b.kv_events for b in candidates) and view.index is not None
+        # Engine events describe the engine's token blocks; an estimated prompt (no tokenizer
+        # for its model) hashes character chunks that can never match them, so such requests
+        # are matched against the policy's own record of where it sent them instead.
+        exact = request.tokens_exact
+        precise = exact and view.index is not None and any(b.kv_events for b in candidates)
         found = view.index.match(hashes, view.now_s) if precise and view.index else {}
-        if all(b.kv_events for b in candidates):
+        if precise and all(b.kv_events for b in candidates):
             return found
         approx = self._approx.match(hashes, view.now_s)
         return {
             b.backend_id: m
             for b in candidates
-            if (m := (found if b.kv_events else approx).get(b.backend_id)) is not None
+            if (m := (found if exact and b.kv_events else approx).get(b.backend_id)) is not None
         }
 
     def _score(
@@ -260,7 +265,7 @@ class KvAware(PolicyBase):
                 "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,
                 "prompt_tokens": float(prompt),
-                "kv_events": 1.0 if backend.kv_events else 0.0,
+                "kv_events": 1.0 if backend.kv_events and request.tokens_exact else 0.0,
                 "capacity_blocks": float(backend.total_kv_blocks or p.approx_capacity_blocks),
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import Counter
@@ -353,3 +354,25 @@ def test_unplaced_in_flight_work_counts_only_without_better_evidence(
     score = policy().choose(prompt(8, 1000), view(None, idle("b0", **state))).scores[0]
     expected = 2 * PrefillCost().seconds(4000) if queued else 0.0
     assert score.terms["queued_s"] == pytest.approx(expected)
+
+
+def test_estimated_prompts_follow_their_own_dispatches_not_engine_events() -> None:
+    # Without a tokenizer the router hashes character chunks, which engine events (token
+    # blocks) can never match: the policy must fall back to its own memory even for backends
+    # that publish events, or such prompts would get no affinity at all.
+    p = policy(seed=2)
+    index = PrefixIndex()
+    exact = prompt(4, 4000)
+    hold(index, "b3", exact.block_hashes)  # the engine events say b3 holds these blocks
+    estimated = dataclasses.replace(exact, tokens_exact=False)
+    v = view(index, *(idle(b) for b in IDS))
+    first = p.choose(estimated, v)
+    assert first.predicted_hit_tokens == 0  # the event index is not trusted for estimates
+    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    p.on_dispatched(estimated, first, 0.0)
+    p.on_finished(estimated, first, 1.0, True)
+    again = p.choose(estimated, view(index, *(idle(b) for b in IDS), now_s=2.0))
+    assert again.backend_id == first.backend_id
+    assert again.predicted_hit_tokens > 0
+    # Exact prompts still trust the engines' events.
+    assert p.choose(exact, view(index, *(idle(b) for b in IDS), now_s=2.0)).backend_id == "b3"

@@ -302,6 +302,6 @@ def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) ->
             raise ConfigError(f"models.{name}.tokenizer", str(exc)) from None
     if not tokenizers:
         log.warning("no tokenizer configured (models.<name>.tokenizer or --model-tokenizer): "
-                    "prompts are estimated from characters, so engine KV events cannot be "
-                    "matched and kv_aware sees no cached prefixes on backends that send them")
+                    "prompts are estimated from characters, engine KV events cannot be matched, "
+                    "and kv_aware falls back to remembering where it sent each prefix")
     return KvPlumbing(config, section, tokenizers)

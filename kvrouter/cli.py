@@ -35,7 +35,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         if importlib.util.find_spec(module_name) is None:
             continue
         # Only the requested command's module is imported for its flags; the others are
-        # listed by name so `kvrouter --help` stays fast.
+        # listed by name so `kvrouter serve ...` does not import the simulator. With no
+        # command (`kvrouter --help`) every module is imported for its one-line summary.
         if command in (None, name):
             module = importlib.import_module(module_name)
             sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
@@ -55,18 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         command = None
     parser = _parser(command)
-    if command is None:
-        # Full help lists every command's one-line summary.
-        parser = argparse.ArgumentParser(
-            prog="kvrouter",
-            description="KV-cache-aware request router for vLLM and SGLang inference fleets.",
-        )
-        sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-        for name, module_name in COMMANDS.items():
-            if importlib.util.find_spec(module_name) is None:
-                continue
-            module = importlib.import_module(module_name)
-            sub.add_parser(name, help=module.HELP)
     args = parser.parse_args(args_list)
     run = getattr(args, "_run", None)
     if run is None:

@@ -64,6 +64,15 @@ class Breaker:
             self.state = BreakerState.OPEN
             self._opened_at_s = now_s
 
+    def record(self, verdict: bool | None, now_s: float) -> None:
+        """One attempt's verdict: True passed, False failed, None ended without one."""
+        if verdict is True:
+            self.on_success()
+        elif verdict is False:
+            self.on_failure(now_s)
+        else:
+            self.on_abandoned()
+
     def on_abandoned(self) -> None:
         """The request ended without a verdict (client went away): free the probe slot."""
         self._probe_in_flight = False

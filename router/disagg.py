@@ -215,7 +215,7 @@ class Disaggregation:
         finally:
             proxy.pool.release(backend, tokens)
             in_flight.dec()
-            _verdict(backend, verdict)
+            backend.breaker.record(verdict, time.monotonic())
 
     async def _open(self, backend: Backend, fields: RequestFields, data: bytes,
                     gate: asyncio.Task[bytes] | None) -> aiohttp.ClientResponse:
@@ -299,7 +299,7 @@ class Disaggregation:
             proxy.pool.release(backend, prompt_tokens)
             in_flight.dec()
             duration.observe(time.monotonic() - started_s)
-            _verdict(backend, verdict)
+            backend.breaker.record(verdict, time.monotonic())
             proxy.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
@@ -502,15 +502,6 @@ def _forward_headers(fields: RequestFields) -> CIMultiDict[str]:
 
 def _dump(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _verdict(backend: Backend, verdict: bool | None) -> None:
-    if verdict is True:
-        backend.breaker.on_success()
-    elif verdict is False:
-        backend.breaker.on_failure(time.monotonic())
-    else:
-        backend.breaker.on_abandoned()
 
 
 def _surface(failed: PrefillFailed, fields: RequestFields, prefill: Backend) -> web.Response:

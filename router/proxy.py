@@ -256,12 +256,7 @@ class Proxy:
             self.pool.release(backend, prompt_tokens)
             in_flight.dec()
             duration.observe(time.monotonic() - started_s)
-            if verdict is True:
-                backend.breaker.on_success()
-            elif verdict is False:
-                backend.breaker.on_failure(time.monotonic())
-            else:
-                backend.breaker.on_abandoned()
+            backend.breaker.record(verdict, time.monotonic())
             if backend.breaker.state:  # closed is the common case; /metrics exports it too
                 self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
             self.policy.on_finished(route_request, decision, time.monotonic(), ok)

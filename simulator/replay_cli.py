@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "replay a trace live against an OpenAI-compatible endpoint and report TTFT, ITL, hit rate"
+HELP = "Replay a trace live against an OpenAI-compatible endpoint and report TTFT, ITL and hit rate."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["HELP", "add_arguments", "load_sim_config", "run"]
 
-HELP = "simulate routing policies on a trace (virtual time) and write a comparison report"
+HELP = "Simulate routing policies on a trace in virtual time and write a comparison report."
 
 _FLAG_FIELDS = ("cost_profile", "event_delay_s", "event_loss_ratio", "slo_ttft_s", "seed")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "search kv_aware's weights on a trace in the simulator and print the best config block"
+HELP = "Search kv_aware's weights on a trace in the simulator and print the best config block."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

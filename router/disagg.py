@@ -45,6 +45,7 @@ from prometheus_client import Counter, Histogram
 from policies.disaggregation import DisaggregationParams, is_disaggregated, wrap
 from policies.types import BackendState, ClusterView, Decision, EngineKind, Policy, Role
 from router import pd_sglang, pd_vllm
+from router.attempt import backend_attempt, routed_headers
 from router.config import Config, ConfigError, parse_section
 from router.errors import (
     NoBackend,
@@ -55,7 +56,7 @@ from router.errors import (
     error_response,
 )
 from router.pd_vllm import PrefillFailed
-from router.upstream import HOP_BY_HOP, response_headers
+from router.upstream import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from policies.types import RouteRequest
@@ -255,39 +256,34 @@ class Disaggregation:
                       backend: Backend, data: bytes, prompt_tokens: int, last: bool,
                       gate: asyncio.Task[bytes] | None, mode: str) -> web.StreamResponse:
         proxy = self.proxy
-        proxy.pool.acquire(backend.backend_id, prompt_tokens, time.monotonic())
-        in_flight, duration, ttfb = proxy.metrics.for_backend(backend.backend_id)
-        in_flight.inc()
         self.legs.labels("decode", backend.backend_id).inc()
         started_s = time.monotonic()
-        verdict: bool | None = None
-        try:
+        with backend_attempt(proxy.pool, proxy.metrics, backend, prompt_tokens,
+                             started_s) as slot:
             try:
                 upstream = await self._open(backend, fields, data, gate)
             except _DecodeRetry:
-                verdict = False
+                slot.verdict = False
                 raise
-            ttfb.observe(time.monotonic() - started_s)
+            slot.ttfb.observe(time.monotonic() - started_s)
             try:
                 status = upstream.status
-                verdict = status < 500
+                slot.verdict = status < 500
                 if status in _RETRY_STATUSES and not last:
                     raise _DecodeRetry(UpstreamConnectError(
                         f"decode backend {backend.backend_id} answered {status}"),
                         f"status_{status}")
-                headers = response_headers(upstream.headers.items())
-                headers["x-request-id"] = fields.request_id
-                headers["x-kvrouter-backend"] = backend.backend_id
-                headers["x-kvrouter-predicted-hit-tokens"] = str(decision.predicted_hit_tokens)
+                headers = routed_headers(upstream.headers.items(), fields.request_id,
+                                         backend.backend_id, decision.predicted_hit_tokens)
                 headers["x-kvrouter-pd"] = mode
                 response, outcome = await self._relay(request, upstream, headers, backend,
                                                       fields.stream)
-                verdict = None if outcome is None else verdict and outcome
+                slot.verdict = None if outcome is None else slot.verdict and outcome
                 proxy.metrics.count(backend.backend_id, response.status)
                 return response
             except asyncio.CancelledError:
                 proxy.metrics.client_disconnects.inc()
-                verdict = None
+                slot.verdict = None
                 upstream.close()
                 raise
             except BaseException:
@@ -295,12 +291,6 @@ class Disaggregation:
                 raise
             finally:
                 upstream.release()
-        finally:
-            proxy.pool.release(backend, prompt_tokens)
-            in_flight.dec()
-            duration.observe(time.monotonic() - started_s)
-            backend.breaker.record(verdict, time.monotonic())
-            proxy.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      headers: CIMultiDict[str], backend: Backend,

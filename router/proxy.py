@@ -25,6 +25,7 @@ from aiohttp import web
 
 from policies.types import ClusterView, Decision, Policy, RouteRequest
 from router.analyzer import RequestAnalyzer, RequestFields, read_fields
+from router.attempt import backend_attempt, routed_headers
 from router.config import Config
 from router.disagg import Disaggregation
 from router.errors import (
@@ -47,7 +48,7 @@ from router.http_client import (
 )
 from router.metrics import NO_BACKEND, RouterMetrics
 from router.pool import Backend, BackendPool
-from router.upstream import forward_headers, response_headers
+from router.upstream import forward_headers
 
 __all__ = ["Proxy"]
 
@@ -199,67 +200,59 @@ class Proxy:
         last: bool,
     ) -> web.StreamResponse:
         assert self.client is not None, "the app's start-up creates the client"
-        prompt_tokens = route_request.prompt_tokens
-        self.pool.acquire(backend.backend_id, prompt_tokens, time.monotonic())
-        self.policy.on_dispatched(route_request, decision, time.monotonic())
-        in_flight, duration, ttfb = self.metrics.for_backend(backend.backend_id)
-        in_flight.inc()
         ok = False
-        verdict: bool | None = None  # for the breaker: True success, False failure
-        try:
+        with backend_attempt(self.pool, self.metrics, backend, route_request.prompt_tokens,
+                             started_s) as slot:
+            self.policy.on_dispatched(route_request, decision, time.monotonic())
             try:
-                upstream = await self.client.request(
-                    backend.url, request.method, fields.path.encode("utf-8", "surrogateescape"),
-                    forward_headers(request.raw_headers, fields.request_id), body)
-            except HeadTimeout:
-                verdict = False
-                raise _Retry(UpstreamTimeout(
-                    f"backend {backend.backend_id} did not answer in time"), "timeout") from None
-            except (ConnectFailed, ResponseBroken) as exc:
-                verdict = False
-                raise _Retry(UpstreamConnectError(
-                    f"could not reach backend {backend.backend_id}: {exc}"), "connect") from None
-            ttfb.observe(time.monotonic() - started_s)
-            try:
-                status = upstream.status
-                verdict = status < 500
-                if status in _RETRY_STATUSES and not last:
+                try:
+                    upstream = await self.client.request(
+                        backend.url, request.method,
+                        fields.path.encode("utf-8", "surrogateescape"),
+                        forward_headers(request.raw_headers, fields.request_id), body)
+                except HeadTimeout:
+                    slot.verdict = False
+                    raise _Retry(UpstreamTimeout(
+                        f"backend {backend.backend_id} did not answer in time"),
+                        "timeout") from None
+                except (ConnectFailed, ResponseBroken) as exc:
+                    slot.verdict = False
                     raise _Retry(UpstreamConnectError(
-                        f"backend {backend.backend_id} answered {status}"), f"status_{status}")
-                headers = response_headers(upstream.headers)
-                headers["x-request-id"] = fields.request_id
-                headers["x-kvrouter-backend"] = backend.backend_id
-                headers["x-kvrouter-predicted-hit-tokens"] = str(decision.predicted_hit_tokens)
-                if fields.stream or upstream.content_type == _SSE:
-                    response, outcome = await self._relay_stream(
-                        request, upstream, headers, backend)
-                    ok = outcome is True and status < 400
-                    verdict = None if outcome is None else verdict and outcome
-                else:
-                    response = await self._relay_whole(upstream, headers, backend)
-                    ok = status < 400
-                self.metrics.count(backend.backend_id, response.status)
-                return response
-            except asyncio.CancelledError:
-                # The client went away (aiohttp cancels the handler): drop the upstream
-                # connection now so the backend stops generating.
-                self.metrics.client_disconnects.inc()
-                verdict = None
-                upstream.close()
-                raise
-            except BaseException:
-                upstream.close()
-                raise
+                        f"could not reach backend {backend.backend_id}: {exc}"),
+                        "connect") from None
+                slot.ttfb.observe(time.monotonic() - started_s)
+                try:
+                    status = upstream.status
+                    slot.verdict = status < 500
+                    if status in _RETRY_STATUSES and not last:
+                        raise _Retry(UpstreamConnectError(
+                            f"backend {backend.backend_id} answered {status}"), f"status_{status}")
+                    headers = routed_headers(upstream.headers, fields.request_id,
+                                             backend.backend_id, decision.predicted_hit_tokens)
+                    if fields.stream or upstream.content_type == _SSE:
+                        response, outcome = await self._relay_stream(
+                            request, upstream, headers, backend)
+                        ok = outcome is True and status < 400
+                        slot.verdict = None if outcome is None else slot.verdict and outcome
+                    else:
+                        response = await self._relay_whole(upstream, headers, backend)
+                        ok = status < 400
+                    self.metrics.count(backend.backend_id, response.status)
+                    return response
+                except asyncio.CancelledError:
+                    # The client went away (aiohttp cancels the handler): drop the upstream
+                    # connection now so the backend stops generating.
+                    self.metrics.client_disconnects.inc()
+                    slot.verdict = None
+                    upstream.close()
+                    raise
+                except BaseException:
+                    upstream.close()
+                    raise
+                finally:
+                    upstream.release()
             finally:
-                upstream.release()
-        finally:
-            self.pool.release(backend, prompt_tokens)
-            in_flight.dec()
-            duration.observe(time.monotonic() - started_s)
-            backend.breaker.record(verdict, time.monotonic())
-            if backend.breaker.state:  # closed is the common case; /metrics exports it too
-                self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
-            self.policy.on_finished(route_request, decision, time.monotonic(), ok)
+                self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
     async def _relay_whole(
         self, upstream: UpstreamResponse | aiohttp.ClientResponse, headers: Any, backend: Backend

@@ -45,7 +45,7 @@ from policies.registry import build_policy
 from policies.types import ClusterView, Policy, Role
 from router.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.config import Config
-from router.disagg import wrap_policy
+from router.disagg_config import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response
 from router.health import HealthChecker
 from router.http_client import HttpClient

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from router.app import create_app, serve
     from router.config import ConfigError
-    from router.disagg import check_config
+    from router.disagg_config import check_config
     from router.discovery_setup import discovery_background
     from router.kv_setup import build_kv, wants_kv
 

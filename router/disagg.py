@@ -19,8 +19,7 @@ Every path ends in the decode backend's response or one OpenAI-shaped error. The
 re-serializes the client's JSON because it adds fields; the local fallback forwards the
 client's bytes unchanged. Transfer parameters are never logged.
 
-The ``disaggregation`` config section holds the decider's parameters
-(``policies.disaggregation.DisaggregationParams``) and this module's ``DisaggConfig``. Must not
+The ``disaggregation`` config section is read by ``router.disagg_config``. Must not
 import ``router.app`` or ``simulator``; uses the proxy (passed in) for its session, pool,
 policy, metrics and response relays.
 """
@@ -28,13 +27,10 @@ policy, metrics and response relays.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -42,11 +38,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 
-from policies.disaggregation import DisaggregationParams, is_disaggregated, wrap
-from policies.types import BackendState, ClusterView, Decision, EngineKind, Policy, Role
+from policies.disaggregation import is_disaggregated
+from policies.types import BackendState, ClusterView, Decision, EngineKind, Role
 from router import pd_sglang, pd_vllm
 from router.attempt import backend_attempt, routed_headers
-from router.config import Config, ConfigError, parse_section
+from router.disagg_config import parse_disaggregation
 from router.errors import (
     NoBackend,
     RouterError,
@@ -64,8 +60,7 @@ if TYPE_CHECKING:
     from router.pool import Backend
     from router.proxy import Proxy
 
-__all__ = ["DisaggConfig", "Disaggregation", "check_config", "parse_disaggregation",
-           "wrap_policy"]
+__all__ = ["Disaggregation"]
 
 log = logging.getLogger("kvrouter.disagg")
 
@@ -73,68 +68,6 @@ _RETRY_STATUSES = frozenset({502, 503, 504})
 _SSE = "text/event-stream"
 _PREFILL_ROLES = frozenset({Role.PREFILL})
 _DECODE_ROLES = frozenset({Role.DECODE, Role.MIXED})
-
-
-@dataclass(frozen=True, slots=True)
-class DisaggConfig:
-    prefill_timeout_s: float = 120.0
-    max_prefill_attempts: int = 2
-    max_decode_attempts: int = 2
-    fallback_to_local: bool = True
-    bootstrap_port: int = pd_sglang.DEFAULT_BOOTSTRAP_PORT
-    bootstrap_hosts: dict[str, str] = field(default_factory=dict)
-    bootstrap_ports: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.prefill_timeout_s <= 0:
-            raise ValueError("prefill_timeout_s must be > 0")
-        if self.max_prefill_attempts < 1 or self.max_decode_attempts < 1:
-            raise ValueError("max_prefill_attempts and max_decode_attempts must be >= 1")
-
-
-def parse_disaggregation(raw: object) -> tuple[DisaggConfig, dict[str, object]]:
-    """(router settings, decider parameters) of the ``disaggregation`` section."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("disaggregation", "expected a mapping")
-    decider_keys = {f.name for f in dataclasses.fields(DisaggregationParams)}
-    router_keys = {f.name for f in dataclasses.fields(DisaggConfig)}
-    for key in raw:
-        if key not in decider_keys | router_keys:
-            raise ConfigError(f"disaggregation.{key}", "unknown key (known: "
-                              f"{', '.join(sorted(decider_keys | router_keys))})")
-    settings = parse_section(
-        DisaggConfig, {k: v for k, v in raw.items() if k in router_keys}, "disaggregation")
-    return settings, {k: v for k, v in raw.items() if k in decider_keys}
-
-
-def wrap_policy(policy: Policy, config: Config, rng: random.Random) -> Policy:
-    """The configured policy inside the prefill/decode decider (a no-op in mixed pools)."""
-    _, decider = parse_disaggregation(config.extensions.get("disaggregation"))
-    return wrap(policy, decider, rng)
-
-
-def check_config(config: Config) -> None:
-    """Raise ConfigError for a bad ``disaggregation`` section (for start-up)."""
-    wrap_policy(_NullPolicy(), config, random.Random(0))
-
-
-class _NullPolicy:
-    name = "none"
-
-    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
-        return Decision(view.backends[0].backend_id, "none")
-
-    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
-        return None
-
-    def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
-                    ok: bool) -> None:
-        return None
-
-    def on_backend_removed(self, backend_id: str) -> None:
-        return None
 
 
 class _DecodeRetry(Exception):

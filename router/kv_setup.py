@@ -34,7 +34,7 @@ from policies.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import BackendId, BlockHash, Policy
 from router.config import Config, ConfigError, parse_section
-from router.disagg import wrap_policy
+from router.disagg_config import wrap_policy
 from router.kv_events import KvEventIngestor
 from router.kv_metrics import KvMetrics
 from router.kv_sources import KvEventSource, parse_event_sources

@@ -10,10 +10,12 @@ the client the upstream's response headers plus the routing headers. Must not im
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict
 from prometheus_client import Histogram
@@ -22,7 +24,15 @@ from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
 from router.upstream import response_headers
 
-__all__ = ["AttemptSlot", "backend_attempt", "routed_headers"]
+__all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_headers"]
+
+
+class Upstream(Protocol):
+    """What both upstream clients' responses offer (``router.http_client``, aiohttp)."""
+
+    def close(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -51,6 +61,27 @@ def backend_attempt(
         backend.breaker.record(slot.verdict, now_s)
         if backend.breaker.state:  # closed is the common case; the health loop exports it too
             metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
+
+
+@contextmanager
+def holding_upstream(
+    upstream: Upstream, metrics: RouterMetrics, slot: AttemptSlot
+) -> Iterator[None]:
+    """While the response is relayed: a client that goes away (aiohttp cancels the handler)
+    drops the upstream connection at once so the backend stops generating, and leaves no
+    verdict; any other failure drops the connection too; the response is always released."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        metrics.client_disconnects.inc()
+        slot.verdict = None
+        upstream.close()
+        raise
+    except BaseException:
+        upstream.close()
+        raise
+    finally:
+        upstream.release()
 
 
 def routed_headers(

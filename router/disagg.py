@@ -41,7 +41,7 @@ from prometheus_client import Counter, Histogram
 from policies.disaggregation import is_disaggregated
 from policies.types import BackendState, ClusterView, Decision, EngineKind, Role
 from router import pd_sglang, pd_vllm
-from router.attempt import backend_attempt, routed_headers
+from router.attempt import backend_attempt, holding_upstream, routed_headers
 from router.disagg_config import parse_disaggregation
 from router.errors import (
     NoBackend,
@@ -199,7 +199,7 @@ class Disaggregation:
                 slot.verdict = False
                 raise
             slot.ttfb.observe(time.monotonic() - started_s)
-            try:
+            with holding_upstream(upstream, proxy.metrics, slot):
                 status = upstream.status
                 slot.verdict = status < 500
                 if status in _RETRY_STATUSES and not last:
@@ -214,16 +214,6 @@ class Disaggregation:
                 slot.verdict = None if outcome is None else slot.verdict and outcome
                 proxy.metrics.count(backend.backend_id, response.status)
                 return response
-            except asyncio.CancelledError:
-                proxy.metrics.client_disconnects.inc()
-                slot.verdict = None
-                upstream.close()
-                raise
-            except BaseException:
-                upstream.close()
-                raise
-            finally:
-                upstream.release()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      headers: CIMultiDict[str], backend: Backend,

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from policies.types import ClusterView, Decision, Policy, RouteRequest
 from router.analyzer import RequestAnalyzer, RequestFields, read_fields
-from router.attempt import backend_attempt, routed_headers
+from router.attempt import backend_attempt, holding_upstream, routed_headers
 from router.config import Config
 from router.disagg import Disaggregation
 from router.errors import (
@@ -221,7 +221,7 @@ class Proxy:
                         f"could not reach backend {backend.backend_id}: {exc}"),
                         "connect") from None
                 slot.ttfb.observe(time.monotonic() - started_s)
-                try:
+                with holding_upstream(upstream, self.metrics, slot):
                     status = upstream.status
                     slot.verdict = status < 500
                     if status in _RETRY_STATUSES and not last:
@@ -239,18 +239,6 @@ class Proxy:
                         ok = status < 400
                     self.metrics.count(backend.backend_id, response.status)
                     return response
-                except asyncio.CancelledError:
-                    # The client went away (aiohttp cancels the handler): drop the upstream
-                    # connection now so the backend stops generating.
-                    self.metrics.client_disconnects.inc()
-                    slot.verdict = None
-                    upstream.close()
-                    raise
-                except BaseException:
-                    upstream.close()
-                    raise
-                finally:
-                    upstream.release()
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 

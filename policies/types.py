@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
 if TYPE_CHECKING:
     from policies.index import PrefixIndex
@@ -27,7 +27,20 @@ __all__ = [
     "PolicyFactory",
     "Role",
     "RouteRequest",
+    "value_type",
 ]
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True)
+def value_type(cls: type[_T]) -> type[_T]:
+    """A value the router builds per request: frozen for the type checker (mypy rejects any
+    assignment to a field), a plain slotted dataclass at run time, and hashable by its fields
+    as a frozen one is. A frozen dataclass sets each field through ``object.__setattr__``:
+    2.3 us against 0.6 us to build a ``BackendState`` on this machine, and the live router
+    builds several of these per request (bench/README.md)."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
 
 BackendId = str
 """A backend's stable name: its base URL in the live router, ``engine-N`` in the simulator."""
@@ -47,7 +60,7 @@ class EngineKind(StrEnum):
     SGLANG = "sglang"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RouteRequest:
     """What a policy may know about one request. Built once per request by the caller.
 
@@ -69,7 +82,7 @@ class RouteRequest:
     tokens_exact: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BackendState:
     """A snapshot of one candidate backend's load, taken for one decision.
 
@@ -92,7 +105,7 @@ class BackendState:
     the router only knows what it sent there (approximate mode)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ClusterView:
     """Everything a policy sees besides the request: candidates, the prefix index, the time.
 
@@ -106,7 +119,7 @@ class ClusterView:
     index: PrefixIndex | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BackendScore:
     """One backend's terms in a decision, for ``/debug/route`` and for tests."""
 
@@ -116,7 +129,7 @@ class BackendScore:
     terms: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Decision:
     """A policy's answer. ``backend_id`` serves the request (the decode side when split).
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from policies.types import RouteRequest
+from policies.types import RouteRequest, value_type
 from router.errors import InvalidRequest
 
 __all__ = [
@@ -35,7 +34,7 @@ class Endpoint:
     OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RequestFields:
     """What the proxy read from one request; ``body`` is the parsed JSON (never re-sent)."""
 

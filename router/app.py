@@ -1,4 +1,4 @@
-"""The aiohttp application factory: routes, typed app state, paired start-up and clean-up.
+"""The router application: routes, its state, paired start-up and clean-up, and ``serve``.
 
 Seams for other modules (all constructor arguments of ``create_app``, never globals):
 
@@ -19,8 +19,9 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
 
 Proxied requests go through ``state.proxy.client`` (``router.http_client``, a lean HTTP/1.1
 keep-alive client); ``state.session()`` is the aiohttp session for everything else (health
-checks, background loops). ``serve`` starts the app on a socket with handler cancellation on,
-so a client disconnect cancels the upstream request at once. Must not import ``simulator``.
+checks, background loops). ``serve`` starts the app's background work, then listens with
+``router.http_server`` (a client disconnect cancels its request's handler, and with it the
+upstream request). Must not import ``simulator``.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from policies.registry import build_policy
@@ -46,22 +46,24 @@ from policies.types import ClusterView, Policy, Role
 from router.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.config import Config
 from router.disagg_config import wrap_policy
-from router.errors import NoBackend, RouterError, Unauthorized, error_response
+from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
 from router.http_client import HttpClient
+from router.http_server import HttpServer, Request, Response, StreamResponse, json_response
 from router.metrics import RouterMetrics
 from router.pool import BackendPool
 from router.proxy import Proxy
 from router.upstream import client_session
 
-__all__ = ["STATE", "BackgroundFactory", "RouterState", "build_pool", "create_app", "serve"]
+__all__ = ["App", "BackgroundFactory", "RouterState", "Runner", "build_pool", "create_app",
+           "serve"]
 
 log = logging.getLogger("kvrouter.app")
 
 
 @dataclass(frozen=True, slots=True)
 class RouterState:
-    """Everything one router instance owns; stored under ``app[STATE]``."""
+    """Everything one router instance owns; ``App.state``."""
 
     config: Config
     pool: BackendPool
@@ -78,8 +80,7 @@ class RouterState:
 
 
 BackgroundFactory = Callable[[RouterState], Coroutine[Any, Any, None]]
-STATE = web.AppKey("kvrouter_state", RouterState)
-_BACKGROUND = web.AppKey("kvrouter_background", tuple)
+_Route = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
 def build_pool(config: Config) -> BackendPool:
@@ -96,6 +97,125 @@ def build_pool(config: Config) -> BackendPool:
     return pool
 
 
+class App:
+    """The routes over one ``RouterState``, and its background work (``start``/``stop``)."""
+
+    def __init__(self, state: RouterState, background: Sequence[BackgroundFactory]) -> None:
+        self.state = state
+        self._background = tuple(background)
+        self._tasks: list[asyncio.Task[None]] = []
+        proxy = state.proxy
+
+        async def completions(request: Request) -> Response | StreamResponse:
+            return await proxy.handle(request, Endpoint.COMPLETIONS)
+
+        async def chat(request: Request) -> Response | StreamResponse:
+            return await proxy.handle(request, Endpoint.CHAT)
+
+        self.other: _Route = lambda request: proxy.handle(request, Endpoint.OTHER)
+        # path -> method -> handler; any other /v1/ path goes to a backend as is.
+        self.routes: dict[str, dict[str, _Route]] = {
+            "/v1/completions": {"POST": completions},
+            "/v1/chat/completions": {"POST": chat},
+            "/v1/models": {"GET": self._models, "HEAD": self._models},
+            "/health": {"GET": self._health, "HEAD": self._health},
+            "/ready": {"GET": self._ready, "HEAD": self._ready},
+            "/metrics": {"GET": self._metrics, "HEAD": self._metrics},
+            "/debug/route": {"POST": self._debug_route},
+        }
+
+    async def handle(self, request: Request) -> Response | StreamResponse:
+        """The boundary: every router error leaves as OpenAI JSON."""
+        try:
+            methods = self.routes.get(request.path)
+            if methods is None:
+                if request.path.startswith("/v1/"):
+                    return await self.other(request)
+                raise http_error(404, "Not Found")
+            route = methods.get(request.method)
+            if route is None:
+                raise http_error(405, "Method Not Allowed")
+            return await route(request)
+        except RouterError as error:
+            return error_response(error)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(RouterError("internal router error"))
+
+    async def start(self) -> None:
+        state = self.state
+        up = state.config.upstream
+        state.proxy.session = client_session(up)
+        state.proxy.client = HttpClient(up.connect_timeout_s, up.first_byte_timeout_s,
+                                        up.read_idle_timeout_s)
+        self._tasks = [asyncio.create_task(state.health.run(), name="kvrouter-health")]
+        for factory in self._background:
+            self._tasks.append(asyncio.create_task(factory(state)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        state = self.state
+        if state.proxy.session is not None:
+            await state.proxy.session.close()
+            state.proxy.session = None
+        if state.proxy.client is not None:
+            state.proxy.client.close()
+            state.proxy.client = None
+
+    async def _models(self, request: Request) -> Response:
+        models = self.state.pool.healthy_models()
+        return json_response({"object": "list", "data": list(models.values())})
+
+    async def _health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def _ready(self, request: Request) -> Response:
+        healthy = sum(b.healthy for b in self.state.pool)
+        if healthy == 0:
+            return error_response(NoBackend("no healthy backend"))
+        return json_response({"status": "ready", "healthy_backends": healthy})
+
+    async def _metrics(self, request: Request) -> Response:
+        state = self.state
+        state.health.export()
+        return Response(body=generate_latest(state.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _debug_route(self, request: Request) -> Response:
+        """Explain a routing decision without sending the request: candidates, scores,
+        decision."""
+        state = self.state
+        token = state.config.server.admin_token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise Unauthorized("a valid admin bearer token is required for /debug/route")
+        endpoint = Endpoint.COMPLETIONS
+        with contextlib.suppress(ValueError):
+            if "messages" in json.loads(await request.read() or b"{}"):
+                endpoint = Endpoint.CHAT
+        _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")
+        now_s = time.monotonic()
+        candidates = state.pool.snapshot(fields.model, now_s)
+        if not candidates:
+            raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
+        decision = state.policy.choose(
+            route_request, ClusterView(now_s=now_s, backends=candidates, index=state.index)  # type: ignore[arg-type]
+        )
+        return json_response({
+            "policy": state.policy.name,
+            "request": _plain(dataclasses.replace(route_request, block_hashes=())) | {
+                "block_hashes_count": len(route_request.block_hashes)},
+            "candidates": _plain(candidates),
+            "decision": _plain(decision),
+        })
+
+
 def create_app(
     config: Config,
     *,
@@ -104,7 +224,7 @@ def create_app(
     background: Sequence[BackgroundFactory] = (),
     policy: Policy | None = None,
     rng: random.Random | None = None,
-) -> web.Application:
+) -> App:
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
         policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
@@ -115,98 +235,7 @@ def create_app(
     proxy = Proxy(config, pool, policy, analyzer or CharEstimateAnalyzer(), metrics, rng, index)
     health = HealthChecker(pool, config.health, metrics, lambda: state.session())
     state = RouterState(config, pool, policy, metrics, proxy, health, index)
-
-    app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[_errors_middleware])
-    app[STATE] = state
-    app[_BACKGROUND] = tuple(background)
-    app.cleanup_ctx.append(_lifecycle)
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await proxy.handle(request, Endpoint.COMPLETIONS)
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await proxy.handle(request, Endpoint.CHAT)
-
-    async def other(request: web.Request) -> web.StreamResponse:
-        return await proxy.handle(request, Endpoint.OTHER)
-
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/health", _health)
-    app.router.add_get("/ready", _ready)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_post("/debug/route", _debug_route)
-    app.router.add_route("*", "/v1/{tail:.*}", other)
-    return app
-
-
-@web.middleware
-async def _errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """The boundary: router errors and aiohttp's own HTTP errors leave as OpenAI JSON."""
-    try:
-        return await handler(request)
-    except RouterError as error:
-        return error_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        http_error = RouterError(exc.reason)
-        http_error.status, http_error.code = exc.status, str(exc.status)
-        http_error.type = "invalid_request_error"
-        return error_response(http_error)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(RouterError("internal router error"))
-
-
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    up = state.config.upstream
-    state.proxy.session = client_session(up)
-    state.proxy.client = HttpClient(up.connect_timeout_s, up.first_byte_timeout_s,
-                                    up.read_idle_timeout_s)
-    tasks = [asyncio.create_task(state.health.run(), name="kvrouter-health")]
-    for factory in app[_BACKGROUND]:
-        tasks.append(asyncio.create_task(factory(state)))
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await state.proxy.session.close()
-        state.proxy.session = None
-        state.proxy.client.close()
-        state.proxy.client = None
-
-
-async def _models(request: web.Request) -> web.Response:
-    models = request.app[STATE].pool.healthy_models()
-    return web.json_response({"object": "list", "data": list(models.values())})
-
-
-async def _health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _ready(request: web.Request) -> web.Response:
-    healthy = sum(b.healthy for b in request.app[STATE].pool)
-    if healthy == 0:
-        return error_response(NoBackend("no healthy backend"))
-    return web.json_response({"status": "ready", "healthy_backends": healthy})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    state.health.export()
-    body = generate_latest(state.metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return App(state, background)
 
 
 def _plain(value: Any) -> Any:
@@ -219,45 +248,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
-async def _debug_route(request: web.Request) -> web.Response:
-    """Explain a routing decision without sending the request: candidates, scores, decision."""
-    state = request.app[STATE]
-    token = state.config.server.admin_token
-    if token is not None:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise Unauthorized("a valid admin bearer token is required for /debug/route")
-    endpoint = Endpoint.COMPLETIONS
-    with contextlib.suppress(ValueError):
-        if "messages" in json.loads(await request.read() or b"{}"):
-            endpoint = Endpoint.CHAT
-    _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")
-    now_s = time.monotonic()
-    candidates = state.pool.snapshot(fields.model, now_s)
-    if not candidates:
-        raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
-    decision = state.policy.choose(
-        route_request, ClusterView(now_s=now_s, backends=candidates, index=state.index)  # type: ignore[arg-type]
-    )
-    return web.json_response({
-        "policy": state.policy.name,
-        "request": _plain(dataclasses.replace(route_request, block_hashes=())) | {
-            "block_hashes_count": len(route_request.block_hashes)},
-        "candidates": _plain(candidates),
-        "decision": _plain(decision),
-    })
+@dataclass(slots=True)
+class Runner:
+    """A serving app: ``cleanup`` stops listening, lets in-flight requests finish (up to
+    ``grace_s``), then stops the app's background work."""
+
+    app: App
+    server: HttpServer
+
+    async def cleanup(self, grace_s: float = 60.0) -> None:
+        await self.server.close(grace_s)
+        await self.app.stop()
+
+
+def _http_error_body(status: int, message: str) -> Response:
+    return error_response(http_error(status, message))
 
 
 async def serve(
-    app: web.Application, host: str, port: int, *, access_log: bool = False
-) -> tuple[web.AppRunner, int]:
+    app: App, host: str, port: int, *, access_log: bool = False
+) -> tuple[Runner, int]:
     """Start ``app`` on host:port (0 = ephemeral); returns the runner and the bound port."""
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=logging.getLogger("kvrouter.access")
-        if access_log else None,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0][1]
-    return runner, int(bound)
+    server = HttpServer(
+        app.handle, _http_error_body, max_body_bytes=app.state.config.server.max_body_bytes,
+        access_log=logging.getLogger("kvrouter.access") if access_log else None)
+    await app.start()
+    try:
+        bound = await server.start(host, port)
+    except BaseException:
+        await app.stop()
+        raise
+    return Runner(app, server), bound

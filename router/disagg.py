@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 
@@ -51,6 +50,7 @@ from router.errors import (
     error_body,
     error_response,
 )
+from router.http_server import Request, Response, StreamResponse
 from router.pd_vllm import PrefillFailed
 from router.upstream import HOP_BY_HOP
 
@@ -185,9 +185,9 @@ class Disaggregation:
                     f"{exc.__class__.__name__}"), "connect") from None
             raise
 
-    async def _decode(self, request: web.Request, fields: RequestFields, decision: Decision,
+    async def _decode(self, request: Request, fields: RequestFields, decision: Decision,
                       backend: Backend, data: bytes, prompt_tokens: int, last: bool,
-                      gate: asyncio.Task[bytes] | None, mode: str) -> web.StreamResponse:
+                      gate: asyncio.Task[bytes] | None, mode: str) -> Response | StreamResponse:
         proxy = self.proxy
         self.legs.labels("decode", backend.backend_id).inc()
         started_s = time.monotonic()
@@ -208,16 +208,16 @@ class Disaggregation:
                         f"status_{status}")
                 headers = routed_headers(upstream.headers.items(), fields.request_id,
                                          backend.backend_id, decision.predicted_hit_tokens)
-                headers["x-kvrouter-pd"] = mode
+                headers.append(("x-kvrouter-pd", mode))
                 response, outcome = await self._relay(request, upstream, headers, backend,
                                                       fields.stream)
                 slot.verdict = None if outcome is None else slot.verdict and outcome
                 proxy.metrics.count(backend.backend_id, response.status)
                 return response
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     headers: CIMultiDict[str], backend: Backend,
-                     stream: bool) -> tuple[web.StreamResponse, bool | None]:
+    async def _relay(self, request: Request, upstream: aiohttp.ClientResponse,
+                     headers: list[tuple[str, str]], backend: Backend,
+                     stream: bool) -> tuple[Response | StreamResponse, bool | None]:
         """Relay the decode answer as it arrives. (response, True) at a clean end, False when
         the backend broke it, None when the client went away."""
         metrics = self.proxy.metrics
@@ -228,9 +228,9 @@ class Disaggregation:
                 metrics.broken_streams.labels(backend.backend_id).inc()
                 return error_response(UpstreamConnectError(
                     f"decode backend {backend.backend_id} broke the response"),
-                    {"x-request-id": headers["x-request-id"]}), False
-            return web.Response(status=upstream.status, body=data, headers=headers), True
-        response = web.StreamResponse(status=upstream.status, headers=headers)
+                    [(k, v) for k, v in headers if k == "x-request-id"]), False
+            return Response(status=upstream.status, body=data, headers=headers), True
+        response = StreamResponse(status=upstream.status, headers=headers)
         try:
             await response.prepare(request)
             while True:
@@ -255,8 +255,8 @@ class Disaggregation:
 
     # ---- the flows --------------------------------------------------------------------------
 
-    async def serve(self, request: web.Request, body: bytes, fields: RequestFields,
-                    route_request: RouteRequest, decision: Decision) -> web.StreamResponse:
+    async def serve(self, request: Request, body: bytes, fields: RequestFields,
+                    route_request: RouteRequest, decision: Decision) -> Response | StreamResponse:
         proxy = self.proxy
         decode = proxy.pool.get(decision.backend_id)
         prefill = proxy.pool.get(decision.prefill_backend_id or "")
@@ -273,9 +273,9 @@ class Disaggregation:
         finally:
             proxy.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
-    async def _vllm(self, request: web.Request, body: bytes, fields: RequestFields,
+    async def _vllm(self, request: Request, body: bytes, fields: RequestFields,
                     route_request: RouteRequest, decision: Decision, prefill: Backend | None,
-                    decode: Backend) -> web.StreamResponse:
+                    decode: Backend) -> Response | StreamResponse:
         tried: list[str] = []
         error: RouterError | None = None
         for _ in range(self.config.max_prefill_attempts):
@@ -306,9 +306,9 @@ class Disaggregation:
                 self.fallbacks.labels("retry_prefill").inc()
         return await self._local(request, body, fields, route_request, decision, decode, error)
 
-    async def _sglang(self, request: web.Request, body: bytes, fields: RequestFields,
+    async def _sglang(self, request: Request, body: bytes, fields: RequestFields,
                       route_request: RouteRequest, decision: Decision, prefill: Backend | None,
-                      decode: Backend | None) -> web.StreamResponse:
+                      decode: Backend | None) -> Response | StreamResponse:
         cfg = self.config
         tried_prefill: list[str] = []
         tried_decode: list[str] = []
@@ -356,9 +356,9 @@ class Disaggregation:
             raise error or NoBackend("no decode backend left")
         return await self._local(request, body, fields, route_request, decision, decode, error)
 
-    async def _local(self, request: web.Request, body: bytes, fields: RequestFields,
+    async def _local(self, request: Request, body: bytes, fields: RequestFields,
                      route_request: RouteRequest, decision: Decision, decode: Backend,
-                     error: RouterError | None) -> web.StreamResponse:
+                     error: RouterError | None) -> Response | StreamResponse:
         if not self.config.fallback_to_local:
             raise error or NoBackend("no prefill backend left")
         roles = _DECODE_ROLES
@@ -376,10 +376,10 @@ class Disaggregation:
                                    route_request.prompt_tokens, "local_fallback", "retry_local",
                                    roles)
 
-    async def _decodes(self, request: web.Request, fields: RequestFields,
+    async def _decodes(self, request: Request, fields: RequestFields,
                        route_request: RouteRequest, decision: Decision, decode: Backend | None,
                        data: bytes, prompt_tokens: int, mode: str, action: str,
-                       roles: frozenset[Role]) -> web.StreamResponse:
+                       roles: frozenset[Role]) -> Response | StreamResponse:
         tried: list[str] = []
         attempts = self.config.max_decode_attempts
         error: RouterError = NoBackend("no decode backend left")
@@ -417,9 +417,9 @@ def _dump(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _surface(failed: PrefillFailed, fields: RequestFields, prefill: Backend) -> web.Response:
+def _surface(failed: PrefillFailed, fields: RequestFields, prefill: Backend) -> Response:
     """The prefill backend rejected the request: the client gets that answer as it was."""
-    return web.Response(status=failed.status or 400, body=failed.body,
+    return Response(status=failed.status or 400, body=failed.body,
                         content_type=failed.content_type,
                         headers={"x-request-id": fields.request_id,
                                  "x-kvrouter-backend": prefill.backend_id,

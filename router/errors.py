@@ -10,14 +10,15 @@
     └── UpstreamTimeout              504 upstream_timeout
 
 Every error a client can see goes through ``error_body``/``error_response``; nothing else in
-the router builds error JSON. Must not import other ``router`` modules.
+the router builds error JSON. Must not import other ``router`` modules except
+``router.http_server``.
 """
 
 from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from router.http_server import Headers, Response
 
 __all__ = [
     "InvalidRequest",
@@ -30,6 +31,7 @@ __all__ = [
     "UpstreamTimeout",
     "error_body",
     "error_response",
+    "http_error",
 ]
 
 
@@ -100,10 +102,17 @@ def error_body(error: RouterError) -> bytes:
     ).encode()
 
 
-def error_response(error: RouterError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
+def error_response(error: RouterError, headers: Headers = None) -> Response:
+    return Response(
         status=error.status,
         body=error_body(error),
         content_type="application/json",
         headers=headers,
     )
+
+
+def http_error(status: int, message: str) -> RouterError:
+    """An error the HTTP layer itself finds (bad framing, unknown path, wrong method)."""
+    error = InvalidRequest(message) if status < 500 else RouterError(message)
+    error.status, error.code = status, str(status)
+    return error

@@ -25,6 +25,7 @@ __all__ = ["ConnectFailed", "HeadTimeout", "HttpClient", "ResponseBroken", "Upst
 
 _MAX_HEAD_BYTES = 64 * 1024
 _HIGH_WATER_BYTES = 256 * 1024
+_COPY_BELOW_BYTES = 64 * 1024
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
 
@@ -100,10 +101,11 @@ class _Connection(asyncio.Protocol):
         self._error = None
         self.got_bytes = False
         self._head = self._loop.create_future()
-        if body:
+        if len(body) > _COPY_BELOW_BYTES:
             self.transport.writelines((head, body))
         else:
-            self.transport.write(head)
+            # One buffer, one send: copying a small body is cheaper than a second syscall.
+            self.transport.write(head + body)
 
     # -- parsing -----------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ HOP_BY_HOP = frozenset(
         "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
     }
 )
-_DROP_FROM_RESPONSE = HOP_BY_HOP | {"server", "date"}
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {
+    "server", "date", "x-request-id", "x-kvrouter-backend", "x-kvrouter-predicted-hit-tokens"}
 _DROP_FROM_REQUEST_BYTES = frozenset(h.encode() for h in HOP_BY_HOP | {"x-request-id"})
 
 
@@ -73,9 +74,8 @@ def forward_headers(
     return out
 
 
-def response_headers(items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        if name.lower() not in _DROP_FROM_RESPONSE:
-            out.add(name, value)
-    return out
+def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's response headers that cross to the client: hop-by-hop ones, the ones
+    the router's server writes itself, and the routing headers the router sets are dropped."""
+    drop = _DROP_FROM_RESPONSE
+    return [(name, value) for name, value in items if name.lower() not in drop]

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from fake_backend import FakeBackend, RouterHandle
 
-from router.app import STATE, create_app, serve
+from router.app import Runner, create_app, serve
 from router.config import Config, parse_config
 
 
@@ -37,14 +37,14 @@ async def start_backend() -> AsyncIterator[Callable[..., Awaitable[FakeBackend]]
 @pytest.fixture
 async def start_router() -> AsyncIterator[Callable[..., Awaitable[RouterHandle]]]:
     """``await start_router({"backends": [...], ...}, **create_app_kwargs)``."""
-    runners: list[web.AppRunner] = []
+    runners: list[Runner] = []
 
     async def start(raw: dict[str, Any] | Config, **kwargs: Any) -> RouterHandle:
         config = raw if isinstance(raw, Config) else parse_config(raw)
         app = create_app(config, **kwargs)
         runner, port = await serve(app, "127.0.0.1", 0)
         runners.append(runner)
-        return RouterHandle(f"http://127.0.0.1:{port}", app[STATE], app)
+        return RouterHandle(f"http://127.0.0.1:{port}", app.state, app)
 
     yield start
     for runner in runners:

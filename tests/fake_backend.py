@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from router.app import RouterState
+from router.app import App, RouterState
 
 
 @dataclass
@@ -134,6 +134,6 @@ class FakeBackend:
 class RouterHandle:
     url: str
     state: RouterState
-    app: web.Application
+    app: App
 
 

@@ -10,7 +10,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.app import STATE, create_app, serve
+from router.app import create_app, serve
 from router.config import parse_config
 from router.kv_setup import build_kv
 from simulator.emulator import EmulatedCluster
@@ -52,7 +52,7 @@ async def _start_router(urls, policy: str, *, kv: bool = True):
     app = create_app(config, analyzer=plumbing.analyzer, index=plumbing.index,
                      policy=plumbing.policy(rng), rng=rng, background=[plumbing.background])
     runner, port = await serve(app, "127.0.0.1", 0)
-    pool = app[STATE].pool
+    pool = app.state.pool
     deadline = time.monotonic() + 30
     while not all(b.kv_events for b in pool):  # sources found and replayed
         assert time.monotonic() < deadline, "KV event sources never came up"
@@ -219,7 +219,7 @@ async def test_engine_restart_clears_its_entries():
                     async with session.post(f"{cluster.urls[0]}/v1/chat/completions",
                                             json=fresh) as r:
                         assert r.status == 200
-                    restarts = app[STATE].metrics.registry.get_sample_value(
+                    restarts = app.state.metrics.registry.get_sample_value(
                         "kvrouter_kv_event_engine_restarts_total", {"backend": cluster.urls[0]})
                     if restarts:
                         break
@@ -229,7 +229,7 @@ async def test_engine_restart_clears_its_entries():
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
             assert restarts == 1
-            assert app[STATE].metrics.registry.get_sample_value(
+            assert app.state.metrics.registry.get_sample_value(
                 "kvrouter_kv_event_engine_restarts_total", {"backend": cluster.urls[1]}) is None
         finally:
             await runner.cleanup()

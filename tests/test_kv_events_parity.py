@@ -12,7 +12,7 @@ import aiohttp
 
 from policies.events import BlockStored
 from policies.hashing import BlockHasher, Namespace
-from router.app import STATE, create_app, serve
+from router.app import create_app, serve
 from router.config import parse_config
 from router.kv_metrics import KvMetrics
 from router.kv_setup import build_kv
@@ -80,7 +80,7 @@ async def test_wrong_chat_template_is_caught_against_an_emulated_pod(tmp_path):
         runner, port = await serve(app, "127.0.0.1", 0)
         try:
             deadline = time.monotonic() + 30
-            while not all(b.kv_events for b in app[STATE].pool):
+            while not all(b.kv_events for b in app.state.pool):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             async with aiohttp.ClientSession() as session:

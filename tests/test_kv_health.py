@@ -10,7 +10,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from router.app import STATE, create_app, serve
+from router.app import create_app, serve
 from router.config import parse_config
 from router.kv_setup import build_kv
 from simulator.emulator import EmulatedCluster
@@ -42,7 +42,7 @@ async def test_unhealthy_backend_is_purged_then_replayed_when_back() -> None:
         app = create_app(config, analyzer=plumbing.analyzer, index=plumbing.index,
                          policy=plumbing.policy(rng), rng=rng, background=[plumbing.background])
         runner, _port = await serve(app, "127.0.0.1", 0)
-        pool = app[STATE].pool
+        pool = app.state.pool
         target = cluster.urls[1]
         pod = cluster.pods[1]
         try:

@@ -7,7 +7,7 @@ import asyncio
 import random
 import time
 
-from router.app import STATE, create_app, serve
+from router.app import create_app, serve
 from router.config import parse_config
 from router.kv_setup import build_kv
 from simulator.emulator import EmulatedCluster
@@ -34,7 +34,7 @@ async def test_replay_through_the_router_splits_by_backend_and_hits() -> None:
         runner, port = await serve(app, "127.0.0.1", 0)
         try:
             deadline = time.monotonic() + 30
-            while not all(b.kv_events for b in app[STATE].pool):
+            while not all(b.kv_events for b in app.state.pool):
                 assert time.monotonic() < deadline, "KV event sources never came up"
                 await asyncio.sleep(0.05)
             name, params = parse_synthetic(

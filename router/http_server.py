@@ -1,0 +1,580 @@
+"""A lean HTTP/1.1 server for the router's client side: one ``asyncio.Protocol`` per connection.
+
+aiohttp's server machinery (request objects, the dispatcher, middlewares, the payload writer)
+cost about a quarter of the router's CPU per proxied request (bench/README.md), and a
+router's client side needs little of it: parse a request (``httptools``, the llhttp parser
+uvicorn uses, does the framing: Content-Length, chunked bodies, keep-alive rules), hand it
+to one handler with its body in memory, and write the handler's answer in one ``write`` or,
+for streams, chunk by chunk with flow control. The surface mirrors the part of aiohttp's
+``web`` API the router used (``Request.read``/``headers``/``raw_headers``, ``Response``,
+``StreamResponse.prepare``/``write``/``write_eof``), so handlers read the same.
+
+Behaviour a proxy relies on:
+
+- A client that goes away (connection lost) cancels its request's handler task at once, as
+  aiohttp's ``handler_cancellation`` did: the proxy then drops the upstream request.
+- A body over ``max_body_bytes`` (by Content-Length, or while a chunked body arrives) is not
+  buffered: the handler runs at once and ``Request.read`` raises ``BodyTooLarge``; the
+  connection closes after the answer, so nothing of the rest of that body is misread as a
+  next request. ``Expect: 100-continue`` is answered only for bodies within the limit.
+- Pipelined requests on one connection are answered in order; an idle keep-alive connection
+  closes after ``keepalive_timeout_s``.
+- Malformed HTTP gets ``errors(400, ...)`` and a close; a handler that raises gets
+  ``errors(500, ...)``. ``errors`` builds the body (the router's OpenAI error shape).
+
+Must not import other ``router`` modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+__all__ = [
+    "BodyTooLarge",
+    "HttpServer",
+    "Request",
+    "RequestHeaders",
+    "Response",
+    "StreamResponse",
+    "json_response",
+]
+
+log = logging.getLogger("kvrouter.http")
+
+_MAX_HEAD_BYTES = 64 * 1024
+_LINGER_S = 2.0
+_REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+Headers = Mapping[str, str] | Iterable[tuple[str, str]] | None
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds the server's ``max_body_bytes``; it was not buffered."""
+
+
+class RequestHeaders(Mapping[str, str]):
+    """A request's headers as a read-only, case-insensitive mapping over the raw bytes:
+    ``get`` scans the few headers a request has instead of building a dict per request (a
+    proxied request looks up one or two). Repeated names: the first wins, as in aiohttp."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        key = name.lower().encode("latin-1")
+        for n, v in self._raw:
+            if n.lower() == key:
+                return v.decode("latin-1")
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (n.decode("latin-1") for n, _ in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def items(self) -> list[tuple[str, str]]:  # type: ignore[override]
+        """Every header in arrival order, repeated names included."""
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw]
+
+
+class Request:
+    """One parsed request. ``raw_path`` is the request target as sent (path and query)."""
+
+    __slots__ = ("_body", "_conn", "_headers", "_too_large", "http_version", "keep_alive",
+                 "method", "path", "raw_headers", "raw_path")
+
+    def __init__(self, conn: _Connection | None, method: str, raw_path: str,
+                 raw_headers: list[tuple[bytes, bytes]], http_version: str,
+                 keep_alive: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.path = raw_path.partition("?")[0]
+        self.raw_headers = raw_headers
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self._headers: RequestHeaders | None = None
+        self._body = b""
+        self._too_large = False
+
+    @property
+    def headers(self) -> RequestHeaders:
+        if self._headers is None:
+            self._headers = RequestHeaders(self.raw_headers)
+        return self._headers
+
+    async def read(self) -> bytes:
+        if self._too_large:
+            raise BodyTooLarge
+        return self._body
+
+    async def json(self) -> Any:
+        return json.loads(await self.read())
+
+
+class Response:
+    """A whole response, written in one go after the handler returns."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, *, status: int = 200, body: bytes = b"", headers: Headers = None,
+                 content_type: str | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = _header_list(headers)
+        if content_type is not None:
+            self.headers.append(("Content-Type", content_type))
+
+
+def json_response(data: Any, *, status: int = 200, headers: Headers = None) -> Response:
+    return Response(status=status, body=json.dumps(data).encode(), headers=headers,
+                    content_type="application/json")
+
+
+class StreamResponse:
+    """A response written as it is produced: ``prepare`` sends the head, each ``write`` one
+    chunk (chunked transfer coding; HTTP/1.0 clients get the raw bytes and a close), and
+    ``write_eof`` the end. ``write`` waits while the client reads slower than we write, and
+    raises ``ConnectionResetError`` once the client has gone."""
+
+    __slots__ = ("_chunked", "_conn", "_eof", "headers", "status")
+
+    def __init__(self, *, status: int = 200, headers: Headers = None) -> None:
+        self.status = status
+        self.headers = _header_list(headers)
+        self._conn: _Connection | None = None
+        self._chunked = True
+        self._eof = False
+
+    @property
+    def prepared(self) -> bool:
+        return self._conn is not None
+
+    async def prepare(self, request: Request) -> None:
+        conn = request._conn
+        if conn is None:
+            raise RuntimeError("prepare() needs a request the server is serving")
+        self._conn = conn
+        self._chunked = request.http_version != "1.0"
+        if not self._chunked or conn.closing:
+            request.keep_alive = False
+        extra = b"Transfer-Encoding: chunked\r\n" if self._chunked else b""
+        conn.write(_head(self.status, self.headers, extra, request.keep_alive,
+                         conn.server.date()))
+        await conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        conn = self._conn
+        assert conn is not None, "write() before prepare()"
+        if not data:
+            return  # an empty chunk would end a chunked body
+        if self._chunked:
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+        await conn.drain()
+
+    async def write_eof(self) -> None:
+        conn = self._conn
+        assert conn is not None, "write_eof() before prepare()"
+        if self._eof:
+            return
+        self._eof = True
+        if self._chunked:
+            conn.write(b"0\r\n\r\n")
+        await conn.drain()
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+ErrorBody = Callable[[int, str], Response]
+
+
+class HttpServer:
+    """Listens on host:port and serves every request through ``handler``."""
+
+    def __init__(self, handler: Handler, errors: ErrorBody, *, max_body_bytes: int,
+                 keepalive_timeout_s: float = 75.0,
+                 access_log: logging.Logger | None = None) -> None:
+        self.handler = handler
+        self.errors = errors
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.access_log = access_log
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._date = b""
+        self._date_s = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (``port`` 0 picks a free one)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                reuse_address=True)
+        self._sweeper = loop.create_task(self._sweep_idle(), name="kvrouter-http-idle")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep_idle(self) -> None:
+        # One periodic sweep instead of a timer armed and cancelled around every request.
+        period_s = min(self.keepalive_timeout_s / 2, 5.0)
+        while True:
+            await asyncio.sleep(period_s)
+            limit_s = time.monotonic() - self.keepalive_timeout_s
+            for conn in list(self.connections):
+                if conn.idle_since is not None and conn.idle_since < limit_s:
+                    conn.close_when_idle()
+
+    async def close(self, grace_s: float = 60.0) -> None:
+        """Stop accepting, close idle connections, give in-flight requests ``grace_s`` to
+        finish, then cancel them and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = time.monotonic() + grace_s
+        # Polled, not signalled: shutdown is rare and this keeps the hot path free of it.
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for conn in list(self.connections):
+            conn.abort()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def date(self) -> bytes:
+        now_s = int(time.time())
+        if now_s != self._date_s:
+            self._date_s = now_s
+            self._date = formatdate(now_s, usegmt=True).encode("ascii")
+        return self._date
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.task: asyncio.Task[None] | None = None
+        self.queue: collections.deque[Request] = collections.deque()
+        self.closed = False
+        self.closing = False
+        # The request being parsed.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._request: Request | None = None
+        self._discarding = False
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+        # Since when the connection waits for a request (None while one is in progress).
+        self.idle_since: float | None = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None or bool(self.queue)
+
+    # -- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the client went away"))
+        self.queue.clear()
+        if self.task is not None:
+            self.task.cancel()  # the client is gone: stop the work done for it
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            # An exception raised in a parser callback arrives wrapped in this one.
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._fail(431, "request headers are too large")
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.idle_since = None
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._body = []
+        self._body_bytes = 0
+        self._request = None
+        self._discarding = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._count_head(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        request = Request(
+            self, parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
+            parser.get_http_version(), parser.should_keep_alive())
+        self._request = request
+        length = _content_length(self._headers)
+        if length is not None and length > self.server.max_body_bytes:
+            self._too_large(request)
+        elif _expects_continue(self._headers):
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._discarding:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self.server.max_body_bytes:
+            assert self._request is not None
+            self._body = []
+            self._too_large(self._request)
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        if request is None or self._discarding:
+            return
+        body = self._body
+        request._body = body[0] if len(body) == 1 else b"".join(body)
+        self._body = []
+        self._enqueue(request)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _too_large(self, request: Request) -> None:
+        # Answer now without reading the body, then close: the unread rest of the body must
+        # never be parsed as a next request.
+        self._discarding = True
+        request._too_large = True
+        request.keep_alive = False
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        self.queue.append(request)
+        if self.task is None:
+            self._next()
+
+    def _next(self) -> None:
+        request = self.queue.popleft()
+        self.task = self.loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        started_s = time.monotonic()
+        server = self.server
+        response: Response | StreamResponse
+        try:
+            try:
+                response = await server.handler(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = server.errors(500, "internal router error")
+            if self.closed:
+                return
+            if isinstance(response, StreamResponse):
+                if response._conn is None:
+                    await response.prepare(request)
+                await response.write_eof()
+            else:
+                self._write_whole(request, response)
+            if server.access_log is not None:
+                server.access_log.info('%s "%s %s" %d %.1f ms', self._peer(), request.method,
+                                       request.raw_path, response.status,
+                                       (time.monotonic() - started_s) * 1e3)
+        except ConnectionResetError:
+            return
+        except Exception:
+            log.exception("could not write the answer to %s %s", request.method, request.path)
+            self.abort()
+        finally:
+            self.task = None
+            if not self.closed:
+                self._after(request)
+
+    def _after(self, request: Request) -> None:
+        if request._too_large:
+            self._linger()
+        elif not request.keep_alive or (self.closing and not self.queue):
+            self._close_transport()
+        elif self.queue:
+            self._next()
+        else:
+            self.idle_since = time.monotonic()
+
+    def _write_whole(self, request: Request, response: Response) -> None:
+        body = response.body
+        status = response.status
+        if status in _NO_BODY_STATUSES:
+            extra, body = b"", b""
+        else:
+            extra = b"Content-Length: %d\r\n" % len(body)
+            if request.method == "HEAD":
+                body = b""
+        if self.closing:
+            request.keep_alive = False  # shutting down: tell the client not to reuse this
+        head = _head(status, response.headers, extra, request.keep_alive, self.server.date())
+        if len(body) < 65536:
+            self.write(head + body)
+        else:
+            assert self.transport is not None
+            self.transport.writelines((head, body))
+
+    def _fail(self, status: int, message: str) -> None:
+        """Bad HTTP on this connection: answer when nothing is in progress, then close."""
+        self.closing = True
+        self.queue.clear()
+        if self.task is None and self.transport is not None:
+            response = self.server.errors(status, message)
+            self.write(_head(status, response.headers,
+                             b"Content-Length: %d\r\n" % len(response.body), False,
+                             self.server.date()) + response.body)
+        self._close_transport()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the client went away")
+        if not self._paused:
+            return
+        if self._drain is None or self._drain.done():
+            self._drain = self.loop.create_future()
+        await self._drain
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        self.closing = True
+        if not self.busy:
+            self._close_transport()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def _linger(self) -> None:
+        """Close after an answer sent while the client may still be sending its body: closing
+        a socket with unread input makes the kernel reset the connection, which can destroy
+        the answer before the client reads it. So: end our side, discard what still comes,
+        and close when the client does or after a few seconds."""
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(_LINGER_S, self._close_transport)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            raise ValueError("request head too large")
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "-"
+
+
+def _header_list(headers: Headers) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+def _head(status: int, headers: list[tuple[str, str]], extra: bytes, keep_alive: bool,
+          date: bytes = b"") -> bytes:
+    block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    if block.count("\n") != len(headers):
+        raise ValueError("a response header contains a line break")
+    reason = _REASONS.get(status, b"Unknown")
+    return b"".join((
+        b"HTTP/1.1 %d %b\r\n" % (status, reason),
+        block.encode("latin-1"),
+        extra,
+        b"Date: %b\r\n" % date if date else b"",
+        b"" if keep_alive else b"Connection: close\r\n",
+        b"\r\n",
+    ))
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the parser rejects it
+    return None
+
+
+def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers)

@@ -338,14 +338,15 @@ class HttpClient:
         return target
 
     async def request(self, base_url: str, method: str, path: bytes,
-                      headers: Iterable[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
-        """Send one request and wait for the response head (not the body)."""
+                      headers: Iterable[tuple[bytes, bytes]] | bytes,
+                      body: bytes) -> UpstreamResponse:
+        """Send one request and wait for the response head (not the body). ``headers`` are
+        (name, value) pairs or ready header lines (``b"name: value\\r\\n"`` each)."""
         key, host_line, prefix = self._target(base_url)
-        lines = [method.encode(), b" ", prefix, path, b" HTTP/1.1\r\n", host_line]
-        for name, value in headers:
-            lines += (name, b": ", value, b"\r\n")
-        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        head = b"".join(lines)
+        if not isinstance(headers, bytes):
+            headers = b"".join([b"%b: %b\r\n" % (n, v) for n, v in headers])
+        head = b"%b %b%b HTTP/1.1\r\n%b%bContent-Length: %d\r\n\r\n" % (
+            method.encode(), prefix, path, host_line, headers, len(body))
         for _ in range(2):
             conn, reused = self._take(key)
             if conn is None:

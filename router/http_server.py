@@ -65,30 +65,35 @@ class BodyTooLarge(Exception):
 
 
 class RequestHeaders(Mapping[str, str]):
-    """A request's headers as a read-only, case-insensitive mapping over the raw bytes:
-    ``get`` scans the few headers a request has instead of building a dict per request (a
-    proxied request looks up one or two). Repeated names: the first wins, as in aiohttp."""
+    """A request's headers as a read-only, case-insensitive mapping over the raw bytes. The
+    name index is built on the first lookup and values are decoded only when asked for (a
+    proxied request looks up one or two). Repeated names: the first wins, as in aiohttp;
+    ``items()`` has them all."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_index", "_raw")
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._raw = raw
+        self._index: dict[bytes, bytes] | None = None
+
+    def _lookup(self, name: str) -> bytes | None:
+        index = self._index
+        if index is None:
+            index = self._index = {n.lower(): v for n, v in reversed(self._raw)}
+        return index.get(name.lower().encode("latin-1"))
 
     def __getitem__(self, name: str) -> str:
-        key = name.lower().encode("latin-1")
-        for n, v in self._raw:
-            if n.lower() == key:
-                return v.decode("latin-1")
-        raise KeyError(name)
+        value = self._lookup(name)
+        if value is None:
+            raise KeyError(name)
+        return value.decode("latin-1")
 
     def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
+        value = self._lookup(name)
+        return default if value is None else value.decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
+        return isinstance(name, str) and self._lookup(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return (n.decode("latin-1") for n, _ in self._raw)

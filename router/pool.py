@@ -124,7 +124,12 @@ class BackendPool:
     def knows_model(self, model: str) -> bool:
         """False only when every backend lists its models and none lists this one (an empty
         pool knows nothing, so the request gets 503 rather than 404)."""
-        return not self._backends or any(b.serves(model) for b in self._backends.values())
+        if not self._backends:
+            return True
+        for backend in self._backends.values():  # a loop, not any(): runs on every request
+            if backend.serves(model):
+                return True
+        return False
 
     def healthy_models(self) -> dict[str, dict[str, Any]]:
         """The union of models served by healthy backends, as OpenAI model entries."""
@@ -146,12 +151,12 @@ class BackendPool:
         roles: frozenset[Role] | None = None,
     ) -> tuple[BackendState, ...]:
         """Eligible candidates (healthy, breaker allows, serves ``model``) in a stable order."""
-        excluded = set(exclude)
+        excluded = set(exclude) if exclude else ()
         states = []
         for backend in self._backends.values():
             if (
                 not backend.healthy
-                or backend.backend_id in excluded
+                or (excluded and backend.backend_id in excluded)
                 or (roles is not None and backend.role not in roles)
                 or not backend.serves(model)
                 or not backend.breaker.allows(now_s)

@@ -65,13 +65,13 @@ def request_headers(items: Iterable[tuple[str, str]], request_id: str) -> CIMult
     return out
 
 
-def forward_headers(
-    raw: Iterable[tuple[bytes, bytes]], request_id: str
-) -> list[tuple[bytes, bytes]]:
-    """The client's headers as received (bytes), minus hop-by-hop ones, ``x-request-id`` set."""
-    out = [(n, v) for n, v in raw if n.lower() not in _DROP_FROM_REQUEST_BYTES]
-    out.append((b"x-request-id", request_id.encode("latin-1")))
-    return out
+def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> bytes:
+    """The client's header lines as received (bytes), minus hop-by-hop ones, with
+    ``x-request-id`` set: the block ``router.http_client`` puts in the request head."""
+    drop = _DROP_FROM_REQUEST_BYTES
+    lines = [b"%b: %b\r\n" % (n, v) for n, v in raw if n.lower() not in drop]
+    lines.append(b"x-request-id: %b\r\n" % request_id.encode("latin-1"))
+    return b"".join(lines)
 
 
 def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol
 
-from prometheus_client import Gauge, Histogram
-
+from router.hot_metrics import GaugeChild, HistogramChild
 from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
 from router.upstream import response_headers
@@ -51,9 +50,9 @@ class AttemptSlot:
         self._prompt_tokens = prompt_tokens
         self._started_s = started_s
         in_flight, duration, ttfb = metrics.for_backend(backend.backend_id)
-        self._in_flight: Gauge = in_flight
-        self._duration: Histogram = duration
-        self.ttfb: Histogram = ttfb
+        self._in_flight: GaugeChild = in_flight
+        self._duration: HistogramChild = duration
+        self.ttfb: HistogramChild = ttfb
         """The backend's time-to-first-byte histogram, observed by the caller when headers
         come."""
         self.verdict: bool | None = None

@@ -299,6 +299,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._in_head = True  # the first bytes on a connection are a request head
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._request: Request | None = None
@@ -330,16 +331,19 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self._in_head:
+            # Counted per read, not per header callback: a head that keeps coming without
+            # ending is refused once it passes the limit (give or take one read).
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._fail(431, "request headers are too large")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            # An exception raised in a parser callback arrives wrapped in this one.
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self._fail(431, "request headers are too large")
-            else:
-                self._fail(400, f"malformed HTTP request: {exc}")
+            self._fail(400, f"malformed HTTP request: {exc}")
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -353,6 +357,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.idle_since = None
+        self._in_head = True
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -363,22 +368,21 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._count_head(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self.parser
         request = Request(
             self, parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
             parser.get_http_version(), parser.should_keep_alive())
         self._request = request
-        length = _content_length(self._headers)
-        if length is not None and length > self.server.max_body_bytes:
+        length, expects_continue = _framing(self._headers)
+        if length > self.server.max_body_bytes:
             self._too_large(request)
-        elif _expects_continue(self._headers):
+        elif expects_continue:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -537,11 +541,6 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > _MAX_HEAD_BYTES:
-            raise ValueError("request head too large")
-
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "-"
@@ -571,15 +570,17 @@ def _head(status: int, headers: list[tuple[str, str]], extra: bytes, keep_alive:
     ))
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+    """(Content-Length or -1, whether the client expects 100 Continue), in one pass; names
+    are compared by length first, so most headers cost one ``len``."""
+    length, expects_continue = -1, False
     for name, value in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None  # the parser rejects it
-    return None
-
-
-def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in headers)
+                length = -1  # the parser rejects it
+        elif size == 6 and name.lower() == b"expect":
+            expects_continue = value.lower() == b"100-continue"
+    return length, expects_continue

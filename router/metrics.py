@@ -3,7 +3,7 @@
 A per-app registry (not prometheus-client's global one) lets tests and benchmarks run several
 routers in one process. Names follow Prometheus conventions with the ``kvrouter_`` prefix.
 Other modules add their own metrics to ``RouterMetrics.registry``. Must not import other
-``router`` modules.
+``router`` modules except ``router.hot_metrics``.
 
 Routing decisions are counted where the proxy acts on them (not by ``/debug/route``): one
 decision per attempt, so a retried request counts once per backend it was sent to. The
@@ -15,7 +15,16 @@ free-text reason: bounded by construction.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from router.hot_metrics import (
+    CounterChild,
+    GaugeChild,
+    HistogramChild,
+    HotCounter,
+    HotGauge,
+    HotHistogram,
+)
 
 __all__ = ["MAX_REASON_LABELS", "NO_BACKEND", "RouterMetrics", "reason_label"]
 
@@ -52,22 +61,23 @@ class RouterMetrics:
         self.policy = policy
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # The per-request families are lock-free (router.hot_metrics); the rest stay
+        # prometheus-client's.
+        self.requests = HotCounter(
             "kvrouter_requests", "Requests answered, by backend, HTTP status and policy.",
-            ["backend", "status", "policy"], registry=r,
+            ["backend", "status", "policy"], r,
         )
-        self.duration = Histogram(
+        self.duration = HotHistogram(
             "kvrouter_request_duration_seconds", "Time from request received to response end.",
-            ["backend"], buckets=_BUCKETS_S, registry=r,
+            ["backend"], r, _BUCKETS_S,
         )
-        self.ttfb = Histogram(
+        self.ttfb = HotHistogram(
             "kvrouter_time_to_first_byte_seconds",
             "Time from request received to the first upstream response byte.",
-            ["backend"], buckets=_BUCKETS_S, registry=r,
+            ["backend"], r, _BUCKETS_S,
         )
-        self.in_flight = Gauge(
-            "kvrouter_in_flight_requests", "Requests being served, by backend.", ["backend"],
-            registry=r,
+        self.in_flight = HotGauge(
+            "kvrouter_in_flight_requests", "Requests being served, by backend.", ["backend"], r,
         )
         self.retries = Counter(
             "kvrouter_retries", "Attempts retried on another backend, by reason.", ["reason"],
@@ -96,30 +106,30 @@ class RouterMetrics:
             "kvrouter_background_errors", "Errors caught in background loops, by loop.",
             ["loop"], registry=r,
         )
-        self.predicted_hit_tokens = Counter(
+        self.predicted_hit_tokens = HotCounter(
             "kvrouter_predicted_hit_tokens",
             "Prompt tokens the policy predicted the chosen backend holds cached, per decision.",
-            ["backend"], registry=r,
+            ["backend"], r,
         )
-        self.routed_prompt_tokens = Counter(
+        self.routed_prompt_tokens = HotCounter(
             "kvrouter_routed_prompt_tokens",
             "Prompt tokens of routed requests (estimated without a tokenizer), per decision.",
-            ["backend"], registry=r,
+            ["backend"], r,
         )
-        self.decisions = Counter(
+        self.decisions = HotCounter(
             "kvrouter_routing_decisions", "Routing decisions acted on, by policy and reason.",
-            ["policy", "reason"], registry=r,
+            ["policy", "reason"], r,
         )
         # Label children cached per backend: .labels() is a dict lookup plus a lock each call.
-        self._per_backend: dict[str, tuple[Gauge, Histogram, Histogram]] = {}
-        self._counts: dict[tuple[str, int], Counter] = {}
-        self._routed: dict[str, tuple[Counter, Counter]] = {}
+        self._per_backend: dict[str, tuple[GaugeChild, HistogramChild, HistogramChild]] = {}
+        self._counts: dict[tuple[str, int], CounterChild] = {}
+        self._routed: dict[str, tuple[CounterChild, CounterChild]] = {}
         # Keyed by the reason string itself: policies mostly return the same constant strings,
         # whose hash Python caches, so the common case is one dict lookup.
-        self._reasons: dict[str, Counter] = {}
-        self._reason_labels: dict[str, Counter] = {}
+        self._reasons: dict[str, CounterChild] = {}
+        self._reason_labels: dict[str, CounterChild] = {}
 
-    def for_backend(self, backend: str) -> tuple[Gauge, Histogram, Histogram]:
+    def for_backend(self, backend: str) -> tuple[GaugeChild, HistogramChild, HistogramChild]:
         """(in-flight gauge, duration histogram, ttfb histogram) for one backend."""
         children = self._per_backend.get(backend)
         if children is None:
@@ -157,7 +167,7 @@ class RouterMetrics:
                 self._reasons[reason] = child
         child.inc()
 
-    def _decision_child(self, reason: str) -> Counter:
+    def _decision_child(self, reason: str) -> CounterChild:
         label = reason_label(reason)
         child = self._reason_labels.get(label)
         if child is None:

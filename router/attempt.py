@@ -19,10 +19,10 @@ from typing import Protocol
 from router.hot_metrics import GaugeChild, HistogramChild
 from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
-from router.upstream import response_headers
+from router.upstream import response_header_lines, response_headers
 
-__all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_headers",
-           "routing_headers"]
+__all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_lines",
+           "routed_headers", "routing_headers"]
 
 # Both context managers are small classes rather than @contextmanager generators: they run
 # on every proxied request, and a generator-based one costs a few microseconds more each.
@@ -128,3 +128,14 @@ def routed_headers(
     dropped) plus the routing headers."""
     return response_headers(upstream) + routing_headers(request_id, backend_id,
                                                         predicted_hit_tokens)
+
+
+def routed_header_lines(
+    raw: list[tuple[bytes, bytes]], request_id: str, backend_id: str,
+    predicted_hit_tokens: int,
+) -> bytes:
+    """``routed_headers`` for headers as received (bytes), as ready header lines: the lean
+    client's response headers reach the client without being decoded and encoded again."""
+    return response_header_lines(raw) + b"x-request-id: %b\r\nx-kvrouter-backend: %b\r\n" \
+        b"x-kvrouter-predicted-hit-tokens: %d\r\n" % (
+            request_id.encode("latin-1"), backend_id.encode("latin-1"), predicted_hit_tokens)

@@ -52,7 +52,7 @@ class _Connection(asyncio.Protocol):
         self._state = _DONE
         self._remaining = 0
         self._keep_alive = False
-        self._head: asyncio.Future[tuple[int, list[tuple[str, str]]]] | None = None
+        self._head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -169,7 +169,7 @@ class _Connection(asyncio.Protocol):
         if not version.startswith(b"HTTP/1."):
             raise ValueError(f"not an HTTP/1 status line: {lines[0][:40]!r}")
         status = int(rest[:3])
-        headers: list[tuple[str, str]] = []
+        headers: list[tuple[bytes, bytes]] = []
         length = -1
         chunked = False
         connection = b""
@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
                 chunked = value.lower().endswith(b"chunked")
             elif name == b"connection":
                 connection = value.lower()
-            headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+            headers.append((name, value))
         if 100 <= status < 200:
             return  # an interim response (100 Continue): the real head follows
         self._keep_alive = version == b"HTTP/1.1" and b"close" not in connection
@@ -274,23 +274,30 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """One response; ``release()`` (or ``close()``) must be called exactly once."""
+    """One response; ``release()`` (or ``close()``) must be called exactly once.
+    ``raw_headers`` are (lower-case name, value) as bytes, as received."""
 
-    __slots__ = ("_client", "_conn", "_key", "headers", "status")
+    __slots__ = ("_client", "_conn", "_key", "raw_headers", "status")
 
     def __init__(self, client: HttpClient, key: tuple[str, int, bool], conn: _Connection,
-                 status: int, headers: list[tuple[str, str]]) -> None:
+                 status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
         self._client = client
         self._key = key
         self._conn = conn
         self.status = status
-        self.headers = headers
+        self.raw_headers = raw_headers
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers decoded (names lower-case)."""
+        return [(n.decode("latin-1"), v.decode("utf-8", "replace"))
+                for n, v in self.raw_headers]
 
     @property
     def content_type(self) -> str:
-        for name, value in self.headers:
-            if name == "content-type":
-                return value.split(";", 1)[0].strip().lower()
+        for name, value in self.raw_headers:
+            if name == b"content-type":
+                return value.split(b";", 1)[0].strip().lower().decode("latin-1")
         return ""
 
     async def read_chunk(self) -> bytes:

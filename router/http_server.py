@@ -57,7 +57,9 @@ _LINGER_S = 2.0
 _REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
-Headers = Mapping[str, str] | Iterable[tuple[str, str]] | None
+Headers = Mapping[str, str] | Iterable[tuple[str, str]] | bytes | None
+"""Response headers: a mapping, (name, value) pairs, or ready lines (``b"name: value\\r\\n"``
+each, for headers passed through from a backend without decoding)."""
 
 
 class BodyTooLarge(Exception):
@@ -152,7 +154,10 @@ class Response:
         self.body = body
         self.headers = _header_list(headers)
         if content_type is not None:
-            self.headers.append(("Content-Type", content_type))
+            if isinstance(self.headers, bytes):
+                self.headers += b"Content-Type: %b\r\n" % content_type.encode("latin-1")
+            else:
+                self.headers.append(("Content-Type", content_type))
 
 
 def json_response(data: Any, *, status: int = 200, headers: Headers = None) -> Response:
@@ -546,23 +551,29 @@ class _Connection(asyncio.Protocol):
         return f"{peer[0]}:{peer[1]}" if peer else "-"
 
 
-def _header_list(headers: Headers) -> list[tuple[str, str]]:
+def _header_list(headers: Headers) -> list[tuple[str, str]] | bytes:
     if headers is None:
         return []
+    if isinstance(headers, bytes):
+        return headers
     if isinstance(headers, Mapping):
         return list(headers.items())
     return list(headers)
 
 
-def _head(status: int, headers: list[tuple[str, str]], extra: bytes, keep_alive: bool,
-          date: bytes = b"") -> bytes:
-    block = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    if block.count("\n") != len(headers):
-        raise ValueError("a response header contains a line break")
+def _head(status: int, headers: list[tuple[str, str]] | bytes, extra: bytes,
+          keep_alive: bool, date: bytes = b"") -> bytes:
+    if isinstance(headers, bytes):
+        block = headers  # lines as a backend sent them: its parser already split them
+    else:
+        text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        if text.count("\n") != len(headers):
+            raise ValueError("a response header contains a line break")
+        block = text.encode("latin-1")
     reason = _REASONS.get(status, b"Unknown")
     return b"".join((
         b"HTTP/1.1 %d %b\r\n" % (status, reason),
-        block.encode("latin-1"),
+        block,
         extra,
         b"Date: %b\r\n" % date if date else b"",
         b"" if keep_alive else b"Connection: close\r\n",

@@ -24,7 +24,12 @@ import orjson
 
 from policies.types import ClusterView, Decision, Policy, RouteRequest
 from router.analyzer import RequestAnalyzer, RequestFields, read_fields
-from router.attempt import backend_attempt, holding_upstream, routed_headers, routing_headers
+from router.attempt import (
+    backend_attempt,
+    holding_upstream,
+    routed_header_lines,
+    routing_headers,
+)
 from router.config import Config
 from router.disagg import Disaggregation
 from router.errors import (
@@ -66,7 +71,6 @@ def parse_json(body: bytes) -> object:
     except orjson.JSONDecodeError:
         return json.loads(body)
 _SSE = "text/event-stream"
-_ROUTING_HEADERS = frozenset(name for name, _ in routing_headers("", "", 0))
 
 
 class _Retry(Exception):
@@ -245,8 +249,9 @@ class Proxy:
                     if status in _RETRY_STATUSES and not last:
                         raise _Retry(UpstreamConnectError(
                             f"backend {backend.backend_id} answered {status}"), f"status_{status}")
-                    headers = routed_headers(upstream.headers, fields.request_id,
-                                             backend.backend_id, decision.predicted_hit_tokens)
+                    headers = routed_header_lines(
+                        upstream.raw_headers, fields.request_id, backend.backend_id,
+                        decision.predicted_hit_tokens)
                     response: Response | StreamResponse
                     if fields.stream or upstream.content_type == _SSE:
                         response, outcome = await self._relay_stream(
@@ -254,7 +259,9 @@ class Proxy:
                         ok = outcome is True and status < 400
                         slot.verdict = None if outcome is None else slot.verdict and outcome
                     else:
-                        response = await self._relay_whole(upstream, headers, backend)
+                        response = await self._relay_whole(
+                            upstream, headers, backend, fields.request_id,
+                            decision.predicted_hit_tokens)
                         ok = status < 400
                     self.metrics.count(backend.backend_id, response.status)
                     return response
@@ -262,36 +269,35 @@ class Proxy:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
     async def _relay_whole(
-        self, upstream: UpstreamResponse | aiohttp.ClientResponse,
-        headers: list[tuple[str, str]], backend: Backend,
+        self, upstream: UpstreamResponse, headers: bytes, backend: Backend, request_id: str,
+        predicted_hit_tokens: int,
     ) -> Response:
-        source = _AiohttpBody(upstream) if isinstance(upstream, aiohttp.ClientResponse) else upstream
         try:
-            data = await source.read()
+            data = await upstream.read()
         except ResponseBroken as exc:
             # Nothing was written to the client yet, so it gets a clean error instead.
             self.metrics.broken_streams.labels(backend.backend_id).inc()
             error: RouterError = UpstreamConnectError(
                 f"backend {backend.backend_id} broke the response: {exc}")
-            return error_response(error, [(k, v) for k, v in headers if k in _ROUTING_HEADERS])
+            return error_response(error, routing_headers(request_id, backend.backend_id,
+                                                         predicted_hit_tokens))
         return Response(status=upstream.status, body=data, headers=headers)
 
     async def _relay_stream(
         self,
         request: Request,
-        upstream: UpstreamResponse | aiohttp.ClientResponse,
-        headers: list[tuple[str, str]],
+        upstream: UpstreamResponse,
+        headers: bytes,
         backend: Backend,
     ) -> tuple[StreamResponse, bool | None]:
         """Relay chunks as they arrive. Returns (response, True) at a clean end, False when
         the backend broke the stream, None when the client went away."""
-        source = _AiohttpBody(upstream) if isinstance(upstream, aiohttp.ClientResponse) else upstream
         response = StreamResponse(status=upstream.status, headers=headers)
         try:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await source.read_chunk()
+                    chunk = await upstream.read_chunk()
                 except ResponseBroken as exc:
                     self.metrics.broken_streams.labels(backend.backend_id).inc()
                     error = UpstreamConnectError(
@@ -308,24 +314,3 @@ class Proxy:
             self.metrics.client_disconnects.inc()
             return response, None
         return response, True
-
-
-class _AiohttpBody:
-    """An aiohttp response read through the same calls as ``UpstreamResponse``."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.content_type = response.content_type
-
-    async def read_chunk(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ResponseBroken(exc.__class__.__name__) from None
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ResponseBroken(exc.__class__.__name__) from None

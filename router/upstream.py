@@ -21,6 +21,7 @@ __all__ = [
     "client_session",
     "forward_headers",
     "request_headers",
+    "response_header_lines",
     "response_headers",
 ]
 
@@ -35,6 +36,7 @@ HOP_BY_HOP = frozenset(
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {
     "server", "date", "x-request-id", "x-kvrouter-backend", "x-kvrouter-predicted-hit-tokens"}
 _DROP_FROM_REQUEST_BYTES = frozenset(h.encode() for h in HOP_BY_HOP | {"x-request-id"})
+_DROP_FROM_RESPONSE_BYTES = frozenset(h.encode() for h in _DROP_FROM_RESPONSE)
 
 
 def client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -72,6 +74,13 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> byte
     lines = [b"%b: %b\r\n" % (n, v) for n, v in raw if n.lower() not in drop]
     lines.append(b"x-request-id: %b\r\n" % request_id.encode("latin-1"))
     return b"".join(lines)
+
+
+def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``response_headers`` for headers as received (lower-case name, value; bytes): the
+    header lines to write to the client, passed through without decoding."""
+    drop = _DROP_FROM_RESPONSE_BYTES
+    return b"".join([b"%b: %b\r\n" % (n, v) for n, v in raw if n not in drop])
 
 
 def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -105,8 +105,9 @@ class FakeBackend:
             return web.json_response(base | {
                 "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": {"prompt_tokens": 5, "completion_tokens": self.chunks,
-                          "total_tokens": 5 + self.chunks}})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                          "total_tokens": 5 + self.chunks}}, headers={"X-Engine": self.name})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "X-Engine": self.name})
         await response.prepare(request)
         for i in range(self.chunks):
             if self.break_after_chunks is not None and i == self.break_after_chunks:

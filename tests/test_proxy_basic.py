@@ -24,6 +24,10 @@ async def test_completions_round_robin_forwards_bytes_unchanged(start_backend, s
                 "a " if seen[-1] == a.url else "b ")
             assert response.headers["x-kvrouter-predicted-hit-tokens"] == "0"
             assert len(response.headers["x-request-id"]) >= 16
+            # The backend's own headers cross unchanged, framing headers are the router's.
+            assert response.headers["x-engine"] == ("a" if seen[-1] == a.url else "b")
+            assert response.headers["content-type"] == "application/json; charset=utf-8"
+            assert response.headers["content-length"] == str(len(await response.read()))
     assert seen == [a.url, b.url, a.url, b.url]
     assert [r.body for r in a.received + b.received] == [body] * 4
 
@@ -45,6 +49,8 @@ async def test_chat_stream_relayed_chunk_by_chunk(start_backend, start_router, h
     async with http.post(router.url + "/v1/chat/completions", json=request) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["X-Engine"] == "a"
+        assert response.headers["x-kvrouter-backend"] == a.url
         first = await response.content.readuntil(b"\n\n")
         # The first event reached the client while the backend was still generating.
         assert a.finished == 0

@@ -112,6 +112,51 @@ async def _run_backend(ports: list[int]) -> None:
     await asyncio.Event().wait()
 
 
+# -- the floor (runs as `overhead.py floor --port P --backends URL ...`) -----------------------
+
+async def _run_floor(port: int, backends: list[str]) -> None:
+    """kvrouter's own HTTP server and upstream client with the least a proxy can do between
+    them: take the body, pick the next backend, relay the answer. No validation, policy,
+    metrics, retries or routing headers: the router's CPU per request minus this is what its
+    routing work costs."""
+    sys.path.insert(0, str(ROOT))
+    from router.http_client import HttpClient
+    from router.http_server import HttpServer, Request, Response, StreamResponse, json_response
+    from router.upstream import forward_headers, response_header_lines
+
+    client = HttpClient(5.0, 60.0, 60.0)
+    turn = 0
+
+    async def relay(request: Request) -> Response | StreamResponse:
+        nonlocal turn
+        turn += 1
+        upstream = await client.request(
+            backends[turn % len(backends)], request.method, request.raw_path.encode(),
+            forward_headers(request.raw_headers, "floor"), await request.read())
+        headers = response_header_lines(upstream.raw_headers)
+        if upstream.content_type != "text/event-stream":
+            body = await upstream.read()
+            upstream.release()
+            return Response(status=upstream.status, body=body, headers=headers)
+        response = StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        while chunk := await upstream.read_chunk():
+            await response.write(chunk)
+        upstream.release()
+        return response
+
+    async def models(request: Request) -> Response:
+        return json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def handle(request: Request) -> Response | StreamResponse:
+        return await (models(request) if request.path == "/v1/models" else relay(request))
+
+    server = HttpServer(handle, lambda status, message: Response(status=status),
+                        max_body_bytes=32 << 20)
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
 # -- processes -------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -167,6 +212,8 @@ def _start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
 
 
 def _router_argv(name: str, port: int, backends: list[str], policy: str) -> list[str]:
+    if name == "floor":
+        return [sys.executable, __file__, "floor", "--port", str(port), "--backends", *backends]
     if name.startswith("kvrouter"):
         loop = "uvloop" if name.endswith("uvloop") else "asyncio"
         # kv_aware tokenizes every prompt with the project's tiny tokenizer, as served.
@@ -351,12 +398,24 @@ def main() -> int:
         parser.add_argument("--ports", type=int, nargs="+", required=True)
         asyncio.run(_run_backend(parser.parse_args().ports))
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "floor":
+        parser = argparse.ArgumentParser(prog="overhead.py floor")
+        parser.add_argument("floor")
+        parser.add_argument("--port", type=int, required=True)
+        parser.add_argument("--backends", nargs="+", required=True)
+        floor_args = parser.parse_args()
+        import uvloop
+
+        uvloop.run(_run_floor(floor_args.port, floor_args.backends))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", action="store_true",
                         help="also run sglang-router and vllm-router (installed on first use)")
     parser.add_argument("--routers", default="kvrouter-asyncio,kvrouter-uvloop",
-                        help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop)")
+                        help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop); "
+                             "add 'floor' for kvrouter's HTTP server and client relaying with "
+                             "no routing work (uvloop), a same-run floor for the router's CPU")
     parser.add_argument("--policy", default="round_robin",
                         help="kvrouter's policy (round_robin); kv_aware also tokenizes every "
                              "prompt with the tiny tokenizer. The peers always run round_robin")

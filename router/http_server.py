@@ -17,8 +17,9 @@ Behaviour a proxy relies on:
   buffered: the handler runs at once and ``Request.read`` raises ``BodyTooLarge``; the
   connection closes after the answer, so nothing of the rest of that body is misread as a
   next request. ``Expect: 100-continue`` is answered only for bodies within the limit.
-- Pipelined requests on one connection are answered in order; an idle keep-alive connection
-  closes after ``keepalive_timeout_s``.
+- Pipelined requests on one connection are answered in order (reading pauses while 32 wait);
+  a connection closes when it has been idle, or sending an incomplete request head, for
+  ``keepalive_timeout_s``.
 - Malformed HTTP gets ``errors(400, ...)`` and a close; a handler that raises gets
   ``errors(500, ...)``. ``errors`` builds the body (the router's OpenAI error shape).
 
@@ -54,6 +55,7 @@ log = logging.getLogger("kvrouter.http")
 
 _MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 2.0
+_MAX_PIPELINED = 32
 _REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -310,6 +312,7 @@ class _Connection(asyncio.Protocol):
         self._request: Request | None = None
         self._discarding = False
         self._paused = False
+        self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
         # Since when the connection waits for a request (None while one is in progress).
         self.idle_since: float | None = time.monotonic()
@@ -361,7 +364,8 @@ class _Connection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.idle_since = None
+        # idle_since stays set until the head is complete: a client that trickles a head
+        # is closed by the idle sweep like one that sends nothing.
         self._in_head = True
         self._url = b""
         self._headers = []
@@ -379,6 +383,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self.idle_since = None
         parser = self.parser
         request = Request(
             self, parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
@@ -422,11 +427,17 @@ class _Connection(asyncio.Protocol):
 
     def _enqueue(self, request: Request) -> None:
         self.queue.append(request)
+        if len(self.queue) >= _MAX_PIPELINED and self.transport is not None:
+            self._reading_paused = True  # a client far ahead of us waits in its own buffers
+            self.transport.pause_reading()
         if self.task is None:
             self._next()
 
     def _next(self) -> None:
         request = self.queue.popleft()
+        if self._reading_paused and len(self.queue) < _MAX_PIPELINED // 2 and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
         self.task = self.loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:

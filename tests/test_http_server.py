@@ -287,3 +287,41 @@ async def test_close_lets_a_running_request_finish_with_connection_close():
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)  # no longer listening
     writer.close()
+
+
+async def test_a_trickled_head_is_closed_like_an_idle_connection(served):
+    _, _, port = served
+    reader, writer = await _open(port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")  # never ends the head
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closed_by_server = False
+    while loop.time() - started < 5:
+        # A header line every 0.1 s: never idle that long, but the head never ends.
+        try:
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+            if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                closed_by_server = True
+                break
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            closed_by_server = True
+            break
+    assert closed_by_server
+    assert loop.time() - started < 3  # keepalive_timeout_s is 0.5, swept every 0.25 s
+    writer.close()
+
+
+async def test_deep_pipelining_is_answered_in_full(served):
+    _, _, port = served
+    reader, writer = await _open(port)
+    count = 100  # more than the server queues before it stops reading
+    writer.write(b"".join(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%d" % (len(str(i)), i)
+        for i in range(count)))
+    for i in range(count):
+        status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+        assert (status, json.loads(body)["body"]) == (200, str(i))
+    writer.close()

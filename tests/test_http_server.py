@@ -325,3 +325,35 @@ async def test_deep_pipelining_is_answered_in_full(served):
         status, _, body = await asyncio.wait_for(_read_response(reader), 5)
         assert (status, json.loads(body)["body"]) == (200, str(i))
     writer.close()
+
+
+async def test_a_slow_reader_holds_the_stream_back():
+    """write() waits while the client reads slower than the handler writes: the server's
+    buffer for the connection stays bounded instead of holding the whole stream."""
+    chunk = b"x" * 65536
+    most_buffered = 0
+    written = 0
+
+    async def flood(request: Request) -> StreamResponse:
+        nonlocal most_buffered, written
+        response = StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        transport = request._conn.transport  # type: ignore[union-attr]
+        for _ in range(160):  # 10 MiB
+            await response.write(chunk)
+            written += len(chunk)
+            most_buffered = max(most_buffered, transport.get_write_buffer_size())
+        await response.write_eof()
+        return response
+
+    server = HttpServer(flood, _error, max_body_bytes=MAX_BODY)
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await _open(port)
+    writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.3)  # read nothing for a while: the handler must be held back
+    assert written < 160 * len(chunk)
+    status, _, body = await asyncio.wait_for(_read_response(reader), 30)
+    assert status == 200 and len(body) == 160 * len(chunk)
+    assert most_buffered < 4 * len(chunk)
+    writer.close()
+    await server.close(grace_s=1)

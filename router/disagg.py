@@ -20,8 +20,10 @@ re-serializes the client's JSON because it adds fields; the local fallback forwa
 client's bytes unchanged. Transfer parameters are never logged.
 
 The ``disaggregation`` config section is read by ``router.disagg_config``. Must not
-import ``router.app`` or ``simulator``; uses the proxy (passed in) for its session, pool,
-policy, metrics and response relays.
+import ``router.app`` or ``simulator``; uses the proxy (passed in) for its aiohttp session
+(the prefill legs, which read one JSON answer), its keep-alive client and response relays
+(the decode leg, relayed exactly as the proxy relays a single backend's answer), pool,
+policy and metrics.
 """
 
 from __future__ import annotations
@@ -40,16 +42,15 @@ from prometheus_client import Counter, Histogram
 from policies.disaggregation import is_disaggregated
 from policies.types import BackendState, ClusterView, Decision, EngineKind, Role
 from router import pd_sglang, pd_vllm
-from router.attempt import backend_attempt, holding_upstream, routed_headers
+from router.attempt import backend_attempt, holding_upstream, routed_header_lines
 from router.disagg_config import parse_disaggregation
 from router.errors import (
     NoBackend,
     RouterError,
     UpstreamConnectError,
     UpstreamTimeout,
-    error_body,
-    error_response,
 )
+from router.http_client import ConnectFailed, HeadTimeout, ResponseBroken, UpstreamResponse
 from router.http_server import Request, Response, StreamResponse
 from router.pd_vllm import PrefillFailed
 from router.upstream import HOP_BY_HOP
@@ -152,14 +153,17 @@ class Disaggregation:
             backend.breaker.record(verdict, time.monotonic())
 
     async def _open(self, backend: Backend, fields: RequestFields, data: bytes,
-                    gate: asyncio.Task[bytes] | None) -> aiohttp.ClientResponse:
-        """Send the decode request; with a ``gate`` (SGLang's concurrent prefill) the answer
-        is held back until the prefill succeeded, and a failed prefill wins the race."""
+                    gate: asyncio.Task[bytes] | None) -> UpstreamResponse:
+        """Send the decode request (through the proxy's own keep-alive client); with a
+        ``gate`` (SGLang's concurrent prefill) the answer is held back until the prefill
+        succeeded, and a failed prefill wins the race."""
         proxy = self.proxy
-        assert proxy.session is not None
-        opening = asyncio.ensure_future(proxy.session.request(
-            "POST", backend.url + fields.path, data=data, headers=_forward_headers(fields),
-            timeout=self._timeout, allow_redirects=False))
+        assert proxy.client is not None
+        headers = [(k.encode("latin-1"), v.encode("latin-1"))
+                   for k, v in _forward_headers(fields).items()]
+        opening = asyncio.ensure_future(proxy.client.request(
+            backend.url, "POST", fields.path.encode("utf-8", "surrogateescape"), headers,
+            data))
         try:
             async with asyncio.timeout(proxy.config.upstream.first_byte_timeout_s):
                 if gate is not None:
@@ -175,14 +179,14 @@ class Disaggregation:
             await asyncio.wait({opening})
             if not opening.cancelled() and opening.exception() is None:
                 opening.result().close()
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError | HeadTimeout):
                 raise _DecodeRetry(UpstreamTimeout(
                     f"decode backend {backend.backend_id} did not answer in time"),
                     "timeout") from None
-            if isinstance(exc, aiohttp.ClientError):
+            if isinstance(exc, ConnectFailed | ResponseBroken):
                 raise _DecodeRetry(UpstreamConnectError(
-                    f"could not reach decode backend {backend.backend_id}: "
-                    f"{exc.__class__.__name__}"), "connect") from None
+                    f"could not reach decode backend {backend.backend_id}: {exc}"),
+                    "connect") from None
             raise
 
     async def _decode(self, request: Request, fields: RequestFields, decision: Decision,
@@ -206,52 +210,20 @@ class Disaggregation:
                     raise _DecodeRetry(UpstreamConnectError(
                         f"decode backend {backend.backend_id} answered {status}"),
                         f"status_{status}")
-                headers = routed_headers(upstream.headers.items(), fields.request_id,
-                                         backend.backend_id, decision.predicted_hit_tokens)
-                headers.append(("x-kvrouter-pd", mode))
-                response, outcome = await self._relay(request, upstream, headers, backend,
-                                                      fields.stream)
+                headers = routed_header_lines(
+                    upstream.raw_headers, fields.request_id, backend.backend_id,
+                    decision.predicted_hit_tokens) + b"x-kvrouter-pd: %b\r\n" % mode.encode()
+                response: Response | StreamResponse
+                if fields.stream or upstream.content_type == _SSE:
+                    response, outcome = await proxy.relay_stream(
+                        request, upstream, headers, backend)
+                else:
+                    response, outcome = await proxy.relay_whole(
+                        upstream, headers, backend, fields.request_id,
+                        decision.predicted_hit_tokens)
                 slot.verdict = None if outcome is None else slot.verdict and outcome
                 proxy.metrics.count(backend.backend_id, response.status)
                 return response
-
-    async def _relay(self, request: Request, upstream: aiohttp.ClientResponse,
-                     headers: list[tuple[str, str]], backend: Backend,
-                     stream: bool) -> tuple[Response | StreamResponse, bool | None]:
-        """Relay the decode answer as it arrives. (response, True) at a clean end, False when
-        the backend broke it, None when the client went away."""
-        metrics = self.proxy.metrics
-        if not stream and upstream.content_type != _SSE:
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError):
-                metrics.broken_streams.labels(backend.backend_id).inc()
-                return error_response(UpstreamConnectError(
-                    f"decode backend {backend.backend_id} broke the response"),
-                    [(k, v) for k, v in headers if k == "x-request-id"]), False
-            return Response(status=upstream.status, body=data, headers=headers), True
-        response = StreamResponse(status=upstream.status, headers=headers)
-        try:
-            await response.prepare(request)
-            while True:
-                try:
-                    chunk = await upstream.content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    metrics.broken_streams.labels(backend.backend_id).inc()
-                    error = UpstreamConnectError(f"decode backend {backend.backend_id} broke "
-                                                 f"the stream: {exc.__class__.__name__}")
-                    if upstream.content_type == _SSE:
-                        await response.write(b"data: " + error_body(error) + b"\n\n")
-                    await response.write_eof()
-                    return response, False
-                if not chunk:
-                    break
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionResetError:
-            metrics.client_disconnects.inc()
-            return response, None
-        return response, True
 
     # ---- the flows --------------------------------------------------------------------------
 
@@ -420,7 +392,7 @@ def _dump(body: Mapping[str, Any]) -> bytes:
 def _surface(failed: PrefillFailed, fields: RequestFields, prefill: Backend) -> Response:
     """The prefill backend rejected the request: the client gets that answer as it was."""
     return Response(status=failed.status or 400, body=failed.body,
-                        content_type=failed.content_type,
-                        headers={"x-request-id": fields.request_id,
-                                 "x-kvrouter-backend": prefill.backend_id,
-                                 "x-kvrouter-pd": "prefill_error"})
+                    content_type=failed.content_type,
+                    headers={"x-request-id": fields.request_id,
+                             "x-kvrouter-backend": prefill.backend_id,
+                             "x-kvrouter-pd": "prefill_error"})

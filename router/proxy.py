@@ -254,24 +254,25 @@ class Proxy:
                         decision.predicted_hit_tokens)
                     response: Response | StreamResponse
                     if fields.stream or upstream.content_type == _SSE:
-                        response, outcome = await self._relay_stream(
+                        response, outcome = await self.relay_stream(
                             request, upstream, headers, backend)
-                        ok = outcome is True and status < 400
-                        slot.verdict = None if outcome is None else slot.verdict and outcome
                     else:
-                        response = await self._relay_whole(
+                        response, outcome = await self.relay_whole(
                             upstream, headers, backend, fields.request_id,
                             decision.predicted_hit_tokens)
-                        ok = status < 400
+                    ok = outcome is True and status < 400
+                    slot.verdict = None if outcome is None else slot.verdict and outcome
                     self.metrics.count(backend.backend_id, response.status)
                     return response
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
-    async def _relay_whole(
+    async def relay_whole(
         self, upstream: UpstreamResponse, headers: bytes, backend: Backend, request_id: str,
         predicted_hit_tokens: int,
-    ) -> Response:
+    ) -> tuple[Response, bool]:
+        """Read the whole answer, then send it. Returns (response, True), or (a clean 502,
+        False) when the backend broke the body."""
         try:
             data = await upstream.read()
         except ResponseBroken as exc:
@@ -280,10 +281,10 @@ class Proxy:
             error: RouterError = UpstreamConnectError(
                 f"backend {backend.backend_id} broke the response: {exc}")
             return error_response(error, routing_headers(request_id, backend.backend_id,
-                                                         predicted_hit_tokens))
-        return Response(status=upstream.status, body=data, headers=headers)
+                                                         predicted_hit_tokens)), False
+        return Response(status=upstream.status, body=data, headers=headers), True
 
-    async def _relay_stream(
+    async def relay_stream(
         self,
         request: Request,
         upstream: UpstreamResponse,

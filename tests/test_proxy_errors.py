@@ -253,3 +253,41 @@ async def test_no_task_outlives_failed_requests(start_backend, start_router):
     assert len(asyncio.all_tasks()) <= baseline
     assert a.cancelled == 1  # the client's cut reached the backend
     _assert_balanced(router)
+
+
+async def test_body_cut_short_is_a_clean_502_and_a_failed_attempt(start_router, http):
+    """A backend that sends a whole-response head, then closes before the body is complete:
+    the client gets a clean OpenAI 502 (nothing was written yet) and the breaker counts a
+    failure, not a success."""
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            if head.startswith(b"GET"):  # health checks and model discovery
+                body = b'{"object": "list", "data": [{"id": "tiny", "object": "model"}]}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                             % (len(body), body))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"partial\":")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(backend, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        router = await start_router({"backends": [url], "retries": {"max_attempts": 1}})
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            assert response.status == 502
+            assert (await response.json())["error"]["code"] == "upstream_connect_error"
+            assert response.headers["x-kvrouter-backend"] == url
+        assert router.state.pool.get(url).breaker.consecutive_failures == 1
+        _assert_balanced(router)
+    finally:
+        server.close()

@@ -52,9 +52,10 @@ eligible). When the winner is a PREFILL backend and DECODE backends exist, the d
 the DECODE backend with the fewest in-flight requests (ties by RNG) and the Decision is split.
 
 Where cache knowledge comes from: backends with ``kv_events`` are matched in ``view.index``,
-the caller's index fed by engine events (read-only here), when the request's tokens are exact.
-For backends without events, and for requests whose tokens were only estimated, the
-policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
+the caller's index fed by engine events (read-only here), when the request's tokens are exact
+and unsalted (``RouteRequest.matches_events``). For backends without events, and for requests
+whose tokens were only estimated or that carry a ``cache_salt`` (engine events do not say a
+block's salt), the policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
 ``on_dispatched``, entries expire after ``approx_ttl_s``, at most ``approx_capacity_blocks``
 per backend or the engine's own ``total_kv_blocks`` when known), like any policy's memory of
 its own decisions; ``on_backend_removed`` purges it. ``choose`` mutates nothing a later
@@ -157,10 +158,11 @@ class KvAware(PolicyBase):
         hashes = request.block_hashes
         if not hashes:
             return {}
-        # Engine events describe the engine's token blocks; an estimated prompt (no tokenizer
-        # for its model) hashes character chunks that can never match them, so such requests
-        # are matched against the policy's own record of where it sent them instead.
-        exact = request.tokens_exact
+        # Engine events describe the engine's unsalted token blocks; an estimated prompt (no
+        # tokenizer for its model) hashes character chunks and a salted one hashes in its
+        # salt's namespace, neither of which can match them, so such requests are matched
+        # against the policy's own record of where it sent them instead.
+        exact = request.matches_events
         precise = exact and view.index is not None and any(b.kv_events for b in candidates)
         found = view.index.match(hashes, view.now_s) if precise and view.index else {}
         if precise and all(b.kv_events for b in candidates):
@@ -265,7 +267,7 @@ class KvAware(PolicyBase):
                 "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,
                 "prompt_tokens": float(prompt),
-                "kv_events": 1.0 if backend.kv_events and request.tokens_exact else 0.0,
+                "kv_events": 1.0 if backend.kv_events and request.matches_events else 0.0,
                 "capacity_blocks": float(backend.total_kv_blocks or p.approx_capacity_blocks),
             },
         )

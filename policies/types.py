@@ -80,6 +80,16 @@ class RouteRequest:
     max_tokens: int = 16
     stream: bool = False
     tokens_exact: bool = False
+    salted: bool = False
+    """The request carries a ``cache_salt``: the engine keeps its blocks apart from those of
+    other salts, its hashes are in the salt's namespace, and engine KV events (which do not
+    say a block's salt) can never be matched against them."""
+
+    @property
+    def matches_events(self) -> bool:
+        """Whether ``block_hashes`` can be looked up among the engines' KV events: exact
+        tokens in the unsalted namespace the events are indexed in."""
+        return self.tokens_exact and not self.salted
 
 
 @value_type

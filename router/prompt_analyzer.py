@@ -7,7 +7,9 @@ hashed with ``policies.hashing`` in the request's namespace:
 - model: the backends' base model (for a LoRA adapter, the ``parent`` its backends report in
   ``/v1/models``; the adapter name goes into the namespace, as vLLM's events carry
   ``lora_name``);
-- ``cache_salt`` from the body (vLLM keeps salted blocks apart);
+- ``cache_salt`` from the body (vLLM keeps salted blocks apart); such requests are marked
+  ``salted``, since engine events carry no salt and only the policy's record of its own salted
+  dispatches can predict their hits;
 - block size: what the backends serving the model report (``vllm:cache_config_info``, scraped
   into the pool), else ``models.<name>.block_size`` from the config (default 16).
 
@@ -106,6 +108,7 @@ class TokenizingAnalyzer:
                     prompt_text=fields.prompt_text, session_key=fields.session_key,
                     block_hashes=hashes, block_size=shape.block_size, max_tokens=max_tokens,
                     stream=fields.stream, tokens_exact=True,
+                    salted=namespace.cache_salt is not None,
                 )
         return self._estimate(fields, hasher, max_tokens)
 
@@ -116,7 +119,7 @@ class TokenizingAnalyzer:
                 request_id=fields.request_id, model=fields.model, prompt_tokens=len(ids),
                 session_key=fields.session_key, block_hashes=hasher.hash_tokens(ids),
                 block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
-                tokens_exact=True,
+                tokens_exact=True, salted=hasher.namespace.cache_salt is not None,
             )
         if fields.endpoint != Endpoint.OTHER:
             self.metrics.tokenize_fallback.labels(fields.model).inc()
@@ -127,7 +130,7 @@ class TokenizingAnalyzer:
             session_key=fields.session_key,
             block_hashes=char_block_hashes(text, hasher, self.chars_per_token),
             block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
-            tokens_exact=False,
+            tokens_exact=False, salted=hasher.namespace.cache_salt is not None,
         )
 
     def _hasher(self, namespace: Namespace, block_size: int) -> BlockHasher:

@@ -376,3 +376,29 @@ def test_estimated_prompts_follow_their_own_dispatches_not_engine_events() -> No
     assert again.predicted_hit_tokens > 0
     # Exact prompts still trust the engines' events.
     assert p.choose(exact, view(index, *(idle(b) for b in IDS), now_s=2.0)).backend_id == "b3"
+
+
+def test_salted_prompts_follow_their_own_dispatches_not_engine_events() -> None:
+    # A cache_salt keeps a request's blocks apart in the engine, and engine events do not say
+    # a block's salt, so a salted prompt can only hit where its own salt was sent before.
+    p = policy(seed=3)
+    index = PrefixIndex()
+    salted_hasher = BlockHasher(Namespace("m", cache_salt="tenant-a"), BS)
+    body = [4 * 100_003 + i for i in range(4000)]
+    unsalted = RouteRequest(request_id="u", model="m", prompt_tokens=4000,
+                            block_hashes=HASHER.hash_tokens(body), block_size=BS,
+                            tokens_exact=True)
+    hold(index, "b3", unsalted.block_hashes)  # b3 holds the unsalted blocks only
+    salted = RouteRequest(request_id="s", model="m", prompt_tokens=4000,
+                          block_hashes=salted_hasher.hash_tokens(body), block_size=BS,
+                          tokens_exact=True, salted=True)
+    assert not salted.matches_events and unsalted.matches_events
+    first = p.choose(salted, view(index, *(idle(b) for b in IDS)))
+    assert first.predicted_hit_tokens == 0
+    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    p.on_dispatched(salted, first, 0.0)
+    p.on_finished(salted, first, 1.0, True)
+    again = p.choose(salted, view(index, *(idle(b) for b in IDS), now_s=2.0))
+    assert again.backend_id == first.backend_id
+    assert again.predicted_hit_tokens > 0
+    assert p.choose(unsalted, view(index, *(idle(b) for b in IDS), now_s=2.0)).backend_id == "b3"

@@ -215,6 +215,9 @@ async def test_analyzer_namespaces_salt_and_lora(analyzer):
     lora = await analyzer.analyze(_fields({**body, "model": "tiny-lora"}))
     assert plain.prompt_tokens == salted.prompt_tokens == lora.prompt_tokens
     assert len({plain.block_hashes[0], salted.block_hashes[0], lora.block_hashes[0]}) == 3
+    # Only the salted one is kept away from engine events (they carry no salt).
+    assert salted.salted and not plain.salted and not lora.salted
+    assert plain.matches_events and lora.matches_events and not salted.matches_events
 
 
 async def test_analyzer_falls_back_and_counts(analyzer):

@@ -131,7 +131,8 @@ class App:
                 raise http_error(404, "Not Found")
             route = methods.get(request.method)
             if route is None:
-                raise http_error(405, "Method Not Allowed")
+                return error_response(http_error(405, "Method Not Allowed"),
+                                      {"Allow": ", ".join(methods)})
             return await route(request)
         except RouterError as error:
             return error_response(error)

@@ -112,6 +112,17 @@ async def test_health_ready_metrics(start_backend, start_router, http):
         assert name in text
 
 
+async def test_unknown_paths_and_methods_get_openai_errors(start_router, http):
+    router = await start_router({"backends": []})
+    async with http.get(router.url + "/nope") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "404"
+    async with http.put(router.url + "/health") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
 async def test_other_v1_paths_pass_through(start_backend, start_router, http):
     a = await start_backend()
     router = await start_router({"backends": [a.url]})

@@ -121,7 +121,8 @@ async def _run_floor(port: int, backends: list[str]) -> None:
     routing work costs."""
     sys.path.insert(0, str(ROOT))
     from router.http_client import HttpClient
-    from router.http_server import HttpServer, Request, Response, StreamResponse, json_response
+    from router.http_messages import Request, Response, StreamResponse, json_response
+    from router.http_server import HttpServer
     from router.upstream import forward_headers, response_header_lines
 
     client = HttpClient(5.0, 60.0, 60.0)

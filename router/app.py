@@ -50,7 +50,8 @@ from router.disagg_config import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
 from router.http_client import HttpClient
-from router.http_server import HttpServer, Request, Response, StreamResponse, json_response
+from router.http_messages import Request, Response, StreamResponse, json_response
+from router.http_server import HttpServer
 from router.metrics import RouterMetrics
 from router.pool import BackendPool
 from router.proxy import Proxy

@@ -51,7 +51,7 @@ from router.errors import (
     UpstreamTimeout,
 )
 from router.http_client import ConnectFailed, HeadTimeout, ResponseBroken, UpstreamResponse
-from router.http_server import Request, Response, StreamResponse
+from router.http_messages import Request, Response, StreamResponse
 from router.pd_vllm import PrefillFailed
 from router.upstream import HOP_BY_HOP
 

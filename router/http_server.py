@@ -5,9 +5,8 @@ cost about a quarter of the router's CPU per proxied request (bench/README.md), 
 router's client side needs little of it: parse a request (``httptools``, the llhttp parser
 uvicorn uses, does the framing: Content-Length, chunked bodies, keep-alive rules), hand it
 to one handler with its body in memory, and write the handler's answer in one ``write`` or,
-for streams, chunk by chunk with flow control. The surface mirrors the part of aiohttp's
-``web`` API the router used (``Request.read``/``headers``/``raw_headers``, ``Response``,
-``StreamResponse.prepare``/``write``/``write_eof``), so handlers read the same.
+for streams, chunk by chunk with flow control. The request and response objects live in
+``router.http_messages``.
 
 Behaviour a proxy relies on:
 
@@ -23,7 +22,7 @@ Behaviour a proxy relies on:
 - Malformed HTTP gets ``errors(400, ...)`` and a close; a handler that raises gets
   ``errors(500, ...)``. ``errors`` builds the body (the router's OpenAI error shape).
 
-Must not import other ``router`` modules.
+Must not import other ``router`` modules except ``router.http_messages``.
 """
 
 from __future__ import annotations
@@ -31,195 +30,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from http import HTTPStatus
-from typing import Any
 
 import httptools
 
-__all__ = [
-    "BodyTooLarge",
-    "HttpServer",
-    "Request",
-    "RequestHeaders",
-    "Response",
-    "StreamResponse",
-    "json_response",
-]
+from router.http_messages import Request, Response, StreamResponse, head_bytes
 
+__all__ = ["ErrorBody", "Handler", "HttpServer"]
 log = logging.getLogger("kvrouter.http")
 
 _MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 2.0
 _MAX_PIPELINED = 32
-_REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-Headers = Mapping[str, str] | Iterable[tuple[str, str]] | bytes | None
-"""Response headers: a mapping, (name, value) pairs, or ready lines (``b"name: value\\r\\n"``
-each, for headers passed through from a backend without decoding)."""
-
-
-class BodyTooLarge(Exception):
-    """The request body exceeds the server's ``max_body_bytes``; it was not buffered."""
-
-
-class RequestHeaders(Mapping[str, str]):
-    """A request's headers as a read-only, case-insensitive mapping over the raw bytes. The
-    name index is built on the first lookup and values are decoded only when asked for (a
-    proxied request looks up one or two). Repeated names: the first wins, as in aiohttp;
-    ``items()`` has them all."""
-
-    __slots__ = ("_index", "_raw")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self._raw = raw
-        self._index: dict[bytes, bytes] | None = None
-
-    def _lookup(self, name: str) -> bytes | None:
-        index = self._index
-        if index is None:
-            index = self._index = {n.lower(): v for n, v in reversed(self._raw)}
-        return index.get(name.lower().encode("latin-1"))
-
-    def __getitem__(self, name: str) -> str:
-        value = self._lookup(name)
-        if value is None:
-            raise KeyError(name)
-        return value.decode("latin-1")
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self._lookup(name)
-        return default if value is None else value.decode("latin-1")
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._lookup(name) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return (n.decode("latin-1") for n, _ in self._raw)
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def items(self) -> list[tuple[str, str]]:  # type: ignore[override]
-        """Every header in arrival order, repeated names included."""
-        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw]
-
-
-class Request:
-    """One parsed request. ``raw_path`` is the request target as sent (path and query)."""
-
-    __slots__ = ("_body", "_conn", "_headers", "_too_large", "http_version", "keep_alive",
-                 "method", "path", "raw_headers", "raw_path")
-
-    def __init__(self, conn: _Connection | None, method: str, raw_path: str,
-                 raw_headers: list[tuple[bytes, bytes]], http_version: str,
-                 keep_alive: bool) -> None:
-        self._conn = conn
-        self.method = method
-        self.raw_path = raw_path
-        self.path = raw_path.partition("?")[0]
-        self.raw_headers = raw_headers
-        self.http_version = http_version
-        self.keep_alive = keep_alive
-        self._headers: RequestHeaders | None = None
-        self._body = b""
-        self._too_large = False
-
-    @property
-    def headers(self) -> RequestHeaders:
-        if self._headers is None:
-            self._headers = RequestHeaders(self.raw_headers)
-        return self._headers
-
-    async def read(self) -> bytes:
-        if self._too_large:
-            raise BodyTooLarge
-        return self._body
-
-    async def json(self) -> Any:
-        return json.loads(await self.read())
-
-
-class Response:
-    """A whole response, written in one go after the handler returns."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, *, status: int = 200, body: bytes = b"", headers: Headers = None,
-                 content_type: str | None = None) -> None:
-        self.status = status
-        self.body = body
-        self.headers = _header_list(headers)
-        if content_type is not None:
-            if isinstance(self.headers, bytes):
-                self.headers += b"Content-Type: %b\r\n" % content_type.encode("latin-1")
-            else:
-                self.headers.append(("Content-Type", content_type))
-
-
-def json_response(data: Any, *, status: int = 200, headers: Headers = None) -> Response:
-    return Response(status=status, body=json.dumps(data).encode(), headers=headers,
-                    content_type="application/json")
-
-
-class StreamResponse:
-    """A response written as it is produced: ``prepare`` sends the head, each ``write`` one
-    chunk (chunked transfer coding; HTTP/1.0 clients get the raw bytes and a close), and
-    ``write_eof`` the end. ``write`` waits while the client reads slower than we write, and
-    raises ``ConnectionResetError`` once the client has gone."""
-
-    __slots__ = ("_chunked", "_conn", "_eof", "headers", "status")
-
-    def __init__(self, *, status: int = 200, headers: Headers = None) -> None:
-        self.status = status
-        self.headers = _header_list(headers)
-        self._conn: _Connection | None = None
-        self._chunked = True
-        self._eof = False
-
-    @property
-    def prepared(self) -> bool:
-        return self._conn is not None
-
-    async def prepare(self, request: Request) -> None:
-        conn = request._conn
-        if conn is None:
-            raise RuntimeError("prepare() needs a request the server is serving")
-        self._conn = conn
-        self._chunked = request.http_version != "1.0"
-        if not self._chunked or conn.closing:
-            request.keep_alive = False
-        extra = b"Transfer-Encoding: chunked\r\n" if self._chunked else b""
-        conn.write(_head(self.status, self.headers, extra, request.keep_alive,
-                         conn.server.date()))
-        await conn.drain()
-
-    async def write(self, data: bytes) -> None:
-        conn = self._conn
-        assert conn is not None, "write() before prepare()"
-        if not data:
-            return  # an empty chunk would end a chunked body
-        if self._chunked:
-            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            conn.write(data)
-        await conn.drain()
-
-    async def write_eof(self) -> None:
-        conn = self._conn
-        assert conn is not None, "write_eof() before prepare()"
-        if self._eof:
-            return
-        self._eof = True
-        if self._chunked:
-            conn.write(b"0\r\n\r\n")
-        await conn.drain()
-
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 ErrorBody = Callable[[int, str], Response]
@@ -495,7 +321,7 @@ class _Connection(asyncio.Protocol):
                 body = b""
         if self.closing:
             request.keep_alive = False  # shutting down: tell the client not to reuse this
-        head = _head(status, response.headers, extra, request.keep_alive, self.server.date())
+        head = head_bytes(status, response.headers, extra, request.keep_alive, self.server.date())
         if len(body) < 65536:
             self.write(head + body)
         else:
@@ -508,7 +334,7 @@ class _Connection(asyncio.Protocol):
         self.queue.clear()
         if self.task is None and self.transport is not None:
             response = self.server.errors(status, message)
-            self.write(_head(status, response.headers,
+            self.write(head_bytes(status, response.headers,
                              b"Content-Length: %d\r\n" % len(response.body), False,
                              self.server.date()) + response.body)
         self._close_transport()
@@ -519,6 +345,9 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client went away")
         self.transport.write(data)
+
+    def date(self) -> bytes:
+        return self.server.date()
 
     async def drain(self) -> None:
         if self.closed:
@@ -560,36 +389,6 @@ class _Connection(asyncio.Protocol):
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "-"
-
-
-def _header_list(headers: Headers) -> list[tuple[str, str]] | bytes:
-    if headers is None:
-        return []
-    if isinstance(headers, bytes):
-        return headers
-    if isinstance(headers, Mapping):
-        return list(headers.items())
-    return list(headers)
-
-
-def _head(status: int, headers: list[tuple[str, str]] | bytes, extra: bytes,
-          keep_alive: bool, date: bytes = b"") -> bytes:
-    if isinstance(headers, bytes):
-        block = headers  # lines as a backend sent them: its parser already split them
-    else:
-        text = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        if text.count("\n") != len(headers):
-            raise ValueError("a response header contains a line break")
-        block = text.encode("latin-1")
-    reason = _REASONS.get(status, b"Unknown")
-    return b"".join((
-        b"HTTP/1.1 %d %b\r\n" % (status, reason),
-        block,
-        extra,
-        b"Date: %b\r\n" % date if date else b"",
-        b"" if keep_alive else b"Connection: close\r\n",
-        b"\r\n",
-    ))
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:

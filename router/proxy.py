@@ -50,7 +50,7 @@ from router.http_client import (
     ResponseBroken,
     UpstreamResponse,
 )
-from router.http_server import BodyTooLarge, Request, Response, StreamResponse
+from router.http_messages import BodyTooLarge, Request, Response, StreamResponse
 from router.metrics import NO_BACKEND, RouterMetrics
 from router.pool import Backend, BackendPool
 from router.upstream import forward_headers

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from router.http_server import (
+from router.http_messages import (
     BodyTooLarge,
-    HttpServer,
     Request,
     Response,
     StreamResponse,
     json_response,
 )
+from router.http_server import HttpServer
 
 MAX_BODY = 1000
 

@@ -133,6 +133,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._in_head = True  # the first bytes on a connection are a request head
+        self._read_bytes = 0
+        self._head_too_large = False
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._request: Request | None = None
@@ -165,19 +167,26 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self._in_head:
-            # Counted per read, not per header callback: a head that keeps coming without
-            # ending is refused once it passes the limit (give or take one read).
-            self._head_bytes += len(data)
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self._fail(431, "request headers are too large")
-                return
+        self._read_bytes = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            # An exception raised in a parser callback arrives wrapped in this one.
+            if self._head_too_large:
+                self._fail(431, "request headers are too large")
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head:
+            # Counted per read that ends inside a head (not per header callback, and not a
+            # read that completes the head, whose rest may be a large body): a head that
+            # keeps coming is refused once past the limit, give or take one read.
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._fail(431, "request headers are too large")
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -210,6 +219,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self.idle_since = None
+        # Only a head that could be past the limit is measured exactly (most are a few
+        # hundred bytes, and this runs for every request).
+        if self._head_bytes + self._read_bytes > _MAX_HEAD_BYTES and _head_size(
+                self._url, self._headers) > _MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise ValueError("request head too large")
         parser = self.parser
         request = Request(
             self, parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
@@ -389,6 +404,10 @@ class _Connection(asyncio.Protocol):
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "-"
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:

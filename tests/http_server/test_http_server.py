@@ -358,3 +358,30 @@ async def test_a_slow_reader_holds_the_stream_back():
     assert most_buffered < 4 * len(chunk)
     writer.close()
     await server.close(grace_s=1)
+
+
+async def test_a_large_body_in_the_first_read_is_not_taken_for_a_large_head():
+    handlers = _Handlers()
+    server = HttpServer(handlers.handle, _error, max_body_bytes=1 << 20)
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await _open(port)
+    body = b"b" * 200_000  # far more than the 64 KiB head limit, in the same packets
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b"
+                 % (len(body), body))
+    status, _, answer = await asyncio.wait_for(_read_response(reader), 5)
+    assert status == 200 and len(json.loads(answer)["body"]) == len(body)
+    writer.close()
+    await server.close(grace_s=1)
+
+
+async def test_an_oversized_head_over_many_reads_gets_431(served):
+    _, _, port = served
+    reader, writer = await _open(port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+    for i in range(33):  # 33 x ~2 KiB header lines, each its own read: just over 64 KiB
+        writer.write(b"X-Part-%d: %b\r\n" % (i, b"a" * 2048))
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    status, _, _ = await asyncio.wait_for(_read_response(reader), 5)
+    assert status == 431
+    writer.close()

@@ -165,6 +165,10 @@ class _Connection(asyncio.Protocol):
 
     def _on_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
+        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            # A bare CR or LF inside a line: headers relayed as received could smuggle a
+            # line break to the client, so such a head is refused.
+            raise ValueError("a bare CR or LF in the response head")
         version, _, rest = lines[0].partition(b" ")
         if not version.startswith(b"HTTP/1."):
             raise ValueError(f"not an HTTP/1 status line: {lines[0][:40]!r}")

@@ -186,7 +186,7 @@ class StreamResponse:
             request.keep_alive = False
         extra = b"Transfer-Encoding: chunked\r\n" if self._chunked else b""
         conn.write(head_bytes(self.status, self.headers, extra, request.keep_alive,
-                         conn.date()))
+                              conn.date()))
         await conn.drain()
 
     async def write(self, data: bytes) -> None:
@@ -222,12 +222,13 @@ def _header_list(headers: Headers) -> list[tuple[str, str]] | bytes:
 
 
 def head_bytes(status: int, headers: list[tuple[str, str]] | bytes, extra: bytes,
-          keep_alive: bool, date: bytes = b"") -> bytes:
+               keep_alive: bool, date: bytes = b"") -> bytes:
+    """The status line and header block; ``extra`` holds the framing lines."""
     if isinstance(headers, bytes):
-        block = headers  # lines as a backend sent them: its parser already split them
+        block = headers  # lines from a backend's head: router.http_client refused stray CR/LF
     else:
         text = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        if text.count("\n") != len(headers):
+        if text.count("\n") != len(headers) or text.count("\r") != len(headers):
             raise ValueError("a response header contains a line break")
         block = text.encode("latin-1")
     reason = _REASONS.get(status, b"Unknown")

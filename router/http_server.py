@@ -350,8 +350,8 @@ class _Connection(asyncio.Protocol):
         if self.task is None and self.transport is not None:
             response = self.server.errors(status, message)
             self.write(head_bytes(status, response.headers,
-                             b"Content-Length: %d\r\n" % len(response.body), False,
-                             self.server.date()) + response.body)
+                                  b"Content-Length: %d\r\n" % len(response.body), False,
+                                  self.server.date()) + response.body)
         self._close_transport()
 
     # -- writing ---------------------------------------------------------------------------

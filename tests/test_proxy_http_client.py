@@ -128,8 +128,10 @@ async def test_head_timeout_and_connect_failure():
     [[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"],
      [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"],
      [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
-     [b"SPDY/3 200 OK\r\n\r\n"]],
-    ids=["length-cut", "chunked-cut", "bad-chunk-size", "not-http1"],
+     [b"SPDY/3 200 OK\r\n\r\n"],
+     [b"HTTP/1.1 200 OK\r\nX-A: 1\nX-Injected: 2\r\nContent-Length: 0\r\n\r\n"],
+     [b"HTTP/1.1 200 OK\r\nX-A: 1\rX-Injected: 2\r\nContent-Length: 0\r\n\r\n"]],
+    ids=["length-cut", "chunked-cut", "bad-chunk-size", "not-http1", "bare-lf", "bare-cr"],
 )
 async def test_broken_bodies_raise(pieces):
     async with RawServer([pieces], close_after=True) as url:

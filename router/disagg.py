@@ -35,7 +35,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 
@@ -81,9 +80,6 @@ class Disaggregation:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.config, _ = parse_disaggregation(proxy.config.extensions.get("disaggregation"))
-        up = proxy.config.upstream
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s)
         r = proxy.metrics.registry
         self.decisions = Counter(
             "kvrouter_pd_decisions", "Decisions in disaggregated pools: split or local.",

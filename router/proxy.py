@@ -60,6 +60,7 @@ __all__ = ["Proxy"]
 log = logging.getLogger("kvrouter.proxy")
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
+_SSE = "text/event-stream"
 
 
 def parse_json(body: bytes) -> object:
@@ -70,7 +71,6 @@ def parse_json(body: bytes) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return json.loads(body)
-_SSE = "text/event-stream"
 
 
 class _Retry(Exception):
@@ -107,10 +107,6 @@ class Proxy:
         self._request_count = 0
         # Serves decisions with a prefill backend (prefill/decode disaggregation).
         self.disagg = Disaggregation(self)
-        up = config.upstream
-        # For callers that send through the aiohttp session (prefill legs of a split request).
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=up.connect_timeout_s, sock_read=up.read_idle_timeout_s)
 
     def _new_request_id(self) -> str:
         # Unique without a system call per request: a random per-process prefix and a count.

@@ -50,7 +50,13 @@ from router.disagg_config import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
 from router.http_client import HttpClient
-from router.http_messages import Request, Response, StreamResponse, json_response
+from router.http_messages import (
+    BodyTooLarge,
+    Request,
+    Response,
+    StreamResponse,
+    json_response,
+)
 from router.http_server import HttpServer
 from router.metrics import RouterMetrics
 from router.pool import BackendPool
@@ -195,7 +201,7 @@ class App:
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise Unauthorized("a valid admin bearer token is required for /debug/route")
         endpoint = Endpoint.COMPLETIONS
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, BodyTooLarge):  # read_request answers both
             if "messages" in json.loads(await request.read() or b"{}"):
                 endpoint = Endpoint.CHAT
         _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")

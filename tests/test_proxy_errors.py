@@ -62,6 +62,11 @@ async def test_body_over_limit_gets_413(start_backend, start_router, http):
     async with http.post(router.url + "/v1/completions", data=big) as response:
         assert response.status == 413
         assert (await response.json())["error"]["code"] == "request_too_large"
+    # The same limit on every path that reads a body.
+    for path in ("/debug/route", "/v1/embeddings"):
+        async with http.post(router.url + path, data=big) as response:
+            assert response.status == 413, path
+            assert (await response.json())["error"]["code"] == "request_too_large"
     async with http.post(router.url + "/v1/completions",
                          json={"model": "tiny", "prompt": "small"}) as response:
         assert response.status == 200

@@ -29,7 +29,7 @@ __all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_
 
 
 class Upstream(Protocol):
-    """What both upstream clients' responses offer (``router.http_client``, aiohttp)."""
+    """What an upstream response offers (``router.http_client.UpstreamResponse``)."""
 
     def close(self) -> None: ...
 

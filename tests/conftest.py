@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from fake_backend import FakeBackend, RouterHandle
 
 from router.app import Runner, create_app, serve
 from router.config import Config, parse_config
+
+# The router serves on uvloop by default, and uvloop's transports differ from asyncio's in flow
+# control, half-close and buffer accounting: the cases of the HTTP layer and the proxy run on
+# both loops; everything else on asyncio's.
+_ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py",
+                            "test_proxy_errors.py"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in _ON_BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
 """The router's client-facing HTTP/1.1 server (``router.http_server``) over raw sockets: the
 framing cases real clients produce that the aiohttp-based tests never send (pipelining,
 chunked request bodies, ``Expect: 100-continue``, HTTP/1.0, malformed input, oversized bodies
-and heads, disconnects). Every case runs on asyncio's loop and on uvloop (this directory's
-conftest)."""
+and heads, disconnects). Every case runs on asyncio's loop and on uvloop (``conftest.py``)."""
 
 from __future__ import annotations
 

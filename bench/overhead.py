@@ -370,6 +370,17 @@ def _table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def _against_sglang(cells: list[Cell]) -> str:
+    """Issue 2's throughput target, read off the same run: each kvrouter variant's req/s as a
+    share of sglang-router's in the same cell."""
+    sglang = {(c.mode, c.concurrency): c for c in cells if c.target == "sglang-router"}
+    lines = [f"{c.target} / sglang-router req/s, {c.mode}, concurrency {c.concurrency}: "
+             f"{c.rps:,.0f} / {peer.rps:,.0f} = {c.rps / peer.rps:.0%}"
+             for c in cells if c.target.startswith("kvrouter")
+             if (peer := sglang.get((c.mode, c.concurrency))) is not None and peer.rps > 0]
+    return "\n".join(lines)
+
+
 async def _main(args: argparse.Namespace) -> int:
     prompt = ("The quick brown fox jumps over the lazy dog. " * 64)[: args.prompt_chars]
     cells: list[Cell] = []
@@ -385,6 +396,10 @@ async def _main(args: argparse.Namespace) -> int:
                           f"errors {cell.errors}", flush=True)
     print()
     print(_table(cells))
+    targets = _against_sglang(cells)
+    if targets:
+        print()
+        print(targets)
     return cells_ok(cells)
 
 

@@ -152,7 +152,8 @@ class App:
         up = state.config.upstream
         state.proxy.session = client_session(up)
         state.proxy.client = HttpClient(up.connect_timeout_s, up.first_byte_timeout_s,
-                                        up.read_idle_timeout_s)
+                                        up.read_idle_timeout_s,
+                                        max_connections=up.max_connections)
         self._tasks = [asyncio.create_task(state.health.run(), name="kvrouter-health")]
         for factory in self._background:
             self._tasks.append(asyncio.create_task(factory(state)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -58,6 +58,13 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # Called once when the connection is gone (aborted or lost): frees its pool slot.
+        self.on_gone: Callable[[], None] | None = None
+
+    def _gone(self) -> None:
+        on_gone, self.on_gone = self.on_gone, None
+        if on_gone is not None:
+            on_gone()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -66,6 +73,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._gone()
         if self._state == _UNTIL_CLOSE:
             self._finish()
         elif self._state != _DONE:
@@ -233,6 +241,7 @@ class _Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.closed = True
+        self._gone()
         if self.transport is not None:
             self.transport.abort()
 
@@ -325,12 +334,21 @@ class UpstreamResponse:
 
 
 class HttpClient:
+    """Keep-alive connections per backend. With ``max_connections`` (0: no limit) at most
+    that many are open to all backends together: a request that needs a new one first
+    closes an idle connection to another backend, else waits (first come, first served) up
+    to the connect timeout for one to close, as aiohttp's connector limit does."""
+
     def __init__(self, connect_timeout_s: float, first_byte_timeout_s: float,
-                 read_idle_timeout_s: float, max_idle_per_backend: int = 256) -> None:
+                 read_idle_timeout_s: float, max_idle_per_backend: int = 256,
+                 max_connections: int = 0) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = read_idle_timeout_s
         self._max_idle = max_idle_per_backend
+        self._max_connections = max_connections
+        self.open_connections = 0
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._targets: dict[str, tuple[tuple[str, int, bool], bytes, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -361,7 +379,13 @@ class HttpClient:
         for _ in range(2):
             conn, reused = self._take(key)
             if conn is None:
-                conn = await self._connect(key)
+                await self._reserve()
+                try:
+                    conn = await self._connect(key)
+                except BaseException:
+                    self._free_slot()
+                    raise
+                conn.on_gone = self._free_slot
             conn.send(head, body, head_only=method == "HEAD")
             assert conn._head is not None
             timer = asyncio.get_running_loop().call_later(
@@ -389,14 +413,51 @@ class HttpClient:
         return None, False
 
     def _put(self, key: tuple[str, int, bool], conn: _Connection) -> None:
-        if not conn.reusable():
-            conn._abort()
+        if not conn.reusable() or self._slot_waiters:
+            conn._abort()  # with requests waiting for a slot, this one's goes to the first
             return
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self._max_idle:
             conn._abort()
         else:
             idle.append(conn)
+
+    # -- the connection limit ---------------------------------------------------------------
+
+    async def _reserve(self) -> None:
+        """Take a slot for a new connection (every open connection holds one)."""
+        limit = self._max_connections
+        while limit and self.open_connections >= limit:
+            idle = next((conns.pop() for conns in self._idle.values() if conns), None)
+            if idle is None:
+                break
+            idle._abort()  # frees its slot at once, to us or to an earlier waiter
+        if not limit or self.open_connections < limit:
+            self.open_connections += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await waiter  # a closing connection hands its slot over
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._free_slot()  # handed over just as we gave up: pass it on
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise ConnectFailed(
+                    f"no free connection within {self._connect_timeout_s} s "
+                    f"(upstream.max_connections {limit})") from None
+            raise
+
+    def _free_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.open_connections -= 1
 
     async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
         host, port, tls = key

@@ -180,3 +180,57 @@ def test_chunked_bodies_survive_any_split(chunks, cuts):
             return body
 
     assert asyncio.run(run()) == b"".join(chunks)
+
+
+async def test_max_connections_caps_open_connections_and_queues_the_rest():
+    """Four concurrent requests through a client limited to two connections: the backend
+    never sees more than two at once, every request completes, and a finished connection's
+    slot goes to a waiting request."""
+    open_now = 0
+    most_open = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most_open
+        open_now += 1
+        most_open = max(most_open, open_now)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(0.1)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    http = HttpClient(5.0, 10.0, 10.0, max_connections=2)
+
+    async def one() -> bytes:
+        response = await http.request(url, "GET", b"/", [], b"")
+        body = await response.read()
+        response.release()
+        return body
+
+    try:
+        assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
+        assert most_open == 2
+        assert http.open_connections <= 2
+    finally:
+        http.close()
+        server.close()
+
+
+async def test_max_connections_wait_ends_with_connect_failed():
+    async with RawServer([[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]], delay_s=1.0) as url:
+        http = HttpClient(0.2, 10.0, 10.0, max_connections=1)
+        first = asyncio.create_task(http.request(url, "GET", b"/", [], b""))
+        await asyncio.sleep(0.05)  # the first holds the only connection for ~1 s
+        with pytest.raises(ConnectFailed, match="max_connections"):
+            await http.request(url, "GET", b"/", [], b"")
+        (await first).release()
+        http.close()
+        assert http.open_connections == 0  # every slot came back

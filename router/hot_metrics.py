@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -72,83 +73,78 @@ class HistogramChild:
         self.sum += value
 
 
-class _Family:
+_Child = TypeVar("_Child", CounterChild, GaugeChild, HistogramChild)
+
+
+class _Family(Generic[_Child]):
+    """Children by label values, and what every family's collector needs."""
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry) -> None:
+                 new_child: Callable[[], _Child]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], object] = {}
-        registry.register(self)
+        self.children: dict[tuple[str, ...], _Child] = {}
+        self._new_child: Callable[[], _Child] = new_child
 
-    def _child(self, values: tuple[str, ...]) -> object:
-        child = self._children.get(values)
+    def labels(self, *values: str) -> _Child:
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
         if child is None:
-            if len(values) != len(self.labelnames):
+            if len(key) != len(self.labelnames):
                 raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-            child = self._children[values] = self._new()
+            child = self.children[key] = self._new_child()
         return child
 
-    def _new(self) -> object:
-        raise NotImplementedError
 
-    def collect(self) -> list[Metric]:
-        raise NotImplementedError
-
-    def describe(self) -> list[Metric]:
-        return self.collect()
-
-
-class HotCounter(_Family):
-    def labels(self, *values: str) -> CounterChild:
-        return self._child(tuple(str(v) for v in values))  # type: ignore[return-value]
-
-    def _new(self) -> CounterChild:
-        return CounterChild()
+class HotCounter(_Family[CounterChild]):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, labelnames, CounterChild)
+        registry.register(self)
 
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)  # type: ignore[attr-defined]
+        for values, child in list(self.children.items()):
+            family.add_metric(values, child.value)
         return [family]
 
+    describe = collect
 
-class HotGauge(_Family):
-    def labels(self, *values: str) -> GaugeChild:
-        return self._child(tuple(str(v) for v in values))  # type: ignore[return-value]
 
-    def _new(self) -> GaugeChild:
-        return GaugeChild()
+class HotGauge(_Family[GaugeChild]):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, labelnames, GaugeChild)
+        registry.register(self)
 
     def collect(self) -> list[Metric]:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)  # type: ignore[attr-defined]
+        for values, child in list(self.children.items()):
+            family.add_metric(values, child.value)
         return [family]
 
+    describe = collect
 
-class HotHistogram(_Family):
+
+class HotHistogram(_Family[HistogramChild]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  registry: CollectorRegistry, buckets: Sequence[float]) -> None:
         bounds = tuple(sorted(float(b) for b in buckets))
         if not bounds or bounds[-1] != math.inf:
             bounds += (math.inf,)
         self.bounds = bounds
-        super().__init__(name, documentation, labelnames, registry)
-
-    def labels(self, *values: str) -> HistogramChild:
-        return self._child(tuple(str(v) for v in values))  # type: ignore[return-value]
-
-    def _new(self) -> HistogramChild:
-        return HistogramChild(self.bounds)
+        super().__init__(name, documentation, labelnames, lambda: HistogramChild(bounds))
+        registry.register(self)
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            assert isinstance(child, HistogramChild)
+        for values, child in list(self.children.items()):
             cumulative, buckets = 0, []
             for bound, count in zip(self.bounds, child.counts, strict=True):
                 cumulative += count
                 buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
             family.add_metric(values, buckets, child.sum)
         return [family]
+
+    describe = collect

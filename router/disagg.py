@@ -65,7 +65,6 @@ __all__ = ["Disaggregation"]
 log = logging.getLogger("kvrouter.disagg")
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
-_SSE = "text/event-stream"
 _PREFILL_ROLES = frozenset({Role.PREFILL})
 _DECODE_ROLES = frozenset({Role.DECODE, Role.MIXED})
 
@@ -209,14 +208,8 @@ class Disaggregation:
                 headers = routed_header_lines(
                     upstream.raw_headers, fields.request_id, backend.backend_id,
                     decision.predicted_hit_tokens) + b"x-kvrouter-pd: %b\r\n" % mode.encode()
-                response: Response | StreamResponse
-                if fields.stream or upstream.content_type == _SSE:
-                    response, outcome = await proxy.relay_stream(
-                        request, upstream, headers, backend)
-                else:
-                    response, outcome = await proxy.relay_whole(
-                        upstream, headers, backend, fields.request_id,
-                        decision.predicted_hit_tokens)
+                response, outcome = await proxy.relay(
+                    request, upstream, headers, backend, fields, decision)
                 slot.verdict = None if outcome is None else slot.verdict and outcome
                 proxy.metrics.count(backend.backend_id, response.status)
                 return response

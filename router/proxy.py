@@ -248,14 +248,8 @@ class Proxy:
                     headers = routed_header_lines(
                         upstream.raw_headers, fields.request_id, backend.backend_id,
                         decision.predicted_hit_tokens)
-                    response: Response | StreamResponse
-                    if fields.stream or upstream.content_type == _SSE:
-                        response, outcome = await self.relay_stream(
-                            request, upstream, headers, backend)
-                    else:
-                        response, outcome = await self.relay_whole(
-                            upstream, headers, backend, fields.request_id,
-                            decision.predicted_hit_tokens)
+                    response, outcome = await self.relay(
+                        request, upstream, headers, backend, fields, decision)
                     ok = outcome is True and status < 400
                     slot.verdict = None if outcome is None else slot.verdict and outcome
                     self.metrics.count(backend.backend_id, response.status)
@@ -263,7 +257,19 @@ class Proxy:
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
-    async def relay_whole(
+    async def relay(
+        self, request: Request, upstream: UpstreamResponse, headers: bytes, backend: Backend,
+        fields: RequestFields, decision: Decision,
+    ) -> tuple[Response | StreamResponse, bool | None]:
+        """Relay the backend's answer to the client: chunk by chunk when it streams, else
+        whole. Returns (response, True) at a clean end, False when the backend broke it,
+        None when the client went away."""
+        if fields.stream or upstream.content_type == _SSE:
+            return await self._relay_stream(request, upstream, headers, backend)
+        return await self._relay_whole(upstream, headers, backend, fields.request_id,
+                                       decision.predicted_hit_tokens)
+
+    async def _relay_whole(
         self, upstream: UpstreamResponse, headers: bytes, backend: Backend, request_id: str,
         predicted_hit_tokens: int,
     ) -> tuple[Response, bool]:
@@ -280,7 +286,7 @@ class Proxy:
                                                          predicted_hit_tokens)), False
         return Response(status=upstream.status, body=data, headers=headers), True
 
-    async def relay_stream(
+    async def _relay_stream(
         self,
         request: Request,
         upstream: UpstreamResponse,

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable
 
 import aiohttp
 import orjson
@@ -257,17 +258,18 @@ class Proxy:
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
 
-    async def relay(
+    def relay(
         self, request: Request, upstream: UpstreamResponse, headers: bytes, backend: Backend,
         fields: RequestFields, decision: Decision,
-    ) -> tuple[Response | StreamResponse, bool | None]:
+    ) -> Awaitable[tuple[Response | StreamResponse, bool | None]]:
         """Relay the backend's answer to the client: chunk by chunk when it streams, else
-        whole. Returns (response, True) at a clean end, False when the backend broke it,
-        None when the client went away."""
+        whole. Awaits to (response, True) at a clean end, False when the backend broke it,
+        None when the client went away. (A plain function handing back the chosen relay's
+        coroutine: no extra coroutine frame per request.)"""
         if fields.stream or upstream.content_type == _SSE:
-            return await self._relay_stream(request, upstream, headers, backend)
-        return await self._relay_whole(upstream, headers, backend, fields.request_id,
-                                       decision.predicted_hit_tokens)
+            return self._relay_stream(request, upstream, headers, backend)
+        return self._relay_whole(upstream, headers, backend, fields.request_id,
+                                 decision.predicted_hit_tokens)
 
     async def _relay_whole(
         self, upstream: UpstreamResponse, headers: bytes, backend: Backend, request_id: str,

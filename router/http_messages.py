@@ -59,22 +59,24 @@ class BodyTooLarge(Exception):
 
 
 class RequestHeaders(Mapping[str, str]):
-    """A request's headers as a read-only, case-insensitive mapping over the raw bytes. The
-    name index is built on the first lookup and values are decoded only when asked for (a
-    proxied request looks up one or two). Repeated names: the first wins, as in aiohttp;
-    ``items()`` has them all."""
+    """A request's headers as a read-only, case-insensitive mapping over the raw bytes:
+    a lookup scans the few headers a request has, comparing lengths first, and decodes only
+    the value asked for (cheaper than building an index for the one or two lookups a
+    proxied request makes). Repeated names: the first wins, as in aiohttp; ``items()`` has
+    them all."""
 
-    __slots__ = ("_index", "_raw")
+    __slots__ = ("_raw",)
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._raw = raw
-        self._index: dict[bytes, bytes] | None = None
 
     def _lookup(self, name: str) -> bytes | None:
-        index = self._index
-        if index is None:
-            index = self._index = {n.lower(): v for n, v in reversed(self._raw)}
-        return index.get(name.lower().encode("latin-1"))
+        key = name.lower().encode("latin-1")
+        size = len(key)
+        for n, v in self._raw:
+            if len(n) == size and n.lower() == key:
+                return v
+        return None
 
     def __getitem__(self, name: str) -> str:
         value = self._lookup(name)

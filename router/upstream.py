@@ -70,17 +70,25 @@ def request_headers(items: Iterable[tuple[str, str]], request_id: str) -> CIMult
 def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> bytes:
     """The client's header lines as received (bytes), minus hop-by-hop ones, with
     ``x-request-id`` set: the block ``router.http_client`` puts in the request head."""
+    # Pieces into one join: about half the time of formatting each line (timeit).
     drop = _DROP_FROM_REQUEST_BYTES
-    lines = [b"%b: %b\r\n" % (n, v) for n, v in raw if n.lower() not in drop]
-    lines.append(b"x-request-id: %b\r\n" % request_id.encode("latin-1"))
-    return b"".join(lines)
+    out: list[bytes] = []
+    for name, value in raw:
+        if name.lower() not in drop:
+            out += (name, b": ", value, b"\r\n")
+    out += (b"x-request-id: ", request_id.encode("latin-1"), b"\r\n")
+    return b"".join(out)
 
 
 def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:
     """``response_headers`` for headers as received (lower-case name, value; bytes): the
     header lines to write to the client, passed through without decoding."""
     drop = _DROP_FROM_RESPONSE_BYTES
-    return b"".join([b"%b: %b\r\n" % (n, v) for n, v in raw if n not in drop])
+    out: list[bytes] = []
+    for name, value in raw:
+        if name not in drop:
+            out += (name, b": ", value, b"\r\n")
+    return b"".join(out)
 
 
 def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

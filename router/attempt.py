@@ -3,7 +3,7 @@ proxy sends it or the prefill/decode path sends its decode leg.
 
 Entering counts the attempt in flight (pool and metric); leaving releases it, observes its
 duration and hands the attempt's verdict to the backend's breaker (True: the backend answered
-well; False: it failed; None: no verdict, e.g. the client went away). ``routed_headers`` gives
+well; False: it failed; None: no verdict, e.g. the client went away). ``routed_header_lines`` gives
 the client the upstream's response headers plus the routing headers. Must not import
 ``router.proxy`` or ``router.disagg`` (both import this).
 """
@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol
 
 from router.hot_metrics import GaugeChild, HistogramChild
 from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
-from router.upstream import response_header_lines, response_headers
+from router.upstream import response_header_lines
 
 __all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_lines",
-           "routed_headers", "routing_headers"]
+           "routing_headers"]
 
 # Both context managers are small classes rather than @contextmanager generators: they run
 # on every proxied request, and a generator-based one costs a few microseconds more each.
@@ -120,22 +119,13 @@ def routing_headers(request_id: str, backend_id: str,
             ("x-kvrouter-predicted-hit-tokens", str(predicted_hit_tokens))]
 
 
-def routed_headers(
-    upstream: Iterable[tuple[str, str]], request_id: str, backend_id: str,
-    predicted_hit_tokens: int,
-) -> list[tuple[str, str]]:
-    """The upstream's response headers (hop-by-hop ones and any routing header it sent
-    dropped) plus the routing headers."""
-    return response_headers(upstream) + routing_headers(request_id, backend_id,
-                                                        predicted_hit_tokens)
-
-
 def routed_header_lines(
     raw: list[tuple[bytes, bytes]], request_id: str, backend_id: str,
     predicted_hit_tokens: int,
 ) -> bytes:
-    """``routed_headers`` for headers as received (bytes), as ready header lines: the lean
-    client's response headers reach the client without being decoded and encoded again."""
+    """The upstream's response headers as received (bytes; hop-by-hop ones and any routing
+    header it sent dropped) plus the routing headers, as ready header lines: they reach the
+    client without being decoded and encoded again."""
     return response_header_lines(raw) + b"x-request-id: %b\r\nx-kvrouter-backend: %b\r\n" \
         b"x-kvrouter-predicted-hit-tokens: %d\r\n" % (
             request_id.encode("latin-1"), backend_id.encode("latin-1"), predicted_hit_tokens)

@@ -301,12 +301,6 @@ class UpstreamResponse:
         self.raw_headers = raw_headers
 
     @property
-    def headers(self) -> list[tuple[str, str]]:
-        """The headers decoded (names lower-case)."""
-        return [(n.decode("latin-1"), v.decode("utf-8", "replace"))
-                for n, v in self.raw_headers]
-
-    @property
     def content_type(self) -> str:
         for name, value in self.raw_headers:
             if name == b"content-type":

@@ -174,10 +174,6 @@ class StreamResponse:
         self._chunked = True
         self._eof = False
 
-    @property
-    def prepared(self) -> bool:
-        return self._conn is not None
-
     async def prepare(self, request: Request) -> None:
         conn = request._conn
         if conn is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import aiohttp
-from multidict import CIMultiDict
 
 from router.config import UpstreamConfig
 
@@ -20,9 +19,7 @@ __all__ = [
     "HOP_BY_HOP",
     "client_session",
     "forward_headers",
-    "request_headers",
     "response_header_lines",
-    "response_headers",
 ]
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus those aiohttp
@@ -57,16 +54,6 @@ def client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
     )
 
 
-def request_headers(items: Iterable[tuple[str, str]], request_id: str) -> CIMultiDict[str]:
-    """For aiohttp requests: the client's headers minus hop-by-hop ones, ``x-request-id`` set."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        if name.lower() not in HOP_BY_HOP:
-            out.add(name, value)
-    out["x-request-id"] = request_id
-    return out
-
-
 def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> bytes:
     """The client's header lines as received (bytes), minus hop-by-hop ones, with
     ``x-request-id`` set: the block ``router.http_client`` puts in the request head."""
@@ -81,18 +68,13 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> byte
 
 
 def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """``response_headers`` for headers as received (lower-case name, value; bytes): the
-    header lines to write to the client, passed through without decoding."""
+    """The upstream's response headers that cross to the client (hop-by-hop ones, the ones
+    the router's server writes itself and the routing headers the router sets are dropped),
+    from headers as received (lower-case name, value; bytes), as the header lines to write:
+    passed through without decoding."""
     drop = _DROP_FROM_RESPONSE_BYTES
     out: list[bytes] = []
     for name, value in raw:
         if name not in drop:
             out += (name, b": ", value, b"\r\n")
     return b"".join(out)
-
-
-def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The upstream's response headers that cross to the client: hop-by-hop ones, the ones
-    the router's server writes itself, and the routing headers the router sets are dropped."""
-    drop = _DROP_FROM_RESPONSE
-    return [(name, value) for name, value in items if name.lower() not in drop]

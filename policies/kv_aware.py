@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from policies.base import PolicyBase
 from policies.index import BackendMatch, PrefixIndex
 from policies.params import parse_params
+from policies.placement import PlacementMemory
 from policies.prefill_cost import PendingPrefill, PrefillCost
 from policies.types import (
     BackendId,
@@ -88,6 +89,17 @@ from policies.types import (
 )
 
 __all__ = ["KvAware", "KvAwareParams", "create"]
+
+
+@dataclass(frozen=True, slots=True)
+class _FleetContext:
+    """Per-request facts about the whole candidate set, computed once per ``choose``."""
+
+    busy_weight: float  # (share of candidates with requests in flight) ** busy_power
+    home: BackendId | None  # where this prefix was last sent (placement memory)
+    home_blocks: int  # how many of its leading blocks that record covers
+    deepest_blocks: int  # the longest prefix any candidate holds
+    held_blocks: Mapping[BackendId, int]  # blocks each candidate's cache holds (for fill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,13 @@ class KvAwareParams:
     approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
     approx_capacity_blocks: int = 65536  # approximate mode: blocks a backend is assumed to hold
     approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
+    stall_ratio: float = 1.0  # share of a prefill charged per request it stalls on the backend
+    fleet_work_ratio: float = 3.0  # share of a prefill charged again as work the fleet queues behind
+    busy_power: float = 2.0  # both charges scale with (share of backends with requests) ** this
+    home_credit_ratio: float = 1.0  # share of an evicted prefix's prefill credited to its home
+    duplicate_ratio: float = 1.0  # share of a prefix copy's prefill charged to a full cache
+    cache_full_knee_ratio: float = 0.8  # cache fill (held / total blocks) where copies start to cost
+    home_max_blocks: int = 1_000_000  # placement memory budget (blocks remembered fleet-wide)
 
     def __post_init__(self) -> None:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
@@ -122,8 +141,14 @@ class KvAwareParams:
             raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
         if self.decode_horizon_tokens < 0:
             raise ValueError("decode_horizon_tokens must be >= 0")
+        for name in ("stall_ratio", "fleet_work_ratio", "busy_power", "home_credit_ratio",
+                     "duplicate_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 0.0 <= self.cache_full_knee_ratio < 1.0:
+            raise ValueError("cache_full_knee_ratio must be within [0, 1)")
         for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
-                     "approx_max_entries"):
+                     "approx_max_entries", "home_max_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0:
@@ -148,6 +173,7 @@ class KvAware(PolicyBase):
         self._rng = rng
         self._cost = params.cost()
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
+        self._homes = PlacementMemory(params.home_max_blocks)
         self._pending: dict[BackendId, PendingPrefill] = {}
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -180,6 +206,7 @@ class KvAware(PolicyBase):
         backend: BackendState,
         match: BackendMatch | None,
         now_s: float,
+        fleet: _FleetContext,
     ) -> BackendScore:
         p = self.params
         bs = request.block_size
@@ -196,6 +223,8 @@ class KvAware(PolicyBase):
             cpu, gpu = cpu - cut, gpu - (over - cut)
         hit = gpu + p.cpu_hit_ratio * cpu + p.storage_hit_ratio * storage
         prefill_s = self._cost.seconds(prompt - hit, hit)
+        held = gpu + cpu + storage
+        placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit, prefill_s)
 
         pending = self._pending.get(backend.backend_id)
         own_s = own_tokens = mean_s = mean_tokens = 0.0
@@ -248,9 +277,15 @@ class KvAware(PolicyBase):
                 decode_context = min(decode_context, float(backend.total_kv_blocks * bs))
             decode_s = min(request.max_tokens, p.decode_horizon_tokens) * self._cost.step_overhead_s(
                 0.0, decode_context)
+        # What this prefill costs everyone else, priced only as the fleet fills up.
+        # Every request in flight there is decoding by the time this prefill runs (those queued
+        # ahead are admitted first), so each one is stalled by it.
+        running = max(backend.in_flight_requests, backend.engine_running_requests or 0)
+        externality_s = fleet.busy_weight * (
+            p.stall_ratio * running * (prefill_s + step_s) + p.fleet_work_ratio * prefill_s)
         return BackendScore(
             backend_id=backend.backend_id,
-            score=ttft_s + decode_s,
+            score=ttft_s + decode_s + externality_s + placement_s,
             matched_tokens=gpu + cpu + storage,
             terms={
                 "ttft_s": ttft_s,
@@ -263,6 +298,8 @@ class KvAware(PolicyBase):
                 "storage_tokens": float(storage),
                 "step_s": step_s,
                 "decode_s": decode_s,
+                "externality_s": externality_s,
+                "placement_s": placement_s,
                 "queued_tokens": queued_tokens,
                 "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,
@@ -271,6 +308,53 @@ class KvAware(PolicyBase):
                 "capacity_blocks": float(backend.total_kv_blocks or p.approx_capacity_blocks),
             },
         )
+
+    def _fleet(
+        self,
+        request: RouteRequest,
+        view: ClusterView,
+        candidates: tuple[BackendState, ...],
+        matches: Mapping[BackendId, BackendMatch],
+    ) -> _FleetContext:
+        busy = sum(1 for b in candidates if b.in_flight_requests) / len(candidates)
+        home, home_blocks = self._homes.home(request.block_hashes)
+        deepest = max((m.matched_blocks for m in matches.values()), default=0)
+        held: dict[BackendId, int] = {}
+        if deepest and self.params.duplicate_ratio:
+            for b in candidates:
+                source = view.index if b.kv_events and view.index is not None else self._approx
+                held[b.backend_id] = source.backend_entries(b.backend_id)
+        return _FleetContext(busy ** self.params.busy_power, home, home_blocks, deepest, held)
+
+    def _placement_s(
+        self,
+        request: RouteRequest,
+        backend: BackendState,
+        fleet: _FleetContext,
+        prompt: int,
+        cap: int,
+        held: int,
+        hit: float,
+        prefill_s: float,
+    ) -> float:
+        """Seconds for where the prefix should live: minus a credit at its home, plus the
+        price of a copy in a full cache elsewhere (both are future hits won or lost)."""
+        p = self.params
+        bs = request.block_size
+        if backend.backend_id == fleet.home:
+            remembered = max(min(fleet.home_blocks * bs, cap) - held, 0)
+            if remembered and p.home_credit_ratio:
+                saved = prefill_s - self._cost.seconds(prompt - hit - remembered, hit + remembered)
+                return -p.home_credit_ratio * saved
+            return 0.0
+        copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
+        total = backend.total_kv_blocks or p.approx_capacity_blocks
+        fill = fleet.held_blocks.get(backend.backend_id, 0) / total
+        if not copied or fill <= p.cache_full_knee_ratio:
+            return 0.0
+        full = min((fill - p.cache_full_knee_ratio) / (1.0 - p.cache_full_knee_ratio), 1.0)
+        lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)
+        return p.duplicate_ratio * full * lost
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
         best = min(s.score for s in scores)
@@ -289,8 +373,10 @@ class KvAware(PolicyBase):
         prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
         candidates = prefill_side or view.backends
         matches = self._matches(request, view, candidates)
+        fleet = self._fleet(request, view, candidates, matches)
         scores = [
-            self._score(request, b, matches.get(b.backend_id), view.now_s) for b in candidates
+            self._score(request, b, matches.get(b.backend_id), view.now_s, fleet)
+            for b in candidates
         ]
         chosen = self._pick(scores)
         predicted = chosen.matched_tokens
@@ -330,6 +416,8 @@ class KvAware(PolicyBase):
             terms["uncached_tokens"],
             int(terms["prompt_tokens"]),
         )
+        if request.block_hashes:
+            self._homes.record(prefill_id, request.block_hashes)
         if not terms["kv_events"] and request.block_hashes:
             self._approx.record_dispatch(
                 prefill_id,
@@ -341,6 +429,7 @@ class KvAware(PolicyBase):
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self._approx.remove_backend(backend_id)
+        self._homes.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
 
 

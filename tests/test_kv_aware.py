@@ -134,7 +134,93 @@ def test_a_big_decode_batch_sheds_a_hot_prefix_gradually() -> None:
     assert sum(0.05 < s < 0.95 for s in shares) >= 1, shares
     # Scoring TTFT alone, the holder keeps the prefix under the same batch (until ~24 running):
     # the first token comes sooner there even though every later token is slower.
-    assert decoding_holder_share(batches[-1], decode_horizon_tokens=0) > 0.95
+    assert decoding_holder_share(batches[-1], decode_horizon_tokens=0, stall_ratio=0.0,
+                                 fleet_work_ratio=0.0) > 0.95
+
+
+def test_a_prefill_is_charged_for_the_decodes_it_stalls_once_the_fleet_is_busy() -> None:
+    # b0 holds half the prompt and runs 3 decodes; b1 is idle. Scoring TTFT and decode time
+    # alone, b0 keeps the prefix; charging the stall to b0's running requests sheds it.
+    without = decoding_holder_share(3, stall_ratio=0.0, fleet_work_ratio=0.0)
+    with_stall = decoding_holder_share(3, fleet_work_ratio=0.0)
+    assert without > 0.95 and with_stall < 0.05, (without, with_stall)
+
+
+def test_the_externality_is_free_while_the_fleet_has_idle_backends() -> None:
+    # Same request, same busy holder; three more idle backends make the fleet mostly idle
+    # (busy share 1/4), so the charges shrink by (1/4)**2 against (1/2)**2.
+    index = PrefixIndex()
+    request = prompt(1, 8192)
+    hold(index, "b0", request.block_hashes[:256])
+    busy = idle("b0", engine_waiting_requests=0, engine_running_requests=6,
+                in_flight_requests=6, in_flight_prompt_tokens=8192 * 6)
+
+    def externality(*others: BackendState) -> float:
+        decision = policy().choose(request, view(index, busy, *others))
+        return next(s.terms["externality_s"] for s in decision.scores if s.backend_id == "b0")
+
+    two = externality(idle("b1"))
+    four = externality(idle("b1"), idle("b2"), idle("b3"))
+    assert two > 0 and four == pytest.approx(two / 4)
+
+
+def test_a_prefix_evicted_everywhere_returns_to_its_home() -> None:
+    # Each group is placed once on an idle fleet, then evicted everywhere (the index holds
+    # nothing). Its later requests go back to where it lived, not wherever the RNG points.
+    index = PrefixIndex()
+    kv = policy(seed=3)
+    homes: dict[int, str] = {}
+    for group in range(40):
+        request = prompt(group, 2048, suffix=0)
+        decision = kv.choose(request, view(index, *(idle(b) for b in IDS)))
+        kv.on_dispatched(request, decision, 0.0)
+        homes[group] = decision.backend_id
+    assert len(set(homes.values())) == len(IDS)  # new prefixes still spread
+    for group in range(40):
+        for suffix in (1, 2):
+            request = prompt(group, 2048, suffix=suffix)
+            decision = kv.choose(request, view(index, *(idle(b) for b in IDS)))
+            assert decision.backend_id == homes[group]
+            home_score = next(s for s in decision.scores if s.backend_id == homes[group])
+            assert home_score.terms["placement_s"] < 0
+    # Without the credit the same requests scatter again.
+    forgetful = policy(seed=3, home_credit_ratio=0.0)
+    moved = 0
+    for group in range(40):
+        request = prompt(group, 2048, suffix=0)
+        forgetful.on_dispatched(
+            request, forgetful.choose(request, view(index, *(idle(b) for b in IDS))), 0.0)
+        later = prompt(group, 2048, suffix=1)
+        first = homes_of(forgetful, request, index)
+        moved += forgetful.choose(later, view(index, *(idle(b) for b in IDS))).backend_id != first
+    assert moved >= 10
+
+
+def homes_of(kv: KvAware, request: RouteRequest, index: PrefixIndex) -> str:
+    home, _ = kv._homes.home(request.block_hashes)
+    assert home is not None
+    return home
+
+
+def test_a_copy_into_a_full_cache_costs_the_prefix_it_duplicates() -> None:
+    # b0 holds the prefix and has a queue; b1 is idle. With b1's cache empty the queue wins
+    # and the prefix is copied to b1; with b1's cache full the copy would evict as much as it
+    # saves, so the holder keeps it.
+    request = prompt(1, 8192)
+
+    def holder_share(b1_cache_blocks: int) -> float:
+        index = PrefixIndex()
+        hold(index, "b0", request.block_hashes[:256])
+        filler = prompt(99, b1_cache_blocks * BS, unique_tokens=0).block_hashes
+        hold(index, "b1", filler)
+        holder = idle("b0", engine_waiting_requests=3, total_kv_blocks=1000)
+        other = idle("b1", engine_waiting_requests=0, total_kv_blocks=1000)
+        kv = policy(seed=1, default_prompt_tokens=2048)
+        v = view(index, holder, other)
+        return sum(kv.choose(request, v).backend_id == "b0" for _ in range(100)) / 100
+
+    assert holder_share(0) < 0.05
+    assert holder_share(1000) > 0.95
 
 
 def test_holder_score_grows_linearly_with_its_queue() -> None:
@@ -238,7 +324,10 @@ def test_a_hot_prefix_is_replicated_when_its_holder_saturates() -> None:
         sent[decision.backend_id] += 1
     holders = [b for b in IDS if index.match(first.block_hashes[:250]).get(b)]
     assert len(holders) >= 2
-    assert sent["b0"] > 40 / len(IDS)  # the first holder kept more than an even share
+    # The first holder keeps at least an even share. Not more: in a burst where nothing
+    # finishes, each request sent there stalls every one already in flight there, which is
+    # what a cached 4,000 tokens saves once the fleet is this busy.
+    assert sent["b0"] >= 40 / len(IDS)
 
 
 def test_same_seed_same_decisions_other_seed_differs() -> None:
@@ -321,7 +410,12 @@ def test_approximate_mode_remembers_dispatches_until_the_ttl() -> None:
         assert again.backend_id == d.backend_id and again.predicted_hit_tokens >= 3900
     later = [kv.choose(follow, view(None, *states, now_s=31.0)) for _ in range(40)]
     assert all(x.predicted_hit_tokens == 0 for x in later)
-    assert len({x.backend_id for x in later}) > 1
+    # Past the TTL nothing is predicted cached, but the prefix's home is remembered.
+    assert {x.backend_id for x in later} == {d.backend_id}
+    forgetful = policy(seed=5, approx_ttl_s=30.0, home_credit_ratio=0.0)
+    forgetful.on_dispatched(first, d, 0.0)
+    scattered = [forgetful.choose(follow, view(None, *states, now_s=31.0)) for _ in range(40)]
+    assert len({x.backend_id for x in scattered}) > 1
     kv.on_backend_removed(d.backend_id)
     assert kv.choose(follow, view(None, *states, now_s=2.0)).predicted_hit_tokens == 0
 

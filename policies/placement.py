@@ -1,0 +1,65 @@
+"""Placement memory: the backend each prefix was last sent to, kept after its KV is evicted.
+
+Engine events say where blocks ARE cached; once a prefix is evicted everywhere they say
+nothing, and a policy that forgets where the prefix lived scatters its later requests over
+the fleet. Each cache then holds copies of the same prefixes instead of its own share of the
+working set. The approximate routers (sglang-router's character tree) never forget, which is
+why they win under cache pressure. This keeps that one fact, nothing more: block hash ->
+the backend that most recently received a request holding that block.
+
+``record(backend, hashes)`` stores every block of a dispatched prompt under ``backend``
+(replacing an older home). ``home(hashes)`` returns the home of the request's deepest
+recorded block and that depth. Every record covers a whole chain, ancestors stored after
+descendants, so the recorded set stays prefix-closed under oldest-first eviction and the
+deepest recorded block is found by binary search.
+
+Bounded: at most ``max_entries`` blocks, oldest dropped first. Cost: O(blocks) per record,
+O(log blocks) dict lookups per query. Pure: no clock, I/O or randomness.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from policies.types import BackendId, BlockHash
+
+__all__ = ["PlacementMemory"]
+
+
+class PlacementMemory:
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._home: OrderedDict[BlockHash, BackendId] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._home)
+
+    def record(self, backend_id: BackendId, block_hashes: Sequence[BlockHash]) -> None:
+        home = self._home
+        for h in reversed(block_hashes):
+            home[h] = backend_id
+            home.move_to_end(h)
+        over = len(home) - self.max_entries
+        for _ in range(max(over, 0)):
+            home.popitem(last=False)
+
+    def home(self, block_hashes: Sequence[BlockHash]) -> tuple[BackendId | None, int]:
+        """The home of the deepest recorded block and the number of blocks up to it."""
+        home = self._home
+        lo, hi = 0, len(block_hashes)  # invariant: blocks [0, lo) recorded, [hi, n) not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if block_hashes[mid] in home:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return None, 0
+        return home[block_hashes[lo - 1]], lo
+
+    def remove_backend(self, backend_id: BackendId) -> None:
+        for h in [h for h, b in self._home.items() if b == backend_id]:
+            del self._home[h]

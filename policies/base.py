@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from policies.types import BackendId, Decision, RouteRequest
+from policies.types import BackendId, ClusterView, Decision, RouteRequest
 
 __all__ = ["PolicyBase"]
 
 
 class PolicyBase:
     name = "base"
+
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return False
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         return None

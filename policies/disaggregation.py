@@ -283,6 +283,9 @@ class Disaggregated(PolicyBase):
         # Mixed pools (the common case) have no decode-side scores: no copy per hook call.
         return decision if len(kept) == len(scores) else dataclasses.replace(decision, scores=kept)
 
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return self.inner.defer(request, view)
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, self._for_inner(decision), now_s)
 

@@ -27,7 +27,16 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     backends only: the first output tokens decode in that engine's batch, so a
                     big running batch costs every one of them (the KV cap keeps a queue, priced
                     in queued_s, from also counting as decode work)
-    score_b       = ttft_s_b + decode_s_b   (predicted seconds to the first 8 tokens)
+    externality_s = busy ** busy_power * (stall_ratio * in_flight_b * (prefill_s_b + step_s_b)
+                    + fleet_work_ratio * prefill_s_b), busy = share of candidates with requests
+                    in flight (in_flight_b: the router's count or the engine's running, the larger)
+    placement_s_b = - home_credit_ratio * (prefill seconds the remembered prefix would save) at
+                    the prefix's home (the backend that last received it, kept after eviction:
+                    ``policies.placement``); elsewhere + duplicate_ratio * full_b * (prefill
+                    seconds of the prefix tokens another candidate holds and b would copy),
+                    full_b = (held_blocks / total_blocks - cache_full_knee_ratio) /
+                    (1 - cache_full_knee_ratio), clipped to [0, 1]
+    score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
 costs as much as a cold prefill elsewhere (0.27 s for 8k tokens, ~650k tokens of running
@@ -35,6 +44,24 @@ context); the hot tenants' engine then runs TPOT 0.2 s while others idle. Each t
 horizon turns running-context differences into seconds, so affinity yields gradually. Eight
 tokens (the default) bring the 20 req/s multi-tenant simulation to imbalance 1.17 at 98% of the
 oracle's hits; longer horizons spread harder and lose hits under saturation (docs/simulation.md).
+
+Why ``externality_s`` (issue 12; docs/simulation.md "Across the capacity edge"): a score of
+one request's own time sends a prefill wherever it starts soonest, even when it stalls every
+decode running there (a chunked prefill step is long and each running request waits for it)
+and when the tokens it recomputes are work the whole fleet will queue behind. Near capacity
+those costs compound: batches grow, steps slow, KV fills and preemptions recompute whole
+prompts. On the Mooncake trace at 7 engines that tipped every engine into 100% busy with
+TPOT 0.29 s. Each request in flight on b is stalled once by this prefill (those queued ahead
+are admitted first, so they are decoding when it runs), and with the fleet busy every
+recomputed second delays the queue; both are charged in proportion to busy**2, so they cost
+nothing while idle backends exist, where spreading for TTFT is free.
+
+Why ``placement_s``: engine events say where a prefix IS, and once it is evicted everywhere
+they say nothing; spreading it anew each time makes every cache hold copies of the same
+prefixes instead of a stable share of the working set, and under cache pressure the partition
+is what holds hits (sglang-router's tree never forgets, which is why it won there). The home
+credit keeps that partition; the copy price keeps a busy holder's prefix from being duplicated
+into a full cache, where it evicts as much as it saves.
 
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
@@ -63,7 +90,7 @@ its own decisions; ``on_backend_removed`` purges it. ``choose`` mutates nothing 
 ``now_s``, which no later call (``now_s`` never decreases) would count anyway.
 
 Cost per request: O(blocks matched + backends), plus amortised O(log n) per dispatch for the
-pending-prefill heaps. Pure: no I/O, clock or global RNG.
+pending-prefill heaps and O(blocks) to record the prompt's home. Pure: no I/O, clock or global RNG.
 """
 
 from __future__ import annotations
@@ -130,6 +157,9 @@ class KvAwareParams:
     duplicate_ratio: float = 1.0  # share of a prefix copy's prefill charged to a full cache
     cache_full_knee_ratio: float = 0.8  # cache fill (held / total blocks) where copies start to cost
     home_max_blocks: int = 1_000_000  # placement memory budget (blocks remembered fleet-wide)
+    hold_kv_ratio: float = 0.7  # hold in the router while every backend's committed KV is past
+    # this share of its KV memory (0: never hold)
+    hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
 
     def __post_init__(self) -> None:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
@@ -145,6 +175,8 @@ class KvAwareParams:
                      "duplicate_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0:
+            raise ValueError("hold_kv_ratio and hold_output_tokens must be >= 0")
         if not 0.0 <= self.cache_full_knee_ratio < 1.0:
             raise ValueError("cache_full_knee_ratio must be within [0, 1)")
         for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
@@ -175,6 +207,8 @@ class KvAware(PolicyBase):
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
         self._homes = PlacementMemory(params.home_max_blocks)
         self._pending: dict[BackendId, PendingPrefill] = {}
+        # KV tokens each backend will need for what this policy sent there and is unfinished.
+        self._committed: dict[BackendId, float] = {}
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -345,7 +379,7 @@ class KvAware(PolicyBase):
             remembered = max(min(fleet.home_blocks * bs, cap) - held, 0)
             if remembered and p.home_credit_ratio:
                 saved = prefill_s - self._cost.seconds(prompt - hit - remembered, hit + remembered)
-                return -p.home_credit_ratio * saved
+                return -p.home_credit_ratio * saved * (1.0 + p.fleet_work_ratio * fleet.busy_weight)
             return 0.0
         copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
         total = backend.total_kv_blocks or p.approx_capacity_blocks
@@ -354,7 +388,7 @@ class KvAware(PolicyBase):
             return 0.0
         full = min((fill - p.cache_full_knee_ratio) / (1.0 - p.cache_full_knee_ratio), 1.0)
         lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)
-        return p.duplicate_ratio * full * lost
+        return p.duplicate_ratio * full * lost * (1.0 + p.fleet_work_ratio * fleet.busy_weight)
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
         best = min(s.score for s in scores)
@@ -399,11 +433,51 @@ class KvAware(PolicyBase):
             scores=tuple(scores),
         )
 
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        """Hold while no candidate has KV room: each one's committed tokens (uncached prompt
+        plus output of unfinished requests sent there) plus this prompt would pass
+        ``hold_kv_ratio`` of its KV memory. An engine admits whatever fits at this instant and
+        preempts when decodes outgrow it; a request held here instead waits for the first
+        backend with room and is placed then, on fresher cache state. Backends with nothing
+        committed, or whose KV size is unknown, always have room."""
+        ratio = self.params.hold_kv_ratio
+        if not ratio:
+            return False
+        candidates = [b for b in view.backends if b.role is not Role.DECODE]
+        if not candidates:
+            return False
+        for b in candidates:
+            if not b.total_kv_blocks:
+                return False
+            committed = self._committed.get(b.backend_id, 0.0)
+            if committed <= 0 or (committed + request.prompt_tokens
+                                  <= ratio * b.total_kv_blocks * request.block_size):
+                return False
+        return True
+
+    def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
+        prefill_id = decision.prefill_backend_id or decision.backend_id
+        score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
+        if score is None:
+            return prefill_id, 0.0
+        tokens = score.terms["uncached_tokens"] + min(request.max_tokens, self.params.hold_output_tokens)
+        return prefill_id, tokens
+
+    def on_finished(
+        self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
+    ) -> None:
+        backend_id, tokens = self._commitment(request, decision)
+        if backend_id in self._committed:
+            left = self._committed[backend_id] - tokens
+            self._committed[backend_id] = left if left > 0.5 else 0.0  # no float drift
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         prefill_id = decision.prefill_backend_id or decision.backend_id
         score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
         if score is None:
             return
+        _, committed = self._commitment(request, decision)
+        self._committed[prefill_id] = self._committed.get(prefill_id, 0.0) + committed
         terms = score.terms
         pending = self._pending.get(prefill_id)
         if pending is None:
@@ -431,6 +505,7 @@ class KvAware(PolicyBase):
         self._approx.remove_backend(backend_id)
         self._homes.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
+        self._committed.pop(backend_id, None)
 
 
 def create(params: Mapping[str, object], rng: random.Random) -> KvAware:

@@ -168,6 +168,13 @@ class Policy(Protocol):
 
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision: ...
 
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        """True when no candidate should take ``request`` now: the router holds it (first in,
+        first out) and asks again each time a request finishes, so the decision is made when
+        capacity frees up, with fresher cache state, instead of in an engine's queue. A pure
+        query like ``choose`` (no state change, no random draw)."""
+        ...
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None: ...
 
     def on_finished(

@@ -108,6 +108,7 @@ class PolicyConfig:
     name: str = "round_robin"
     params: dict[str, object] = field(default_factory=dict)
     seed: int | None = None
+    max_hold_s: float = 30.0  # longest a request the policy defers waits in the router
 
 
 @dataclass(frozen=True, slots=True)

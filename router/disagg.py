@@ -233,6 +233,7 @@ class Disaggregation:
             return response
         finally:
             proxy.policy.on_finished(route_request, decision, time.monotonic(), ok)
+            proxy.hold.release()
 
     async def _vllm(self, request: Request, body: bytes, fields: RequestFields,
                     route_request: RouteRequest, decision: Decision, prefill: Backend | None,

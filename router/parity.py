@@ -160,6 +160,9 @@ class ParityPolicy(PolicyBase):
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
         return self.inner.choose(request, view)
 
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return self.inner.defer(request, view)
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, decision, now_s)
         self.parity.dispatched(request.request_id, decision.prefill_backend_id

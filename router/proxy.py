@@ -44,6 +44,7 @@ from router.errors import (
     error_body,
     error_response,
 )
+from router.hold import RouterHold
 from router.http_client import (
     ConnectFailed,
     HeadTimeout,
@@ -108,6 +109,7 @@ class Proxy:
         self._request_count = 0
         # Serves decisions with a prefill backend (prefill/decode disaggregation).
         self.disagg = Disaggregation(self)
+        self.hold = RouterHold(config.policy.max_hold_s, metrics.registry)
 
     def _new_request_id(self) -> str:
         # Unique without a system call per request: a random per-process prefix and a count.
@@ -176,6 +178,14 @@ class Proxy:
             candidates = self.pool.snapshot(fields.model, now_s, exclude=tried)
             if not candidates:
                 break
+            if not attempt and (self.hold or self.policy.defer(
+                    route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index))):  # type: ignore[arg-type]
+                # Late binding (router/hold.py): wait for room, then decide on a fresh view.
+                await self.hold.wait(lambda: self._defer(route_request, fields.model))
+                now_s = time.monotonic()
+                candidates = self.pool.snapshot(fields.model, now_s, exclude=tried)
+                if not candidates:
+                    break
             if attempt:
                 self.metrics.retries.labels(last_reason).inc()
                 await asyncio.sleep(self._backoff_s(attempt))
@@ -206,6 +216,14 @@ class Proxy:
         if last_error is None:
             raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
         raise last_error
+
+    def _defer(self, route_request: RouteRequest, model: str) -> bool:
+        candidates = self.pool.snapshot(model, time.monotonic())
+        if not candidates:
+            return False  # the dispatch loop answers "no backend" at once
+        return self.policy.defer(
+            route_request, ClusterView(now_s=time.monotonic(), backends=candidates, index=self.index)  # type: ignore[arg-type]
+        )
 
     async def _attempt(
         self,
@@ -257,6 +275,7 @@ class Proxy:
                     return response
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
+                self.hold.release()
 
     def relay(
         self, request: Request, upstream: UpstreamResponse, headers: bytes, backend: Backend,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -101,6 +102,9 @@ class ClusterSim:
         self._pending: list[StepResult | None] = []
         self._wake: list[float | None] = []
         self._live: dict[str, _Live] = {}
+        self._held: deque[tuple[TraceRequest, RouteRequest]] = deque()
+        self.deferred = 0
+        self.max_held = 0
         self._trace: Iterator[TraceRequest] = iter(())
         self._arrivals_done = False
         self._seq = 0
@@ -180,6 +184,18 @@ class ClusterSim:
             stream=True,
             tokens_exact=True,
         )
+        # Late binding: a request the policy defers waits in the router, first in first out,
+        # and is placed when a finish frees room (as router.proxy holds it).
+        if self._held or self.router.defer(route, now):
+            self._held.append((trace, route))
+            self.deferred += 1
+            self.max_held = max(self.max_held, len(self._held))
+            return
+        self._dispatch(trace, route)
+
+    def _dispatch(self, trace: TraceRequest, route: RouteRequest) -> None:
+        now = self.loop.now_s
+        key = route.request_id
         decision = self.router.route(route, now)
         position = self.router.position(decision.backend_id)
         self.metrics.on_routed(position)
@@ -187,7 +203,8 @@ class ClusterSim:
         engine = self.engines[position]
         try:
             engine.add_request(
-                EngineRequest(key, trace.input_tokens, route.max_tokens, block_keys=blocks), now
+                EngineRequest(key, trace.input_tokens, route.max_tokens,
+                              block_keys=route.block_hashes), now
             )
         except ValueError:
             # The engine refuses it (too long for its memory or max_model_len), as vLLM would.
@@ -271,6 +288,13 @@ class ClusterSim:
                 self.router.finish(live.route, live.decision, now, ok=True)
                 if self.progress is not None:
                     self.progress(self.metrics.finished + self.metrics.failed)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held = self._held
+        while held and not self.router.defer(held[0][1], self.loop.now_s):
+            trace, route = held.popleft()
+            self._dispatch(trace, route)
 
     def _events(self, position: int, result: StepResult) -> None:
         if self.config.event_loss_ratio and self._loss_rng.random() < self.config.event_loss_ratio:
@@ -321,8 +345,10 @@ class ClusterSim:
             loop.run_next()
         for position in range(len(self.engines)):
             self._flush_busy(position)
-        if self._live:
-            raise RuntimeError(f"{len(self._live)} requests never finished (engine stalled)")
+        if self._live or self._held:
+            raise RuntimeError(
+                f"{len(self._live)} requests never finished (engine stalled), "
+                f"{len(self._held)} never left the router's hold")
         m = self.metrics
         if m.arrived != m.finished + m.failed:
             raise RuntimeError(
@@ -340,6 +366,8 @@ class ClusterSim:
             engine_hit_tokens=sum(e.prefix_cache_hits_tokens for e in self.engines),
             events_delivered=self.events_delivered,
             events_dropped=self.events_dropped,
+            deferred=self.deferred,
+            max_held=self.max_held,
             index_entries=self.router.index.entries,
             num_gpu_blocks=self.engines[0].num_gpu_blocks if self.engines else 0,
             block_size=self.block_size,

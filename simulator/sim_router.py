@@ -102,6 +102,10 @@ class SimRouter:
     def view(self, now_s: float) -> ClusterView:
         return ClusterView(now_s=now_s, backends=self.snapshot(now_s), index=self.index)
 
+    def defer(self, request: RouteRequest, now_s: float) -> bool:
+        """The policy's answer to "hold this request in the router for now?" (a pure query)."""
+        return self.policy.defer(request, self.view(now_s))
+
     def route(self, request: RouteRequest, now_s: float) -> Decision:
         """Choose, then dispatch: the same calls, in the same order, as the live proxy."""
         view = self.view(now_s)

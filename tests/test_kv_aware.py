@@ -496,3 +496,31 @@ def test_salted_prompts_follow_their_own_dispatches_not_engine_events() -> None:
     assert again.backend_id == first.backend_id
     assert again.predicted_hit_tokens > 0
     assert p.choose(unsalted, view(index, *(idle(b) for b in IDS), now_s=2.0)).backend_id == "b3"
+
+
+def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish() -> None:
+    kv = policy(hold_kv_ratio=0.5)
+    states = [idle(b, total_kv_blocks=1000) for b in IDS[:2]]  # 16,000 tokens each
+    sent = []
+    for i in range(4):
+        request = prompt(i, 6000)  # uncached: 6,000 + 16 output tokens committed each
+        v = view(PrefixIndex(), *states)
+        if kv.defer(request, v):
+            break
+        decision = kv.choose(request, v)
+        kv.on_dispatched(request, decision, 0.0)
+        sent.append((request, decision))
+    # A backend with nothing committed always has room, one with 6,016 has room for no more
+    # than 8,000 - 6,016 tokens: the router holds requests once both have one.
+    assert len(sent) < 4 and {d.backend_id for _, d in sent} == {"b0", "b1"}
+    assert kv.defer(prompt(9, 6000), view(PrefixIndex(), *states))
+    for request, decision in sent:
+        if decision.backend_id == "b0":
+            kv.on_finished(request, decision, 1.0, True)  # b0's requests finish: room there
+    assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), *states))
+    # Unknown KV sizes (no scrape yet) and a disabled ratio never hold.
+    assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), idle("b1")))
+    never = policy(hold_kv_ratio=0.0)
+    for request, decision in sent:
+        never.on_dispatched(request, decision, 0.0)
+    assert not never.defer(prompt(9, 6000), view(PrefixIndex(), *states))

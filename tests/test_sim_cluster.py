@@ -174,3 +174,20 @@ def test_too_long_requests_fail_cleanly(tmp_path: Path) -> None:
     config = SimConfig(backends=1, cost_profile="cpu-tiny", **TINY)  # type: ignore[arg-type]
     result = simulate(config, "round_robin", load_jsonl(_write(tmp_path / "long.jsonl", rows)))
     assert result["failed"] == 1 and result["requests"] == 1 and result["arrived"] == 2
+
+
+def test_overload_holds_requests_in_the_router_and_saves_preemptions() -> None:
+    # 4 engines with small KV under a burst: kv_aware holds requests in the router (late
+    # binding) instead of letting engines admit what they will later preempt.
+    def run(**params: object) -> dict[str, object]:
+        name, synth = parse_synthetic(
+            "synthetic:multi_tenant,requests=300,rate=60,tenants=24,block_size=64,"
+            "output_min_tokens=200,output_max_tokens=400")
+        config = SimConfig(backends=4, num_gpu_blocks=300, seed=1)
+        return simulate(config, "kv_aware", synthetic(name, synth, 1), params)  # type: ignore[arg-type]
+
+    held, unheld = run(), run(hold_kv_ratio=0.0)
+    assert held["deferred"] > 0 and held["max_held"] > 0  # type: ignore[operator]
+    assert unheld["deferred"] == 0
+    assert held["arrived"] == held["requests"] + held["failed"] == 300
+    assert held["preemptions"] < unheld["preemptions"]  # type: ignore[operator]

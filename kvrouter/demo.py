@@ -33,22 +33,22 @@ MAX_MODEL_LEN = 65536  # agent loops grow their context past 30k tokens
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
-                        help=f"comma-separated policies to compare (default {DEFAULT_POLICIES})")
-    parser.add_argument("--pods", type=int, default=4, help="emulated pods (default 4)")
+                        help="comma-separated policies to compare (default %(default)s)")
+    parser.add_argument("--pods", type=int, default=4, help="emulated pods (default %(default)s)")
     parser.add_argument("--requests", type=int, default=240,
-                        help="requests per policy (default 240)")
+                        help="requests per policy (default %(default)s)")
     parser.add_argument("--rate", type=float, default=16.0,
-                        help="arrivals per second of the workload (default 16)")
+                        help="arrivals per second of the workload (default %(default)s)")
     parser.add_argument("--speedup", type=float, default=3.0,
                         help="run the workload and the pods this many times faster than real "
                              "time; latencies are reported in the pods' virtual seconds "
-                             "(default 3)")
+                             "(default %(default)s)")
     parser.add_argument("--kv-blocks", type=int, default=4000,
                         help="KV blocks of 16 tokens per pod; small so that caches evict "
-                             "(default 1200)")
-    parser.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=7, help="workload seed (default %(default)s)")
     parser.add_argument("--out", default="out/demo",
-                        help="directory for results.json and report.html (default out/demo)")
+                        help="directory for results.json and report.html (default %(default)s)")
 
 
 def _free_ports(count: int) -> int:

@@ -23,34 +23,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", required=True, help="trace file or synthetic:NAME[,key=value...]"
     )
-    parser.add_argument("--backends", type=int, default=16, help="engine count (default 16)")
-    parser.add_argument("--policy", default="kv_aware", help="policy to tune (default kv_aware)")
+    parser.add_argument("--backends", type=int, default=16, help="engine count (default %(default)s)")
+    parser.add_argument("--policy", default="kv_aware", help="policy to tune (default %(default)s)")
     parser.add_argument(
         "--trials",
         type=int,
         default=16,
-        help="parameter sets tried, defaults included (default 16)",
+        help="parameter sets tried, defaults included (default %(default)s)",
     )
     parser.add_argument(
         "--objective",
         default="ttft_p99_s",
-        help="ttft_p99_s (default), ttft_p50_s, e2e_p99_s, imbalance, goodput_rps or hit_rate",
+        help="ttft_p99_s, ttft_p50_s, e2e_p99_s, imbalance, goodput_rps or hit_rate "
+        "(default %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds the search, the policy and synthetic traces"
+        "--seed", type=int, default=0, help="seeds the search, the policy and synthetic traces (default %(default)s)"
     )
-    parser.add_argument("--config", type=Path, default=None, help="YAML with a simulation: section")
-    parser.add_argument("--cost-profile", default=None, help="engine cost profile")
-    parser.add_argument("--event-delay-s", type=float, default=None)
-    parser.add_argument("--event-loss-ratio", type=float, default=None)
-    parser.add_argument("--slo-ttft-s", type=float, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="YAML with a simulation: section (default: none)")
+    parser.add_argument("--cost-profile", default=None, help="engine cost profile (default h200-llama-3.1-8b)")
     parser.add_argument(
-        "--max-requests", type=int, default=None, help="stop the trace after this many requests"
+        "--event-delay-s",
+        type=float,
+        default=None,
+        help="KV event delivery delay to the index, s (default 0)",
     )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for text traces")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default 2)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="also write results.json and report.html here"
+        "--event-loss-ratio",
+        type=float,
+        default=None,
+        help="share of KV event batches lost, 0..1 (default 0)",
+    )
+    parser.add_argument(
+        "--slo-ttft-s",
+        type=float,
+        default=None,
+        help="TTFT SLO for goodput, s (default 2)",
+    )
+    parser.add_argument(
+        "--max-requests", type=int, default=None, help="stop the trace after this many requests (default: the whole trace)"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for text traces (default: the shipped tiny one)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write results.json and report.html here (default: no report)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -149,16 +149,7 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
 
     exe = [sys.executable, "-m", "kvrouter.cli"]
     pod_port = _free_ports(args.pods)
-    router_port = _free_ports(1)
     pod_urls = [f"http://127.0.0.1:{pod_port + i}" for i in range(args.pods)]
-    config = workdir / f"{policy}.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},
-        "health": {"interval_s": 1.0},
-        "policy": {"name": policy, "seed": args.seed},
-        "models": {MODEL: {"tokenizer": str(default_path()), "block_size": 16}},
-        "backends": [{"url": u} for u in pod_urls],
-    }))
     logs = (workdir / f"{policy}-emulator.log").open("wb")
     pods = subprocess.Popen(
         [*exe, "emulate", "--count", str(args.pods), "--port", str(pod_port), "--model", MODEL,
@@ -169,6 +160,17 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     try:
         for url in pod_urls:
             _wait_http(f"{url}/health", pods, 60)
+        # The router's port is picked only now: the pods bind ephemeral ZMQ ports as they
+        # start, and one of those once took a port picked before them.
+        router_port = _free_ports(1)
+        config = workdir / f"{policy}.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},
+            "health": {"interval_s": 1.0},
+            "policy": {"name": policy, "seed": args.seed},
+            "models": {MODEL: {"tokenizer": str(default_path()), "block_size": 16}},
+            "backends": [{"url": u} for u in pod_urls],
+        }))
         router_log = (workdir / f"{policy}-router.log").open("wb")
         router = subprocess.Popen([*exe, "serve", "--config", str(config)],
                                   stdout=router_log, stderr=subprocess.STDOUT)
@@ -190,7 +192,10 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
         summary = asyncio.run(replay(
             workload,
             ReplayConfig(target=f"http://127.0.0.1:{router_port}", model=MODEL, slo_ttft_s=1.0,
-                         speedup=args.speedup, latency_scale=args.speedup),
+                         speedup=args.speedup, latency_scale=args.speedup,
+                         # The oracle pools the pods' memory: the same total size, in blocks
+                         # of the same 16 tokens (it was unbounded).
+                         cache_blocks=args.kv_blocks * args.pods),
             TokenBlocks(vocab_size=2048, first_id=5, seed=args.seed),
             label=policy, progress=progress))
         sys.stderr.write("\n")

@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from browser_check import chromium_or_skip, overflow
+
 from kvrouter.cli import main
 from simulator.emulator import EmulatedCluster
 from simulator.replay import ReplayConfig, TokenBlocks, replay

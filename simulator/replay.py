@@ -172,8 +172,9 @@ async def _send(
 
 
 def error_message(body: str) -> str:
-    """The one line worth grouping from an error body: OpenAI's ``error.message`` (vLLM,
-    SGLang, the router, the emulator), FastAPI's ``detail``, else the start of the text."""
+    """The one line worth grouping from an error body: the first sentence of OpenAI's
+    ``error.message`` (vLLM, SGLang, the router, the emulator), FastAPI's ``detail``, else of
+    the text."""
     text = body.strip()
     try:
         data = json.loads(text)
@@ -188,6 +189,10 @@ def error_message(body: str) -> str:
         elif data.get("message") or data.get("detail"):
             text = str(data.get("message") or data.get("detail"))
     text = " ".join(text.split())
+    # The first sentence names the problem; later ones carry per-request numbers ("However, you
+    # requested 9405 tokens ...") that would give every request a group of its own.
+    head, sep, _rest = text.partition(". ")
+    text = head + "." if sep else text
     return text[:160] + ("..." if len(text) > 160 else "") if text else "(empty body)"
 
 

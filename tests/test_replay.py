@@ -100,8 +100,8 @@ async def test_replay_groups_server_messages_and_oracle_counts_accepted_only(
     counted the refused ones too and could sit below the measured hit rate)."""
     rows = []
     for i in range(6):
-        long = i % 2 == 1  # 30 blocks = 480 tokens: over max_model_len 256
-        blocks = list(range(1000 * i, 1000 * i + 30)) if long else [1, 2, 3, 4 + i]
+        long = i % 2 == 1  # 29, 31, 33 blocks of 16 tokens: over max_model_len 256
+        blocks = list(range(1000 * i, 1000 * i + 28 + i)) if long else [1, 2, 3, 4 + i]
         rows.append({"arrival_s": 0.05 * i, "hash_ids": blocks, "input_tokens": 16 * len(blocks),
                      "block_size": 16, "output_tokens": 2})
     trace = tmp_path / "mixed.jsonl"
@@ -113,7 +113,8 @@ async def test_replay_groups_server_messages_and_oracle_counts_accepted_only(
     assert result["requests"] == 3 and result["failed"] == 3
     ((reason, count),) = result["errors"].items()
     assert count == 3 and reason.startswith("HTTP 400: ")
-    assert "maximum context length is 256 tokens" in reason and "{" not in reason
+    # One group although each refused prompt had its own length.
+    assert reason == "HTTP 400: This model's maximum context length is 256 tokens."
     assert grouped_errors(result["errors"]) == [reason.replace("HTTP 400: ", "HTTP 400 x3: ")]
     # Accepted: three 64-token prompts sharing blocks 1-3: 48 + 48 cached of 192.
     assert result["oracle_hit_rate"] == pytest.approx(96 / 192)
@@ -124,11 +125,14 @@ async def test_replay_groups_server_messages_and_oracle_counts_accepted_only(
     ("body", "message"),
     [
         ('{"error": {"message": "bad  thing\\n here", "type": "x"}}', "bad thing here"),
+        ('{"error": {"message": "This model\'s maximum context length is 256 tokens. However, '
+         'you requested 480 tokens (478 in the messages, 2 in the completion)."}}',
+         "This model's maximum context length is 256 tokens."),
         ('{"detail": "Not Found"}', "Not Found"),
         ("upstream connect error", "upstream connect error"),
         ("", "(empty body)"),
     ],
-    ids=["openai", "fastapi", "text", "empty"],
+    ids=["openai", "first-sentence", "fastapi", "text", "empty"],
 )
 def test_error_message_is_one_line(body: str, message: str) -> None:
     assert error_message(body) == message

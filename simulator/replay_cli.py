@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", required=True, help="trace file or synthetic:NAME[,key=value...]"
     )
-    parser.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument(
+        "--target", required=True, help="server root (no /v1), e.g. http://127.0.0.1:8080"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (results.json, report.html, one .svg per chart)")
     parser.add_argument("--speedup", type=float, default=1.0, help="divide arrival times by this (default %(default)s)")
     parser.add_argument(
@@ -96,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.speedup <= 0 or args.latency_scale <= 0:
         print("kvrouter replay: --speedup and --latency-scale must be > 0", file=sys.stderr)
+        return 2
+    target = args.target.rstrip("/")
+    if target.endswith("/v1"):
+        # The OpenAI base-URL habit: replay appends /v1/... itself.
+        print(f"kvrouter replay: --target {args.target!r} includes /v1: give the server's root "
+              f"({target[:-3]})", file=sys.stderr)
         return 2
 
     def draw(done: int, sent: int) -> None:

@@ -17,6 +17,7 @@ HELP = "Run the OpenAI-compatible routing proxy in front of vLLM/SGLang backends
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults shown here come from the config dataclasses, so help and code cannot disagree.
+    from policies.registry import policy_names
     from router.config import PolicyConfig, ServerConfig
 
     server, policy = ServerConfig(), PolicyConfig()
@@ -31,10 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", metavar="URL", action="append", default=[],
                         help="a decode-role backend for prefill/decode disaggregation (repeatable)")
     parser.add_argument("--policy", metavar="NAME",
-                        help="routing policy: kv_aware, round_robin, random, least_loaded, "
-                             "power_of_two, session_affinity, consistent_hash or "
-                             "sglang_cache_aware; its params come from the config file "
-                             f"(default: the config's policy.name, else {policy.name})")
+                        help=f"routing policy: {', '.join(policy_names())}; its params come "
+                             "from the config file (default: the config's policy.name, else "
+                             f"{policy.name})")
     parser.add_argument("--model-tokenizer", metavar="NAME=DIR", action="append", default=[],
                         help="tokenize model NAME's prompts with the Hugging Face tokenizer in DIR "
                              "(or an offline model id), as the engine does (repeatable; same as "

@@ -145,16 +145,17 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import sys
 
     if args.count < 1:
-        print("kvrouter emulate: --count must be >= 1")
+        print("kvrouter emulate: --count must be >= 1", file=sys.stderr)
         return 2
     if args.time_scale <= 0:
-        print("kvrouter emulate: --time-scale must be > 0")
+        print("kvrouter emulate: --time-scale must be > 0", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(args))
     except (ValueError, OSError) as exc:
-        print(f"kvrouter emulate: {exc}")
+        print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 1
     return 0

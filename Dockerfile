@@ -1,9 +1,10 @@
 # The router's container image, as the Helm chart runs it (helm/kvrouter: command `kvrouter`,
-# non-root uid 65532, read-only root filesystem). Build: docker build -t kvrouter/kvrouter:0.1.0 .
+# non-root uid 65532, read-only root filesystem). Build and push (docs/kubernetes.md):
+#   docker build -t registry.example.com/kvrouter:0.1.0 . && docker push registry.example.com/kvrouter:0.1.0
 # (Not built in this project's CI: the CI machines have no Docker engine.)
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY router router
 COPY policies policies
 COPY simulator simulator

@@ -11,8 +11,9 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "version"]
 
 # name -> module; each module must keep its top-level imports light (argparse only).
 COMMANDS: dict[str, str] = {
@@ -25,12 +26,29 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _parser(command: str | None) -> argparse.ArgumentParser:
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("kvrouter")
+    except PackageNotFoundError:
+        from kvrouter import __version__
+
+        return __version__
+
+
+def _parser(command: str | None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     parser = argparse.ArgumentParser(
         prog="kvrouter",
         description="KV-cache-aware request router for vLLM and SGLang inference fleets.",
+        epilog="`kvrouter COMMAND --help` describes a command's flags and their defaults.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    # Not required: a bare `kvrouter` prints the help rather than argparse's one-line error.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers: dict[str, Any] = {}
     for name, module_name in COMMANDS.items():
         if importlib.util.find_spec(module_name) is None:
             continue
@@ -42,9 +60,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
             sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
             module.add_arguments(sp)
             sp.set_defaults(_run=module.run)
+            subparsers[name] = sp
         else:
             sub.add_parser(name, help=f"see `kvrouter {name} --help`", add_help=False)
-    return parser
+    return parser, subparsers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,12 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in args_list if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    parser = _parser(command)
-    args = parser.parse_args(args_list)
+    parser, subparsers = _parser(command)
+    args, unknown = parser.parse_known_args(args_list)
     run = getattr(args, "_run", None)
     if run is None:
+        # No command: the help, and argparse's status for a missing required argument.
         parser.print_help()
         return 2
+    if unknown:
+        # argparse would blame the top-level parser and print its usage; the flag belongs to
+        # the command, so its usage is the useful one (exits 2 like any argparse error).
+        subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(run(args) or 0)
 
 

@@ -33,22 +33,22 @@ MAX_MODEL_LEN = 65536  # agent loops grow their context past 30k tokens
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
-                        help=f"comma-separated policies to compare (default {DEFAULT_POLICIES})")
-    parser.add_argument("--pods", type=int, default=4, help="emulated pods (default 4)")
+                        help="comma-separated policies to compare (default %(default)s)")
+    parser.add_argument("--pods", type=int, default=4, help="emulated pods (default %(default)s)")
     parser.add_argument("--requests", type=int, default=240,
-                        help="requests per policy (default 240)")
+                        help="requests per policy (default %(default)s)")
     parser.add_argument("--rate", type=float, default=16.0,
-                        help="arrivals per second of the workload (default 16)")
+                        help="arrivals per second of the workload (default %(default)s)")
     parser.add_argument("--speedup", type=float, default=3.0,
                         help="run the workload and the pods this many times faster than real "
                              "time; latencies are reported in the pods' virtual seconds "
-                             "(default 3)")
+                             "(default %(default)s)")
     parser.add_argument("--kv-blocks", type=int, default=4000,
                         help="KV blocks of 16 tokens per pod; small so that caches evict "
-                             "(default 1200)")
-    parser.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
+                             "(default %(default)s)")
+    parser.add_argument("--seed", type=int, default=7, help="workload seed (default %(default)s)")
     parser.add_argument("--out", default="out/demo",
-                        help="directory for results.json and report.html (default out/demo)")
+                        help="directory for results.json and report.html (default %(default)s)")
 
 
 def _free_ports(count: int) -> int:
@@ -149,16 +149,7 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
 
     exe = [sys.executable, "-m", "kvrouter.cli"]
     pod_port = _free_ports(args.pods)
-    router_port = _free_ports(1)
     pod_urls = [f"http://127.0.0.1:{pod_port + i}" for i in range(args.pods)]
-    config = workdir / f"{policy}.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},
-        "health": {"interval_s": 1.0},
-        "policy": {"name": policy, "seed": args.seed},
-        "models": {MODEL: {"tokenizer": str(default_path()), "block_size": 16}},
-        "backends": [{"url": u} for u in pod_urls],
-    }))
     logs = (workdir / f"{policy}-emulator.log").open("wb")
     pods = subprocess.Popen(
         [*exe, "emulate", "--count", str(args.pods), "--port", str(pod_port), "--model", MODEL,
@@ -169,6 +160,17 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     try:
         for url in pod_urls:
             _wait_http(f"{url}/health", pods, 60)
+        # The router's port is picked only now: the pods bind ephemeral ZMQ ports as they
+        # start, and one of those once took a port picked before them.
+        router_port = _free_ports(1)
+        config = workdir / f"{policy}.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},
+            "health": {"interval_s": 1.0},
+            "policy": {"name": policy, "seed": args.seed},
+            "models": {MODEL: {"tokenizer": str(default_path()), "block_size": 16}},
+            "backends": [{"url": u} for u in pod_urls],
+        }))
         router_log = (workdir / f"{policy}-router.log").open("wb")
         router = subprocess.Popen([*exe, "serve", "--config", str(config)],
                                   stdout=router_log, stderr=subprocess.STDOUT)
@@ -190,7 +192,10 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
         summary = asyncio.run(replay(
             workload,
             ReplayConfig(target=f"http://127.0.0.1:{router_port}", model=MODEL, slo_ttft_s=1.0,
-                         speedup=args.speedup, latency_scale=args.speedup),
+                         speedup=args.speedup, latency_scale=args.speedup,
+                         # The oracle pools the pods' memory: the same total size, in blocks
+                         # of the same 16 tokens (it was unbounded).
+                         cache_blocks=args.kv_blocks * args.pods),
             TokenBlocks(vocab_size=2048, first_id=5, seed=args.seed),
             label=policy, progress=progress))
         sys.stderr.write("\n")

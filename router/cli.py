@@ -16,28 +16,37 @@ HELP = "Run the OpenAI-compatible routing proxy in front of vLLM/SGLang backends
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults shown here come from the config dataclasses, so help and code cannot disagree.
+    from policies.registry import policy_names
+    from router.config import PolicyConfig, ServerConfig
+
+    server, policy = ServerConfig(), PolicyConfig()
     parser.add_argument("--config", metavar="FILE",
-                        help="YAML config (see config.example.yaml); flags override it")
+                        help="YAML config (see config.example.yaml); flags override it "
+                             "(default: none, every key at its default)")
     parser.add_argument("--backend", metavar="URL", action="append", default=[],
-                        help="a mixed-role backend base URL, e.g. http://10.0.0.1:8000 "
-                             "(repeatable; replaces the config's backends)")
+                        help="a mixed-role backend's server root, e.g. http://10.0.0.1:8000 "
+                             "(no /v1; repeatable; replaces the config's backends)")
     parser.add_argument("--prefill", metavar="URL", action="append", default=[],
                         help="a prefill-role backend for prefill/decode disaggregation (repeatable)")
     parser.add_argument("--decode", metavar="URL", action="append", default=[],
                         help="a decode-role backend for prefill/decode disaggregation (repeatable)")
     parser.add_argument("--policy", metavar="NAME",
-                        help="routing policy, e.g. round_robin, least_loaded, session_affinity, "
-                             "kv_aware (its params come from the config file)")
+                        help=f"routing policy: {', '.join(policy_names())}; its params come "
+                             "from the config file (default: the config's policy.name, else "
+                             f"{policy.name})")
     parser.add_argument("--model-tokenizer", metavar="NAME=DIR", action="append", default=[],
                         help="tokenize model NAME's prompts with the Hugging Face tokenizer in DIR "
                              "(or an offline model id), as the engine does (repeatable; same as "
-                             "models.NAME.tokenizer in the config)")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+                             "models.NAME.tokenizer in the config; without one, kv_aware runs in "
+                             "approximate mode)")
+    parser.add_argument("--host", help=f"address to listen on (default {server.host})")
+    parser.add_argument("--port", type=int, help=f"port to listen on (default {server.port})")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"],
-                        help="event loop: uvloop when installed (auto, the default) or asyncio")
+                        help="event loop: uvloop when installed, else asyncio (auto), or force "
+                             f"one (default {server.event_loop})")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
-                        help="log verbosity (default info)")
+                        help=f"log verbosity (default {server.log_level})")
 
 
 def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
@@ -59,14 +68,19 @@ def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
         server = dataclasses.replace(server, log_level=args.log_level)
     if args.loop:
         server = dataclasses.replace(server, event_loop=args.loop)
-    raw_backends = (
-        [{"url": u} for u in args.backend]
-        + [{"url": u, "role": "prefill"} for u in args.prefill]
-        + [{"url": u, "role": "decode"} for u in args.decode]
+    flagged = (
+        [("--backend", {"url": u}) for u in args.backend]
+        + [("--prefill", {"url": u, "role": "prefill"}) for u in args.prefill]
+        + [("--decode", {"url": u, "role": "decode"}) for u in args.decode]
     )
     backends = config.backends
-    if raw_backends:
-        backends = parse_config({"backends": raw_backends}).backends
+    if flagged:
+        try:
+            backends = parse_config({"backends": [raw for _flag, raw in flagged]}).backends
+        except ConfigError as exc:
+            # Name the flag the user typed, not the config key it became.
+            index = int(exc.path.split("[", 1)[1].split("]", 1)[0]) if "[" in exc.path else 0
+            raise ConfigError(flagged[index][0], exc.problem) from None
     policy = config.policy
     if args.policy:
         # Params in the file belong to the file's policy; a different policy starts from its
@@ -93,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = build_config(args, dict(os.environ))
+        # Logging first: start-up warnings (no tokenizer, approximate mode) get the format.
+        logging.basicConfig(level=config.server.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         check_config(config)
         tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
         kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
@@ -100,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kvrouter")
     if not config.backends and not background:
         log.warning("no backends configured: every request will get 503 until some are added")

@@ -105,7 +105,7 @@ class RetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    name: str = "round_robin"
+    name: str = "kv_aware"
     params: dict[str, object] = field(default_factory=dict)
     seed: int | None = None
     max_hold_s: float = 30.0  # longest a request the policy defers waits in the router
@@ -160,6 +160,15 @@ def _parse_backend(raw: object, path: str) -> BackendConfig:
         url.startswith(("http://", "https://")) and len(url.split("://", 1)[1]) > 0,
         f"{path}.url",
         f"expected an http:// or https:// URL, got {backend.url!r}",
+    )
+    # The classic OpenAI base-URL mistake: the router appends /v1/... itself, so .../v1 would
+    # make every health check and request 404.
+    path_part = url.split("://", 1)[1].partition("/")[2]
+    _require(
+        not (path_part == "v1" or path_part.endswith("/v1") or "/v1/" in f"/{path_part}/"),
+        f"{path}.url",
+        f"{backend.url!r} includes /v1: give the server's root (e.g. "
+        f"{url[: url.rfind('/v1')] or url}), the router adds /v1/... itself",
     )
     roles = [r.value for r in Role]
     _require(backend.role in roles, f"{path}.role", f"expected one of {', '.join(roles)}")

@@ -61,15 +61,27 @@ class HealthChecker:
             self.metrics.breaker_state.labels(backend.backend_id).set(backend.breaker.state)
         self.metrics.healthy_backends.set(healthy)
 
-    async def _probe(self, backend: Backend) -> bool:
+    async def _probe(self, backend: Backend) -> str | None:
+        """None when healthy, else why not, in words an operator can act on."""
+        url = backend.url + self.config.path
         try:
-            async with self._session().get(
-                backend.url + self.config.path, timeout=self._timeout
-            ) as response:
+            async with self._session().get(url, timeout=self._timeout) as response:
                 await response.read()
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+                if response.status == 200:
+                    return None
+                if response.status == 404:
+                    return (f"GET {url} answered 404: wrong path? backends are server roots "
+                            f"(http://host:port), health.path is {self.config.path}")
+                return f"GET {url} answered HTTP {response.status}"
+        except TimeoutError:
+            return f"GET {url} timed out after {self.config.timeout_s:g} s (health.timeout_s)"
+        except aiohttp.ClientConnectorError as exc:
+            cause = exc.os_error
+            if isinstance(cause, ConnectionRefusedError):
+                return f"connection refused at {exc.host}:{exc.port}"
+            return f"cannot connect to {exc.host}:{exc.port}: {cause.strerror or cause}"
+        except aiohttp.ClientError as exc:
+            return f"GET {url} failed: {exc.__class__.__name__}: {exc}"
 
     async def _discover_models(self, backend: Backend) -> None:
         try:
@@ -90,9 +102,9 @@ class HealthChecker:
             }
 
     async def check(self, backend: Backend) -> None:
-        ok = await self._probe(backend)
+        problem = await self._probe(backend)
         first = backend.health_successes == 0 and backend.health_failures == 0
-        if ok:
+        if problem is None:
             backend.health_successes += 1
             backend.health_failures = 0
             if not backend.healthy and backend.health_successes >= self.config.healthy_threshold:
@@ -103,8 +115,9 @@ class HealthChecker:
         else:
             backend.health_failures += 1
             backend.health_successes = 0
+            backend.health_problem = problem
             if backend.healthy and (
                 first or backend.health_failures >= self.config.unhealthy_threshold
             ):
                 backend.healthy = False
-                log.warning("backend %s is unhealthy", backend.backend_id)
+                log.warning("backend %s is unhealthy: %s", backend.backend_id, problem)

@@ -44,7 +44,7 @@ from router.prompt_analyzer import ModelShape, TokenizingAnalyzer
 from router.scrape import EngineScraper
 from router.tokenize import ModelTokenizer, load_tokenizer
 
-__all__ = ["KvEventsSection", "KvPlumbing", "build_kv", "wants_kv"]
+__all__ = ["KvEventsSection", "KvPlumbing", "build_kv", "tokenizer_coverage", "wants_kv"]
 
 log = logging.getLogger("kvrouter.kv")
 
@@ -172,6 +172,8 @@ class KvPlumbing:
             tasks.append(asyncio.create_task(scraper.run(), name="kvrouter-scrape"))
         tasks.append(asyncio.create_task(self._discover(state), name="kvrouter-kv-sources"))
         tasks.append(asyncio.create_task(self._follow_health(state), name="kvrouter-kv-health"))
+        tasks.append(asyncio.create_task(self._check_tokenizers(state),
+                                         name="kvrouter-kv-tokenizers"))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -179,6 +181,17 @@ class KvPlumbing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.analyzer.close()
+
+    async def _check_tokenizers(self, state: Any) -> None:
+        """Once the backends' models are known, say (once) which configured tokenizers match
+        no served model and which served models have none (approximate mode for those)."""
+        while True:  # polled: the pool has no "models changed" event to wait on
+            served = state.pool.healthy_models()
+            if served:
+                break
+            await asyncio.sleep(1.0)
+        for line in tokenizer_coverage(self.analyzer.tokenizers, served):
+            log.warning("%s", line)
 
     def _removed(self, backend_id: BackendId) -> None:
         if self.ingestor is not None:
@@ -228,8 +241,8 @@ class KvPlumbing:
                 backend_id = backend.backend_id
                 if was_healthy.get(backend_id, True) and not backend.healthy:
                     if backend_id in self._subscribed or backend.kv_events:
-                        log.warning("backend %s is unhealthy: forgetting its cached blocks",
-                                    backend_id)
+                        log.warning("backend %s is unhealthy (%s): forgetting its cached blocks",
+                                    backend_id, backend.health_problem or "failing requests")
                         self._subscribed.discard(backend_id)
                         if self.ingestor is not None:
                             self.ingestor.remove_backend(backend_id)
@@ -283,6 +296,23 @@ class KvPlumbing:
         return [KvEventSource.for_backend(url, endpoint, None, "", self.section.bind)]
 
 
+def tokenizer_coverage(tokenizers: Mapping[str, object],
+                       served: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Warnings for tokenizers no backend serves and served base models without a tokenizer
+    (with no tokenizer at all, ``build_kv`` has said so already at start)."""
+    names = ", ".join(sorted(served))
+    bases = {str(e.get("parent") or m) for m, e in served.items()}
+    lines = [f"tokenizer for model {name!r} (--model-tokenizer / models.{name}.tokenizer) "
+             f"matches no served model; the backends serve: {names}"
+             for name in sorted(tokenizers) if name not in served and name not in bases]
+    if tokenizers:
+        lines += [f"model {model!r} has no tokenizer: its prompts are estimated from characters "
+                  "and kv_aware routes it in approximate mode (add --model-tokenizer "
+                  f"{model}=DIR or models.{model}.tokenizer)"
+                  for model in sorted(bases) if model not in tokenizers]
+    return lines
+
+
 def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
     return KvEventSource(source.backend_id, source.endpoint, source.replay_endpoint, source.topic,
                          source.host, bind, source.engine_binds)
@@ -299,9 +329,11 @@ def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) ->
             tokenizers[name] = ModelTokenizer(load_tokenizer(source),
                                               cache_tokens=section.tokenizer_cache_tokens)
         except ValueError as exc:
-            raise ConfigError(f"models.{name}.tokenizer", str(exc)) from None
+            where = (f"--model-tokenizer {name}" if tokenizer_dirs and name in tokenizer_dirs
+                     else f"models.{name}.tokenizer")
+            raise ConfigError(where, str(exc)) from None
     if not tokenizers:
         log.warning("no tokenizer configured (models.<name>.tokenizer or --model-tokenizer): "
-                    "prompts are estimated from characters, engine KV events cannot be matched, "
-                    "and kv_aware falls back to remembering where it sent each prefix")
+                    "approximate mode: prompts are estimated from characters, engine KV events "
+                    "cannot be matched, and kv_aware remembers where it sent each prefix")
     return KvPlumbing(config, section, tokenizers)

@@ -39,6 +39,8 @@ class Backend:
     healthy: bool = True
     health_successes: int = 0
     health_failures: int = 0
+    # Why the last failed health check failed (status, refused, timeout), for log lines.
+    health_problem: str = ""
     in_flight_requests: int = 0
     in_flight_prompt_tokens: int = 0
     # Set by the engine-metrics scrape loop; ignored once older than the pool's max age.

@@ -58,13 +58,25 @@ def load_tokenizer(source: str | Path, *, offline: bool = True) -> Any:
     from transformers import AutoTokenizer
 
     looks_local = isinstance(source, Path) or str(source).startswith((".", "/", "~"))
-    if looks_local and not Path(source).expanduser().is_dir():
+    path = Path(source).expanduser()
+    if looks_local and not path.is_dir():
         raise ValueError(f"no tokenizer directory at {str(source)!r}")
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {str(source)!r}: expected one of "
+                         f"{', '.join(_TOKENIZER_FILES)} (a Hugging Face model directory)")
+    if not path.is_dir() and offline:
+        hint = "not a directory, and not in the local Hugging Face cache (nothing is downloaded)"
+    else:
+        hint = ""
     try:
         return AutoTokenizer.from_pretrained(str(source), local_files_only=offline)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
-        reason = " ".join(str(exc).split())  # one line, for a one-line config error
+        # One short line for a one-line config error: transformers' texts run to paragraphs.
+        reason = (hint if isinstance(exc, OSError) else "") or " ".join(str(exc).split()).split(". ")[0][:200]
         raise ValueError(f"cannot load tokenizer {str(source)!r}: {reason}") from exc
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelTokenizer:

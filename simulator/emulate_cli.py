@@ -18,46 +18,69 @@ HELP = "Run N emulated vLLM/SGLang pods (engine model + HTTP API + ZMQ KV events
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--count", type=int, default=2, help="number of pods (default 2)")
+    parser.add_argument("--count", type=int, default=2, help="number of pods (default %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=8100, help="first HTTP port; pod i uses port+i (0: ephemeral)"
+        "--port", type=int, default=8100, help="first HTTP port; pod i uses port+i (0: ephemeral; default %(default)s)"
     )
     parser.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
-        help="virtual engine seconds per wall second (10 runs the engines 10x faster)",
+        help="virtual engine seconds per wall second (10 runs the engines 10x faster; "
+        "default %(default)s)",
     )
-    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument(
+        "--engine",
+        choices=["vllm", "sglang"],
+        default="vllm",
+        help="which server to emulate: its metric names, endpoints and KV event topics "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--role",
         choices=["mixed", "prefill", "decode"],
         default="mixed",
         help="prefill/decode disaggregation role of every pod: prefill pods answer with KV "
         "transfer parameters (vLLM) or fill bootstrap rooms (SGLang, bootstrap server on the "
-        "pod's own HTTP port); decode pods pull that KV (docs/disaggregation.md)",
+        "pod's own HTTP port); decode pods pull that KV (docs/disaggregation.md) (default %(default)s)",
     )
     parser.add_argument(
         "--kv-network-gbps",
         type=float,
         default=200.0,
-        help="network bandwidth a decode pod pulls KV with, Gbit/s (default 200)",
+        help="network bandwidth a decode pod pulls KV with, Gbit/s (default %(default)s)",
     )
-    parser.add_argument("--model", default="tiny-llama", help="served model name")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--model", default="tiny-llama", help="served model name, as /v1/models lists it (default %(default)s)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default %(default)s)")
     parser.add_argument(
         "--num-gpu-blocks",
         type=int,
         default=4096,
-        help="KV blocks per pod (0: what the profile's KV memory holds)",
+        help="KV blocks per pod (0: what the profile's KV memory holds; default %(default)s)",
     )
-    parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=8192,
+        help="longest prompt + output in tokens; longer requests get vLLM's 400 "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="tokens one engine step may process (chunked prefill budget; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="requests running at once per pod; more wait in the queue (default %(default)s)",
+    )
     parser.add_argument(
         "--profile",
         default="h200-llama-3.1-8b",
-        help="cost profile name in simulator/data or a JSON path (default h200-llama-3.1-8b)",
+        help="cost profile name in simulator/data or a JSON path (default %(default)s)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -68,10 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-events-endpoint",
         default="tcp://*:0",
         help="ZMQ PUB endpoint; binds for * / :: / ipc:// / inproc:// (port+i per pod, 0 "
-        "ephemeral), otherwise every pod connects to it; 'none' disables events",
+        "ephemeral), otherwise every pod connects to it; 'none' disables events "
+        "(default %(default)s)",
     )
     parser.add_argument(
-        "--kv-replay-endpoint", default="tcp://*:0", help="replay ROUTER endpoint (port+i per pod)"
+        "--kv-replay-endpoint", default="tcp://*:0", help="replay ROUTER endpoint (port+i per pod; default %(default)s)"
     )
 
 
@@ -121,16 +145,17 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import sys
 
     if args.count < 1:
-        print("kvrouter emulate: --count must be >= 1")
+        print("kvrouter emulate: --count must be >= 1", file=sys.stderr)
         return 2
     if args.time_scale <= 0:
-        print("kvrouter emulate: --time-scale must be > 0")
+        print("kvrouter emulate: --time-scale must be > 0", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(args))
     except (ValueError, OSError) as exc:
-        print(f"kvrouter emulate: {exc}")
+        print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -19,7 +19,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import aiohttp
 from simulator.results import PooledLruOracle, RunMetrics
 from simulator.traces import TraceRequest
 
-__all__ = ["ReplayConfig", "TokenBlocks", "replay"]
+__all__ = ["ReplayConfig", "TokenBlocks", "error_message", "grouped_errors", "replay"]
 
 
 class TokenBlocks:
@@ -133,8 +133,8 @@ async def _send(
         ) as resp:
             backend = resp.headers.get("x-kvrouter-backend")
             if resp.status != 200:
-                text = (await resp.text())[:200]
-                return _Outcome(False, 0, 0, [], 0, 0, 0, backend, f"HTTP {resp.status}: {text}")
+                message = error_message(await resp.text())
+                return _Outcome(False, 0, 0, [], 0, 0, 0, backend, f"HTTP {resp.status}: {message}")
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -171,6 +171,40 @@ async def _send(
     )
 
 
+def error_message(body: str) -> str:
+    """The one line worth grouping from an error body: the first sentence of OpenAI's
+    ``error.message`` (vLLM, SGLang, the router, the emulator), FastAPI's ``detail``, else of
+    the text."""
+    text = body.strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            text = str(error["message"])
+        elif isinstance(error, str):
+            text = error
+        elif data.get("message") or data.get("detail"):
+            text = str(data.get("message") or data.get("detail"))
+    text = " ".join(text.split())
+    # The first sentence names the problem; later ones carry per-request numbers ("However, you
+    # requested 9405 tokens ...") that would give every request a group of its own.
+    head, sep, _rest = text.partition(". ")
+    text = head + "." if sep else text
+    return text[:160] + ("..." if len(text) > 160 else "") if text else "(empty body)"
+
+
+def grouped_errors(errors: Mapping[str, int]) -> list[str]:
+    """``HTTP 400 x19: maximum context length is 8192 tokens``, most frequent first."""
+    lines = []
+    for reason, count in sorted(errors.items(), key=lambda kv: (-kv[1], kv[0])):
+        head, sep, message = reason.partition(": ")
+        lines.append(f"{head} x{count}: {message}" if sep else f"{reason} x{count}")
+    return lines
+
+
 async def replay(
     requests: Iterable[TraceRequest],
     config: ReplayConfig,
@@ -189,10 +223,28 @@ async def replay(
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     connector = aiohttp.TCPConnector(limit=0)
 
-    async def one(request: TraceRequest, session: aiohttp.ClientSession) -> None:
+    # The oracle sees the prompts the target accepted, in arrival order: a prompt it refused
+    # (too long, bad request) was never cached by any engine, and counting it would compare
+    # the hit rate of the accepted requests with an oracle over a different set. Outcomes that
+    # finish out of order wait here until every earlier request has finished (bounded by the
+    # requests in flight).
+    resolved: dict[int, tuple[TraceRequest, bool]] = {}
+    next_seq = 0
+
+    def feed_oracle(seq: int, request: TraceRequest, ok: bool) -> None:
+        nonlocal next_seq
+        resolved[seq] = (request, ok)
+        while next_seq in resolved:
+            earlier, accepted = resolved.pop(next_seq)
+            if accepted:
+                oracle.observe(earlier.full_blocks, earlier.block_size, earlier.input_tokens)
+            next_seq += 1
+
+    async def one(seq: int, request: TraceRequest, session: aiohttp.ClientSession) -> None:
         nonlocal done
         outcome = await _send(session, request, config, blocks)
         done += 1
+        feed_oracle(seq, request, outcome.ok)
         if outcome.ok:
             # Timestamps in (scaled) seconds from this request's send: arrival 0.
             metrics.on_finished(
@@ -209,8 +261,10 @@ async def replay(
             per_backend[key] = per_backend.get(key, 0.0) + outcome.e2e_s * scale
         else:
             metrics.on_failed()
-            reason = outcome.error.split(":")[0]
-            errors[reason] = errors.get(reason, 0) + 1
+            # Distinct messages are bounded: a server that puts ids in its errors cannot
+            # grow this without limit.
+            key = outcome.error if outcome.error in errors or len(errors) < 50 else "other"
+            errors[key] = errors.get(key, 0) + 1
         if progress is not None:
             progress(done, sent)
 
@@ -221,9 +275,8 @@ async def replay(
             if delay > 0:
                 await asyncio.sleep(delay)
             metrics.on_arrival(0.0)
-            oracle.observe(request.full_blocks, request.block_size, request.input_tokens)
+            task = asyncio.create_task(one(sent, request, session))
             sent += 1
-            task = asyncio.create_task(one(request, session))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -243,6 +296,8 @@ async def replay(
         throughput_rps=metrics.finished / (wall_s * scale) if wall_s else 0.0,
         goodput_rps=metrics.within_slo / (wall_s * scale) if wall_s else 0.0,
         errors=errors,
+        # Engine time spent on prefill is invisible to a client: unknown, not zero.
+        prefill_gpu_s=None,
         target=config.target,
         speedup=config.speedup,
         latency_scale=scale,

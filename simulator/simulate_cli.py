@@ -32,15 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trace file (Mooncake JSONL, kvrouter JSONL, Azure CSV; .gz ok) or synthetic:NAME[,key=value...]",
     )
     parser.add_argument(
-        "--backends", default="16", help="engine count, or a comma list to sweep (default 16)"
+        "--backends", default="16", help="engine count, or a comma list to sweep (default %(default)s)"
     )
     parser.add_argument(
         "--policies",
         default="round_robin,session_affinity,kv_aware",
-        help="comma-separated policy names",
+        help="comma-separated policy names (default %(default)s)",
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="output directory (results.json, report.html, PNGs)"
+        "--out", required=True, type=Path, help="output directory (results.json, report.html, one .svg per chart)"
     )
     parser.add_argument(
         "--seed",
@@ -52,16 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=None,
-        help="YAML with simulation:, policy: and policies: sections",
+        help="YAML with simulation:, policy: and policies: sections (default: none)",
     )
     parser.add_argument(
         "--cost-profile", default=None, help="engine cost profile (default h200-llama-3.1-8b)"
     )
     parser.add_argument(
-        "--event-delay-s", type=float, default=None, help="KV event delivery delay to the index (s)"
+        "--event-delay-s", type=float, default=None, help="KV event delivery delay to the index, s (default 0)"
     )
     parser.add_argument(
-        "--event-loss-ratio", type=float, default=None, help="share of KV event batches lost"
+        "--event-loss-ratio", type=float, default=None, help="share of KV event batches lost, 0..1 (default 0)"
     )
     parser.add_argument(
         "--slo-ttft-s",
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TTFT SLO for goodput and capacity (s, default 2)",
     )
     parser.add_argument(
-        "--max-requests", type=int, default=None, help="stop the trace after this many requests"
+        "--max-requests", type=int, default=None, help="stop the trace after this many requests (default: the whole trace)"
     )
     parser.add_argument(
         "--tokenizer",
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comma list (0 = all mixed, through the same code); decider parameters come from the "
         "config file's disaggregation: section (see docs/disaggregation.md)",
     )
-    parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -156,10 +156,11 @@ def parse_backends(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import random
     import sys
+    import time
 
     from policies.params import ParamError
     from policies.registry import build_policy
-    from simulator.report import capacity_lines, format_table, write_report
+    from simulator.report import capacity_lines, format_table, short_name, write_report
     from simulator.sweep import RunSpec, open_trace, run_all
     from simulator.traces import TraceError
 
@@ -172,9 +173,10 @@ def run(args: argparse.Namespace) -> int:
         configs = [build_config(args, simulation, n) for n in sizes]
         # Count the trace once (cheap: a streaming pass) for the progress bar, and fail fast on
         # a bad file before any worker starts.
-        total = sum(
-            1 for _ in open_trace(args.trace, configs[0].seed, args.max_requests, args.tokenizer)
-        )
+        total = sessions = 0
+        for request in open_trace(args.trace, configs[0].seed, args.max_requests, args.tokenizer):
+            total += 1
+            sessions += request.session_id is not None
     except (ValueError, ParamError, TraceError, OSError) as exc:
         print(f"kvrouter simulate: {exc}", file=sys.stderr)
         return 2
@@ -191,16 +193,22 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"kvrouter simulate: {exc}", file=sys.stderr)
             return 2
+    started = time.monotonic()
     try:
         results = run_all(specs, jobs=args.jobs, total_requests=total, show_progress=not args.quiet)
     except (ValueError, TraceError) as exc:
         print(f"\nkvrouter simulate: {exc}", file=sys.stderr)
         return 2
+    wall_s = time.monotonic() - started
     # Wall time is the one number that is not a function of the inputs: it goes to the report's
     # header, so results.json stays byte-identical for the same trace, config and seed.
     walls = {f"{r['policy']}@{r['backends']}": round(r.pop("wall_s", 0.0), 2) for r in results}
     print(format_table(results))
-    print(f"simulated in {sum(walls.values()):.1f} s of run time", file=sys.stderr)
+    print(
+        f"simulated in {wall_s:.1f} s wall time ({sum(walls.values()):.1f} s of run time summed "
+        f"over {len(walls)} runs on {args.jobs} worker{'s' if args.jobs != 1 else ''})",
+        file=sys.stderr,
+    )
     if len(sizes) > 1:
         print("\n".join(capacity_lines(results)))
     from dataclasses import asdict
@@ -213,6 +221,15 @@ def run(args: argparse.Namespace) -> int:
         "config": asdict(configs[0]),
         "wall_s": walls,
     }
-    path = write_report(args.out, results, f"kvrouter simulate: {args.trace}", meta)
+    meta["wall_time_s"] = round(wall_s, 2)
+    notes = []
+    if "session_affinity" in policies and sessions == 0:
+        notes.append(
+            "This trace carries no session ids, so session_affinity has nothing to stick to: "
+            "every request takes its fallback (least loaded), and it behaves like least_loaded."
+        )
+    path = write_report(
+        args.out, results, f"kvrouter simulate: {short_name(args.trace)}", meta, notes
+    )
     print(f"results: {args.out / 'results.json'}\nreport:  {path}")
     return 0

@@ -17,7 +17,15 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["OBJECTIVES", "SEARCH_SPACE", "best_trial", "draw_trials", "params_yaml"]
+__all__ = [
+    "OBJECTIVES",
+    "SEARCH_SPACE",
+    "Verdict",
+    "best_trial",
+    "draw_trials",
+    "params_yaml",
+    "verdict",
+]
 
 # name -> (kind, low, high); "scale" multiplies the default (log-uniform), "log" and "uniform"
 # are absolute ranges.
@@ -90,6 +98,42 @@ def best_trial(results: Sequence[Mapping[str, Any]], objective: str) -> int:
         return (math.inf if bad else sign * float(value), i)  # type: ignore[arg-type]
 
     return min(range(len(results)), key=key)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether the best trial really beats the defaults: its gain, as a share of the defaults'
+    objective (positive = better), on the tuning seed and on a second seed."""
+
+    improved: bool
+    gain_ratio: float
+    second_gain_ratio: float
+
+    def describe(self, objective: str) -> str:
+        gains = f"{100 * self.gain_ratio:+.2f}% then {100 * self.second_gain_ratio:+.2f}%"
+        if self.improved:
+            return f"improvement over defaults on {objective}: {gains} on two seeds"
+        return (f"no improvement over defaults: the best trial's {objective} gain ({gains} on "
+                "two seeds) is within seed noise")
+
+
+def _gain(objective: str, base: Mapping[str, Any], trial: Mapping[str, Any]) -> float:
+    b, t = base.get(objective), trial.get(objective)
+    if b is None or t is None or not math.isfinite(b) or not math.isfinite(t):
+        return 0.0
+    return OBJECTIVES[objective] * (float(b) - float(t)) / max(abs(float(b)), 1e-12)
+
+
+def verdict(objective: str, base: Mapping[str, Any], best: Mapping[str, Any],
+            base_again: Mapping[str, Any], best_again: Mapping[str, Any],
+            min_gain_ratio: float = 0.01) -> Verdict:
+    """The best trial improves on the defaults only when it wins on both seeds, by at least
+    ``min_gain_ratio`` on each, and by more than the gain itself moves between the seeds (the
+    spread of a paired difference is the noise that matters here)."""
+    g1 = _gain(objective, base, best)
+    g2 = _gain(objective, base_again, best_again)
+    improved = min(g1, g2) > max(min_gain_ratio, abs(g1 - g2))
+    return Verdict(improved, g1, g2)
 
 
 def params_yaml(policy: str, params: Mapping[str, Any]) -> str:

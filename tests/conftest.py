@@ -52,10 +52,15 @@ async def start_backend() -> AsyncIterator[Callable[..., Awaitable[FakeBackend]]
 
 @pytest.fixture
 async def start_router() -> AsyncIterator[Callable[..., Awaitable[RouterHandle]]]:
-    """``await start_router({"backends": [...], ...}, **create_app_kwargs)``."""
+    """``await start_router({"backends": [...], ...}, **create_app_kwargs)``.
+
+    A raw config without a ``policy`` section gets round_robin, not the product's default
+    (kv_aware): these tests predict which backend each request reaches."""
     runners: list[Runner] = []
 
     async def start(raw: dict[str, Any] | Config, **kwargs: Any) -> RouterHandle:
+        if isinstance(raw, dict) and "policy" not in raw:
+            raw = {**raw, "policy": {"name": "round_robin"}}
         config = raw if isinstance(raw, Config) else parse_config(raw)
         app = create_app(config, **kwargs)
         runner, port = await serve(app, "127.0.0.1", 0)

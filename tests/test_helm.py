@@ -76,8 +76,16 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
 
 
-def values_file(tmp_path: Path, values: dict[str, Any] | None) -> list[str]:
-    if values is None:
+IMAGE = {"repository": "registry.example.com/kvrouter"}
+
+
+def values_file(tmp_path: Path, values: dict[str, Any] | None,
+                image: dict[str, str] | None = IMAGE) -> list[str]:
+    """``-f`` for ``values`` plus the required image.repository (none is published)."""
+    values = dict(values or {})
+    if image is not None:
+        values.setdefault("image", image)
+    if not values:
         return []
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -265,6 +273,53 @@ def test_schema_refuses_bad_values(helm: Path, tmp_path: Path, values: dict[str,
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr
     assert problem in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"config": {"polcy": {"name": "kv_aware"}}}, "config: Additional property polcy"),
+        ({"config": {"policy": {"name": "kv_awarex"}}}, "config.policy.name: config.policy.name "
+                                                          "must be one of the following"),
+        ({"config": {"policy": {"name": "kv_aware", "params": {"temperature": 1}}}},
+         "config.policy.params: Additional property temperature"),
+        ({"config": {"health": {"interval": 5}}}, "config.health: Additional property interval"),
+        ({"config": {"server": {"port": "8080"}}}, "config.server.port"),
+        ({"config": {"backends": [{"url": "10.0.0.1:8000"}]}}, "config.backends"),
+    ],
+    ids=["section-typo", "policy-name", "policy-param", "key-typo", "type", "url"],
+)
+def test_schema_refuses_config_typos_at_template_time(
+    helm: Path, tmp_path: Path, values: dict[str, Any], problem: str
+) -> None:
+    """Typos inside `config` once rendered cleanly and stopped the pod at start; the chart's
+    schema (generated from the router's config dataclasses) now refuses them."""
+    result = run_helm(helm, "template", "kvrouter", str(CHART), *values_file(tmp_path, values))
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert problem in result.stderr, result.stderr
+
+
+def test_chart_schema_is_generated_from_the_router_config() -> None:
+    """values.schema.json's `config` is exactly what router/config_schema.py generates: run
+    scripts/chart-schema after changing a config dataclass."""
+    from router.config_schema import config_schema
+
+    shipped = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    assert shipped == config_schema(), "stale chart schema: run scripts/chart-schema"
+    # ...and it covers every section the router parses.
+    from router.config import EXTENSION_SECTIONS
+
+    assert set(shipped["properties"]) == {"server", "upstream", "backends", "health", "retries",
+                                          "policy", "models", *EXTENSION_SECTIONS}
+
+
+def test_image_repository_is_required_and_says_how_to_build(helm: Path, tmp_path: Path) -> None:
+    result = run_helm(helm, "template", "kvrouter", str(CHART),
+                      *values_file(tmp_path, None, image=None))
+    assert result.returncode != 0
+    assert "image.repository is required: no kvrouter image is published" in result.stderr
+    assert "docker build" in result.stderr and "docs/kubernetes.md" in result.stderr
 
 
 @pytest.mark.parametrize("manifest", sorted(EXAMPLES.glob("*/*.yaml")),

@@ -101,7 +101,7 @@ def test_serve_config_errors_are_one_line(capsys, tmp_path):
     from kvrouter.cli import main
 
     cases = [
-        (["--model-tokenizer", f"m={tmp_path / 'missing'}"], "models.m.tokenizer"),
+        (["--model-tokenizer", f"m={tmp_path / 'missing'}"], "--model-tokenizer m"),
         (["--model-tokenizer", "no-equals-sign"], "--model-tokenizer"),
     ]
     config = tmp_path / "c.yaml"

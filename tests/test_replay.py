@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from simulator.emulator import EmulatedCluster
-from simulator.replay import ReplayConfig, TokenBlocks, replay
+from simulator.replay import ReplayConfig, TokenBlocks, error_message, grouped_errors, replay
 from simulator.report import write_report
 from simulator.traces import TraceRequest, load_jsonl
 
@@ -78,7 +78,8 @@ async def test_replay_against_emulated_pods(tmp_path: Path) -> None:
     assert result["wall_s"] >= 0.6  # open loop: the last request was sent at its arrival time
     html = write_report(tmp_path / "out", [result], "replay")
     stored = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert stored[0]["requests"] == 4 and html.read_text().count("data:image/png;base64,") == 2
+    assert stored[0]["requests"] == 4 and html.read_text().count("<svg ") == 2
+    assert stored[0]["prefill_gpu_s"] is None  # a client cannot see engine time: not 0.0
 
 
 async def test_replay_counts_failures_without_stopping(tmp_path: Path) -> None:
@@ -89,3 +90,49 @@ async def test_replay_counts_failures_without_stopping(tmp_path: Path) -> None:
     assert sum(result["errors"].values()) == 4 and all(
         k.startswith("HTTP 4") for k in result["errors"]
     )
+
+
+async def test_replay_groups_server_messages_and_oracle_counts_accepted_only(
+    tmp_path: Path,
+) -> None:
+    """Prompts over the pod's context limit get vLLM's 400; the summary keeps the server's
+    message, grouped, and the oracle sees only the prompts the pod accepted (before, it
+    counted the refused ones too and could sit below the measured hit rate)."""
+    rows = []
+    for i in range(6):
+        long = i % 2 == 1  # 29, 31, 33 blocks of 16 tokens: over max_model_len 256
+        blocks = list(range(1000 * i, 1000 * i + 28 + i)) if long else [1, 2, 3, 4 + i]
+        rows.append({"arrival_s": 0.05 * i, "hash_ids": blocks, "input_tokens": 16 * len(blocks),
+                     "block_size": 16, "output_tokens": 2})
+    trace = tmp_path / "mixed.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    async with EmulatedCluster(count=1, time_scale=1.0, kv_events_endpoint=None,
+                               max_model_len=256, block_size=16) as cluster:
+        config = ReplayConfig(target=cluster.urls[0], model="tiny-llama", timeout_s=30)
+        result = await replay(load_jsonl(trace), config, TokenBlocks(2048, 5, 0))
+    assert result["requests"] == 3 and result["failed"] == 3
+    ((reason, count),) = result["errors"].items()
+    assert count == 3 and reason.startswith("HTTP 400: ")
+    # One group although each refused prompt had its own length.
+    assert reason == "HTTP 400: This model's maximum context length is 256 tokens."
+    assert grouped_errors(result["errors"]) == [reason.replace("HTTP 400: ", "HTTP 400 x3: ")]
+    # Accepted: three 64-token prompts sharing blocks 1-3: 48 + 48 cached of 192.
+    assert result["oracle_hit_rate"] == pytest.approx(96 / 192)
+    assert result["hit_rate"] <= result["oracle_hit_rate"] + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"error": {"message": "bad  thing\\n here", "type": "x"}}', "bad thing here"),
+        ('{"error": {"message": "This model\'s maximum context length is 256 tokens. However, '
+         'you requested 480 tokens (478 in the messages, 2 in the completion)."}}',
+         "This model's maximum context length is 256 tokens."),
+        ('{"detail": "Not Found"}', "Not Found"),
+        ("upstream connect error", "upstream connect error"),
+        ("", "(empty body)"),
+    ],
+    ids=["openai", "first-sentence", "fastapi", "text", "empty"],
+)
+def test_error_message_is_one_line(body: str, message: str) -> None:
+    assert error_message(body) == message

@@ -69,3 +69,12 @@ def test_replay_cli_unreachable_target(tmp_path: Path, capsys: pytest.CaptureFix
     )
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("kvrouter replay:")
+
+
+def test_replay_cli_refuses_a_v1_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["replay", "--trace", str(_mooncake(tmp_path)), "--target",
+            "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("kvrouter replay: --target 'http://127.0.0.1:9/v1' includes /v1: give the "
+                   "server's root (http://127.0.0.1:9)")

@@ -1,9 +1,11 @@
-"""kvrouter simulate end to end: results.json fields, PNGs, the self-contained HTML, sweeps,
-config files and clear errors."""
+"""kvrouter simulate end to end: results.json fields, SVG charts, the self-contained HTML,
+sweeps, config files, clear errors, and reports without any plotting library installed."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,9 +61,14 @@ def test_simulate_writes_results_plots_and_html(
         assert 0.0 <= r["hit_rate"] <= 1.0 and r["imbalance"] >= 1.0
     assert results[1]["policy_params"] == {"temperature_s": 0.004}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # CDF, hit rate, load, capacity
-    for name in ("ttft_cdf.png", "hit_rate.png", "load.png", "capacity.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count("<svg ") == 4  # CDF, hit rate, load, capacity: inline, self-contained
+    for name in ("ttft_cdf.svg", "hit_rate.svg", "load.svg", "capacity.svg"):
+        assert (out / name).read_text().startswith("<svg xmlns='http://www.w3.org/2000/svg'")
+    # The H1 is the trace's short name; headings are words; columns carry units.
+    assert "<h1>kvrouter simulate: synthetic:multi_tenant</h1>" in html
+    assert "ttft cdf" not in html and "TTFT p50<br><small>s</small>" in html
+    assert "What the columns mean" in html
+    assert "simulated in " in captured.err and " s wall time (" in captured.err
     assert "backends hold TTFT p99" in captured.out or "SLO not held" in captured.out
 
 
@@ -176,3 +183,30 @@ def test_same_seed_gives_a_byte_identical_results_json(tmp_path: Path) -> None:
         files.append((out / "results.json").read_bytes())
     assert files[0] == files[1]
     assert b'"wall_s"' not in files[0]  # the one non-deterministic number lives in the report
+
+
+def test_simulate_reports_without_matplotlib(tmp_path: Path) -> None:
+    """A plain `pip install .` has no plotting library: the report must still be written (it
+    once crashed at the very end with ModuleNotFoundError: matplotlib)."""
+    out = tmp_path / "sim"
+    # Mooncake's shape: hash ids, no session ids.
+    trace = tmp_path / "mooncake_like.jsonl"
+    trace.write_text("".join(
+        json.dumps({"timestamp": 250 * i, "input_length": 512 * (1 + i % 3), "output_length": 4,
+                    "hash_ids": [i % 4, 100 + i % 3, 200 + i][: 1 + i % 3]}) + "\n"
+        for i in range(24)))
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # any import of it now fails
+        "from kvrouter.cli import main\n"
+        f"raise SystemExit(main(['simulate', '--trace', {str(trace)!r}, '--backends', '2', "
+        f"'--policies', 'round_robin,session_affinity', '--out', {str(out)!r}, '--quiet', "
+        "'--jobs', '1']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = (out / "report.html").read_text()
+    assert html.count("<svg ") == 3  # CDF, hit rate, load
+    # The trace carries no session ids: the report says what session_affinity then does.
+    assert "carries no session ids" in html
+    assert "<h1>kvrouter simulate: mooncake_like.jsonl</h1>" in html  # not the absolute path

@@ -9,7 +9,7 @@ import yaml
 
 from kvrouter.cli import main
 from policies.registry import build_policy
-from simulator.tune import best_trial, draw_trials, params_yaml
+from simulator.tune import best_trial, draw_trials, params_yaml, verdict
 
 
 def test_trials_are_seeded_and_start_with_the_defaults() -> None:
@@ -68,3 +68,38 @@ def test_tune_cli_rejects_a_bad_objective(capsys: pytest.CaptureFixture[str]) ->
     code = main(["tune", "--trace", "synthetic:chat", "--objective", "speed", "--quiet"])
     assert code == 2
     assert "--objective" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("base", "best", "base2", "best2", "improved"),
+    [
+        (1.0, 0.9997, 1.0, 1.004, False),  # 0.03% then worse: noise
+        (1.0, 0.9, 1.1, 0.99, True),  # 10% on both seeds
+        (1.0, 0.9, 1.0, 0.99, False),  # 10% then 1%: the gain moves more than it is
+        (1.0, 0.995, 1.0, 0.995, False),  # steady but below --min-gain
+    ],
+    ids=["noise", "real", "unsteady", "too-small"],
+)
+def test_verdict_needs_a_gain_beyond_seed_noise(
+    base: float, best: float, base2: float, best2: float, improved: bool
+) -> None:
+    def r(v: float) -> dict[str, float]:
+        return {"ttft_p99_s": v}
+
+    judged = verdict("ttft_p99_s", r(base), r(best), r(base2), r(best2), 0.01)
+    assert judged.improved is improved
+    text = judged.describe("ttft_p99_s")
+    assert text.startswith("improvement" if improved else "no improvement over defaults")
+
+
+def test_tune_cli_keeps_the_defaults_when_the_best_is_noise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An unreachable --min-gain makes any winner noise: the block printed is the defaults'.
+    code = main(["tune", "--trace", "synthetic:multi_tenant,requests=60,rate=6,tenants=8",
+                 "--backends", "3", "--trials", "3", "--seed", "2", "--jobs", "1", "--quiet",
+                 "--min-gain", "10"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "no improvement over defaults" in err
+    assert yaml.safe_load(out) == yaml.safe_load(params_yaml("kv_aware", {}))

@@ -109,6 +109,7 @@ from policies.types import (
     BackendId,
     BackendScore,
     BackendState,
+    BlockHash,
     ClusterView,
     Decision,
     Role,
@@ -157,6 +158,8 @@ class KvAwareParams:
     duplicate_ratio: float = 1.0  # share of a prefix copy's prefill charged to a full cache
     cache_full_knee_ratio: float = 0.8  # cache fill (held / total blocks) where copies start to cost
     home_max_blocks: int = 1_000_000  # placement memory budget (blocks remembered fleet-wide)
+    recent_ttl_s: float = 0.5  # a dispatched prefix counts as cached there until events say
+    # so, for this long (0: trust events only)
     hold_kv_ratio: float = 0.7  # hold in the router while every backend's committed KV is past
     # this share of its KV memory (0: never hold)
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
@@ -175,6 +178,8 @@ class KvAwareParams:
                      "duplicate_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.recent_ttl_s < 0:
+            raise ValueError("recent_ttl_s must be >= 0")
         if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0:
             raise ValueError("hold_kv_ratio and hold_output_tokens must be >= 0")
         if not 0.0 <= self.cache_full_knee_ratio < 1.0:
@@ -206,6 +211,7 @@ class KvAware(PolicyBase):
         self._cost = params.cost()
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
         self._homes = PlacementMemory(params.home_max_blocks)
+        self._recent = PrefixIndex(max_entries=params.approx_max_entries)
         self._pending: dict[BackendId, PendingPrefill] = {}
         # KV tokens each backend will need for what this policy sent there and is unfinished.
         self._committed: dict[BackendId, float] = {}
@@ -225,6 +231,8 @@ class KvAware(PolicyBase):
         exact = request.matches_events
         precise = exact and view.index is not None and any(b.kv_events for b in candidates)
         found = view.index.match(hashes, view.now_s) if precise and view.index else {}
+        if precise and self.params.recent_ttl_s:
+            found = self._with_recent(hashes, view.now_s, found)
         if precise and all(b.kv_events for b in candidates):
             return found
         approx = self._approx.match(hashes, view.now_s)
@@ -233,6 +241,22 @@ class KvAware(PolicyBase):
             for b in candidates
             if (m := (found if exact and b.kv_events else approx).get(b.backend_id)) is not None
         }
+
+    def _with_recent(
+        self, hashes: tuple[BlockHash, ...], now_s: float, found: dict[BackendId, BackendMatch]
+    ) -> dict[BackendId, BackendMatch]:
+        """Engine events arrive after the prefill that stores the blocks, plus delivery lag:
+        a prefix dispatched moments ago is where it will be cached, but the index cannot say
+        so yet. Its dispatch record (kept ``recent_ttl_s``) counts as a GPU hit until then."""
+        recent = self._recent.match(hashes, now_s)
+        if not recent:
+            return found
+        merged = dict(found)
+        for backend_id, m in recent.items():
+            held = merged.get(backend_id)
+            if held is None or held.matched_blocks < m.matched_blocks:
+                merged[backend_id] = m
+        return merged
 
     def _score(
         self,
@@ -492,6 +516,9 @@ class KvAware(PolicyBase):
         )
         if request.block_hashes:
             self._homes.record(prefill_id, request.block_hashes)
+            if terms["kv_events"] and self.params.recent_ttl_s:
+                self._recent.record_dispatch(prefill_id, request.block_hashes, now_s,
+                                             self.params.recent_ttl_s)
         if not terms["kv_events"] and request.block_hashes:
             self._approx.record_dispatch(
                 prefill_id,
@@ -504,6 +531,7 @@ class KvAware(PolicyBase):
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self._approx.remove_backend(backend_id)
         self._homes.remove_backend(backend_id)
+        self._recent.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
         self._committed.pop(backend_id, None)
 

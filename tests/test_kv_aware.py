@@ -179,7 +179,8 @@ def test_a_prefix_evicted_everywhere_returns_to_its_home() -> None:
     for group in range(40):
         for suffix in (1, 2):
             request = prompt(group, 2048, suffix=suffix)
-            decision = kv.choose(request, view(index, *(idle(b) for b in IDS)))
+            # Long after: no dispatch is recent, the index holds nothing.
+            decision = kv.choose(request, view(index, *(idle(b) for b in IDS), now_s=60.0))
             assert decision.backend_id == homes[group]
             home_score = next(s for s in decision.scores if s.backend_id == homes[group])
             assert home_score.terms["placement_s"] < 0
@@ -192,7 +193,8 @@ def test_a_prefix_evicted_everywhere_returns_to_its_home() -> None:
             request, forgetful.choose(request, view(index, *(idle(b) for b in IDS))), 0.0)
         later = prompt(group, 2048, suffix=1)
         first = homes_of(forgetful, request, index)
-        moved += forgetful.choose(later, view(index, *(idle(b) for b in IDS))).backend_id != first
+        moved += forgetful.choose(
+            later, view(index, *(idle(b) for b in IDS), now_s=60.0)).backend_id != first
     assert moved >= 10
 
 
@@ -496,6 +498,26 @@ def test_salted_prompts_follow_their_own_dispatches_not_engine_events() -> None:
     assert again.backend_id == first.backend_id
     assert again.predicted_hit_tokens > 0
     assert p.choose(unsalted, view(index, *(idle(b) for b in IDS), now_s=2.0)).backend_id == "b3"
+
+
+def test_a_prefix_just_sent_counts_as_cached_there_until_events_can_say_so() -> None:
+    # Two requests of one group 0.1 s apart: the first one's blocks are not in the index yet
+    # (its prefill is running), but the second is routed where they will be.
+    index = PrefixIndex()
+    kv = policy(seed=11)
+    first, second = prompt(7, 4000, suffix=1), prompt(7, 4000, suffix=2)
+    decision = kv.choose(first, view(index, *(idle(b) for b in IDS)))
+    kv.on_dispatched(first, decision, 0.0)
+    follow = kv.choose(second, view(index, *(idle(b) for b in IDS), now_s=0.1))
+    assert follow.backend_id == decision.backend_id
+    assert follow.predicted_hit_tokens >= 3900
+    # Past recent_ttl_s only the index (still empty: it was evicted) counts.
+    late = kv.choose(second, view(index, *(idle(b) for b in IDS), now_s=5.0))
+    assert late.predicted_hit_tokens == 0
+    blind = policy(seed=11, recent_ttl_s=0.0)
+    blind.on_dispatched(first, decision, 0.0)
+    assert blind.choose(second, view(index, *(idle(b) for b in IDS), now_s=0.1)
+                        ).predicted_hit_tokens == 0
 
 
 def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish() -> None:

@@ -102,6 +102,7 @@ from dataclasses import dataclass
 
 from policies.base import PolicyBase
 from policies.index import BackendMatch, PrefixIndex
+from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
 from policies.prefill_cost import PendingPrefill, PrefillCost
@@ -213,8 +214,7 @@ class KvAware(PolicyBase):
         self._homes = PlacementMemory(params.home_max_blocks)
         self._recent = PrefixIndex(max_entries=params.approx_max_entries)
         self._pending: dict[BackendId, PendingPrefill] = {}
-        # KV tokens each backend will need for what this policy sent there and is unfinished.
-        self._committed: dict[BackendId, float] = {}
+        self._committed = KvCommitment(params.hold_output_tokens)
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -458,50 +458,35 @@ class KvAware(PolicyBase):
         )
 
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
-        """Hold while no candidate has KV room: each one's committed tokens (uncached prompt
-        plus output of unfinished requests sent there) plus this prompt would pass
-        ``hold_kv_ratio`` of its KV memory. An engine admits whatever fits at this instant and
-        preempts when decodes outgrow it; a request held here instead waits for the first
-        backend with room and is placed then, on fresher cache state. Backends with nothing
-        committed, or whose KV size is unknown, always have room."""
+        """Hold while no candidate has KV room for this prompt (``policies.kv_commitment``):
+        placed later, when a finish frees room, it sees fresher cache state, and no engine
+        admits what it would preempt."""
         ratio = self.params.hold_kv_ratio
-        if not ratio:
-            return False
         candidates = [b for b in view.backends if b.role is not Role.DECODE]
-        if not candidates:
+        if not ratio or not candidates:
             return False
-        for b in candidates:
-            if not b.total_kv_blocks:
-                return False
-            committed = self._committed.get(b.backend_id, 0.0)
-            if committed <= 0 or (committed + request.prompt_tokens
-                                  <= ratio * b.total_kv_blocks * request.block_size):
-                return False
-        return True
+        return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
+                                                ratio) for b in candidates)
 
     def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
         prefill_id = decision.prefill_backend_id or decision.backend_id
         score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
         if score is None:
             return prefill_id, 0.0
-        tokens = score.terms["uncached_tokens"] + min(request.max_tokens, self.params.hold_output_tokens)
-        return prefill_id, tokens
+        return prefill_id, self._committed.tokens(score.terms["uncached_tokens"],
+                                                  request.max_tokens)
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:
-        backend_id, tokens = self._commitment(request, decision)
-        if backend_id in self._committed:
-            left = self._committed[backend_id] - tokens
-            self._committed[backend_id] = left if left > 0.5 else 0.0  # no float drift
+        self._committed.remove(*self._commitment(request, decision))
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         prefill_id = decision.prefill_backend_id or decision.backend_id
         score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
         if score is None:
             return
-        _, committed = self._commitment(request, decision)
-        self._committed[prefill_id] = self._committed.get(prefill_id, 0.0) + committed
+        self._committed.add(*self._commitment(request, decision))
         terms = score.terms
         pending = self._pending.get(prefill_id)
         if pending is None:
@@ -533,7 +518,7 @@ class KvAware(PolicyBase):
         self._homes.remove_backend(backend_id)
         self._recent.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
-        self._committed.pop(backend_id, None)
+        self._committed.remove_backend(backend_id)
 
 
 def create(params: Mapping[str, object], rng: random.Random) -> KvAware:

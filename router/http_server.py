@@ -48,7 +48,8 @@ _MAX_PIPELINED = 32
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
-ErrorBody = Callable[[int, str], Response]
+ErrorBody = Callable[[int, str, Request | None], Response]
+"""(status, message, the request when there is one) -> the error answer."""
 
 
 class HttpServer:
@@ -292,7 +293,7 @@ class _Connection(asyncio.Protocol):
                 raise
             except Exception:
                 log.exception("unhandled error on %s %s", request.method, request.path)
-                response = server.errors(500, "internal router error")
+                response = server.errors(500, "internal router error", request)
             if self.closed:
                 return
             if isinstance(response, StreamResponse):
@@ -348,7 +349,7 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.queue.clear()
         if self.task is None and self.transport is not None:
-            response = self.server.errors(status, message)
+            response = self.server.errors(status, message, None)
             self.write(head_bytes(status, response.headers,
                                   b"Content-Length: %d\r\n" % len(response.body), False,
                                   self.server.date()) + response.body)

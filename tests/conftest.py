@@ -18,7 +18,7 @@ from router.config import Config, parse_config
 # The router serves on uvloop by default, and uvloop's transports differ from asyncio's in flow
 # control, half-close and buffer accounting: the cases of the HTTP layer and the proxy run on
 # both loops; everything else on asyncio's.
-_ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py",
+_ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py", "test_client_input.py",
                             "test_proxy_errors.py"})
 
 

@@ -55,7 +55,7 @@ class _Handlers:
         return Response(status=404, body=b"no")
 
 
-def _error(status: int, message: str) -> Response:
+def _error(status: int, message: str, request: Request | None = None) -> Response:
     return json_response({"error": {"message": message, "code": str(status)}}, status=status)
 
 

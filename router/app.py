@@ -286,8 +286,11 @@ async def serve(
     app: App, host: str, port: int, *, access_log: bool = False
 ) -> tuple[Runner, int]:
     """Start ``app`` on host:port (0 = ephemeral); returns the runner and the bound port."""
+    config = app.state.config.server
     server = HttpServer(
-        app.handle, app.error_body, max_body_bytes=app.state.config.server.max_body_bytes,
+        app.handle, app.error_body, max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
+        max_buffered_body_bytes=config.max_buffered_body_bytes,
         access_log=logging.getLogger("kvrouter.access") if access_log else None)
     await app.start()
     try:

@@ -19,6 +19,13 @@ Behaviour a proxy relies on:
 - Pipelined requests on one connection are answered in order (reading pauses while 32 wait);
   a connection closes when it has been idle, or sending an incomplete request head, for
   ``keepalive_timeout_s``.
+- A request body must arrive whole within ``body_timeout_s`` of its head; else the request
+  gets ``errors(408, ...)``, its buffered part is dropped and the connection closes. Bodies
+  being received are counted across connections: one that would take the total past
+  ``max_buffered_body_bytes`` gets ``errors(503, ...)`` and a close. (A client that stops
+  mid-body would otherwise hold up to ``max_body_bytes`` of memory each, for ever.)
+- ``CONNECT`` and ``Upgrade`` requests get ``errors(405/400, ...)`` and a close: the router
+  is no tunnel, and the bytes after such a head are not HTTP.
 - Malformed HTTP gets ``errors(400, ...)`` and a close; a handler that raises gets
   ``errors(500, ...)``. ``errors`` builds the body (the router's OpenAI error shape).
 
@@ -56,12 +63,18 @@ class HttpServer:
     """Listens on host:port and serves every request through ``handler``."""
 
     def __init__(self, handler: Handler, errors: ErrorBody, *, max_body_bytes: int,
-                 keepalive_timeout_s: float = 75.0,
+                 keepalive_timeout_s: float = 75.0, body_timeout_s: float = 60.0,
+                 max_buffered_body_bytes: int = 0,
                  access_log: logging.Logger | None = None) -> None:
         self.handler = handler
         self.errors = errors
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_buffered_body_bytes = max_buffered_body_bytes
+        """Bound on the bytes of request bodies being received, over all connections
+        (0: none)."""
+        self.buffered_body_bytes = 0
         self.access_log = access_log
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
@@ -79,13 +92,17 @@ class HttpServer:
 
     async def _sweep_idle(self) -> None:
         # One periodic sweep instead of a timer armed and cancelled around every request.
-        period_s = min(self.keepalive_timeout_s / 2, 5.0)
+        period_s = min(self.keepalive_timeout_s / 2, self.body_timeout_s / 2, 5.0)
         while True:
             await asyncio.sleep(period_s)
-            limit_s = time.monotonic() - self.keepalive_timeout_s
+            now_s = time.monotonic()
+            limit_s = now_s - self.keepalive_timeout_s
+            body_limit_s = now_s - self.body_timeout_s
             for conn in list(self.connections):
                 if conn.idle_since is not None and conn.idle_since < limit_s:
                     conn.close_when_idle()
+                elif conn.body_since is not None and conn.body_since < body_limit_s:
+                    conn.body_timed_out()
 
     async def close(self, grace_s: float = 60.0) -> None:
         """Stop accepting, close idle connections, give in-flight requests ``grace_s`` to
@@ -140,6 +157,9 @@ class _Connection(asyncio.Protocol):
         self._body_bytes = 0
         self._request: Request | None = None
         self._discarding = False
+        self._body_pending = False  # the head is in, the body not yet
+        # Since when a body has been arriving over more than one read (None otherwise).
+        self.body_since: float | None = None
         self._paused = False
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -159,6 +179,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self._release_body()
+        self.body_since = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the client went away"))
         self.queue.clear()
@@ -172,7 +194,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            # on_headers_complete refused the request and it waits for its turn; what follows
+            # its head is another protocol's bytes: read no more of them.
+            self.closing = True
             return
         except httptools.HttpParserError as exc:
             # An exception raised in a parser callback arrives wrapped in this one.
@@ -188,6 +212,8 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > _MAX_HEAD_BYTES:
                 self._fail(431, "request headers are too large")
+        elif self._body_pending and self.body_since is None:
+            self.body_since = time.monotonic()  # only bodies spanning reads pay for the clock
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -210,6 +236,7 @@ class _Connection(asyncio.Protocol):
         self._body_bytes = 0
         self._request = None
         self._discarding = False
+        self._body_pending = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -231,30 +258,50 @@ class _Connection(asyncio.Protocol):
             self, parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
             parser.get_http_version(), parser.should_keep_alive())
         self._request = request
+        if parser.should_upgrade():
+            if request.method == "CONNECT":
+                self._refuse(request, 405, "CONNECT is not supported: the router is no tunnel")
+            else:
+                upgrade = request.headers.get("upgrade", "")
+                self._refuse(request, 400, f"protocol upgrades are not supported (Upgrade: "
+                                           f"{upgrade[:64]!r})")
+            return
         length, expects_continue = _framing(self._headers)
         if length > self.server.max_body_bytes:
             self._too_large(request)
-        elif expects_continue:
+            return
+        if expects_continue:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body_pending = True
 
     def on_body(self, body: bytes) -> None:
         if self._discarding:
             return
-        self._body_bytes += len(body)
-        if self._body_bytes > self.server.max_body_bytes:
+        size = len(body)
+        server = self.server
+        if self._body_bytes + size > server.max_body_bytes:
             assert self._request is not None
-            self._body = []
             self._too_large(self._request)
             return
+        if server.max_buffered_body_bytes and (
+                server.buffered_body_bytes + size > server.max_buffered_body_bytes):
+            assert self._request is not None
+            self._refuse(self._request, 503, "the router is receiving too many request bodies "
+                                             "at once; retry shortly")
+            return
+        self._body_bytes += size
+        server.buffered_body_bytes += size
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
+        self.body_since = None
         request = self._request
         if request is None or self._discarding:
             return
         body = self._body
         request._body = body[0] if len(body) == 1 else b"".join(body)
-        self._body = []
+        self._release_body()
         self._enqueue(request)
 
     # -- serving ---------------------------------------------------------------------------
@@ -263,9 +310,36 @@ class _Connection(asyncio.Protocol):
         # Answer now without reading the body, then close: the unread rest of the body must
         # never be parsed as a next request.
         self._discarding = True
+        self._release_body()
         request._too_large = True
         request.keep_alive = False
         self._enqueue(request)
+
+    def _refuse(self, request: Request, status: int, message: str) -> None:
+        """The server answers this request itself (in its turn) and then closes; the rest of
+        its body is discarded."""
+        self._discarding = True
+        self._body_pending = False
+        self.body_since = None
+        self._release_body()
+        request._refusal = (status, message)
+        request.keep_alive = False
+        self._enqueue(request)
+
+    def body_timed_out(self) -> None:
+        """The sweep found this connection's body arriving for longer than allowed."""
+        request = self._request
+        if request is None or not self._body_pending:
+            self.body_since = None
+            return
+        self.closing = True  # read nothing more from this client
+        self._refuse(request, 408, f"the request body did not arrive within "
+                                   f"{self.server.body_timeout_s:g} s")
+
+    def _release_body(self) -> None:
+        self.server.buffered_body_bytes -= self._body_bytes
+        self._body_bytes = 0
+        self._body = []
 
     def _enqueue(self, request: Request) -> None:
         self.queue.append(request)
@@ -287,13 +361,18 @@ class _Connection(asyncio.Protocol):
         server = self.server
         response: Response | StreamResponse
         try:
-            try:
-                response = await server.handler(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("unhandled error on %s %s", request.method, request.path)
-                response = server.errors(500, "internal router error", request)
+            if request._refusal is not None:
+                response = server.errors(*request._refusal, request)
+                if response.status == 503 and isinstance(response.headers, list):
+                    response.headers.append(("Retry-After", "1"))
+            else:
+                try:
+                    response = await server.handler(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("unhandled error on %s %s", request.method, request.path)
+                    response = server.errors(500, "internal router error", request)
             if self.closed:
                 return
             if isinstance(response, StreamResponse):
@@ -317,7 +396,7 @@ class _Connection(asyncio.Protocol):
                 self._after(request)
 
     def _after(self, request: Request) -> None:
-        if request._too_large:
+        if request._too_large or request._refusal is not None:
             self._linger()
         elif not request.keep_alive or (self.closing and not self.queue):
             self._close_transport()

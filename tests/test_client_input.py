@@ -125,3 +125,16 @@ async def test_every_router_made_answer_carries_a_request_id(start_backend, star
     async with http.get(url + "/ready") as r:
         assert r.status == 503 and r.headers.get("x-request-id")
     assert all(seen) and len(set(seen)) == len(seen)
+
+
+async def test_router_times_out_a_stalled_body_with_its_configured_timeout(start_backend,
+                                                                           start_router):
+    a = await start_backend()
+    router = await start_router({"backends": [a.url], "server": {"body_timeout_s": 0.3}})
+    port = int(router.url.rsplit(":", 1)[1])
+    status, headers, body = await _raw(
+        port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nx-request-id: stalled-1\r\n"
+              b"Content-Length: 100000\r\n\r\n" + b"{" * 50_000)
+    assert status == 408 and headers["x-request-id"] == "stalled-1"
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert a.received == []

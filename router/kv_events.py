@@ -24,9 +24,14 @@ number; batches are applied strictly in order:
 
 A replay answer that starts after the asked sequence means the engine's buffer moved on: the
 gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
-send requests to caches that no longer hold them). A source without a replay endpoint accepts
-gaps and counts them. Malformed messages are counted and skipped; nothing a source sends can
-stop the loop. Lag (engine ``ts`` to applied, wall clock) is a histogram.
+send requests to caches that no longer hold them). A replay that ends (or times out) still
+short of a held message is retried after ``replay_backoff_s``, doubling, at most
+``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is cleared
+and the held message starts the sequence anew, as after a restart. (A message far ahead, e.g.
+seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source without a
+replay endpoint accepts gaps and counts them. Malformed messages are counted and skipped;
+nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock) is a
+histogram of live batches only; replayed batches, old by nature, are counted apart.
 
 Must not import aiohttp or ``simulator``.
 """
@@ -74,6 +79,8 @@ class _Stream:
     last_ts: float = float("-inf")
     replaying: bool = False
     held: list[DecodedBatch] = field(default_factory=list)
+    gap_replays: int = 0
+    """Replays in a row that ended with the held messages' gap still open."""
 
 
 class KvEventIngestor:
@@ -89,6 +96,8 @@ class KvEventIngestor:
         wall_s: Callable[[], float] = time.time,
         replay_timeout_s: float = 5.0,
         replay_on_start: bool = True,
+        max_gap_replays: int = 3,
+        replay_backoff_s: float = 0.5,
         on_stored: StoredObserver | None = None,
         on_backend_live: Callable[[BackendId], None] | None = None,
     ) -> None:
@@ -99,6 +108,8 @@ class KvEventIngestor:
         self._wall_s = wall_s
         self.replay_timeout_s = replay_timeout_s
         self.replay_on_start = replay_on_start
+        self.max_gap_replays = max_gap_replays
+        self.replay_backoff_s = replay_backoff_s
         self.on_stored = on_stored
         self.on_backend_live = on_backend_live
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
@@ -248,7 +259,7 @@ class KvEventIngestor:
             stream = self._streams[key] = _Stream(source, rank)
         return stream
 
-    def _on_live(self, stream: _Stream, decoded: DecodedBatch) -> None:
+    def _on_live(self, stream: _Stream, decoded: DecodedBatch, after_replay: bool = False) -> None:
         if stream.replaying:
             stream.held.append(decoded)
             return
@@ -260,18 +271,43 @@ class KvEventIngestor:
             self._restarted(stream, seq, expected)
             expected = None
         if (expected is None and seq == 0) or seq == expected:
+            stream.gap_replays = 0
             self._apply(stream, decoded)
             return
-        # A gap (or a first message that is not the stream's first): fill it from the buffer.
-        if expected is not None:
-            self.metrics.gaps.labels(stream.source.backend_id).inc()
         if stream.source.replay_endpoint is None:
+            if expected is not None:
+                self.metrics.gaps.labels(stream.source.backend_id).inc()
             self._apply(stream, decoded)
             return
+        delay_s = 0.0
+        if after_replay:  # the replay that just ended did not reach this message
+            stream.gap_replays += 1
+            if stream.gap_replays > self.max_gap_replays:
+                self._resync(stream, decoded)
+                return
+            # The first retry at once (live messages may just have raced the replay's
+            # snapshot), then backing off.
+            if stream.gap_replays > 1:
+                delay_s = self.replay_backoff_s * 2 ** (stream.gap_replays - 2)
+        elif expected is not None:
+            self.metrics.gaps.labels(stream.source.backend_id).inc()
+        # A gap (or a first message that is not the stream's first): fill it from the buffer.
         stream.held.append(decoded)
-        self._spawn_replay(stream, expected or 0)
+        self._spawn_replay(stream, expected or 0, delay_s)
 
-    def _apply(self, stream: _Stream, decoded: DecodedBatch) -> None:
+    def _resync(self, stream: _Stream, decoded: DecodedBatch) -> None:
+        """Replays cannot reach ``decoded``: start the sequence anew from it, as after a
+        restart (what the index held for the backend can no longer be trusted)."""
+        backend = stream.source.backend_id
+        self.metrics.resyncs.labels(backend).inc()
+        log.warning("KV events from %s: %d replays did not reach seq %d (expected %s); "
+                    "clearing its blocks and continuing from there", backend,
+                    stream.gap_replays - 1, decoded.seq, stream.next_seq)
+        stream.gap_replays = 0
+        self._clear(stream)
+        self._apply(stream, decoded)
+
+    def _apply(self, stream: _Stream, decoded: DecodedBatch, replayed: bool = False) -> None:
         backend = stream.source.backend_id
         if decoded.skipped:
             self.metrics.malformed.labels(backend).inc(decoded.skipped)
@@ -292,7 +328,10 @@ class KvEventIngestor:
         # One metric update per batch and type, not per event (labels() takes a lock).
         for kind, n in counted.items():
             self.metrics.events.labels(backend, kind.__name__).inc(n)
-        self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
+        if replayed:  # its timestamp says when it was first published, not how late we are
+            self.metrics.replayed.labels(backend).inc()
+        else:
+            self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
         stream.next_seq = decoded.seq + 1
         stream.last_ts = max(stream.last_ts, decoded.batch.ts)
         self.applied_batches += 1
@@ -312,15 +351,17 @@ class KvEventIngestor:
 
     # ---- replay -----------------------------------------------------------------------------
 
-    def _spawn_replay(self, stream: _Stream, start_seq: int) -> None:
+    def _spawn_replay(self, stream: _Stream, start_seq: int, delay_s: float = 0.0) -> None:
         stream.replaying = True
-        task = asyncio.get_running_loop().create_task(self._replay(stream, start_seq))
+        task = asyncio.get_running_loop().create_task(self._replay(stream, start_seq, delay_s))
         self._replay_tasks.add(task)
         task.add_done_callback(self._replay_tasks.discard)
 
-    async def _replay(self, stream: _Stream, start_seq: int) -> None:
+    async def _replay(self, stream: _Stream, start_seq: int, delay_s: float = 0.0) -> None:
         backend = stream.source.backend_id
         assert self._ctx is not None and stream.source.replay_endpoint is not None
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # live messages keep being held meanwhile
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         outcome = "ok"
@@ -349,7 +390,7 @@ class KvEventIngestor:
                     # A batch below our sequence that we never saw: the engine restarted
                     # (and the first messages of its new life were lost on the way).
                     self._restarted(stream, decoded.seq, expected)
-                self._apply(stream, decoded)
+                self._apply(stream, decoded, replayed=True)
         except TimeoutError:
             outcome = "timeout"
         except zmq.ZMQError as exc:
@@ -375,7 +416,7 @@ class KvEventIngestor:
         for i, decoded in enumerate(held):
             if stream.next_seq is not None and decoded.seq < stream.next_seq:
                 continue
-            self._on_live(stream, decoded)
+            self._on_live(stream, decoded, after_replay=True)
             if stream.replaying:  # another gap: the new replay takes the rest
                 stream.held.extend(held[i + 1 :])
                 return

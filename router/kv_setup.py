@@ -58,6 +58,8 @@ class KvEventsSection:
     discover_interval_s: float = 5.0
     replay: bool = True
     replay_timeout_s: float = 5.0
+    max_gap_replays: int = 3
+    replay_backoff_s: float = 0.5
     index_max_entries: int = 2_000_000
     scrape: bool = True
     scrape_interval_s: float = 2.0
@@ -161,7 +163,8 @@ class KvPlumbing:
         section = self.section
         self.ingestor = KvEventIngestor(
             self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
-            replay_on_start=section.replay,
+            replay_on_start=section.replay, max_gap_replays=section.max_gap_replays,
+            replay_backoff_s=section.replay_backoff_s,
             on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
             on_backend_live=self._live)
         tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]
@@ -291,6 +294,9 @@ def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
 def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) -> KvPlumbing:
     """Parse the section and load tokenizers now, so a bad path is a start-up config error."""
     section = parse_section(KvEventsSection, config.extensions.get("kv_events"), "kv_events")
+    for name in ("max_gap_replays", "replay_backoff_s"):
+        if getattr(section, name) < 0:
+            raise ConfigError(f"kv_events.{name}", "must be >= 0")
     dirs = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
     dirs.update(tokenizer_dirs or {})
     tokenizers = {}

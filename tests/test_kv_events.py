@@ -373,3 +373,55 @@ async def test_restart_whose_first_batches_were_lost_is_caught_on_reconnect(ctx)
     assert source.backend_id not in index.match(chain(old), time.monotonic())
     await stop(task)
     await engine.close()
+
+
+async def test_a_message_far_ahead_gets_bounded_replays_then_a_resync(ctx):
+    port, rport = _port(), _port()
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    ing, index, metrics, task = await start_ingestor([source], max_gap_replays=3,
+                                                     replay_backoff_s=0.05)
+    await wait_for(lambda: _probe(engine, ing))
+    backend = source.backend_id
+
+    def replays():
+        return sum(counter(metrics, "kvrouter_kv_event_replays_total", backend=backend,
+                           outcome=o) for o in ("ok", "timeout", "error", "incomplete"))
+
+    before = replays()
+    far = 10**12
+    engine.pub.send_multipart([engine.topic, far.to_bytes(8, "big"),
+                               msgpack.packb([time.time(), [], 0])])
+    await wait_for(lambda: counter(metrics, "kvrouter_kv_event_resyncs_total",
+                                   backend=backend) == 1)
+    await asyncio.sleep(0.5)  # time enough for hundreds of replays if they did not stop
+    assert replays() - before == 4  # the gap's replay, then 3 more, then the resync
+    assert ing._streams[(backend, "kv@e0", 0)].next_seq == far + 1
+    # The engine's own next message is below that: taken as a restart, and followed again.
+    tokens = list(range(40, 48))
+    engine.publish([stored_map([7, 8], None, tokens)])
+    await wait_for(lambda: index.match(chain(tokens), time.monotonic()).get(backend))
+    await asyncio.sleep(0.3)
+    assert replays() - before <= 6
+    await stop(task)
+    await engine.close()
+
+
+async def test_lag_describes_live_batches_and_replayed_ones_are_counted_apart(ctx):
+    port, rport = _port(), _port()
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    for i in range(3):  # published long ago, before the router joined
+        engine.publish([stored_map([i + 1], i or None, list(range(4 * i, 4 * i + 4)))],
+                       ts=time.time() - 600)
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    ing, _index, metrics, task = await start_ingestor([source])
+    backend = source.backend_id
+    assert counter(metrics, "kvrouter_kv_event_replayed_batches_total", backend=backend) == 3
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_count", backend=backend) == 0
+    await wait_for(lambda: _probe(engine, ing, baseline=3))
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_count", backend=backend) >= 1
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_sum", backend=backend) < 60
+    await stop(task)
+    await engine.close()

@@ -51,6 +51,7 @@ import zmq.asyncio
 
 from policies.events import AllBlocksCleared, BlockStored, KvEvent
 from policies.types import BackendId, BlockHash
+from router.kv_auth import EventSocketGate
 from router.kv_metrics import KvMetrics
 from router.kv_sources import KvEventSource, subscribe_plan
 from router.kv_wire import DecodedBatch, WireError, decode_live, decode_replay, replay_request
@@ -100,6 +101,7 @@ class KvEventIngestor:
         replay_backoff_s: float = 0.5,
         on_stored: StoredObserver | None = None,
         on_backend_live: Callable[[BackendId], None] | None = None,
+        gate: EventSocketGate | None = None,
     ) -> None:
         self.sink = sink
         self.sources = list(sources)
@@ -112,6 +114,8 @@ class KvEventIngestor:
         self.replay_backoff_s = replay_backoff_s
         self.on_stored = on_stored
         self.on_backend_live = on_backend_live
+        self.gate = gate
+        """Admits only backends' addresses to the sockets the router binds (None: anyone)."""
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
         self._groups: dict[tuple[str, bool], list[KvEventSource]] = {}
         self._sockets: dict[tuple[str, bool],
@@ -127,6 +131,8 @@ class KvEventIngestor:
     async def run(self) -> None:
         """Subscribe to the initial sources, replay them, then ingest until cancelled."""
         self._ctx = zmq.asyncio.Context()
+        if self.gate is not None:
+            self.gate.start(self._ctx)
         self.started.set()
         try:
             for source in list(self.sources):
@@ -146,6 +152,8 @@ class KvEventIngestor:
             for sock, _ in self._sockets.values():
                 sock.close(linger=0)
             self._sockets.clear()
+            if self.gate is not None:
+                self.gate.stop()
             self._ctx.destroy(linger=0)
             self._ctx = None
 
@@ -159,18 +167,22 @@ class KvEventIngestor:
         address, bind, _ = next(p for p in plan if source in p[2])
         self.sources.append(source)
         self._groups = {(a, b): g for a, b, g in plan}
+        self._update_gate()
         entry = self._sockets.get((address, bind))
         if entry is None:
             sock = self._ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+            if bind and self.gate is not None:
+                self.gate.protect(sock)
             try:
                 sock.bind(address) if bind else sock.connect(address)
             except zmq.ZMQError:
                 sock.close(linger=0)
                 self.sources.remove(source)
                 self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+                self._update_gate()
                 raise
             loop = asyncio.get_running_loop()
             tasks = (loop.create_task(self._read(sock, address, bind)),
@@ -185,11 +197,17 @@ class KvEventIngestor:
         for stream_key in [k for k in self._streams if k[0] == backend_id]:
             del self._streams[stream_key]
         self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+        self._update_gate()
         for socket_key in [k for k in self._sockets if k not in self._groups]:
             sock, tasks = self._sockets.pop(socket_key)
             for task in tasks:
                 task.cancel()
             sock.close(linger=0)
+
+    def _update_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.set_hosts(s.host for (_, bind), group in self._groups.items() if bind
+                                for s in group)
 
     async def _watch(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
         """Replay a socket's sources from 0 whenever a connection (re)opens after start-up.
@@ -200,7 +218,10 @@ class KvEventIngestor:
         already applied are recognised by their timestamps and skipped, batches below our
         sequence that we never saw mean a restart.
         """
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+        # A bound socket counts a peer once its handshake passed (the gate refuses strangers
+        # after the TCP accept): a refused peer must not set off replays.
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED if bind else zmq.EVENT_CONNECTED)
         try:
             while True:
                 await monitor.recv_multipart()

@@ -66,6 +66,11 @@ class KvMetrics:
             "Sequence resets (engine restarts); the backend's index entries were cleared.",
             ["backend"], registry=r,
         )
+        self.refused = Counter(
+            "kvrouter_kv_event_connections_refused",
+            "Connections to an event socket the router binds from an address that is not a "
+            "backend's (nothing they send is read).", registry=r,
+        )
         self.unknown_topic = Counter(
             "kvrouter_kv_events_unknown_topic", "Messages whose topic matches no configured "
             "source.", registry=r,

@@ -2,7 +2,8 @@
 the prefix index, the tokenizing analyzer, token parity and one background task.
 
     kv_events:
-      bind: tcp://0.0.0.0:5557        # the router binds here for engines that connect out
+      bind: tcp://10.0.0.2:5557       # the router binds here (its pod IP) for engines that
+                                      # connect out; only backends' addresses are let in
       sources:                        # explicit sources (else each backend's /kv_event_sources)
         - {backend: http://10.0.0.7:8000, endpoint: "tcp://*:5557",
            replay_endpoint: "tcp://*:5558", topic: "kv@pod-7"}
@@ -35,6 +36,7 @@ from policies.registry import build_policy
 from policies.types import BackendId, BlockHash, Policy
 from router.config import Config, ConfigError, parse_section
 from router.disagg_config import wrap_policy
+from router.kv_auth import EventSocketGate
 from router.kv_events import KvEventIngestor
 from router.kv_metrics import KvMetrics
 from router.kv_sources import KvEventSource, parse_event_sources
@@ -53,6 +55,8 @@ log = logging.getLogger("kvrouter.kv")
 class KvEventsSection:
     enabled: bool = True
     bind: str | None = None
+    authenticate: bool = True
+    allow_from: tuple[str, ...] = ()
     sources: tuple[dict[str, object], ...] = ()
     discover: bool = True
     discover_interval_s: float = 5.0
@@ -165,6 +169,8 @@ class KvPlumbing:
             self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
             replay_on_start=section.replay, max_gap_replays=section.max_gap_replays,
             replay_backoff_s=section.replay_backoff_s,
+            gate=EventSocketGate(self.metrics, section.allow_from) if section.authenticate
+            else None,
             on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
             on_backend_live=self._live)
         tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]

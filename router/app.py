@@ -150,7 +150,8 @@ class App:
 
     def request_id(self, request: Request | None) -> str:
         """The client's ``x-request-id``, else a new one: every answer the router makes itself
-        carries one, so a client can quote it and an operator find it in the logs."""
+        (errors of every status, ``/v1/models``, health, metrics) carries one, so a client can
+        quote it and an operator find it in the logs."""
         given = request.headers.get("x-request-id") if request is not None else None
         return given or self.state.proxy.new_request_id()
 
@@ -191,20 +192,22 @@ class App:
                              headers={"x-request-id": self.request_id(request)})
 
     async def _health(self, request: Request) -> Response:
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok"}, headers={"x-request-id": self.request_id(request)})
 
     async def _ready(self, request: Request) -> Response:
         healthy = sum(b.healthy for b in self.state.pool)
         if healthy == 0:
             return error_response(NoBackend("no healthy backend"),
                                   {"x-request-id": self.request_id(request)})
-        return json_response({"status": "ready", "healthy_backends": healthy})
+        return json_response({"status": "ready", "healthy_backends": healthy},
+                             headers={"x-request-id": self.request_id(request)})
 
     async def _metrics(self, request: Request) -> Response:
         state = self.state
         state.health.export()
         return Response(body=generate_latest(state.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+                        headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                 "x-request-id": self.request_id(request)})
 
     async def _debug_route(self, request: Request) -> Response:
         """Explain a routing decision without sending the request: candidates, scores,
@@ -234,7 +237,7 @@ class App:
                 "block_hashes_count": len(route_request.block_hashes)},
             "candidates": _plain(candidates),
             "decision": _plain(decision),
-        })
+        }, headers={"x-request-id": self.request_id(request)})
 
 
 def create_app(

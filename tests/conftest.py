@@ -19,7 +19,7 @@ from router.config import Config, parse_config
 # control, half-close and buffer accounting: the cases of the HTTP layer and the proxy run on
 # both loops; everything else on asyncio's.
 _ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py", "test_client_input.py",
-                            "test_proxy_errors.py"})
+                            "test_proxy_errors.py", "test_fuzz_http.py"})
 
 
 def pytest_asyncio_loop_factories(

@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +55,19 @@ _MAX_HEAD_BYTES = 64 * 1024
 _LINGER_S = 2.0
 _MAX_PIPELINED = 32
 _NO_BODY_STATUSES = frozenset({204, 304})
+_TRIM_AFTER_BYTES = 16 << 20
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _libc_malloc_trim()
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
 ErrorBody = Callable[[int, str, Request | None], Response]
@@ -75,6 +90,8 @@ class HttpServer:
         """Bound on the bytes of request bodies being received, over all connections
         (0: none)."""
         self.buffered_body_bytes = 0
+        self.dropped_body_bytes = 0
+        """Bytes of refused bodies freed since memory was last handed back to the system."""
         self.access_log = access_log
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
@@ -103,6 +120,12 @@ class HttpServer:
                     conn.close_when_idle()
                 elif conn.body_since is not None and conn.body_since < body_limit_s:
                     conn.body_timed_out()
+            if self.dropped_body_bytes > _TRIM_AFTER_BYTES:
+                # glibc keeps freed chunks of large bodies in its heap, so RSS would stay at
+                # an attack's peak; hand them back (off the request path, once per sweep).
+                self.dropped_body_bytes = 0
+                if _malloc_trim is not None:
+                    _malloc_trim(0)
 
     async def close(self, grace_s: float = 60.0) -> None:
         """Stop accepting, close idle connections, give in-flight requests ``grace_s`` to
@@ -179,7 +202,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        self._release_body()
+        self._release_body(dropped=True)
         self.body_since = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the client went away"))
@@ -310,7 +333,7 @@ class _Connection(asyncio.Protocol):
         # Answer now without reading the body, then close: the unread rest of the body must
         # never be parsed as a next request.
         self._discarding = True
-        self._release_body()
+        self._release_body(dropped=True)
         request._too_large = True
         request.keep_alive = False
         self._enqueue(request)
@@ -321,7 +344,7 @@ class _Connection(asyncio.Protocol):
         self._discarding = True
         self._body_pending = False
         self.body_since = None
-        self._release_body()
+        self._release_body(dropped=True)
         request._refusal = (status, message)
         request.keep_alive = False
         self._enqueue(request)
@@ -336,8 +359,13 @@ class _Connection(asyncio.Protocol):
         self._refuse(request, 408, f"the request body did not arrive within "
                                    f"{self.server.body_timeout_s:g} s")
 
-    def _release_body(self) -> None:
-        self.server.buffered_body_bytes -= self._body_bytes
+    def _release_body(self, dropped: bool = False) -> None:
+        """The body being received is no longer held here (handed to its request, or
+        dropped with the request or the connection)."""
+        server = self.server
+        server.buffered_body_bytes -= self._body_bytes
+        if dropped:
+            server.dropped_body_bytes += self._body_bytes
         self._body_bytes = 0
         self._body = []
 

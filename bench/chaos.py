@@ -9,7 +9,11 @@ Scenarios (``--scenarios``, comma-separated; all by default), each bounded in ti
   answer at all), router-made 5xx, streams cut short, requests a backend received more than
   once (only retries before the first byte are allowed: a duplicate is a cut stream whose id
   a backend received again), and seconds from the restart until the router sends the
-  backend traffic again.
+  backend traffic again. ``rejoin`` (not in the default set): the same with the default
+  health settings (checks every 5 s, 30 s ejection) and 40 s after the restart.
+- ``restart``: two emulated vLLM pods (``kvrouter emulate``, KV events with replay) and a
+  kv_aware router; after traffic with 4 shared prefixes the router is restarted: seconds
+  until ``/debug/route`` predicts the same hit tokens as before.
 - ``stall``: 10 clients send a head with Content-Length 31 MiB and 30 MiB of body, then
   nothing; 20 more trickle a head one byte a second (slowloris). Meanwhile normal clients
   keep requesting: their p99, the router's RSS (baseline, peak, after), and how the
@@ -21,7 +25,8 @@ Scenarios (``--scenarios``, comma-separated; all by default), each bounded in ti
   against the router process: router-made 5xx and answers without ``x-request-id``.
 - ``soak``: ``--soak-s`` seconds of closed-loop load, the router's RSS sampled every 10 s.
 
-    .venv/bin/python bench/chaos.py [--scenarios kill,stall,events,fuzz,soak] [--soak-s 600]
+    .venv/bin/python bench/chaos.py [--scenarios kill,restart,stall,events,fuzz,soak]
+                                    [--soak-s 600] [--fuzz-examples 3000]
 
 Figures go to bench/README.md. Compare within one run; the machine is shared.
 """
@@ -72,6 +77,14 @@ def _start_backend(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, "backend", "--port", str(port),
                              "--log", str(log_path)], env=_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def _start_emulator(count: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; from kvrouter.cli import main; sys.exit(main())",
+         "emulate", "--count", str(count), "--port", "0", "--time-scale", "100", "--model",
+         MODEL, "--tokenizer", str(TOKENIZER)], env=_ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL)
 
 
 def _start_router(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -202,21 +215,23 @@ def _p(values: list[float], q: float) -> float:
 
 # ---- scenarios ------------------------------------------------------------------------------
 
-async def scenario_kill(workdir: Path, stream: bool) -> dict[str, Any]:
+async def scenario_kill(workdir: Path, stream: bool, *, concurrency: int = 16,
+                        after_restart_s: float = 8.0, fast_health: bool = True) -> dict[str, Any]:
     ports = [_free_port(), _free_port()]
     logs = [workdir / f"backend-{p}.log" for p in ports]
     backends = [_start_backend(p, log) for p, log in zip(ports, logs, strict=True)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     router, url = _start_router({
         "backends": urls, "policy": {"name": "round_robin"},
-        "health": {"interval_s": 1.0, "timeout_s": 0.5},
+        "health": {"interval_s": 1.0, "timeout_s": 0.5} if fast_health else {},
         "retries": {"max_attempts": 3},
     }, workdir)
     try:
         for u in [*urls, url]:
             await _wait_http(u)
         load = Load()
-        run = asyncio.create_task(_closed_loop(url, 16, 16, stream=stream,
+        run = asyncio.create_task(_closed_loop(url, concurrency, 8 + after_restart_s,
+                                               stream=stream,
                                                prefix=f"kill-{int(stream)}", load=load))
         await asyncio.sleep(4)
         backends[0].send_signal(signal.SIGKILL)  # mid-request and mid-stream for some
@@ -366,7 +381,7 @@ async def scenario_events(workdir: Path) -> dict[str, Any]:
                                msgpack.packb([time.time() + 1e6, [], 0])])
         for seq in range(2000):  # 200,000 forged blocks
             events = [{"type": "BlockStored", "block_hashes": [seq * 100 + i],
-                       "parent_block_hash": None, "token_ids": list(range(16)),
+                       "parent_block_hash": None, "token_ids": [seq * 100 + i] * 16,
                        "block_size": 16, "lora_id": None, "medium": "GPU"}
                       for i in range(100)]
             forger.send_multipart([b"", (seq + 1).to_bytes(8, "big"),
@@ -442,6 +457,68 @@ async def scenario_fuzz(workdir: Path, examples: int) -> dict[str, Any]:
         _stop(backend)
 
 
+async def _predicted_hits(url: str, prompts: list[str]) -> int:
+    total = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for prompt in prompts:
+            body = {"model": MODEL, "max_tokens": 4, "messages": [
+                {"role": "system", "content": prompt}, {"role": "user", "content": "again?"}]}
+            async with session.post(url + "/debug/route", json=body) as response:
+                if response.status != 200:
+                    return -1
+                total += (await response.json())["decision"]["predicted_hit_tokens"]
+    return total
+
+
+async def scenario_restart(workdir: Path) -> dict[str, Any]:
+    emulator = _start_emulator(2)
+    assert emulator.stdout is not None
+    urls: list[str] = []
+    while len(urls) < 2:
+        line = (await asyncio.to_thread(emulator.stdout.readline)).decode()
+        if not line:
+            raise RuntimeError("the emulator exited")
+        if line.startswith("pod "):
+            urls.append(line.split()[2])
+    config = {"backends": urls, "policy": {"name": "kv_aware"},
+              "models": {MODEL: {"tokenizer": str(TOKENIZER), "block_size": 16}},
+              "kv_events": {"discover_interval_s": 0.5}}
+    router, url = _start_router(config, workdir)
+    words = "cache block router prefix engine token decode prefill tenant session".split()
+    prompts = [f"You are assistant {g}. " + " ".join(words[(g + i) % 10] for i in range(400))
+               for g in range(4)]
+    try:
+        await _wait_http(url)
+        await asyncio.sleep(2)  # event sources discovered and subscribed
+        async with aiohttp.ClientSession() as session:
+            for i in range(16):
+                body = {"model": MODEL, "max_tokens": 4, "messages": [
+                    {"role": "system", "content": prompts[i % 4]},
+                    {"role": "user", "content": f"question {i}"}]}
+                async with session.post(url + "/v1/chat/completions", json=body) as response:
+                    await response.read()
+        await asyncio.sleep(1)
+        before = await _predicted_hits(url, prompts)
+        _stop(router)
+        started = time.monotonic()
+        router, url = _start_router(config, workdir)
+        await _wait_http(url)
+        serving_s = time.monotonic() - started
+        after = -1
+        while time.monotonic() - started < 60:
+            after = await _predicted_hits(url, prompts)
+            if after >= before:
+                break
+            await asyncio.sleep(0.2)
+        return {"predicted_hit_tokens_before": before, "after": after,
+                "seconds_to_serve": round(serving_s, 2),
+                "seconds_to_same_predictions": round(time.monotonic() - started, 2)
+                if after >= before else None}
+    finally:
+        _stop(router)
+        _stop(emulator)
+
+
 async def scenario_soak(workdir: Path, seconds: float) -> dict[str, Any]:
     port = _free_port()
     backend = _start_backend(port, workdir / f"backend-{port}.log")
@@ -479,6 +556,11 @@ async def main(args: argparse.Namespace) -> None:
         if "kill" in scenarios:
             results["kill (plain)"] = await scenario_kill(workdir, stream=False)
             results["kill (stream)"] = await scenario_kill(workdir, stream=True)
+        if "rejoin" in scenarios:  # default health settings (5 s checks, 30 s ejection)
+            results["kill (plain, default health)"] = await scenario_kill(
+                workdir, stream=False, concurrency=4, after_restart_s=40, fast_health=False)
+        if "restart" in scenarios:
+            results["router restart"] = await scenario_restart(workdir)
         if "stall" in scenarios:
             results["stall"] = await scenario_stall(workdir)
         if "events" in scenarios:
@@ -501,7 +583,7 @@ if __name__ == "__main__":
         _backend_main(a.port, a.log)
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="kill,stall,events,fuzz,soak")
+    parser.add_argument("--scenarios", default="kill,restart,stall,events,fuzz,soak")
     parser.add_argument("--soak-s", type=float, default=600.0, help="soak seconds (600)")
     parser.add_argument("--fuzz-examples", type=int, default=3000)
     asyncio.run(main(parser.parse_args()))

@@ -327,6 +327,9 @@ class KvEventIngestor:
         stream.gap_replays = 0
         self._clear(stream)
         self._apply(stream, decoded)
+        # Nor can its timestamp be trusted to tell copies of applied batches: one far in the
+        # future would have every real batch that follows dropped as a copy.
+        stream.last_ts = float("-inf")
 
     def _apply(self, stream: _Stream, decoded: DecodedBatch, replayed: bool = False) -> None:
         backend = stream.source.backend_id

@@ -392,7 +392,7 @@ async def test_a_message_far_ahead_gets_bounded_replays_then_a_resync(ctx):
     before = replays()
     far = 10**12
     engine.pub.send_multipart([engine.topic, far.to_bytes(8, "big"),
-                               msgpack.packb([time.time(), [], 0])])
+                               msgpack.packb([time.time() + 10_000, [], 0])])
     await wait_for(lambda: counter(metrics, "kvrouter_kv_event_resyncs_total",
                                    backend=backend) == 1)
     await asyncio.sleep(0.5)  # time enough for hundreds of replays if they did not stop

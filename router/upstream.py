@@ -19,6 +19,7 @@ __all__ = [
     "HOP_BY_HOP",
     "client_session",
     "forward_headers",
+    "hop_by_hop",
     "response_header_lines",
 ]
 
@@ -74,6 +75,18 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> byte
         out = _without(out, named)
     out += (b"x-request-id: ", request_id.encode("latin-1"), b"\r\n")
     return b"".join(out)
+
+
+def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Lower-case names not to forward from these (decoded) headers: ``HOP_BY_HOP`` and the
+    names their ``Connection`` headers list."""
+    named: set[bytes] | None = None
+    for name, value in headers:
+        if name.lower() == "connection":
+            named = _connection_options(value.encode("latin-1"), named)
+    if not named:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {n.decode("latin-1") for n in named}
 
 
 def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -205,3 +205,11 @@ def test_response_headers_named_in_connection_are_dropped():
                                    (b"connection", b"close, x-hop"), (b"x-hop", b"1"),
                                    (b"proxy-connection", b"close"), (b"x-kept", b"2")])
     assert lines == b"content-type: text/plain\r\nx-kept: 2\r\n"
+
+
+def test_hop_by_hop_names_for_the_prefill_leg_include_those_connection_lists():
+    from router.upstream import HOP_BY_HOP, hop_by_hop
+
+    assert hop_by_hop([("Accept", "x")]) == HOP_BY_HOP
+    names = hop_by_hop([("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1")])
+    assert "x-secret-hop" in names and "proxy-connection" in names and "accept" not in names

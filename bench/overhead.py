@@ -152,7 +152,7 @@ async def _run_floor(port: int, backends: list[str]) -> None:
     async def handle(request: Request) -> Response | StreamResponse:
         return await (models(request) if request.path == "/v1/models" else relay(request))
 
-    server = HttpServer(handle, lambda status, message: Response(status=status),
+    server = HttpServer(handle, lambda status, message, request: Response(status=status),
                         max_body_bytes=32 << 20)
     await server.start("127.0.0.1", port)
     await asyncio.Event().wait()

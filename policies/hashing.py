@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-__all__ = ["BlockHasher", "Namespace", "pack_tokens"]
+__all__ = ["BlockHasher", "Namespace", "TokenIdError", "pack_tokens"]
 
 _UINT32 = "I" if array("I").itemsize == 4 else "L"
 assert array(_UINT32).itemsize == 4, "no 4-byte unsigned array type on this platform"
@@ -41,14 +41,19 @@ _BIG_ENDIAN = sys.byteorder == "big"
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
+class TokenIdError(ValueError):
+    """A token id is not an integer in [0, 2**32): the caller's input is wrong (a router maps
+    it to a client error, not a crash)."""
+
+
 def pack_tokens(tokens: Sequence[int] | array[int]) -> bytes:
-    """Token ids as little-endian uint32 bytes; ValueError on ids outside [0, 2**32)."""
+    """Token ids as little-endian uint32 bytes; TokenIdError on ids outside [0, 2**32)."""
     try:
         packed = tokens if isinstance(tokens, array) and tokens.typecode == _UINT32 else array(
             _UINT32, tokens
         )
     except (OverflowError, TypeError) as exc:
-        raise ValueError(f"token ids must be integers in [0, 2**32): {exc}") from None
+        raise TokenIdError(f"token ids must be integers in [0, 2**32): {exc}") from None
     if _BIG_ENDIAN:
         packed = array(_UINT32, packed)
         packed.byteswap()

@@ -85,6 +85,10 @@ def _text_of_messages(messages: object) -> str:
             raise InvalidRequest(
                 f"'messages[{i}]' must be an object with a string 'role'", param=f"messages[{i}]"
             )
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise InvalidRequest(f"'messages[{i}].tool_calls' must be a list",
+                                 param=f"messages[{i}].tool_calls")
         content = message.get("content")
         if isinstance(content, str):
             parts.append(content)

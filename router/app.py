@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import functools
 import hmac
-import json
 import logging
 import random
 import time
@@ -60,7 +59,7 @@ from router.http_messages import (
 from router.http_server import HttpServer
 from router.metrics import RouterMetrics
 from router.pool import BackendPool
-from router.proxy import Proxy
+from router.proxy import Proxy, parse_json
 from router.upstream import client_session
 
 __all__ = ["App", "BackgroundFactory", "RouterState", "Runner", "build_pool", "create_app",
@@ -139,13 +138,27 @@ class App:
             route = methods.get(request.method)
             if route is None:
                 return error_response(http_error(405, "Method Not Allowed"),
-                                      {"Allow": ", ".join(methods)})
+                                      {"Allow": ", ".join(methods),
+                                       "x-request-id": self.request_id(request)})
             return await route(request)
         except RouterError as error:
-            return error_response(error)
+            return error_response(error, {"x-request-id": self.request_id(request)})
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(RouterError("internal router error"))
+            return error_response(RouterError("internal router error"),
+                                  {"x-request-id": self.request_id(request)})
+
+    def request_id(self, request: Request | None) -> str:
+        """The client's ``x-request-id``, else a new one: every answer the router makes itself
+        (errors of every status, ``/v1/models``, health, metrics) carries one, so a client can
+        quote it and an operator find it in the logs."""
+        given = request.headers.get("x-request-id") if request is not None else None
+        return given or self.state.proxy.new_request_id()
+
+    def error_body(self, status: int, message: str, request: Request | None) -> Response:
+        """The HTTP server's own errors (bad framing, too-large heads, timeouts)."""
+        return error_response(http_error(status, message),
+                              {"x-request-id": self.request_id(request)})
 
     async def start(self) -> None:
         state = self.state
@@ -175,22 +188,26 @@ class App:
 
     async def _models(self, request: Request) -> Response:
         models = self.state.pool.healthy_models()
-        return json_response({"object": "list", "data": list(models.values())})
+        return json_response({"object": "list", "data": list(models.values())},
+                             headers={"x-request-id": self.request_id(request)})
 
     async def _health(self, request: Request) -> Response:
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok"}, headers={"x-request-id": self.request_id(request)})
 
     async def _ready(self, request: Request) -> Response:
         healthy = sum(b.healthy for b in self.state.pool)
         if healthy == 0:
-            return error_response(NoBackend("no healthy backend"))
-        return json_response({"status": "ready", "healthy_backends": healthy})
+            return error_response(NoBackend("no healthy backend"),
+                                  {"x-request-id": self.request_id(request)})
+        return json_response({"status": "ready", "healthy_backends": healthy},
+                             headers={"x-request-id": self.request_id(request)})
 
     async def _metrics(self, request: Request) -> Response:
         state = self.state
         state.health.export()
         return Response(body=generate_latest(state.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+                        headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                 "x-request-id": self.request_id(request)})
 
     async def _debug_route(self, request: Request) -> Response:
         """Explain a routing decision without sending the request: candidates, scores,
@@ -202,8 +219,9 @@ class App:
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise Unauthorized("a valid admin bearer token is required for /debug/route")
         endpoint = Endpoint.COMPLETIONS
-        with contextlib.suppress(ValueError, BodyTooLarge):  # read_request answers both
-            if "messages" in json.loads(await request.read() or b"{}"):
+        with contextlib.suppress(ValueError, RecursionError, BodyTooLarge):  # read_request
+            parsed = parse_json(await request.read() or b"{}")               # answers these
+            if isinstance(parsed, dict) and "messages" in parsed:
                 endpoint = Endpoint.CHAT
         _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")
         now_s = time.monotonic()
@@ -219,7 +237,7 @@ class App:
                 "block_hashes_count": len(route_request.block_hashes)},
             "candidates": _plain(candidates),
             "decision": _plain(decision),
-        })
+        }, headers={"x-request-id": self.request_id(request)})
 
 
 def create_app(
@@ -267,16 +285,15 @@ class Runner:
         await self.app.stop()
 
 
-def _http_error_body(status: int, message: str) -> Response:
-    return error_response(http_error(status, message))
-
-
 async def serve(
     app: App, host: str, port: int, *, access_log: bool = False
 ) -> tuple[Runner, int]:
     """Start ``app`` on host:port (0 = ephemeral); returns the runner and the bound port."""
+    config = app.state.config.server
     server = HttpServer(
-        app.handle, _http_error_body, max_body_bytes=app.state.config.server.max_body_bytes,
+        app.handle, app.error_body, max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
+        max_buffered_body_bytes=config.max_buffered_body_bytes,
         access_log=logging.getLogger("kvrouter.access") if access_log else None)
     await app.start()
     try:

@@ -1,6 +1,7 @@
 """A per-backend circuit breaker for passive outlier ejection.
 
 closed --(N consecutive failures)--> open --(after open_s)--> half_open
+open --(a health check started after it opened passes)--> half_open
 half_open --(probe succeeds)--> closed;  half_open --(probe fails)--> open again
 
 While open the backend gets no requests; once ``open_s`` has passed, exactly one request at a
@@ -48,6 +49,14 @@ class Breaker:
             self.state = BreakerState.HALF_OPEN
         if self.state is BreakerState.HALF_OPEN:
             self._probe_in_flight = True
+
+    def on_healthy_probe(self, probe_started_s: float) -> None:
+        """An active health check that began at ``probe_started_s`` passed. A check begun
+        after the ejection has seen the backend answer since it failed (a restarted pod is
+        typically healthy long before ``open_s`` is over): let one request try it now."""
+        if self.state is BreakerState.OPEN and probe_started_s >= self._opened_at_s:
+            self.state = BreakerState.HALF_OPEN
+            self._probe_in_flight = False
 
     def on_success(self) -> None:
         self.consecutive_failures = 0

@@ -25,11 +25,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PromptError", "content_format", "render_chat", "shape_messages", "shape_tools"]
+__all__ = ["PromptError", "PromptRejected", "content_format", "render_chat", "shape_messages",
+           "shape_tools"]
 
 
 class PromptError(ValueError):
-    """The request's prompt cannot be turned into tokens (wrong shape); the client's fault."""
+    """The request's prompt cannot be turned into tokens (wrong shape); the client's fault.
+    The router routes such a request on an estimate and lets the engine answer it."""
+
+
+class PromptRejected(PromptError):
+    """The prompt is invalid in a way no engine accepts (text that is not valid Unicode):
+    the router answers 400 itself."""
 
 _RESERVED = frozenset(
     {"conversation", "messages", "tools", "documents", "add_generation_prompt",
@@ -86,7 +93,10 @@ def shape_messages(messages: list[Any], fmt: str) -> list[dict[str, Any]]:
         else:
             shaped["content"] = "\n".join(texts)
         if role == "assistant" and msg.get("tool_calls") is not None:
-            shaped["tool_calls"] = [_parsed_call(c) for c in msg["tool_calls"]]
+            calls = msg["tool_calls"]
+            if not isinstance(calls, list):
+                raise PromptError(f"messages[{i}].tool_calls must be a list")
+            shaped["tool_calls"] = [_parsed_call(c) for c in calls]
         elif role == "tool" and "tool_call_id" in msg:
             shaped["tool_call_id"] = msg["tool_call_id"]
         if isinstance(msg.get("name"), str):

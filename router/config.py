@@ -59,6 +59,8 @@ class ServerConfig:
     port: int = 8080
     log_level: str = "info"
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 60.0
+    max_buffered_body_bytes: int = 256 * 1024 * 1024
     session_header: str = "x-session-id"
     admin_token: str | None = None
     engine_signals_max_age_s: float = 15.0
@@ -207,7 +209,11 @@ def parse_config(raw: object) -> Config:
     _require(0 <= server.port <= 65535, "server.port", "expected 0..65535")
     _require(server.log_level.lower() in LOG_LEVELS, "server.log_level",
              f"expected one of {', '.join(LOG_LEVELS)}")
-    _check_positive(server, "server", ("max_body_bytes", "engine_signals_max_age_s"), False)
+    _check_positive(server, "server", ("max_body_bytes", "engine_signals_max_age_s",
+                                       "body_timeout_s", "max_buffered_body_bytes"), False)
+    _require(server.max_buffered_body_bytes >= server.max_body_bytes,
+             "server.max_buffered_body_bytes",
+             f"must be >= server.max_body_bytes ({server.max_body_bytes})")
     _require(bool(server.session_header), "server.session_header", "must not be empty")
     _require(server.event_loop in EVENT_LOOPS, "server.event_loop",
              f"expected one of {', '.join(EVENT_LOOPS)}")

@@ -52,7 +52,7 @@ from router.errors import (
 from router.http_client import ConnectFailed, HeadTimeout, ResponseBroken, UpstreamResponse
 from router.http_messages import Request, Response, StreamResponse
 from router.pd_vllm import PrefillFailed
-from router.upstream import HOP_BY_HOP
+from router.upstream import hop_by_hop
 
 if TYPE_CHECKING:
     from policies.types import RouteRequest
@@ -366,9 +366,10 @@ class Disaggregation:
 def _forward_headers(fields: RequestFields) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones; the body is re-serialized JSON."""
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in fields.headers.items():
-        if name.lower() not in HOP_BY_HOP and name.lower() not in ("x-request-id",
-                                                                   "content-type"):
+    items = fields.headers.items()
+    drop = hop_by_hop(items)
+    for name, value in items:
+        if name.lower() not in drop and name.lower() not in ("x-request-id", "content-type"):
             out.add(name, value)
     out["x-request-id"] = fields.request_id
     out["Content-Type"] = "application/json"

@@ -115,4 +115,6 @@ def http_error(status: int, message: str) -> RouterError:
     """An error the HTTP layer itself finds (bad framing, unknown path, wrong method)."""
     error = InvalidRequest(message) if status < 500 else RouterError(message)
     error.status, error.code = status, str(status)
+    if status == 503:  # the server sheds load (too many bodies being received at once)
+        error.type = "service_unavailable"
     return error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -102,9 +103,11 @@ class HealthChecker:
             }
 
     async def check(self, backend: Backend) -> None:
+        started_s = time.monotonic()
         problem = await self._probe(backend)
         first = backend.health_successes == 0 and backend.health_failures == 0
         if problem is None:
+            backend.breaker.on_healthy_probe(started_s)
             backend.health_successes += 1
             backend.health_failures = 0
             if not backend.healthy and backend.health_successes >= self.config.healthy_threshold:

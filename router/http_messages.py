@@ -105,8 +105,8 @@ class RequestHeaders(Mapping[str, str]):
 class Request:
     """One parsed request. ``raw_path`` is the request target as sent (path and query)."""
 
-    __slots__ = ("_body", "_conn", "_headers", "_too_large", "http_version", "keep_alive",
-                 "method", "path", "raw_headers", "raw_path")
+    __slots__ = ("_body", "_conn", "_headers", "_refusal", "_too_large", "http_version",
+                 "keep_alive", "method", "path", "raw_headers", "raw_path")
 
     def __init__(self, conn: Connection | None, method: str, raw_path: str,
                  raw_headers: list[tuple[bytes, bytes]], http_version: str,
@@ -121,6 +121,9 @@ class Request:
         self._headers: RequestHeaders | None = None
         self._body = b""
         self._too_large = False
+        # (status, message) when the server answers this request itself instead of the
+        # handler (a stalled body, a protocol upgrade, too many bodies buffered at once).
+        self._refusal: tuple[int, str] | None = None
 
     @property
     def headers(self) -> RequestHeaders:

@@ -24,9 +24,14 @@ number; batches are applied strictly in order:
 
 A replay answer that starts after the asked sequence means the engine's buffer moved on: the
 gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
-send requests to caches that no longer hold them). A source without a replay endpoint accepts
-gaps and counts them. Malformed messages are counted and skipped; nothing a source sends can
-stop the loop. Lag (engine ``ts`` to applied, wall clock) is a histogram.
+send requests to caches that no longer hold them). A replay that ends (or times out) still
+short of a held message is retried after ``replay_backoff_s``, doubling, at most
+``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is cleared
+and the held message starts the sequence anew, as after a restart. (A message far ahead, e.g.
+seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source without a
+replay endpoint accepts gaps and counts them. Malformed messages are counted and skipped;
+nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock) is a
+histogram of live batches only; replayed batches, old by nature, are counted apart.
 
 Must not import aiohttp or ``simulator``.
 """
@@ -46,6 +51,7 @@ import zmq.asyncio
 
 from policies.events import AllBlocksCleared, BlockStored, KvEvent
 from policies.types import BackendId, BlockHash
+from router.kv_auth import EventSocketGate
 from router.kv_metrics import KvMetrics
 from router.kv_sources import KvEventSource, subscribe_plan
 from router.kv_wire import DecodedBatch, WireError, decode_live, decode_replay, replay_request
@@ -74,6 +80,8 @@ class _Stream:
     last_ts: float = float("-inf")
     replaying: bool = False
     held: list[DecodedBatch] = field(default_factory=list)
+    gap_replays: int = 0
+    """Replays in a row that ended with the held messages' gap still open."""
 
 
 class KvEventIngestor:
@@ -89,8 +97,11 @@ class KvEventIngestor:
         wall_s: Callable[[], float] = time.time,
         replay_timeout_s: float = 5.0,
         replay_on_start: bool = True,
+        max_gap_replays: int = 3,
+        replay_backoff_s: float = 0.5,
         on_stored: StoredObserver | None = None,
         on_backend_live: Callable[[BackendId], None] | None = None,
+        gate: EventSocketGate | None = None,
     ) -> None:
         self.sink = sink
         self.sources = list(sources)
@@ -99,8 +110,12 @@ class KvEventIngestor:
         self._wall_s = wall_s
         self.replay_timeout_s = replay_timeout_s
         self.replay_on_start = replay_on_start
+        self.max_gap_replays = max_gap_replays
+        self.replay_backoff_s = replay_backoff_s
         self.on_stored = on_stored
         self.on_backend_live = on_backend_live
+        self.gate = gate
+        """Admits only backends' addresses to the sockets the router binds (None: anyone)."""
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
         self._groups: dict[tuple[str, bool], list[KvEventSource]] = {}
         self._sockets: dict[tuple[str, bool],
@@ -116,6 +131,8 @@ class KvEventIngestor:
     async def run(self) -> None:
         """Subscribe to the initial sources, replay them, then ingest until cancelled."""
         self._ctx = zmq.asyncio.Context()
+        if self.gate is not None:
+            self.gate.start(self._ctx)
         self.started.set()
         try:
             for source in list(self.sources):
@@ -135,6 +152,8 @@ class KvEventIngestor:
             for sock, _ in self._sockets.values():
                 sock.close(linger=0)
             self._sockets.clear()
+            if self.gate is not None:
+                self.gate.stop()
             self._ctx.destroy(linger=0)
             self._ctx = None
 
@@ -148,18 +167,22 @@ class KvEventIngestor:
         address, bind, _ = next(p for p in plan if source in p[2])
         self.sources.append(source)
         self._groups = {(a, b): g for a, b, g in plan}
+        self._update_gate()
         entry = self._sockets.get((address, bind))
         if entry is None:
             sock = self._ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+            if bind and self.gate is not None:
+                self.gate.protect(sock)
             try:
                 sock.bind(address) if bind else sock.connect(address)
             except zmq.ZMQError:
                 sock.close(linger=0)
                 self.sources.remove(source)
                 self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+                self._update_gate()
                 raise
             loop = asyncio.get_running_loop()
             tasks = (loop.create_task(self._read(sock, address, bind)),
@@ -174,11 +197,17 @@ class KvEventIngestor:
         for stream_key in [k for k in self._streams if k[0] == backend_id]:
             del self._streams[stream_key]
         self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
+        self._update_gate()
         for socket_key in [k for k in self._sockets if k not in self._groups]:
             sock, tasks = self._sockets.pop(socket_key)
             for task in tasks:
                 task.cancel()
             sock.close(linger=0)
+
+    def _update_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.set_hosts(s.host for (_, bind), group in self._groups.items() if bind
+                                for s in group)
 
     async def _watch(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
         """Replay a socket's sources from 0 whenever a connection (re)opens after start-up.
@@ -189,7 +218,10 @@ class KvEventIngestor:
         already applied are recognised by their timestamps and skipped, batches below our
         sequence that we never saw mean a restart.
         """
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+        # A bound socket counts a peer once its handshake passed (the gate refuses strangers
+        # after the TCP accept): a refused peer must not set off replays.
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED if bind else zmq.EVENT_CONNECTED)
         try:
             while True:
                 await monitor.recv_multipart()
@@ -248,7 +280,7 @@ class KvEventIngestor:
             stream = self._streams[key] = _Stream(source, rank)
         return stream
 
-    def _on_live(self, stream: _Stream, decoded: DecodedBatch) -> None:
+    def _on_live(self, stream: _Stream, decoded: DecodedBatch, after_replay: bool = False) -> None:
         if stream.replaying:
             stream.held.append(decoded)
             return
@@ -260,18 +292,46 @@ class KvEventIngestor:
             self._restarted(stream, seq, expected)
             expected = None
         if (expected is None and seq == 0) or seq == expected:
+            stream.gap_replays = 0
             self._apply(stream, decoded)
             return
-        # A gap (or a first message that is not the stream's first): fill it from the buffer.
-        if expected is not None:
-            self.metrics.gaps.labels(stream.source.backend_id).inc()
         if stream.source.replay_endpoint is None:
+            if expected is not None:
+                self.metrics.gaps.labels(stream.source.backend_id).inc()
             self._apply(stream, decoded)
             return
+        delay_s = 0.0
+        if after_replay:  # the replay that just ended did not reach this message
+            stream.gap_replays += 1
+            if stream.gap_replays > self.max_gap_replays:
+                self._resync(stream, decoded)
+                return
+            # The first retry at once (live messages may just have raced the replay's
+            # snapshot), then backing off.
+            if stream.gap_replays > 1:
+                delay_s = self.replay_backoff_s * 2 ** (stream.gap_replays - 2)
+        elif expected is not None:
+            self.metrics.gaps.labels(stream.source.backend_id).inc()
+        # A gap (or a first message that is not the stream's first): fill it from the buffer.
         stream.held.append(decoded)
-        self._spawn_replay(stream, expected or 0)
+        self._spawn_replay(stream, expected or 0, delay_s)
 
-    def _apply(self, stream: _Stream, decoded: DecodedBatch) -> None:
+    def _resync(self, stream: _Stream, decoded: DecodedBatch) -> None:
+        """Replays cannot reach ``decoded``: start the sequence anew from it, as after a
+        restart (what the index held for the backend can no longer be trusted)."""
+        backend = stream.source.backend_id
+        self.metrics.resyncs.labels(backend).inc()
+        log.warning("KV events from %s: %d replays did not reach seq %d (expected %s); "
+                    "clearing its blocks and continuing from there", backend,
+                    stream.gap_replays - 1, decoded.seq, stream.next_seq)
+        stream.gap_replays = 0
+        self._clear(stream)
+        self._apply(stream, decoded)
+        # Nor can its timestamp be trusted to tell copies of applied batches: one far in the
+        # future would have every real batch that follows dropped as a copy.
+        stream.last_ts = float("-inf")
+
+    def _apply(self, stream: _Stream, decoded: DecodedBatch, replayed: bool = False) -> None:
         backend = stream.source.backend_id
         if decoded.skipped:
             self.metrics.malformed.labels(backend).inc(decoded.skipped)
@@ -292,7 +352,10 @@ class KvEventIngestor:
         # One metric update per batch and type, not per event (labels() takes a lock).
         for kind, n in counted.items():
             self.metrics.events.labels(backend, kind.__name__).inc(n)
-        self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
+        if replayed:  # its timestamp says when it was first published, not how late we are
+            self.metrics.replayed.labels(backend).inc()
+        else:
+            self.metrics.lag.labels(backend).observe(max(0.0, self._wall_s() - decoded.batch.ts))
         stream.next_seq = decoded.seq + 1
         stream.last_ts = max(stream.last_ts, decoded.batch.ts)
         self.applied_batches += 1
@@ -312,15 +375,17 @@ class KvEventIngestor:
 
     # ---- replay -----------------------------------------------------------------------------
 
-    def _spawn_replay(self, stream: _Stream, start_seq: int) -> None:
+    def _spawn_replay(self, stream: _Stream, start_seq: int, delay_s: float = 0.0) -> None:
         stream.replaying = True
-        task = asyncio.get_running_loop().create_task(self._replay(stream, start_seq))
+        task = asyncio.get_running_loop().create_task(self._replay(stream, start_seq, delay_s))
         self._replay_tasks.add(task)
         task.add_done_callback(self._replay_tasks.discard)
 
-    async def _replay(self, stream: _Stream, start_seq: int) -> None:
+    async def _replay(self, stream: _Stream, start_seq: int, delay_s: float = 0.0) -> None:
         backend = stream.source.backend_id
         assert self._ctx is not None and stream.source.replay_endpoint is not None
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # live messages keep being held meanwhile
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         outcome = "ok"
@@ -349,7 +414,7 @@ class KvEventIngestor:
                     # A batch below our sequence that we never saw: the engine restarted
                     # (and the first messages of its new life were lost on the way).
                     self._restarted(stream, decoded.seq, expected)
-                self._apply(stream, decoded)
+                self._apply(stream, decoded, replayed=True)
         except TimeoutError:
             outcome = "timeout"
         except zmq.ZMQError as exc:
@@ -375,7 +440,7 @@ class KvEventIngestor:
         for i, decoded in enumerate(held):
             if stream.next_seq is not None and decoded.seq < stream.next_seq:
                 continue
-            self._on_live(stream, decoded)
+            self._on_live(stream, decoded, after_replay=True)
             if stream.replaying:  # another gap: the new replay takes the rest
                 stream.held.extend(held[i + 1 :])
                 return

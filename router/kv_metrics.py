@@ -33,8 +33,20 @@ class KvMetrics:
         )
         self.lag = Histogram(
             "kvrouter_kv_event_lag_seconds",
-            "Engine timestamp of a KV-event batch to the moment it is applied to the index.",
+            "Engine timestamp of a KV-event batch received live to the moment it is applied "
+            "to the index (replayed batches are in kvrouter_kv_event_replayed_batches).",
             ["backend"], buckets=_LAG_BUCKETS_S, registry=r,
+        )
+        self.replayed = Counter(
+            "kvrouter_kv_event_replayed_batches",
+            "KV-event batches applied from a replay socket (late join, gaps, reconnects).",
+            ["backend"], registry=r,
+        )
+        self.resyncs = Counter(
+            "kvrouter_kv_event_resyncs",
+            "Streams restarted from a held message after replays could not reach it (e.g. a "
+            "sequence number far ahead); the backend's index entries were cleared.",
+            ["backend"], registry=r,
         )
         self.gaps = Counter(
             "kvrouter_kv_event_gaps", "Sequence gaps seen in a backend's KV-event stream.",
@@ -53,6 +65,11 @@ class KvMetrics:
             "kvrouter_kv_event_engine_restarts",
             "Sequence resets (engine restarts); the backend's index entries were cleared.",
             ["backend"], registry=r,
+        )
+        self.refused = Counter(
+            "kvrouter_kv_event_connections_refused",
+            "Connections to an event socket the router binds from an address that is not a "
+            "backend's (nothing they send is read).", registry=r,
         )
         self.unknown_topic = Counter(
             "kvrouter_kv_events_unknown_topic", "Messages whose topic matches no configured "

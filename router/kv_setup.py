@@ -2,7 +2,8 @@
 the prefix index, the tokenizing analyzer, token parity and one background task.
 
     kv_events:
-      bind: tcp://0.0.0.0:5557        # the router binds here for engines that connect out
+      bind: tcp://10.0.0.2:5557       # the router binds here (its pod IP) for engines that
+                                      # connect out; only backends' addresses are let in
       sources:                        # explicit sources (else each backend's /kv_event_sources)
         - {backend: http://10.0.0.7:8000, endpoint: "tcp://*:5557",
            replay_endpoint: "tcp://*:5558", topic: "kv@pod-7"}
@@ -35,6 +36,7 @@ from policies.registry import build_policy
 from policies.types import BackendId, BlockHash, Policy
 from router.config import Config, ConfigError, parse_section
 from router.disagg_config import wrap_policy
+from router.kv_auth import EventSocketGate
 from router.kv_events import KvEventIngestor
 from router.kv_metrics import KvMetrics
 from router.kv_sources import KvEventSource, parse_event_sources
@@ -53,11 +55,15 @@ log = logging.getLogger("kvrouter.kv")
 class KvEventsSection:
     enabled: bool = True
     bind: str | None = None
+    authenticate: bool = True
+    allow_from: tuple[str, ...] = ()
     sources: tuple[dict[str, object], ...] = ()
     discover: bool = True
     discover_interval_s: float = 5.0
     replay: bool = True
     replay_timeout_s: float = 5.0
+    max_gap_replays: int = 3
+    replay_backoff_s: float = 0.5
     index_max_entries: int = 2_000_000
     scrape: bool = True
     scrape_interval_s: float = 2.0
@@ -161,7 +167,10 @@ class KvPlumbing:
         section = self.section
         self.ingestor = KvEventIngestor(
             self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
-            replay_on_start=section.replay,
+            replay_on_start=section.replay, max_gap_replays=section.max_gap_replays,
+            replay_backoff_s=section.replay_backoff_s,
+            gate=EventSocketGate(self.metrics, section.allow_from) if section.authenticate
+            else None,
             on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
             on_backend_live=self._live)
         tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]
@@ -321,6 +330,9 @@ def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
 def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) -> KvPlumbing:
     """Parse the section and load tokenizers now, so a bad path is a start-up config error."""
     section = parse_section(KvEventsSection, config.extensions.get("kv_events"), "kv_events")
+    for name in ("max_gap_replays", "replay_backoff_s"):
+        if getattr(section, name) < 0:
+            raise ConfigError(f"kv_events.{name}", "must be >= 0")
     dirs = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
     dirs.update(tokenizer_dirs or {})
     tokenizers = {}

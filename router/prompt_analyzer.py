@@ -38,10 +38,11 @@ from typing import Any
 
 import xxhash
 
-from policies.hashing import BlockHasher, Namespace
+from policies.hashing import BlockHasher, Namespace, TokenIdError
 from policies.types import BlockHash, RouteRequest
 from router.analyzer import Endpoint, RequestFields
-from router.chat_render import PromptError
+from router.chat_render import PromptError, PromptRejected
+from router.errors import InvalidRequest
 from router.kv_metrics import KvMetrics
 from router.parity import TokenParity
 from router.tokenize import ModelTokenizer
@@ -95,6 +96,10 @@ class TokenizingAnalyzer:
                 ids, hashes, reused, elapsed_s = await loop.run_in_executor(
                     self._pool, _tokenize_and_hash, tokenizer, fields.body,
                     fields.endpoint == Endpoint.CHAT, hasher, repr(namespace))
+            except PromptRejected as exc:
+                raise InvalidRequest(str(exc), param=_prompt_param(fields)) from None
+            except TokenIdError as exc:
+                raise InvalidRequest(f"'prompt' {exc}", param="prompt") from None
             except PromptError as exc:
                 log.debug("prompt of %s not tokenized (%s); estimating", fields.request_id, exc)
             else:
@@ -115,9 +120,13 @@ class TokenizingAnalyzer:
     def _estimate(self, fields: RequestFields, hasher: BlockHasher, max_tokens: int) -> RouteRequest:
         if fields.prompt_token_ids is not None:  # token ids need no tokenizer: still exact
             ids = fields.prompt_token_ids
+            try:
+                hashes = hasher.hash_tokens(ids)
+            except TokenIdError as exc:
+                raise InvalidRequest(f"'prompt' {exc}", param="prompt") from None
             return RouteRequest(
                 request_id=fields.request_id, model=fields.model, prompt_tokens=len(ids),
-                session_key=fields.session_key, block_hashes=hasher.hash_tokens(ids),
+                session_key=fields.session_key, block_hashes=hashes,
                 block_size=hasher.block_size, max_tokens=max_tokens, stream=fields.stream,
                 tokens_exact=True, salted=hasher.namespace.cache_salt is not None,
             )
@@ -141,6 +150,10 @@ class TokenizingAnalyzer:
                 self._hashers.clear()
             hasher = self._hashers[key] = BlockHasher(namespace, block_size)
         return hasher
+
+
+def _prompt_param(fields: RequestFields) -> str:
+    return "messages" if fields.endpoint == Endpoint.CHAT else "prompt"
 
 
 def _tokenize_and_hash(tokenizer: ModelTokenizer, body: Mapping[str, Any], chat: bool,

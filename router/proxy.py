@@ -111,7 +111,7 @@ class Proxy:
         self.disagg = Disaggregation(self)
         self.hold = RouterHold(config.policy.max_hold_s, metrics.registry)
 
-    def _new_request_id(self) -> str:
+    def new_request_id(self) -> str:
         # Unique without a system call per request: a random per-process prefix and a count.
         self._request_count += 1
         return f"{self._request_id_prefix}{self._request_count:016x}"
@@ -134,6 +134,10 @@ class Proxy:
             except (ValueError, UnicodeDecodeError):
                 if endpoint != "other":
                     raise InvalidRequest("the request body is not valid JSON") from None
+            except RecursionError:  # json's fallback, past orjson's 1,024 levels
+                if endpoint != "other":
+                    raise InvalidRequest("the request body's JSON is nested too deeply "
+                                         "(over 1,000 levels)") from None
         elif endpoint != "other":
             raise InvalidRequest("the request body is empty; expected a JSON object")
         fields = read_fields(
@@ -148,7 +152,7 @@ class Proxy:
 
     async def handle(self, request: Request, endpoint: str) -> Response | StreamResponse:
         started_s = time.monotonic()
-        request_id = request.headers.get("x-request-id") or self._new_request_id()
+        request_id = request.headers.get("x-request-id") or self.new_request_id()
         try:
             body, fields, route_request = await self.read_request(request, endpoint, request_id)
             return await self._dispatch(request, body, fields, route_request, started_s)

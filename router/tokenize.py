@@ -34,7 +34,7 @@ from typing import Any
 
 import xxhash
 
-from router.chat_render import PromptError, render_chat
+from router.chat_render import PromptError, PromptRejected, render_chat
 from router.tokenize_cache import PrefixCache, PromptRun
 
 __all__ = ["ModelTokenizer", "PromptError", "TokenizedPrompt", "load_tokenizer"]
@@ -131,6 +131,7 @@ class ModelTokenizer:
         return result
 
     def encode(self, text: str, *, add_special_tokens: bool) -> TokenizedPrompt:
+        _check_text(text)
         if not self.incremental:
             ids = self._encode_whole(text, add_special_tokens)
             return TokenizedPrompt(ids, text, 0, PromptRun(ids))
@@ -232,6 +233,19 @@ def _cut_keys(text: str, cuts: list[int], add_special_tokens: bool) -> list[int]
         keys.append(h.intdigest())
         pos = cut
     return keys
+
+
+def _check_text(text: str) -> None:
+    """Text the Rust tokenizer can take: a lone surrogate (legal in a JSON escape, and kept by
+    Python's ``json``) is not Unicode text, and the tokenizer would raise a TypeError."""
+    if text.isascii():  # the common case, a fast scan
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptRejected(
+            f"the prompt contains a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+            f"{exc.start}: not valid Unicode text") from None
 
 
 def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:

@@ -19,15 +19,19 @@ __all__ = [
     "HOP_BY_HOP",
     "client_session",
     "forward_headers",
+    "hop_by_hop",
     "response_header_lines",
 ]
 
-# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus those aiohttp
-# recomputes for the body it sends (content-length) or that would otherwise be duplicated.
+# Headers that describe one connection, not the message (RFC 9110 7.6.1: Connection and the
+# headers it names, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade; RFC 7235's
+# proxy credentials), plus those the client recomputes for the body it sends (content-length)
+# or that would otherwise be duplicated (host).
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+        "connection", "proxy-connection", "keep-alive", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+        "host", "content-length",
     }
 )
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {
@@ -60,11 +64,29 @@ def forward_headers(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> byte
     # Pieces into one join: about half the time of formatting each line (timeit).
     drop = _DROP_FROM_REQUEST_BYTES
     out: list[bytes] = []
+    named: set[bytes] | None = None
     for name, value in raw:
-        if name.lower() not in drop:
+        lower = name.lower()
+        if lower not in drop:
             out += (name, b": ", value, b"\r\n")
+        elif lower == b"connection":
+            named = _connection_options(value, named)
+    if named:
+        out = _without(out, named)
     out += (b"x-request-id: ", request_id.encode("latin-1"), b"\r\n")
     return b"".join(out)
+
+
+def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Lower-case names not to forward from these (decoded) headers: ``HOP_BY_HOP`` and the
+    names their ``Connection`` headers list."""
+    named: set[bytes] | None = None
+    for name, value in headers:
+        if name.lower() == "connection":
+            named = _connection_options(value.encode("latin-1"), named)
+    if not named:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {n.decode("latin-1") for n in named}
 
 
 def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -74,7 +96,33 @@ def response_header_lines(raw: Iterable[tuple[bytes, bytes]]) -> bytes:
     passed through without decoding."""
     drop = _DROP_FROM_RESPONSE_BYTES
     out: list[bytes] = []
+    named: set[bytes] | None = None
     for name, value in raw:
         if name not in drop:
             out += (name, b": ", value, b"\r\n")
+        elif name == b"connection":
+            named = _connection_options(value, named)
+    if named:
+        out = _without(out, named)
     return b"".join(out)
+
+
+# What a Connection header says about this connection alone; not names of other headers.
+_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _connection_options(value: bytes, named: set[bytes] | None) -> set[bytes] | None:
+    """The header names a ``Connection`` value lists (RFC 9110 7.6.1: hop-by-hop too). Most
+    values are ``keep-alive`` or ``close``, which name nothing more."""
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token and token not in _CONNECTION_TOKENS:
+            named = named or set()
+            named.add(token)
+    return named
+
+
+def _without(pieces: list[bytes], names: set[bytes]) -> list[bytes]:
+    """``pieces`` (4 per header line: name, ": ", value, CRLF) minus the lines named."""
+    return [piece for i in range(0, len(pieces), 4) if pieces[i].lower() not in names
+            for piece in pieces[i:i + 4]]

@@ -18,8 +18,8 @@ from router.config import Config, parse_config
 # The router serves on uvloop by default, and uvloop's transports differ from asyncio's in flow
 # control, half-close and buffer accounting: the cases of the HTTP layer and the proxy run on
 # both loops; everything else on asyncio's.
-_ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py",
-                            "test_proxy_errors.py"})
+_ON_BOTH_LOOPS = frozenset({"test_http_server.py", "test_proxy_basic.py", "test_client_input.py",
+                            "test_proxy_errors.py", "test_fuzz_http.py"})
 
 
 def pytest_asyncio_loop_factories(

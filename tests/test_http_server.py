@@ -55,7 +55,7 @@ class _Handlers:
         return Response(status=404, body=b"no")
 
 
-def _error(status: int, message: str) -> Response:
+def _error(status: int, message: str, request: Request | None = None) -> Response:
     return json_response({"error": {"message": message, "code": str(status)}}, status=status)
 
 
@@ -384,3 +384,92 @@ async def test_an_oversized_head_over_many_reads_gets_431(served):
     status, _, _ = await asyncio.wait_for(_read_response(reader), 5)
     assert status == 431
     writer.close()
+
+
+@pytest.mark.parametrize(("head", "status", "words"), [
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405, "CONNECT"),
+    (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+     400, "websocket"),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+     b"Content-Length: 2\r\n\r\nhi", 400, "h2c"),
+], ids=["connect", "upgrade-websocket", "upgrade-h2c-with-body"])
+async def test_connect_and_upgrade_get_an_error_answer_then_close(served, head, status, words):
+    _, _, port = served
+    reader, writer = await _open(port)
+    # Tunnel bytes after the head are not HTTP and must not be parsed as a next request.
+    writer.write(head + b"\x16\x03\x01 tunnel bytes, not HTTP")
+    got, headers, body = await asyncio.wait_for(_read_response(reader), 5)
+    assert got == status and headers["connection"] == "close"
+    assert words in json.loads(body)["error"]["message"]
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_stalled_body_gets_408_and_its_memory_back():
+    handlers = _Handlers()
+    server = HttpServer(handlers.handle, _error, max_body_bytes=1 << 20, body_timeout_s=0.3)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await _open(port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n"
+                     + b"a" * 600_000)
+        await writer.drain()
+        for _ in range(100):  # the body is held while it arrives
+            if server.buffered_body_bytes == 600_000:
+                break
+            await asyncio.sleep(0.01)
+        assert server.buffered_body_bytes == 600_000
+        status, headers, body = await asyncio.wait_for(_read_response(reader), 5)
+        assert status == 408 and headers["connection"] == "close"
+        assert "did not arrive within 0.3 s" in json.loads(body)["error"]["message"]
+        assert server.buffered_body_bytes == 0
+        # The server ends its side at once, and closes even though this client never does.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        for _ in range(100):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.connections
+        # A body that arrives in time, over several reads, is served.
+        reader, writer = await _open(port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"cd")
+        status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+        assert status == 200 and json.loads(body)["body"] == "abcd"
+        assert server.buffered_body_bytes == 0
+        writer.close()
+    finally:
+        await server.close(grace_s=0.1)
+
+
+async def test_bodies_past_the_global_bound_get_503_and_a_close():
+    handlers = _Handlers()
+    server = HttpServer(handlers.handle, _error, max_body_bytes=1 << 20,
+                        max_buffered_body_bytes=1_000_000)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        first_reader, first = await _open(port)
+        first.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 700000\r\n\r\n"
+                    + b"a" * 600_000)
+        await first.drain()
+        for _ in range(100):
+            if server.buffered_body_bytes == 600_000:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await _open(port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 700000\r\n\r\n"
+                     + b"b" * 500_000)
+        status, headers, _ = await asyncio.wait_for(_read_response(reader), 5)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert headers["connection"] == "close"
+        writer.close()
+        # The first body still completes; afterwards nothing is held.
+        first.write(b"a" * 100_000)
+        status, _, body = await asyncio.wait_for(_read_response(first_reader), 5)
+        assert status == 200 and len(json.loads(body)["body"]) == 700_000
+        assert server.buffered_body_bytes == 0
+        first.close()
+    finally:
+        await server.close(grace_s=0.1)

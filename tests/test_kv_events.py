@@ -373,3 +373,116 @@ async def test_restart_whose_first_batches_were_lost_is_caught_on_reconnect(ctx)
     assert source.backend_id not in index.match(chain(old), time.monotonic())
     await stop(task)
     await engine.close()
+
+
+async def test_a_message_far_ahead_gets_bounded_replays_then_a_resync(ctx):
+    port, rport = _port(), _port()
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    ing, index, metrics, task = await start_ingestor([source], max_gap_replays=3,
+                                                     replay_backoff_s=0.05)
+    await wait_for(lambda: _probe(engine, ing))
+    backend = source.backend_id
+
+    def replays():
+        return sum(counter(metrics, "kvrouter_kv_event_replays_total", backend=backend,
+                           outcome=o) for o in ("ok", "timeout", "error", "incomplete"))
+
+    before = replays()
+    far = 10**12
+    engine.pub.send_multipart([engine.topic, far.to_bytes(8, "big"),
+                               msgpack.packb([time.time() + 10_000, [], 0])])
+    await wait_for(lambda: counter(metrics, "kvrouter_kv_event_resyncs_total",
+                                   backend=backend) == 1)
+    await asyncio.sleep(0.5)  # time enough for hundreds of replays if they did not stop
+    assert replays() - before == 4  # the gap's replay, then 3 more, then the resync
+    assert ing._streams[(backend, "kv@e0", 0)].next_seq == far + 1
+    # The engine's own next message is below that: taken as a restart, and followed again.
+    tokens = list(range(40, 48))
+    engine.publish([stored_map([7, 8], None, tokens)])
+    await wait_for(lambda: index.match(chain(tokens), time.monotonic()).get(backend))
+    await asyncio.sleep(0.3)
+    assert replays() - before <= 6
+    await stop(task)
+    await engine.close()
+
+
+async def test_lag_describes_live_batches_and_replayed_ones_are_counted_apart(ctx):
+    port, rport = _port(), _port()
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    for i in range(3):  # published long ago, before the router joined
+        engine.publish([stored_map([i + 1], i or None, list(range(4 * i, 4 * i + 4)))],
+                       ts=time.time() - 600)
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    ing, _index, metrics, task = await start_ingestor([source])
+    backend = source.backend_id
+    assert counter(metrics, "kvrouter_kv_event_replayed_batches_total", backend=backend) == 3
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_count", backend=backend) == 0
+    await wait_for(lambda: _probe(engine, ing, baseline=3))
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_count", backend=backend) >= 1
+    assert counter(metrics, "kvrouter_kv_event_lag_seconds_sum", backend=backend) < 60
+    await stop(task)
+    await engine.close()
+
+
+async def test_a_bound_socket_refuses_events_from_addresses_that_are_no_backend(ctx):
+    from router.kv_auth import EventSocketGate
+
+    port, rport = _port(), _port()
+    bind = f"tcp://127.0.0.1:{port}"
+    source = KvEventSource.for_backend("http://127.0.0.1:9", bind, f"tcp://127.0.0.1:{rport}",
+                                       "kv@e0")
+    metrics = KvMetrics()
+    index = PrefixIndex()
+    index.set_backend_model(source.backend_id, MODEL)
+    ing = KvEventIngestor(index, [source], metrics, replay_timeout_s=0.3,
+                          gate=EventSocketGate(metrics))
+    task = asyncio.get_running_loop().create_task(ing.run())
+    await asyncio.wait_for(ing.ready.wait(), 20)
+    engine = FakeEngine(ctx, bind, f"tcp://127.0.0.1:{rport}", bind=False)
+    await wait_for(lambda: _probe(engine, ing))
+    tokens = list(range(8))
+    engine.publish([stored_map([1, 2], None, tokens)])
+    backend = source.backend_id
+    await wait_for(lambda: index.match(chain(tokens), time.monotonic()).get(backend))
+    # A stranger on another loopback address forges the engine's restart and a block.
+    forger = ctx.socket(zmq.PUB)
+    forger.setsockopt(zmq.LINGER, 0)
+    forger.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
+    forged = list(range(500, 504))
+    await wait_for(lambda: counter(metrics, "kvrouter_kv_event_connections_refused_total") >= 1)
+    for _ in range(20):
+        forger.send_multipart([b"kv@e0", (0).to_bytes(8, "big"),
+                               msgpack.packb([time.time() + 100, [stored_map([9], None, forged)],
+                                              0])])
+        await asyncio.sleep(0.01)
+    applied = ing.applied_batches
+    await asyncio.sleep(0.3)
+    assert ing.applied_batches == applied
+    assert index.match(chain(tokens), time.monotonic())[backend].matched_blocks == 2
+    assert backend not in index.match(chain(forged), time.monotonic())
+    assert counter(metrics, "kvrouter_kv_event_engine_restarts_total", backend=backend) == 0
+    # Discovery adds a backend on 127.0.0.2: from then on its address is let in.
+    other = KvEventSource.for_backend("http://127.0.0.2:9", bind, None, "kv@e1")
+    index.set_backend_model(other.backend_id, MODEL)
+    ing.add_source(other)
+    assert "127.0.0.2" in ing.gate.addresses
+    forger.close(0)  # (a refused peer is not reconnected by ZeroMQ: a new socket)
+    forger = ctx.socket(zmq.PUB)
+    forger.setsockopt(zmq.LINGER, 0)
+    forger.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
+
+    def forger_heard():
+        forger.send_multipart([b"kv@e1", (0).to_bytes(8, "big"),
+                               msgpack.packb([time.time(), [stored_map([9], None, forged)], 0])])
+        return index.match(chain(forged), time.monotonic()).get(other.backend_id)
+
+    await wait_for(forger_heard)
+    # ... and when it leaves, its address is refused again.
+    ing.remove_backend(other.backend_id)
+    assert "127.0.0.2" not in ing.gate.addresses and "127.0.0.1" in ing.gate.addresses
+    forger.close(0)
+    await stop(task)
+    await engine.close()

@@ -20,6 +20,14 @@ BREAKER_CASES = [
      BreakerState.OPEN),
     ("dispatch-while-open-is-not-a-probe", ["fail@0", "fail@0", "fail@0", "dispatch@5"],
      BreakerState.OPEN),
+    ("healthy-check-after-ejection-half-opens", ["fail@1", "fail@1", "fail@1", "healthy@2"],
+     BreakerState.HALF_OPEN),
+    ("healthy-check-begun-before-ejection-does-not", ["fail@1", "fail@1", "fail@1",
+                                                      "healthy@0.5"], BreakerState.OPEN),
+    ("healthy-check-while-closed-changes-nothing", ["fail@1", "healthy@2"],
+     BreakerState.CLOSED),
+    ("half-opened-by-health-probe-fails-reopens", ["fail@1", "fail@1", "fail@1", "healthy@2",
+                                                   "dispatch@3", "fail@3"], BreakerState.OPEN),
 ]
 
 
@@ -33,6 +41,8 @@ def test_breaker_transitions(steps, state):
             breaker.on_failure(float(at))
         elif what == "ok":
             breaker.on_success()
+        elif what == "healthy":
+            breaker.on_healthy_probe(float(at))
         else:
             breaker.on_dispatch(float(at))
     assert breaker.state is state

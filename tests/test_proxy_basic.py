@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -175,3 +176,40 @@ async def test_session_affinity_through_the_proxy(start_backend, start_router, h
             homes.setdefault("u9", set()).add(response.headers["x-kvrouter-backend"])
     assert all(len(h) == 1 for h in homes.values()), homes
     assert len(set().union(*homes.values())) >= 2  # new sessions spread by load
+
+
+async def test_hop_by_hop_headers_stay_on_their_hop(start_backend, start_router):
+    a = await start_backend()
+    router = await start_router({"backends": [a.url]})
+    port = int(router.url.rsplit(":", 1)[1])
+    body = b'{"model": "tiny", "prompt": "x"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Connection: keep-alive, X-Secret-Hop , x-other-hop\r\n"
+                 b"X-Secret-Hop: s3cret\r\nX-Other-Hop: 1\r\nProxy-Connection: keep-alive\r\n"
+                 b"Keep-Alive: timeout=5\r\nTE: trailers\r\nX-End-To-End: kept\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    sent = a.received[0].headers
+    assert sent["x-end-to-end"] == "kept"
+    for name in ("x-secret-hop", "x-other-hop", "proxy-connection", "keep-alive", "te"):
+        assert name not in sent, name
+
+
+def test_response_headers_named_in_connection_are_dropped():
+    from router.upstream import response_header_lines
+
+    lines = response_header_lines([(b"content-type", b"text/plain"),
+                                   (b"connection", b"close, x-hop"), (b"x-hop", b"1"),
+                                   (b"proxy-connection", b"close"), (b"x-kept", b"2")])
+    assert lines == b"content-type: text/plain\r\nx-kept: 2\r\n"
+
+
+def test_hop_by_hop_names_for_the_prefill_leg_include_those_connection_lists():
+    from router.upstream import HOP_BY_HOP, hop_by_hop
+
+    assert hop_by_hop([("Accept", "x")]) == HOP_BY_HOP
+    names = hop_by_hop([("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1")])
+    assert "x-secret-hop" in names and "proxy-connection" in names and "accept" not in names

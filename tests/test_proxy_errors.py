@@ -214,6 +214,31 @@ async def test_breaker_opens_after_consecutive_failures_then_recovers(start_back
     assert router.state.pool.get(a.url).breaker.state == 0
 
 
+async def test_a_passing_health_check_lets_an_ejected_backend_in_before_ejection_s(
+        start_backend, start_router, http):
+    a = await start_backend(name="a", fail_status=500)
+    b = await start_backend(name="b")
+    router = await start_router({
+        "backends": [a.url, b.url], "retries": {"max_attempts": 1},
+        "health": {"ejection_consecutive_failures": 2, "ejection_s": 60, "interval_s": 60},
+    })
+    breaker = router.state.pool.get(a.url).breaker
+    for _ in range(4):
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            await response.read()
+    assert breaker.state == 2  # open, for a minute
+    a.fail_status = None  # the pod is back
+    await router.state.health.check_all()  # the health loop's next round
+    seen = set()
+    for _ in range(4):
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            assert response.status == 200
+            seen.add(response.headers["x-kvrouter-backend"])
+    assert a.url in seen and breaker.state == 0
+
+
 async def test_debug_route_needs_admin_token_and_does_not_send(start_backend, start_router, http):
     a = await start_backend()
     b = await start_backend()

@@ -312,9 +312,10 @@ async def test_responses_byte_identical_to_engine(
     assert routed.cached_tokens() > 0
     # vLLM's CPU kernels are not always bit-reproducible on this random-weight model (top-2
     # logprob gaps down to 2e-4 were seen, and a rare rerun picks the other token), so the
-    # routed bytes must equal ONE of up to three direct answers of the same engine: a router
-    # that changed a single byte matches none of them.
-    for _ in range(3):
+    # routed bytes must equal ONE of up to five direct answers of the same engine: a router
+    # that changed a single byte matches none of them. (On a loaded machine the engine's
+    # API server also groups stream deltas differently now and then.)
+    for _ in range(5):
         direct = await _direct(session, engine, body)
         assert routed.headers["content-type"] == direct.headers["content-type"]
         if normalised(routed.body) == normalised(direct.body):

@@ -36,7 +36,9 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     ``policies.placement``); elsewhere + duplicate_ratio * full_b * (prefill
                     seconds of the prefix tokens another candidate holds and b would copy),
                     full_b = (held_blocks / total_blocks - cache_full_knee_ratio) /
-                    (1 - cache_full_knee_ratio), clipped to [0, 1]
+                    (1 - cache_full_knee_ratio), clipped to [0, 1]; both times
+                    (1 + fleet_work_ratio * busy ** busy_power), the price of a prefill second
+                    in externality_s, since they are prefill seconds won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
@@ -68,6 +70,15 @@ is what holds hits (sglang-router's tree never forgets, which is why it won ther
 credit keeps that partition; the copy price keeps a busy holder's prefix from being duplicated
 into a full cache, where it evicts as much as it saves.
 
+Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
+holds the request (``router.hold``; the simulator alike) and asks again when a request
+finishes. Room is ``policies.kv_commitment``: what this policy sent a backend and is unfinished
+(uncached prompt plus up to ``hold_output_tokens`` of output) plus this prompt within
+``hold_kv_ratio`` (0.7) of its KV memory; an empty backend or an unknown KV size always has
+room. An engine admits whatever fits at the instant and preempts when decodes outgrow it; on
+the Mooncake trace at 6 engines holding the excess in the router cut preemptions from 1,536
+to 886 and TTFT p99 from 392 to 314 s.
+
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
 The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
@@ -90,7 +101,11 @@ whose tokens were only estimated or that carry a ``cache_salt`` (engine events d
 block's salt), the policy keeps its own approximate ``PrefixIndex`` of what it sent (``record_dispatch`` in
 ``on_dispatched``, entries expire after ``approx_ttl_s``, at most ``approx_capacity_blocks``
 per backend or the engine's own ``total_kv_blocks`` when known), like any policy's memory of
-its own decisions; ``on_backend_removed`` purges it. ``choose`` mutates nothing a later
+its own decisions; ``on_backend_removed`` purges it. Engine events trail the prefill that
+stores the blocks (plus delivery lag), so for ``recent_ttl_s`` (0.5 s) after a dispatch the
+prompt's blocks count as GPU-cached where it was sent, whatever the index says: without it a
+group's next requests, arriving before the events, spread and copy the prefix (simulated at
+110 req/s with events 0.3 s late: 35.9% hits against sglang_cache_aware's 76.4%). ``choose`` mutates nothing a later
 ``choose`` could see except the RNG: it only drops pending prefills predicted done before
 ``now_s``, which no later call (``now_s`` never decreases) would count anyway.
 

@@ -13,13 +13,16 @@ a local directory or an offline model id):
 - ``truncate_prompt_tokens`` keeps the last N tokens, as vLLM does.
 
 Speed: the text is cut right after each special token and, for tokenizers whose pre-tokenizer
-``router.word_encoder`` proves splits there (GPT-2 byte-level BPE), before a space every
+``router.word_encoder`` proves splits there (byte-level BPE with GPT-2's, Llama 3's or Qwen 2's
+pattern), before a space every
 ~``cut_chars`` characters. When the tokenizer tokenizes the pieces independently (checked at
 load on sample prompts against a whole-text encode), a prompt sharing a prefix up to any cut
 with an earlier one (a chat's earlier turns, a completions prompt's shared head, the same
 prompt again) takes those ids from ``router.tokenize_cache`` and encodes only the rest: ASCII
 pieces with the Python word path (~4x faster than the Rust library here), others in one
-``encode_batch_fast`` call (Rust, no offsets). Otherwise every prompt is encoded whole: parity
+``encode_batch_fast`` call (Rust, no offsets); tokenizers with other pre-tokenizers
+(SentencePiece's Metaspace, unknown patterns) keep the Rust encoder and special-token cuts only
+(``bench/README.md`` has the cost). Otherwise every prompt is encoded whole: parity
 with the engine beats speed. Calls are synchronous; the analyzer decides where they run.
 
 Must not import aiohttp, asyncio or anything from ``simulator``.

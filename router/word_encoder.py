@@ -5,9 +5,11 @@ that cuts text into words): ~0.4-1 us per token on the router's machine, where a
 that finds the same words and a dictionary from word to ids take ~0.2 us (``bench/README.md``).
 ``WordEncoder`` does exactly that for tokenizers whose whole pipeline it can reproduce:
 
-- no normalizer; pre-tokenizer ``ByteLevel(add_prefix_space=False, use_regex=True)`` (GPT-2's
-  pattern); model ``BPE`` without dropout; every added token split out by the caller
-  (``router.tokenize`` cuts the text at them first);
+- no normalizer, or NFC (the identity on ASCII); a byte-level pre-tokenizer with one of the
+  patterns below and no prefix space: ``ByteLevel(use_regex=True)`` (GPT-2's pattern), or
+  ``Split(pattern, Isolated)`` then ``ByteLevel(use_regex=False)`` with Llama 3's pattern
+  (also DeepSeek's and others') or Qwen 2's; model ``BPE`` without dropout; every added token
+  split out by the caller (``router.tokenize`` cuts the text at them first);
 - ASCII text only. On ASCII the pattern's Unicode classes are plain ranges (``\\p{L}`` is
   ``[A-Za-z]``, ``\\p{N}`` is ``[0-9]``) and ``\\s`` is Oniguruma's White_Space, spelled out
   because Python's ``\\s`` also takes U+001C-U+001F. Text with any other character goes to the
@@ -18,12 +20,15 @@ learned once and kept in a bounded dictionary. Exactness rests on the words bein
 Rust pre-tokenizer finds; ``tests/test_word_encoder.py`` compares whole encodes over generated
 text (whitespace runs, control characters, digits, contractions, punctuation).
 
-``safe_cut(text, pos)`` names where a text may be cut so that both halves tokenize
-independently (``router.tokenize`` caches completions prompts' prefixes at such cuts): before a
-space whose left neighbour is ASCII and not whitespace. With GPT-2's pattern no word can run
-across such a space (a word holds a space only at its start, or is all whitespace), and no
-alternative looks past it, so the words before the cut are the same with or without what
-follows.
+``safe_cuts`` names where a text may be cut so that both halves tokenize independently
+(``router.tokenize`` caches completions prompts' prefixes at such cuts): before a space whose
+left neighbour is ASCII and not whitespace. In all three patterns a word holds a space only as
+its first character or inside a whitespace run, so no word runs across such a space; what an
+alternative looks at past the cut (a greedy letter, digit or ``[\r\n]*`` run ending, a
+contraction's next letter) fails on a space as it fails at the end of the text; and nothing
+looks behind, so matching after the cut starts afresh. NFC cannot join a space to either
+neighbour. ``tests/test_word_encoder.py`` checks the property on generated text, unicode
+included, for each pattern.
 
 Must not import aiohttp, asyncio or anything from ``simulator``.
 """
@@ -39,12 +44,25 @@ from typing import Any
 __all__ = ["WordEncoder", "safe_cuts"]
 
 _WS = "\\t\\n\\x0b\\x0c\\r "  # Oniguruma's White_Space within ASCII
-# GPT-2's pattern ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+),
-# alternative for alternative, restricted to ASCII.
+# Each pattern alternative for alternative, restricted to ASCII: \p{L} -> A-Za-z, \p{N} -> 0-9,
+# \s -> _WS.
 _GPT2_ASCII = re.compile(
     rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+"
     rf"|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
 )
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _llama3_like(digits: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{digits}"
+        rf"| ?[^{_WS}A-Za-z0-9]+[\r\n]*|[{_WS}]*[\r\n]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"
+    )
+
+
+_SPLIT_PATTERNS = {LLAMA3_PATTERN: _llama3_like("{1,3}"), QWEN2_PATTERN: _llama3_like("")}
 _ASCII_SPACE = frozenset("\t\n\x0b\x0c\r ")
 
 
@@ -83,15 +101,32 @@ def safe_cuts(text: str, start: int, end: int, every_chars: int) -> list[int]:
     return cuts
 
 
+def _ascii_pattern(pre: dict[str, Any]) -> re.Pattern[str] | None:
+    """The ASCII pattern reproducing a serialized pre-tokenizer, if it is one of ours."""
+    if pre.get("type") == "ByteLevel":
+        ok = pre.get("use_regex", True) and not pre.get("add_prefix_space")
+        return _GPT2_ASCII if ok else None
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(parts) != 2:
+        return None
+    split, byte_level = parts
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated"
+            or split.get("invert") or byte_level.get("type") != "ByteLevel"
+            or byte_level.get("use_regex", True) or byte_level.get("add_prefix_space")):
+        return None
+    return _SPLIT_PATTERNS.get((split.get("pattern") or {}).get("Regex", ""))
+
+
 class WordEncoder:
     """Word -> ids for one tokenizer; ``encode`` returns None where the Rust tokenizer must go.
 
     Safe from several threads: the dictionary is only read and assigned (atomic under the
     GIL); two threads learning one word store the same ids."""
 
-    def __init__(self, model: Any, *, max_words: int = 200_000,
-                 learn_per_call: int = 256) -> None:
+    def __init__(self, model: Any, pattern: re.Pattern[str] = _GPT2_ASCII, *,
+                 max_words: int = 200_000, learn_per_call: int = 256) -> None:
         self._tokenize = model.tokenize
+        self._findall = pattern.findall
         self._words: dict[str, tuple[int, ...]] = {}
         self.max_words = max_words
         self.learn_per_call = learn_per_call
@@ -108,15 +143,13 @@ class WordEncoder:
             added = {t.content for t in fast.get_added_tokens_decoder().values()}
         except Exception:  # not a tokenizers.Tokenizer, or a future serialization
             return None
-        pre = config.get("pre_tokenizer") or {}
         model = config.get("model") or {}
-        if (config.get("normalizer") is not None
-                or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
-                or not pre.get("use_regex", True)
+        pattern = _ascii_pattern(config.get("pre_tokenizer") or {})
+        if (config.get("normalizer") not in (None, {"type": "NFC"}) or pattern is None
                 or model.get("type") != "BPE" or model.get("dropout") is not None
                 or not added <= split_tokens):
             return None
-        return cls(fast.model)
+        return cls(fast.model, pattern)
 
     def __len__(self) -> int:
         return len(self._words)
@@ -126,7 +159,7 @@ class WordEncoder:
         words never seen."""
         if not text.isascii():
             return None
-        words = _GPT2_ASCII.findall(text)
+        words = self._findall(text)
         get = self._words.get
         parts = list(map(get, words))
         if None in parts:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from router import word_encoder
 from router.tokenize import ModelTokenizer, load_tokenizer
@@ -47,10 +48,38 @@ def fast(hf):
     return hf.backend_tokenizer
 
 
+def _variant(fast, **changes) -> Tokenizer:
+    config = json.loads(fast.to_str())
+    config.update(changes)
+    return Tokenizer.from_str(json.dumps(config))
+
+
+def _split_byte_level(pattern: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+         "use_regex": False}]}
+
+
+PIPELINES = ["gpt2", "llama3", "qwen2"]
+
+
+@pytest.fixture(scope="module", params=PIPELINES)
+def pipeline(request, fast):
+    """The tiny vocabulary behind each pre-tokenizer the word path reproduces (Qwen 2's with
+    its NFC normalizer): the words and the cuts do not depend on the vocabulary."""
+    if request.param == "gpt2":
+        return fast
+    if request.param == "llama3":
+        return _variant(fast, pre_tokenizer=_split_byte_level(word_encoder.LLAMA3_PATTERN))
+    return _variant(fast, pre_tokenizer=_split_byte_level(word_encoder.QWEN2_PATTERN),
+                    normalizer={"type": "NFC"})
+
+
 @pytest.fixture(scope="module")
-def words(fast):
-    encoder = WordEncoder.for_tokenizer(fast, set(SPECIALS) | {"<|pad|>", "<|eos|>"})
-    assert encoder is not None, "the tiny tokenizer is GPT-2 byte-level BPE"
+def words(pipeline):
+    encoder = WordEncoder.for_tokenizer(pipeline, set(SPECIALS) | {"<|pad|>", "<|eos|>"})
+    assert encoder is not None, "a pipeline the word path reproduces"
     return encoder
 
 
@@ -58,29 +87,29 @@ def _rust(fast, text: str) -> list[int]:
     return fast.encode(text, add_special_tokens=False).ids
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=ascii_text)
-def test_word_path_equals_rust_on_ascii(words, fast, text):
-    assert words.encode(text) == _rust(fast, text)
+def test_word_path_equals_rust_on_ascii(words, pipeline, text):
+    assert words.encode(text) == _rust(pipeline, text)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=ascii_text)
-def test_words_are_the_rust_pre_tokenizers(fast, text):
+def test_words_are_the_rust_pre_tokenizers(words, pipeline, text):
     # Exactness of the word path does not depend on the vocabulary: the words themselves are
     # the ones the tokenizer's own pre-tokenizer finds (it returns them byte-mapped).
-    ours = [w.translate(word_encoder._ASCII_MAP) for w in word_encoder._GPT2_ASCII.findall(text)]
-    assert ours == [w for w, _ in fast.pre_tokenizer.pre_tokenize_str(text)]
+    ours = [w.translate(word_encoder._ASCII_MAP) for w in words._findall(text)]
+    assert ours == [w for w, _ in pipeline.pre_tokenizer.pre_tokenize_str(text)]
 
 
-def test_word_path_spells_out_onigurumas_whitespace(words, fast):
+def test_word_path_spells_out_onigurumas_whitespace(words, pipeline):
     # Python's \s matches U+001C-U+001F, Oniguruma's does not: "a\x1c b" is three words in
     # the tokenizer, and a pattern written with \s would find two.
     text = "a\x1c b\x1d\x1e  c\x1f"
-    assert words.encode(text) == _rust(fast, text)
-    naive = re.compile(word_encoder._GPT2_ASCII.pattern.replace(
-        "[\\t\\n\\x0b\\x0c\\r ]", "\\s").replace("[^\\t\\n\\x0b\\x0c\\r A-Za-z0-9]", "[^\\sA-Za-z0-9]"))
-    assert naive.findall(text) != word_encoder._GPT2_ASCII.findall(text)
+    assert words.encode(text) == _rust(pipeline, text)
+    ours = re.compile(words._findall.__self__.pattern)
+    naive = re.compile(ours.pattern.replace("\\t\\n\\x0b\\x0c\\r ", "\\s"))
+    assert naive.findall(text) != ours.findall(text)
 
 
 def test_word_path_leaves_non_ascii_to_rust(words):
@@ -98,15 +127,15 @@ def test_word_path_learns_a_bounded_number_per_call(fast):
     assert len(encoder) <= 5, "the dictionary is bounded"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=any_text, every=st.integers(min_value=1, max_value=12))
-def test_pieces_at_safe_cuts_equal_the_whole(fast, text, every):
+def test_pieces_at_safe_cuts_equal_the_whole(pipeline, text, every):
     # The property the completions prefix cache rests on, for unicode text too: cutting at
     # safe_cuts and encoding each piece alone gives the whole text's ids.
     cuts = safe_cuts(text, 0, len(text), every)
     bounds = [0, *cuts, len(text)]
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    assert [i for p in pieces for i in _rust(fast, p)] == _rust(fast, text)
+    assert [i for p in pieces for i in _rust(pipeline, p)] == _rust(pipeline, text)
 
 
 def test_safe_cuts_are_spaces_after_ascii_non_whitespace():
@@ -120,13 +149,19 @@ def test_safe_cuts_are_spaces_after_ascii_non_whitespace():
                                                 if c >= 8]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def pipeline_hf(pipeline):
+    return PreTrainedTokenizerFast(tokenizer_object=pipeline)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shared=any_text, first=any_text, second=any_text, add=st.booleans(),
        every=st.integers(min_value=1, max_value=16))
-def test_completions_with_cached_prefixes_equal_whole_encodes(hf, shared, first, second, add,
-                                                             every):
+def test_completions_with_cached_prefixes_equal_whole_encodes(pipeline_hf, shared, first, second,
+                                                             add, every):
+    hf = pipeline_hf
     tok = ModelTokenizer(hf, cut_chars=every)
-    assert tok.incremental
+    assert tok.incremental and tok.words is not None
     for text in (shared + first, shared + second, shared + first, shared):
         got = tok.tokenize_body({"prompt": text, "add_special_tokens": add}, chat=False)
         assert got.token_ids == hf(text, add_special_tokens=add)["input_ids"]
@@ -180,12 +215,6 @@ def test_chat_turn_by_turn_equals_whole_encodes(hf, turns, tools, every):
         assert got.token_ids == hf(text, add_special_tokens=False)["input_ids"]
 
 
-def _variant(fast, **changes) -> Tokenizer:
-    config = json.loads(fast.to_str())
-    config.update(changes)
-    return Tokenizer.from_str(json.dumps(config))
-
-
 def test_only_pipelines_it_reproduces_get_the_word_path(fast):
     all_added = {t.content for t in fast.get_added_tokens_decoder().values()}
     assert WordEncoder.for_tokenizer(fast, all_added) is not None
@@ -196,6 +225,8 @@ def test_only_pipelines_it_reproduces_get_the_word_path(fast):
     prefix_space = _variant(fast, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True,
                                                  "trim_offsets": True, "use_regex": True})
     assert WordEncoder.for_tokenizer(prefix_space, all_added) is None
+    other_split = _variant(fast, pre_tokenizer=_split_byte_level(r"\s+|\w+|[^\s\w]+"))
+    assert WordEncoder.for_tokenizer(other_split, all_added) is None, "an unknown pattern"
     metaspace = _variant(fast, pre_tokenizer={"type": "Metaspace", "replacement": "\u2581",
                                               "prepend_scheme": "always", "split": True})
     assert WordEncoder.for_tokenizer(metaspace, all_added) is None

@@ -43,7 +43,7 @@ import xxhash
 
 from router.chat_render import PromptError, PromptRejected, render_chat
 from router.tokenize_cache import PrefixCache, PromptRun
-from router.word_encoder import WordEncoder, safe_cuts
+from router.word_encoder import WordEncoder, is_safe_cut, safe_cuts
 
 __all__ = ["ModelTokenizer", "PromptError", "TokenizedPrompt", "load_tokenizer"]
 
@@ -172,16 +172,37 @@ class ModelTokenizer:
         return TokenizedPrompt(ids, text, reused, run)
 
     def _encode_texts(self, texts: list[str]) -> Iterator[list[int]]:
-        """Ids of each text, independently: the Python word path where it applies, the rest
-        in one ``encode_batch_fast`` call (Rust, GIL released, no offsets)."""
+        """Ids of each text, independently: the Python word path where it applies (for a text
+        with a few non-ASCII characters, on the ASCII stretches between safe cuts around them),
+        the rest in one ``encode_batch_fast`` call (Rust, GIL released, no offsets)."""
         words = self.words
-        out = [words.encode(t) for t in texts] if words is not None else [None] * len(texts)
-        rest = [i for i, ids in enumerate(out) if ids is None]
-        if rest:
-            batch = self._fast.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
-            for i, encoding in zip(rest, batch, strict=True):
-                out[i] = encoding.ids
-        return iter(out)  # type: ignore[arg-type]
+        plans: list[list[list[int] | int]] = []  # per text: ids, or an index into ``rust``
+        rust: list[str] = []
+        for t in texts:
+            ids = words.encode(t) if words is not None else None
+            if ids is not None:
+                plans.append([ids])
+                continue
+            if words is None or t.isascii():  # no word path, or too many new words
+                plans.append([len(rust)])
+                rust.append(t)
+                continue
+            plan: list[list[int] | int] = []
+            pos = 0
+            for a, b in _non_ascii_islands(t):
+                for piece, ascii_only in ((t[pos:a], True), (t[a:b], False)):
+                    if piece:
+                        ids = words.encode(piece) if ascii_only else None
+                        plan.append(ids if ids is not None else len(rust))
+                        if ids is None:
+                            rust.append(piece)
+                pos = b
+            plans.append(plan)
+        encoded = ([e.ids for e in self._fast.encode_batch_fast(rust, add_special_tokens=False)]
+                   if rust else [])
+        for plan in plans:
+            parts = [encoded[p] if isinstance(p, int) else p for p in plan]
+            yield parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
 
     # ---- segments ---------------------------------------------------------------------------
 
@@ -238,7 +259,7 @@ class ModelTokenizer:
         for s in specials[:4]:
             samples.append(f"before {s}after {s} {s}\n x{s}")
         # Long enough for pre-token cuts, with whitespace runs and digits around them.
-        samples.append(("Words and  gaps,\tdigits 12345 it's\n\n " * 3) * (self.cut_chars // 40))
+        samples.append(("Words and  gaps,\tdigits 12345 it's\n\n " * 3) * min(self.cut_chars // 40 + 1, 100))
         if getattr(self.hf, "chat_template", None):
             try:
                 samples.append(render_chat(self.hf, {"messages": [
@@ -273,6 +294,37 @@ def _cut_keys(text: str, cuts: list[int], add_special_tokens: bool) -> list[int]
         keys.append(h.intdigest())
         pos = cut
     return keys
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ISLAND_GAP_CHARS = 128
+
+
+def _non_ascii_islands(text: str) -> list[tuple[int, int]]:
+    """Spans of ``text`` from the safe cut before each non-ASCII run to the safe cut after it
+    (``router.word_encoder.safe_cuts``' rule), merged when less than ``_ISLAND_GAP_CHARS`` of
+    ASCII lies between two; ending with the empty span at the end, so the text between islands
+    and after the last one is ASCII."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    end = len(text)
+    for m in _NON_ASCII.finditer(text):
+        if m.start() < pos:
+            continue  # inside the island before
+        a = text.rfind(" ", pos, m.start())
+        while a > pos and not is_safe_cut(text, a):
+            a = text.rfind(" ", pos, a)
+        a = max(a, pos)
+        b = text.find(" ", m.end())
+        while b != -1 and not is_safe_cut(text, b):
+            b = text.find(" ", b + 1)
+        b = end if b == -1 else b
+        if out and a - pos < _ISLAND_GAP_CHARS:
+            a = out.pop()[0]  # one Rust call costs ~10 us: join islands with little between
+        out.append((a, b))
+        pos = b
+    out.append((end, end))
+    return out
 
 
 def _check_text(text: str) -> None:

@@ -41,7 +41,7 @@ import threading
 from itertools import chain
 from typing import Any
 
-__all__ = ["WordEncoder", "safe_cuts"]
+__all__ = ["WordEncoder", "is_safe_cut", "safe_cuts"]
 
 _WS = "\\t\\n\\x0b\\x0c\\r "  # Oniguruma's White_Space within ASCII
 # Each pattern alternative for alternative, restricted to ASCII: \p{L} -> A-Za-z, \p{N} -> 0-9,
@@ -82,6 +82,13 @@ def _byte_chars() -> dict[int, str]:
 _ASCII_MAP = str.maketrans(_byte_chars())
 
 
+def is_safe_cut(text: str, i: int) -> bool:
+    """``text`` may be cut before position ``i`` (0 < i < len): a space whose left neighbour is
+    ASCII and not whitespace."""
+    left = text[i - 1]
+    return text[i] == " " and left.isascii() and left not in _ASCII_SPACE
+
+
 def safe_cuts(text: str, start: int, end: int, every_chars: int) -> list[int]:
     """Positions in (start, end) where ``text`` may be cut, about ``every_chars`` apart: each is
     a space whose left neighbour is ASCII and not whitespace (see the module docstring)."""
@@ -92,8 +99,7 @@ def safe_cuts(text: str, start: int, end: int, every_chars: int) -> list[int]:
         b = find(" ", pos, end)
         if b < 0:
             break
-        left = text[b - 1]
-        if left.isascii() and left not in _ASCII_SPACE:
+        if is_safe_cut(text, b):
             cuts.append(b)
             pos = b + every_chars
         else:

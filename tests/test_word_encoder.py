@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from router import word_encoder
-from router.tokenize import ModelTokenizer, load_tokenizer
-from router.word_encoder import WordEncoder, safe_cuts
+from router.tokenize import ModelTokenizer, _non_ascii_islands, load_tokenizer
+from router.word_encoder import WordEncoder, is_safe_cut, safe_cuts
 from simulator.tiny_tokenizer import _WORDS, default_path
 
 SPECIALS = ["<|start|>", "<|end|>", "<|bos|>"]
@@ -32,7 +32,9 @@ ASCII_PIECES = [
 UNICODE_PIECES = ["é", " café", "naïve", "日本語", " 東京", "\u00a0", "\u2003", "\u0085",
                   "\u3000x", "🙂", " 🙂🙂", "e\u0301", "Ωmega", "١٢٣", "ǅ"]
 
-ascii_text = st.lists(st.sampled_from(ASCII_PIECES), max_size=60).map("".join)
+# The word path gets text between added tokens (the caller cuts there): none of them in it.
+ascii_text = st.lists(st.sampled_from(ASCII_PIECES), max_size=60).map("".join).filter(
+    lambda t: "<|" not in t)
 any_text = st.lists(st.one_of(st.sampled_from(ASCII_PIECES), st.sampled_from(UNICODE_PIECES),
                               st.sampled_from(SPECIALS), st.text(max_size=4)),
                     max_size=60).map("".join)
@@ -231,3 +233,34 @@ def test_only_pipelines_it_reproduces_get_the_word_path(fast):
                                               "prepend_scheme": "always", "split": True})
     assert WordEncoder.for_tokenizer(metaspace, all_added) is None
     assert WordEncoder.for_tokenizer(object(), all_added) is None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=any_text)
+def test_non_ascii_islands_leave_ascii_between_safe_cuts(text):
+    islands = _non_ascii_islands(text)
+    assert islands[-1] == (len(text), len(text))
+    pos = 0
+    for a, b in islands:
+        assert pos <= a <= b
+        assert text[pos:a].isascii(), "what the word path gets is ASCII"
+        for cut in (a, b):
+            assert cut in (0, len(text)) or is_safe_cut(text, cut), "islands end at safe cuts"
+        pos = b
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=any_text)
+def test_mostly_ascii_text_in_one_segment_equals_whole_encode(hf, text):
+    # No pre-token cuts (one segment per text between specials): ASCII stretches around
+    # non-ASCII islands take the word path, the islands the Rust encoder.
+    tok = ModelTokenizer(hf, cut_chars=10**9)
+    assert tok.tokenize_body({"prompt": text}, chat=False).token_ids == hf(text)["input_ids"]
+
+
+def test_ascii_around_an_island_takes_the_word_path(hf):
+    tok = ModelTokenizer(hf, cut_chars=10**9)
+    tail = " zyxw vutsr"
+    text = "plain words before “quoted” and after" + tail
+    assert tok.tokenize_body({"prompt": text}, chat=False).token_ids == hf(text)["input_ids"]
+    assert tok.words is not None and tok.words._words.get(" vutsr") is not None

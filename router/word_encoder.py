@@ -130,14 +130,15 @@ class WordEncoder:
     GIL); two threads learning one word store the same ids."""
 
     def __init__(self, model: Any, pattern: re.Pattern[str] = _GPT2_ASCII, *,
-                 max_words: int = 200_000, learn_per_call: int = 256) -> None:
+                 max_words: int = 100_000, learn_per_call: int = 64) -> None:
         self._tokenize = model.tokenize
         self._findall = pattern.findall
         self._words: dict[str, tuple[int, ...]] = {}
         self.max_words = max_words
         self.learn_per_call = learn_per_call
-        """Unknown words one call may learn; past it the call leaves the text to Rust, so text
-        made of new words (ids, base64) costs at most this much extra."""
+        """Unknown words one call may learn (~1.5 us each); past it the call leaves the text to
+        Rust, so text made of new words (ids, base64) costs at most ~0.1 ms extra. The
+        dictionary holds up to ``max_words`` (~170 B each, ~17 MB) and starts over when full."""
         self._lock = threading.Lock()
 
     @classmethod

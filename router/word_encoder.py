@@ -138,7 +138,7 @@ class WordEncoder:
         self.learn_per_call = learn_per_call
         """Unknown words one call may learn (~1.5 us each); past it the call leaves the text to
         Rust, so text made of new words (ids, base64) costs at most ~0.1 ms extra. The
-        dictionary holds up to ``max_words`` (~170 B each, ~17 MB) and starts over when full."""
+        dictionary holds up to ``max_words`` (~200 B each, ~20 MB) and starts over when full."""
         self._lock = threading.Lock()
 
     @classmethod

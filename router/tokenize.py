@@ -13,17 +13,17 @@ a local directory or an offline model id):
 - ``truncate_prompt_tokens`` keeps the last N tokens, as vLLM does.
 
 Speed: the text is cut right after each special token and, for tokenizers whose pre-tokenizer
-``router.word_encoder`` proves splits there (byte-level BPE with GPT-2's, Llama 3's or Qwen 2's
-pattern), before a space every
-~``cut_chars`` characters. When the tokenizer tokenizes the pieces independently (checked at
-load on sample prompts against a whole-text encode), a prompt sharing a prefix up to any cut
-with an earlier one (a chat's earlier turns, a completions prompt's shared head, the same
-prompt again) takes those ids from ``router.tokenize_cache`` and encodes only the rest: ASCII
-pieces with the Python word path (~4x faster than the Rust library here), others in one
-``encode_batch_fast`` call (Rust, no offsets); tokenizers with other pre-tokenizers
-(SentencePiece's Metaspace, unknown patterns) keep the Rust encoder and special-token cuts only
-(``bench/README.md`` has the cost). Otherwise every prompt is encoded whole: parity
-with the engine beats speed. Calls are synchronous; the analyzer decides where they run.
+``router.word_encoder`` proves splits there (byte-level BPE with GPT-2's, Llama 3's or Qwen
+2's pattern), before a space every ~``cut_chars`` characters. When the tokenizer tokenizes the
+pieces independently (checked at load on sample prompts against a whole-text encode), a prompt
+sharing a prefix up to any cut with an earlier one (a chat's earlier turns, a completions
+prompt's shared head, the same prompt again) takes those ids from ``router.tokenize_cache``
+and encodes only the rest: ASCII with the Python word path (2-4x faster than the Rust library
+here), the rest in one ``encode_batch_fast`` call (Rust, no offsets). Tokenizers with other
+pre-tokenizers (SentencePiece's Metaspace, unknown patterns) keep the Rust encoder and
+special-token cuts only (``bench/README.md`` has the cost). Otherwise every prompt is encoded
+whole: parity with the engine beats speed. Calls are synchronous; the analyzer decides where
+they run.
 
 Must not import aiohttp, asyncio or anything from ``simulator``.
 """
@@ -259,7 +259,8 @@ class ModelTokenizer:
         for s in specials[:4]:
             samples.append(f"before {s}after {s} {s}\n x{s}")
         # Long enough for pre-token cuts, with whitespace runs and digits around them.
-        samples.append(("Words and  gaps,\tdigits 12345 it's\n\n " * 3) * min(self.cut_chars // 40 + 1, 100))
+        long_sample = "Words and  gaps,\tdigits 12345 it's\n\n " * 3
+        samples.append(long_sample * min(self.cut_chars // len(long_sample) + 2, 100))
         if getattr(self.hf, "chat_template", None):
             try:
                 samples.append(render_chat(self.hf, {"messages": [

@@ -8,11 +8,15 @@ short slices so drifting machine load falls on all of them alike. The backend ru
 (one process listening on --backends ports) and answers at once: a fixed JSON completion, or
 8 SSE chunks then ``data: [DONE]``. It also answers what the peers probe at start-up
 (/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). Each router runs in
-its own process with round_robin over the same backends (kvrouter: `--policy`, e.g. kv_aware).
+its own process with round_robin over the same backends (kvrouter: `--policy`, e.g. kv_aware),
+or the policy a target names after a slash (``sglang-router/cache_aware``).
 
     .venv/bin/python bench/overhead.py                 # direct vs kvrouter
     .venv/bin/python bench/overhead.py --peers         # + sglang-router, vllm-router (installs
                                                        #   them into .tools/peers-venv first)
+    .venv/bin/python bench/overhead.py --kv            # kvrouter kv_aware vs both peers'
+                                                       #   cache_aware, one run
+    ... --prompts unique                               # a different prompt every request
 
 Compare numbers only within one run: the machine is shared and noisy.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -40,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".tools" / "peers-venv"
 MODEL = "tiny"
 SSE_CHUNKS = 8
+# kv_aware against the peers' own cache-aware policies (--kv).
+KV_TARGETS = ("kvrouter-uvloop/kv_aware", "sglang-router/cache_aware", "vllm-router/cache_aware")
 
 
 # -- the 0-latency backend (runs as `overhead.py backend --ports ...`) ------------------------
@@ -207,12 +214,18 @@ async def _wait_ready(url: str, seconds: float, process: subprocess.Popen[bytes]
     raise RuntimeError(f"{url} did not become ready in {seconds} s")
 
 
-def _start(argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], log_name: str, code_tree: str | None = None
+           ) -> subprocess.Popen[bytes]:
     log = open(ROOT / ".tools" / f"bench-{log_name}.log", "wb")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    env = None
+    if code_tree is not None:  # the same router from another checkout (--baseline-tree)
+        env = {**os.environ, "PYTHONPATH": code_tree}
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
-def _router_argv(name: str, port: int, backends: list[str], policy: str) -> list[str]:
+def _router_argv(target: str, port: int, backends: list[str], default_policy: str) -> list[str]:
+    name, _, policy = target.partition("/")
+    policy = policy or (default_policy if name.startswith("kvrouter") else "round_robin")
     if name == "floor":
         return [sys.executable, __file__, "floor", "--port", str(port), "--backends", *backends]
     if name.startswith("kvrouter"):
@@ -227,11 +240,11 @@ def _router_argv(name: str, port: int, backends: list[str], policy: str) -> list
     metrics_port = str(_free_port())  # both crash when their metrics port is taken
     if name == "sglang-router":
         return [py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
-                str(port), "--worker-urls", *backends, "--policy", "round_robin",
+                str(port), "--worker-urls", *backends, "--policy", policy,
                 "--prometheus-host", "127.0.0.1", "--prometheus-port", metrics_port,
                 "--log-level", "warn"]
     return [str(PEERS_VENV / "bin" / "vllm-router"), "--host", "127.0.0.1", "--port", str(port),
-            "--worker-urls", *backends, "--policy", "round_robin", "--prometheus-port",
+            "--worker-urls", *backends, "--policy", policy, "--prometheus-port",
             metrics_port, "--log-level", "warning"]
 
 
@@ -245,12 +258,17 @@ async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
     targets = [Target("direct", urls)]
     names = [n for n in args.routers.split(",") if n]
     names += ["sglang-router", "vllm-router"] if args.peers else []
+    names += list(KV_TARGETS) if args.kv else []
+    if args.baseline_tree:
+        names += [f"{n}@base" for n in names if n.startswith("kvrouter")]
     try:
         for url in urls:
             await _wait_ready(url, 60, backend)
         for name in names:
             port = _free_port()
-            process = _start(_router_argv(name, port, urls, args.policy), name)
+            code, at_base = name.removesuffix("@base"), name.endswith("@base")
+            process = _start(_router_argv(code, port, urls, args.policy),
+                             name.replace("/", "-"), args.baseline_tree if at_base else None)
             targets.append(Target(name, [f"http://127.0.0.1:{port}"], process))
         for target in targets[1:]:
             await _wait_ready(target.urls[0], 120, target.process)
@@ -284,7 +302,35 @@ class Cell:
         return self.requests / self.seconds
 
 
-async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
+class Bodies:
+    """Request bodies: the same one every time, or (``unique``) the prompt with a number that
+    never repeats put in front and after every ~200 characters, so no router can reuse any part
+    of an earlier prompt (its tokens, its prefix-tree match, a piece of it) while the other
+    words stay the same, as in real traffic."""
+
+    def __init__(self, prompt: str, stream: bool, unique: bool) -> None:
+        body = json.dumps({"model": MODEL, "prompt": "\x00", "max_tokens": 16, "stream": stream})
+        head, tail = body.split(json.dumps("\x00")[1:-1])
+        self._head = head.encode()
+        self._tail = tail.encode()
+        escaped = json.dumps(prompt)[1:-1].encode()
+        self._same = self._head + escaped + self._tail
+        cuts = [escaped.find(b" ", i) for i in range(200, len(escaped), 200)]
+        bounds = [0, *sorted({c for c in cuts if c > 0}), len(escaped)]
+        self._parts = [escaped[a:b] for a, b in itertools.pairwise(bounds)]
+        self.unique = unique
+        self._n = 0
+
+    def next(self) -> bytes:
+        if not self.unique:
+            return self._same
+        self._n += 1
+        number = b" %d" % self._n
+        return b"".join([self._head, number[1:], b" ", *(p + number for p in self._parts),
+                         self._tail])
+
+
+async def _slice(session: aiohttp.ClientSession, target: Target, bodies: Bodies,
                  concurrency: int, seconds: float, warmup_s: float
                  ) -> tuple[list[float], int, int]:
     """One closed-loop slice: latencies of the requests that ended in the measured window."""
@@ -303,7 +349,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
                 return
             url = target.urls[n % len(target.urls)] + "/v1/completions"
             n += 1
-            async with session.post(url, data=body, headers=headers) as response:
+            async with session.post(url, data=bodies.next(), headers=headers) as response:
                 await response.read()
                 status = response.status
             t1 = time.perf_counter()
@@ -321,11 +367,10 @@ async def _slice(session: aiohttp.ClientSession, target: Target, body: bytes,
 
 
 async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, seconds: float,
-                        warmup_s: float, rounds: int, prompt: str) -> list[Cell]:
+                        warmup_s: float, rounds: int, prompt: str, unique: bool) -> list[Cell]:
     """Targets take turns in short slices, ``rounds`` times, so that the machine's drifting
     load (it is shared) falls on all of them alike."""
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 16,
-                       "stream": stream}).encode()
+    bodies = Bodies(prompt, stream, unique)
     results: dict[str, tuple[list[float], list[int]]] = {t.name: ([], []) for t in targets}
     cpu_s = dict.fromkeys((t.name for t in targets), 0.0)
     done = dict.fromkeys((t.name for t in targets), 0)
@@ -334,7 +379,7 @@ async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, s
             for target in targets:
                 before_s = target.cpu_s()
                 latencies, errors, completed = await _slice(
-                    session, target, body, concurrency, seconds / rounds, warmup_s)
+                    session, target, bodies, concurrency, seconds / rounds, warmup_s)
                 # CPU covers the whole slice (warm-up and tail too), so divide by every
                 # request the slice completed, not only the measured ones.
                 cpu_s[target.name] += target.cpu_s() - before_s
@@ -373,11 +418,12 @@ def _table(cells: list[Cell]) -> str:
 def _against_sglang(cells: list[Cell]) -> str:
     """Issue 2's throughput target, read off the same run: each kvrouter variant's req/s as a
     share of sglang-router's in the same cell."""
-    sglang = {(c.mode, c.concurrency): c for c in cells if c.target == "sglang-router"}
-    lines = [f"{c.target} / sglang-router req/s, {c.mode}, concurrency {c.concurrency}: "
+    sglang = [c for c in cells if c.target.startswith("sglang-router")]
+    lines = [f"{c.target} / {peer.target} req/s, {c.mode}, concurrency {c.concurrency}: "
              f"{c.rps:,.0f} / {peer.rps:,.0f} = {c.rps / peer.rps:.0%}"
-             for c in cells if c.target.startswith("kvrouter")
-             if (peer := sglang.get((c.mode, c.concurrency))) is not None and peer.rps > 0]
+             for c in cells if c.target.startswith("kvrouter") for peer in sglang
+             if (peer.mode, peer.concurrency) == (c.mode, c.concurrency) and peer.rps > 0
+             and ("/" in c.target) == ("/" in peer.target)]
     return "\n".join(lines)
 
 
@@ -388,9 +434,10 @@ async def _main(args: argparse.Namespace) -> int:
         for stream in [m == "stream" for m in args.modes.split(",")]:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
                 for cell in await _measure_cell(targets, stream, concurrency, args.seconds,
-                                                args.warmup, args.rounds, prompt):
+                                                args.warmup, args.rounds, prompt,
+                                                args.prompts == "unique"):
                     cells.append(cell)
-                    print(f"  {cell.target:14s} {cell.mode:6s} c={concurrency:<4d} "
+                    print(f"  {cell.target:25s} {cell.mode:6s} c={concurrency:<4d} "
                           f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.2f} ms  "
                           f"p99 {cell.p99_ms:6.2f} ms  cpu {cell.cpu_ms_per_request:.3f} ms/req  "
                           f"errors {cell.errors}", flush=True)
@@ -432,6 +479,13 @@ def main() -> int:
                         help="kvrouter variants to run (kvrouter-asyncio,kvrouter-uvloop); "
                              "add 'floor' for kvrouter's HTTP server and client relaying with "
                              "no routing work (uvloop), a same-run floor for the router's CPU")
+    parser.add_argument("--kv", action="store_true",
+                        help="also run " + ", ".join(KV_TARGETS) + " (installs the peers)")
+    parser.add_argument("--prompts", choices=("same", "unique"), default="same",
+                        help="the same prompt every request, or a unique number before it")
+    parser.add_argument("--baseline-tree", default=None, metavar="PATH",
+                        help="also run every kvrouter target from the checkout at PATH (named "
+                             "...@base), e.g. `git worktree add /tmp/base main`: an A/B in one run")
     parser.add_argument("--policy", default="round_robin",
                         help="kvrouter's policy (round_robin); kv_aware also tokenizes every "
                              "prompt with the tiny tokenizer. The peers always run round_robin")
@@ -447,7 +501,7 @@ def main() -> int:
     parser.add_argument("--prompt-chars", type=int, default=2000, help="prompt length (2000)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args = parser.parse_args()
-    if args.peers and not (PEERS_VENV / "bin" / "vllm-router").exists():
+    if (args.peers or args.kv) and not (PEERS_VENV / "bin" / "vllm-router").exists():
         subprocess.run([str(ROOT / "bench" / "install-peers")], check=True)
     status = asyncio.run(_main(args))
     return status

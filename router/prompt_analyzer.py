@@ -13,7 +13,12 @@ hashed with ``policies.hashing`` in the request's namespace:
 - block size: what the backends serving the model report (``vllm:cache_config_info``, scraped
   into the pool), else ``models.<name>.block_size`` from the config (default 16).
 
-The work (render, encode, hash) runs in a small thread pool, never on the event loop. Hashes of
+The work (render, encode, hash) of a prompt under ``inline_chars`` characters (default 8,192,
+~0.1-0.5 ms) runs on the event loop; larger ones go to a small thread pool. Encoding is mostly
+Python now (``router.word_encoder``) and holds the GIL, so the pool buys little parallelism
+for a small prompt and costs a hand-off each way plus the loop waiting for the GIL; a large
+prompt in the pool still lets the loop run between the interpreter's switch intervals and
+the Rust encoder's GIL-free stretches. Hashes of
 blocks a conversation's earlier turns already had are reused (``PromptRun``), so a long chat
 pays only for its new turn. No tokenizer for the model, or a prompt the tokenizer rejects
 (the engine will answer it with its own error), falls back to ``chars_per_token`` characters
@@ -71,12 +76,14 @@ class TokenizingAnalyzer:
         parity: TokenParity | None = None,
         threads: int = 2,
         chars_per_token: float = 4.0,
+        inline_chars: int = 8192,
     ) -> None:
         self.tokenizers = dict(tokenizers)
         self.metrics = metrics
         self.shape_of = shape_of
         self.parity = parity
         self.chars_per_token = chars_per_token
+        self.inline_chars = inline_chars
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrouter-tok")
         self._hashers: dict[tuple[Namespace, int], BlockHasher] = {}
 
@@ -91,11 +98,15 @@ class TokenizingAnalyzer:
         tokenizer = self.tokenizers.get(fields.model) or self.tokenizers.get(shape.base_model)
         max_tokens = fields.max_tokens if fields.max_tokens is not None else 16
         if tokenizer is not None and fields.endpoint != Endpoint.OTHER:
-            loop = asyncio.get_running_loop()
+            chat = fields.endpoint == Endpoint.CHAT
             try:
-                ids, hashes, reused, elapsed_s = await loop.run_in_executor(
-                    self._pool, _tokenize_and_hash, tokenizer, fields.body,
-                    fields.endpoint == Endpoint.CHAT, hasher, repr(namespace))
+                if len(fields.prompt_text) <= self.inline_chars:
+                    ids, hashes, reused, elapsed_s = _tokenize_and_hash(
+                        tokenizer, fields.body, chat, hasher, repr(namespace))
+                else:
+                    ids, hashes, reused, elapsed_s = await asyncio.get_running_loop(
+                    ).run_in_executor(self._pool, _tokenize_and_hash, tokenizer, fields.body,
+                                      chat, hasher, repr(namespace))
             except PromptRejected as exc:
                 raise InvalidRequest(str(exc), param=_prompt_param(fields)) from None
             except TokenIdError as exc:
@@ -158,7 +169,7 @@ def _prompt_param(fields: RequestFields) -> str:
 
 def _tokenize_and_hash(tokenizer: ModelTokenizer, body: Mapping[str, Any], chat: bool,
                        hasher: BlockHasher, key: str) -> tuple[int, tuple[BlockHash, ...], int, float]:
-    """Runs in the thread pool: tokens, block hashes (reusing a cached prefix's), timing."""
+    """Tokens, block hashes (reusing a cached prefix's), timing; on the loop or in the pool."""
     start = time.perf_counter()
     result = tokenizer.tokenize_body(body, chat=chat)
     ids = result.token_ids

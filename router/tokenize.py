@@ -12,22 +12,29 @@ a local directory or an offline model id):
   routes), token ids, or a list of token-id lists (the first one routes);
 - ``truncate_prompt_tokens`` keeps the last N tokens, as vLLM does.
 
-Speed: the text is cut right after each special token; when the tokenizer provably tokenizes the
-pieces between special tokens independently (checked at load on sample prompts against a
-whole-text encode), earlier turns come from ``router.tokenize_cache`` and only the new pieces
-are encoded, in one ``encode_batch_fast`` call (Rust, GIL released). Otherwise every prompt is
-encoded whole: parity with the engine beats speed. Calls are synchronous; the analyzer runs them
-in a thread pool so the event loop never waits on them.
+Speed: the text is cut right after each special token and, for tokenizers whose pre-tokenizer
+``router.word_encoder`` proves splits there (byte-level BPE with GPT-2's, Llama 3's or Qwen
+2's pattern), before a space every ~``cut_chars`` characters. When the tokenizer tokenizes the
+pieces independently (checked at load on sample prompts against a whole-text encode), a prompt
+sharing a prefix up to any cut with an earlier one (a chat's earlier turns, a completions
+prompt's shared head, the same prompt again) takes those ids from ``router.tokenize_cache``
+and encodes only the rest: ASCII with the Python word path (2-4x faster than the Rust library
+here), the rest in one ``encode_batch_fast`` call (Rust, no offsets). Tokenizers with other
+pre-tokenizers (SentencePiece's Metaspace, unknown patterns) keep the Rust encoder and
+special-token cuts only (``bench/README.md`` has the cost). Otherwise every prompt is encoded
+whole: parity with the engine beats speed. Calls are synchronous; the analyzer decides where
+they run.
 
 Must not import aiohttp, asyncio or anything from ``simulator``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ import xxhash
 
 from router.chat_render import PromptError, PromptRejected, render_chat
 from router.tokenize_cache import PrefixCache, PromptRun
+from router.word_encoder import WordEncoder, is_safe_cut, safe_cuts
 
 __all__ = ["ModelTokenizer", "PromptError", "TokenizedPrompt", "load_tokenizer"]
 
@@ -82,7 +90,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class ModelTokenizer:
     """One model's tokenizer with its prefix cache. Safe to call from several threads."""
 
-    def __init__(self, hf_tokenizer: Any, *, cache_tokens: int = 1_000_000) -> None:
+    def __init__(self, hf_tokenizer: Any, *, cache_tokens: int = 1_000_000,
+                 cut_chars: int = 512, word_encoder: bool = True) -> None:
         self.hf = hf_tokenizer
         self.cache = PrefixCache(cache_tokens)
         self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
@@ -96,7 +105,14 @@ class ModelTokenizer:
         self._special_ids = {s: hf_tokenizer.convert_tokens_to_ids(s) for s in specials}
         self._split = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._affixes = self._special_affixes()
-        self.incremental = self._fast is not None and self._split is not None
+        # Pre-token cuts and the Python word path need a pipeline whose splits are proven
+        # (router.word_encoder); other tokenizers are cut at special tokens only.
+        words = (WordEncoder.for_tokenizer(self._fast, set(specials))
+                 if self._fast is not None else None)
+        self._cuttable = words is not None
+        self.cut_chars = cut_chars
+        self.words = words if word_encoder else None
+        self.incremental = self._fast is not None and (self._split is not None or self._cuttable)
         self.incremental = self.incremental and self._self_check()
         if not self.incremental:
             log.info("tokenizer %s: whole-prompt encoding (pieces are not independent)",
@@ -135,49 +151,101 @@ class ModelTokenizer:
         if not self.incremental:
             ids = self._encode_whole(text, add_special_tokens)
             return TokenizedPrompt(ids, text, 0, PromptRun(ids))
-        pieces, cuts = self._pieces(text)
-        keys = _cut_keys(text, cuts, add_special_tokens)
+        texts, specials, ends = self._segments(text)
+        keys = _cut_keys(text, ends, add_special_tokens)
         hit = self.cache.longest(keys)
+        suffix = self._affixes[1] if add_special_tokens else ()
         if hit is not None:
-            ids = hit.run.token_ids[: hit.tokens]
-            counts = hit.run.cut_counts[: hit.cut + 1]
+            run = hit.run
+            if hit.cut == len(keys) - 1 and len(run.token_ids) == hit.tokens + len(suffix):
+                # This very prompt again (its whole text is the key, and the run holds no
+                # more tokens than it): the run is the answer, block hashes included.
+                return TokenizedPrompt(run.token_ids, text, hit.tokens, run)
+            ids = run.token_ids[: hit.tokens]
+            counts = run.cut_counts[: hit.cut + 1]
             start = hit.cut + 1
         else:
             ids = list(self._affixes[0]) if add_special_tokens else []
             counts = []
             start = 0
         reused = len(ids) if hit is not None else 0
-        texts = [p for p in pieces[2 * start :: 2] if p]
-        encoded = iter(self._fast.encode_batch_fast(texts, add_special_tokens=False) if texts else ())
-        for j in range(start, len(cuts) + 1):
-            if pieces[2 * j]:
-                ids.extend(next(encoded).ids)
-            if j < len(cuts):
-                ids.append(self._special_ids[pieces[2 * j + 1]])
-                counts.append(len(ids))
-        if add_special_tokens:
-            ids.extend(self._affixes[1])
+        encoded = self._encode_texts([t for t in texts[start:] if t])
+        for j in range(start, len(texts)):
+            if texts[j]:
+                ids.extend(next(encoded))
+            if specials[j] >= 0:
+                ids.append(specials[j])
+            counts.append(len(ids))
+        ids.extend(suffix)
         run = PromptRun(ids, counts)
         if hit is not None:
             run.inherit(hit.run, hit.tokens)
         self.cache.add(run, keys, counts)
         return TokenizedPrompt(ids, text, reused, run)
 
-    # ---- pieces -----------------------------------------------------------------------------
+    def _encode_texts(self, texts: list[str]) -> Iterator[list[int]]:
+        """Ids of each text, independently: the Python word path where it applies (for a text
+        with a few non-ASCII characters, on the ASCII stretches between safe cuts around them),
+        the rest in one ``encode_batch_fast`` call (Rust, GIL released, no offsets)."""
+        words = self.words
+        plans: list[list[list[int] | int]] = []  # per text: ids, or an index into ``rust``
+        rust: list[str] = []
+        for t in texts:
+            ids = words.encode(t) if words is not None else None
+            if ids is not None:
+                plans.append([ids])
+                continue
+            if words is None or t.isascii():  # no word path, or too many new words
+                plans.append([len(rust)])
+                rust.append(t)
+                continue
+            plan: list[list[int] | int] = []
+            pos = 0
+            for a, b in _non_ascii_islands(t):
+                for piece, ascii_only in ((t[pos:a], True), (t[a:b], False)):
+                    if piece:
+                        ids = words.encode(piece) if ascii_only else None
+                        plan.append(ids if ids is not None else len(rust))
+                        if ids is None:
+                            rust.append(piece)
+                pos = b
+            plans.append(plan)
+        encoded = ([e.ids for e in self._fast.encode_batch_fast(rust, add_special_tokens=False)]
+                   if rust else [])
+        for plan in plans:
+            parts = [encoded[p] if isinstance(p, int) else p for p in plan]
+            yield parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
 
-    def _pieces(self, text: str) -> tuple[list[str], list[int]]:
-        """[text, special, text, special, ..., text] and the char offsets right after specials."""
-        assert self._split is not None
-        pieces: list[str] = []
-        cuts: list[int] = []
+    # ---- segments ---------------------------------------------------------------------------
+
+    def _segments(self, text: str) -> tuple[list[str], list[int], list[int]]:
+        """The text cut after each special token and, where the pre-tokenizer provably splits,
+        every ~``cut_chars`` characters: per segment its text, the special token id that ends
+        it (-1 for none) and its end offset. The ids of the whole are the segments' ids in
+        order, so a prompt sharing a prefix up to any segment end reuses that prefix's ids."""
+        texts: list[str] = []
+        specials: list[int] = []
+        ends: list[int] = []
         pos = 0
-        for m in self._split.finditer(text):
-            pieces.append(text[pos : m.start()])
-            pieces.append(m.group())
-            pos = m.end()
-            cuts.append(pos)
-        pieces.append(text[pos:])
-        return pieces, cuts
+        matches = self._split.finditer(text) if self._split is not None else ()
+        for m in itertools.chain(matches, (None,)):
+            stop = len(text) if m is None else m.start()
+            if self._cuttable:
+                for cut in safe_cuts(text, pos, stop, self.cut_chars):
+                    texts.append(text[pos:cut])
+                    specials.append(-1)
+                    ends.append(cut)
+                    pos = cut
+            if m is not None:
+                texts.append(text[pos:stop])
+                specials.append(self._special_ids[m.group()])
+                ends.append(m.end())
+                pos = m.end()
+            elif pos < len(text) or not ends:
+                texts.append(text[pos:])
+                specials.append(-1)
+                ends.append(len(text))
+        return texts, specials, ends
 
     # ---- checks at load ---------------------------------------------------------------------
 
@@ -202,6 +270,9 @@ class ModelTokenizer:
         specials = list(self._special_ids)
         for s in specials[:4]:
             samples.append(f"before {s}after {s} {s}\n x{s}")
+        # Long enough for pre-token cuts, with whitespace runs and digits around them.
+        long_sample = "Words and  gaps,\tdigits 12345 it's\n\n " * 3
+        samples.append(long_sample * min(self.cut_chars // len(long_sample) + 2, 100))
         if getattr(self.hf, "chat_template", None):
             try:
                 samples.append(render_chat(self.hf, {"messages": [
@@ -225,6 +296,9 @@ class ModelTokenizer:
 
 
 def _cut_keys(text: str, cuts: list[int], add_special_tokens: bool) -> list[int]:
+    """Per cut, a hash of the text before it (and of the flag): equal prefixes, equal keys.
+    xxh3's streaming digest equals the digest of the concatenation, so a key does not depend
+    on where the earlier cuts fell."""
     h = xxhash.xxh3_64(b"\x01" if add_special_tokens else b"\x00")
     keys: list[int] = []
     pos = 0
@@ -233,6 +307,37 @@ def _cut_keys(text: str, cuts: list[int], add_special_tokens: bool) -> list[int]
         keys.append(h.intdigest())
         pos = cut
     return keys
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ISLAND_GAP_CHARS = 128
+
+
+def _non_ascii_islands(text: str) -> list[tuple[int, int]]:
+    """Spans of ``text`` from the safe cut before each non-ASCII run to the safe cut after it
+    (``router.word_encoder.safe_cuts``' rule), merged when less than ``_ISLAND_GAP_CHARS`` of
+    ASCII lies between two; ending with the empty span at the end, so the text between islands
+    and after the last one is ASCII."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    end = len(text)
+    for m in _NON_ASCII.finditer(text):
+        if m.start() < pos:
+            continue  # inside the island before
+        a = text.rfind(" ", pos, m.start())
+        while a > pos and not is_safe_cut(text, a):
+            a = text.rfind(" ", pos, a)
+        a = max(a, pos)
+        b = text.find(" ", m.end())
+        while b != -1 and not is_safe_cut(text, b):
+            b = text.find(" ", b + 1)
+        b = end if b == -1 else b
+        if out and a - pos < _ISLAND_GAP_CHARS:
+            a = out.pop()[0]  # one Rust call costs ~10 us: join islands with little between
+        out.append((a, b))
+        pos = b
+    out.append((end, end))
+    return out
 
 
 def _check_text(text: str) -> None:

@@ -208,6 +208,26 @@ async def test_analyzer_multi_turn_hashes_equal_fresh_hashes(analyzer, hf):
     assert reused and reused > 300
 
 
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.COMPLETIONS])
+async def test_small_prompts_are_analyzed_on_the_loop_large_ones_in_the_pool(hf, endpoint):
+    text = "words on the loop " * 20
+    body = ({"model": "tiny", "messages": [{"role": "user", "content": text}]}
+            if endpoint == Endpoint.CHAT else {"model": "tiny", "prompt": text})
+    fields = _fields(body, endpoint=endpoint, text=text)
+    results = []
+    for inline_chars in (len(text), len(text) - 1):
+        a = TokenizingAnalyzer({"tiny": ModelTokenizer(hf)}, KvMetrics(),
+                               shape_of=lambda m: ModelShape(m, None, 16), inline_chars=inline_chars)
+        results.append(await a.analyze(fields))
+        a.close()  # a closed pool refuses work: only a prompt analyzed inline still gets through
+        if inline_chars == len(text):
+            assert (await a.analyze(fields)).block_hashes == results[0].block_hashes
+        else:
+            with pytest.raises(RuntimeError):
+                await a.analyze(fields)
+    assert results[0].block_hashes == results[1].block_hashes and results[0].block_hashes
+
+
 async def test_analyzer_namespaces_salt_and_lora(analyzer):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "same words " * 40}]}
     plain = await analyzer.analyze(_fields(body))

@@ -145,6 +145,12 @@ async def _shared_prefix_run(session: aiohttp.ClientSession, router: Any, seed: 
 
     The order (warm, follow, follow) makes round_robin send exactly one follow-up of each
     group to the engine that holds the prefix, whatever its starting point.
+
+    With KV events, the follow-ups go out once the warm-up's blocks are in the router's index:
+    what this checks is that routing follows the engine holding the prefix. A follow-up sent
+    the instant the warm-up ends can reach the router before the engine's events do (kv_aware
+    counts only events for event-fed engines, not its own dispatches there); the router's
+    prompt path used to take long enough (~2-5 ms on these shared cores) to hide that race.
     """
     groups = []
     for g in range(GROUPS):
@@ -154,6 +160,13 @@ async def _shared_prefix_run(session: aiohttp.ClientSession, router: Any, seed: 
             body = completion_body(prefix + " " + text(seed + 100 * (g + 1) + k, 48),
                                    max_tokens=4, stream=True)
             sent.append(await _routed(session, router, body))
+            if k == 0 and router.kv_backends:
+                holder = sent[0].backend
+
+                async def indexed(prefix: str = prefix, holder: str = holder) -> bool:
+                    return (await _matched(session, router, _probe(prefix))).get(holder, 0) >= 512
+
+                await _until(indexed, "the warm-up's blocks in the router's index")
         groups.append(sent)
     follow = [r for sent in groups for r in sent[1:]]
     prompt_tokens = sum(r.usage()["prompt_tokens"] for r in follow)

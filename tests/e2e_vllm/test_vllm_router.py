@@ -317,22 +317,23 @@ async def test_responses_byte_identical_to_engine(
     for engine in cluster.pair:
         await _direct(session, engine, body)
     router = start_router(cluster.pair)
-    routed = await _routed(session, router, body)
-    engine = cluster.a if routed.backend == cluster.a.url else cluster.b
-    assert routed.backend == engine.url
-    if stream:
-        assert sse_events(routed.body)[-1] == "[DONE]"
-    assert routed.cached_tokens() > 0
     # vLLM's CPU kernels are not always bit-reproducible on this random-weight model (top-2
-    # logprob gaps down to 2e-4 were seen, and a rare rerun picks the other token), so the
-    # routed bytes must equal ONE of up to five direct answers of the same engine: a router
-    # that changed a single byte matches none of them. (On a loaded machine the engine's
-    # API server also groups stream deltas differently now and then.)
-    for _ in range(5):
-        direct = await _direct(session, engine, body)
-        assert routed.headers["content-type"] == direct.headers["content-type"]
-        if normalised(routed.body) == normalised(direct.body):
-            break
+    # logprob gaps down to 2e-4 were seen, and a rare rerun picks the other token), and on a
+    # loaded machine its API server now and then puts several tokens in one stream event. So
+    # a routed answer must equal ONE of three direct answers of the same engine, and up to
+    # three routed answers get that chance: a router that changed a single byte matches none.
+    for _attempt in range(3):
+        routed = await _routed(session, router, body)
+        engine = cluster.a if routed.backend == cluster.a.url else cluster.b
+        assert routed.backend == engine.url
+        if stream:
+            assert sse_events(routed.body)[-1] == "[DONE]"
+        assert routed.cached_tokens() > 0
+        for _ in range(3):
+            direct = await _direct(session, engine, body)
+            assert routed.headers["content-type"] == direct.headers["content-type"]
+            if normalised(routed.body) == normalised(direct.body):
+                return
     if stream:
         assert sse_events(normalised(routed.body)) == sse_events(normalised(direct.body))
     assert normalised(routed.body) == normalised(direct.body)

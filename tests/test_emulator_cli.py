@@ -55,6 +55,16 @@ async def test_bad_flag_is_a_clear_error() -> None:
     assert b"--count must be >= 1" in out
 
 
+async def test_bad_slow_pod_is_a_clear_error() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "2", "--slow-pod", "2=4",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2
+    assert b"--slow-pod '2=4': expected INDEX=FACTOR with 0 <= INDEX < 2" in out
+
+
 async def test_client_disconnect_aborts_the_request() -> None:
     async with EmulatedCluster(count=1, time_scale=1.0) as cluster:
         engine = cluster.pods[0].engine

@@ -1,0 +1,307 @@
+"""Routing quality benchmark: one workload through several routers, each in front of its OWN
+fresh set of emulated vLLM pods, in named load regimes (issue 12).
+
+For every (regime, router) cell: start ``kvrouter emulate --count 4`` (H200 Llama-3.1-8B cost
+model, real time), start the router in front of those pods, drive the regime's workload from
+this process (streamed chat requests), read the pods' own counters before and after, stop both.
+Within a regime the routers take turns, so drifting machine load falls on all of them alike.
+
+Figures per cell: pod hit rate (sum over pods of the delta of ``vllm:prefix_cache_hits_total`` /
+``vllm:prefix_cache_queries_total``), TTFT p50/p99 at the client (time to the first chunk with
+content or a tool call), errors (non-200, a stream without ``[DONE]``, timeouts), imbalance
+(max / mean of the requests each pod finished) and preemptions (pods' counters).
+
+    .venv/bin/python bench/quality.py                       # every regime x every router
+    .venv/bin/python bench/quality.py --quick               # a quarter of the requests
+    .venv/bin/python bench/quality.py --regimes light,pressure \\
+        --routers kvrouter:kv_aware,sglang-router:cache_aware --seed 2 --out out/q.json
+
+Routers (``--routers``, comma-separated): ``kvrouter:POLICY`` for any kvrouter policy (default
+set: kv_aware in precise mode with the tiny tokenizer and the pods' KV events,
+sglang_cache_aware, round_robin), ``sglang-router:cache_aware``, ``vllm-router:cache_aware``
+and ``vllm-router:kv_aware`` (KV events from the pods' bound PUB sockets). The peers come from
+``bench/install-peers`` (.tools/peers-venv); a peer that is not installed is reported as skipped.
+Regimes (``--regimes``): see ``bench/quality_workload.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_procs import (
+    DEFAULT_ROUTERS,
+    ROUTER_NAMES,
+    Emulator,
+    Router,
+    free_port,
+    pod_counters,
+)
+from quality_workload import (
+    REGIMES,
+    Item,
+    Regime,
+    build_workload,
+    imbalance,
+    markdown_table,
+    percentile,
+    verdict_table,
+)
+
+REQUEST_TIMEOUT_S = 120.0
+CELL_DRAIN_S = 60.0  # after the last open-loop arrival; closed loops get CLOSED_CELL_S in all
+CLOSED_CELL_S = 240.0
+
+
+# -- the client ------------------------------------------------------------------------------
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+               results: list[dict[str, Any]], group: str) -> None:
+    start = time.monotonic()
+    out: dict[str, Any] = {"group": group, "ok": False, "ttft_s": None}
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            done = False
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                if out["ttft_s"] is None and _has_content(data):
+                    out["ttft_s"] = time.monotonic() - start
+            out["ok"] = done and out["ttft_s"] is not None
+            if not out["ok"]:
+                out["error"] = "stream ended without [DONE] or content"
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        out["e2e_s"] = time.monotonic() - start
+        results.append(out)
+
+
+def _has_content(data: bytes) -> bool:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return False
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("text"):
+            return True
+    return False
+
+
+async def drive(target: str, items: list[Item], regime: Regime,
+                limit_s: float) -> tuple[list[dict[str, Any]], bool]:
+    """Send the workload; returns one result per request and whether the time limit cut it."""
+    url = f"{target}/v1/chat/completions"
+    results: list[dict[str, Any]] = []
+    closed = [i for i in items if i.at_s is None and "burst_after" not in i.tags]
+    timed = [i for i in items if i.at_s is not None]
+    burst = [i for i in items if "burst_after" in i.tags]
+    burst_after = int(burst[0].tags["burst_after"]) if burst else -1
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=0)
+    tasks: list[asyncio.Task[None]] = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        queue = list(reversed(closed))
+        sent = 0
+
+        async def run_item(item: Item) -> None:
+            for body in item.bodies:
+                await _one(session, url, body, results, item.group)
+
+        async def worker() -> None:
+            nonlocal sent
+            while queue:
+                item = queue.pop()
+                sent += 1
+                if sent == burst_after:
+                    tasks.extend(asyncio.create_task(run_item(b)) for b in burst)
+                await run_item(item)
+
+        async def at(item: Item, t0: float) -> None:
+            assert item.at_s is not None
+            await asyncio.sleep(max(0.0, t0 + item.at_s - time.monotonic()))
+            await run_item(item)
+
+        t0 = time.monotonic()
+        tasks += [asyncio.create_task(worker()) for _ in range(min(regime.concurrency,
+                                                                   len(closed)))]
+        tasks += [asyncio.create_task(at(i, t0)) for i in timed]
+        cut = False
+        while True:
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            remaining = t0 + limit_s - time.monotonic()
+            if remaining <= 0:
+                cut = True
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+            await asyncio.wait(pending, timeout=remaining)
+    expected = sum(len(i.bodies) for i in items)
+    for _ in range(expected - len(results)):
+        results.append({"group": "?", "ok": False, "ttft_s": None, "error": "not sent: cut"})
+    return results, cut
+
+
+# -- one cell ---------------------------------------------------------------------------------
+
+def _limit_s(regime: Regime, items: list[Item]) -> float:
+    last = max((i.at_s or 0.0) for i in items)
+    return last + CELL_DRAIN_S if regime.rate_per_s > 0 else CLOSED_CELL_S
+
+
+async def run_cell(regime: Regime, router_name: str, items: list[Item], args: argparse.Namespace,
+                   logdir: Path) -> dict[str, Any]:
+    cell: dict[str, Any] = {"regime": regime.name, "router": router_name}
+    tag = f"{regime.name}-{router_name.replace(':', '-')}"
+    emulator = Emulator(count=args.pods, num_gpu_blocks=regime.num_gpu_blocks,
+                        slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log")
+    router = Router(router_name, log=logdir / f"{tag}-router.log", seed=args.seed)
+    started = time.monotonic()
+    try:
+        await emulator.start()
+        await router.start(emulator, port=free_port())
+        before = await pod_counters(emulator.urls)
+        run_start = time.monotonic()
+        results, cut = await drive(router.url, items, regime, _limit_s(regime, items))
+        run_s = time.monotonic() - run_start
+        await asyncio.sleep(0.5)  # the last steps' counters
+        after = await pod_counters(emulator.urls)
+    finally:
+        await router.stop()
+        await emulator.stop()
+    delta = [{k: a[k] - b.get(k, 0.0) for k in a} for a, b in zip(after, before, strict=True)]
+    hits = sum(d["hits"] for d in delta)
+    queries = sum(d["queries"] for d in delta)
+    ttfts = [r["ttft_s"] for r in results if r["ok"]]
+    errors = [r for r in results if not r["ok"]]
+    cell.update({
+        "requests": len(results),
+        "hit_rate": hits / queries if queries else None,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "errors": len(errors),
+        "error_samples": sorted({e.get("error", "?") for e in errors})[:5],
+        "imbalance": imbalance([d["requests"] for d in delta]),
+        "preemptions": int(sum(d["preemptions"] for d in delta)),
+        "per_pod": delta,
+        "cut_by_time_limit": cut,
+        "run_s": round(run_s, 2),
+        "cell_s": round(time.monotonic() - started, 2),
+        "throughput_req_s": round(len(ttfts) / run_s, 2) if run_s else None,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "ttft_s": [round(t, 4) for t in ttfts],
+    })
+    return cell
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
+                   help=f"comma-separated routers (default: all): {', '.join(ROUTER_NAMES)}; "
+                        "kvrouter:POLICY takes any kvrouter policy")
+    p.add_argument("--regimes", default=",".join(REGIMES),
+                   help=f"comma-separated regimes (default: all): {', '.join(REGIMES)}")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="a quarter of the groups/sessions (at least 4): a smoke run")
+    p.add_argument("--pods", type=int, default=4, help="emulated pods per router (default 4)")
+    p.add_argument("--budget-min", type=float, default=90.0,
+                   help="stop starting new cells after this many minutes (default 90); "
+                        "cells not run are listed as skipped")
+    p.add_argument("--out", default=None, help="write the raw figures as JSON to this file")
+    p.add_argument("--logs", default=None,
+                   help="directory for the pods' and routers' logs (default: a temp dir)")
+    args = p.parse_args(argv)
+    args.router_list = [r for r in args.routers.split(",") if r]
+    args.regime_list = [r for r in args.regimes.split(",") if r]
+    for r in args.regime_list:
+        if r not in REGIMES:
+            p.error(f"--regimes: unknown regime {r!r}; known: {', '.join(REGIMES)}")
+    for r in args.router_list:
+        if r not in ROUTER_NAMES and not r.startswith("kvrouter:"):
+            p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
+    return args
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    logdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kvq-"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_min * 60
+    cells: list[dict[str, Any]] = []
+    report: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "seed": args.seed, "quick": args.quick, "pods": args.pods,
+        "load_average_start": os.getloadavg(), "logs": str(logdir), "cells": cells,
+    }
+    for regime_name in args.regime_list:
+        regime = REGIMES[regime_name]
+        items = build_workload(regime, args.seed, quick=args.quick)
+        for router_name in args.router_list:
+            if time.monotonic() >= deadline:
+                cells.append({"regime": regime.name, "router": router_name,
+                              "skipped": "time budget"})
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {regime.name} / {router_name} "
+                  f"({sum(len(i.bodies) for i in items)} requests, load "
+                  f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+            try:
+                cell = await run_cell(regime, router_name, items, args, logdir)
+            except Exception as exc:  # one broken router must not lose the other cells
+                cell = {"regime": regime.name, "router": router_name,
+                        "skipped": f"{type(exc).__name__}: {exc}"[:300]}
+            cells.append(cell)
+            if "skipped" not in cell:
+                print(f"    hit {cell['hit_rate']}, p50 {cell['ttft_p50_s']}, "
+                      f"p99 {cell['ttft_p99_s']}, errors {cell['errors']}, "
+                      f"{cell['cell_s']} s", file=sys.stderr, flush=True)
+            else:
+                print(f"    skipped: {cell['skipped']}", file=sys.stderr, flush=True)
+    report["load_average_end"] = os.getloadavg()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    started = time.monotonic()
+    report = asyncio.run(main_async(args))
+    report["total_s"] = round(time.monotonic() - started, 1)
+    print(markdown_table(report["cells"]))
+    print()
+    print(verdict_table(report["cells"]))
+    print(f"\n{report['date_utc']} UTC, {report['total_s']} s, load average "
+          f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
+          f"seed {args.seed}{', quick' if args.quick else ''}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

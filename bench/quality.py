@@ -188,6 +188,7 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         run_s = time.monotonic() - run_start
         await asyncio.sleep(0.5)  # the last steps' counters
         after = await pod_counters(emulator.urls)
+        parity = await router.token_parity()
     finally:
         await router.stop()
         await emulator.stop()
@@ -206,6 +207,7 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         "imbalance": imbalance([d["requests"] for d in delta]),
         "preemptions": int(sum(d["preemptions"] for d in delta)),
         "per_pod": delta,
+        "token_parity": parity,
         "cut_by_time_limit": cut,
         "run_s": round(run_s, 2),
         "cell_s": round(time.monotonic() - started, 2),
@@ -277,9 +279,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         "skipped": f"{type(exc).__name__}: {exc}"[:300]}
             cells.append(cell)
             if "skipped" not in cell:
+                parity = cell["token_parity"]
+                mismatch = "" if parity is None else (
+                    f", token parity {parity['mismatched_blocks']:.0f} mismatched of "
+                    f"{parity['checked_blocks']:.0f} blocks")
                 print(f"    hit {cell['hit_rate']}, p50 {cell['ttft_p50_s']}, "
                       f"p99 {cell['ttft_p99_s']}, errors {cell['errors']}, "
-                      f"{cell['cell_s']} s", file=sys.stderr, flush=True)
+                      f"{cell['cell_s']} s{mismatch}", file=sys.stderr, flush=True)
             else:
                 print(f"    skipped: {cell['skipped']}", file=sys.stderr, flush=True)
     report["load_average_end"] = os.getloadavg()

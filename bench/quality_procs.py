@@ -231,6 +231,22 @@ class Router:
                 await asyncio.sleep(0.2)
         raise RuntimeError("kv_aware never replayed every pod's KV events")
 
+    async def token_parity(self) -> dict[str, float] | None:
+        """kvrouter's own check that its block hashes equal the engines' (tools, templates):
+        blocks checked and mismatched, summed over models; None for the peers."""
+        if not self.name.startswith("kvrouter:"):
+            return None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(self.url + "/metrics") as resp:
+                text = await resp.text()
+        out = {"checked_blocks": 0.0, "mismatched_blocks": 0.0}
+        for line in text.splitlines():
+            if line.startswith("kvrouter_token_parity_checked_blocks_total"):
+                out["checked_blocks"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kvrouter_token_parity_mismatch_total"):
+                out["mismatched_blocks"] += float(line.rsplit(" ", 1)[1])
+        return out
+
     async def stop(self) -> None:
         await _stop(self._proc)
 

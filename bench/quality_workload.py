@@ -171,18 +171,23 @@ def _agentic_items(regime: Regime, rng: random.Random, quick: bool) -> list[Item
         ]
         bodies = []
         for turn in range(regime.per_group):
+            call_id = f"call_{s}_{turn}"
+            tool = toolsets[agent][turn % len(toolsets[agent])]["function"]["name"]
+            # The first turn forces the call (a named tool_choice), later turns leave it to
+            # the model, as agent loops do.
+            choice: Any = "auto"
+            if turn == 0:
+                choice = {"type": "function", "function": {"name": tool}}
             body = {
                 "model": MODEL,
                 "messages": [dict(m) for m in messages],
                 "tools": toolsets[agent],
-                "tool_choice": "auto",
+                "tool_choice": choice,
                 "max_tokens": regime.max_tokens,
                 "temperature": 0,
                 "stream": True,
             }
             bodies.append(body)
-            call_id = f"call_{s}_{turn}"
-            tool = toolsets[agent][turn % len(toolsets[agent])]["function"]["name"]
             messages.append({
                 "role": "assistant", "content": None,
                 "tool_calls": [{"id": call_id, "type": "function", "function": {

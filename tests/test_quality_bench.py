@@ -48,6 +48,8 @@ def test_open_loop_burst_and_agentic_shapes() -> None:
     agentic = workload.build_workload(workload.REGIMES["agentic"], seed=1)
     for item in agentic:
         assert all("tools" in b for b in item.bodies)
+        assert item.bodies[0]["tool_choice"]["function"]["name"].startswith("search_docs")
+        assert all(b["tool_choice"] == "auto" for b in item.bodies[1:])
         for before, after in zip(item.bodies, item.bodies[1:], strict=False):
             # each turn extends the previous turn's conversation
             assert after["messages"][: len(before["messages"])] == before["messages"]

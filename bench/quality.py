@@ -74,17 +74,21 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
             if resp.status != 200:
                 out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
-            done = False
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                if out["ttft_s"] is None and _has_content(data):
-                    out["ttft_s"] = time.monotonic() - start
+            # Parse events only until the first content; after that keep just the tail, enough
+            # to see `data: [DONE]` (the client shares the 2 cores with pods and router).
+            pending = b""
+            async for chunk in resp.content.iter_any():
+                pending += chunk
+                if out["ttft_s"] is None:
+                    *events, rest = pending.split(b"\n\n")
+                    if any(_has_content(e) for e in events):
+                        out["ttft_s"] = time.monotonic() - start
+                        pending = pending[-64:]
+                    else:
+                        pending = rest
+                else:
+                    pending = pending[-64:]
+            done = pending.rstrip().endswith(b"data: [DONE]")
             out["ok"] = done and out["ttft_s"] is not None
             if not out["ok"]:
                 out["error"] = "stream ended without [DONE] or content"
@@ -95,9 +99,13 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
         results.append(out)
 
 
-def _has_content(data: bytes) -> bool:
+def _has_content(event: bytes) -> bool:
+    """Does one SSE event carry generated content (text, a content delta or a tool call)?"""
+    data = event.strip()
+    if not data.startswith(b"data:") or data.endswith(b"[DONE]"):
+        return False
     try:
-        chunk = json.loads(data)
+        chunk = json.loads(data[5:])
     except ValueError:
         return False
     for choice in chunk.get("choices") or []:
@@ -166,6 +174,10 @@ async def drive(target: str, items: list[Item], regime: Regime,
 
 # -- one cell ---------------------------------------------------------------------------------
 
+def _delta_s(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 2)
+
+
 def _limit_s(regime: Regime, items: list[Item]) -> float:
     last = max((i.at_s or 0.0) for i in items)
     return last + CELL_DRAIN_S if regime.rate_per_s > 0 else CLOSED_CELL_S
@@ -183,11 +195,13 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         await emulator.start()
         await router.start(emulator, port=free_port())
         before = await pod_counters(emulator.urls)
+        cpu_before = (router.cpu_s(), emulator.cpu_s())
         run_start = time.monotonic()
         results, cut = await drive(router.url, items, regime, _limit_s(regime, items))
         run_s = time.monotonic() - run_start
         await asyncio.sleep(0.5)  # the last steps' counters
         after = await pod_counters(emulator.urls)
+        cpu_after = (router.cpu_s(), emulator.cpu_s())
         parity = await router.token_parity()
     finally:
         await router.stop()
@@ -208,6 +222,10 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         "preemptions": int(sum(d["preemptions"] for d in delta)),
         "per_pod": delta,
         "token_parity": parity,
+        # CPU the router and the pods' process used during the run: the router, the pods and
+        # this client share the machine's cores, which bounds the open-loop regimes.
+        "router_cpu_s": _delta_s(cpu_before[0], cpu_after[0]),
+        "pods_cpu_s": _delta_s(cpu_before[1], cpu_after[1]),
         "cut_by_time_limit": cut,
         "run_s": round(run_s, 2),
         "cell_s": round(time.monotonic() - started, 2),
@@ -261,6 +279,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed, "quick": args.quick, "pods": args.pods,
         "load_average_start": os.getloadavg(), "logs": str(logdir), "cells": cells,
     }
+    expected_s = sum(REGIMES[r].expected_cell_s for r in args.regime_list)
+    expected_s *= len(args.router_list) * (0.4 if args.quick else 1.0)
+    print(f"{len(args.regime_list)} regimes x {len(args.router_list)} routers: about "
+          f"{expected_s / 60:.0f} min on an idle machine (budget {args.budget_min:g} min)",
+          file=sys.stderr, flush=True)
     for regime_name in args.regime_list:
         regime = REGIMES[regime_name]
         items = build_workload(regime, args.seed, quick=args.quick)
@@ -272,12 +295,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{time.strftime('%H:%M:%S')}] {regime.name} / {router_name} "
                   f"({sum(len(i.bodies) for i in items)} requests, load "
                   f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-            try:
-                cell = await run_cell(regime, router_name, items, args, logdir)
-            except Exception as exc:  # one broken router must not lose the other cells
-                cell = {"regime": regime.name, "router": router_name,
-                        "skipped": f"{type(exc).__name__}: {exc}"[:300]}
+            for attempt in (1, 2):  # a second try for a port taken by someone else meanwhile
+                try:
+                    cell = await run_cell(regime, router_name, items, args, logdir)
+                    break
+                except Exception as exc:  # one broken router must not lose the other cells
+                    cell = {"regime": regime.name, "router": router_name,
+                            "skipped": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"    attempt {attempt} failed: {cell['skipped']}", file=sys.stderr,
+                          flush=True)
             cells.append(cell)
+            if args.out:  # after every cell, so an interrupted run keeps what it measured
+                _write(Path(args.out), report)
             if "skipped" not in cell:
                 parity = cell["token_parity"]
                 mismatch = "" if parity is None else (
@@ -292,6 +321,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _write(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     started = time.monotonic()
@@ -304,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
           f"seed {args.seed}{', quick' if args.quick else ''}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        _write(Path(args.out), report)
     return 0
 
 

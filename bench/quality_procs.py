@@ -79,6 +79,17 @@ async def _stop(proc: asyncio.subprocess.Process | None) -> None:
         await proc.wait()
 
 
+def cpu_seconds(proc: asyncio.subprocess.Process | None) -> float | None:
+    """User + system CPU seconds the process has used so far (Linux /proc), else None."""
+    if proc is None or proc.returncode is not None:
+        return None
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-600:] if log.exists() else ""
 
@@ -117,6 +128,9 @@ class Emulator:
         self.kv_endpoints: list[str] = []
         self.replay_endpoints: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
+
+    def cpu_s(self) -> float | None:
+        return cpu_seconds(self._proc)
 
     async def start(self) -> None:
         cmd = [sys.executable, "-m", "kvrouter.cli", "emulate", "--count", str(self.count),
@@ -163,6 +177,9 @@ class Router:
         self.seed = seed
         self.url = ""
         self._proc: asyncio.subprocess.Process | None = None
+
+    def cpu_s(self) -> float | None:
+        return cpu_seconds(self._proc)
 
     def _command(self, pods: Emulator, port: int) -> tuple[list[str], str]:
         kind, _, policy = self.name.partition(":")

@@ -60,6 +60,7 @@ class Regime:
     per_group: int = 5
     prefix_tokens: int = 1400
     max_tokens: int = 32
+    expected_cell_s: float = 13.0  # measured per cell (start-up, run, stop); for the estimate
 
 
 # Capacity of 4 emulated pods on this machine (2 shared cores), base workload, measured
@@ -77,17 +78,17 @@ REGIMES: dict[str, Regime] = {
     for r in (
         Regime("light", "light (default KV, concurrency 8)", concurrency=8),
         Regime("pressure", "cache pressure (700 blocks, concurrency 12)", concurrency=12,
-               num_gpu_blocks=700),
+               num_gpu_blocks=700, expected_cell_s=11.0),
         Regime("saturation", "near saturation (open loop 110 req/s, 144 groups)",
-               rate_per_s=110.0, groups=144),
+               rate_per_s=110.0, groups=144, expected_cell_s=16.0),
         Regime("overload", "overload (open loop 160 req/s, 144 groups)", rate_per_s=160.0,
-               groups=144),
+               groups=144, expected_cell_s=16.0),
         Regime("slow_pod", "one pod 4x slower (concurrency 12)", concurrency=12,
                slow_pod=(0, 4.0)),
         Regime("hot_burst", "hot tenant burst (conc. 8 + 64 at once)", concurrency=8,
-               burst_requests=64),
+               burst_requests=64, expected_cell_s=16.0),
         Regime("agentic", "agentic tool-call chats (8 sessions at once)", concurrency=8,
-               agentic=True, groups=32, per_group=5),
+               agentic=True, groups=32, per_group=5, expected_cell_s=10.0),
     )
 }
 

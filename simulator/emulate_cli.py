@@ -5,7 +5,8 @@ Top-level imports stay light (argparse only): the emulator is imported in ``run`
 
 Example: ``kvrouter emulate --count 4 --port 8100 --time-scale 10`` serves pods on ports
 8100-8103, KV events on ephemeral bound ports (see each pod's ``/kv_event_sources``), and prints
-one line per pod.
+one line per pod. ``--enable-scale-out`` adds vLLM's render endpoints (vllm-router's
+cache_aware needs them); ``--slow-pod 0=4`` makes pod 0's engine 4x slower than the others.
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     shape = choice_shape(body, chat)
     # Prefill/decode roles (simulator.emulator_pd): plan, and pull the KV a decode needs.
     pd = request.app.get(PD_KEY)
+    if pd is not None and not shape.simple:
+        raise ClientError(400, "n > 1, logprobs and a forced tool_choice are not emulated "
+                               "on prefill/decode pods", "n")
     if pd is not None:
         try:
             plan, pulled = await pd.prepare(pod, body, ids)

@@ -211,3 +211,12 @@ async def test_one_pod_slower(session: aiohttp.ClientSession) -> None:
     assert took[1] > 2.5 * took[0], took
     with pytest.raises(ValueError, match="slow pod index 2"):
         EmulatedCluster(count=2, slow_pods={2: 4.0})
+
+
+async def test_choices_on_a_prefill_decode_pod_are_a_clear_400(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with EmulatedCluster(count=1, time_scale=100.0, role="decode") as pd:
+        status, err = await post(session, f"{pd.urls[0]}/v1/completions",
+                                 {"model": MODEL, "prompt": "hi", "n": 2})
+    assert status == 400 and "prefill/decode" in err["error"]["message"]

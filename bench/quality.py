@@ -14,7 +14,7 @@ content or a tool call), errors (non-200, a stream without ``[DONE]``, timeouts)
     .venv/bin/python bench/quality.py                       # every regime x every router
     .venv/bin/python bench/quality.py --quick               # a quarter of the requests
     .venv/bin/python bench/quality.py --regimes light,pressure \\
-        --routers kvrouter:kv_aware,sglang-router:cache_aware --seed 2 --out out/q.json
+        --routers kvrouter:kv_aware,sglang-router:cache_aware --seeds 1,2 --out out/q.json
 
 Routers (``--routers``, comma-separated): ``kvrouter:POLICY`` for any kvrouter policy (default
 set: kv_aware in precise mode with the tiny tokenizer and the pods' KV events,
@@ -55,6 +55,7 @@ from quality_workload import (
     imbalance,
     markdown_table,
     percentile,
+    pool_cells,
     verdict_table,
 )
 
@@ -184,12 +185,12 @@ def _limit_s(regime: Regime, items: list[Item]) -> float:
 
 
 async def run_cell(regime: Regime, router_name: str, items: list[Item], args: argparse.Namespace,
-                   logdir: Path) -> dict[str, Any]:
-    cell: dict[str, Any] = {"regime": regime.name, "router": router_name}
-    tag = f"{regime.name}-{router_name.replace(':', '-')}"
+                   logdir: Path, seed: int = 1) -> dict[str, Any]:
+    cell: dict[str, Any] = {"regime": regime.name, "router": router_name, "seed": seed}
+    tag = f"{regime.name}-{router_name.replace(':', '-')}-seed{seed}"
     emulator = Emulator(count=args.pods, num_gpu_blocks=regime.num_gpu_blocks,
                         slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log")
-    router = Router(router_name, log=logdir / f"{tag}-router.log", seed=args.seed)
+    router = Router(router_name, log=logdir / f"{tag}-router.log", seed=seed)
     started = time.monotonic()
     try:
         await emulator.start()
@@ -246,7 +247,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "kvrouter:POLICY takes any kvrouter policy")
     p.add_argument("--regimes", default=",".join(REGIMES),
                    help=f"comma-separated regimes (default: all): {', '.join(REGIMES)}")
-    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--seeds", default="1",
+                   help="comma-separated workload seeds (default 1); with several, every cell "
+                        "runs once per seed and the tables pool them (hits over queries, all "
+                        "TTFTs), which steadies p99")
     p.add_argument("--quick", action="store_true",
                    help="a quarter of the groups/sessions (at least 4): a smoke run")
     p.add_argument("--pods", type=int, default=4, help="emulated pods per router (default 4)")
@@ -257,6 +261,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logs", default=None,
                    help="directory for the pods' and routers' logs (default: a temp dir)")
     args = p.parse_args(argv)
+    try:
+        args.seed_list = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not args.seed_list:
+        p.error("--seeds: give at least one seed")
     args.router_list = [r for r in args.routers.split(",") if r]
     args.regime_list = [r for r in args.regimes.split(",") if r]
     for r in args.regime_list:
@@ -276,31 +286,32 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "seed": args.seed, "quick": args.quick, "pods": args.pods,
+        "seeds": args.seed_list, "quick": args.quick, "pods": args.pods,
         "load_average_start": os.getloadavg(), "logs": str(logdir), "cells": cells,
     }
     expected_s = sum(REGIMES[r].expected_cell_s for r in args.regime_list)
-    expected_s *= len(args.router_list) * (0.4 if args.quick else 1.0)
-    print(f"{len(args.regime_list)} regimes x {len(args.router_list)} routers: about "
+    expected_s *= len(args.router_list) * len(args.seed_list) * (0.4 if args.quick else 1.0)
+    print(f"{len(args.regime_list)} regimes x {len(args.router_list)} routers x "
+          f"{len(args.seed_list)} seeds: about "
           f"{expected_s / 60:.0f} min on an idle machine (budget {args.budget_min:g} min)",
           file=sys.stderr, flush=True)
-    for regime_name in args.regime_list:
-        regime = REGIMES[regime_name]
-        items = build_workload(regime, args.seed, quick=args.quick)
+    plan = [(REGIMES[r], seed) for r in args.regime_list for seed in args.seed_list]
+    for regime, seed in plan:
+        items = build_workload(regime, seed, quick=args.quick)
         for router_name in args.router_list:
             if time.monotonic() >= deadline:
-                cells.append({"regime": regime.name, "router": router_name,
+                cells.append({"regime": regime.name, "router": router_name, "seed": seed,
                               "skipped": "time budget"})
                 continue
-            print(f"[{time.strftime('%H:%M:%S')}] {regime.name} / {router_name} "
+            print(f"[{time.strftime('%H:%M:%S')}] {regime.name} / {router_name} / seed {seed} "
                   f"({sum(len(i.bodies) for i in items)} requests, load "
                   f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             for attempt in (1, 2):  # a second try for a port taken by someone else meanwhile
                 try:
-                    cell = await run_cell(regime, router_name, items, args, logdir)
+                    cell = await run_cell(regime, router_name, items, args, logdir, seed)
                     break
                 except Exception as exc:  # one broken router must not lose the other cells
-                    cell = {"regime": regime.name, "router": router_name,
+                    cell = {"regime": regime.name, "router": router_name, "seed": seed,
                             "skipped": f"{type(exc).__name__}: {exc}"[:300]}
                     print(f"    attempt {attempt} failed: {cell['skipped']}", file=sys.stderr,
                           flush=True)
@@ -331,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = asyncio.run(main_async(args))
     report["total_s"] = round(time.monotonic() - started, 1)
-    print(markdown_table(report["cells"]))
+    report["pooled"] = pool_cells(report["cells"])
+    print(markdown_table(report["pooled"]))
     print()
-    print(verdict_table(report["cells"]))
+    print(verdict_table(report["pooled"]))
     print(f"\n{report['date_utc']} UTC, {report['total_s']} s, load average "
           f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
-          f"seed {args.seed}{', quick' if args.quick else ''}")
+          f"seeds {args.seeds}{', quick' if args.quick else ''}")
     if args.out:
         _write(Path(args.out), report)
     return 0

@@ -25,6 +25,7 @@ __all__ = [
     "build_workload",
     "markdown_table",
     "percentile",
+    "pool_cells",
     "verdict_table",
 ]
 
@@ -302,3 +303,35 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
             f"({p99['router']}) | {'LOSES: ' + ', '.join(fails) if fails else 'meets the bar'} |"
         )
     return "\n".join(lines)
+
+
+def pool_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (regime, router) over every seed it ran with: hit rate = all hits / all
+    queries, percentiles over all TTFTs, errors and preemptions summed, imbalance over the
+    requests each pod position served. A (regime, router) with no measured seed stays skipped."""
+    keys = list(dict.fromkeys((c["regime"], c["router"]) for c in cells))
+    out = []
+    for regime, router in keys:
+        runs = [c for c in cells if (c["regime"], c["router"]) == (regime, router)]
+        done = [c for c in runs if not c.get("skipped")]
+        if not done:
+            out.append({"regime": regime, "router": router, "skipped": runs[0]["skipped"]})
+            continue
+        hits = sum(p["hits"] for c in done for p in c["per_pod"])
+        queries = sum(p["queries"] for c in done for p in c["per_pod"])
+        ttfts = [t for c in done for t in c["ttft_s"]]
+        pods = len(done[0]["per_pod"])
+        per_pod = [sum(c["per_pod"][i]["requests"] for c in done) for i in range(pods)]
+        out.append({
+            "regime": regime,
+            "router": router,
+            "seeds": [c.get("seed") for c in done],
+            "requests": sum(c["requests"] for c in done),
+            "hit_rate": hits / queries if queries else None,
+            "ttft_p50_s": percentile(ttfts, 50),
+            "ttft_p99_s": percentile(ttfts, 99),
+            "errors": sum(c["errors"] for c in done),
+            "imbalance": imbalance(per_pod),
+            "preemptions": sum(c["preemptions"] for c in done),
+        })
+    return out

@@ -105,3 +105,24 @@ async def test_one_live_cell(tmp_path: Path) -> None:
     assert cell["hit_rate"] > 0.1
     assert 0 < cell["ttft_p50_s"] <= cell["ttft_p99_s"]
     assert sum(p["requests"] for p in cell["per_pod"]) == 9
+
+
+def test_seeds_pool_into_one_row_per_regime_and_router() -> None:
+    def cell(seed: int, hits: float, ttfts: list[float]) -> dict[str, object]:
+        pods = [{"hits": hits, "queries": 100.0, "requests": r, "preemptions": 0.0}
+                for r in (3.0, 1.0)]
+        return {"regime": "light", "router": "kvrouter:kv_aware", "seed": seed,
+                "requests": 4, "errors": seed - 1, "preemptions": 0, "per_pod": pods,
+                "ttft_s": ttfts}
+
+    pooled = workload.pool_cells([
+        cell(1, 50.0, [0.1, 0.2, 0.3, 0.4]),
+        cell(2, 70.0, [0.5, 0.6, 0.7, 0.8]),
+        {"regime": "light", "router": "vllm-router:kv_aware", "seed": 1, "skipped": "x"},
+    ])
+    mine, skipped = pooled
+    assert mine["seeds"] == [1, 2] and mine["requests"] == 8 and mine["errors"] == 1
+    assert mine["hit_rate"] == pytest.approx((2 * 50 + 2 * 70) / 400)
+    assert mine["ttft_p50_s"] == 0.4 and mine["ttft_p99_s"] == 0.8
+    assert mine["imbalance"] == pytest.approx(6 / 4)
+    assert skipped == {"regime": "light", "router": "vllm-router:kv_aware", "skipped": "x"}

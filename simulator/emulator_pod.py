@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,15 @@ class Codec(Protocol):
 class HfCodec:
     """A ``transformers`` tokenizer: completions encode the prompt; chat renders the template
     (with tools, documents and template kwargs, messages shaped as vLLM shapes them: see
-    ``simulator.emulator_chat``) and encodes it without adding special tokens again."""
+    ``simulator.emulator_chat``) and encodes it without adding special tokens again.
+
+    The last ``MEMO_ENTRIES`` encodings are remembered by text. Every pod of an emulated
+    cluster shares one codec in one process, while real pods tokenize on their own CPUs: a
+    router that renders each request on every pod (vllm-router's cache_aware) would otherwise
+    cost the emulator N tokenizations of the same prompt in series, a slowdown real pods do not
+    have. The answers are the same either way."""
+
+    MEMO_ENTRIES = 256
 
     def __init__(self, tokenizer: Any, name: str) -> None:
         self._tok = tokenizer
@@ -65,11 +74,26 @@ class HfCodec:
         # The Rust tokenizer under a fast tokenizer gives the same ids without transformers'
         # per-call Python overhead (a quarter of the emulator's CPU per short request).
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+
+    def _remembered(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._memo.get(key)
+        if ids is not None:
+            self._memo.move_to_end(key)
+            return list(ids)
+        if special:
+            fresh = (self._backend.encode(text).ids if self._backend is not None
+                     else self._tok.encode(text))
+        else:
+            fresh = self._tok.encode(text, add_special_tokens=False)
+        self._memo[key] = tuple(fresh)
+        if len(self._memo) > self.MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        return list(fresh)
 
     def encode(self, text: str) -> list[int]:
-        if self._backend is not None:
-            return list(self._backend.encode(text).ids)
-        return list(self._tok.encode(text))
+        return self._remembered(text, special=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids)))
@@ -91,7 +115,7 @@ class HfCodec:
         return str(text)
 
     def encode_rendered(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return self._remembered(text, special=False)
 
 
 class ByteCodec:

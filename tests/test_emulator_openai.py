@@ -220,3 +220,29 @@ async def test_choices_on_a_prefill_decode_pod_are_a_clear_400(
         status, err = await post(session, f"{pd.urls[0]}/v1/completions",
                                  {"model": MODEL, "prompt": "hi", "n": 2})
     assert status == 400 and "prefill/decode" in err["error"]["message"]
+
+
+async def test_rendering_on_every_pod_tokenizes_once(
+    cluster: EmulatedCluster, session: aiohttp.ClientSession
+) -> None:
+    """vllm-router renders each request on every pod, then sends it to one: the pods share
+    one process here (real pods have a CPU each), so the prompt is encoded once, not N+1
+    times, and every answer still carries the same tokens."""
+    codec = cluster.pods[0].codec
+    calls = []
+    encode = codec._tok.encode  # type: ignore[attr-defined]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return encode(*args, **kwargs)
+
+    codec._tok.encode = counting  # type: ignore[attr-defined]
+    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 2}
+    renders = []
+    for url in cluster.urls:
+        status, out = await post(session, f"{url}/v1/chat/completions/render", body)
+        assert status == 200
+        renders.append(out["token_ids"])
+    status, answer = await post(session, f"{cluster.urls[1]}/v1/chat/completions", body)
+    assert status == 200 and answer["usage"]["prompt_tokens"] == len(renders[0])
+    assert renders[0] == renders[1] and len(calls) == 1

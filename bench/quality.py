@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -155,18 +156,18 @@ async def drive(target: str, items: list[Item], regime: Regime,
                                                                    len(closed)))]
         tasks += [asyncio.create_task(at(i, t0)) for i in timed]
         cut = False
-        while True:
-            pending = [t for t in tasks if not t.done()]
-            if not pending:
-                break
-            remaining = t0 + limit_s - time.monotonic()
-            if remaining <= 0:
-                cut = True
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                break
-            await asyncio.wait(pending, timeout=remaining)
+        try:
+            while pending := [t for t in tasks if not t.done()]:
+                remaining = t0 + limit_s - time.monotonic()
+                if remaining <= 0:
+                    cut = True
+                    break
+                await asyncio.wait(pending, timeout=remaining)
+        finally:  # the time limit, or this run being cancelled: stop what is still sending
+            left = [t for t in tasks if not t.done()]
+            for t in left:
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
     expected = sum(len(i.bodies) for i in items)
     for _ in range(expected - len(results)):
         results.append({"group": "?", "ok": False, "ttft_s": None, "error": "not sent: cut"})
@@ -279,6 +280,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM cancels like Ctrl-C does, so the running cell still stops its pods and router.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     logdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kvq-"))
     logdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_min * 60
@@ -340,7 +345,11 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     started = time.monotonic()
-    report = asyncio.run(main_async(args))
+    try:
+        report = asyncio.run(main_async(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; the cells measured so far are in --out", file=sys.stderr)
+        return 130
     report["total_s"] = round(time.monotonic() - started, 1)
     report["pooled"] = pool_cells(report["cells"])
     print(markdown_table(report["pooled"]))

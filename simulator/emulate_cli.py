@@ -5,7 +5,8 @@ Top-level imports stay light (argparse only): the emulator is imported in ``run`
 
 Example: ``kvrouter emulate --count 4 --port 8100 --time-scale 10`` serves pods on ports
 8100-8103, KV events on ephemeral bound ports (see each pod's ``/kv_event_sources``), and prints
-one line per pod.
+one line per pod. ``--enable-scale-out`` adds vLLM's render endpoints (vllm-router's
+cache_aware needs them); ``--slow-pod 0=4`` makes pod 0's engine 4x slower than the others.
 """
 
 from __future__ import annotations
@@ -95,7 +96,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     parser.add_argument(
-        "--kv-replay-endpoint", default="tcp://*:0", help="replay ROUTER endpoint (port+i per pod; default %(default)s)"
+        "--enable-scale-out",
+        action="store_true",
+        help="serve vLLM's render endpoints POST /v1/completions/render and "
+        "/v1/chat/completions/render (vLLM >= 0.30 serves them only with this flag; "
+        "vllm-router's cache_aware needs them)",
+    )
+    parser.add_argument(
+        "--slow-pod",
+        action="append",
+        default=[],
+        metavar="INDEX=FACTOR",
+        help="make pod INDEX's engine FACTOR times slower than the others (every scheduler "
+        "step lasts FACTOR times longer), e.g. --slow-pod 0=4 for one pod 4x slower "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--kv-replay-endpoint", default="tcp://*:0",
+        help="replay ROUTER endpoint (port+i per pod; default %(default)s)"
     )
 
 
@@ -123,6 +141,8 @@ async def _serve(args: argparse.Namespace) -> None:
         kv_replay_endpoint=args.kv_replay_endpoint,
         role=args.role,
         kv_network_bytes_per_s=args.kv_network_gbps * 1e9 / 8,
+        slow_pods=args.slow_pods,
+        scale_out=args.enable_scale_out,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -137,10 +157,28 @@ async def _serve(args: argparse.Namespace) -> None:
                     f" kv_events={pod.publisher.endpoint} replay={pod.publisher.replay_endpoint}"
                     f" topic={pod.publisher.topic}"
                 )
-            print(f"pod {i}: {url} engine={args.engine} role={args.role} model={args.model}{kv}",
-                  flush=True)
+            slow = f" slowdown={cluster.slow_pods[i]:g}x" if i in cluster.slow_pods else ""
+            print(f"pod {i}: {url} engine={args.engine} role={args.role} model={args.model}{kv}"
+                  f"{slow}", flush=True)
         print(f"{len(cluster.urls)} emulated pods ready; Ctrl-C stops them", flush=True)
         await stop.wait()
+
+
+def _slow_pods(specs: list[str], count: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for spec in specs:
+        index, sep, factor = spec.partition("=")
+        try:
+            i, f = int(index), float(factor)
+        except ValueError:
+            i, f = -1, 0.0
+        if not sep or not 0 <= i < count or not f > 0:
+            raise ValueError(
+                f"--slow-pod {spec!r}: expected INDEX=FACTOR with 0 <= INDEX < {count} and "
+                "FACTOR > 0, e.g. 0=4"
+            )
+        out[i] = f
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.time_scale <= 0:
         print("kvrouter emulate: --time-scale must be > 0", file=sys.stderr)
+        return 2
+    try:
+        args.slow_pods = _slow_pods(args.slow_pod, args.count)
+    except ValueError as exc:
+        print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(args))

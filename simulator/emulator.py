@@ -20,11 +20,15 @@ endpoint (e.g. ``tcp://127.0.0.1:5557``) is connected to by every pod (fan-in: t
 it; topics tell pods apart). ``kv_events_endpoint=None`` disables events. The replay socket is
 always bound (``kv_replay_endpoint``, port + i, 0 = ephemeral).
 ``num_gpu_blocks=0`` takes what the cost profile's KV memory holds at this block size.
+``scale_out=True`` serves vLLM's render endpoints (``vllm serve --enable-scale-out``).
+``slow_pods={i: f}`` makes pod i's engine f times slower than the others (every step lasts f
+times longer in wall time; its metrics still report wall seconds), e.g. one GPU throttled.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -77,6 +81,8 @@ class EmulatedCluster:
         buffer_steps: int = 10_000,
         role: str = "mixed",
         kv_network_bytes_per_s: float = 25e9,
+        slow_pods: dict[int, float] | None = None,
+        scale_out: bool = False,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
@@ -84,6 +90,12 @@ class EmulatedCluster:
             raise ValueError(f"engine must be vllm or sglang, got {engine!r}")
         self.count = count
         self.port = port
+        self.slow_pods = dict(slow_pods or {})
+        for index, factor in self.slow_pods.items():
+            if not 0 <= index < count:
+                raise ValueError(f"slow pod index {index} is not a pod (0..{count - 1})")
+            if not factor > 0:
+                raise ValueError(f"slow pod factor must be > 0, got {factor} for pod {index}")
         cost = load_cost_model(profile)
         blocks = num_gpu_blocks or cost.num_gpu_blocks(block_size)
         self.config = PodConfig(
@@ -95,6 +107,7 @@ class EmulatedCluster:
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
             time_scale=time_scale,
+            scale_out=scale_out,
         )
         self._cost = cost
         self._tokenizer = tokenizer
@@ -144,7 +157,11 @@ class EmulatedCluster:
                         topic=f"kv@pod-{i}",
                         buffer_steps=self._buffer_steps,
                     )
-                pod = EmulatedPod(self.config, self._cost, codec, index=i, publisher=publisher)
+                config = self.config
+                if i in self.slow_pods:
+                    # A virtual second lasting `factor` times longer slows every step alike.
+                    config = replace(config, time_scale=config.time_scale / self.slow_pods[i])
+                pod = EmulatedPod(config, self._cost, codec, index=i, publisher=publisher)
                 self.pods.append(pod)
                 await pod.start()
                 app = build_app(pod)

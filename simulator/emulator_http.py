@@ -11,141 +11,46 @@ chat through the tokenizer's template; ``stream`` with SSE ``data: {...}`` chunk
 "full"}`` re-announces a request's hit blocks as a BlockStored with no parent), ``GET /v1/models`` (with
 ``max_model_len``), ``GET /health``, ``GET /version``, ``POST /tokenize``, ``POST /detokenize``,
 ``GET /kv_event_sources``, ``POST /reset_prefix_cache``, ``GET /metrics``; with
-``engine_kind="sglang"`` also ``GET /get_server_info`` and ``GET /get_model_info``.
+``engine_kind="sglang"`` also ``GET /get_server_info`` and ``GET /get_model_info``; with
+``scale_out`` the render endpoints (``simulator.emulator_render``).
+
+Chat renders ``tools``, ``documents`` and ``chat_template_kwargs`` into the template, messages
+shaped as vLLM shapes them (``simulator.emulator_chat``). ``n`` > 1, ``logprobs`` and a forced
+named ``tool_choice`` take the general answer path (``simulator.emulator_choices``); a plain
+single choice takes the fast path below.
 
 Errors use vLLM's shape ``{"error": {"message", "type", "param", "code"}}``: 400
-``BadRequestError`` (bad JSON, missing model, bad prompt or max_tokens, prompt plus max_tokens
-over ``max_model_len``), 404 ``NotFoundError`` (unknown model). ``max_tokens`` defaults to 16.
+``BadRequestError`` (bad JSON, missing model, bad prompt, max_tokens, n, logprobs or
+tool_choice, prompt plus max_tokens over ``max_model_len``), 404 ``NotFoundError`` (unknown
+model). ``max_tokens`` defaults to 16. Parsing lives in ``simulator.emulator_requests``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from simulator.emulator_choices import ChoiceShape, collect_choices, stream_choices
 from simulator.emulator_pd import PD_KEY, PdError
 from simulator.emulator_pod import EmulatedPod, TokenStream
+from simulator.emulator_render import add_render_routes
+from simulator.emulator_requests import (
+    POD_KEY,
+    ClientError,
+    chat_ids,
+    check_model,
+    choice_shape,
+    dumps,
+    errors_middleware,
+    max_tokens_of,
+    prompt_ids,
+    read_body,
+    token_list,
+)
 
 __all__ = ["POD_KEY", "build_app"]
-
-POD_KEY = web.AppKey("pod", EmulatedPod)
-DEFAULT_MAX_TOKENS = 16
-
-
-class _ClientError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-
-
-def _error(status: int, message: str, param: str | None = None) -> web.Response:
-    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}},
-        status=status,
-    )
-
-
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except _ClientError as exc:
-        return _error(exc.status, exc.message, exc.param)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise _ClientError(400, f"Invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise _ClientError(400, "The request body must be a JSON object")
-    return body
-
-
-def _check_model(pod: EmulatedPod, body: dict[str, Any], required: bool = True) -> None:
-    model = body.get("model")
-    if model is None:
-        if required:
-            raise _ClientError(400, "The 'model' field is required", "model")
-        return
-    if model != pod.config.model:
-        raise _ClientError(404, f"The model `{model}` does not exist.", "model")
-
-
-def _token_list(value: object) -> list[int] | None:
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
-    ):
-        return list(value)
-    return None
-
-
-def _prompt_ids(pod: EmulatedPod, body: dict[str, Any]) -> list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = pod.codec.encode(prompt)
-    else:
-        ids = _token_list(prompt) or []
-        if not ids and prompt not in ("", []):
-            raise _ClientError(400, "prompt must be a string or a list of token ids", "prompt")
-    if not ids:
-        raise _ClientError(400, "The prompt cannot be empty", "prompt")
-    if max(ids) >= pod.codec.vocab_size:
-        raise _ClientError(400, f"Token id {max(ids)} is out of vocabulary", "prompt")
-    return ids
-
-
-def _chat_ids(pod: EmulatedPod, body: dict[str, Any]) -> list[int]:
-    messages = body.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and "role" in m for m in messages)
-    ):
-        raise _ClientError(400, "messages must be a non-empty list of {role, content}", "messages")
-    try:
-        return pod.codec.chat(messages, bool(body.get("add_generation_prompt", True)))
-    except Exception as exc:  # a template error is the client's malformed messages
-        raise _ClientError(400, f"Cannot apply the chat template: {exc}", "messages") from None
-
-
-def _max_tokens(pod: EmulatedPod, body: dict[str, Any], prompt_len: int, chat: bool) -> int:
-    value = body.get("max_completion_tokens") if chat else None
-    if value is None:
-        value = body.get("max_tokens")
-    if value is None:
-        value = DEFAULT_MAX_TOKENS
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _ClientError(400, "max_tokens must be an integer >= 1", "max_tokens")
-    limit = pod.config.max_model_len
-    if prompt_len + value > limit:
-        raise _ClientError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + value} tokens ({prompt_len} in the messages, {value} in the "
-            "completion). Please reduce the length of the messages or completion.",
-            "max_tokens" if prompt_len < limit else "messages",
-        )
-    return value
-
 
 def _usage(stream: TokenStream) -> dict[str, Any]:
     return {
@@ -158,33 +63,40 @@ def _usage(stream: TokenStream) -> dict[str, Any]:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     pod = request.app[POD_KEY]
-    body = await _body(request)
-    _check_model(pod, body)
-    ids = _chat_ids(pod, body) if chat else _prompt_ids(pod, body)
-    max_tokens = _max_tokens(pod, body, len(ids), chat)
+    body = await read_body(request)
+    check_model(pod, body)
+    ids = chat_ids(pod, body) if chat else prompt_ids(pod, body)
+    max_tokens = max_tokens_of(pod, body, len(ids), chat)
+    shape = choice_shape(body, chat)
     # Prefill/decode roles (simulator.emulator_pd): plan, and pull the KV a decode needs.
     pd = request.app.get(PD_KEY)
+    if pd is not None and not shape.simple:
+        raise ClientError(400, "n > 1, logprobs and a forced tool_choice are not emulated "
+                               "on prefill/decode pods", "n")
     if pd is not None:
         try:
             plan, pulled = await pd.prepare(pod, body, ids)
         except PdError as exc:
-            raise _ClientError(exc.status, exc.message) from None
+            raise ClientError(exc.status, exc.message) from None
         max_tokens = min(max_tokens, plan.max_tokens or max_tokens)
     streaming = bool(body.get("stream"))
+    options = body.get("stream_options")
+    usage = streaming and isinstance(options, dict) and bool(options.get("include_usage"))
     xargs = body.get("vllm_xargs")
     report_hits = isinstance(xargs, dict) and xargs.get("kv_cache_report_mode") == "full"
+    if not shape.simple:
+        return await _generate_choices(request, pod, ids, max_tokens, shape, streaming, usage,
+                                       report_hits)
     try:
         stream = pod.submit(ids, max_tokens, streaming, report_hits)
     except ValueError as exc:
         if pd is not None:
             pd.finished(plan, len(ids), ok=False)
-        raise _ClientError(400, str(exc)) from None
+        raise ClientError(400, str(exc)) from None
     if pd is not None:
         pd.submitted(pod, pulled)
     try:
         if streaming:
-            options = body.get("stream_options")
-            usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return await _stream(request, pod, stream, chat, usage)
         response = await _collect(pod, stream, chat)
         if pd is not None:
@@ -195,6 +107,36 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             pd.finished(plan, len(ids), ok=stream.finished)
         if not stream.finished:
             pod.cancel(stream)
+
+
+async def _generate_choices(
+    request: web.Request,
+    pod: EmulatedPod,
+    ids: list[int],
+    max_tokens: int,
+    shape: ChoiceShape,
+    streaming: bool,
+    usage: bool,
+    report_hits: bool,
+) -> web.StreamResponse:
+    """n choices, logprobs or a forced tool call (simulator.emulator_choices): n engine
+    requests with the same prompt, like vLLM's parallel sampling."""
+    streams: list[TokenStream] = []
+    try:
+        for _ in range(shape.n):
+            try:
+                streams.append(pod.submit(ids, max_tokens, streaming, report_hits))
+            except ValueError as exc:
+                raise ClientError(400, str(exc)) from None
+        request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{streams[0].request_id}"
+        if streaming:
+            return await stream_choices(request, pod, streams, shape, request_id, usage)
+        answer = await collect_choices(pod, streams, shape, request_id)
+        return web.json_response(answer, dumps=dumps)
+    finally:
+        for stream in streams:
+            if not stream.finished:
+                pod.cancel(stream)
 
 
 async def _collect(pod: EmulatedPod, stream: TokenStream, chat: bool) -> web.Response:
@@ -226,7 +168,7 @@ async def _collect(pod: EmulatedPod, stream: TokenStream, chat: bool) -> web.Res
             "choices": [choice],
             "usage": _usage(stream),
         },
-        dumps=_dumps,
+        dumps=dumps,
     )
 
 
@@ -245,14 +187,14 @@ async def _stream(
     }
 
     def event(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
-        return f"data: {_dumps({**head, 'choices': choices, **(extra or {})})}\n\n"
+        return f"data: {dumps({**head, 'choices': choices, **(extra or {})})}\n\n"
 
     if chat:
         role = {"role": "assistant", "content": ""}
         first = {"index": 0, "delta": role, "logprobs": None, "finish_reason": None}
         await response.write(event([first]).encode())
     # Token chunks differ only in the token and the finish reason: serialize the rest once.
-    opening = _dumps(head)[:-1] + ',"choices":[{"index":0,'
+    opening = dumps(head)[:-1] + ',"choices":[{"index":0,'
     field = '"delta":{"content":' if chat else '"text":'
     closing = "}" if chat else ""
     sent = 0
@@ -262,7 +204,7 @@ async def _stream(
         last = sent >= stream.max_tokens
         finish = '"length"' if last else "null"
         chunk = (
-            f"data: {opening}{field}{_dumps(token)}{closing},"
+            f"data: {opening}{field}{dumps(token)}{closing},"
             f'"logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}\n\n'
         )
         if not last:
@@ -317,9 +259,9 @@ async def version(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     pod = request.app[POD_KEY]
-    body = await _body(request)
-    _check_model(pod, body, required=False)
-    ids = _chat_ids(pod, body) if "messages" in body else _prompt_ids(pod, body)
+    body = await read_body(request)
+    check_model(pod, body, required=False)
+    ids = chat_ids(pod, body) if "messages" in body else prompt_ids(pod, body)
     return web.json_response(
         {
             "count": len(ids),
@@ -332,11 +274,11 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     pod = request.app[POD_KEY]
-    body = await _body(request)
-    _check_model(pod, body, required=False)
-    ids = _token_list(body.get("tokens"))
+    body = await read_body(request)
+    check_model(pod, body, required=False)
+    ids = token_list(body.get("tokens"))
     if ids is None:
-        raise _ClientError(400, "tokens must be a non-empty list of token ids", "tokens")
+        raise ClientError(400, "tokens must be a non-empty list of token ids", "tokens")
     return web.json_response({"prompt": pod.codec.decode(ids)})
 
 
@@ -385,7 +327,7 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 def build_app(pod: EmulatedPod) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app[POD_KEY] = pod
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -397,6 +339,8 @@ def build_app(pod: EmulatedPod) -> web.Application:
     app.router.add_get("/kv_event_sources", kv_event_sources)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/metrics", metrics)
+    if pod.config.scale_out:
+        add_render_routes(app)
     if pod.config.engine_kind == "sglang":
         app.router.add_get("/get_server_info", server_info)
         app.router.add_get("/get_model_info", model_info)

@@ -11,7 +11,8 @@ the step too).
 
 Tokenization: ``load_codec(path)`` loads a tokenizer directory with ``transformers`` (the tiny
 tokenizer by default). When that fails, ``ByteCodec`` is used: a deterministic fallback mapping
-each UTF-8 byte to id ``byte + 3`` (ids 0-2 reserved), chat as ``role: content`` lines, so the
+each UTF-8 byte to id ``byte + 3`` (ids 0-2 reserved), chat as ``tool: JSON`` lines then
+``role: content`` lines, so the
 emulator still runs without a tokenizer.
 
 Output: deterministic filler tokens (a fixed cycle of common words), ``max_tokens`` of them (EOS
@@ -23,13 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from simulator.cost_model import CostModel
+from simulator.emulator_chat import ChatInputs
 from simulator.emulator_kv import KvEventPublisher, vllm_block_hashes
 from simulator.emulator_metrics import PodMetrics
 from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
@@ -47,14 +51,21 @@ class Codec(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
-    def chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
-    ) -> list[int]: ...
+    def chat(self, inputs: ChatInputs) -> list[int]: ...
 
 
 class HfCodec:
     """A ``transformers`` tokenizer: completions encode the prompt; chat renders the template
-    and encodes it without adding special tokens again (vLLM's behaviour)."""
+    (with tools, documents and template kwargs, messages shaped as vLLM shapes them: see
+    ``simulator.emulator_chat``) and encodes it without adding special tokens again.
+
+    The last ``MEMO_ENTRIES`` encodings are remembered by text. Every pod of an emulated
+    cluster shares one codec in one process, while real pods tokenize on their own CPUs: a
+    router that renders each request on every pod (vllm-router's cache_aware) would otherwise
+    cost the emulator N tokenizations of the same prompt in series, a slowdown real pods do not
+    have. The answers are the same either way."""
+
+    MEMO_ENTRIES = 256
 
     def __init__(self, tokenizer: Any, name: str) -> None:
         self._tok = tokenizer
@@ -63,20 +74,48 @@ class HfCodec:
         # The Rust tokenizer under a fast tokenizer gives the same ids without transformers'
         # per-call Python overhead (a quarter of the emulator's CPU per short request).
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+
+    def _remembered(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._memo.get(key)
+        if ids is not None:
+            self._memo.move_to_end(key)
+            return list(ids)
+        if special:
+            fresh = (self._backend.encode(text).ids if self._backend is not None
+                     else self._tok.encode(text))
+        else:
+            fresh = self._tok.encode(text, add_special_tokens=False)
+        self._memo[key] = tuple(fresh)
+        if len(self._memo) > self.MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        return list(fresh)
 
     def encode(self, text: str) -> list[int]:
-        if self._backend is not None:
-            return list(self._backend.encode(text).ids)
-        return list(self._tok.encode(text))
+        return self._remembered(text, special=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids)))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def chat(self, inputs: ChatInputs) -> list[int]:
+        return self.encode_rendered(self.render_chat(inputs))
+
+    def render_chat(self, inputs: ChatInputs) -> str:
+        template = self._tok.get_chat_template(None, inputs.tools)
         text = self._tok.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            inputs.conversation(template),
+            tools=inputs.tools,
+            documents=inputs.documents,
+            add_generation_prompt=inputs.add_generation_prompt,
+            continue_final_message=inputs.continue_final_message,
+            tokenize=False,
+            **inputs.kwargs,
         )
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return str(text)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        return self._remembered(text, special=False)
 
 
 class ByteCodec:
@@ -91,9 +130,12 @@ class ByteCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> list[int]:
-        lines = [f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in messages]
-        if add_generation_prompt:
+    def chat(self, inputs: ChatInputs) -> list[int]:
+        lines = [f"tool: {json.dumps(t, sort_keys=True)}\n" for t in inputs.tools or []]
+        lines += [
+            f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in inputs.messages
+        ]
+        if inputs.add_generation_prompt:
             lines.append("assistant: ")
         return self.encode("".join(lines))
 
@@ -135,6 +177,8 @@ class PodConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     time_scale: float = 1.0
+    # vLLM >= 0.30 serves its render endpoints only with `--enable-scale-out`.
+    scale_out: bool = False
 
 
 class TokenStream:
@@ -182,6 +226,10 @@ class TokenStream:
     def text(self) -> str:
         filler = self._filler
         return "".join(filler[i % len(filler)] for i in range(self.produced))
+
+    def tokens(self) -> list[str]:
+        filler = self._filler
+        return [filler[i % len(filler)] for i in range(self.produced)]
 
     def _emit(self) -> None:
         if self._queue is not None:
@@ -253,6 +301,11 @@ class EmulatedPod:
         wall = asyncio.get_running_loop().time() - self._wall0
         self._virtual_s = max(self._virtual_s, wall * self.config.time_scale)
         return self._virtual_s
+
+    @property
+    def filler_tokens(self) -> list[str]:
+        """The texts of the output's filler tokens, in the order they cycle."""
+        return self._filler
 
     # -- requests ------------------------------------------------------------------------------
 

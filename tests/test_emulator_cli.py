@@ -20,6 +20,7 @@ async def test_cli_serves_pods_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "2", "--port", "0",
         "--time-scale", "100", "--engine", "sglang", "--num-gpu-blocks", "256",
+        "--enable-scale-out", "--slow-pod", "1=2",
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -34,11 +35,15 @@ async def test_cli_serves_pods_and_stops_on_sigterm() -> None:
                 break
         urls = [word for line in lines for word in line.split() if word.startswith("http://")]
         assert len(urls) == 2 and "engine=sglang" in lines[0]
+        assert "slowdown" not in lines[0] and "slowdown=2x" in lines[1]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
             for url in urls:
                 async with s.get(url + "/get_server_info") as r:
                     info = await r.json()
                 assert info["max_total_num_tokens"] == 256 * 16
+            async with s.post(urls[0] + "/v1/completions/render",
+                              json={"model": "tiny-llama", "prompt": "hi"}) as r:
+                assert r.status == 200 and (await r.json())[0]["token_ids"]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -53,6 +58,16 @@ async def test_bad_flag_is_a_clear_error() -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2
     assert b"--count must be >= 1" in out
+
+
+async def test_bad_slow_pod_is_a_clear_error() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "2", "--slow-pod", "2=4",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2
+    assert b"--slow-pod '2=4': expected INDEX=FACTOR with 0 <= INDEX < 2" in out
 
 
 async def test_client_disconnect_aborts_the_request() -> None:

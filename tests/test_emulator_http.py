@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.emulator import EmulatedCluster
+from simulator.emulator_chat import shape_chat
 from simulator.emulator_pod import ByteCodec, load_codec
 
 MODEL = "tiny-llama"
@@ -299,6 +300,12 @@ def test_byte_fallback_is_deterministic_and_reversible(tmp_path: Any) -> None:
     assert isinstance(codec, ByteCodec)
     ids = codec.encode("héllo")
     assert ids == codec.encode("héllo") and codec.decode(ids) == "héllo"
-    assert codec.chat([{"role": "user", "content": "hi"}], True) == codec.encode(
+    messages = [{"role": "user", "content": "hi"}]
+    assert codec.chat(shape_chat({"messages": messages})) == codec.encode(
         "user: hi\nassistant: "
+    )
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert codec.chat(shape_chat({"messages": messages, "tools": tools})) == codec.encode(
+        'tool: {"function": {"description": null, "name": "f", "parameters": null}, '
+        '"type": "function"}\nuser: hi\nassistant: '
     )

@@ -1,0 +1,293 @@
+"""The processes of ``bench/quality.py``: a set of emulated pods (``kvrouter emulate``) and one
+router in front of them (kvrouter, sglang-router or vllm-router), each started, checked ready
+and stopped by its own process id. All on 127.0.0.1 with free ports.
+
+Launch commands follow /work/shared/notes/peers.md:
+- ``kvrouter serve --config FILE``: the policy, its seed, the shipped tiny tokenizer for the
+  model (precise mode), the pods as backends; kv_aware finds the pods' KV event sources
+  through their ``/kv_event_sources`` and is ready once each source was replayed.
+- ``python -m sglang_router.launch_router ... --policy cache_aware``.
+- ``vllm-router ... --policy cache_aware`` (calls the pods' render endpoints) and ``--policy
+  kv_aware`` with ``--kv-event-source URL=tcp://127.0.0.1:PUB`` per pod: the pods' PUB sockets
+  bind (``tcp://*:0``), so vllm-router connects, as it must (tcp only), plus their replay
+  sockets.
+Each peer gets its own Prometheus port: both crash when theirs is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+__all__ = [
+    "DEFAULT_ROUTERS",
+    "ROUTER_NAMES",
+    "Emulator",
+    "Router",
+    "free_port",
+    "pod_counters",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_BIN = ROOT / ".tools" / "peers-venv" / "bin"
+MODEL = "tiny-llama"
+BLOCK_SIZE = 16
+START_TIMEOUT_S = 90.0
+
+DEFAULT_ROUTERS = (
+    "kvrouter:kv_aware",
+    "kvrouter:sglang_cache_aware",
+    "kvrouter:round_robin",
+    "sglang-router:cache_aware",
+    "vllm-router:cache_aware",
+    "vllm-router:kv_aware",
+)
+ROUTER_NAMES = DEFAULT_ROUTERS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+async def _stop(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 15)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+def cpu_seconds(proc: asyncio.subprocess.Process | None) -> float | None:
+    """User + system CPU seconds the process has used so far (Linux /proc), else None."""
+    if proc is None or proc.returncode is not None:
+        return None
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-600:] if log.exists() else ""
+
+
+def _installed(exe: str) -> bool:
+    return Path(exe).exists()
+
+
+async def _wait_ok(url: str, proc: asyncio.subprocess.Process, log: Path,
+                   timeout_s: float = START_TIMEOUT_S) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while loop.time() < deadline:
+            if proc.returncode is not None:
+                tail = _tail(log)
+                raise RuntimeError(f"exited with {proc.returncode} before {url} answered: {tail}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s (log {log})")
+
+
+class Emulator:
+    """``kvrouter emulate --count N`` in its own process, ports ephemeral."""
+
+    def __init__(self, count: int, num_gpu_blocks: int, slow_pod: tuple[int, float] | None,
+                 log: Path) -> None:
+        self.count = count
+        self.num_gpu_blocks = num_gpu_blocks
+        self.slow_pod = slow_pod
+        self.log = log
+        self.urls: list[str] = []
+        self.kv_endpoints: list[str] = []
+        self.replay_endpoints: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def cpu_s(self) -> float | None:
+        return cpu_seconds(self._proc)
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "kvrouter.cli", "emulate", "--count", str(self.count),
+               "--port", "0", "--model", MODEL, "--block-size", str(BLOCK_SIZE),
+               "--num-gpu-blocks", str(self.num_gpu_blocks), "--time-scale", "1",
+               "--profile", "h200-llama-3.1-8b", "--enable-scale-out"]
+        if self.slow_pod is not None:
+            cmd += ["--slow-pod", f"{self.slow_pod[0]}={self.slow_pod[1]:g}"]
+        err = self.log.open("wb")
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=ROOT, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=err)
+        err.close()
+        assert self._proc.stdout is not None
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self._proc.stdout.readline(), START_TIMEOUT_S)).decode()
+            if not line:
+                raise RuntimeError(f"kvrouter emulate exited before it was ready (log {self.log})")
+            lines.append(line)
+            if "emulated pods ready" in line:
+                break
+        for line in lines:
+            url = re.search(r"(http://\S+)", line)
+            kv = re.search(r"kv_events=tcp://\*:(\d+)", line)
+            replay = re.search(r"replay=tcp://\*:(\d+)", line)
+            if url:
+                self.urls.append(url.group(1))
+                if kv and replay:
+                    self.kv_endpoints.append(f"tcp://127.0.0.1:{kv.group(1)}")
+                    self.replay_endpoints.append(f"tcp://127.0.0.1:{replay.group(1)}")
+        if len(self.urls) != self.count:
+            raise RuntimeError(f"expected {self.count} pods, got: {''.join(lines)}")
+
+    async def stop(self) -> None:
+        await _stop(self._proc)
+
+
+class Router:
+    """One router process in front of an ``Emulator``'s pods."""
+
+    def __init__(self, name: str, log: Path, seed: int) -> None:
+        self.name = name
+        self.log = log
+        self.seed = seed
+        self.url = ""
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def cpu_s(self) -> float | None:
+        return cpu_seconds(self._proc)
+
+    def _command(self, pods: Emulator, port: int) -> tuple[list[str], str]:
+        kind, _, policy = self.name.partition(":")
+        if kind == "kvrouter":
+            import yaml
+
+            from simulator.tiny_tokenizer import default_path
+
+            config = self.log.with_suffix(".yaml")
+            config.write_text(yaml.safe_dump({
+                "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+                "health": {"interval_s": 1.0},
+                "policy": {"name": policy, "seed": self.seed},
+                "models": {MODEL: {"tokenizer": str(default_path()), "block_size": BLOCK_SIZE}},
+                "backends": [{"url": u} for u in pods.urls],
+            }))
+            return [sys.executable, "-m", "kvrouter.cli", "serve", "--config", str(config)], \
+                "/ready"
+        metrics = ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+        base = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *pods.urls]
+        if kind == "sglang-router":
+            exe = PEERS_BIN / "python"
+            return [str(exe), "-m", "sglang_router.launch_router", *base, "--policy", policy,
+                    "--log-level", "warn", *metrics], "/health"
+        if kind == "vllm-router":
+            cmd = [str(PEERS_BIN / "vllm-router"), *base, "--policy", policy,
+                   "--log-level", "warning", *metrics]
+            if policy == "kv_aware":
+                for url, pub, replay in zip(pods.urls, pods.kv_endpoints,
+                                            pods.replay_endpoints, strict=True):
+                    cmd += ["--kv-event-source", f"{url}={pub}",
+                            "--kv-event-replay-source", f"{url}={replay}"]
+                cmd += ["--kv-event-block-size", str(BLOCK_SIZE), "--kv-event-model", MODEL]
+            return cmd, "/health"
+        raise ValueError(f"unknown router {self.name!r}")
+
+    async def start(self, pods: Emulator, port: int) -> None:
+        cmd, ready = self._command(pods, port)
+        if not _installed(cmd[0]):
+            raise RuntimeError(f"{cmd[0]} is not installed (run bench/install-peers)")
+        out = self.log.open("wb")
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=ROOT, env=_env(), stdout=out, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL)
+        out.close()
+        self.url = f"http://127.0.0.1:{port}"
+        await _wait_ok(self.url + ready, self._proc, self.log)
+        if self.name == "kvrouter:kv_aware":
+            await self._wait_events(len(pods.urls))
+        await asyncio.sleep(1.0)  # one scrape / health round before traffic, for every router
+
+    async def _wait_events(self, sources: int) -> None:
+        """kv_aware is ready for a fair start once every pod's event source was replayed."""
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while loop.time() < deadline:
+                async with session.get(self.url + "/metrics") as resp:
+                    text = await resp.text()
+                ok = [line for line in text.splitlines()
+                      if line.startswith("kvrouter_kv_event_replays_total")
+                      and 'outcome="ok"' in line and not line.endswith(" 0.0")]
+                if len(ok) >= sources:
+                    return
+                await asyncio.sleep(0.2)
+        raise RuntimeError("kv_aware never replayed every pod's KV events")
+
+    async def token_parity(self) -> dict[str, float] | None:
+        """kvrouter's own check that its block hashes equal the engines' (tools, templates):
+        blocks checked and mismatched, summed over models; None for the peers."""
+        if not self.name.startswith("kvrouter:"):
+            return None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(self.url + "/metrics") as resp:
+                text = await resp.text()
+        out = {"checked_blocks": 0.0, "mismatched_blocks": 0.0}
+        for line in text.splitlines():
+            if line.startswith("kvrouter_token_parity_checked_blocks_total"):
+                out["checked_blocks"] += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kvrouter_token_parity_mismatch_total"):
+                out["mismatched_blocks"] += float(line.rsplit(" ", 1)[1])
+        return out
+
+    async def stop(self) -> None:
+        await _stop(self._proc)
+
+
+_COUNTERS = {
+    "vllm:prefix_cache_hits_total": "hits",
+    "vllm:prefix_cache_queries_total": "queries",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:e2e_request_latency_seconds_count": "requests",
+}
+
+
+async def pod_counters(urls: list[str]) -> list[dict[str, float]]:
+    """Each pod's own counters (summed over label sets)."""
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for url in urls:
+            async with session.get(f"{url}/metrics") as resp:
+                text = await resp.text()
+            values: dict[str, Any] = dict.fromkeys(_COUNTERS.values(), 0.0)
+            for line in text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                key = _COUNTERS.get(name)
+                if key is not None:
+                    values[key] += float(line.rsplit(" ", 1)[1])
+            out.append(values)
+    return out

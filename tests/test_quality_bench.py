@@ -1,0 +1,128 @@
+"""bench/quality.py cannot rot: its workload generator and table on small cases, and one live
+cell (kvrouter round_robin in front of 2 emulated pods, real processes) with a handful of
+requests."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import quality_workload as workload  # noqa: E402
+
+
+def test_base_workload_is_groups_of_shared_prefixes_shuffled_by_seed() -> None:
+    regime = workload.REGIMES["light"]
+    items = workload.build_workload(regime, seed=3)
+    assert len(items) == regime.groups * regime.per_group == 240
+    by_group: dict[str, set[str]] = {}
+    for item in items:
+        (body,) = item.bodies
+        assert body["stream"] is True and body["max_tokens"] == 32
+        by_group.setdefault(item.group, set()).add(body["messages"][0]["content"])
+    assert len(by_group) == 48 and all(len(p) == 1 for p in by_group.values())
+    assert [i.group for i in items] != sorted(i.group for i in items)  # shuffled
+    again = workload.build_workload(regime, seed=3)
+    assert [i.bodies for i in again] == [i.bodies for i in items]
+    other = workload.build_workload(regime, seed=4)
+    assert [i.group for i in other] != [i.group for i in items]
+    assert len(workload.build_workload(regime, seed=3, quick=True)) == 60
+
+
+def test_open_loop_burst_and_agentic_shapes() -> None:
+    sat = workload.build_workload(workload.REGIMES["saturation"], seed=1)
+    times = [i.at_s for i in sat]
+    assert all(t is not None for t in times) and times == sorted(times)  # type: ignore[type-var]
+    rate = len(times) / times[-1]  # type: ignore[operator]
+    assert 0.8 * 110 < rate < 1.2 * 110
+    burst = workload.build_workload(workload.REGIMES["hot_burst"], seed=1)
+    hot = [i for i in burst if i.group == "hot"]
+    assert len(hot) == 64 and {i.tags["burst_after"] for i in hot} == {"96"}
+    agentic = workload.build_workload(workload.REGIMES["agentic"], seed=1)
+    for item in agentic:
+        assert all("tools" in b for b in item.bodies)
+        assert item.bodies[0]["tool_choice"]["function"]["name"].startswith("search_docs")
+        assert all(b["tool_choice"] == "auto" for b in item.bodies[1:])
+        for before, after in zip(item.bodies, item.bodies[1:], strict=False):
+            # each turn extends the previous turn's conversation
+            assert after["messages"][: len(before["messages"])] == before["messages"]
+            assert len(after["messages"]) == len(before["messages"]) + 2
+
+
+def test_table_has_one_row_per_cell() -> None:
+    cells = [
+        {"regime": "light", "router": "kvrouter:kv_aware", "requests": 240, "hit_rate": 0.7512,
+         "ttft_p50_s": 0.0123, "ttft_p99_s": 0.14, "errors": 0, "imbalance": 1.2,
+         "preemptions": 0},
+        {"regime": "light", "router": "vllm-router:kv_aware", "skipped": "not installed"},
+    ]  # fmt: skip
+    lines = workload.markdown_table(cells).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| light | kvrouter:kv_aware | 240 | 0.751 | 0.012 | 0.140 | 0 | 1.20 | 0 |"
+    assert "skipped: not installed" in lines[3]
+    assert workload.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert workload.percentile([], 99) is None
+    assert workload.imbalance([10, 10, 20]) == pytest.approx(1.5)
+
+
+def test_verdict_compares_kv_aware_with_the_best_peer() -> None:
+    def cell(regime: str, router: str, hit: float, p99: float) -> dict[str, object]:
+        return {"regime": regime, "router": router, "hit_rate": hit, "ttft_p99_s": p99,
+                "errors": 0}
+
+    cells = [
+        cell("light", "kvrouter:kv_aware", 0.76, 0.10),
+        cell("light", "kvrouter:round_robin", 0.90, 0.01),  # not a peer
+        cell("light", "sglang-router:cache_aware", 0.75, 0.12),
+        cell("pressure", "kvrouter:kv_aware", 0.44, 0.30),
+        cell("pressure", "sglang-router:cache_aware", 0.48, 0.20),
+        cell("pressure", "vllm-router:cache_aware", 0.46, 0.15),
+    ]
+    lines = workload.verdict_table(cells).splitlines()
+    assert lines[2].endswith("| meets the bar |")
+    assert "0.480 (sglang-router:cache_aware)" in lines[3]
+    assert "0.150 (vllm-router:cache_aware)" in lines[3]
+    assert lines[3].endswith("| LOSES: hit -0.040, p99 2.00x |")
+
+
+async def test_one_live_cell(tmp_path: Path) -> None:
+    regime = dataclasses.replace(workload.REGIMES["light"], name="tiny", concurrency=1,
+                                 groups=3, per_group=3, prefix_tokens=120, max_tokens=4)
+    items = workload.build_workload(regime, seed=1)
+    args = argparse.Namespace(pods=2, seed=1)
+    cell = await quality.run_cell(regime, "kvrouter:round_robin", items, args, tmp_path)
+    assert cell["requests"] == 9 and cell["errors"] == 0, cell["error_samples"]
+    # one request at a time alternating over 2 pods: even load, and each group of 3 puts two
+    # requests on one pod, the second of which hits the first's prefix
+    assert cell["imbalance"] == pytest.approx(5 / 4.5)
+    assert cell["hit_rate"] > 0.1
+    assert 0 < cell["ttft_p50_s"] <= cell["ttft_p99_s"]
+    assert sum(p["requests"] for p in cell["per_pod"]) == 9
+
+
+def test_seeds_pool_into_one_row_per_regime_and_router() -> None:
+    def cell(seed: int, hits: float, ttfts: list[float]) -> dict[str, object]:
+        pods = [{"hits": hits, "queries": 100.0, "requests": r, "preemptions": 0.0}
+                for r in (3.0, 1.0)]
+        return {"regime": "light", "router": "kvrouter:kv_aware", "seed": seed,
+                "requests": 4, "errors": seed - 1, "preemptions": 0, "per_pod": pods,
+                "ttft_s": ttfts}
+
+    pooled = workload.pool_cells([
+        cell(1, 50.0, [0.1, 0.2, 0.3, 0.4]),
+        cell(2, 70.0, [0.5, 0.6, 0.7, 0.8]),
+        {"regime": "light", "router": "vllm-router:kv_aware", "seed": 1, "skipped": "x"},
+    ])
+    mine, skipped = pooled
+    assert mine["seeds"] == [1, 2] and mine["requests"] == 8 and mine["errors"] == 1
+    assert mine["hit_rate"] == pytest.approx((2 * 50 + 2 * 70) / 400)
+    assert mine["ttft_p50_s"] == 0.4 and mine["ttft_p99_s"] == 0.8
+    assert mine["imbalance"] == pytest.approx(6 / 4)
+    assert skipped == {"regime": "light", "router": "vllm-router:kv_aware", "skipped": "x"}

@@ -222,11 +222,13 @@ class Proxy:
         raise last_error
 
     def _defer(self, route_request: RouteRequest, model: str) -> bool:
-        candidates = self.pool.snapshot(model, time.monotonic())
+        """The policy's answer on a fresh snapshot: hold this request in the router?"""
+        now_s = time.monotonic()
+        candidates = self.pool.snapshot(model, now_s)
         if not candidates:
             return False  # the dispatch loop answers "no backend" at once
         return self.policy.defer(
-            route_request, ClusterView(now_s=time.monotonic(), backends=candidates, index=self.index)  # type: ignore[arg-type]
+            route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index)  # type: ignore[arg-type]
         )
 
     async def _attempt(

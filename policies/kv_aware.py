@@ -145,6 +145,8 @@ class _FleetContext:
     """Per-request facts about the whole candidate set, computed once per ``choose``."""
 
     busy_weight: float  # (share of candidates with requests in flight) ** busy_power
+    prefill_price: float  # what a prefill second won or lost later is worth now:
+    # 1 + fleet_work_ratio * busy_weight, the same price externality_s puts on one
     home: BackendId | None  # where this prefix was last sent (placement memory)
     home_blocks: int  # how many of its leading blocks that record covers
     deepest_blocks: int  # the longest prefix any candidate holds
@@ -404,7 +406,9 @@ class KvAware(PolicyBase):
             for b in candidates:
                 source = view.index if b.kv_events and view.index is not None else self._approx
                 held[b.backend_id] = source.backend_entries(b.backend_id)
-        return _FleetContext(busy ** self.params.busy_power, home, home_blocks, deepest, held)
+        busy_weight = busy ** self.params.busy_power
+        return _FleetContext(busy_weight, 1.0 + self.params.fleet_work_ratio * busy_weight,
+                             home, home_blocks, deepest, held)
 
     def _placement_s(
         self,
@@ -425,7 +429,7 @@ class KvAware(PolicyBase):
             remembered = max(min(fleet.home_blocks * bs, cap) - held, 0)
             if remembered and p.home_credit_ratio:
                 saved = prefill_s - self._cost.seconds(prompt - hit - remembered, hit + remembered)
-                return -p.home_credit_ratio * saved * (1.0 + p.fleet_work_ratio * fleet.busy_weight)
+                return -p.home_credit_ratio * saved * fleet.prefill_price
             return 0.0
         copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
         total = backend.total_kv_blocks or p.approx_capacity_blocks
@@ -434,7 +438,7 @@ class KvAware(PolicyBase):
             return 0.0
         full = min((fill - p.cache_full_knee_ratio) / (1.0 - p.cache_full_knee_ratio), 1.0)
         lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)
-        return p.duplicate_ratio * full * lost * (1.0 + p.fleet_work_ratio * fleet.busy_weight)
+        return p.duplicate_ratio * full * lost * fleet.prefill_price
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
         best = min(s.score for s in scores)

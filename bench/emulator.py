@@ -157,8 +157,8 @@ def start(cmd: list[str]) -> subprocess.Popen[bytes]:
 def engine_model_cell(requests: int = 5000, engines: int = 16) -> None:
     import random
 
-    from simulator.cost_model import load_cost_model
-    from simulator.engine import EngineConfig, EngineModel, EngineRequest
+    from simulator.engine.cost_model import load_cost_model
+    from simulator.engine.model import EngineConfig, EngineModel, EngineRequest
 
     cost = load_cost_model()
     config = EngineConfig(block_size=512, num_gpu_blocks=cost.num_gpu_blocks(512))

@@ -1,5 +1,5 @@
 """Prefix-index benchmark: KV-event ingestion rate, memory per (block, backend) entry, and the
-hash + match cost of an 8,000-token prompt, for ``policies.hashing`` and ``policies.index``.
+hash + match cost of an 8,000-token prompt, for ``policies.kv.hashing`` and ``policies.kv.index``.
 
     .venv/bin/python bench/index.py            # prints a table; --json for machine output
 
@@ -19,9 +19,9 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from policies.events import BlockRemoved, BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
+from policies.kv.events import BlockRemoved, BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
 
 BLOCK = 16
 NS = Namespace("bench-model")

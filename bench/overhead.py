@@ -127,10 +127,10 @@ async def _run_floor(port: int, backends: list[str]) -> None:
     metrics, retries or routing headers: the router's CPU per request minus this is what its
     routing work costs."""
     sys.path.insert(0, str(ROOT))
-    from router.http_client import HttpClient
-    from router.http_messages import Request, Response, StreamResponse, json_response
-    from router.http_server import HttpServer
-    from router.upstream import forward_headers, response_header_lines
+    from router.http.client import HttpClient
+    from router.http.messages import Request, Response, StreamResponse, json_response
+    from router.http.server import HttpServer
+    from router.http.upstream import forward_headers, response_header_lines
 
     client = HttpClient(5.0, 60.0, 60.0)
     turn = 0

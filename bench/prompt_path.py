@@ -19,13 +19,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 
-from policies.events import BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
-from router.analyzer import Endpoint, RequestFields, _text_of_messages
-from router.kv_metrics import KvMetrics
-from router.prompt_analyzer import ModelShape, TokenizingAnalyzer, _tokenize_and_hash
-from router.tokenize import ModelTokenizer, load_tokenizer
+from policies.kv.events import BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
+from router.kv.metrics import KvMetrics
+from router.prompt.analyzer import Endpoint, RequestFields, _text_of_messages
+from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer, _tokenize_and_hash
+from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 from simulator.tiny_tokenizer import _WORDS, default_path
 
 MODEL = "tiny"

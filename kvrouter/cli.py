@@ -18,10 +18,10 @@ __all__ = ["COMMANDS", "main", "version"]
 # name -> module; each module must keep its top-level imports light (argparse only).
 COMMANDS: dict[str, str] = {
     "serve": "router.cli",
-    "emulate": "simulator.emulate_cli",
-    "simulate": "simulator.simulate_cli",
-    "replay": "simulator.replay_cli",
-    "tune": "simulator.tune_cli",
+    "emulate": "simulator.emulator.cli",
+    "simulate": "simulator.cli.simulate",
+    "replay": "simulator.cli.replay",
+    "tune": "simulator.cli.tune",
     "demo": "kvrouter.demo",
 }
 

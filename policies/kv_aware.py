@@ -121,7 +121,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policies.base import PolicyBase
-from policies.index import BackendMatch, PrefixIndex
+from policies.kv.index import BackendMatch, PrefixIndex
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory

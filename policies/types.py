@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, TypeVar, dataclass_transform, runtime_checkable
 
 if TYPE_CHECKING:
-    from policies.index import PrefixIndex
+    from policies.kv.index import PrefixIndex
 
 __all__ = [
     "BackendId",

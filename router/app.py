@@ -2,10 +2,10 @@
 
 Seams for other modules (all constructor arguments of ``create_app``, never globals):
 
-- ``analyzer``: a ``router.analyzer.RequestAnalyzer`` turning validated request fields into
+- ``analyzer``: a ``router.prompt.analyzer.RequestAnalyzer`` turning validated request fields into
   the ``RouteRequest``; default ``CharEstimateAnalyzer`` (characters / 4, no block hashes).
   A tokenizing analyzer (exact tokens, block hashes) plugs in here.
-- ``index``: the prefix index (``policies.index.PrefixIndex``), put into every
+- ``index``: the prefix index (``policies.kv.index.PrefixIndex``), put into every
   ``ClusterView.index``; ``None`` when no policy needs one.
 - ``background``: factories ``f(state: RouterState) -> coroutine`` started after the upstream
   session exists and cancelled at clean-up (KV-event ingestion, engine metric scraping,
@@ -17,10 +17,10 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
 - ``policy``/``rng``: override the policy built from ``config.policy`` (tests, the simulator's
   parity check).
 
-Proxied requests go through ``state.proxy.client`` (``router.http_client``, a lean HTTP/1.1
+Proxied requests go through ``state.proxy.client`` (``router.http.client``, a lean HTTP/1.1
 keep-alive client); ``state.session()`` is the aiohttp session for everything else (health
 checks, background loops). ``serve`` starts the app's background work, then listens with
-``router.http_server`` (a client disconnect cancels its request's handler, and with it the
+``router.http.server`` (a client disconnect cancels its request's handler, and with it the
 upstream request). Must not import ``simulator``.
 """
 
@@ -43,24 +43,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from policies.registry import build_policy
 from policies.types import ClusterView, Policy, Role
-from router.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.config import Config
-from router.disagg_config import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
-from router.http_client import HttpClient
-from router.http_messages import (
+from router.http.client import HttpClient
+from router.http.messages import (
     BodyTooLarge,
     Request,
     Response,
     StreamResponse,
     json_response,
 )
-from router.http_server import HttpServer
+from router.http.server import HttpServer
+from router.http.upstream import client_session
 from router.metrics import RouterMetrics
+from router.pd.config import wrap_policy
 from router.pool import BackendPool
+from router.prompt.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.proxy import Proxy, parse_json
-from router.upstream import client_session
 
 __all__ = ["App", "BackgroundFactory", "RouterState", "Runner", "build_pool", "create_app",
            "serve"]

@@ -5,7 +5,7 @@ Entering counts the attempt in flight (pool and metric); leaving releases it, ob
 duration and hands the attempt's verdict to the backend's breaker (True: the backend answered
 well; False: it failed; None: no verdict, e.g. the client went away). ``routed_header_lines`` gives
 the client the upstream's response headers plus the routing headers. Must not import
-``router.proxy`` or ``router.disagg`` (both import this).
+``router.proxy`` or ``router.pd.serving`` (both import this).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from types import TracebackType
 from typing import Protocol
 
 from router.hot_metrics import GaugeChild, HistogramChild
+from router.http.upstream import response_header_lines
 from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
-from router.upstream import response_header_lines
 
 __all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_lines",
            "routing_headers"]
@@ -28,7 +28,7 @@ __all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_
 
 
 class Upstream(Protocol):
-    """What an upstream response offers (``router.http_client.UpstreamResponse``)."""
+    """What an upstream response offers (``router.http.client.UpstreamResponse``)."""
 
     def close(self) -> None: ...
 

@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
     from router.app import create_app, serve
     from router.config import ConfigError
-    from router.disagg_config import check_config
-    from router.discovery_setup import discovery_background
-    from router.kv_setup import build_kv, wants_kv
+    from router.pd.config import check_config
+    from router.setup.discovery import discovery_background
+    from router.setup.kv import build_kv, wants_kv
 
     try:
         config = build_config(args, dict(os.environ))

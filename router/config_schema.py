@@ -33,11 +33,11 @@ from router.config import (
     ServerConfig,
     UpstreamConfig,
 )
-from router.disagg_config import DisaggConfig
-from router.discovery_dns import DnsParams
-from router.discovery_k8s import KubernetesParams
-from router.discovery_setup import MODES
-from router.kv_setup import KvEventsSection
+from router.discovery.dns import DnsParams
+from router.discovery.k8s import KubernetesParams
+from router.pd.config import DisaggConfig
+from router.setup.discovery import MODES
+from router.setup.kv import KvEventsSection
 
 __all__ = ["config_schema", "dataclass_schema"]
 

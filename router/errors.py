@@ -11,14 +11,14 @@
 
 Every error a client can see goes through ``error_body``/``error_response``; nothing else in
 the router builds error JSON. Must not import other ``router`` modules except
-``router.http_messages``.
+``router.http.messages``.
 """
 
 from __future__ import annotations
 
 import json
 
-from router.http_messages import Headers, Response
+from router.http.messages import Headers, Response
 
 __all__ = [
     "InvalidRequest",

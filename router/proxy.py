@@ -1,6 +1,6 @@
 """Forwarding: one request in, a policy-chosen backend, the response relayed back.
 
-The body is read and parsed once (``router.analyzer.read_fields``) and forwarded byte for
+The body is read and parsed once (``router.prompt.analyzer.read_fields``) and forwarded byte for
 byte. Each attempt acquires the backend in the pool, calls the policy's ``on_dispatched`` and
 always balances it with ``on_finished`` and a release, whatever happens (errors, client
 disconnects, cancellation). Retries go to a different backend and only before the first
@@ -24,7 +24,6 @@ import aiohttp
 import orjson
 
 from policies.types import ClusterView, Decision, Policy, RouteRequest
-from router.analyzer import RequestAnalyzer, RequestFields, read_fields
 from router.attempt import (
     backend_attempt,
     holding_upstream,
@@ -32,7 +31,6 @@ from router.attempt import (
     routing_headers,
 )
 from router.config import Config
-from router.disagg import Disaggregation
 from router.errors import (
     InvalidRequest,
     NoBackend,
@@ -45,17 +43,19 @@ from router.errors import (
     error_response,
 )
 from router.hold import RouterHold
-from router.http_client import (
+from router.http.client import (
     ConnectFailed,
     HeadTimeout,
     HttpClient,
     ResponseBroken,
     UpstreamResponse,
 )
-from router.http_messages import BodyTooLarge, Request, Response, StreamResponse
+from router.http.messages import BodyTooLarge, Request, Response, StreamResponse
+from router.http.upstream import forward_headers
 from router.metrics import NO_BACKEND, RouterMetrics
+from router.pd.serving import Disaggregation
 from router.pool import Backend, BackendPool
-from router.upstream import forward_headers
+from router.prompt.analyzer import RequestAnalyzer, RequestFields, read_fields
 
 __all__ = ["Proxy"]
 

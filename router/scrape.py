@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.kv_metrics import KvMetrics
+from router.kv.metrics import KvMetrics
 from router.pool import Backend, BackendPool
 
 __all__ = ["EngineScraper", "EngineSignals", "parse_engine_metrics"]

@@ -34,12 +34,12 @@ from typing import Any
 
 from policies.registry import build_policy
 from policies.types import Decision, RouteRequest
-from simulator.cost_model import CostModel, load_cost_model
 from simulator.des import EventLoop
-from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
+from simulator.engine.cost_model import CostModel, load_cost_model
+from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
+from simulator.inputs import SimConfig, prompt_text_of
 from simulator.results import PooledLruOracle, Reservoir, RunMetrics, quantile
-from simulator.sim_inputs import SimConfig, prompt_text_of
-from simulator.sim_router import EngineSignals, SimRouter
+from simulator.routing import EngineSignals, SimRouter
 from simulator.traces import TraceRequest
 
 __all__ = ["ClusterSim", "SimConfig", "prompt_text_of", "simulate"]

@@ -77,7 +77,7 @@ class RunSpec:
     max_requests: int | None = None
     tokenizer: str | None = None
     label: str = ""
-    # Prefill/decode disaggregation (simulator.sim_disagg): prefill engine count, None = off.
+    # Prefill/decode disaggregation (simulator.disagg): prefill engine count, None = off.
     prefill_backends: int | None = None
     disagg_params: Mapping[str, object] = field(default_factory=dict)
 
@@ -100,7 +100,7 @@ def _run_one(args: tuple[int, RunSpec]) -> dict[str, Any]:
 
     requests = open_trace(spec.trace, spec.config.seed, spec.max_requests, spec.tokenizer)
     if spec.prefill_backends is not None:
-        from simulator.sim_disagg import simulate_disagg
+        from simulator.disagg import simulate_disagg
 
         result = simulate_disagg(spec.config, spec.policy, spec.prefill_backends, requests,
                                  spec.params, spec.disagg_params, progress=report)

@@ -15,7 +15,7 @@ one per ``block_size`` tokens, the last one possibly covering a partial block. F
   only; every prompt is unique (no prefix information in the source).
 
 Text and token prompts are tokenized by a caller-supplied function and hashed here with the
-router's own chained xxh3 scheme (``policies.hashing``). Must not import ``router``; no clock, no global RNG.
+router's own chained xxh3 scheme (``policies.kv.hashing``). Must not import ``router``; no clock, no global RNG.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import xxhash
 
-from policies.hashing import BlockHasher, Namespace, pack_tokens
+from policies.kv.hashing import BlockHasher, Namespace, pack_tokens
 
 __all__ = [
     "MOONCAKE_BLOCK_SIZE",
@@ -84,7 +84,7 @@ def chain_block_keys(
     token_ids: Sequence[int], block_size: int, model: str = SIM_MODEL
 ) -> tuple[int, ...]:
     """Keys of every block, the last possibly partial. Full blocks use the router's own
-    ``policies.hashing`` scheme, so simulated and live indexes agree on token traces."""
+    ``policies.kv.hashing`` scheme, so simulated and live indexes agree on token traces."""
     hasher = BlockHasher(Namespace(model=model), block_size)
     keys = hasher.hash_tokens(token_ids)
     tail = token_ids[len(keys) * block_size :]

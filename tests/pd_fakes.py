@@ -1,4 +1,4 @@
-"""Prefill/decode backends for the P/D tests: a small OpenAI front over ``simulator.emulator_pd``.
+"""Prefill/decode backends for the P/D tests: a small OpenAI front over ``simulator.emulator.pd``.
 
 Each ``PdBackend`` is a real aiohttp server on 127.0.0.1 speaking vLLM's OpenAI wire format
 (JSON, or SSE ``data: {json}`` chunks ending with ``data: [DONE]``; a final usage chunk with
@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from policies.types import EngineKind, Role
-from simulator.emulator_pd import PdError, PdNode
+from simulator.emulator.pd import PdError, PdNode
 
 
 def prompt_tokens_of(body: dict[str, Any]) -> int:

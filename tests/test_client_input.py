@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from router.kv_metrics import KvMetrics
-from router.prompt_analyzer import ModelShape, TokenizingAnalyzer
-from router.tokenize import ModelTokenizer, load_tokenizer
+from router.kv.metrics import KvMetrics
+from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer
+from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 from simulator.tiny_tokenizer import default_path
 
 
@@ -63,7 +63,7 @@ async def test_bad_input_is_a_400_naming_the_problem(start_backend, start_router
 
 
 async def test_tool_calls_not_a_list_is_a_prompt_error_in_rendering(hf):
-    from router.chat_render import PromptError
+    from router.prompt.chat_render import PromptError
 
     tokenizer = ModelTokenizer(hf)
     with pytest.raises(PromptError, match=r"messages\[0\].tool_calls must be a list"):

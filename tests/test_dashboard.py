@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 
 from router.config import parse_config
-from router.discovery_setup import discovery_background
-from router.kv_setup import build_kv
-from simulator.emulator import EmulatedCluster
+from router.setup.discovery import discovery_background
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 ROOT = Path(__file__).resolve().parent.parent

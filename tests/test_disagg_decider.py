@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import pytest
 
 from policies.disaggregation import Disaggregated, DisaggregationParams, wrap
-from policies.events import BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
+from policies.kv.events import BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
 from policies.kv_aware import create as kv_aware
 from policies.params import ParamError
 from policies.registry import build_policy

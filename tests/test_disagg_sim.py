@@ -11,7 +11,7 @@ import pytest
 
 from kvrouter.cli import main
 from simulator.cluster import SimConfig
-from simulator.sim_disagg import DisaggClusterSim, simulate_disagg
+from simulator.disagg import DisaggClusterSim, simulate_disagg
 from simulator.sweep import open_trace
 
 TRACE = "synthetic:long_doc_qa,requests=40,rate=8,documents=6"
@@ -92,11 +92,11 @@ def test_router_and_simulator_make_the_same_split_decisions() -> None:
     import random
 
     from policies.disaggregation import wrap
-    from policies.hashing import BlockHasher, Namespace
+    from policies.kv.hashing import BlockHasher, Namespace
     from policies.registry import build_policy
     from policies.types import ClusterView, Role, RouteRequest
     from router.pool import BackendPool
-    from simulator.sim_disagg import _RoleRouter
+    from simulator.disagg import _RoleRouter
 
     roles = (Role.PREFILL, Role.PREFILL, Role.DECODE, Role.DECODE, Role.DECODE)
 

@@ -16,10 +16,10 @@ from fake_backend import FakeBackend, RouterHandle
 from fake_kube import FakeKube, make_pod
 from prometheus_client import CollectorRegistry
 
-from policies.index import PrefixIndex
+from policies.kv.index import PrefixIndex
 from policies.types import Role
 from router.config import ConfigError, parse_config
-from router.discovery import (
+from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
     DiscoveryMetrics,
@@ -27,9 +27,9 @@ from router.discovery import (
     event_sources_from_json,
     resolve_endpoint,
 )
-from router.discovery_k8s import KubernetesParams, PodError, backend_from_pod
-from router.discovery_setup import PoolSink, discovery_background, parse_discovery
+from router.discovery.k8s import KubernetesParams, PodError, backend_from_pod
 from router.pool import BackendPool
+from router.setup.discovery import PoolSink, discovery_background, parse_discovery
 
 
 class Sink:

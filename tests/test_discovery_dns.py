@@ -14,8 +14,8 @@ import dns.rrset
 import pytest
 from prometheus_client import CollectorRegistry
 
-from router.discovery import BackendSet, DiscoveredBackend, DiscoveryMetrics
-from router.discovery_dns import DnsDiscovery, DnsParams
+from router.discovery.backend_set import BackendSet, DiscoveredBackend, DiscoveryMetrics
+from router.discovery.dns import DnsDiscovery, DnsParams
 
 
 class Sink:

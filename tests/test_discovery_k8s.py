@@ -18,9 +18,19 @@ from fake_kube import FakeKube, make_pod
 from prometheus_client import CollectorRegistry
 
 from policies.types import Role
-from router.discovery import BackendSet, DiscoveredBackend, DiscoveryMetrics, EventSource
-from router.discovery_k8s import KubernetesDiscovery, KubernetesParams
-from router.kube_client import KubeConfig, KubeConfigError, in_cluster_config, kubeconfig_config
+from router.discovery.backend_set import (
+    BackendSet,
+    DiscoveredBackend,
+    DiscoveryMetrics,
+    EventSource,
+)
+from router.discovery.k8s import KubernetesDiscovery, KubernetesParams
+from router.discovery.kube_client import (
+    KubeConfig,
+    KubeConfigError,
+    in_cluster_config,
+    kubeconfig_config,
+)
 
 SELECTOR = "app=vllm,tier in (serving, canary)"
 LABELS = {"app": "vllm", "tier": "serving"}

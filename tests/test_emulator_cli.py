@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 

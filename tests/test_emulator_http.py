@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator.emulator import EmulatedCluster
-from simulator.emulator_chat import shape_chat
-from simulator.emulator_pod import ByteCodec, load_codec
+from simulator.emulator.chat import shape_chat
+from simulator.emulator.fleet import EmulatedCluster
+from simulator.emulator.pod import ByteCodec, load_codec
 
 MODEL = "tiny-llama"
 LONG_PROMPT = "the system prompt of a tenant with a long shared prefix. " * 20

@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 
 MODEL = "tiny-llama"
 BS = 16

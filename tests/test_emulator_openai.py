@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.chat_render import render_chat
-from simulator.emulator import EmulatedCluster
+from router.prompt.chat_render import render_chat
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from policies.events import BlockStored
-from simulator.cost_model import CostModel, load_cost_model, prefill_seconds, profile_names
-from simulator.engine import EngineConfig, EngineModel, EngineRequest, StepResult
+from policies.kv.events import BlockStored
+from simulator.engine.cost_model import CostModel, load_cost_model, prefill_seconds, profile_names
+from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
 
 BS = 16
 COST = load_cost_model("h200-llama-3.1-8b")

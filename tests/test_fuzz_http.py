@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from router.app import create_app, serve
 from router.config import parse_config
-from router.kv_setup import build_kv
+from router.setup.kv import build_kv
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny"

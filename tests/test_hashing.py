@@ -9,7 +9,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.hashing import BlockHasher, Namespace, pack_tokens
+from policies.kv.hashing import BlockHasher, Namespace, pack_tokens
 
 token_lists = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200)
 block_sizes = st.integers(min_value=1, max_value=32)

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from router.config import parse_config
-from router.discovery_setup import parse_discovery
-from router.kv_setup import build_kv, wants_kv
+from router.setup.discovery import parse_discovery
+from router.setup.kv import build_kv, wants_kv
 
 pytestmark = pytest.mark.helm
 

@@ -1,4 +1,4 @@
-"""The router's client-facing HTTP/1.1 server (``router.http_server``) over raw sockets: the
+"""The router's client-facing HTTP/1.1 server (``router.http.server``) over raw sockets: the
 framing cases real clients produce that the aiohttp-based tests never send (pipelining,
 chunked request bodies, ``Expect: 100-continue``, HTTP/1.0, malformed input, oversized bodies
 and heads, disconnects). Every case runs on asyncio's loop and on uvloop (``conftest.py``)."""
@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from router.http_messages import (
+from router.http.messages import (
     BodyTooLarge,
     Request,
     Response,
     StreamResponse,
     json_response,
 )
-from router.http_server import HttpServer
+from router.http.server import HttpServer
 
 MAX_BODY = 1000
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.events import AllBlocksCleared, BlockRemoved, BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex, Tier, tier_of_medium
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex, Tier, tier_of_medium
 
 BS = 4
 HASHER = BlockHasher(Namespace("m"), BS)

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from policies.events import BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
+from policies.kv.events import BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
 from policies.kv_aware import KvAware, KvAwareParams, create
 from policies.params import ParamError
 from policies.prefill_cost import PrefillCost

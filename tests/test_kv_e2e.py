@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import create_app, serve
 from router.config import parse_config
-from router.kv_setup import build_kv
-from simulator.emulator import EmulatedCluster
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"
@@ -155,7 +155,7 @@ async def test_router_joining_late_agrees_with_the_pods_caches():
             for url, pod in zip(cluster.urls, cluster.pods, strict=True):
                 assert plumbing.index.backend_entries(url) == len(pod.engine.cached_keys())
             # Every prompt's full blocks are found on the pod that served it.
-            from router.analyzer import Endpoint, RequestFields
+            from router.prompt.analyzer import Endpoint, RequestFields
             for i, body in enumerate(bodies):
                 fields = RequestFields(Endpoint.CHAT, "/v1/chat/completions", body, {},
                                        f"r{i}", MODEL)
@@ -181,7 +181,7 @@ async def test_engine_restart_clears_its_entries():
     import zmq
     import zmq.asyncio
 
-    from simulator.emulator_kv import KvEventPublisher
+    from simulator.emulator.kv import KvEventPublisher
 
     async with EmulatedCluster(count=2, model=MODEL, block_size=BS, time_scale=20.0,
                                tokenizer=default_path()) as cluster:

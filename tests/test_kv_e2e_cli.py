@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"

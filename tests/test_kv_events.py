@@ -13,13 +13,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from policies.events import AllBlocksCleared, BlockRemoved, BlockStored
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
-from router.kv_events import KvEventIngestor
-from router.kv_metrics import KvMetrics
-from router.kv_sources import KvEventSource, parse_event_sources, subscribe_plan
-from router.kv_wire import WireError, decode_live, decode_replay, replay_request
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
+from router.kv.events import KvEventIngestor
+from router.kv.metrics import KvMetrics
+from router.kv.sources import KvEventSource, parse_event_sources, subscribe_plan
+from router.kv.wire import WireError, decode_live, decode_replay, replay_request
 
 BS = 4
 MODEL = "tiny"
@@ -428,7 +428,7 @@ async def test_lag_describes_live_batches_and_replayed_ones_are_counted_apart(ct
 
 
 async def test_a_bound_socket_refuses_events_from_addresses_that_are_no_backend(ctx):
-    from router.kv_auth import EventSocketGate
+    from router.kv.auth import EventSocketGate
 
     port, rport = _port(), _port()
     bind = f"tcp://127.0.0.1:{port}"

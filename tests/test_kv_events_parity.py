@@ -10,14 +10,14 @@ import time
 
 import aiohttp
 
-from policies.events import BlockStored
-from policies.hashing import BlockHasher, Namespace
+from policies.kv.events import BlockStored
+from policies.kv.hashing import BlockHasher, Namespace
 from router.app import create_app, serve
 from router.config import parse_config
-from router.kv_metrics import KvMetrics
-from router.kv_setup import build_kv
-from router.parity import TokenParity
-from simulator.emulator import EmulatedCluster
+from router.kv.metrics import KvMetrics
+from router.kv.parity import TokenParity
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 BS = 4

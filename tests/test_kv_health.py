@@ -12,9 +12,9 @@ from aiohttp import web
 
 from router.app import create_app, serve
 from router.config import parse_config
-from router.kv_setup import build_kv
-from simulator.emulator import EmulatedCluster
-from simulator.emulator_http import build_app
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
+from simulator.emulator.http import build_app
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from test_pd_router import ForcedSplit
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 
 PROMPT = "Summarize the following report about cache-aware routing. " * 30
 

@@ -17,7 +17,7 @@ from pd_fakes import PdBackend, prompt_tokens_of, start_pd
 
 from policies.base import PolicyBase
 from policies.types import ClusterView, Decision, EngineKind, Role, RouteRequest
-from router.pd_vllm import REMOTE_DECODE_REQUEST
+from router.pd.vllm import REMOTE_DECODE_REQUEST
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 40
 

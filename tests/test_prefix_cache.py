@@ -8,10 +8,10 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
-from simulator.cost_model import load_cost_model
-from simulator.engine import EngineConfig, EngineModel, EngineRequest
-from simulator.prefix_cache import PrefixCache
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from simulator.engine.cost_model import load_cost_model
+from simulator.engine.model import EngineConfig, EngineModel, EngineRequest
+from simulator.engine.prefix_cache import PrefixCache
 
 BS = 4
 

@@ -199,7 +199,7 @@ async def test_hop_by_hop_headers_stay_on_their_hop(start_backend, start_router)
 
 
 def test_response_headers_named_in_connection_are_dropped():
-    from router.upstream import response_header_lines
+    from router.http.upstream import response_header_lines
 
     lines = response_header_lines([(b"content-type", b"text/plain"),
                                    (b"connection", b"close, x-hop"), (b"x-hop", b"1"),
@@ -208,7 +208,7 @@ def test_response_headers_named_in_connection_are_dropped():
 
 
 def test_hop_by_hop_names_for_the_prefill_leg_include_those_connection_lists():
-    from router.upstream import HOP_BY_HOP, hop_by_hop
+    from router.http.upstream import HOP_BY_HOP, hop_by_hop
 
     assert hop_by_hop([("Accept", "x")]) == HOP_BY_HOP
     names = hop_by_hop([("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1")])

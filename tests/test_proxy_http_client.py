@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.http_client import ConnectFailed, HeadTimeout, HttpClient, ResponseBroken
+from router.http.client import ConnectFailed, HeadTimeout, HttpClient, ResponseBroken
 
 
 class RawServer:

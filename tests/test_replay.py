@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.replay import ReplayConfig, TokenBlocks, error_message, grouped_errors, replay
 from simulator.report import write_report
 from simulator.traces import TraceRequest, load_jsonl

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvrouter.cli import main
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 
 
 def _mooncake(tmp_path: Path) -> Path:

@@ -9,8 +9,8 @@ import time
 
 from router.app import create_app, serve
 from router.config import parse_config
-from router.kv_setup import build_kv
-from simulator.emulator import EmulatedCluster
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.replay import ReplayConfig, TokenBlocks, replay
 from simulator.tiny_tokenizer import default_path
 from simulator.workloads import parse_synthetic, synthetic

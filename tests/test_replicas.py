@@ -27,16 +27,16 @@ import yaml
 from fake_backend import RouterHandle
 from fake_kube import FakeKube, make_pod
 
-from policies.hashing import BlockHasher, Namespace
-from policies.index import PrefixIndex
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.index import PrefixIndex
 from policies.types import RouteRequest
-from router.analyzer import RequestFields
 from router.config import parse_config
-from router.discovery_setup import discovery_background, ingestion_hook
-from router.kv_events import KvEventIngestor
-from router.kv_metrics import KvMetrics
-from router.kv_setup import build_kv
-from simulator.emulator import EmulatedCluster
+from router.kv.events import KvEventIngestor
+from router.kv.metrics import KvMetrics
+from router.prompt.analyzer import RequestFields
+from router.setup.discovery import discovery_background, ingestion_hook
+from router.setup.kv import build_kv
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"

@@ -12,7 +12,7 @@ from pathlib import Path
 from browser_check import chromium_or_skip, overflow
 
 from kvrouter.cli import main
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.replay import ReplayConfig, TokenBlocks, replay
 from simulator.report import write_report
 from simulator.sweep import open_trace

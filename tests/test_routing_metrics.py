@@ -14,8 +14,8 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.kv_setup import build_kv
 from router.metrics import MAX_REASON_LABELS, RouterMetrics, reason_label
+from router.setup.kv import build_kv
 from simulator.tiny_tokenizer import default_path
 
 

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.kv_metrics import KvMetrics
+from router.kv.metrics import KvMetrics
 from router.pool import BackendPool
 from router.scrape import EngineScraper, parse_engine_metrics
 
@@ -125,7 +125,7 @@ async def test_unreachable_and_garbage_backends_are_counted():
 
 def test_scraped_block_size_and_lora_parent_shape_the_analyzer():
     from router.config import parse_config
-    from router.kv_setup import build_kv
+    from router.setup.kv import build_kv
 
     kv = build_kv(parse_config({"models": {"base": {"block_size": 16}}}))
     pool = BackendPool()

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from simulator.emulator import EmulatedCluster
+from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from policies.index import PrefixIndex
+from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import BackendState, ClusterView, Decision, RouteRequest
 from router.pool import BackendPool
 from simulator.cluster import ClusterSim, SimConfig
-from simulator.sim_router import EngineSignals, SimRouter
+from simulator.routing import EngineSignals, SimRouter
 from simulator.workloads import parse_synthetic, synthetic
 
 Op = tuple[Any, ...]

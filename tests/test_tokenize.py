@@ -7,12 +7,12 @@ import itertools
 
 import pytest
 
-from policies.hashing import BlockHasher, Namespace
-from router.analyzer import Endpoint, RequestFields
-from router.chat_render import PromptError, content_format, shape_tools
-from router.kv_metrics import KvMetrics
-from router.prompt_analyzer import ModelShape, TokenizingAnalyzer
-from router.tokenize import ModelTokenizer, load_tokenizer
+from policies.kv.hashing import BlockHasher, Namespace
+from router.kv.metrics import KvMetrics
+from router.prompt.analyzer import Endpoint, RequestFields
+from router.prompt.chat_render import PromptError, content_format, shape_tools
+from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer
+from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 from simulator.tiny_tokenizer import default_path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from policies.hashing import BlockHasher, Namespace
+from policies.kv.hashing import BlockHasher, Namespace
 from simulator.sweep import open_trace
 from simulator.traces import (
     SIM_MODEL,

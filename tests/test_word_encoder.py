@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from router import word_encoder
-from router.tokenize import ModelTokenizer, _non_ascii_islands, load_tokenizer
-from router.word_encoder import WordEncoder, is_safe_cut, safe_cuts
+from router.prompt import word_encoder
+from router.prompt.tokenize import ModelTokenizer, _non_ascii_islands, load_tokenizer
+from router.prompt.word_encoder import WordEncoder, is_safe_cut, safe_cuts
 from simulator.tiny_tokenizer import _WORDS, default_path
 
 SPECIALS = ["<|start|>", "<|end|>", "<|bos|>"]

@@ -2,7 +2,7 @@
 
 Proves, against vLLM 0.32 (CPU) serving the tiny model: the router's tokenizer gives exactly
 the engine's prompt tokens (completions and chat through the chat template); the engine's
-KV events decode with ``router.kv_wire`` and carry, block by block, the tokens the router
+KV events decode with ``router.kv.wire`` and carry, block by block, the tokens the router
 computes; a cache hit shows in ``usage.prompt_tokens_details.cached_tokens``.
 """
 
@@ -19,9 +19,9 @@ import zmq
 import zmq.asyncio
 from vllm_client import MODEL, chat_body, completion_body, post, text
 
-from policies.events import BlockStored
-from router.kv_wire import decode_live
-from router.tokenize import ModelTokenizer, load_tokenizer
+from policies.kv.events import BlockStored
+from router.kv.wire import decode_live
+from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.vllm
 

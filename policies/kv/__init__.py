@@ -1,0 +1,4 @@
+"""The KV block index, pure: block hashing as the engines do it (``hashing``), the event values
+(``events``), applying events to a backend's blocks (``feed``) and the global prefix index
+(``index``) that policies match prompts against.
+"""

@@ -1,0 +1,120 @@
+"""What one engine's KV events mean in router hashes: tiers, the per-backend engine-hash map,
+and the rehashing of ``BlockStored`` token ids. Used by ``policies.kv.index.PrefixIndex``.
+
+Engines hash blocks their own way (vLLM: SHA-256 seeded per process), so the router never
+reproduces engine hashes: it rehashes each stored block's token ids with its own namespace
+(``policies.kv.hashing``), chained from the parent's router hash, and remembers
+engine hash -> router hash per backend so removals and later children resolve. Must not import
+anything outside the standard library, ``xxhash`` and ``policies``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import IntEnum
+
+import xxhash
+
+from policies.kv.events import BlockStored
+from policies.kv.hashing import BlockHasher
+from policies.types import BackendId, BlockHash
+
+__all__ = ["IndexedBackend", "Tier", "low_water", "orphan_seed", "rehash_stored", "tier_of_medium"]
+
+# Chains under an unknown parent start from a seed derived from it and this constant; no
+# namespace root can produce them, so such blocks never match a prompt.
+_ORPHAN_SEED = 0x6B76726F7574657F
+
+
+class Tier(IntEnum):
+    GPU = 0
+    CPU = 1
+    STORAGE = 2
+
+
+def tier_of_medium(medium: str) -> Tier:
+    """vLLM's ``medium``: "GPU" is the engine's own cache (even on CPU engines), "CPU" host
+    offload; anything else (disk, LMCache, remote stores) is the slow storage tier."""
+    upper = medium.upper()
+    if upper in ("GPU", "CUDA", "HBM", ""):
+        return Tier.GPU
+    if upper in ("CPU", "HOST", "CPU_TIER", "DRAM"):
+        return Tier.CPU
+    return Tier.STORAGE
+
+
+class IndexedBackend:
+    """One backend's slot in the index and its own maps: precise mode keeps engine hash ->
+    router hash; approximate mode keeps router hash -> expiry time, in recording order."""
+
+    __slots__ = ("backend_id", "engine_to_router", "entries", "precise", "recorded", "slot")
+
+    def __init__(self, backend_id: BackendId, slot: int) -> None:
+        self.backend_id = backend_id
+        self.slot = slot
+        self.precise = False
+        self.entries = 0
+        self.engine_to_router: dict[int, BlockHash] = {}
+        self.recorded: dict[BlockHash, float] = {}
+
+    def reset(self) -> None:
+        self.entries = 0
+        self.engine_to_router = {}
+        self.recorded = {}
+
+
+def orphan_seed(parent_engine_hash: int) -> int:
+    return xxhash.xxh3_64_intdigest(
+        (parent_engine_hash & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"), _ORPHAN_SEED
+    )
+
+
+def low_water(budget: int) -> int:
+    """Where a batch eviction stops: 1/16 below the budget, so evictions stay rare."""
+    return budget - max(1, budget // 16)
+
+
+def rehash_stored(
+    backend: IndexedBackend,
+    event: BlockStored,
+    hasher: BlockHasher | None,
+) -> tuple[Sequence[BlockHash], bool, bool]:
+    """Router hashes of a BlockStored's blocks; records engine -> router in ``backend``.
+
+    ``hasher`` is None when the event carries no token ids (engine hashes are router hashes).
+    Returns ``(router_hashes, orphan, malformed)``: ``orphan`` when the parent is unknown (the
+    hashes then chain from ``orphan_seed`` and must not be indexed), ``malformed`` when the
+    token count does not cover the blocks (only the covered blocks are kept).
+    """
+    engine_hashes = event.block_hashes
+    engine_map = backend.engine_to_router
+    orphan = malformed = False
+    if hasher is None:
+        router_hashes: Sequence[BlockHash] = engine_hashes
+    else:
+        block_size = event.block_size
+        n_blocks = len(event.token_ids) // block_size if block_size > 0 else 0
+        if n_blocks != len(engine_hashes):
+            malformed = True
+            n_blocks = min(n_blocks, len(engine_hashes))
+            engine_hashes = engine_hashes[:n_blocks]
+        prev: int | None = None
+        if event.parent_block_hash is not None:
+            prev = engine_map.get(event.parent_block_hash)
+            if prev is None:
+                orphan = True
+                prev = orphan_seed(event.parent_block_hash)
+            elif prev < 0:  # the parent is itself an orphan's descendant
+                orphan = True
+                prev = ~prev
+        tokens = event.token_ids
+        if len(tokens) != n_blocks * block_size:
+            tokens = tokens[: n_blocks * block_size]
+        router_hashes = hasher.extend(prev, tokens)
+    # Orphan chains are kept as negative numbers (router hashes are unsigned) so that their
+    # descendants are recognised as orphans too and none of them is ever indexed.
+    sign = -1 if orphan else 0
+    for engine_hash, router_hash in zip(engine_hashes, router_hashes, strict=True):
+        engine_map.pop(engine_hash, None)
+        engine_map[engine_hash] = router_hash ^ sign
+    return router_hashes, orphan, malformed

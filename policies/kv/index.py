@@ -1,0 +1,432 @@
+"""PrefixIndex: which backends hold which router block hashes, and in which tier.
+
+A plain synchronous data structure shared by the live router and the simulator: no locks,
+tasks, I/O or clock reads (callers pass ``now_s``). Must not import anything outside the
+standard library, ``xxhash`` and ``policies``.
+
+API (all hashes are the router's own, from ``policies.kv.hashing``, unless said otherwise)::
+
+    index = PrefixIndex(max_entries=2_000_000)
+    index.set_backend_model("http://10.0.0.7:8000", "llama-8b")      # namespace for rehashing
+    stored = index.apply("http://10.0.0.7:8000", event, now_s)       # KvEvent -> router hashes
+    found = index.match(request.block_hashes, now_s)                 # {backend_id: BackendMatch}
+    index.touch(request.block_hashes[:n])                            # keep a hit chain recent
+    index.record_dispatch(backend_id, block_hashes, now_s, ttl_s, capacity_blocks=...)
+    index.remove_backend(backend_id)                                  # purge everything it held
+    index.entries, index.stats()                                      # size, bytes, counters
+
+Two ways to feed it, per backend:
+- **Precise** (``apply``): engine KV events. ``BlockStored`` token ids are rehashed with the
+  router's namespace for that backend's model (``set_backend_model``; LoRA from the event's
+  ``lora_name``) and chained from the parent's router hash, found through a per-backend map
+  from ENGINE hash to router hash. Empty ``token_ids`` mean the engine hashes already are router
+  hashes (the simulator's engines). ``BlockRemoved`` goes through the same map;
+  ``AllBlocksCleared`` clears the backend. A parent the map does not know (router joined late,
+  lost events) makes the event an orphan: it is counted, its blocks are remembered in the engine
+  map (so later children and removals resolve) but not indexed, as their router hashes cannot
+  be known. ``apply`` returns the router hashes it indexed, so the router can compare them with
+  the hashes it computed for recent requests (token parity). The engine map holds one entry
+  per block the engine holds; past ``2 * max_entries`` (lost removals) it keeps only entries
+  still indexed.
+- **Approximate** (``record_dispatch``): for backends without events, the blocks of each
+  request sent there, expiring ``ttl_s`` after the last dispatch that carried them (checked
+  lazily against ``now_s``) and capped at the backend's estimated capacity in blocks. A backend
+  that sends events is never overwritten by dispatch records.
+
+Match: ``match`` walks the request's chain once, keeping the set of backends still matching
+as a bitmask, and stops at the first block no candidate holds: cost O(blocks matched). A
+backend's result is its longest held chain prefix with the blocks per tier (GPU, CPU offload,
+storage; from the event's ``medium``), each block counted in its best tier.
+
+Memory: one dict entry (router hash -> packed tier bits, 3 bits per backend slot) per block,
+plus one engine-map entry per (block, backend). The node dict's insertion order is the LRU
+order; stores, dispatch records and ``touch`` re-insert a chain deepest block first so that a
+chain's tail is evicted before its head. When ``entries`` ((block, backend) pairs) exceeds
+``max_entries``, the least recent blocks are evicted in one batch to 15/16 of the budget.
+``bench/index.py`` measures bytes per entry (tracemalloc) and ingestion rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from policies.kv.feed import IndexedBackend, Tier, low_water, rehash_stored, tier_of_medium
+from policies.kv.hashing import BlockHasher, Namespace
+from policies.types import BackendId, BlockHash
+
+__all__ = ["BackendMatch", "IndexStats", "PrefixIndex", "Tier", "tier_of_medium"]
+
+_BITS = 3  # per backend slot: GPU, CPU, STORAGE
+
+
+@dataclass(frozen=True, slots=True)
+class BackendMatch:
+    """One backend's longest held prefix of a request's chain, split by tier."""
+
+    backend_id: BackendId
+    matched_blocks: int
+    gpu_blocks: int
+    cpu_blocks: int = 0
+    storage_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    entries: int
+    blocks: int
+    backends: int
+    estimated_bytes: int
+    orphan_events: int
+    malformed_events: int
+    unknown_removals: int
+    evicted_entries: int
+    expired_entries: int
+
+
+class PrefixIndex:
+    """Router block hash -> backends (and tiers) holding it. See the module docstring."""
+
+    def __init__(self, max_entries: int = 2_000_000) -> None:
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be positive, got {max_entries}")
+        self.max_entries = max_entries
+        self._nodes: dict[BlockHash, int] = {}
+        self._backends: dict[BackendId, IndexedBackend] = {}
+        self._by_slot: dict[int, IndexedBackend] = {}
+        self._models: dict[BackendId, str] = {}
+        self._hashers: dict[tuple[str, str | None, int], BlockHasher] = {}
+        self._live_low = 0  # bit 3*slot set for every slot in use
+        self._entries = 0
+        self.orphan_events = 0
+        self.malformed_events = 0
+        self.unknown_removals = 0
+        self.evicted_entries = 0
+        self.expired_entries = 0
+
+    # ---- size -------------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> int:
+        """(block, backend) pairs indexed; tiers of one pair count once."""
+        return self._entries
+
+    def backend_entries(self, backend_id: BackendId) -> int:
+        backend = self._backends.get(backend_id)
+        return 0 if backend is None else backend.entries
+
+    def backend_ids(self) -> tuple[BackendId, ...]:
+        return tuple(self._backends)
+
+    def estimated_bytes(self) -> int:
+        """CPython-model estimate: ~40 B per dict slot plus ~32 B per int object."""
+        maps = sum(len(b.engine_to_router) + len(b.recorded) for b in self._backends.values())
+        return len(self._nodes) * (40 + 32 + 32) + maps * (40 + 32)
+
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            entries=self._entries,
+            blocks=len(self._nodes),
+            backends=len(self._backends),
+            estimated_bytes=self.estimated_bytes(),
+            orphan_events=self.orphan_events,
+            malformed_events=self.malformed_events,
+            unknown_removals=self.unknown_removals,
+            evicted_entries=self.evicted_entries,
+            expired_entries=self.expired_entries,
+        )
+
+    # ---- backends ---------------------------------------------------------------------------
+
+    def set_backend_model(self, backend_id: BackendId, model: str) -> None:
+        """The served base model whose namespace rehashes this backend's event token ids."""
+        self._models[backend_id] = model
+
+    def _backend(self, backend_id: BackendId) -> IndexedBackend:
+        backend = self._backends.get(backend_id)
+        if backend is None:
+            slot = 0
+            while slot in self._by_slot:
+                slot += 1
+            backend = IndexedBackend(backend_id, slot)
+            self._backends[backend_id] = backend
+            self._by_slot[slot] = backend
+            self._live_low |= 1 << (_BITS * slot)
+        return backend
+
+    def remove_backend(self, backend_id: BackendId) -> None:
+        """Forget everything ``backend_id`` held and free its slot."""
+        backend = self._backends.pop(backend_id, None)
+        self._models.pop(backend_id, None)
+        if backend is None:
+            return
+        self._clear(backend)
+        del self._by_slot[backend.slot]
+        self._live_low &= ~(1 << (_BITS * backend.slot))
+
+    def _clear(self, backend: IndexedBackend) -> None:
+        keep = ~(7 << (_BITS * backend.slot))
+        nodes = self._nodes
+        held: Iterable[BlockHash] = (
+            backend.recorded if backend.recorded else set(backend.engine_to_router.values())
+        )
+        for h in held:
+            v = nodes.get(h)
+            if v is None:
+                continue
+            v &= keep
+            if v:
+                nodes[h] = v
+            else:
+                del nodes[h]
+        self._entries -= backend.entries
+        backend.reset()
+
+    # ---- precise mode: engine events ----------------------------------------------------------
+
+    def apply(self, backend_id: BackendId, event: KvEvent, now_s: float) -> tuple[BlockHash, ...]:
+        """Apply one engine event; returns the router hashes newly indexed (BlockStored only).
+
+        Raises ValueError when token ids must be rehashed but no model was set for the backend.
+        """
+        backend = self._backend(backend_id)
+        if backend.recorded:
+            # Events are the truth; dispatch records made before they started are dropped.
+            self._clear(backend)
+        backend.precise = True
+        if isinstance(event, BlockStored):
+            return self._store(backend, event)
+        if isinstance(event, BlockRemoved):
+            self._remove(backend, event)
+        elif isinstance(event, AllBlocksCleared):
+            self._clear(backend)
+        return ()
+
+    def _hasher(self, backend: IndexedBackend, event: BlockStored) -> BlockHasher:
+        model = self._models.get(backend.backend_id)
+        if model is None:
+            raise ValueError(
+                f"backend {backend.backend_id!r} sent token ids but has no model; "
+                "call PrefixIndex.set_backend_model first"
+            )
+        key = (model, event.lora_name, event.block_size)
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            hasher = BlockHasher(Namespace(model, event.lora_name), event.block_size)
+            self._hashers[key] = hasher
+        return hasher
+
+    def _store(self, backend: IndexedBackend, event: BlockStored) -> tuple[BlockHash, ...]:
+        hasher = self._hasher(backend, event) if event.token_ids else None
+        router_hashes, orphan, malformed = rehash_stored(backend, event, hasher)
+        self.orphan_events += orphan
+        self.malformed_events += malformed
+        if not orphan:
+            self._hold(backend, router_hashes, tier_of_medium(event.medium))
+        if len(backend.engine_to_router) > 2 * self.max_entries:
+            self._sweep_engine_map(backend)
+        return () if orphan else tuple(router_hashes)
+
+    def _sweep_engine_map(self, backend: IndexedBackend) -> None:
+        # The map outgrows the index only through lost removals or index evictions. Keep every
+        # entry still indexed for this backend (its removal must resolve); drop the rest.
+        slot_bits = 7 << (_BITS * backend.slot)
+        nodes = self._nodes
+        backend.engine_to_router = {
+            e: r for e, r in backend.engine_to_router.items() if nodes.get(r, 0) & slot_bits
+        }
+
+    def _remove(self, backend: IndexedBackend, event: BlockRemoved) -> None:
+        tier_bit = 1 << (_BITS * backend.slot + tier_of_medium(event.medium))
+        slot_bits = 7 << (_BITS * backend.slot)
+        engine_map = backend.engine_to_router
+        nodes = self._nodes
+        for engine_hash in event.block_hashes:
+            router_hash = engine_map.get(engine_hash)
+            if router_hash is None:
+                self.unknown_removals += 1
+                continue
+            v = nodes.get(router_hash)
+            if v is None or not v & tier_bit:
+                if v is None or not v & slot_bits:
+                    del engine_map[engine_hash]
+                continue
+            v &= ~tier_bit
+            if not v & slot_bits:
+                del engine_map[engine_hash]
+                backend.entries -= 1
+                self._entries -= 1
+            if v:
+                nodes[router_hash] = v
+            else:
+                del nodes[router_hash]
+
+    # ---- approximate mode: the router's own dispatches ---------------------------------------
+
+    def record_dispatch(
+        self,
+        backend_id: BackendId,
+        block_hashes: Sequence[BlockHash],
+        now_s: float,
+        ttl_s: float,
+        capacity_blocks: int | None = None,
+    ) -> None:
+        """Assume ``backend_id`` caches these blocks until ``now_s + ttl_s``.
+
+        Ignored for a backend that sends events. Keep ``ttl_s`` constant per backend: ``match``
+        relies on expiry times never increasing along a chain.
+        """
+        backend = self._backend(backend_id)
+        if backend.precise or not block_hashes:
+            return
+        recorded = backend.recorded
+        expired = [h for h in islice(recorded, 64) if recorded[h] <= now_s]
+        self._forget(backend, expired)
+        self.expired_entries += len(expired)
+        expiry_s = now_s + ttl_s
+        for h in reversed(block_hashes):
+            recorded.pop(h, None)
+            recorded[h] = expiry_s
+        self._hold(backend, block_hashes, Tier.GPU)
+        if capacity_blocks is not None and len(recorded) > capacity_blocks:
+            over = len(recorded) - low_water(max(capacity_blocks, 1))
+            self._forget(backend, list(islice(recorded, over)))
+
+    def _forget(self, backend: IndexedBackend, hashes: Sequence[BlockHash]) -> None:
+        keep = ~(7 << (_BITS * backend.slot))
+        nodes = self._nodes
+        for h in hashes:
+            del backend.recorded[h]
+            v = nodes.get(h)
+            if v is None:
+                continue
+            v &= keep
+            if v:
+                nodes[h] = v
+            else:
+                del nodes[h]
+        backend.entries -= len(hashes)
+        self._entries -= len(hashes)
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    def _hold(self, backend: IndexedBackend, hashes: Sequence[BlockHash], tier: Tier) -> None:
+        shift = _BITS * backend.slot
+        bit = 1 << (shift + tier)
+        slot_bits = 7 << shift
+        nodes = self._nodes
+        added = 0
+        for h in reversed(hashes):
+            v = nodes.pop(h, 0)
+            if not v & slot_bits:
+                added += 1
+            nodes[h] = v | bit
+        backend.entries += added
+        self._entries += added
+        if self._entries > self.max_entries:
+            self._evict(self._entries - low_water(self.max_entries))
+
+    def _evict(self, n_entries: int) -> None:
+        nodes = self._nodes
+        by_slot = self._by_slot
+        evicted = 0
+        victims = []
+        for h in nodes:
+            if evicted >= n_entries:
+                break
+            victims.append(h)
+            v = nodes[h]
+            while v:
+                low = v & -v
+                slot = (low.bit_length() - 1) // _BITS
+                v &= ~(7 << (_BITS * slot))
+                evicted += 1
+        for h in victims:
+            v = nodes.pop(h)
+            while v:
+                low = v & -v
+                slot = (low.bit_length() - 1) // _BITS
+                v &= ~(7 << (_BITS * slot))
+                backend = by_slot[slot]
+                backend.entries -= 1
+                backend.recorded.pop(h, None)
+        self._entries -= evicted
+        self.evicted_entries += evicted
+
+    def touch(self, block_hashes: Sequence[BlockHash]) -> None:
+        """Mark a chain recently used (deepest block first), e.g. the hit part of a dispatch."""
+        nodes = self._nodes
+        for h in reversed(block_hashes):
+            v = nodes.pop(h, None)
+            if v is not None:
+                nodes[h] = v
+
+    def match(
+        self, block_hashes: Sequence[BlockHash], now_s: float | None = None
+    ) -> dict[BackendId, BackendMatch]:
+        """Per backend holding at least the first block: its longest held prefix by tier.
+
+        ``now_s`` expires approximate-mode records; ``None`` ignores expiry.
+        """
+        nodes = self._nodes
+        active = self._live_low
+        ended: dict[int, int] = {}  # slot bit -> matched blocks
+        lower: dict[int, list[int]] = {}  # slot bit -> [cpu_blocks, storage_blocks]
+        n = 0
+        for h in block_hashes:
+            v = nodes.get(h)
+            if v is None:
+                break
+            held = (v | (v >> 1) | (v >> 2)) & active
+            if held != active:
+                gone = active & ~held
+                while gone:
+                    low = gone & -gone
+                    ended[low] = n
+                    gone ^= low
+                active = held
+                if not active:
+                    break
+            below_gpu = active & ~v
+            while below_gpu:
+                low = below_gpu & -below_gpu
+                counts = lower.setdefault(low, [0, 0])
+                counts[0 if v & (low << 1) else 1] += 1
+                below_gpu ^= low
+            n += 1
+        while active:
+            low = active & -active
+            ended[low] = n
+            active ^= low
+        out: dict[BackendId, BackendMatch] = {}
+        for low, matched in sorted(ended.items()):
+            if matched == 0:
+                continue
+            backend = self._by_slot[(low.bit_length() - 1) // _BITS]
+            cpu, storage = lower.get(low, (0, 0))
+            if backend.recorded and now_s is not None:
+                matched = _unexpired_prefix(backend.recorded, block_hashes, matched, now_s)
+                if matched == 0:
+                    continue
+                cpu = storage = 0
+            out[backend.backend_id] = BackendMatch(
+                backend.backend_id, matched, matched - cpu - storage, cpu, storage
+            )
+        return out
+
+
+def _unexpired_prefix(
+    recorded: dict[BlockHash, float], hashes: Sequence[BlockHash], matched: int, now_s: float
+) -> int:
+    # Expiry never increases along a chain (every dispatch carrying block k carried 0..k-1),
+    # so the unexpired part is a prefix: binary search it.
+    lo, hi = 0, matched
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if recorded.get(hashes[mid - 1], float("-inf")) > now_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

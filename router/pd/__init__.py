@@ -1,0 +1,3 @@
+"""The prefill/decode room: serving a split decision (``serving``) over vLLM's sequential
+(``vllm``) or SGLang's concurrent (``sglang``) protocol, configured by ``config``.
+"""

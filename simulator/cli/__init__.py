@@ -1,0 +1,1 @@
+"""The simulator's command-line fronts: ``kvrouter simulate``, ``replay`` and ``tune``."""

@@ -1,0 +1,398 @@
+"""One emulated pod's engine side: the engine model driven in scaled wall-clock time, the
+tokenizer, per-request token streams, metrics and the KV-event publisher.
+
+Async (asyncio); used by ``simulator.emulator.http`` and ``simulator.emulator.fleet``. Must not import
+``router`` or aiohttp.
+
+Time: the engine model runs in virtual seconds; one virtual second lasts ``1 / time_scale`` wall
+seconds. The driver steps the engine, sleeps the step's scaled duration, then delivers the
+step's tokens to the waiting handlers and publishes the step's KV events (vLLM publishes after
+the step too).
+
+Tokenization: ``load_codec(path)`` loads a tokenizer directory with ``transformers`` (the tiny
+tokenizer by default). When that fails, ``ByteCodec`` is used: a deterministic fallback mapping
+each UTF-8 byte to id ``byte + 3`` (ids 0-2 reserved), chat as ``tool: JSON`` lines then
+``role: content`` lines, so the
+emulator still runs without a tokenizer.
+
+Output: deterministic filler tokens (a fixed cycle of common words), ``max_tokens`` of them (EOS
+is ignored, like ``ignore_eos``), one per decode step. Full blocks of output are cached (and
+announced in BlockStored events with their token ids) as decoding fills them, like vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from simulator.emulator.chat import ChatInputs
+from simulator.emulator.kv import KvEventPublisher, vllm_block_hashes
+from simulator.emulator.metrics import PodMetrics
+from simulator.engine.cost_model import CostModel
+from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
+
+__all__ = ["ByteCodec", "Codec", "EmulatedPod", "HfCodec", "PodConfig", "TokenStream", "load_codec"]
+
+log = logging.getLogger(__name__)
+
+_FILLER_TEXT = " the cache block router request backend engine prefix decode prefill query answer"
+
+
+class Codec(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def chat(self, inputs: ChatInputs) -> list[int]: ...
+
+
+class HfCodec:
+    """A ``transformers`` tokenizer: completions encode the prompt; chat renders the template
+    (with tools, documents and template kwargs, messages shaped as vLLM shapes them: see
+    ``simulator.emulator.chat``) and encodes it without adding special tokens again.
+
+    The last ``MEMO_ENTRIES`` encodings are remembered by text. Every pod of an emulated
+    cluster shares one codec in one process, while real pods tokenize on their own CPUs: a
+    router that renders each request on every pod (vllm-router's cache_aware) would otherwise
+    cost the emulator N tokenizations of the same prompt in series, a slowdown real pods do not
+    have. The answers are the same either way."""
+
+    MEMO_ENTRIES = 256
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self._tok = tokenizer
+        self.name = name
+        self.vocab_size = len(tokenizer)
+        # The Rust tokenizer under a fast tokenizer gives the same ids without transformers'
+        # per-call Python overhead (a quarter of the emulator's CPU per short request).
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+
+    def _remembered(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._memo.get(key)
+        if ids is not None:
+            self._memo.move_to_end(key)
+            return list(ids)
+        if special:
+            fresh = (self._backend.encode(text).ids if self._backend is not None
+                     else self._tok.encode(text))
+        else:
+            fresh = self._tok.encode(text, add_special_tokens=False)
+        self._memo[key] = tuple(fresh)
+        if len(self._memo) > self.MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        return list(fresh)
+
+    def encode(self, text: str) -> list[int]:
+        return self._remembered(text, special=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids)))
+
+    def chat(self, inputs: ChatInputs) -> list[int]:
+        return self.encode_rendered(self.render_chat(inputs))
+
+    def render_chat(self, inputs: ChatInputs) -> str:
+        template = self._tok.get_chat_template(None, inputs.tools)
+        text = self._tok.apply_chat_template(
+            inputs.conversation(template),
+            tools=inputs.tools,
+            documents=inputs.documents,
+            add_generation_prompt=inputs.add_generation_prompt,
+            continue_final_message=inputs.continue_final_message,
+            tokenize=False,
+            **inputs.kwargs,
+        )
+        return str(text)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        return self._remembered(text, special=False)
+
+
+class ByteCodec:
+    """The fallback: one token per UTF-8 byte, id = byte + 3."""
+
+    name = "bytes"
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+
+    def chat(self, inputs: ChatInputs) -> list[int]:
+        lines = [f"tool: {json.dumps(t, sort_keys=True)}\n" for t in inputs.tools or []]
+        lines += [
+            f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in inputs.messages
+        ]
+        if inputs.add_generation_prompt:
+            lines.append("assistant: ")
+        return self.encode("".join(lines))
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", ""))
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def load_codec(path: str | Path | None) -> Codec:
+    """The tokenizer at ``path`` (default: the shipped tiny tokenizer), else ``ByteCodec``."""
+    if path is None:
+        from simulator.tiny_tokenizer import default_path
+
+        path = default_path()
+    try:
+        from transformers import AutoTokenizer
+
+        return HfCodec(AutoTokenizer.from_pretrained(str(path)), str(path))
+    except Exception as exc:  # any load failure means: use the documented fallback
+        log.warning("tokenizer %s not loadable (%s); using the byte fallback", path, exc)
+        return ByteCodec()
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    model: str = "tiny-llama"
+    engine_kind: str = "vllm"
+    block_size: int = 16
+    num_gpu_blocks: int = 4096
+    max_model_len: int = 8192
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    time_scale: float = 1.0
+    # vLLM >= 0.30 serves its render endpoints only with `--enable-scale-out`.
+    scale_out: bool = False
+
+
+class TokenStream:
+    """One request's tokens as the engine produces them. Streaming handlers ``await
+    next_token()`` (the filler token's text, ``None`` after the last one); others ``await
+    done()`` and read ``text()``, which costs no wake-up per token."""
+
+    __slots__ = (
+        "_done",
+        "_filler",
+        "_queue",
+        "cached_tokens",
+        "finished",
+        "max_tokens",
+        "produced",
+        "prompt_tokens",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        filler: Sequence[str],
+        streaming: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.cached_tokens = 0
+        self.finished = False
+        self.produced = 0
+        self._filler = filler
+        self._queue: asyncio.Queue[str | None] | None = asyncio.Queue() if streaming else None
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def next_token(self) -> str | None:
+        assert self._queue is not None, "not a streaming request"
+        return await self._queue.get()
+
+    async def done(self) -> None:
+        await self._done
+
+    def text(self) -> str:
+        filler = self._filler
+        return "".join(filler[i % len(filler)] for i in range(self.produced))
+
+    def tokens(self) -> list[str]:
+        filler = self._filler
+        return [filler[i % len(filler)] for i in range(self.produced)]
+
+    def _emit(self) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(self._filler[self.produced % len(self._filler)])
+        self.produced += 1
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self._queue is not None:
+            self._queue.put_nowait(None)
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+class EmulatedPod:
+    def __init__(
+        self,
+        config: PodConfig,
+        cost: CostModel,
+        codec: Codec,
+        index: int = 0,
+        publisher: KvEventPublisher | None = None,
+    ) -> None:
+        if config.time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {config.time_scale}")
+        self.config = config
+        self.codec = codec
+        self.index = index
+        self.publisher = publisher
+        self.engine = EngineModel(
+            EngineConfig(
+                block_size=config.block_size,
+                num_gpu_blocks=config.num_gpu_blocks,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=config.max_model_len,
+            ),
+            cost,
+            engine_id=f"pod-{index}",
+        )
+        self.metrics = PodMetrics(self.engine, config.model, sglang=config.engine_kind == "sglang")
+        self._hash_seed = f"emulated-engine-{index}".encode()
+        self._streams: dict[str, TokenStream] = {}
+        self._arrivals_wall: dict[str, float] = {}
+        self._ids = itertools.count()
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._virtual_s = 0.0
+        self._wall0 = 0.0
+        self._filler_ids = codec.encode(_FILLER_TEXT) or [3]
+        self._filler = [codec.decode([i]) for i in self._filler_ids]
+        self.driver_errors = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wall0 = loop.time()
+        if self.publisher is not None:
+            await self.publisher.start()
+        self._task = asyncio.create_task(self._drive(), name=f"emulated-pod-{self.index}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    def _virtual_now(self) -> float:
+        wall = asyncio.get_running_loop().time() - self._wall0
+        self._virtual_s = max(self._virtual_s, wall * self.config.time_scale)
+        return self._virtual_s
+
+    @property
+    def filler_tokens(self) -> list[str]:
+        """The texts of the output's filler tokens, in the order they cycle."""
+        return self._filler
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def block_keys(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        """The engine's keys of the full blocks of ``token_ids`` (what ``submit`` uses)."""
+        return tuple(vllm_block_hashes(token_ids, self.config.block_size, self._hash_seed))
+
+    def submit(
+        self,
+        token_ids: Sequence[int],
+        max_tokens: int,
+        streaming: bool = False,
+        report_hits: bool = False,
+    ) -> TokenStream:
+        """Queue a request; ValueError (client's fault) when the engine could never run it."""
+        rid = f"{self.index}-{next(self._ids)}"
+        # The output is known in advance (filler), so its blocks get keys too and are cached as
+        # decoding fills them: a next turn repeating the answer hits them, as on vLLM.
+        filler = self._filler_ids
+        output = [filler[i % len(filler)] for i in range(max_tokens)]
+        sequence = (*token_ids, *output)
+        keys = vllm_block_hashes(sequence, self.config.block_size, self._hash_seed)
+        request = EngineRequest(rid, len(token_ids), max_tokens, keys, sequence, report_hits)
+        self.engine.add_request(request, self._virtual_now())
+        stream = TokenStream(rid, len(token_ids), max_tokens, self._filler, streaming)
+        self._streams[rid] = stream
+        self._arrivals_wall[rid] = asyncio.get_running_loop().time()
+        self._work.set()
+        return stream
+
+    def cancel(self, stream: TokenStream) -> None:
+        """The client went away: free the engine's blocks (vLLM aborts the request)."""
+        if self._streams.pop(stream.request_id, None) is not None:
+            self._arrivals_wall.pop(stream.request_id, None)
+            self.engine.abort(stream.request_id)
+
+    def reset_prefix_cache(self) -> bool:
+        ok, events = self.engine.reset_prefix_cache()
+        if self.publisher is not None:
+            self.publisher.publish(events)
+        return ok
+
+    # -- the driver ----------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self.engine.has_work:
+                now = self._virtual_now()
+                try:
+                    result = self.engine.step(now)
+                except Exception:  # the pod keeps serving; count, back off, try again
+                    self.driver_errors += 1
+                    log.exception("emulated pod %d: engine step failed", self.index)
+                    await asyncio.sleep(1.0)
+                    continue
+                if result is None:
+                    break
+                self._virtual_s = result.end_s
+                await asyncio.sleep((result.end_s - now) / self.config.time_scale)
+                try:
+                    self._deliver(result, loop.time())
+                except Exception:  # bad state must not stop the pod; count and go on
+                    self.driver_errors += 1
+                    log.exception("emulated pod %d: delivering a step failed", self.index)
+
+    def _deliver(self, result: StepResult, wall_now: float) -> None:
+        streams = self._streams
+        for out in result.outputs:
+            stream = streams.get(out.request_id)
+            if stream is None:
+                continue  # cancelled while the step ran
+            if out.first_token:
+                stream.cached_tokens = out.cached_tokens
+                arrival = self._arrivals_wall.get(out.request_id, wall_now)
+                self.metrics.ttft.observe(wall_now - arrival)
+            stream._emit()
+            if out.finished:
+                stream._finish()
+                del streams[out.request_id]
+                arrival = self._arrivals_wall.pop(out.request_id, wall_now)
+                self.metrics.e2e.observe(wall_now - arrival)
+        for rid in result.decoded:
+            stream = streams.get(rid)
+            if stream is not None:
+                stream._emit()
+        if self.publisher is not None:
+            self.publisher.publish(result.events)

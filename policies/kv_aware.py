@@ -228,6 +228,7 @@ class KvAwareParams:
 
 class KvAware(PolicyBase):
     name = "kv_aware"
+    uses_kv_index = True
 
     def __init__(self, params: KvAwareParams, rng: random.Random) -> None:
         self.params = params

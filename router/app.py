@@ -42,7 +42,7 @@ import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from policies.registry import build_policy
-from policies.types import ClusterView, Policy, Role
+from policies.types import ClusterView, Policy
 from router.config import Config
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
@@ -98,7 +98,7 @@ def build_pool(config: Config) -> BackendPool:
     )
     for backend in config.backends:
         pool.add(
-            backend.url, role=Role(backend.role), engine=backend.engine,  # type: ignore[arg-type]
+            backend.url, role=backend.role, engine=backend.engine,
             models=backend.models, kv_events_endpoint=backend.kv_events_endpoint,
         )
     return pool
@@ -252,7 +252,7 @@ def create_app(
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
         policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
-                             config, rng)
+                             config.disaggregation, rng)
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)

@@ -1,8 +1,14 @@
-"""The ``disaggregation`` config section: the decider's parameters
+"""The ``disaggregation`` config section, as values: the decider's parameters
 (``policies.disaggregation.DisaggregationParams``) and the router's own settings for split
-requests (``DisaggConfig``), and wrapping the configured policy in the decider.
+requests (``DisaggConfig``), side by side in one flat YAML mapping; and wrapping the configured
+policy in the decider.
 
-Must not import ``router.proxy``, ``router.app`` or ``simulator``.
+``parse_disaggregation`` runs once, when ``router.config`` loads the file, and splits the
+mapping by key into a ``DisaggregationConfig``; ``router.pd.serving`` reads its ``serving``
+half, ``wrap_policy`` its ``decider`` half. Errors are one line naming the key path
+(``disaggregation.min_uncached_tokens: expected an integer``).
+
+Must import only ``policies`` and ``router.pd.sglang``: ``router.config`` imports this module.
 """
 
 from __future__ import annotations
@@ -12,13 +18,12 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from policies.disaggregation import DisaggregationParams, wrap
-from policies.params import parse_params
+from policies.disaggregation import Disaggregated, DisaggregationParams
+from policies.params import ParamError, parse_params
 from policies.types import Policy
-from router.config import Config, ConfigError, parse_section
 from router.pd import sglang
 
-__all__ = ["DisaggConfig", "check_config", "parse_disaggregation", "wrap_policy"]
+__all__ = ["DisaggConfig", "DisaggregationConfig", "parse_disaggregation", "wrap_policy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,30 +43,34 @@ class DisaggConfig:
             raise ValueError("max_prefill_attempts and max_decode_attempts must be >= 1")
 
 
-def parse_disaggregation(raw: object) -> tuple[DisaggConfig, dict[str, object]]:
-    """(router settings, decider parameters) of the ``disaggregation`` section."""
+@dataclass(frozen=True, slots=True)
+class DisaggregationConfig:
+    """The parsed section: the router's settings and the decider's parameters."""
+
+    serving: DisaggConfig = field(default_factory=DisaggConfig)
+    decider: DisaggregationParams = field(default_factory=DisaggregationParams)
+
+
+def parse_disaggregation(raw: object) -> DisaggregationConfig:
+    """The ``disaggregation`` section (``None``: absent, the defaults); raises ParamError."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError("disaggregation", "expected a mapping")
+        raise ParamError("disaggregation", "expected a mapping")
     decider_keys = {f.name for f in dataclasses.fields(DisaggregationParams)}
     router_keys = {f.name for f in dataclasses.fields(DisaggConfig)}
     for key in raw:
         if key not in decider_keys | router_keys:
-            raise ConfigError(f"disaggregation.{key}", "unknown key (known: "
-                              f"{', '.join(sorted(decider_keys | router_keys))})")
-    settings = parse_section(
+            raise ParamError(f"disaggregation.{key}", "unknown key (known: "
+                             f"{', '.join(sorted(decider_keys | router_keys))})")
+    serving = parse_params(
         DisaggConfig, {k: v for k, v in raw.items() if k in router_keys}, "disaggregation")
-    return settings, {k: v for k, v in raw.items() if k in decider_keys}
+    decider = parse_params(
+        DisaggregationParams, {k: v for k, v in raw.items() if k in decider_keys},
+        "disaggregation")
+    return DisaggregationConfig(serving, decider)
 
 
-def wrap_policy(policy: Policy, config: Config, rng: random.Random) -> Policy:
+def wrap_policy(policy: Policy, section: DisaggregationConfig, rng: random.Random) -> Policy:
     """The configured policy inside the prefill/decode decider (a no-op in mixed pools)."""
-    _, decider = parse_disaggregation(config.extensions.get("disaggregation"))
-    return wrap(policy, decider, rng)
-
-
-def check_config(config: Config) -> None:
-    """Raise ConfigError for a bad ``disaggregation`` section (for start-up)."""
-    _, decider = parse_disaggregation(config.extensions.get("disaggregation"))
-    parse_params(DisaggregationParams, decider, "disaggregation")
+    return Disaggregated(policy, section.decider, rng)

@@ -51,7 +51,6 @@ from router.http.client import ConnectFailed, HeadTimeout, ResponseBroken, Upstr
 from router.http.messages import Request, Response, StreamResponse
 from router.http.upstream import hop_by_hop
 from router.pd import sglang, vllm
-from router.pd.config import parse_disaggregation
 from router.pd.vllm import PrefillFailed
 
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ class _DecodeRetry(Exception):
 class Disaggregation:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.config, _ = parse_disaggregation(proxy.config.extensions.get("disaggregation"))
+        self.config = proxy.config.disaggregation.serving
         r = proxy.metrics.registry
         self.decisions = Counter(
             "kvrouter_pd_decisions", "Decisions in disaggregated pools: split or local.",

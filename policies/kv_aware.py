@@ -121,18 +121,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policies.base import PolicyBase
-from policies.kv.index import BackendMatch, PrefixIndex
+from policies.kv.index import PrefixIndex
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
 from policies.prefill_cost import PendingPrefill, PrefillCost
 from policies.types import (
     BackendId,
+    BackendMatch,
     BackendScore,
     BackendState,
     BlockHash,
     ClusterView,
     Decision,
+    Prediction,
     Role,
     RouteRequest,
 )
@@ -243,7 +245,7 @@ class KvAware(PolicyBase):
 
     def _matches(
         self, request: RouteRequest, view: ClusterView, candidates: tuple[BackendState, ...]
-    ) -> dict[BackendId, BackendMatch]:
+    ) -> Mapping[BackendId, BackendMatch]:
         hashes = request.block_hashes
         if not hashes:
             return {}
@@ -253,7 +255,8 @@ class KvAware(PolicyBase):
         # against the policy's own record of where it sent them instead.
         exact = request.matches_events
         precise = exact and view.index is not None and any(b.kv_events for b in candidates)
-        found = view.index.match(hashes, view.now_s) if precise and view.index else {}
+        found: Mapping[BackendId, BackendMatch] = (
+            view.index.match(hashes, view.now_s) if precise and view.index else {})
         if precise and self.params.recent_ttl_s:
             found = self._with_recent(hashes, view.now_s, found)
         if precise and all(b.kv_events for b in candidates):
@@ -266,8 +269,8 @@ class KvAware(PolicyBase):
         }
 
     def _with_recent(
-        self, hashes: tuple[BlockHash, ...], now_s: float, found: dict[BackendId, BackendMatch]
-    ) -> dict[BackendId, BackendMatch]:
+        self, hashes: tuple[BlockHash, ...], now_s: float, found: Mapping[BackendId, BackendMatch]
+    ) -> Mapping[BackendId, BackendMatch]:
         """Engine events arrive after the prefill that stores the blocks, plus delivery lag:
         a prefix dispatched moments ago is where it will be cached, but the index cannot say
         so yet. Its dispatch record (kept ``recent_ttl_s``) counts as a GPU hit until then."""
@@ -386,9 +389,15 @@ class KvAware(PolicyBase):
                 "running_context_tokens": context,
                 "uncached_tokens": prompt - hit,
                 "prompt_tokens": float(prompt),
-                "kv_events": 1.0 if backend.kv_events and request.matches_events else 0.0,
-                "capacity_blocks": float(backend.total_kv_blocks or p.approx_capacity_blocks),
             },
+            prediction=Prediction(
+                ttft_s=ttft_s,
+                prefill_s=prefill_s,
+                uncached_tokens=prompt - hit,
+                prompt_tokens=prompt,
+                kv_events=backend.kv_events and request.matches_events,
+                capacity_blocks=backend.total_kv_blocks or p.approx_capacity_blocks,
+            ),
         )
 
     def _fleet(
@@ -496,11 +505,10 @@ class KvAware(PolicyBase):
 
     def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
         prefill_id = decision.prefill_backend_id or decision.backend_id
-        score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
-        if score is None:
+        predicted = _prediction(decision, prefill_id)
+        if predicted is None:
             return prefill_id, 0.0
-        return prefill_id, self._committed.tokens(score.terms["uncached_tokens"],
-                                                  request.max_tokens)
+        return prefill_id, self._committed.tokens(predicted.uncached_tokens, request.max_tokens)
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
@@ -509,34 +517,33 @@ class KvAware(PolicyBase):
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         prefill_id = decision.prefill_backend_id or decision.backend_id
-        score = next((s for s in decision.scores if s.backend_id == prefill_id), None)
-        if score is None:
+        predicted = _prediction(decision, prefill_id)
+        if predicted is None:
             return
         self._committed.add(*self._commitment(request, decision))
-        terms = score.terms
         pending = self._pending.get(prefill_id)
         if pending is None:
             pending = self._pending[prefill_id] = PendingPrefill(
                 self.params.prefill_memory_requests
             )
         pending.add(
-            now_s + terms["ttft_s"],
-            terms["prefill_s"],
-            terms["uncached_tokens"],
-            int(terms["prompt_tokens"]),
+            now_s + predicted.ttft_s,
+            predicted.prefill_s,
+            predicted.uncached_tokens,
+            predicted.prompt_tokens,
         )
         if request.block_hashes:
             self._homes.record(prefill_id, request.block_hashes)
-            if terms["kv_events"] and self.params.recent_ttl_s:
+            if predicted.kv_events and self.params.recent_ttl_s:
                 self._recent.record_dispatch(prefill_id, request.block_hashes, now_s,
                                              self.params.recent_ttl_s)
-        if not terms["kv_events"] and request.block_hashes:
+        if not predicted.kv_events and request.block_hashes:
             self._approx.record_dispatch(
                 prefill_id,
                 request.block_hashes,
                 now_s,
                 self.params.approx_ttl_s,
-                capacity_blocks=int(terms["capacity_blocks"]),
+                capacity_blocks=predicted.capacity_blocks,
             )
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
@@ -545,6 +552,14 @@ class KvAware(PolicyBase):
         self._recent.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
         self._committed.remove_backend(backend_id)
+
+
+def _prediction(decision: Decision, backend_id: BackendId) -> Prediction | None:
+    """This policy's forecast for ``backend_id`` in ``decision`` (None: not this policy's)."""
+    for score in decision.scores:
+        if score.backend_id == backend_id and score.prediction is not None:
+            return score.prediction
+    return None
 
 
 def create(params: Mapping[str, object], rng: random.Random) -> KvAware:

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from policies.disaggregation import DisaggregationParams, wrap
 from policies.kv.events import KvEvent
@@ -41,10 +38,9 @@ from simulator.cluster import ClusterSim, Progress, SimConfig, _Live, prompt_tex
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineRequest, StepResult
 from simulator.routing import SimRouter
-from simulator.sweep import RunSpec
 from simulator.traces import TraceRequest
 
-__all__ = ["DisaggClusterSim", "disagg_specs", "simulate_disagg"]
+__all__ = ["DisaggClusterSim", "simulate_disagg"]
 
 _PREFILL_LEG = "/prefill"
 
@@ -224,33 +220,6 @@ class DisaggClusterSim(ClusterSim):
             disaggregation=asdict(self.disagg),
         )
         return summary
-
-
-def disagg_specs(specs: Sequence[RunSpec], prefill_backends: str,
-                 config_path: Path | None) -> list[RunSpec]:
-    """``kvrouter simulate --prefill-backends K[,K...]``: each spec once per K, with the
-    decider parameters of the config file's ``disaggregation:`` section."""
-    try:
-        counts = [int(x) for x in prefill_backends.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--prefill-backends: expected integers, got {prefill_backends!r}"
-                         ) from None
-    raw: object = {}
-    if config_path is not None:
-        loaded = yaml.safe_load(config_path.read_text()) or {}
-        raw = loaded.get("disaggregation") or {} if isinstance(loaded, dict) else {}
-    if not isinstance(raw, Mapping):
-        raise ValueError("disaggregation: expected a mapping")
-    params = asdict(parse_params(DisaggregationParams, raw, "disaggregation"))
-    given = {k: v for k, v in params.items() if k in raw}
-    out = []
-    for spec in specs:
-        for k in counts:
-            if not 0 <= k < spec.config.backends:
-                raise ValueError(f"--prefill-backends: {k} is not within [0, "
-                                 f"{spec.config.backends})")
-            out.append(dataclasses.replace(spec, prefill_backends=k, disagg_params=given))
-    return out
 
 
 def simulate_disagg(

@@ -464,7 +464,7 @@ def test_estimated_prompts_follow_their_own_dispatches_not_engine_events() -> No
     v = view(index, *(idle(b) for b in IDS))
     first = p.choose(estimated, v)
     assert first.predicted_hit_tokens == 0  # the event index is not trusted for estimates
-    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    assert all(s.prediction and not s.prediction.kv_events for s in first.scores)
     p.on_dispatched(estimated, first, 0.0)
     p.on_finished(estimated, first, 1.0, True)
     again = p.choose(estimated, view(index, *(idle(b) for b in IDS), now_s=2.0))
@@ -491,7 +491,7 @@ def test_salted_prompts_follow_their_own_dispatches_not_engine_events() -> None:
     assert not salted.matches_events and unsalted.matches_events
     first = p.choose(salted, view(index, *(idle(b) for b in IDS)))
     assert first.predicted_hit_tokens == 0
-    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    assert all(s.prediction and not s.prediction.kv_events for s in first.scores)
     p.on_dispatched(salted, first, 0.0)
     p.on_finished(salted, first, 1.0, True)
     again = p.choose(salted, view(index, *(idle(b) for b in IDS), now_s=2.0))

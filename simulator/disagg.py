@@ -29,11 +29,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
+from policies.bookkeeping import decide
 from policies.disaggregation import DisaggregationParams, wrap
 from policies.kv.events import KvEvent
 from policies.params import parse_params
 from policies.registry import build_policy
-from policies.types import BackendState, Decision, Role, RouteRequest
+from policies.types import Decision, Role, RouteRequest
 from simulator.cluster import ClusterSim, Progress, SimConfig, _Live, prompt_text_of
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineRequest, StepResult
@@ -53,19 +54,18 @@ class _RoleRouter(SimRouter):
     def __init__(self, roles: tuple[Role, ...], **kwargs: Any) -> None:
         super().__init__(n_backends=len(roles), **kwargs)
         self.roles = roles
-
-    def snapshot(self, now_s: float) -> tuple[BackendState, ...]:
-        states = super().snapshot(now_s)
-        return tuple(dataclasses.replace(s, role=r) for s, r in zip(states, self.roles,
-                                                                       strict=True))
+        for slot, role in zip(self._slots, roles, strict=True):
+            slot.role = role
 
     def _hold(self, backend_id: str, prompt_tokens: int, sign: int) -> None:
         slot = self._slots[self.position(backend_id)]
-        slot.in_flight_requests += sign
-        slot.in_flight_prompt_tokens += sign * prompt_tokens
+        if sign > 0:
+            slot.acquire(prompt_tokens)
+        else:
+            slot.release(prompt_tokens)
 
     def route(self, request: RouteRequest, now_s: float) -> Decision:
-        decision = self.policy.choose(request, self.view(now_s))
+        decision = decide(self.policy, request, self.view(now_s))
         split = decision.prefill_backend_id is not None
         self._hold(decision.backend_id, 0 if split else request.prompt_tokens, 1)
         if decision.prefill_backend_id is not None:

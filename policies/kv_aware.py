@@ -77,7 +77,14 @@ finishes. Room is ``policies.kv_commitment``: what this policy sent a backend an
 ``hold_kv_ratio`` (0.7) of its KV memory; an empty backend or an unknown KV size always has
 room. An engine admits whatever fits at the instant and preempts when decodes outgrow it; on
 the Mooncake trace at 6 engines holding the excess in the router cut preemptions from 1,536
-to 886 and TTFT p99 from 392 to 314 s.
+to 886 and TTFT p99 from 392 to 314 s. The router also holds while every prefill candidate
+has at least ``hold_queue_s`` (0.3 s) of prefill this policy predicts is still queued there:
+past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
+picture that is stale by the time it runs, so hot prefixes get copied to whichever queue looked
+shortest. Held in the router, it is placed when a finish frees room, where its prefix is then.
+On the synthetic multi-tenant workload at 6 engines (30 req/s against capacity for ~18) this
+raised hits from 79.0 to 83.3% and cut prefill GPU-seconds by 9%; short of saturation it
+never holds.
 
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
@@ -189,6 +196,8 @@ class KvAwareParams:
     hold_kv_ratio: float = 0.7  # hold in the router while every backend's committed KV is past
     # this share of its KV memory (0: never hold)
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
+    hold_queue_s: float = 0.3  # ... or while every backend has at least this much predicted
+    # prefill queued (0: never)
 
     def __post_init__(self) -> None:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
@@ -206,8 +215,8 @@ class KvAwareParams:
                 raise ValueError(f"{name} must be >= 0")
         if self.recent_ttl_s < 0:
             raise ValueError("recent_ttl_s must be >= 0")
-        if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0:
-            raise ValueError("hold_kv_ratio and hold_output_tokens must be >= 0")
+        if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0 or self.hold_queue_s < 0:
+            raise ValueError("hold_kv_ratio, hold_output_tokens and hold_queue_s must be >= 0")
         if not 0.0 <= self.cache_full_knee_ratio < 1.0:
             raise ValueError("cache_full_knee_ratio must be within [0, 1)")
         for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
@@ -498,10 +507,23 @@ class KvAware(PolicyBase):
         admits what it would preempt."""
         ratio = self.params.hold_kv_ratio
         candidates = [b for b in view.backends if b.role is not Role.DECODE]
-        if not ratio or not candidates:
+        if not candidates:
+            return False
+        queue_s = self.params.hold_queue_s
+        if queue_s and all(self._queued_s(b.backend_id, view.now_s) >= queue_s
+                           for b in candidates):
+            return True
+        if not ratio:
             return False
         return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
                                                 ratio) for b in candidates)
+
+    def _queued_s(self, backend_id: BackendId, now_s: float) -> float:
+        pending = self._pending.get(backend_id)
+        if pending is None:
+            return 0.0
+        pending.expire(now_s)  # bookkeeping only, as in _score
+        return pending.remaining_s(now_s)
 
     def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
         prefill_id = decision.prefill_backend_id or decision.backend_id

@@ -521,7 +521,7 @@ def test_a_prefix_just_sent_counts_as_cached_there_until_events_can_say_so() -> 
 
 
 def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish() -> None:
-    kv = policy(hold_kv_ratio=0.5)
+    kv = policy(hold_kv_ratio=0.5, hold_queue_s=0.0)
     states = [idle(b, total_kv_blocks=1000) for b in IDS[:2]]  # 16,000 tokens each
     sent = []
     for i in range(4):
@@ -542,7 +542,32 @@ def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish(
     assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), *states))
     # Unknown KV sizes (no scrape yet) and a disabled ratio never hold.
     assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), idle("b1")))
-    never = policy(hold_kv_ratio=0.0)
+    never = policy(hold_kv_ratio=0.0, hold_queue_s=0.0)
     for request, decision in sent:
         never.on_dispatched(request, decision, 0.0)
     assert not never.defer(prompt(9, 6000), view(PrefixIndex(), *states))
+
+
+def test_defers_while_every_backend_has_prefill_queued_and_not_once_it_is_predicted_done() -> None:
+    # Past capacity a request waits in the router, not in an engine queue, while every backend
+    # has hold_queue_s of prefill this policy predicts is still queued; KV room is ample here.
+    kv = policy(hold_kv_ratio=0.0, hold_queue_s=0.3)
+    states = [idle(b, total_kv_blocks=1_000_000) for b in IDS[:2]]
+    v = view(PrefixIndex(), *states)
+    sent = []
+    for i in range(8):
+        request = prompt(i, 8000)  # ~0.25 s of prefill each
+        if kv.defer(request, v):
+            break
+        decision = kv.choose(request, v)
+        kv.on_dispatched(request, decision, 0.0)
+        sent.append(decision)
+    assert 2 <= len(sent) < 8 and {d.backend_id for d in sent} == {"b0", "b1"}
+    assert kv.defer(prompt(9, 8000), v)
+    # Once the queued prefills are predicted done, the router places requests again.
+    assert not kv.defer(prompt(9, 8000), view(PrefixIndex(), *states, now_s=60.0))
+    # Disabled: never holds on queues.
+    off = policy(hold_kv_ratio=0.0, hold_queue_s=0.0)
+    for i, decision in enumerate(sent):
+        off.on_dispatched(prompt(i, 8000), decision, 0.0)
+    assert not off.defer(prompt(9, 8000), v)

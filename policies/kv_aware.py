@@ -510,20 +510,26 @@ class KvAware(PolicyBase):
         if not candidates:
             return False
         queue_s = self.params.hold_queue_s
-        if queue_s and all(self._queued_s(b.backend_id, view.now_s) >= queue_s
-                           for b in candidates):
+        if queue_s and all(self._queued_s(b, view.now_s) >= queue_s for b in candidates):
             return True
         if not ratio:
             return False
         return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
                                                 ratio) for b in candidates)
 
-    def _queued_s(self, backend_id: BackendId, now_s: float) -> float:
-        pending = self._pending.get(backend_id)
-        if pending is None:
+    def _queued_s(self, backend: BackendState, now_s: float) -> float:
+        """Prefill seconds this policy predicts are still queued on ``backend``, scaled down to
+        what is still in flight there: a backend faster than predicted has returned its
+        requests, and one with nothing in flight has no queue. That also keeps the hold live:
+        it holds only while every candidate has a request whose finish will ask again."""
+        pending = self._pending.get(backend.backend_id)
+        if pending is None or not backend.in_flight_requests:
             return 0.0
         pending.expire(now_s)  # bookkeeping only, as in _score
-        return pending.remaining_s(now_s)
+        queued_s = pending.remaining_s(now_s)
+        if pending.prompt_tokens > backend.in_flight_prompt_tokens:
+            queued_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
+        return queued_s
 
     def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
         prefill_id = decision.prefill_backend_id or decision.backend_id

@@ -552,20 +552,32 @@ def test_defers_while_every_backend_has_prefill_queued_and_not_once_it_is_predic
     # Past capacity a request waits in the router, not in an engine queue, while every backend
     # has hold_queue_s of prefill this policy predicts is still queued; KV room is ample here.
     kv = policy(hold_kv_ratio=0.0, hold_queue_s=0.3)
-    states = [idle(b, total_kv_blocks=1_000_000) for b in IDS[:2]]
-    v = view(PrefixIndex(), *states)
+    in_flight = {b: 0 for b in IDS[:2]}
+
+    def current(now_s: float = 0.0) -> ClusterView:
+        # The router's counters: what was sent and has not finished (8,000 tokens each).
+        return view(PrefixIndex(), *(idle(b, total_kv_blocks=1_000_000, in_flight_requests=n,
+                                          in_flight_prompt_tokens=8000 * n)
+                                     for b, n in in_flight.items()), now_s=now_s)
+
     sent = []
     for i in range(8):
         request = prompt(i, 8000)  # ~0.25 s of prefill each
-        if kv.defer(request, v):
+        if kv.defer(request, current()):
             break
-        decision = kv.choose(request, v)
+        decision = kv.choose(request, current())
         kv.on_dispatched(request, decision, 0.0)
+        in_flight[decision.backend_id] += 1
         sent.append(decision)
     assert 2 <= len(sent) < 8 and {d.backend_id for d in sent} == {"b0", "b1"}
+    v = current()
     assert kv.defer(prompt(9, 8000), v)
     # Once the queued prefills are predicted done, the router places requests again.
-    assert not kv.defer(prompt(9, 8000), view(PrefixIndex(), *states, now_s=60.0))
+    assert not kv.defer(prompt(9, 8000), current(now_s=60.0))
+    # A backend that answered faster than predicted has nothing in flight: no queue there,
+    # and no hold that only a finish could end (none would come).
+    in_flight["b0"] = 0
+    assert not kv.defer(prompt(9, 8000), current())
     # Disabled: never holds on queues.
     off = policy(hold_kv_ratio=0.0, hold_queue_s=0.0)
     for i, decision in enumerate(sent):

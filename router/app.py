@@ -10,7 +10,7 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
 - ``background``: factories ``f(state: RouterState) -> coroutine`` started after the upstream
   session exists and cancelled at clean-up (KV-event ingestion, engine metric scraping,
   discovery). A factory reads and writes ``state.pool`` (``router.pool.Backend`` fields such
-  as ``engine_waiting_requests``, ``kv_usage_ratio``, ``engine_scraped_at_s``, ``kv_events``),
+  as ``signals`` and ``scraped_at_s`` (via ``Backend.scraped``), ``kv_events``),
   feeds ``state.index``, registers its metrics in ``state.metrics.registry`` and may use
   ``state.session()``. Its loop must catch and count its own errors and never swallow
   ``asyncio.CancelledError``.
@@ -41,8 +41,9 @@ from typing import Any
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
-from policies.types import ClusterView, Policy
+from policies.types import Policy
 from router.config import Config
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
@@ -78,7 +79,7 @@ class RouterState:
     metrics: RouterMetrics
     proxy: Proxy
     health: HealthChecker
-    index: object | None
+    index: PrefixIndex | None
 
     def session(self) -> aiohttp.ClientSession:
         """The shared upstream session (exists between start-up and clean-up)."""
@@ -224,18 +225,15 @@ class App:
             if isinstance(parsed, dict) and "messages" in parsed:
                 endpoint = Endpoint.CHAT
         _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")
-        now_s = time.monotonic()
-        candidates = state.pool.snapshot(fields.model, now_s)
-        if not candidates:
+        view = state.proxy.view(fields.model, time.monotonic())
+        if view is None:
             raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
-        decision = state.policy.choose(
-            route_request, ClusterView(now_s=now_s, backends=candidates, index=state.index)  # type: ignore[arg-type]
-        )
+        decision = state.proxy.decide(route_request, view)
         return json_response({
             "policy": state.policy.name,
             "request": _plain(dataclasses.replace(route_request, block_hashes=())) | {
                 "block_hashes_count": len(route_request.block_hashes)},
-            "candidates": _plain(candidates),
+            "candidates": _plain(view.backends),
             "decision": _plain(decision),
         }, headers={"x-request-id": self.request_id(request)})
 
@@ -244,7 +242,7 @@ def create_app(
     config: Config,
     *,
     analyzer: RequestAnalyzer | None = None,
-    index: object | None = None,
+    index: PrefixIndex | None = None,
     background: Sequence[BackgroundFactory] = (),
     policy: Policy | None = None,
     rng: random.Random | None = None,

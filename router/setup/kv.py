@@ -98,8 +98,9 @@ class KvPlumbing:
             parent = entry.get("parent") if entry else None
             if isinstance(parent, str) and parent and parent != model:
                 base, lora = parent, model
-            if backend.block_size and backend.serves(model):
-                sizes.add(backend.block_size)
+            block_size = backend.signals.block_size
+            if block_size and backend.serves(model):
+                sizes.add(block_size)
         configured = self.config.models.get(model) or self.config.models.get(base)
         block_size = configured.block_size if configured is not None else 16
         if len(sizes) == 1:

@@ -45,6 +45,7 @@ from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import Policy
 from router.config import Config
+from router.config.disaggregation import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
 from router.http.client import HttpClient
@@ -58,7 +59,6 @@ from router.http.messages import (
 from router.http.server import HttpServer
 from router.http.upstream import client_session
 from router.metrics import RouterMetrics
-from router.pd.config import wrap_policy
 from router.pool import BackendPool
 from router.prompt.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.proxy import Proxy, parse_json

@@ -32,9 +32,9 @@ from router.config import (
     ServerConfig,
     UpstreamConfig,
 )
-from router.discovery.config import DiscoveryMode, DnsParams, KubernetesParams
-from router.kv.config import KvEventsConfig
-from router.pd.config import DisaggConfig
+from router.config.disaggregation import DisaggConfig
+from router.config.discovery import DiscoveryMode, DnsParams, KubernetesParams
+from router.config.kv_events import KvEventsConfig
 
 __all__ = ["config_schema", "dataclass_schema"]
 

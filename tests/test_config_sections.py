@@ -18,16 +18,16 @@ from policies.disaggregation import DisaggregationParams
 from policies.round_robin import RoundRobin
 from policies.types import EngineKind, Role
 from router.config import ConfigError, EventLoop, LogLevel, load_config, parse_config
-from router.config_schema import config_schema
-from router.discovery.config import (
+from router.config.disaggregation import DisaggConfig, DisaggregationConfig
+from router.config.discovery import (
     AddressFamily,
     DiscoveryConfig,
     DiscoveryMode,
     DnsParams,
     KubernetesParams,
 )
-from router.kv.config import KvEventsConfig, KvEventSourceConfig
-from router.pd.config import DisaggConfig, DisaggregationConfig
+from router.config.kv_events import KvEventsConfig, KvEventSourceConfig
+from router.config_schema import config_schema
 from router.setup.kv import wants_kv
 
 SOURCE = {"backend": "http://a:1", "endpoint": "tcp://*:5557"}

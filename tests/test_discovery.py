@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from policies.kv.index import PrefixIndex
 from policies.types import Role
 from router.config import ConfigError, parse_config
+from router.config.discovery import parse_discovery
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -27,7 +28,6 @@ from router.discovery.backend_set import (
     event_sources_from_json,
     resolve_endpoint,
 )
-from router.discovery.config import parse_discovery
 from router.discovery.k8s import KubernetesParams, PodError, backend_from_pod
 from router.pool import BackendPool
 from router.setup.discovery import PoolSink, discovery_background

@@ -26,6 +26,7 @@ import dns.exception
 import dns.resolver
 
 from policies.types import EngineKind, Role
+from router.config.discovery import DnsParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -33,7 +34,6 @@ from router.discovery.backend_set import (
     EventSourceFetcher,
     backend_url,
 )
-from router.discovery.config import DnsParams
 
 __all__ = ["DnsDiscovery", "DnsParams"]
 

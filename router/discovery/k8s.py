@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 
 from policies.types import EngineKind, Role
+from router.config.discovery import KubernetesParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -47,7 +48,6 @@ from router.discovery.backend_set import (
     backend_url,
     resolve_endpoint,
 )
-from router.discovery.config import KubernetesParams
 from router.discovery.kube_client import KubeClient, KubeConfig, KubeError, KubeGone
 
 __all__ = ["KubernetesDiscovery", "KubernetesParams", "PodError", "backend_from_pod"]

@@ -19,8 +19,8 @@ Every path ends in the decode backend's response or one OpenAI-shaped error. The
 re-serializes the client's JSON because it adds fields; the local fallback forwards the
 client's bytes unchanged. Transfer parameters are never logged.
 
-The ``disaggregation`` config section is read by ``router.pd.config``. What this needs from
-the router comes in one ``PdContext``: the aiohttp session (the prefill legs, which read one
+Its settings are ``config.disaggregation.serving`` (``router.config.disaggregation``). What
+this needs from the router comes in one ``PdContext``: the aiohttp session (the prefill legs, which read one
 JSON answer), the keep-alive client and the proxy's relay (the decode leg, relayed exactly as
 a single backend's answer), the pool, the policy's hooks, the router's view -> decide path for
 replacement backends, and metrics. Must not import ``router.proxy`` (which builds this),

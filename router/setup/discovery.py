@@ -1,5 +1,5 @@
 """The app's discovery task that drives the pool, from the parsed ``discovery`` section
-(``router.discovery.config.DiscoveryConfig``: static, dns or kubernetes).
+(``router.config.discovery.DiscoveryConfig``: static, dns or kubernetes).
 
 ``backends`` from the config stay in every mode; discovery adds and removes the rest. A
 backend that leaves is drained: ``BackendPool.remove`` takes it out of every later snapshot
@@ -22,13 +22,13 @@ import zmq
 from policies.kv.index import PrefixIndex
 from policies.types import BackendId, EngineKind, Role
 from router.config import Config, ConfigError
+from router.config.discovery import DiscoveryMode, KubernetesParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
     DiscoveryMetrics,
     EventSource,
 )
-from router.discovery.config import DiscoveryMode, KubernetesParams
 from router.discovery.dns import DnsDiscovery
 from router.discovery.k8s import KubernetesDiscovery
 from router.discovery.kube_client import (

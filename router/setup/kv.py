@@ -1,6 +1,6 @@
 """Wiring the KV plumbing into the app: tokenizers per model, the prefix index, the tokenizing
 analyzer, token parity and one background task, from the parsed ``kv_events`` section
-(``router.kv.config.KvEventsConfig``, fields documented there) and ``models``.
+(``router.config.kv_events.KvEventsConfig``, fields documented there) and ``models``.
 
     kv_events:
       bind: tcp://10.0.0.2:5557       # the router binds here (its pod IP) for engines that
@@ -36,13 +36,13 @@ from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import BackendId, BlockHash, Policy
 from router.config import Config, ConfigError
+from router.config.disaggregation import wrap_policy
+from router.config.kv_events import KvEventsConfig
 from router.kv.auth import EventSocketGate
-from router.kv.config import KvEventsConfig
 from router.kv.events import KvEventIngestor
 from router.kv.metrics import KvMetrics
 from router.kv.parity import ParityPolicy, TokenParity
 from router.kv.sources import KvEventSource, parse_event_sources
-from router.pd.config import wrap_policy
 from router.pool import BackendPool
 from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer
 from router.prompt.tokenize import ModelTokenizer, load_tokenizer

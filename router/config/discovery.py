@@ -6,12 +6,12 @@
       dns: {name: vllm-headless.serving.svc.cluster.local, port: 8000}
       seed: null                # the Kubernetes watch's backoff jitter (null: from the OS)
 
-``parse_discovery`` runs once, when ``router.config`` loads the file; the discovery modules
+``parse_discovery`` runs once, when ``router.config.root`` loads the file; the discovery modules
 (``dns``, ``k8s``) and ``router.setup.discovery`` take the parsed ``DiscoveryConfig``. Only the
 subsection of the chosen mode is read (the other one is ignored, as it always was). Errors are
 one line naming the key path (``discovery.kubernetes.label_selector: expected a string``).
 
-Must import only ``policies``: ``router.config`` imports this module.
+Imports only ``policies`` (the config room's rule).
 """
 
 from __future__ import annotations

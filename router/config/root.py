@@ -1,30 +1,10 @@
-"""The router's configuration: one YAML shape, validated into frozen dataclasses at start-up.
+"""``Config`` and the loader: the core sections (``server``, ``upstream``, ``backends``,
+``health``, ``retries``, ``policy``, ``models``) and one field per room's section, each parsed
+ONCE by ``parse_config`` (the room's docstring, ``router/config/__init__.py``, says how to add a
+section). Environment overrides (``KVROUTER_PORT``, ``KVROUTER_LOG_LEVEL``) are applied in
+``apply_env`` and nowhere else.
 
-Sections (see ``config.example.yaml``, documented line by line): ``server``, ``upstream``,
-``backends``, ``health``, ``retries``, ``policy``, ``models``, and the sections of the rooms that
-use them: ``kv_events`` (``router.kv.config``), ``discovery`` (``router.discovery.config``) and
-``disaggregation`` (``router.pd.config``). Each is parsed ONCE, here, by ``parse_config`` into
-its frozen dataclass (Enums for closed sets of strings) and kept in a field of ``Config`` of the
-same name; consumers take that typed value and never see the raw mapping. Parsing goes through
-``policies.params.parse_params``, so every error is ONE line naming the key path
-(``backends[1].url: expected a string``, ``discovery.kubernetes.label_selector: expected a
-string``). Any other top-level key is an error. Environment overrides (``KVROUTER_PORT``,
-``KVROUTER_LOG_LEVEL``) are applied in ``apply_env`` and nowhere else.
-
-Adding a section (say ``sync``, owned by ``router/sync/``):
-
-1. in ``router/sync/config.py``, a frozen dataclass ``SyncConfig`` (defaults in one place, units
-   in names) and ``parse_sync(raw: object) -> SyncConfig``: ``parse_params(SyncConfig, raw,
-   "sync")`` plus any range checks, raising ``ParamError("sync.<key>", ...)``; that module
-   imports only ``policies`` (this module imports it);
-2. here, a field ``sync: SyncConfig = field(default_factory=SyncConfig)`` on ``Config`` (which
-   makes ``sync`` a known top-level key) and ``sync=parse_sync(raw.get("sync"))`` in
-   ``parse_config``;
-3. in ``router/config_schema.py``, its schema (``dataclass_schema(SyncConfig)``), then run
-   ``scripts/chart-schema`` so the Helm chart's values schema knows it; a line in
-   ``config.example.yaml``.
-
-Must import no other ``router`` modules than those section modules (``router.*.config``).
+Imports only ``policies`` and its sibling section modules (``router.config.*``).
 """
 
 from __future__ import annotations
@@ -42,9 +22,9 @@ import yaml
 from policies.params import ParamError, parse_params
 from policies.registry import build_policy
 from policies.types import EngineKind, Role
-from router.discovery.config import DiscoveryConfig, parse_discovery
-from router.kv.config import KvEventsConfig, parse_kv_events
-from router.pd.config import DisaggregationConfig, parse_disaggregation
+from router.config.disaggregation import DisaggregationConfig, parse_disaggregation
+from router.config.discovery import DiscoveryConfig, parse_discovery
+from router.config.kv_events import KvEventsConfig, parse_kv_events
 
 __all__ = [
     "BackendConfig",

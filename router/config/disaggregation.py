@@ -3,12 +3,12 @@
 requests (``DisaggConfig``), side by side in one flat YAML mapping; and wrapping the configured
 policy in the decider.
 
-``parse_disaggregation`` runs once, when ``router.config`` loads the file, and splits the
+``parse_disaggregation`` runs once, when ``router.config.root`` loads the file, and splits the
 mapping by key into a ``DisaggregationConfig``; ``router.pd.serving`` reads its ``serving``
 half, ``wrap_policy`` its ``decider`` half. Errors are one line naming the key path
 (``disaggregation.min_uncached_tokens: expected an integer``).
 
-Must import only ``policies`` and ``router.pd.sglang``: ``router.config`` imports this module.
+Imports only ``policies`` (the config room's rule).
 """
 
 from __future__ import annotations
@@ -21,9 +21,16 @@ from dataclasses import dataclass, field
 from policies.disaggregation import Disaggregated, DisaggregationParams
 from policies.params import ParamError, parse_params
 from policies.types import Policy
-from router.pd import sglang
 
-__all__ = ["DisaggConfig", "DisaggregationConfig", "parse_disaggregation", "wrap_policy"]
+__all__ = [
+    "DEFAULT_BOOTSTRAP_PORT",
+    "DisaggConfig",
+    "DisaggregationConfig",
+    "parse_disaggregation",
+    "wrap_policy",
+]
+
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's bootstrap server (router.pd.sglang)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +39,7 @@ class DisaggConfig:
     max_prefill_attempts: int = 2
     max_decode_attempts: int = 2
     fallback_to_local: bool = True
-    bootstrap_port: int = sglang.DEFAULT_BOOTSTRAP_PORT
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
     bootstrap_hosts: dict[str, str] = field(default_factory=dict)
     bootstrap_ports: dict[str, int] = field(default_factory=dict)
 

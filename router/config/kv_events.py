@@ -9,12 +9,12 @@
       discover: true                  # ask backends without sources for /kv_event_sources
       replay: true                    # replay from 0 when a source is added (late join)
 
-``parse_kv_events`` runs once, when ``router.config`` loads the file: ``None`` when the section
+``parse_kv_events`` runs once, when ``router.config.root`` loads the file: ``None`` when the section
 is absent (its presence alone turns the KV plumbing on), else a ``KvEventsConfig`` whose
 ``sources`` are typed entries. ``router.setup.kv`` takes the parsed value. Errors are one line
 naming the key path (``kv_events.sources[0].endpoint: required``).
 
-Must import only ``policies``: ``router.config`` imports this module.
+Imports only ``policies`` (the config room's rule).
 """
 
 from __future__ import annotations

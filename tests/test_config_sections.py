@@ -163,3 +163,21 @@ def test_the_kv_plumbing_follows_the_policys_capability_not_its_name(
     assert wants_kv(round_robin, {"m": "/models/m"})
     monkeypatch.setattr(RoundRobin, "uses_kv_index", True)
     assert wants_kv(round_robin, {})
+
+
+@pytest.mark.parametrize(("yaml_text", "key"), [
+    ("kv_events: {sources: [{backend: 'http://a:1'}]}\n", "kv_events.sources[0].endpoint"),
+    ("discovery: {mode: kubernetes, kubernetes: {label_selector: [a]}}\n",
+     "discovery.kubernetes.label_selector"),
+    ("disaggregation: {max_decode_attempts: two}\n", "disaggregation.max_decode_attempts"),
+], ids=["kv_events", "discovery", "disaggregation"])
+def test_serve_refuses_a_bad_section_in_one_line(
+    yaml_text: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvrouter.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("policy: {name: round_robin}\n" + yaml_text)
+    assert main(["serve", "--config", str(path), "--backend", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"kvrouter serve: config error: {key}: "), err

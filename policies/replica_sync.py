@@ -22,6 +22,9 @@ policy records (pending prefill, placement, approximate index, commitments, coun
 then recorded for the fleet's traffic, and nothing here knows which policy it holds. Peers'
 in-flight requests and prompt tokens per backend are kept in a ledger and added to the
 candidates' router-side counters (``overlay``), which is how they enter the ``ClusterView``.
+``SyncedPolicy`` wraps a replica's policy to do both sides with no change to its caller (the
+live proxy or the simulator): ``choose``/``defer`` see the overlaid view, and the hooks also
+stamp and ``publish`` the replica's own lifecycle.
 
 Bounded staleness: a peer not heard from for ``peer_timeout_s`` is dropped, and each of its
 requests still held is finished in the policy and leaves the ledger; so does any peer
@@ -37,10 +40,10 @@ Cost: O(1) per message plus the policy's hook; ``overlay`` O(candidates).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from policies.types import BackendId, BackendState, Decision, Policy, RouteRequest
+from policies.types import BackendId, BackendState, ClusterView, Decision, Policy, RouteRequest
 
 __all__ = [
     "Dispatch",
@@ -50,6 +53,7 @@ __all__ = [
     "PeerStats",
     "ReplicaSync",
     "SyncParams",
+    "SyncedPolicy",
     "slim_decision",
 ]
 
@@ -258,3 +262,41 @@ class ReplicaSync:
 
     def dropped(self) -> int:
         return sum(p.dropped for p in self.peers.values())
+
+
+class SyncedPolicy:
+    """A replica's policy as its proxy sees it: the inner policy over the fleet's in-flight
+    view, publishing each of its own dispatches and finishes. Peers' messages go to
+    ``sync.receive``, which replays them into the inner policy (never republished)."""
+
+    def __init__(self, inner: Policy, sync: ReplicaSync, publish: Callable[[Message], None]) -> None:
+        self.inner = inner
+        self.sync = sync
+        self.publish = publish
+        self.name = inner.name
+
+    def _view(self, view: ClusterView) -> ClusterView:
+        if not self.sync._load:
+            return view
+        return dataclasses.replace(view, backends=self.sync.overlay(view.backends))
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return self.inner.choose(request, self._view(view))
+
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return self.inner.defer(request, self._view(view))
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_dispatched(request, decision, now_s)
+        self.publish(self.sync.dispatched(request, decision, now_s))
+
+    def on_finished(
+        self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
+    ) -> None:
+        self.inner.on_finished(request, decision, now_s, ok)
+        message = self.sync.finished(request, decision, now_s, ok)
+        if message is not None:
+            self.publish(message)
+
+    def on_backend_removed(self, backend_id: BackendId) -> None:
+        self.inner.on_backend_removed(backend_id)

@@ -29,6 +29,7 @@ import ``router``.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from typing import Any
 from policies.kv.events import KvEvent
 from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
-from policies.replica_sync import Message, ReplicaSync, SyncParams
+from policies.replica_sync import Message, ReplicaSync, SyncedPolicy, SyncParams
 from policies.types import BackendId, Decision, RouteRequest
 from simulator.des import EventLoop
 from simulator.routing import EngineSignals, SimRouter
@@ -102,9 +103,12 @@ class ReplicaSet:
         params = SyncParams(config.peer_timeout_s, config.heartbeat_interval_s)
         self.syncs: list[ReplicaSync] = []
         if config.sync:
+            # Each replica's policy publishes its lifecycle and sees its peers' load, exactly
+            # as in the live router (router.sync): the SimRouter calls it as the proxy does.
             for r, router in enumerate(self.replicas):
                 sync = ReplicaSync(f"replica-{r}", router.policy, params)
-                router.load_overlay = sync.overlay
+                router.policy = SyncedPolicy(router.policy, sync,
+                                             functools.partial(self._broadcast, r))
                 self.syncs.append(sync)
         rng = random.Random(seed ^ 0x5E41CE)
         self._spread = rng
@@ -154,17 +158,11 @@ class ReplicaSet:
         self._routed[r] += 1
         self._prompt_tokens[r] += request.prompt_tokens
         self._predicted_tokens[r] += decision.predicted_hit_tokens
-        if self.syncs:
-            self._broadcast(r, self.syncs[r].dispatched(request, decision, now_s))
         return decision
 
     def finish(self, request: RouteRequest, decision: Decision, now_s: float, ok: bool) -> None:
         r = self._owner.pop(request.request_id)
         self.replicas[r].finish(request, decision, now_s, ok)
-        if self.syncs:
-            message = self.syncs[r].finished(request, decision, now_s, ok)
-            if message is not None:
-                self._broadcast(r, message)
 
     def scrape(self, position: int, signals: EngineSignals, now_s: float) -> None:
         for router in self.replicas:

@@ -13,7 +13,6 @@ Must not import ``router`` (the parity test checks both adapters agree) or the e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policies.kv.events import KvEvent
@@ -73,8 +72,6 @@ class SimRouter:
         self.kv_events = kv_events
         self.max_age_s = engine_signals_max_age_s
         self.index = PrefixIndex(max_entries=index_max_entries)
-        # Replica sync (simulator.replicas): adds peers' in-flight work to the candidates.
-        self.load_overlay: Callable[[Iterable[BackendState]], tuple[BackendState, ...]] | None = None
 
     def position(self, backend_id: BackendId) -> int:
         return self._position[backend_id]
@@ -103,10 +100,7 @@ class SimRouter:
         return tuple(states)
 
     def view(self, now_s: float) -> ClusterView:
-        backends = self.snapshot(now_s)
-        if self.load_overlay is not None:
-            backends = self.load_overlay(backends)
-        return ClusterView(now_s=now_s, backends=backends, index=self.index)
+        return ClusterView(now_s=now_s, backends=self.snapshot(now_s), index=self.index)
 
     def defer(self, request: RouteRequest, now_s: float) -> bool:
         """The policy's answer to "hold this request in the router for now?" (a pure query)."""

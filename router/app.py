@@ -61,6 +61,7 @@ from router.pd.config import wrap_policy
 from router.pool import BackendPool
 from router.prompt.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.proxy import Proxy, parse_json
+from router.sync.service import SyncService, build_sync
 
 __all__ = ["App", "BackgroundFactory", "RouterState", "Runner", "build_pool", "create_app",
            "serve"]
@@ -248,11 +249,17 @@ def create_app(
     background: Sequence[BackgroundFactory] = (),
     policy: Policy | None = None,
     rng: random.Random | None = None,
+    sync: SyncService | None = None,
 ) -> App:
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
         policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
                              config, rng)
+    # Replica sync (``sync:``): the policy sees peers' in-flight work and publishes its own.
+    sync = sync or build_sync(config, {})
+    if sync is not None:
+        policy = sync.wrap(policy)
+        background = [*background, sync.run]
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from router.pd.config import check_config
     from router.setup.discovery import discovery_background
     from router.setup.kv import build_kv, wants_kv
+    from router.sync.service import build_sync
 
     try:
         config = build_config(args, dict(os.environ))
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
         kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
         background = discovery_background(config, os.environ)
+        sync = build_sync(config, os.environ)
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
         return 2
@@ -123,11 +125,12 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         if kv is None:
-            app = create_app(config, background=background)
+            app = create_app(config, background=background, sync=sync)
         else:
             rng = random.Random(config.policy.seed)
             app = create_app(config, background=[*background, kv.background],
-                             analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng)
+                             analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng,
+                             sync=sync)
         runner, port = await serve(app, config.server.host, config.server.port,
                                    access_log=config.server.log_level == "debug")
         log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",

@@ -47,7 +47,7 @@ __all__ = [
 ConfigError = ParamError
 """Raised for any invalid config; ``str(error)`` is the one line to print."""
 
-EXTENSION_SECTIONS = ("kv_events", "discovery", "disaggregation")
+EXTENSION_SECTIONS = ("kv_events", "discovery", "disaggregation", "sync")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 T = TypeVar("T")

@@ -38,6 +38,7 @@ from router.discovery.k8s import KubernetesParams
 from router.pd.config import DisaggConfig
 from router.setup.discovery import MODES
 from router.setup.kv import KvEventsSection
+from router.sync.config import SyncConfig
 
 __all__ = ["config_schema", "dataclass_schema"]
 
@@ -164,5 +165,6 @@ def config_schema() -> dict[str, Any]:
             "kv_events": dataclass_schema(KvEventsSection),
             "discovery": discovery,
             "disaggregation": disaggregation,
+            "sync": dataclass_schema(SyncConfig),
         },
     }

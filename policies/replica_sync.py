@@ -13,8 +13,9 @@ Each replica publishes its own request lifecycle and applies its peers':
   chosen backend's score terms: predicted prefill seconds and TTFT), slimmed to the scores of
   the backends it names.
 - ``Finish``: that request is over (``ok`` as the proxy saw it).
-- ``Heartbeat``: the sender is alive, and the oldest of its requests still in flight; any
-  older peer request still held here lost its ``Finish`` and is finished now.
+- ``Heartbeat``: the sender is alive, and which of its requests are still in flight; any
+  other peer request still held here lost its ``Finish`` and is finished now (under 10%
+  loss, retiring only those older than the oldest in flight left the view 18% too full).
 
 A peer's ``Dispatch`` is replayed into the local policy through the same hook the local
 proxy calls (``on_dispatched``), and its ``Finish`` through ``on_finished``: whatever the
@@ -95,7 +96,8 @@ class Heartbeat:
     origin: str
     seq: int
     sent_at_s: float
-    oldest_request_seq: int  # the sender's oldest dispatch still in flight (or its next one)
+    next_request_seq: int  # the sender's next dispatch number
+    in_flight: tuple[int, ...] = ()  # the sender's dispatches still in flight
 
 
 Message = Dispatch | Finish | Heartbeat
@@ -160,8 +162,8 @@ class ReplicaSync:
         return Finish(self.origin, self._next_seq(), now_s, request_seq, ok)
 
     def heartbeat(self, now_s: float) -> Heartbeat:
-        oldest = min(self._own.values(), default=self._request_seq + 1)
-        return Heartbeat(self.origin, self._next_seq(), now_s, oldest)
+        return Heartbeat(self.origin, self._next_seq(), now_s, self._request_seq + 1,
+                         tuple(sorted(self._own.values())))
 
     # ---- peers' messages -> ledger and policy ---------------------------------------------------
 
@@ -187,7 +189,9 @@ class ReplicaSync:
             else:
                 self._release(held, now_s, message.ok)
         else:
-            for request_seq in [s for s in peer.in_flight if s < message.oldest_request_seq]:
+            alive = set(message.in_flight)
+            for request_seq in [s for s in peer.in_flight
+                                if s < message.next_request_seq and s not in alive]:
                 self._release(peer.in_flight.pop(request_seq), now_s, True)
 
     def _add(self, peer: PeerStats, message: Dispatch, now_s: float) -> None:

@@ -103,14 +103,20 @@ def test_sequence_gaps_count_as_drops_and_unknown_finishes_are_ignored() -> None
 
 def test_heartbeat_finishes_peer_requests_whose_finish_was_lost() -> None:
     a, b = pair()
-    d1, m1 = dispatch(a, request(1), 0.0)
-    _d2, m2 = dispatch(a, request(2), 0.0)
-    b.receive(m1, 0.0)
-    b.receive(m2, 0.0)
-    a.finished(request(1), d1, 0.2, ok=True)  # its Finish is lost in transit
-    b.receive(a.heartbeat(1.0), 1.0)
-    assert b.peer_in_flight() == 1
-    assert b.peers["a"].dropped == 1
+    _d1, m1 = dispatch(a, request(1), 0.0)
+    d2, m2 = dispatch(a, request(2), 0.0)
+    _d3, m3 = dispatch(a, request(3), 0.0)
+    for m in (m1, m2, m3):
+        b.receive(m, 0.0)
+    a.finished(request(2), d2, 0.2, ok=True)  # its Finish is lost in transit, and it is
+    # not the oldest in flight: only the heartbeat's list of live requests can retire it
+    _d4, m4 = dispatch(a, request(4), 0.3)  # sent before the heartbeat, delivered after it
+    beat = a.heartbeat(1.0)
+    b.receive(beat, 1.0)
+    assert b.peer_in_flight() == 2
+    assert b.peers["a"].dropped == 2  # the lost Finish, and m4 not yet arrived
+    b.receive(m4, 1.1)  # late, but still in flight: it counts
+    assert b.peer_in_flight() == 3
 
 
 @pytest.mark.parametrize("silent_s, kept", [(4.0, 1), (6.0, 0)], ids=["alive", "expired"])
@@ -132,7 +138,7 @@ def test_over_age_peer_requests_expire_while_the_peer_stays() -> None:
     b.receive(m1, 0.0)
     _d, m2 = dispatch(a, request(2), 8.0)
     b.receive(m2, 8.0)
-    b.receive(Heartbeat("a", m2.seq + 1, 11.0, oldest_request_seq=1), 11.0)
+    b.receive(Heartbeat("a", m2.seq + 1, 11.0, next_request_seq=3, in_flight=(1, 2)), 11.0)
     b.expire(11.0)
     assert b.requests_expired == 1 and b.peer_in_flight() == 1
 

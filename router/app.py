@@ -203,10 +203,13 @@ class App:
         return json_response({"status": "ready", "healthy_backends": healthy},
                              headers={"x-request-id": self.request_id(request)})
 
+    def local_metrics(self) -> bytes:
+        """This process's own exposition (``serve --workers`` merges its siblings')."""
+        self.state.health.export()
+        return generate_latest(self.state.metrics.registry)
+
     async def _metrics(self, request: Request) -> Response:
-        state = self.state
-        state.health.export()
-        return Response(body=generate_latest(state.metrics.registry),
+        return Response(body=self.local_metrics(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST,
                                  "x-request-id": self.request_id(request)})
 
@@ -293,7 +296,7 @@ class Runner:
 
 
 async def serve(
-    app: App, host: str, port: int, *, access_log: bool = False
+    app: App, host: str, port: int, *, access_log: bool = False, reuse_port: bool = False
 ) -> tuple[Runner, int]:
     """Start ``app`` on host:port (0 = ephemeral); returns the runner and the bound port."""
     config = app.state.config.server
@@ -304,7 +307,7 @@ async def serve(
         access_log=logging.getLogger("kvrouter.access") if access_log else None)
     await app.start()
     try:
-        bound = await server.start(host, port)
+        bound = await server.start(host, port, reuse_port=reuse_port)
     except BaseException:
         await app.stop()
         raise

@@ -3,6 +3,7 @@ enters the candidates a policy sees, and the peers' lifecycle replayed into a re
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -110,13 +111,11 @@ def test_heartbeat_finishes_peer_requests_whose_finish_was_lost() -> None:
         b.receive(m, 0.0)
     a.finished(request(2), d2, 0.2, ok=True)  # its Finish is lost in transit, and it is
     # not the oldest in flight: only the heartbeat's list of live requests can retire it
-    _d4, m4 = dispatch(a, request(4), 0.3)  # sent before the heartbeat, delivered after it
-    beat = a.heartbeat(1.0)
-    b.receive(beat, 1.0)
-    assert b.peer_in_flight() == 2
-    assert b.peers["a"].dropped == 2  # the lost Finish, and m4 not yet arrived
-    b.receive(m4, 1.1)  # late, but still in flight: it counts
-    assert b.peer_in_flight() == 3
+    d4, _lost = dispatch(a, request(4, tokens=1234), 0.3)  # its Dispatch is lost too
+    b.receive(a.heartbeat(1.0), 1.0)
+    assert b.peer_in_flight() == 3  # 1 and 3 as sent, 4 re-added from the heartbeat
+    assert b.peer_load(d4.backend_id)[1] >= 1234
+    assert b.peers["a"].dropped == 2
 
 
 @pytest.mark.parametrize("silent_s, kept", [(4.0, 1), (6.0, 0)], ids=["alive", "expired"])
@@ -138,9 +137,29 @@ def test_over_age_peer_requests_expire_while_the_peer_stays() -> None:
     b.receive(m1, 0.0)
     _d, m2 = dispatch(a, request(2), 8.0)
     b.receive(m2, 8.0)
-    b.receive(Heartbeat("a", m2.seq + 1, 11.0, next_request_seq=3, in_flight=(1, 2)), 11.0)
+    beat = Heartbeat("a", m2.seq + 1, 11.0, next_request_seq=3,
+                     in_flight=((1, m1.decision.backend_id, 4000), (2, m2.decision.backend_id, 4000)))
+    b.receive(beat, 11.0)
     b.expire(11.0)
     assert b.requests_expired == 1 and b.peer_in_flight() == 1
+
+
+def test_heartbeat_adds_peer_requests_whose_dispatch_was_lost() -> None:
+    a, b = pair()
+    d1, _lost = dispatch(a, request(1, tokens=3000), 0.0)
+    b.receive(a.heartbeat(1.0), 1.0)
+    assert b.peer_load(d1.backend_id) == (1, 3000)
+    b.receive(a.finished(request(1), d1, 2.0, ok=True) or _lost, 2.0)
+    assert b.peer_in_flight() == 0 and b.unknown_finishes == 0
+    # A Finish whose Dispatch was lost, then a stale heartbeat still listing it: not re-added.
+    d2, _lost2 = dispatch(a, request(2), 3.0)
+    stale = a.heartbeat(3.0)
+    _skipped = a.heartbeat(3.0)  # lost too
+    finish = a.finished(request(2), d2, 3.5, ok=True)
+    assert finish is not None
+    b.receive(finish, 3.5)
+    b.receive(dataclasses.replace(stale, seq=finish.seq + 1), 3.6)
+    assert b.peer_in_flight() == 0
 
 
 def test_own_echo_is_ignored_and_params_are_checked() -> None:

@@ -2,7 +2,7 @@
 
     ["d", origin, seq, sent_at_unix_s, request_seq, {RouteRequest fields}, {Decision fields}]
     ["f", origin, seq, sent_at_unix_s, request_seq, ok]
-    ["h", origin, seq, sent_at_unix_s, next_request_seq, [request_seq in flight, ...]]
+    ["h", origin, seq, sent_at_unix_s, next_request_seq, [[request_seq, backend, tokens], ...]]
 
 Dataclasses travel as maps of their fields, so a field added on one side is ignored by an
 older peer and a field it lacks takes its default: replicas of neighbouring versions keep
@@ -48,7 +48,7 @@ def encode(message: Message, *, monotonic_now_s: float, unix_now_s: float,
     elif isinstance(message, Finish):
         body = ["f", *head, message.request_seq, message.ok]
     else:
-        body = ["h", *head, message.next_request_seq, list(message.in_flight)]
+        body = ["h", *head, message.next_request_seq, [list(x) for x in message.in_flight]]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -76,9 +76,11 @@ def decode(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> Message
     sent_at_s = monotonic_now_s - (unix_now_s - float(sent_unix_s))
     if kind == "h":
         if len(body) != 6 or not isinstance(body[5], list) or not all(
-                isinstance(x, int) for x in body[5]):
-            raise WireError("heartbeat: expected 6 fields, the last a list of integers")
-        return Heartbeat(origin, seq, sent_at_s, body[4], tuple(body[5]))
+                isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
+                and isinstance(x[1], str) and isinstance(x[2], int) for x in body[5]):
+            raise WireError("heartbeat: expected 6 fields, the last [[seq, backend, tokens]...]")
+        return Heartbeat(origin, seq, sent_at_s, body[4],
+                         tuple((x[0], x[1], x[2]) for x in body[5]))
     if kind == "f":
         if len(body) != 6:
             raise WireError("finish: expected 6 fields")

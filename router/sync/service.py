@@ -13,8 +13,9 @@ skew every replica's view, so the SUB side connects only to discovered peers (th
 chose them, as for engines that bind). ipc:// endpoints (``serve --workers``) are local
 files, not gated.
 
-Publishing is a non-blocking send from the proxy's own call (PUB drops at its high-water
-mark rather than wait; counted). Loops catch, log and count their errors and go on; none
+Publishing queues the message; what one turn of the event loop queued leaves as one
+multipart message, a non-blocking send (PUB drops at its high-water mark rather than wait;
+counted). Loops catch, log and count their errors and go on; none
 swallows ``CancelledError``. Metrics: ``kvrouter_sync_peers``, ``kvrouter_sync_lag_seconds``,
 ``kvrouter_sync_messages_total{direction}``, ``kvrouter_sync_dropped_messages_total``,
 ``kvrouter_sync_decode_errors_total``, ``kvrouter_sync_peers_expired_total``,
@@ -90,6 +91,7 @@ class SyncService:
         self.sync: ReplicaSync | None = None
         self.metrics: SyncMetrics | None = None
         self._pub: zmq.asyncio.Socket | None = None
+        self._outbox: list[Message] = []
         self._reported_dropped = 0
         self._reported_expired = 0
 
@@ -98,19 +100,30 @@ class SyncService:
         return SyncedPolicy(policy, self.sync, self.publish)
 
     def publish(self, message: Message) -> None:
-        pub = self._pub
-        if pub is None:
+        """Queue ``message``; everything queued in one turn of the event loop leaves as one
+        multipart ZeroMQ message (one send here, one wake-up at each peer)."""
+        if self._pub is None:
             return  # not started yet (or stopped): peers will not hear of this one
-        data = encode(message, monotonic_now_s=time.monotonic(), unix_now_s=time.time(),
-                      prompt_text=self.config.send_prompt_text)
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        pub, batch = self._pub, self._outbox
+        self._outbox = []
+        if pub is None or not batch:
+            return
+        mono, unix = time.monotonic(), time.time()
+        frames = [encode(m, monotonic_now_s=mono, unix_now_s=unix,
+                         prompt_text=self.config.send_prompt_text) for m in batch]
         try:
-            pub.send(data, zmq.NOBLOCK)
+            pub.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             if self.metrics is not None:
-                self.metrics.dropped.labels("send").inc()
+                self.metrics.dropped.labels("send").inc(len(frames))
             return
         if self.metrics is not None:
-            self.metrics.messages.labels("sent").inc()
+            self.metrics.messages.labels("sent").inc(len(frames))
 
     async def run(self, state: Any) -> None:
         """The background task (``create_app(background=...)``): sockets, then four loops."""
@@ -144,22 +157,25 @@ class SyncService:
     async def _receive(self, sub: zmq.asyncio.Socket) -> None:
         assert self.sync is not None and self.metrics is not None
         sync, metrics = self.sync, self.metrics
+        received = metrics.messages.labels("received")
         while True:
-            data = await sub.recv()
-            try:
-                message = decode(data, monotonic_now_s=time.monotonic(), unix_now_s=time.time())
-            except WireError as exc:
-                metrics.decode_errors.inc()
-                log.debug("undecodable sync message: %s", exc)
-                continue
-            if message.origin == self.origin:
-                continue  # our own, through a subscription to ourselves
-            metrics.messages.labels("received").inc()
-            try:
-                sync.receive(message, time.monotonic())
-            except Exception:  # a policy hook failing on a peer's data must not stop sync
-                metrics.decode_errors.inc()
-                log.exception("applying a sync message from %s failed", message.origin)
+            frames = await sub.recv_multipart()
+            mono, unix = time.monotonic(), time.time()
+            for data in frames:
+                try:
+                    message = decode(data, monotonic_now_s=mono, unix_now_s=unix)
+                except WireError as exc:
+                    metrics.decode_errors.inc()
+                    log.debug("undecodable sync message: %s", exc)
+                    continue
+                if message.origin == self.origin:
+                    continue  # our own, through a subscription to ourselves
+                received.inc()
+                try:
+                    sync.receive(message, mono)
+                except Exception:  # a policy hook failing on a peer's data must not stop sync
+                    metrics.decode_errors.inc()
+                    log.exception("applying a sync message from %s failed", message.origin)
 
     async def _tick(self) -> None:
         assert self.sync is not None and self.metrics is not None

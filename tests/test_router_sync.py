@@ -160,3 +160,35 @@ def test_sync_section_errors_name_the_key(sync: dict[str, Any], path: str) -> No
     with pytest.raises(ConfigError) as caught:
         parse_sync(parse_config({"sync": sync}))
     assert str(caught.value).startswith(path), str(caught.value)
+
+
+def test_wire_round_trip_and_malformed_messages() -> None:
+    import msgpack
+
+    from policies.replica_sync import Dispatch, Finish, Heartbeat
+    from policies.types import BackendScore, Decision, RouteRequest
+    from router.sync.wire import WireError, decode, encode
+
+    request = RouteRequest(request_id="r1", model="m", prompt_tokens=40, prompt_text="hi",
+                           block_hashes=(2**64 - 1, 7), tokens_exact=True)
+    decision = Decision("http://b", "kv_aware", 32, scores=(
+        BackendScore("http://b", 0.5, 32, {"ttft_s": 0.1, "prefill_s": 0.05}),))
+    sent = [Dispatch("a", 1, 10.0, 1, request, decision), Finish("a", 2, 10.5, 1, True),
+            Heartbeat("a", 3, 11.0, 2, ((1, "http://b", 40),))]
+    for message in sent:
+        # Sender's monotonic 100 s = its unix 1000 s; the receiver's monotonic 50 s = unix 1001 s.
+        data = encode(message, monotonic_now_s=100.0, unix_now_s=1000.0)
+        got = decode(data, monotonic_now_s=50.0, unix_now_s=1001.0)
+        assert got == type(message)(**{**{f: getattr(message, f) for f in message.__slots__},
+                                       "sent_at_s": message.sent_at_s - 100.0 + 49.0})
+    # An older peer that does not know a field, and a newer one that sends an extra field.
+    body = msgpack.unpackb(encode(sent[0], monotonic_now_s=0, unix_now_s=0))
+    del body[5]["salted"]
+    body[6]["future_field"] = 1
+    got = decode(msgpack.packb(body), monotonic_now_s=0, unix_now_s=0)
+    assert isinstance(got, Dispatch) and got.request.block_hashes == (2**64 - 1, 7)
+    for bad in (b"\xc1", msgpack.packb(["x", "a", 1, 0.0, 1]), msgpack.packb(["f", "a", 1]),
+                msgpack.packb(["h", "a", 1, 0.0, 2, [[1, 2, 3]]]),
+                msgpack.packb(["d", "a", 1, 0.0, 1, {"prompt_tokens": 1}, {}])):
+        with pytest.raises(WireError):
+            decode(bad, monotonic_now_s=0, unix_now_s=0)

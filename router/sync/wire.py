@@ -29,8 +29,18 @@ class WireError(ValueError):
     """A sync message that cannot be decoded."""
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}  # field names per dataclass, looked up once
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _fields(value: Any) -> dict[str, Any]:
-    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return {name: getattr(value, name) for name in _names(type(value))}
 
 
 def encode(message: Message, *, monotonic_now_s: float, unix_now_s: float,
@@ -55,7 +65,7 @@ def encode(message: Message, *, monotonic_now_s: float, unix_now_s: float,
 def _build(cls: type[Any], raw: object, what: str) -> Any:
     if not isinstance(raw, dict):
         raise WireError(f"{what}: expected a map")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = _names(cls)
     try:
         return cls(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:

@@ -16,6 +16,9 @@ or the policy a target names after a slash (``sglang-router/cache_aware``).
                                                        #   them into .tools/peers-venv first)
     .venv/bin/python bench/overhead.py --kv            # kvrouter kv_aware vs both peers'
                                                        #   cache_aware, one run
+    .venv/bin/python bench/overhead.py --policy kv_aware --routers \
+        kvrouter-uvloop,kvrouter-uvloop-w2 --concurrency 32 --modes plain
+                                                       # serve --workers 1 vs 2 (a -wN suffix)
     ... --prompts unique                               # a different prompt every request
 
 Compare numbers only within one run: the machine is shared and noisy.
@@ -229,12 +232,15 @@ def _router_argv(target: str, port: int, backends: list[str], default_policy: st
     if name == "floor":
         return [sys.executable, __file__, "floor", "--port", str(port), "--backends", *backends]
     if name.startswith("kvrouter"):
+        # kvrouter-uvloop-w2: `serve --workers 2` (processes sharing the port, synced).
+        name, _, workers = name.partition("-w")
         loop = "uvloop" if name.endswith("uvloop") else "asyncio"
         # kv_aware tokenizes every prompt with the project's tiny tokenizer, as served.
         tokenizer = (["--model-tokenizer", f"{MODEL}={ROOT / 'simulator/data/tiny-tokenizer'}"]
                      if policy == "kv_aware" else [])
         return [str(ROOT / ".venv" / "bin" / "kvrouter"), "serve", "--port", str(port),
                 "--policy", policy, "--log-level", "warning", "--loop", loop, *tokenizer,
+                *(["--workers", workers] if workers else []),
                 *[a for b in backends for a in ("--backend", b)]]
     py = str(PEERS_VENV / "bin" / "python")
     metrics_port = str(_free_port())  # both crash when their metrics port is taken

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -44,8 +45,8 @@ from quality_procs import (
     DEFAULT_ROUTERS,
     ROUTER_NAMES,
     Emulator,
-    Router,
     free_port,
+    make_router,
     pod_counters,
 )
 from quality_workload import (
@@ -117,10 +118,12 @@ def _has_content(event: bytes) -> bool:
     return False
 
 
-async def drive(target: str, items: list[Item], regime: Regime,
+async def drive(target: str | list[str], items: list[Item], regime: Regime,
                 limit_s: float) -> tuple[list[dict[str, Any]], bool]:
-    """Send the workload; returns one result per request and whether the time limit cut it."""
-    url = f"{target}/v1/chat/completions"
+    """Send the workload; returns one result per request and whether the time limit cut it.
+    Several targets (router replicas) take the requests in turn."""
+    targets = [target] if isinstance(target, str) else target
+    urls = itertools.cycle([f"{t}/v1/chat/completions" for t in targets])
     results: list[dict[str, Any]] = []
     closed = [i for i in items if i.at_s is None and "burst_after" not in i.tags]
     timed = [i for i in items if i.at_s is not None]
@@ -135,7 +138,7 @@ async def drive(target: str, items: list[Item], regime: Regime,
 
         async def run_item(item: Item) -> None:
             for body in item.bodies:
-                await _one(session, url, body, results, item.group)
+                await _one(session, next(urls), body, results, item.group)
 
         async def worker() -> None:
             nonlocal sent
@@ -191,7 +194,7 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
     tag = f"{regime.name}-{router_name.replace(':', '-')}-seed{seed}"
     emulator = Emulator(count=args.pods, num_gpu_blocks=regime.num_gpu_blocks,
                         slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log")
-    router = Router(router_name, log=logdir / f"{tag}-router.log", seed=seed)
+    router = make_router(router_name, logdir / f"{tag}-router.log", seed)
     started = time.monotonic()
     try:
         await emulator.start()
@@ -199,7 +202,7 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         before = await pod_counters(emulator.urls)
         cpu_before = (router.cpu_s(), emulator.cpu_s())
         run_start = time.monotonic()
-        results, cut = await drive(router.url, items, regime, _limit_s(regime, items))
+        results, cut = await drive(router.urls, items, regime, _limit_s(regime, items))
         run_s = time.monotonic() - run_start
         await asyncio.sleep(0.5)  # the last steps' counters
         after = await pod_counters(emulator.urls)
@@ -245,7 +248,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
                    help=f"comma-separated routers (default: all): {', '.join(ROUTER_NAMES)}; "
-                        "kvrouter:POLICY takes any kvrouter policy")
+                        "kvrouter:POLICY takes any kvrouter policy; kvrouterxR:POLICY runs R "
+                        "synced replicas (kvrouterxR-nosync:POLICY without sync), the client "
+                        "alternating between them")
     p.add_argument("--regimes", default=",".join(REGIMES),
                    help=f"comma-separated regimes (default: all): {', '.join(REGIMES)}")
     p.add_argument("--seeds", default="1",
@@ -274,7 +279,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if r not in REGIMES:
             p.error(f"--regimes: unknown regime {r!r}; known: {', '.join(REGIMES)}")
     for r in args.router_list:
-        if r not in ROUTER_NAMES and not r.startswith("kvrouter:"):
+        if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx")):
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
     return args
 

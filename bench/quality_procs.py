@@ -33,7 +33,9 @@ __all__ = [
     "ROUTER_NAMES",
     "Emulator",
     "Router",
+    "RouterGroup",
     "free_port",
+    "make_router",
     "pod_counters",
 ]
 
@@ -171,11 +173,14 @@ class Emulator:
 class Router:
     """One router process in front of an ``Emulator``'s pods."""
 
-    def __init__(self, name: str, log: Path, seed: int) -> None:
+    def __init__(self, name: str, log: Path, seed: int,
+                 sync: dict[str, Any] | None = None) -> None:
         self.name = name
         self.log = log
         self.seed = seed
+        self.sync = sync  # a kvrouter replica's `sync:` section (RouterGroup)
         self.url = ""
+        self.urls: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
 
     def cpu_s(self) -> float | None:
@@ -195,6 +200,7 @@ class Router:
                 "policy": {"name": policy, "seed": self.seed},
                 "models": {MODEL: {"tokenizer": str(default_path()), "block_size": BLOCK_SIZE}},
                 "backends": [{"url": u} for u in pods.urls],
+                **({"sync": self.sync} if self.sync else {}),
             }))
             return [sys.executable, "-m", "kvrouter.cli", "serve", "--config", str(config)], \
                 "/ready"
@@ -226,6 +232,7 @@ class Router:
             stdin=asyncio.subprocess.DEVNULL)
         out.close()
         self.url = f"http://127.0.0.1:{port}"
+        self.urls = [self.url]
         await _wait_ok(self.url + ready, self._proc, self.log)
         if self.name == "kvrouter:kv_aware":
             await self._wait_events(len(pods.urls))
@@ -266,6 +273,57 @@ class Router:
 
     async def stop(self) -> None:
         await _stop(self._proc)
+
+
+class RouterGroup:
+    """``kvrouterxR:POLICY`` (replica sync on) or ``kvrouterxR-nosync:POLICY``: R kvrouter
+    processes in front of the same pods, each a replica synced with the others over
+    127.0.0.1 (static peers); the client alternates requests between them (docs/scale-out.md)."""
+
+    def __init__(self, name: str, log: Path, seed: int) -> None:
+        kind, _, policy = name.partition(":")
+        count, _, flag = kind.removeprefix("kvrouterx").partition("-")
+        self.name = name
+        self.count = int(count)
+        ports = [free_port() for _ in range(self.count)]
+        self.routers = []
+        for i in range(self.count):
+            sync = None
+            if flag != "nosync":
+                sync = {"enabled": True, "bind": f"tcp://127.0.0.1:{ports[i]}",
+                        "peers": [f"tcp://127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
+                        "allow_from": ["127.0.0.1"], "send_prompt_text": policy != "kv_aware"}
+            self.routers.append(Router(f"kvrouter:{policy}", log.with_name(f"{log.stem}-r{i}.log"),
+                                       seed * 100 + i, sync))
+        self.url = ""
+        self.urls: list[str] = []
+
+    def cpu_s(self) -> float | None:
+        values = [r.cpu_s() for r in self.routers]
+        return None if any(v is None for v in values) else sum(v or 0.0 for v in values)
+
+    async def start(self, pods: Emulator, port: int) -> None:
+        for i, router in enumerate(self.routers):
+            await router.start(pods, port if i == 0 else free_port())
+        self.urls = [r.url for r in self.routers]
+        self.url = self.urls[0]
+        await asyncio.sleep(1.0)  # heartbeats: every replica hears every other before traffic
+
+    async def token_parity(self) -> dict[str, float] | None:
+        out = {"checked_blocks": 0.0, "mismatched_blocks": 0.0}
+        for router in self.routers:
+            parity = await router.token_parity()
+            for key in out:
+                out[key] += (parity or {}).get(key, 0.0)
+        return out
+
+    async def stop(self) -> None:
+        for router in self.routers:
+            await router.stop()
+
+
+def make_router(name: str, log: Path, seed: int) -> Router | RouterGroup:
+    return RouterGroup(name, log, seed) if name.startswith("kvrouterx") else Router(name, log, seed)
 
 
 _COUNTERS = {

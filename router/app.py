@@ -62,6 +62,7 @@ from router.metrics import RouterMetrics
 from router.pool import BackendPool
 from router.prompt.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.proxy import Proxy, parse_json
+from router.sync.service import SyncService, build_sync
 
 __all__ = ["App", "BackgroundFactory", "RouterState", "Runner", "build_pool", "create_app",
            "serve"]
@@ -203,10 +204,13 @@ class App:
         return json_response({"status": "ready", "healthy_backends": healthy},
                              headers={"x-request-id": self.request_id(request)})
 
+    def local_metrics(self) -> bytes:
+        """This process's own exposition (``serve --workers`` merges its siblings')."""
+        self.state.health.export()
+        return generate_latest(self.state.metrics.registry)
+
     async def _metrics(self, request: Request) -> Response:
-        state = self.state
-        state.health.export()
-        return Response(body=generate_latest(state.metrics.registry),
+        return Response(body=self.local_metrics(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST,
                                  "x-request-id": self.request_id(request)})
 
@@ -246,11 +250,17 @@ def create_app(
     background: Sequence[BackgroundFactory] = (),
     policy: Policy | None = None,
     rng: random.Random | None = None,
+    sync: SyncService | None = None,
 ) -> App:
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
         policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
                              config.disaggregation, rng)
+    # Replica sync (``sync:``): the policy sees peers' in-flight work and publishes its own.
+    sync = sync or build_sync(config, {})
+    if sync is not None:
+        policy = sync.wrap(policy)
+        background = [*background, sync.run]
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)
@@ -284,7 +294,7 @@ class Runner:
 
 
 async def serve(
-    app: App, host: str, port: int, *, access_log: bool = False
+    app: App, host: str, port: int, *, access_log: bool = False, reuse_port: bool = False
 ) -> tuple[Runner, int]:
     """Start ``app`` on host:port (0 = ephemeral); returns the runner and the bound port."""
     config = app.state.config.server
@@ -295,7 +305,7 @@ async def serve(
         access_log=logging.getLogger("kvrouter.access") if access_log else None)
     await app.start()
     try:
-        bound = await server.start(host, port)
+        bound = await server.start(host, port, reuse_port=reuse_port)
     except BaseException:
         await app.stop()
         raise

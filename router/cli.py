@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"one (default {server.event_loop})")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
                         help=f"log verbosity (default {server.log_level})")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="router processes sharing the port (SO_REUSEPORT), synced as "
+                             "replicas over ipc://, so one pod uses N cores (default %(default)s)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # set by the parent
 
 
 def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
@@ -111,31 +115,63 @@ def run(args: argparse.Namespace) -> int:
     from router.config import ConfigError
     from router.setup.discovery import discovery_background
     from router.setup.kv import build_kv, wants_kv
+    from router.sync.service import build_sync
 
+    worker = getattr(args, "worker", None)
     try:
         config = build_config(args, dict(os.environ))
+        if worker is not None:  # one of `--workers N`: the shared port, synced with siblings
+            from pathlib import Path
+
+            from router.workers import worker_config
+
+            config = worker_config(config, worker[0], worker[1], Path(worker[2]), worker[3])
         # Logging first: start-up warnings (no tokenizer, approximate mode) get the format.
         logging.basicConfig(level=config.server.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
         kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
         background = discovery_background(config, os.environ)
+        sync = build_sync(config, os.environ)
     except ConfigError as exc:
         print(f"kvrouter serve: config error: {exc}", file=sys.stderr)
         return 2
     log = logging.getLogger("kvrouter")
+    workers = getattr(args, "workers", 1) or 1
+    if workers < 1:
+        print("kvrouter serve: --workers: must be >= 1", file=sys.stderr)
+        return 2
+    if workers > 1 and worker is None:
+        from router.workers import run_workers
+
+        return run_workers(args, config, workers, run)
     if not config.backends and not background:
         log.warning("no backends configured: every request will get 503 until some are added")
 
     async def main() -> None:
         if kv is None:
-            app = create_app(config, background=background)
+            app = create_app(config, background=background, sync=sync)
         else:
             rng = random.Random(config.policy.seed)
             app = create_app(config, background=[*background, kv.background],
-                             analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng)
+                             analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng,
+                             sync=sync)
+        worker_metrics = None
+        if worker is not None:
+            from pathlib import Path
+
+            from router.workers import WorkerMetrics
+
+            state = app.state
+            worker_metrics = WorkerMetrics(
+                worker[0], worker[1], Path(worker[2]), state.metrics.registry,
+                lambda: app.local_metrics(), state.session)
+            app.routes["/metrics"] = {"GET": worker_metrics.handle, "HEAD": worker_metrics.handle}
         runner, port = await serve(app, config.server.host, config.server.port,
-                                   access_log=config.server.log_level == "debug")
+                                   access_log=config.server.log_level == "debug",
+                                   reuse_port=worker is not None)
+        if worker_metrics is not None:
+            await worker_metrics.start()
         log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",
                  config.server.host, port, config.policy.name, len(config.backends))
         stop = asyncio.Event()
@@ -145,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             await stop.wait()
         finally:
+            if worker_metrics is not None:
+                await worker_metrics.stop()
             await runner.cleanup()
 
     try:

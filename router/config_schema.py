@@ -35,6 +35,7 @@ from router.config import (
 from router.config.disaggregation import DisaggConfig
 from router.config.discovery import DiscoveryMode, DnsParams, KubernetesParams
 from router.config.kv_events import KvEventsConfig
+from router.config.sync import SyncConfig
 
 __all__ = ["config_schema", "dataclass_schema"]
 
@@ -151,5 +152,6 @@ def config_schema() -> dict[str, Any]:
             "kv_events": dataclass_schema(KvEventsConfig),
             "discovery": discovery,
             "disaggregation": disaggregation,
+            "sync": dataclass_schema(SyncConfig),
         },
     }

@@ -38,6 +38,7 @@ from simulator.des import EventLoop
 from simulator.engine.cost_model import CostModel, load_cost_model
 from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
 from simulator.inputs import SimConfig, prompt_text_of
+from simulator.replicas import ReplicaConfig, ReplicaSet
 from simulator.results import PooledLruOracle, Reservoir, RunMetrics, quantile
 from simulator.routing import EngineSignals, SimRouter
 from simulator.traces import TraceRequest
@@ -80,6 +81,7 @@ class ClusterSim:
         policy_params: Mapping[str, object] | None = None,
         cost: CostModel | None = None,
         progress: Progress | None = None,
+        replicas: ReplicaConfig | None = None,
     ) -> None:
         self.config = config
         self.policy_name = policy_name
@@ -88,12 +90,21 @@ class ClusterSim:
         self.progress = progress
         self.loop = EventLoop()
         policy = build_policy(policy_name, self.policy_params, random.Random(config.seed))
-        self.router = SimRouter(
+        self.router: SimRouter | ReplicaSet = SimRouter(
             policy,
             config.backends,
             kv_events=config.kv_events,
             engine_signals_max_age_s=config.engine_signals_max_age_s,
         )
+        # Several router replicas (--routers R > 1) stand in for the one router.
+        self.replicas: ReplicaSet | None = None
+        if replicas is not None and replicas.routers > 1:
+            self.replicas = ReplicaSet(
+                replicas, self.loop, policy_name, self.policy_params, config.backends,
+                config.seed, kv_events=config.kv_events,
+                engine_signals_max_age_s=config.engine_signals_max_age_s)
+            self.replicas.keep_going = lambda: not (self._arrivals_done and not self._live)
+            self.router = self.replicas
         self.metrics = RunMetrics(policy_name, config.backends, config.slo_ttft_s, seed=config.seed)
         self._loss_rng = random.Random(config.seed ^ 0x5EED)
         self.engines: list[EngineModel] = []
@@ -332,6 +343,8 @@ class ClusterSim:
         self._schedule_next_arrival()
         if self.engines:
             self.loop.at(0.0, self._scrape)
+            if self.replicas is not None:
+                self.replicas.start()
         loop = self.loop
         positions = range(len(self.engines))
         while True:
@@ -377,6 +390,8 @@ class ClusterSim:
             events_run=self.loop.events_run,
             wall_s=time.perf_counter() - started,
         )
+        if self.replicas is not None:
+            summary.update(self.replicas.summary())
         return summary
 
 
@@ -387,9 +402,11 @@ def simulate(
     policy_params: Mapping[str, object] | None = None,
     cost: CostModel | None = None,
     progress: Progress | None = None,
+    replicas: ReplicaConfig | None = None,
 ) -> dict[str, Any]:
     """One policy over one trace on one cluster: the summary dict (see ``RunMetrics.summary``)."""
-    sim = ClusterSim(config, policy_name, policy_params, cost=cost, progress=progress)
+    sim = ClusterSim(config, policy_name, policy_params, cost=cost, progress=progress,
+                     replicas=replicas)
     summary = sim.run(requests)
     summary["config"] = asdict(config)
     return summary

@@ -38,6 +38,11 @@ class Column:
 COLUMNS: tuple[Column, ...] = (
     Column("policy", "policy", "", "s", "routing policy (with #N: tune trial N)"),
     Column("backends", "N", "", "d", "backends (engines) in the run"),
+    Column("routers", "R", "", "d", "router replicas (simulate --routers; docs/scale-out.md)"),
+    Column("sync", "sync", "", "onoff", "replica sync between the router replicas"),
+    Column("in_flight_seen_ratio", "seen", "x", "f2",
+           "router replicas: fleet in-flight requests a replica saw when deciding / the true "
+           "count, mean over decisions (1.00 = one router's view; 1/R = blind to its peers)"),
     Column("requests", "reqs", "", "d", "requests that finished"),
     Column("failed", "failed", "", "d", "requests that got an error or no tokens"),
     Column("hit_rate", "hit", "%", "pct",
@@ -70,6 +75,8 @@ def _cell(value: Any, fmt: str) -> str:
         return "-"
     if fmt == "pct":
         return f"{100 * value:.1f}"
+    if fmt == "onoff":
+        return "on" if value else "off"
     if fmt == "s3":
         return f"{value:.3f}"
     if fmt == "f2":
@@ -122,7 +129,8 @@ def short_name(trace: str) -> str:
 
 
 def _label(r: Mapping[str, Any], many_sizes: bool) -> str:
-    return f"{r['policy']} (N={r['backends']})" if many_sizes else str(r["policy"])
+    name = f"{r['policy']} {r['label']}" if r.get("routers") and r.get("label") else r["policy"]
+    return f"{name} (N={r['backends']})" if many_sizes else str(name)
 
 
 def _charts(results: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:

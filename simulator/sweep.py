@@ -25,6 +25,7 @@ import yaml
 from policies.disaggregation import DisaggregationParams
 from policies.params import parse_params
 from simulator.cluster import SimConfig, simulate
+from simulator.replicas import ReplicaConfig
 from simulator.traces import Tokenize, TraceError, TraceRequest, open_trace_file
 from simulator.workloads import parse_synthetic, synthetic
 
@@ -84,6 +85,8 @@ class RunSpec:
     # Prefill/decode disaggregation (simulator.disagg): prefill engine count, None = off.
     prefill_backends: int | None = None
     disagg_params: Mapping[str, object] = field(default_factory=dict)
+    # Several router replicas (simulator.replicas), None = one router.
+    replicas: ReplicaConfig | None = None
 
 
 _progress: Any = None  # the shared counters, set in each worker by the pool initializer
@@ -109,7 +112,8 @@ def _run_one(args: tuple[int, RunSpec]) -> dict[str, Any]:
         result = simulate_disagg(spec.config, spec.policy, spec.prefill_backends, requests,
                                  spec.params, spec.disagg_params, progress=report)
     else:
-        result = simulate(spec.config, spec.policy, requests, spec.params, progress=report)
+        result = simulate(spec.config, spec.policy, requests, spec.params, progress=report,
+                          replicas=spec.replicas)
     result["trace"] = spec.trace
     if spec.label:
         result["label"] = spec.label

@@ -164,6 +164,9 @@ def test_every_rendered_object_is_valid_and_the_config_parses(
     (deployment,) = kinds["Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == config.server.port
+    sync = config.sync
+    peers = [s for s in kinds["Service"] if s["spec"].get("clusterIP") == "None"]
+    assert sync.enabled is bool(peers)
     assert container["args"] == ["serve", "--config", "/etc/kvrouter/config.yaml"]
     if discovery.mode == "kubernetes":
         assert discovery.kubernetes is not None and discovery.kubernetes.namespace
@@ -196,7 +199,7 @@ def test_defaults_are_hardened_and_drain_gracefully(helm: Path, tmp_path: Path) 
     (binding,) = kinds["RoleBinding"]
     assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    (service,) = kinds["Service"]
+    (service,) = [s for s in kinds["Service"] if s["spec"].get("clusterIP") != "None"]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"][
         "labels"].items()
     for optional in ("ServiceMonitor", "HorizontalPodAutoscaler", "NetworkPolicy"):
@@ -220,7 +223,7 @@ def test_all_optional_objects(helm: Path, tmp_path: Path) -> None:
     assert kinds["RoleBinding"][0]["subjects"][0]["namespace"] == NAMESPACE
     # ServiceMonitor: no schema in kubernetes-validate (a CRD), so check it structurally.
     (monitor,) = kinds["ServiceMonitor"]
-    (service,) = kinds["Service"]
+    (service,) = [s for s in kinds["Service"] if s["spec"].get("clusterIP") != "None"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
@@ -239,6 +242,47 @@ def test_all_optional_objects(helm: Path, tmp_path: Path) -> None:
     shipped = json.loads(dashboard["data"]["kvrouter.json"])
     assert shipped == json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     assert shipped["panels"], "the dashboard has panels"
+
+
+@pytest.mark.parametrize(("values", "synced"), [
+    ({"replicaCount": 1}, False),
+    ({"replicaCount": 3}, True),
+    ({"replicaCount": 1, "autoscaling": {"enabled": True}}, True),
+    ({"replicaCount": 3, "replicaSync": {"enabled": False}}, False),
+], ids=["one", "three", "autoscaled", "off"])
+def test_replicas_are_wired_for_replica_sync(helm: Path, tmp_path: Path, values: dict[str, Any],
+                                             synced: bool) -> None:
+    values = {**values, "networkPolicy": {"enabled": True, "restrictEgress": True},
+              "replicaSync": {"port": 5701, **values.get("replicaSync", {})}}
+    docs = render(helm, tmp_path, values)
+    validate_all(docs)
+    kinds = by_kind(docs)
+    config, _ = router_config(docs)
+    sync = config.sync
+    (deployment,) = kinds["Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    peers = [s for s in kinds["Service"] if s["spec"].get("clusterIP") == "None"]
+    (policy,) = kinds["NetworkPolicy"]
+    ingress_ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
+    assert sync.enabled is synced
+    if not synced:
+        assert not peers and "sync" not in ports and "sync" not in ingress_ports
+        return
+    (service,) = peers
+    # The replicas find each other at the headless Service's name, on the sync port.
+    assert sync.dns_name == f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert sync.port == ports["sync"] == service["spec"]["ports"][0]["port"] == 5701
+    assert service["spec"]["ports"][0]["targetPort"] == "sync"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+    assert "sync" in ingress_ports and 5701 in egress_ports
+    # A key set in config.sync wins over what the chart wires.
+    docs = render(helm, tmp_path, {**values, "config": {"sync": {"peer_timeout_s": 9.0}}})
+    config, _ = router_config(docs)
+    assert config.sync.peer_timeout_s == 9.0 and config.sync.port == 5701
 
 
 def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from policies.types import EngineKind, Role
 from router.config.disaggregation import DisaggregationConfig, parse_disaggregation
 from router.config.discovery import DiscoveryConfig, parse_discovery
 from router.config.kv_events import KvEventsConfig, parse_kv_events
+from router.config.sync import SyncConfig, parse_sync
 
 __all__ = [
     "BackendConfig",
@@ -146,6 +147,7 @@ class Config:
     kv_events: KvEventsConfig | None = None  # None: the section is absent (KV plumbing off)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 def parse_section(cls: type[T], raw: object, path: str) -> T:
@@ -257,6 +259,7 @@ def parse_config(raw: object) -> Config:
         kv_events=parse_kv_events(raw.get("kv_events")),
         discovery=parse_discovery(raw.get("discovery")),
         disaggregation=parse_disaggregation(raw.get("disaggregation")),
+        sync=parse_sync(raw.get("sync")),
     )
 
 

@@ -88,11 +88,13 @@ class HttpServer:
         self._date = b""
         self._date_s = 0
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (``port`` 0 picks a free one)."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen; returns the bound port (``port`` 0 picks a free one). ``reuse_port``: the
+        kernel spreads connections over every process listening on it (``serve --workers``)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: ClientConnection(self), host, port,
-                                                reuse_address=True)
+                                                reuse_address=True,
+                                                reuse_port=reuse_port or None)
         self._sweeper = loop.create_task(self._sweep_idle(), name="kvrouter-http-idle")
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -12,7 +12,8 @@ called whenever the sources change. An empty list refuses everyone (pyzmq's own 
 let every NULL peer in until something is allowed).
 
 Sockets the router connects (to engines that bind) need no gate: the router chose the peer.
-Must not import aiohttp or other ``router`` modules except ``router.kv.metrics``.
+The replica-sync PUB socket (``router.sync``) is gated the same way, with its peers' IPs.
+Must not import aiohttp or other ``router`` modules.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from router.kv.metrics import KvMetrics
-
-__all__ = ["ZAP_DOMAIN", "EventSocketGate"]
+__all__ = ["ZAP_DOMAIN", "EventSocketGate", "RefusalCounter"]
 
 log = logging.getLogger("kvrouter.kv_events")
 
@@ -38,13 +38,27 @@ ZAP_DOMAIN = b"kvrouter-kv-events"
 _MAX_LOGGED = 64  # refused addresses logged once each, up to this many
 
 
+class _Counter(Protocol):
+    def inc(self) -> None: ...
+
+
+class RefusalCounter(Protocol):
+    """What the gate counts refusals in: ``KvMetrics`` here, the sync metrics for the replica
+    sync socket (``router.sync``), which is gated the same way."""
+
+    @property
+    def refused(self) -> _Counter: ...
+
+
 class _AllowList(AsyncioAuthenticator):
     """pyzmq's asyncio ZAP handler, answering from a strict allow-list of peer IPs."""
 
-    def __init__(self, context: zmq.asyncio.Context, metrics: KvMetrics) -> None:
+    def __init__(self, context: zmq.asyncio.Context, metrics: RefusalCounter,
+                 what: str) -> None:
         super().__init__(context)
         self.addresses: frozenset[str] = frozenset()
         self.metrics = metrics
+        self.what = what
         self.logged: set[str] = set()
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
@@ -61,8 +75,8 @@ class _AllowList(AsyncioAuthenticator):
         self.metrics.refused.inc()
         if address not in self.logged and len(self.logged) < _MAX_LOGGED:
             self.logged.add(address)
-            log.warning("refused a KV-event connection from %s: not a backend's address",
-                        address)
+            log.warning("refused a %s connection from %s: not an allowed address",
+                        self.what, address)
         self._send_zap_reply(request_id, b"400", b"Address not allowed")
 
 
@@ -70,8 +84,10 @@ class EventSocketGate:
     """The allow-list of the sockets the router binds; ``start``/``stop`` pair with the
     ingestor's context."""
 
-    def __init__(self, metrics: KvMetrics, allow_from: Iterable[str] = ()) -> None:
+    def __init__(self, metrics: RefusalCounter, allow_from: Iterable[str] = (),
+                 what: str = "KV-event") -> None:
         self.metrics = metrics
+        self.what = what
         self.allow_from = frozenset(allow_from)
         self._auth: _AllowList | None = None
         self._hosts: frozenset[str] = frozenset()
@@ -79,7 +95,7 @@ class EventSocketGate:
         self._resolving: set[asyncio.Task[None]] = set()
 
     def start(self, context: zmq.asyncio.Context) -> None:
-        self._auth = _AllowList(context, self.metrics)
+        self._auth = _AllowList(context, self.metrics, self.what)
         self._auth.start()
         self._publish()
 

@@ -84,6 +84,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comma list (0 = all mixed, through the same code); decider parameters come from the "
         "config file's disaggregation: section (see docs/disaggregation.md)",
     )
+    parser.add_argument(
+        "--routers",
+        default=None,
+        help="router replicas behind a Service, or a comma list to sweep (default 1: one "
+        "router; see docs/scale-out.md)",
+    )
+    parser.add_argument(
+        "--sync", default="on", help="replica sync between routers: on, off, or on,off (default %(default)s)"
+    )
+    parser.add_argument(
+        "--sync-delay-s", type=float, default=0.001, help="replica sync delivery delay, s (default %(default)s)"
+    )
+    parser.add_argument(
+        "--sync-loss-ratio", type=float, default=0.0, help="share of sync messages lost per peer, 0..1 (default 0)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -153,6 +168,31 @@ def parse_backends(text: str) -> list[int]:
     return sizes
 
 
+def replica_configs(args: argparse.Namespace) -> list[Any]:
+    """One ``ReplicaConfig`` per (routers, sync) pair of the flags; ``[None]`` = one router."""
+    if getattr(args, "routers", None) is None:
+        return [None]
+    from simulator.replicas import ReplicaConfig
+
+    try:
+        counts = [int(x) for x in args.routers.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--routers: expected integers, got {args.routers!r}") from None
+    modes = [m.strip() for m in args.sync.split(",") if m.strip()]
+    if not counts or not modes or any(m not in ("on", "off") for m in modes):
+        raise ValueError("--routers needs counts and --sync one of on, off, on,off")
+    out: list[Any] = []
+    for count in counts:
+        if count == 1:  # one router: nothing to sync, the plain path (same numbers as without)
+            out.append(None)
+            continue
+        for mode in modes:
+            out.append(ReplicaConfig(routers=count, sync=mode == "on",
+                                     sync_delay_s=args.sync_delay_s,
+                                     sync_loss_ratio=args.sync_loss_ratio))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import random
     import sys
@@ -171,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         for name in policies:
             build_policy(name, params.get(name, {}), random.Random(0))
         configs = [build_config(args, simulation, n) for n in sizes]
+        scale_out = replica_configs(args)
         # Count the trace once (cheap: a streaming pass) for the progress bar, and fail fast on
         # a bad file before any worker starts.
         total = sessions = 0
@@ -181,9 +222,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvrouter simulate: {exc}", file=sys.stderr)
         return 2
     specs = [
-        RunSpec(args.trace, config, name, params.get(name, {}), args.max_requests, args.tokenizer)
+        RunSpec(args.trace, config, name, params.get(name, {}), args.max_requests, args.tokenizer,
+                label=replicas.label if replicas else "", replicas=replicas)
         for config in configs
         for name in policies
+        for replicas in scale_out
     ]
     if args.prefill_backends is not None:
         from simulator.sweep import disagg_specs
@@ -202,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
     wall_s = time.monotonic() - started
     # Wall time is the one number that is not a function of the inputs: it goes to the report's
     # header, so results.json stays byte-identical for the same trace, config and seed.
-    walls = {f"{r['policy']}@{r['backends']}": round(r.pop("wall_s", 0.0), 2) for r in results}
+    walls = {f"{r['policy']}@{r['backends']}" + (f" {r['label']}" if r.get("label") else ""):
+             round(r.pop("wall_s", 0.0), 2) for r in results}
     print(format_table(results))
     print(
         f"simulated in {wall_s:.1f} s wall time ({sum(walls.values()):.1f} s of run time summed "

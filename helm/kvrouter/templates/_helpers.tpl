@@ -54,8 +54,27 @@ app.kubernetes.io/component: router
 
 {{/* The router config as rendered into the ConfigMap: the values' `config`, with the
      Kubernetes discovery namespace filled in (the router itself never guesses it). */}}
+{{/* Replica sync is on when replicaSync.enabled and there can be more than one replica. */}}
+{{- define "kvrouter.syncActive" -}}
+{{- if and .Values.replicaSync.enabled (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}true{{- end }}
+{{- end }}
+
+{{- define "kvrouter.peersService" -}}
+{{- printf "%s-peers" (include "kvrouter.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "kvrouter.config" -}}
 {{- $config := deepCopy .Values.config }}
+{{- if include "kvrouter.syncActive" . }}
+{{- /* The replicas find each other through the headless peers Service; keys set in
+       config.sync win. */}}
+{{- $sync := get $config "sync" | default dict }}
+{{- $_ := set $sync "enabled" (hasKey $sync "enabled" | ternary $sync.enabled true) }}
+{{- $_ := set $sync "port" ($sync.port | default .Values.replicaSync.port) }}
+{{- $dns := printf "%s.%s.svc.%s" (include "kvrouter.peersService" .) .Release.Namespace .Values.replicaSync.clusterDomain }}
+{{- $_ := set $sync "dns_name" ($sync.dns_name | default $dns) }}
+{{- $_ := set $config "sync" $sync }}
+{{- end }}
 {{- if eq (include "kvrouter.discoveryMode" .) "kubernetes" }}
 {{- $discovery := get $config "discovery" }}
 {{- $k8s := get $discovery "kubernetes" | default dict }}

@@ -1,0 +1,75 @@
+"""The ``sync:`` config section: replica sync between router replicas.
+
+    sync:
+      enabled: true
+      port: 5601                       # this replica's PUB socket: tcp://*:5601
+      peers: [tcp://10.0.0.2:5601]     # static peer endpoints, and/or:
+      dns_name: kvrouter-peers.serving.svc.cluster.local   # headless Service: each A record
+      kubernetes_label_selector: app.kubernetes.io/name=kvrouter   # or pods with a label
+
+Peers' addresses come from one of the discovery mechanisms the router already has (a static
+list, the A records of a headless Service, or the Kubernetes API with a label selector); each
+is a PUB socket this replica subscribes to. Only those addresses (and ``allow_from``) may
+connect to this replica's own PUB socket. Parsed once at start into ``SyncConfig``; errors
+name the key (``sync.port: must be in 1..65535``). Imports only ``policies`` (the config room
+sits at the bottom of the router); ``router.sync`` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policies.params import ParamError as ConfigError
+from policies.params import parse_params
+from policies.replica_sync import SyncParams
+
+__all__ = ["SyncConfig", "parse_sync"]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    enabled: bool = False
+    port: int = 5601  # the PUB socket's TCP port, and the port of every discovered peer
+    bind_host: str = "*"
+    bind: str = ""  # a full endpoint instead of tcp://bind_host:port (ipc://... for --workers)
+    peers: tuple[str, ...] = ()  # static peer endpoints (tcp://HOST:PORT or ipc://PATH)
+    dns_name: str = ""  # a headless Service's name: each A/AAAA record is a peer at `port`
+    kubernetes_label_selector: str = ""  # pods with this label are peers at `port`
+    kubernetes_namespace: str = ""  # default: the pod's own namespace
+    kubeconfig: str = ""  # outside a cluster (tests, development)
+    discover_interval_s: float = 10.0
+    allow_from: tuple[str, ...] = ()  # extra IPs allowed to subscribe
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 5.0  # a peer silent this long is dropped with its in-flight share
+    max_in_flight_s: float = 900.0
+    send_prompt_text: bool = True  # character-matching policies need it; kv_aware does not
+    replica_id: str = ""  # default: hostname, process id and a random suffix
+
+    def params(self) -> SyncParams:
+        return SyncParams(self.peer_timeout_s, self.heartbeat_interval_s, self.max_in_flight_s)
+
+    @property
+    def endpoint(self) -> str:
+        return self.bind or f"tcp://{self.bind_host}:{self.port}"
+
+
+def parse_sync(raw: object) -> SyncConfig:
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError("sync", "expected a mapping")
+    section = parse_params(SyncConfig, raw, "sync")
+    if not 0 < section.port < 65536:
+        raise ConfigError("sync.port", "must be in 1..65535")
+    if section.bind and not section.bind.startswith(("tcp://", "ipc://")):
+        raise ConfigError("sync.bind", "expected tcp://HOST:PORT or ipc://PATH")
+    for i, peer in enumerate(section.peers):
+        if not peer.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"sync.peers[{i}]", f"expected tcp://HOST:PORT or ipc://PATH, got {peer!r}")
+    if section.discover_interval_s <= 0:
+        raise ConfigError("sync.discover_interval_s", "must be > 0")
+    try:
+        section.params()
+    except ValueError as exc:
+        name = "max_in_flight_s" if "max_in_flight_s" in str(exc) else "peer_timeout_s"
+        raise ConfigError(f"sync.{name}", str(exc)) from None
+    return section

@@ -1,0 +1,236 @@
+"""The replica-sync service: ZeroMQ PUB/SUB between router replicas.
+
+Each replica binds one PUB socket (``sync.port``, or ``sync.bind``) and publishes its own
+dispatches, finishes and heartbeats (``router.sync.wire``); it connects one SUB socket to
+every peer's PUB socket as discovery finds them (``router.sync.peers``) and applies what
+arrives to its ``policies.replica_sync.ReplicaSync``. ``wrap(policy)`` gives the app the
+policy it routes with: the inner policy over the fleet's in-flight view, publishing its own
+lifecycle (``SyncedPolicy``); the proxy does not know.
+
+Only peers may subscribe: the PUB socket is gated by ZAP like the KV-event sockets
+(``router.kv.auth``), with the peers' IPs (and ``sync.allow_from``); forged lifecycle would
+skew every replica's view, so the SUB side connects only to discovered peers (the router
+chose them, as for engines that bind). ipc:// endpoints (``serve --workers``) are local
+files, not gated.
+
+Publishing queues the message; what one turn of the event loop queued leaves as one
+multipart message, a non-blocking send (PUB drops at its high-water mark rather than wait;
+counted). Loops catch, log and count their errors and go on; none
+swallows ``CancelledError``. Metrics: ``kvrouter_sync_peers``, ``kvrouter_sync_lag_seconds``,
+``kvrouter_sync_messages_total{direction}``, ``kvrouter_sync_dropped_messages_total``,
+``kvrouter_sync_decode_errors_total``, ``kvrouter_sync_peers_expired_total``,
+``kvrouter_sync_peer_in_flight_requests``, ``kvrouter_sync_connections_refused_total``.
+Must not import ``simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from policies.replica_sync import Message, ReplicaSync, SyncedPolicy
+from policies.types import Policy
+from router.config import Config
+from router.config.sync import SyncConfig
+from router.kv.auth import EventSocketGate
+from router.sync.peers import PeerFinder, endpoint_host, kube_config
+from router.sync.wire import WireError, decode, encode
+
+__all__ = ["SyncMetrics", "SyncService", "build_sync"]
+
+log = logging.getLogger("kvrouter.sync")
+
+_SEND_HWM = 100_000  # messages queued per subscriber before PUB drops (counted as send drops)
+
+
+class SyncMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.peers = Gauge("kvrouter_sync_peers", "Router replicas heard from recently.",
+                           registry=r)
+        self.subscribed = Gauge("kvrouter_sync_subscribed_endpoints",
+                                "Peer PUB endpoints this replica's SUB socket connects to.",
+                                registry=r)
+        self.lag = Gauge("kvrouter_sync_lag_seconds",
+                         "Largest receive - send time of the latest message of each peer "
+                         "(wall clocks: includes skew between hosts).", registry=r)
+        self.messages = Counter("kvrouter_sync_messages", "Replica-sync messages.",
+                                ["direction"], registry=r)
+        self.dropped = Counter("kvrouter_sync_dropped_messages",
+                               "Peers' messages lost in transit (sequence gaps), and own "
+                               "messages the PUB socket could not queue.", ["side"], registry=r)
+        self.decode_errors = Counter("kvrouter_sync_decode_errors",
+                                     "Sync messages that could not be decoded; skipped.",
+                                     registry=r)
+        self.expired = Counter("kvrouter_sync_peers_expired",
+                               "Peers dropped after going silent (their in-flight share "
+                               "expired).", registry=r)
+        self.peer_in_flight = Gauge("kvrouter_sync_peer_in_flight_requests",
+                                    "Peers' requests in flight, as this replica sees them.",
+                                    registry=r)
+        self.refused = Counter("kvrouter_sync_connections_refused",
+                               "Connections to the sync socket refused: not a peer's address.",
+                               registry=r)
+
+
+class SyncService:
+    def __init__(self, config: SyncConfig, environ: Mapping[str, str]) -> None:
+        self.config = config
+        self.origin = config.replica_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
+        self._kube = kube_config(config, environ)
+        self.sync: ReplicaSync | None = None
+        self.metrics: SyncMetrics | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+        self._outbox: list[Message] = []
+        self._reported_dropped = 0
+        self._reported_expired = 0
+
+    def wrap(self, policy: Policy) -> SyncedPolicy:
+        self.sync = ReplicaSync(self.origin, policy, self.config.params())
+        return SyncedPolicy(policy, self.sync, self.publish)
+
+    def publish(self, message: Message) -> None:
+        """Queue ``message``; everything queued in one turn of the event loop leaves as one
+        multipart ZeroMQ message (one send here, one wake-up at each peer)."""
+        if self._pub is None:
+            return  # not started yet (or stopped): peers will not hear of this one
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        pub, batch = self._pub, self._outbox
+        self._outbox = []
+        if pub is None or not batch:
+            return
+        mono, unix = time.monotonic(), time.time()
+        frames = [encode(m, monotonic_now_s=mono, unix_now_s=unix,
+                         prompt_text=self.config.send_prompt_text) for m in batch]
+        try:
+            pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if self.metrics is not None:
+                self.metrics.dropped.labels("send").inc(len(frames))
+            return
+        if self.metrics is not None:
+            self.metrics.messages.labels("sent").inc(len(frames))
+
+    async def run(self, state: Any) -> None:
+        """The background task (``create_app(background=...)``): sockets, then four loops."""
+        assert self.sync is not None, "wrap() the policy before running the service"
+        self.metrics = metrics = SyncMetrics(state.metrics.registry)
+        context = zmq.asyncio.Context()
+        tcp = self.config.endpoint.startswith("tcp://")
+        gate = EventSocketGate(metrics, self.config.allow_from, what="replica-sync")
+        pub = context.socket(zmq.PUB)
+        sub = context.socket(zmq.SUB)
+        try:
+            if tcp:
+                gate.start(context)
+                gate.protect(pub)
+            pub.setsockopt(zmq.SNDHWM, _SEND_HWM)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind(self.config.endpoint)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.LINGER, 0)
+            self._pub = pub
+            log.info("replica sync: %s publishing on %s", self.origin, self.config.endpoint)
+            await asyncio.gather(self._receive(sub), self._tick(),
+                                 self._discover(sub, gate if tcp else None))
+        finally:
+            self._pub = None
+            gate.stop()
+            pub.close(0)
+            sub.close(0)
+            context.term()
+
+    async def _receive(self, sub: zmq.asyncio.Socket) -> None:
+        assert self.sync is not None and self.metrics is not None
+        sync, metrics = self.sync, self.metrics
+        received = metrics.messages.labels("received")
+        while True:
+            frames = await sub.recv_multipart()
+            mono, unix = time.monotonic(), time.time()
+            for data in frames:
+                try:
+                    message = decode(data, monotonic_now_s=mono, unix_now_s=unix)
+                except WireError as exc:
+                    metrics.decode_errors.inc()
+                    log.debug("undecodable sync message: %s", exc)
+                    continue
+                if message.origin == self.origin:
+                    continue  # our own, through a subscription to ourselves
+                received.inc()
+                try:
+                    sync.receive(message, mono)
+                except Exception:  # a policy hook failing on a peer's data must not stop sync
+                    metrics.decode_errors.inc()
+                    log.exception("applying a sync message from %s failed", message.origin)
+
+    async def _tick(self) -> None:
+        assert self.sync is not None and self.metrics is not None
+        sync, metrics = self.sync, self.metrics
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            try:
+                now = time.monotonic()
+                self.publish(sync.heartbeat(now))
+                sync.expire(now)
+                metrics.peers.set(len(sync.peers))
+                metrics.lag.set(sync.max_lag_s())
+                metrics.peer_in_flight.set(sync.peer_in_flight())
+                dropped = sync.dropped()
+                # Dropped peers take their counts with them: count only increases.
+                if dropped > self._reported_dropped:
+                    metrics.dropped.labels("receive").inc(dropped - self._reported_dropped)
+                self._reported_dropped = dropped
+                if sync.peers_expired > self._reported_expired:
+                    metrics.expired.inc(sync.peers_expired - self._reported_expired)
+                    self._reported_expired = sync.peers_expired
+            except Exception:
+                log.exception("replica sync heartbeat failed")
+
+    async def _discover(self, sub: zmq.asyncio.Socket, gate: EventSocketGate | None) -> None:
+        assert self.metrics is not None
+        finder = PeerFinder(self.config, self._kube)
+        connected: set[str] = set()
+        own = self.config.endpoint
+        while True:
+            try:
+                found = await finder.find()
+                for endpoint in sorted(found - connected - {own}):
+                    try:
+                        sub.connect(endpoint)
+                    except zmq.ZMQError as exc:
+                        log.warning("replica sync: cannot connect to peer %s: %s", endpoint, exc)
+                        continue
+                    connected.add(endpoint)
+                    log.info("replica sync: subscribed to peer %s", endpoint)
+                for endpoint in sorted(connected - found):
+                    sub.disconnect(endpoint)
+                    connected.discard(endpoint)
+                if gate is not None:
+                    gate.set_hosts(h for e in found if (h := endpoint_host(e)) is not None)
+                self.metrics.subscribed.set(len(connected))
+            except Exception:
+                log.exception("replica sync: peer discovery failed")
+            await asyncio.sleep(self.config.discover_interval_s)
+
+
+def build_sync(config: Config, environ: Mapping[str, str]) -> SyncService | None:
+    """The service for ``config``'s ``sync:`` section, None when it is off. ``environ`` is
+    read only for the Kubernetes service account's address (label-selected peers)."""
+    section = config.sync
+    if not section.enabled:
+        return None
+    return SyncService(section, environ)

@@ -1,0 +1,197 @@
+"""Replica sync in the live router: two router apps on real sockets (HTTP and ZeroMQ PUB/SUB
+on 127.0.0.1) in front of real HTTP backends. Replica B's decisions see the requests replica A
+has in flight; a replica that goes away has its share expire; only peers may subscribe; the
+``sync:`` section's errors name the key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import zmq
+import zmq.asyncio
+from fake_backend import FakeBackend, RouterHandle
+
+from router.config import ConfigError, parse_config
+
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raw_config(backends: list[FakeBackend], own: int, peer: int, **sync: Any) -> dict[str, Any]:
+    return {
+        "backends": [b.url for b in backends],
+        "policy": {"name": "least_loaded", "seed": own},
+        "health": {"interval_s": 60},
+        "sync": {"enabled": True, "bind": f"tcp://127.0.0.1:{own}",
+                 "peers": [f"tcp://127.0.0.1:{peer}"], "allow_from": ["127.0.0.1"],
+                 "heartbeat_interval_s": 0.1, "peer_timeout_s": 0.5, **sync},
+    }
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def peers_of(handle: RouterHandle) -> int:
+    value = handle.state.metrics.registry.get_sample_value("kvrouter_sync_peers")
+    return int(value or 0)
+
+
+def peer_in_flight(handle: RouterHandle) -> int:
+    sync = handle.state.policy.sync  # type: ignore[attr-defined]
+    return int(sync.peer_in_flight())
+
+
+async def complete(http: aiohttp.ClientSession, handle: RouterHandle) -> int:
+    async with http.post(f"{handle.url}/v1/completions",
+                         json={"model": MODEL, "prompt": "x", "max_tokens": 1}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def debug_route(http: aiohttp.ClientSession, handle: RouterHandle) -> str:
+    async with http.post(f"{handle.url}/debug/route",
+                         json={"model": MODEL, "prompt": "hello", "max_tokens": 1}) as resp:
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["decision"]["backend_id"])
+
+
+async def test_replica_b_routes_around_replica_as_in_flight_load(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+) -> None:
+    slow = [await start_backend(delay_s=30.0) for _ in range(2)]
+    port_a, port_b = free_port(), free_port()
+    a = await start_router(raw_config(slow, port_a, port_b))
+    b = await start_router(raw_config(slow, port_b, port_a))
+    await wait_for(lambda: peers_of(a) == 1 and peers_of(b) == 1, "both replicas hear each other")
+
+    # One request held open through A: it lands on one backend and stays in flight there.
+    held = asyncio.create_task(complete(http, a))
+    await wait_for(lambda: sum(len(s.received) for s in slow) == 1, "A's request at a backend")
+    loaded = next(s.url for s in slow if s.received)
+    idle = next(s.url for s in slow if not s.received)
+    await wait_for(lambda: peer_in_flight(b) == 1, "B hears of A's dispatch")
+    # B's own counters show nothing in flight; its policy sees A's request all the same. A
+    # replica blind to A would pick each backend half the time (ties are broken at random).
+    assert all(x.in_flight_requests == 0 for x in b.state.pool)
+    chosen = [await debug_route(http, b) for _ in range(8)]
+    assert chosen == [idle] * 8, (loaded, chosen)
+
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    await wait_for(lambda: peer_in_flight(b) == 0, "A's finish reaches B")
+    metrics = b.state.metrics.registry
+    assert (metrics.get_sample_value("kvrouter_sync_messages_total", {"direction": "received"})
+            or 0) >= 2
+
+
+async def test_a_replica_that_goes_away_has_its_share_expire(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+) -> None:
+    slow = [await start_backend(delay_s=30.0)]
+    port_a, port_b = free_port(), free_port()
+    a = await start_router(raw_config(slow, port_a, port_b))
+    b = await start_router(raw_config(slow, port_b, port_a))
+    await wait_for(lambda: peers_of(b) == 1, "B hears A")
+    held = asyncio.create_task(complete(http, a))
+    await wait_for(lambda: peer_in_flight(b) == 1, "B hears of A's dispatch")
+    await a.app.stop()  # A's sockets close mid-request: no Finish, no more heartbeats
+    await wait_for(lambda: peer_in_flight(b) == 0 and peers_of(b) == 0, "A's share expires",
+                   timeout_s=5.0)
+    assert b.state.metrics.registry.get_sample_value("kvrouter_sync_peers_expired_total") == 1
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+
+
+async def test_only_peers_may_subscribe(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+) -> None:
+    backend = await start_backend()
+    port = free_port()
+    # Its only peer is at 127.0.0.2 (nothing listens there); 127.0.0.1 is not allowed.
+    raw = raw_config([backend], port, 1, allow_from=[])
+    raw["sync"]["peers"] = ["tcp://127.0.0.2:9"]
+    handle = await start_router(raw)
+    context = zmq.asyncio.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        registry = handle.state.metrics.registry
+        await wait_for(lambda: (registry.get_sample_value(
+            "kvrouter_sync_connections_refused_total") or 0) >= 1, "the stranger refused")
+        assert await sub.poll(300) == 0  # and its heartbeats never reach it
+    finally:
+        sub.close(0)
+        context.term()
+
+
+@pytest.mark.parametrize("sync, path", [
+    ({"port": 0}, "sync.port"),
+    ({"peers": ["10.0.0.1:5601"]}, "sync.peers[0]"),
+    ({"bind": "udp://x"}, "sync.bind"),
+    ({"heartbeat_interval_s": 2, "peer_timeout_s": 1}, "sync.peer_timeout_s"),
+    ({"enabled": "yes"}, "sync.enabled"),
+    ({"colour": 1}, "sync.colour"),
+], ids=["port", "peer", "bind", "timeout", "type", "unknown"])
+def test_sync_section_errors_name_the_key(sync: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"sync": sync})
+    assert str(caught.value).startswith(path), str(caught.value)
+
+
+def test_wire_round_trip_and_malformed_messages() -> None:
+    import msgpack
+
+    from policies.replica_sync import Dispatch, Finish, Heartbeat
+    from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
+    from router.sync.wire import WireError, decode, encode
+
+    request = RouteRequest(request_id="r1", model="m", prompt_tokens=40, prompt_text="hi",
+                           block_hashes=(2**64 - 1, 7), tokens_exact=True)
+    # The typed prediction travels too: a peer's kv_aware records pending prefill from it.
+    decision = Decision("http://b", "kv_aware", 32, prefill_backend_id="http://p", scores=(
+        BackendScore("http://p", 0.5, 32, {"ttft_s": 0.1, "prefill_s": 0.05},
+                     prediction=Prediction(0.1, 0.05, 8.0, 40, True, 4096)),
+        BackendScore("http://b", 0.2, 0, {"decode_score_s": 0.2},
+                     decode=DecodeEstimate(0.01, 0.15, 0.0, 3)),))
+    sent = [Dispatch("a", 1, 10.0, 1, request, decision), Finish("a", 2, 10.5, 1, True),
+            Heartbeat("a", 3, 11.0, 2, ((1, "http://b", 40),))]
+    for message in sent:
+        # Sender's monotonic 100 s = its unix 1000 s; the receiver's monotonic 50 s = unix 1001 s.
+        data = encode(message, monotonic_now_s=100.0, unix_now_s=1000.0)
+        got = decode(data, monotonic_now_s=50.0, unix_now_s=1001.0)
+        assert got == type(message)(**{**{f: getattr(message, f) for f in message.__slots__},
+                                       "sent_at_s": message.sent_at_s - 100.0 + 49.0})
+    # An older peer that does not know a field, and a newer one that sends an extra field.
+    body = msgpack.unpackb(encode(sent[0], monotonic_now_s=0, unix_now_s=0))
+    del body[5]["salted"]
+    body[6]["future_field"] = 1
+    got = decode(msgpack.packb(body), monotonic_now_s=0, unix_now_s=0)
+    assert isinstance(got, Dispatch) and got.request.block_hashes == (2**64 - 1, 7)
+    for bad in (b"\xc1", msgpack.packb(["x", "a", 1, 0.0, 1]), msgpack.packb(["f", "a", 1]),
+                msgpack.packb(["h", "a", 1, 0.0, 2, [[1, 2, 3]]]),
+                msgpack.packb(["d", "a", 1, 0.0, 1, {"prompt_tokens": 1}, {}])):
+        with pytest.raises(WireError):
+            decode(bad, monotonic_now_s=0, unix_now_s=0)

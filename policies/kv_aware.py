@@ -36,9 +36,13 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     ``policies.placement``); elsewhere + duplicate_ratio * full_b * (prefill
                     seconds of the prefix tokens another candidate holds and b would copy),
                     full_b = (held_blocks / total_blocks - cache_full_knee_ratio) /
-                    (1 - cache_full_knee_ratio), clipped to [0, 1]; both times
-                    (1 + fleet_work_ratio * busy ** busy_power), the price of a prefill second
-                    in externality_s, since they are prefill seconds won or lost later
+                    (1 - cache_full_knee_ratio), clipped to [0, 1]; for a prefix nobody holds
+                    or remembers, once the remembered working set (placement memory) passes
+                    cache_full_knee_ratio of the candidates' KV memory, instead + partition_ratio
+                    * prefill_s_b * (homed_b - least homed) / mean homed, homed_b = blocks
+                    whose home is b; all times (1 + fleet_work_ratio * busy ** busy_power), the
+                    price of a prefill second in externality_s, since they are prefill seconds
+                    won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
@@ -68,7 +72,12 @@ they say nothing; spreading it anew each time makes every cache hold copies of t
 prefixes instead of a stable share of the working set, and under cache pressure the partition
 is what holds hits (sglang-router's tree never forgets, which is why it won there). The home
 credit keeps that partition; the copy price keeps a busy holder's prefix from being duplicated
-into a full cache, where it evicts as much as it saves.
+into a full cache, where it evicts as much as it saves. The partition price places new
+prefixes: when the working set outgrows the caches, each backend's hit rate falls with the
+working set homed on it, and predicted TTFTs of idle backends tie, so a draw let homes drift
+apart (10 to 14 groups per engine in the 700-block simulation) and the crowded caches thrashed;
+sending a new prefix where the least is homed keeps the shares even, as sglang-router's
+smallest-tree rule does (docs/simulation.md, "Cache pressure and late events").
 
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
@@ -160,6 +169,7 @@ class _FleetContext:
     home_blocks: int  # how many of its leading blocks that record covers
     deepest_blocks: int  # the longest prefix any candidate holds
     held_blocks: Mapping[BackendId, int]  # blocks each candidate's cache holds (for fill)
+    partition: Mapping[BackendId, float]  # a new prefix's homing price shares (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +201,9 @@ class KvAwareParams:
     duplicate_ratio: float = 1.0  # share of a prefix copy's prefill charged to a full cache
     cache_full_knee_ratio: float = 0.8  # cache fill (held / total blocks) where copies start to cost
     home_max_blocks: int = 1_000_000  # placement memory budget (blocks remembered fleet-wide)
+    partition_ratio: float = 1.0  # share of a new prefix's prefill charged per mean share of
+    # the remembered working set a backend is homed with beyond the least-homed one, once that
+    # working set passes cache_full_knee_ratio of the candidates' KV memory
     recent_ttl_s: float = 0.5  # a dispatched prefix counts as cached there until events say
     # so, for this long (0: trust events only)
     hold_kv_ratio: float = 0.7  # hold in the router while every backend's committed KV is past
@@ -210,7 +223,7 @@ class KvAwareParams:
         if self.decode_horizon_tokens < 0:
             raise ValueError("decode_horizon_tokens must be >= 0")
         for name in ("stall_ratio", "stall_step_ratio", "fleet_work_ratio", "busy_power",
-                     "home_credit_ratio", "duplicate_ratio"):
+                     "home_credit_ratio", "duplicate_ratio", "partition_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.recent_ttl_s < 0:
@@ -427,7 +440,24 @@ class KvAware(PolicyBase):
                 held[b.backend_id] = source.backend_entries(b.backend_id)
         busy_weight = busy ** self.params.busy_power
         return _FleetContext(busy_weight, 1.0 + self.params.fleet_work_ratio * busy_weight,
-                             home, home_blocks, deepest, held)
+                             home, home_blocks, deepest, held,
+                             self._partition(request, candidates, home, deepest))
+
+    def _partition(self, request: RouteRequest, candidates: tuple[BackendState, ...],
+                   home: BackendId | None, deepest: int) -> dict[BackendId, float]:
+        """For a prefix nobody holds or remembers, once the remembered working set overflows
+        the caches: each candidate's homed blocks beyond the least-homed one's, in mean shares
+        (sglang-router sends such a prefix to its smallest tree)."""
+        p = self.params
+        if not p.partition_ratio or home is not None or deepest or not request.block_hashes:
+            return {}
+        homed = {b.backend_id: self._homes.homed_blocks(b.backend_id) for b in candidates}
+        total = sum(homed.values())
+        capacity = sum(b.total_kv_blocks or p.approx_capacity_blocks for b in candidates)
+        if total <= p.cache_full_knee_ratio * capacity:
+            return {}
+        low, mean = min(homed.values()), total / len(candidates)
+        return {b: (n - low) / mean for b, n in homed.items()}
 
     def _placement_s(
         self,
@@ -450,6 +480,11 @@ class KvAware(PolicyBase):
                 saved = prefill_s - self._cost.seconds(prompt - hit - remembered, hit + remembered)
                 return -p.home_credit_ratio * saved * fleet.prefill_price
             return 0.0
+        if fleet.partition:
+            # A new prefix evicts others wherever it goes; where the most working set is
+            # already homed, it evicts what is most likely to be asked for again.
+            return (p.partition_ratio * fleet.partition.get(backend.backend_id, 0.0)
+                    * prefill_s * fleet.prefill_price)
         copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
         total = backend.total_kv_blocks or p.approx_capacity_blocks
         fill = fleet.held_blocks.get(backend.backend_id, 0) / total

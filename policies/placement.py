@@ -9,12 +9,13 @@ the backend that most recently received a request holding that block.
 
 ``record(backend, hashes)`` stores every block of a dispatched prompt under ``backend``
 (replacing an older home). ``home(hashes)`` returns the home of the request's deepest
-recorded block and that depth. Every record covers a whole chain, ancestors stored after
+recorded block and that depth. ``homed_blocks(backend)`` counts the blocks whose home is
+``backend``: the share of the remembered working set assigned to it, evicted or not. Every record covers a whole chain, ancestors stored after
 descendants, so the recorded set stays prefix-closed under oldest-first eviction and the
 deepest recorded block is found by binary search.
 
 Bounded: at most ``max_entries`` blocks, oldest dropped first. Cost: O(blocks) per record,
-O(log blocks) dict lookups per query. Pure: no clock, I/O or randomness.
+O(log blocks) dict lookups per query, O(1) per ``homed_blocks``. Pure: no clock, I/O or randomness.
 """
 
 from __future__ import annotations
@@ -33,18 +34,28 @@ class PlacementMemory:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
         self._home: OrderedDict[BlockHash, BackendId] = OrderedDict()
+        self._homed: dict[BackendId, int] = {}
 
     def __len__(self) -> int:
         return len(self._home)
 
     def record(self, backend_id: BackendId, block_hashes: Sequence[BlockHash]) -> None:
         home = self._home
+        homed = self._homed
+        moved = 0
         for h in reversed(block_hashes):
+            old = home.get(h)
+            if old != backend_id:
+                moved += 1
+                if old is not None:
+                    homed[old] -= 1
             home[h] = backend_id
             home.move_to_end(h)
+        homed[backend_id] = homed.get(backend_id, 0) + moved
         over = len(home) - self.max_entries
         for _ in range(max(over, 0)):
-            home.popitem(last=False)
+            _, old_home = home.popitem(last=False)
+            homed[old_home] -= 1
 
     def home(self, block_hashes: Sequence[BlockHash]) -> tuple[BackendId | None, int]:
         """The home of the deepest recorded block and the number of blocks up to it."""
@@ -60,6 +71,11 @@ class PlacementMemory:
             return None, 0
         return home[block_hashes[lo - 1]], lo
 
+    def homed_blocks(self, backend_id: BackendId) -> int:
+        """Blocks whose home is ``backend_id``."""
+        return self._homed.get(backend_id, 0)
+
     def remove_backend(self, backend_id: BackendId) -> None:
         for h in [h for h, b in self._home.items() if b == backend_id]:
             del self._home[h]
+        self._homed.pop(backend_id, None)

@@ -241,3 +241,19 @@ def test_profiles_load_and_bad_ones_are_refused() -> None:
         load_cost_model("no-such-profile")
     with pytest.raises(ValueError, match="step_floor_s"):
         CostModel.from_mapping({"decode_rows": [{"batch": 1, "context": 1, "seconds": 1}]})
+
+
+def test_a_request_admitted_in_the_same_step_hits_the_blocks_scheduled_before_it() -> None:
+    # vLLM v1 caches a prefill's blocks when it schedules them, so two same-prefix requests
+    # arriving together compute the shared prefix once (the second hits it in that step).
+    engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=64), COST)
+    engine.add_request(EngineRequest("a", 40, 1, keys_for(2, 2)), 0.0)
+    engine.add_request(EngineRequest("b", 40, 1, keys_for(2, 2)), 0.0)
+    first = engine.step(0.0)
+    assert first is not None
+    assert first_outputs([first]) == {"a": 0, "b": 32}
+    assert first.prefill_tokens == 40 + 8
+    assert engine.prefix_cache_hits_tokens == 32
+    # One copy of the blocks, announced once, before b shares them.
+    assert [e for e in first.events if isinstance(e, BlockStored)] == [
+        BlockStored(keys_for(2, 2), None, (), BS)]

@@ -204,6 +204,43 @@ def homes_of(kv: KvAware, request: RouteRequest, index: PrefixIndex) -> str:
     return home
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_under_cache_pressure_new_prefixes_go_where_the_least_working_set_is_homed(
+    seed: int,
+) -> None:
+    # 48 groups of 128 blocks arrive one at a time on idle backends of 200 blocks each: the
+    # remembered working set (6,144 blocks) far exceeds the caches (800), so each backend's
+    # hit rate falls with the groups homed on it. Predicted TTFTs tie, so without the
+    # partition price the draw decides and homes drift apart (sglang-router sends a new prefix
+    # to its smallest tree for the same reason).
+    def homed_groups(kv: KvAware) -> Counter[str]:
+        homes: Counter[str] = Counter()
+        for group in range(48):
+            request = prompt(group, 2048)
+            now_s = 10.0 * group  # each request long finished before the next
+            v = view(None, *(idle(b, total_kv_blocks=200) for b in IDS), now_s=now_s)
+            decision = kv.choose(request, v)
+            kv.on_dispatched(request, decision, now_s)
+            kv.on_finished(request, decision, now_s + 1.0, True)
+            homes[decision.backend_id] += 1
+        return homes
+
+    balanced = homed_groups(policy(seed))
+    assert max(balanced.values()) - min(balanced.values()) <= 2, balanced  # the first 5 drawn
+    drawn = [homed_groups(policy(seed * 10 + k, partition_ratio=0.0)) for k in range(4)]
+    assert max(max(d.values()) - min(d.values()) for d in drawn) >= 4, drawn
+
+
+def test_without_cache_pressure_the_partition_price_is_zero() -> None:
+    kv = policy(0)
+    for group in range(8):
+        request = prompt(group, 2048)
+        v = view(None, *(idle(b, total_kv_blocks=100_000) for b in IDS), now_s=10.0 * group)
+        decision = kv.choose(request, v)
+        kv.on_dispatched(request, decision, 10.0 * group)
+        assert all(s.terms["placement_s"] == 0.0 for s in decision.scores)
+
+
 def test_a_copy_into_a_full_cache_costs_the_prefix_it_duplicates() -> None:
     # b0 holds the prefix and has a queue; b1 is idle. With b1's cache empty the queue wins
     # and the prefix is copied to b1; with b1's cache full the copy would evict as much as it

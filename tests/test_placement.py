@@ -55,3 +55,16 @@ def test_matches_a_naive_replay(dispatches: list[tuple[str, int]]) -> None:
         depth = max((b + 1 for b in chain if b in latest), default=0)
         expected = (latest[depth - 1], depth) if depth else (None, 0)
         assert memory.home(chain) == expected
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 20), max_size=8)),
+                min_size=1, max_size=30), st.integers(1, 40))
+def test_homed_blocks_count_each_backends_remembered_blocks(
+    dispatches: list[tuple[str, list[int]]], max_entries: int
+) -> None:
+    memory = PlacementMemory(max_entries=max_entries)
+    for backend, blocks in dispatches:
+        memory.record(backend, list(dict.fromkeys(blocks)))
+    memory.remove_backend("c")
+    naive = {b: sum(1 for h in memory._home.values() if h == b) for b in "abc"}
+    assert {b: memory.homed_blocks(b) for b in "abc"} == naive

@@ -47,7 +47,10 @@ back to the head of the waiting queue, ``num_preemptions`` counts it). Then wait
 are admitted in order while budget, ``max_num_seqs`` and free blocks allow (head-of-line
 blocking, none after a preemption in the same step). On admission the cached prefix is the
 longest run of cached keys, capped at ``(tokens - 1) // block_size`` blocks (the last token is
-always recomputed). A request whose scheduled tokens reach its total samples one token.
+always recomputed). A prefill chunk's full blocks are cached when the chunk is scheduled, as
+vLLM v1 caches them, so a request admitted after it in the same step already hits them (two
+same-prefix requests arriving together compute the prefix once). A request whose scheduled
+tokens reach its total samples one token.
 A preempted request recomputes prompt + generated tokens. Cost: O(running + admitted + blocks
 touched) per step.
 """
@@ -210,6 +213,7 @@ class EngineModel:
                 decode_context += c + 1
             else:
                 prefills.append((st, n))
+                self._store(st, (c + n) // bs, events)  # cached when scheduled, as vLLM v1 does
             budget -= n
             i += 1
 
@@ -252,6 +256,11 @@ class EngineModel:
             cache.allocate_anonymous(need, events)
             st.held = hits
             st.anonymous = need
+            # vLLM v1 caches a prefill's blocks when it schedules them (allocate_slots ->
+            # cache_blocks), not after the step: a request admitted later in the same step hits
+            # them (each layer writes the step's KV before its attention reads it). Without
+            # this, same-prefix requests that arrive together all recompute the prefix.
+            self._store(st, (hits * bs + n) // bs, events)
             st.computed = hits * bs
             st.cached_tokens = hits * bs
             self.prefix_cache_queries_tokens += tokens

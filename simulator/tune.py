@@ -48,6 +48,7 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
     "recent_ttl_s": ("uniform", 0.0, 2.0),
     "hold_kv_ratio": ("uniform", 0.5, 1.0),
     "hold_queue_s": ("log", 0.05, 2.0),
+    "partition_ratio": ("uniform", 0.0, 2.0),
 }
 
 OBJECTIVES: dict[str, int] = {

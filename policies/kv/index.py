@@ -38,6 +38,14 @@ as a bitmask, and stops at the first block no candidate holds: cost O(blocks mat
 backend's result is its longest held chain prefix with the blocks per tier (GPU, CPU offload,
 storage; from the event's ``medium``), each block counted in its best tier.
 
+Fleet-shared tier (``policies.kv.shared``): a block announced with ``locality`` "REMOTE" (a
+shared store such as LMCache on Redis/Valkey or a Mooncake store) is kept ONCE, not in the
+publisher's slot, and every backend holds it at that tier: the match walk goes on through a
+shared block for every backend still matching, counting it in ``shared_blocks`` where the
+backend has no copy of its own. ``shared_blocks`` and ``stats()`` count it; ``entries`` does
+not (it is bounded by ``max_entries`` on its own). Cost: one dict lookup more per block walked,
+and O(backends still matching) per shared block.
+
 Memory: one dict entry (router hash -> packed tier bits, 3 bits per backend slot) per block,
 plus one engine-map entry per (block, backend). The node dict's insertion order is the LRU
 order; stores, dispatch records and ``touch`` re-insert a chain deepest block first so that a
@@ -52,9 +60,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, is_shared
 from policies.kv.feed import IndexedBackend, Tier, low_water, rehash_stored, tier_of_medium
 from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.shared import SharedTier
 from policies.types import BackendId, BlockHash
 
 __all__ = ["BackendMatch", "IndexStats", "PrefixIndex", "Tier", "tier_of_medium"]
@@ -71,6 +80,8 @@ class BackendMatch:
     gpu_blocks: int
     cpu_blocks: int = 0
     storage_blocks: int = 0
+    shared_blocks: int = 0
+    """Blocks only the fleet-shared store holds (loadable by this backend like any other)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +95,7 @@ class IndexStats:
     unknown_removals: int
     evicted_entries: int
     expired_entries: int
+    shared_blocks: int = 0
 
 
 class PrefixIndex:
@@ -99,6 +111,7 @@ class PrefixIndex:
         self._models: dict[BackendId, str] = {}
         self._hashers: dict[tuple[str, str | None, int], BlockHasher] = {}
         self._live_low = 0  # bit 3*slot set for every slot in use
+        self._shared = SharedTier(max_entries)
         self._entries = 0
         self.orphan_events = 0
         self.malformed_events = 0
@@ -123,7 +136,13 @@ class PrefixIndex:
     def estimated_bytes(self) -> int:
         """CPython-model estimate: ~40 B per dict slot plus ~32 B per int object."""
         maps = sum(len(b.engine_to_router) + len(b.recorded) for b in self._backends.values())
+        maps += len(self._shared) + self._shared.map_entries()
         return len(self._nodes) * (40 + 32 + 32) + maps * (40 + 32)
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks of the fleet-shared tier (each once, whoever announced it)."""
+        return len(self._shared)
 
     def stats(self) -> IndexStats:
         return IndexStats(
@@ -136,6 +155,7 @@ class PrefixIndex:
             unknown_removals=self.unknown_removals,
             evicted_entries=self.evicted_entries,
             expired_entries=self.expired_entries,
+            shared_blocks=len(self._shared),
         )
 
     # ---- backends ---------------------------------------------------------------------------
@@ -197,8 +217,14 @@ class PrefixIndex:
             self._clear(backend)
         backend.precise = True
         if isinstance(event, BlockStored):
+            if is_shared(event.locality):
+                hasher = self._hasher(backend, event) if event.token_ids else None
+                return self._shared.store(backend, event, hasher)
             return self._store(backend, event)
         if isinstance(event, BlockRemoved):
+            if is_shared(event.locality):
+                self._shared.remove(event)
+                return ()
             self._remove(backend, event)
         elif isinstance(event, AllBlocksCleared):
             self._clear(backend)
@@ -362,6 +388,8 @@ class PrefixIndex:
             v = nodes.pop(h, None)
             if v is not None:
                 nodes[h] = v
+        if self._shared:
+            self._shared.touch(block_hashes)
 
     def match(
         self, block_hashes: Sequence[BlockHash], now_s: float | None = None
@@ -371,15 +399,21 @@ class PrefixIndex:
         ``now_s`` expires approximate-mode records; ``None`` ignores expiry.
         """
         nodes = self._nodes
+        shared = self._shared
         active = self._live_low
         ended: dict[int, int] = {}  # slot bit -> matched blocks
-        lower: dict[int, list[int]] = {}  # slot bit -> [cpu_blocks, storage_blocks]
+        lower: dict[int, list[int]] = {}  # slot bit -> [cpu, storage, shared-only blocks]
         n = 0
         for h in block_hashes:
             v = nodes.get(h)
-            if v is None:
+            if shared and h in shared:
+                # In the fleet-shared store: every backend still matching holds it.
+                v = v or 0
+                held = active
+            elif v is None:
                 break
-            held = (v | (v >> 1) | (v >> 2)) & active
+            else:
+                held = (v | (v >> 1) | (v >> 2)) & active
             if held != active:
                 gone = active & ~held
                 while gone:
@@ -392,8 +426,8 @@ class PrefixIndex:
             below_gpu = active & ~v
             while below_gpu:
                 low = below_gpu & -below_gpu
-                counts = lower.setdefault(low, [0, 0])
-                counts[0 if v & (low << 1) else 1] += 1
+                counts = lower.setdefault(low, [0, 0, 0])
+                counts[0 if v & (low << 1) else 1 if v & (low << 2) else 2] += 1
                 below_gpu ^= low
             n += 1
         while active:
@@ -405,14 +439,15 @@ class PrefixIndex:
             if matched == 0:
                 continue
             backend = self._by_slot[(low.bit_length() - 1) // _BITS]
-            cpu, storage = lower.get(low, (0, 0))
+            cpu, storage, shared_only = lower.get(low, (0, 0, 0))
             if backend.recorded and now_s is not None:
                 matched = _unexpired_prefix(backend.recorded, block_hashes, matched, now_s)
                 if matched == 0:
                     continue
-                cpu = storage = 0
+                cpu = storage = shared_only = 0
             out[backend.backend_id] = BackendMatch(
-                backend.backend_id, matched, matched - cpu - storage, cpu, storage
+                backend.backend_id, matched, matched - cpu - storage - shared_only, cpu, storage,
+                shared_only,
             )
         return out
 

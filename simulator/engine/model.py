@@ -50,6 +50,21 @@ longest run of cached keys, capped at ``(tokens - 1) // block_size`` blocks (the
 always recomputed). A request whose scheduled tokens reach its total samples one token.
 A preempted request recomputes prompt + generated tokens. Cost: O(running + admitted + blocks
 touched) per step.
+
+Tiers below HBM (``simulator.engine.tiers``; off unless configured): with
+``EngineConfig.cpu_offload_blocks`` the engine writes every block it caches through to its own
+CPU LRU, and with a ``SharedStore`` (one object for the fleet) to that store too. On admission
+the prefix goes on past the GPU hit through blocks held by the CPU tier (preferred: faster) or
+the store, block by block, up to the same last-token cap. Those blocks are loaded, not
+recomputed: they take GPU blocks at once (cached on GPU, GPU ``BlockStored``), and the request
+waits ``tokens x kv_bytes_per_token / bandwidth`` (``CostModel.load_s``: pinned H2D for CPU,
+the store's network rate for shared) before its first chunk, as vLLM's connector loads
+asynchronously while other requests keep running. One load link per engine: loads queue
+behind each other (CPU and network loads share it, a simplification). ``cached_tokens``
+counts GPU hits plus loaded tokens, as vLLM's ``num_cached_tokens`` does;
+``prefix_cache_hits_tokens`` stays GPU-only (vLLM's prefix-cache counter), and
+``cpu_hit_tokens`` / ``shared_hit_tokens`` count the loads. A step with nothing to compute
+while a load is pending ends when the first load does (``StepResult.load_wait``).
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ from collections import deque
 from policies.kv.events import BlockStored, KvEvent
 from simulator.engine.cost_model import CostModel
 from simulator.engine.prefix_cache import PrefixCache
+from simulator.engine.tiers import BlockLru, SharedStore
 from simulator.engine.values import EngineConfig, EngineRequest, RequestOutput, StepResult
 
 __all__ = ["EngineConfig", "EngineModel", "EngineRequest", "RequestOutput", "StepResult"]
@@ -70,11 +86,14 @@ class _Running:
         "arrival_s",
         "cached_tokens",
         "computed",
+        "cpu_cached",
         "generated",
         "held",
         "max_tokens",
         "prompt_tokens",
+        "ready_s",
         "req",
+        "shared_cached",
     )
 
     def __init__(self, req: EngineRequest, arrival_s: float) -> None:
@@ -87,14 +106,34 @@ class _Running:
         self.cached_tokens = 0
         self.held = 0  # leading block_keys held as cached blocks
         self.anonymous = 0
+        self.ready_s = 0.0  # a tier load in progress ends then; no compute before
+        self.cpu_cached = 0
+        self.shared_cached = 0
 
 
 class EngineModel:
-    def __init__(self, config: EngineConfig, cost: CostModel, engine_id: str = "engine-0") -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        cost: CostModel,
+        engine_id: str = "engine-0",
+        shared: SharedStore | None = None,
+    ) -> None:
         self.config = config
         self.cost = cost
         self.engine_id = engine_id
         self.cache = PrefixCache(config.num_gpu_blocks, config.block_size)
+        self.cpu: BlockLru | None = (
+            BlockLru(config.cpu_offload_blocks, config.block_size, "CPU")
+            if config.cpu_offload_blocks else None
+        )
+        if shared is not None and shared.block_size != config.block_size:
+            raise ValueError("the shared store's block_size differs from the engine's")
+        self.shared = shared
+        self._tiered = self.cpu is not None or shared is not None
+        self._link_free_s = 0.0  # when the load link (PCIe / NIC) is next free
+        self.cpu_hit_tokens = 0
+        self.shared_hit_tokens = 0
         self._waiting: deque[_Running] = deque()
         self._running: list[_Running] = []
         self._ids: dict[str, _Running] = {}
@@ -196,6 +235,9 @@ class EngineModel:
         i = 0
         while i < len(running) and budget > 0:
             st = running[i]
+            if st.ready_s > now_s:  # still loading its prefix from a lower tier
+                i += 1
+                continue
             c = st.computed
             remaining = st.prompt_tokens + st.generated - c
             n = 1 if remaining == 1 else min(remaining, budget)
@@ -214,7 +256,12 @@ class EngineModel:
             i += 1
 
         if not preempted:
-            self._admit(budget, prefills, events)
+            self._admit(budget, prefills, events, now_s)
+        if self._tiered and not prefills and not decoders and not preempted:
+            loading = [st.ready_s for st in running if st.ready_s > now_s]
+            if loading:
+                return StepResult(now_s, min(loading), (), (), tuple(events), (), 0, 0,
+                                  load_wait=True)
         return self._finish_step(now_s, prefills, decoders, decode_context, events, preempted)
 
     def _make_room(self, need: int, st: _Running, preempted: list[str]) -> bool:
@@ -229,7 +276,11 @@ class EngineModel:
         return True
 
     def _admit(
-        self, budget: int, prefills: list[tuple[_Running, int]], events: list[KvEvent]
+        self,
+        budget: int,
+        prefills: list[tuple[_Running, int]],
+        events: list[KvEvent],
+        now_s: float,
     ) -> None:
         bs = self.config.block_size
         cache = self.cache
@@ -238,10 +289,16 @@ class EngineModel:
             st = self._waiting[0]
             keys = st.req.block_keys
             tokens = st.prompt_tokens + st.generated
-            hits = cache.match(keys[: min(len(keys), (tokens - 1) // bs)])
+            cap = min(len(keys), (tokens - 1) // bs)
+            hits = cache.match(keys[:cap])
             hit_keys = keys[:hits]
-            n = min(tokens - hits * bs, budget)
-            need = -(-(hits * bs + n) // bs) - hits
+            cpu_n = shared_n = 0
+            if self._tiered and hits < cap:
+                cpu_n, shared_n = self._tier_match(keys[hits:cap])
+            loaded = cpu_n + shared_n
+            # A request loading its prefix computes nothing until the load is done.
+            n = 0 if loaded else min(tokens - hits * bs, budget)
+            need = -(-((hits + loaded) * bs + n) // bs) - hits
             if need + cache.count_evictable(hit_keys) > cache.free_blocks:
                 break
             self._waiting.popleft()
@@ -253,12 +310,58 @@ class EngineModel:
             st.held = hits
             st.anonymous = need
             st.computed = hits * bs
-            st.cached_tokens = hits * bs
+            if loaded:
+                self._load(st, hits, cpu_n, shared_n, events, now_s)
+            st.cached_tokens = st.computed
             self.prefix_cache_queries_tokens += tokens
             self.prefix_cache_hits_tokens += hits * bs
             self._running.append(st)
-            prefills.append((st, n))
+            if n:
+                prefills.append((st, n))
             budget -= n
+
+    def _tier_match(self, keys: tuple[int, ...]) -> tuple[int, int]:
+        """Blocks past the GPU hit loadable from CPU (preferred) or the shared store, in a
+        run from the first: (cpu blocks, shared blocks)."""
+        cpu, shared = self.cpu, self.shared
+        cpu_n = shared_n = 0
+        for key in keys:
+            if cpu is not None and key in cpu:
+                cpu_n += 1
+            elif shared is not None and key in shared:
+                shared_n += 1
+            else:
+                break
+        return cpu_n, shared_n
+
+    def _load(
+        self,
+        st: _Running,
+        hits: int,
+        cpu_n: int,
+        shared_n: int,
+        events: list[KvEvent],
+        now_s: float,
+    ) -> None:
+        """Blocks ``hits .. hits + cpu_n + shared_n`` come from lower tiers: cached on GPU at
+        once, usable when the queued load ends."""
+        bs = self.config.block_size
+        loaded = cpu_n + shared_n
+        keys = st.req.block_keys[hits : hits + loaded]
+        self._store(st, hits + loaded, events, write_through=False)
+        if self.cpu is not None:
+            self.cpu.touch(keys)
+        if self.shared is not None:
+            self.shared.touch(keys)
+        load_s = self.cost.load_s(cpu_n * bs, self.cost.h2d_bytes_per_s) + self.cost.load_s(
+            shared_n * bs, self.cost.shared_store_bytes_per_s)
+        self._link_free_s = max(self._link_free_s, now_s) + load_s
+        st.ready_s = self._link_free_s
+        st.computed = (hits + loaded) * bs
+        st.cpu_cached = cpu_n * bs
+        st.shared_cached = shared_n * bs
+        self.cpu_hit_tokens += cpu_n * bs
+        self.shared_hit_tokens += shared_n * bs
 
     def _finish_step(
         self,
@@ -320,8 +423,11 @@ class EngineModel:
             decode_requests=len(decoders),
         )
 
-    def _store(self, st: _Running, full_blocks: int, events: list[KvEvent]) -> None:
-        """Cache the request's blocks up to ``full_blocks`` that have keys and are not yet held."""
+    def _store(
+        self, st: _Running, full_blocks: int, events: list[KvEvent], write_through: bool = True
+    ) -> None:
+        """Cache the request's blocks up to ``full_blocks`` that have keys and are not yet held;
+        computed ones are written through to the lower tiers."""
         req = st.req
         full = min(len(req.block_keys), full_blocks)
         if full <= st.held:
@@ -331,6 +437,11 @@ class EngineModel:
         parent = req.block_keys[st.held - 1] if st.held else None
         tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
         self.cache.store(keys, parent, tokens, events)
+        if write_through and self._tiered:
+            if self.cpu is not None:
+                self.cpu.store(keys, events)
+            if self.shared is not None:
+                self.shared.store(keys, events)
         st.anonymous -= full - st.held
         st.held = full
 
@@ -344,6 +455,8 @@ class EngineModel:
             cached_tokens=st.cached_tokens,
             prompt_tokens=st.prompt_tokens,
             arrival_s=st.arrival_s,
+            cpu_cached_tokens=st.cpu_cached,
+            shared_cached_tokens=st.shared_cached,
         )
 
     def _free(self, st: _Running) -> None:
@@ -354,5 +467,7 @@ class EngineModel:
     def _preempt(self, st: _Running) -> None:
         self._free(st)
         st.computed = 0
+        st.ready_s = 0.0
+        st.cpu_cached = st.shared_cached = 0
         self.num_preemptions += 1
         self._waiting.appendleft(st)

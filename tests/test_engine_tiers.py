@@ -60,7 +60,7 @@ def evict_a_then_return(cpu_blocks: int) -> tuple[EngineModel, list[StepResult],
 
 
 def test_cpu_offload_turns_a_gpu_eviction_into_an_h2d_load() -> None:
-    cold, cold_results, cold_start = evict_a_then_return(cpu_blocks=0)
+    _, cold_results, cold_start = evict_a_then_return(cpu_blocks=0)
     warm, warm_results, warm_start = evict_a_then_return(cpu_blocks=1000)
     cold_end, cold_cached, _, _ = first_token(cold_results, "a2")
     warm_end, warm_cached, warm_cpu, _ = first_token(warm_results, "a2")

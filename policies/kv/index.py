@@ -391,6 +391,19 @@ class PrefixIndex:
         if self._shared:
             self._shared.touch(block_hashes)
 
+    def shared_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks the fleet-shared tier holds: what a backend the index has never
+        heard from (no events yet) can still load."""
+        shared = self._shared
+        if not shared:
+            return 0
+        n = 0
+        for h in block_hashes:
+            if h not in shared:
+                break
+            n += 1
+        return n
+
     def match(
         self, block_hashes: Sequence[BlockHash], now_s: float | None = None
     ) -> dict[BackendId, BackendMatch]:

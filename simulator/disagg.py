@@ -40,6 +40,7 @@ from policies.types import BackendState, Decision, Role, RouteRequest
 from simulator.cluster import ClusterSim, Progress, SimConfig, _Live, prompt_text_of
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineRequest, StepResult
+from simulator.inputs import config_dict
 from simulator.routing import SimRouter
 from simulator.sweep import RunSpec
 from simulator.traces import TraceRequest
@@ -265,5 +266,5 @@ def simulate_disagg(
     sim = DisaggClusterSim(config, policy_name, prefill_backends, policy_params, disagg_params,
                            progress=progress)
     summary = sim.run(requests)
-    summary["config"] = asdict(config)
+    summary["config"] = config_dict(config)
     return summary

@@ -35,7 +35,10 @@ from collections.abc import Sequence
 
 from policies.kv.events import REMOTE, BlockRemoved, BlockStored, KvEvent
 
-__all__ = ["BlockLru", "SharedStore"]
+__all__ = ["REMOTE_MEDIUM", "BlockLru", "SharedStore"]
+
+REMOTE_MEDIUM = "STORAGE"
+"""vLLM's ``MEDIUM_STORAGE``: what a shared store's blocks are announced as (with locality)."""
 
 
 class BlockLru:
@@ -111,4 +114,4 @@ class SharedStore(BlockLru):
     __slots__ = ()
 
     def __init__(self, capacity_blocks: int, block_size: int) -> None:
-        super().__init__(capacity_blocks, block_size, medium="STORAGE", locality=REMOTE)
+        super().__init__(capacity_blocks, block_size, medium=REMOTE_MEDIUM, locality=REMOTE)

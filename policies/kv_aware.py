@@ -327,10 +327,11 @@ class KvAware(PolicyBase):
         bs = request.block_size
         prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
         cap = max(prompt - 1, 0) // bs * bs  # engines always compute the last token
-        gpu = cpu = storage = 0
+        gpu = cpu = storage = shared = 0
         if match is not None:
             gpu, cpu = match.gpu_blocks * bs, match.cpu_blocks * bs
-            storage = (match.storage_blocks + match.shared_blocks) * bs
+            shared = match.shared_blocks * bs
+            storage = match.storage_blocks * bs + shared
             # Past the cap, give up the slowest tiers first (they save the least).
             over = max(gpu + cpu + storage - cap, 0)
             cut = min(storage, over)
@@ -338,6 +339,7 @@ class KvAware(PolicyBase):
             cut = min(cpu, over)
             cpu, gpu = cpu - cut, gpu - (over - cut)
         hit = self._hit_tokens(prompt, gpu, cpu, storage) if cpu or storage else float(gpu)
+        shared = min(shared, storage)  # past the cap the store's blocks go first
         prefill_s = self._cost.seconds(prompt - hit, hit)
         held = gpu + cpu + storage
         placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit, prefill_s)
@@ -412,7 +414,8 @@ class KvAware(PolicyBase):
                 "hit_tokens": hit,
                 "gpu_tokens": float(gpu),
                 "cpu_tokens": float(cpu),
-                "storage_tokens": float(storage),
+                "storage_tokens": float(storage - shared),
+                "shared_tokens": float(shared),
                 "step_s": step_s,
                 "decode_s": decode_s,
                 "externality_s": externality_s,

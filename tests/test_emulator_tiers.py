@@ -162,3 +162,59 @@ async def test_the_store_script_reports_new_and_evicted_blocks(redis_url: str) -
     finally:
         await store.clear()
         await store.close()
+
+
+@needs_redis
+async def test_router_debug_route_shows_cpu_and_shared_tiers_of_live_pods(redis_url: str) -> None:
+    import random
+    import time
+
+    from router.app import create_app, serve
+    from router.config import parse_config
+    from router.setup.kv import build_kv
+    from simulator.tiny_tokenizer import default_path
+
+    async with EmulatedCluster(count=2, time_scale=200.0, num_gpu_blocks=48,
+                               cpu_offload_tokens=20_000, shared_store_tokens=50_000,
+                               shared_store_url=redis_url, tokenizer=default_path()) as cluster:
+        config = parse_config({
+            "backends": [{"url": u} for u in cluster.urls],
+            "policy": {"name": "kv_aware", "seed": 7},
+            "models": {MODEL: {"tokenizer": str(default_path()), "block_size": BS}},
+            "kv_events": {"scrape_interval_s": 0.2, "discover_interval_s": 0.2},
+        })
+        plumbing = build_kv(config)
+        rng = random.Random(7)
+        app = create_app(config, analyzer=plumbing.analyzer, index=plumbing.index,
+                         policy=plumbing.policy(rng), rng=rng, background=[plumbing.background])
+        runner, port = await serve(app, "127.0.0.1", 0)
+        router = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while not all(b.kv_events for b in app.state.pool):
+                assert time.monotonic() < deadline, "KV event sources never came up"
+                await asyncio.sleep(0.05)
+            async with aiohttp.ClientSession() as s:
+                a = text(4, 60)
+                await complete(s, cluster.urls[0], a)           # pod 0 computes a, writes it
+                await complete(s, cluster.urls[0], text(5, 70))  # ... and evicts it from HBM
+                body = {"model": MODEL, "prompt": a, "max_tokens": 2}
+                deadline = time.monotonic() + 20
+                while True:
+                    async with s.post(router + "/debug/route", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        explained = await r.json()
+                    tiers = explained["index"]["backends"]
+                    pod0 = tiers.get(cluster.urls[0], {})
+                    if pod0.get("cpu_blocks") and explained["index"]["shared_prefix_blocks"]:
+                        break
+                    assert time.monotonic() < deadline, explained["index"]
+                    await asyncio.sleep(0.05)
+        finally:
+            await runner.cleanup()
+    blocks = explained["index"]["blocks"]
+    assert explained["index"]["shared_prefix_blocks"] >= blocks - 1
+    # Pod 1 never saw the prompt, yet holds it at the shared tier's price.
+    terms = {sc["backend_id"]: sc["terms"] for sc in explained["decision"]["scores"]}
+    assert terms[cluster.urls[1]]["shared_tokens"] > 0
+    assert terms[cluster.urls[0]]["cpu_tokens"] > 0

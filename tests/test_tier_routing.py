@@ -150,3 +150,37 @@ def test_tier_pricing_is_validated() -> None:
         policy(tier_pricing="free")
     with pytest.raises(ValueError, match="load bandwidths"):
         policy(cpu_load_bytes_per_s=0.0)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_match_with_shared_blocks_agrees_with_a_per_backend_walk(seed: int) -> None:
+    rng = random.Random(seed)
+    chain = tuple(range(1, 25))
+    index = PrefixIndex()
+    held: dict[str, dict[int, str]] = {b: {} for b in IDS}
+    for b in IDS:
+        for h in chain:
+            if rng.random() < 0.6:
+                medium = rng.choice(("GPU", "CPU", "STORAGE"))
+                held[b][h] = medium
+                index.apply(b, BlockStored((h,), None, (), BS, medium=medium), 0.0)
+    shared = {h for h in chain if rng.random() < 0.5}
+    if shared:
+        index.apply("b0", BlockStored(tuple(sorted(shared)), None, (), 0, medium="STORAGE",
+                                      locality=REMOTE), 0.0)
+    found = index.match(chain)
+    for b in IDS:
+        tiers = {"GPU": 0, "CPU": 0, "STORAGE": 0, "SHARED": 0}
+        for h in chain:
+            own = held[b].get(h)
+            if own is None and h not in shared:
+                break
+            tiers[own or "SHARED"] += 1
+        matched = sum(tiers.values())
+        if matched == 0:
+            assert b not in found
+            continue
+        m = found[b]
+        assert (m.matched_blocks, m.gpu_blocks, m.cpu_blocks, m.storage_blocks,
+                m.shared_blocks) == (matched, tiers["GPU"], tiers["CPU"], tiers["STORAGE"],
+                                     tiers["SHARED"]), (b, held[b], shared)

@@ -415,13 +415,18 @@ class PrefixIndex:
         shared = self._shared
         active = self._live_low
         ended: dict[int, int] = {}  # slot bit -> matched blocks
-        lower: dict[int, list[int]] = {}  # slot bit -> [cpu, storage, shared-only blocks]
+        lower: dict[int, list[int]] = {}  # slot bit -> [cpu_blocks, storage_blocks]
+        # Shared blocks are counted once per walk, not per backend: a backend's shared-only
+        # blocks are the shared blocks before its end minus those it also held itself.
+        shared_seen = 0
+        shared_at_end: dict[int, int] = {}  # slot bit -> shared blocks walked when it ended
+        own_at_shared: dict[int, int] = {}  # slot bit -> shared blocks it held a copy of
         n = 0
         for h in block_hashes:
             v = nodes.get(h)
-            if shared and h in shared:
-                # In the fleet-shared store: every backend still matching holds it.
-                v = v or 0
+            in_shared = bool(shared) and h in shared
+            if in_shared:
+                v = v or 0  # every backend still matching holds it at the shared tier
                 held = active
             elif v is None:
                 break
@@ -432,27 +437,39 @@ class PrefixIndex:
                 while gone:
                     low = gone & -gone
                     ended[low] = n
+                    shared_at_end[low] = shared_seen
                     gone ^= low
                 active = held
                 if not active:
                     break
-            below_gpu = active & ~v
-            while below_gpu:
-                low = below_gpu & -below_gpu
-                counts = lower.setdefault(low, [0, 0, 0])
-                counts[0 if v & (low << 1) else 1 if v & (low << 2) else 2] += 1
-                below_gpu ^= low
+            if v:
+                below_gpu = active & ~v
+                if in_shared:
+                    own = active & (v | (v >> 1) | (v >> 2))
+                    below_gpu &= own
+                    while own:
+                        low = own & -own
+                        own_at_shared[low] = own_at_shared.get(low, 0) + 1
+                        own ^= low
+                while below_gpu:
+                    low = below_gpu & -below_gpu
+                    counts = lower.setdefault(low, [0, 0])
+                    counts[0 if v & (low << 1) else 1] += 1
+                    below_gpu ^= low
+            shared_seen += in_shared
             n += 1
         while active:
             low = active & -active
             ended[low] = n
+            shared_at_end[low] = shared_seen
             active ^= low
         out: dict[BackendId, BackendMatch] = {}
         for low, matched in sorted(ended.items()):
             if matched == 0:
                 continue
             backend = self._by_slot[(low.bit_length() - 1) // _BITS]
-            cpu, storage, shared_only = lower.get(low, (0, 0, 0))
+            cpu, storage = lower.get(low, (0, 0))
+            shared_only = shared_at_end[low] - own_at_shared.get(low, 0)
             if backend.recorded and now_s is not None:
                 matched = _unexpired_prefix(backend.recorded, block_hashes, matched, now_s)
                 if matched == 0:

@@ -51,20 +51,13 @@ always recomputed). A request whose scheduled tokens reach its total samples one
 A preempted request recomputes prompt + generated tokens. Cost: O(running + admitted + blocks
 touched) per step.
 
-Tiers below HBM (``simulator.engine.tiers``; off unless configured): with
-``EngineConfig.cpu_offload_blocks`` the engine writes every block it caches through to its own
-CPU LRU, and with a ``SharedStore`` (one object for the fleet) to that store too. On admission
-the prefix goes on past the GPU hit through blocks held by the CPU tier (preferred: faster) or
-the store, block by block, up to the same last-token cap. Those blocks are loaded, not
-recomputed: they take GPU blocks at once (cached on GPU, GPU ``BlockStored``), and the request
-waits ``tokens x kv_bytes_per_token / bandwidth`` (``CostModel.load_s``: pinned H2D for CPU,
-the store's network rate for shared) before its first chunk, as vLLM's connector loads
-asynchronously while other requests keep running. One load link per engine: loads queue
-behind each other (CPU and network loads share it, a simplification). ``cached_tokens``
-counts GPU hits plus loaded tokens, as vLLM's ``num_cached_tokens`` does;
-``prefix_cache_hits_tokens`` stays GPU-only (vLLM's prefix-cache counter), and
-``cpu_hit_tokens`` / ``shared_hit_tokens`` count the loads. A step with nothing to compute
-while a load is pending ends when the first load does (``StepResult.load_wait``).
+Tiers below HBM (off unless configured; semantics in ``simulator.engine.tiers``): cached
+blocks are written through to a CPU LRU (``EngineConfig.cpu_offload_blocks``) and a fleet
+``SharedStore``; on admission the prefix goes on past the GPU hit through blocks a tier holds,
+which are loaded, not recomputed: they take GPU blocks at once and the request waits for the
+queued load before its first chunk (other requests keep running; a step with only loads pending
+ends when the first one does, ``StepResult.load_wait``). ``cached_tokens`` includes loaded
+tokens (vLLM's ``num_cached_tokens``); ``prefix_cache_hits_tokens`` stays GPU-only.
 """
 
 from __future__ import annotations
@@ -74,7 +67,7 @@ from collections import deque
 from policies.kv.events import BlockStored, KvEvent
 from simulator.engine.cost_model import CostModel
 from simulator.engine.prefix_cache import PrefixCache
-from simulator.engine.tiers import BlockLru, SharedStore
+from simulator.engine.tiers import BlockLru, EngineTiers, SharedStore
 from simulator.engine.values import EngineConfig, EngineRequest, RequestOutput, StepResult
 
 __all__ = ["EngineConfig", "EngineModel", "EngineRequest", "RequestOutput", "StepResult"]
@@ -123,17 +116,8 @@ class EngineModel:
         self.cost = cost
         self.engine_id = engine_id
         self.cache = PrefixCache(config.num_gpu_blocks, config.block_size)
-        self.cpu: BlockLru | None = (
-            BlockLru(config.cpu_offload_blocks, config.block_size, "CPU")
-            if config.cpu_offload_blocks else None
-        )
-        if shared is not None and shared.block_size != config.block_size:
-            raise ValueError("the shared store's block_size differs from the engine's")
-        self.shared = shared
-        self._tiered = self.cpu is not None or shared is not None
-        self._link_free_s = 0.0  # when the load link (PCIe / NIC) is next free
-        self.cpu_hit_tokens = 0
-        self.shared_hit_tokens = 0
+        self.tiers = EngineTiers(cost, config.block_size, config.cpu_offload_blocks, shared)
+        self._tiered = bool(self.tiers)
         self._waiting: deque[_Running] = deque()
         self._running: list[_Running] = []
         self._ids: dict[str, _Running] = {}
@@ -144,6 +128,22 @@ class EngineModel:
         self.generation_tokens_total = 0
 
     # -- stats ---------------------------------------------------------------------------------
+
+    @property
+    def cpu(self) -> BlockLru | None:
+        return self.tiers.cpu
+
+    @property
+    def shared(self) -> SharedStore | None:
+        return self.tiers.shared
+
+    @property
+    def cpu_hit_tokens(self) -> int:
+        return self.tiers.cpu_hit_tokens
+
+    @property
+    def shared_hit_tokens(self) -> int:
+        return self.tiers.shared_hit_tokens
 
     @property
     def block_size(self) -> int:
@@ -294,7 +294,7 @@ class EngineModel:
             hit_keys = keys[:hits]
             cpu_n = shared_n = 0
             if self._tiered and hits < cap:
-                cpu_n, shared_n = self._tier_match(keys[hits:cap])
+                cpu_n, shared_n = self.tiers.match(keys[hits:cap])
             loaded = cpu_n + shared_n
             # A request loading its prefix computes nothing until the load is done.
             n = 0 if loaded else min(tokens - hits * bs, budget)
@@ -320,20 +320,6 @@ class EngineModel:
                 prefills.append((st, n))
             budget -= n
 
-    def _tier_match(self, keys: tuple[int, ...]) -> tuple[int, int]:
-        """Blocks past the GPU hit loadable from CPU (preferred) or the shared store, in a
-        run from the first: (cpu blocks, shared blocks)."""
-        cpu, shared = self.cpu, self.shared
-        cpu_n = shared_n = 0
-        for key in keys:
-            if cpu is not None and key in cpu:
-                cpu_n += 1
-            elif shared is not None and key in shared:
-                shared_n += 1
-            else:
-                break
-        return cpu_n, shared_n
-
     def _load(
         self,
         st: _Running,
@@ -347,21 +333,12 @@ class EngineModel:
         once, usable when the queued load ends."""
         bs = self.config.block_size
         loaded = cpu_n + shared_n
-        keys = st.req.block_keys[hits : hits + loaded]
         self._store(st, hits + loaded, events, write_through=False)
-        if self.cpu is not None:
-            self.cpu.touch(keys)
-        if self.shared is not None:
-            self.shared.touch(keys)
-        load_s = self.cost.load_s(cpu_n * bs, self.cost.h2d_bytes_per_s) + self.cost.load_s(
-            shared_n * bs, self.cost.shared_store_bytes_per_s)
-        self._link_free_s = max(self._link_free_s, now_s) + load_s
-        st.ready_s = self._link_free_s
+        st.ready_s = self.tiers.load(st.req.block_keys[hits : hits + loaded], cpu_n, shared_n,
+                                     now_s)
         st.computed = (hits + loaded) * bs
         st.cpu_cached = cpu_n * bs
         st.shared_cached = shared_n * bs
-        self.cpu_hit_tokens += cpu_n * bs
-        self.shared_hit_tokens += shared_n * bs
 
     def _finish_step(
         self,
@@ -438,10 +415,7 @@ class EngineModel:
         tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
         self.cache.store(keys, parent, tokens, events)
         if write_through and self._tiered:
-            if self.cpu is not None:
-                self.cpu.store(keys, events)
-            if self.shared is not None:
-                self.shared.store(keys, events)
+            self.tiers.write_through(keys, events)
         st.anonymous -= full - st.held
         st.held = full
 

@@ -34,8 +34,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from policies.kv.events import REMOTE, BlockRemoved, BlockStored, KvEvent
+from simulator.engine.cost_model import CostModel
 
-__all__ = ["REMOTE_MEDIUM", "BlockLru", "SharedStore"]
+__all__ = ["REMOTE_MEDIUM", "BlockLru", "EngineTiers", "SharedStore"]
 
 REMOTE_MEDIUM = "STORAGE"
 """vLLM's ``MEDIUM_STORAGE``: what a shared store's blocks are announced as (with locality)."""
@@ -115,3 +116,65 @@ class SharedStore(BlockLru):
 
     def __init__(self, capacity_blocks: int, block_size: int) -> None:
         super().__init__(capacity_blocks, block_size, medium=REMOTE_MEDIUM, locality=REMOTE)
+
+
+class EngineTiers:
+    """One engine's tiers below HBM (its own CPU LRU, the fleet's store) and its load link.
+
+    ``match`` finds the blocks past a GPU hit that a tier holds, in a run from the first (CPU
+    preferred: PCIe is faster than the network); ``load`` queues their transfer on the
+    engine's one link (CPU and network loads share it, a simplification) and says when it
+    ends; ``write_through`` stores newly computed blocks in every tier.
+    """
+
+    __slots__ = ("_cost", "block_size", "cpu", "cpu_hit_tokens", "link_free_s", "shared",
+                 "shared_hit_tokens")
+
+    def __init__(
+        self, cost: CostModel, block_size: int, cpu_blocks: int, shared: SharedStore | None
+    ) -> None:
+        if shared is not None and shared.block_size != block_size:
+            raise ValueError("the shared store's block_size differs from the engine's")
+        self._cost = cost
+        self.block_size = block_size
+        self.cpu = BlockLru(cpu_blocks, block_size, "CPU") if cpu_blocks else None
+        self.shared = shared
+        self.link_free_s = 0.0
+        self.cpu_hit_tokens = 0
+        self.shared_hit_tokens = 0
+
+    def __bool__(self) -> bool:
+        return self.cpu is not None or self.shared is not None
+
+    def match(self, keys: Sequence[int]) -> tuple[int, int]:
+        cpu, shared = self.cpu, self.shared
+        cpu_n = shared_n = 0
+        for key in keys:
+            if cpu is not None and key in cpu:
+                cpu_n += 1
+            elif shared is not None and key in shared:
+                shared_n += 1
+            else:
+                break
+        return cpu_n, shared_n
+
+    def load(self, keys: Sequence[int], cpu_n: int, shared_n: int, now_s: float) -> float:
+        """Queue the load of ``keys`` (``cpu_n`` from CPU, then ``shared_n`` from the store);
+        returns when it ends."""
+        if self.cpu is not None:
+            self.cpu.touch(keys)
+        if self.shared is not None:
+            self.shared.touch(keys)
+        bs, cost = self.block_size, self._cost
+        load_s = (cost.load_s(cpu_n * bs, cost.h2d_bytes_per_s)
+                  + cost.load_s(shared_n * bs, cost.shared_store_bytes_per_s))
+        self.link_free_s = max(self.link_free_s, now_s) + load_s
+        self.cpu_hit_tokens += cpu_n * bs
+        self.shared_hit_tokens += shared_n * bs
+        return self.link_free_s
+
+    def write_through(self, keys: Sequence[int], events: list[KvEvent]) -> None:
+        if self.cpu is not None:
+            self.cpu.store(keys, events)
+        if self.shared is not None:
+            self.shared.store(keys, events)

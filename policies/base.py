@@ -1,6 +1,9 @@
-"""No-op defaults for the Policy hooks, so a policy writes only the hooks it needs."""
+"""No-op defaults for the Policy hooks, so a policy writes only the hooks it needs, and the
+capabilities a policy declares for the router's wiring (all off by default)."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from policies.types import BackendId, ClusterView, Decision, RouteRequest
 
@@ -9,6 +12,10 @@ __all__ = ["PolicyBase"]
 
 class PolicyBase:
     name = "base"
+    # Reads ``view.index`` (the prefix index fed by engines' KV events): the router builds the
+    # KV plumbing (index, ingestion, tokenizers) for such a policy even without a ``kv_events``
+    # section, instead of branching on the policy's name.
+    uses_kv_index: ClassVar[bool] = False
 
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
         return False

@@ -45,8 +45,9 @@ request a PREFILL and a decode backend can share, as the peers' P/D modes do).
 
 Decision.scores: the inner policy's prefill-side scores first (so its ``on_dispatched`` finds
 them), then its local scores of DECODE backends, then one decode-side score per decode
-candidate whose terms all start with ``decode_``. The reason names the rule that decided.
-Cost per request: two inner ``choose`` calls + O(decode candidates). Pure: no I/O, clock or
+candidate whose terms all start with ``decode_`` and whose ``decode`` holds the estimate. The reason names the rule that decided.
+Cost per request: two inner ``choose`` calls (one index match, ``policies.kv.lookup``) +
+O(decode candidates). Pure: no I/O, clock or
 global RNG. Must not import anything outside the standard library and ``policies``.
 """
 
@@ -59,6 +60,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policies.base import PolicyBase
+from policies.kv.lookup import MatchOnce
 from policies.params import parse_params
 from policies.prefill_cost import PrefillCost
 from policies.types import (
@@ -67,6 +69,7 @@ from policies.types import (
     BackendState,
     ClusterView,
     Decision,
+    DecodeEstimate,
     EngineKind,
     Policy,
     Role,
@@ -139,10 +142,10 @@ class Disaggregated(PolicyBase):
         prompt = float(request.prompt_tokens)
         if score is None:
             return self._fallback_cost.seconds(prompt), prompt
-        terms = score.terms
-        uncached = terms.get("uncached_tokens", prompt - score.matched_tokens)
-        if "ttft_s" in terms:
-            return terms["ttft_s"], uncached
+        predicted = score.prediction
+        if predicted is not None:
+            return predicted.ttft_s, predicted.uncached_tokens
+        uncached = prompt - score.matched_tokens
         return self._fallback_cost.seconds(uncached, prompt - uncached), uncached
 
     def _decode_score(
@@ -178,6 +181,7 @@ class Disaggregated(PolicyBase):
                 "decode_running_requests": float(running),
                 "decode_reused_tokens": reused,
             },
+            decode=DecodeEstimate(transfer_s, decode_s, kv_wait_s, running),
         )
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
@@ -189,6 +193,8 @@ class Disaggregated(PolicyBase):
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
         if not is_disaggregated(view.backends):
             return self.inner.choose(request, view)
+        if view.index is not None:  # the inner policy is asked twice: match the chain once
+            view = dataclasses.replace(view, index=MatchOnce(view.index))
         prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
         decode_only = tuple(b for b in view.backends if b.role is Role.DECODE)
         on_decode: Decision | None = None
@@ -256,12 +262,14 @@ class Disaggregated(PolicyBase):
                          f"{self.params.min_uncached_tokens}")
         prefill_ttft_s, _ = self._ttft_s(
             request, next((s for s in prefill.scores if s.backend_id == p_id), None))
-        split_ttft_s = prefill_ttft_s + chosen.terms["decode_transfer_s"]
+        assert chosen.decode is not None  # made by _decode_score
+        split_ttft_s = prefill_ttft_s + chosen.decode.transfer_s
         # A local prefill also stalls every request decoding on L for about its duration.
         l_score = local_scores.get(l_id)
-        l_prefill_s = l_score.terms.get("prefill_s", local_ttft_s) if l_score else local_ttft_s
-        running = next(s.terms["decode_running_requests"] for s in decode_scores
-                       if s.backend_id == l_id)
+        l_predicted = l_score.prediction if l_score else None
+        l_prefill_s = l_predicted.prefill_s if l_predicted else local_ttft_s
+        running = next(s.decode.running_requests for s in decode_scores
+                       if s.backend_id == l_id and s.decode is not None)
         stall_s = self.params.stall_weight * running * l_prefill_s
         if local_ttft_s + stall_s <= split_ttft_s:
             return local(f"predicted TTFT {local_ttft_s:.4f} s local (+ {stall_s:.4f} s stall "
@@ -279,7 +287,7 @@ class Disaggregated(PolicyBase):
     def _for_inner(self, decision: Decision) -> Decision:
         """The decision without the decode-side scores, which the inner policy never made."""
         scores = decision.scores
-        kept = tuple(s for s in scores if "decode_score_s" not in s.terms) if scores else scores
+        kept = tuple(s for s in scores if s.decode is None) if scores else scores
         # Mixed pools (the common case) have no decode-side scores: no copy per hook call.
         return decision if len(kept) == len(scores) else dataclasses.replace(decision, scores=kept)
 

@@ -2,7 +2,9 @@
 
 Each policy owns one frozen parameters dataclass (units in field names, defaults in one
 place). ``parse_params`` checks a mapping against it and names the key path on error, e.g.
-``policy.params.weight: expected a number``.
+``policy.params.weight: expected a number``. Besides the plain JSON types it reads a string into
+an ``Enum`` field (by value), a mapping into a nested dataclass field (its keys checked the same
+way, the path extended), and names a missing field that has no default as ``required``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any, TypeVar
 
 __all__ = ["ParamError", "parse_params"]
@@ -58,6 +61,15 @@ def _check(value: object, hint: Any, path: str) -> object:
         if not isinstance(value, str):
             raise ParamError(path, "expected a string")
         return value
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        values = [str(member.value) for member in hint]
+        if not isinstance(value, str) or value not in values:
+            raise ParamError(path, f"expected one of {', '.join(values)}")
+        return hint(value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ParamError(path, "expected a mapping")
+        return parse_params(hint, value, path)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ParamError(path, "expected a list")
@@ -86,6 +98,10 @@ def parse_params(cls: type[T], raw: Mapping[str, object] | None, path: str) -> T
     if unknown:
         raise ParamError(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(fields))})")
     values = {k: _check(v, hints[k], f"{path}.{k}") for k, v in raw.items()}
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in values:
+            raise ParamError(f"{path}.{f.name}", "required")
     try:
         return cls(**values)
     except ValueError as exc:  # __post_init__ range checks

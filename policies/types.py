@@ -7,24 +7,25 @@ One vocabulary for the live router and the simulator. A **backend** is one servi
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, TypeVar, dataclass_transform, runtime_checkable
-
-if TYPE_CHECKING:
-    from policies.kv.index import PrefixIndex
+from typing import Protocol, TypeVar, dataclass_transform, runtime_checkable
 
 __all__ = [
     "BackendId",
+    "BackendMatch",
     "BackendScore",
     "BackendState",
     "BlockHash",
     "ClusterView",
     "Decision",
+    "DecodeEstimate",
     "EngineKind",
     "Policy",
     "PolicyFactory",
+    "Prediction",
+    "PrefixLookup",
     "Role",
     "RouteRequest",
     "value_type",
@@ -116,6 +117,41 @@ class BackendState:
 
 
 @value_type
+class BackendMatch:
+    """One backend's longest held prefix of a request's chain, split by tier (in blocks)."""
+
+    backend_id: BackendId
+    matched_blocks: int
+    gpu_blocks: int
+    cpu_blocks: int = 0
+    storage_blocks: int = 0
+    shared_blocks: int = 0
+    """Blocks only the fleet-shared store holds (loadable by this backend like any other)."""
+
+
+class PrefixLookup(Protocol):
+    """What a policy may ask the prefix index (``policies.kv.index.PrefixIndex``): read-only.
+
+    The index is fed by KV events (or, in approximate mode, by the policy's own hooks) outside
+    ``choose``; a policy only looks things up in it.
+    """
+
+    def match(
+        self, block_hashes: Sequence[BlockHash], now_s: float | None = None
+    ) -> Mapping[BackendId, BackendMatch]:
+        """Per backend holding at least the first block: its longest held prefix by tier."""
+        ...
+
+    def backend_entries(self, backend_id: BackendId) -> int:
+        """How many blocks the index holds for ``backend_id``."""
+        ...
+
+    def shared_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks the fleet-shared KV store holds (every backend can load them)."""
+        ...
+
+
+@value_type
 class ClusterView:
     """Everything a policy sees besides the request: candidates, the prefix index, the time.
 
@@ -126,17 +162,44 @@ class ClusterView:
 
     now_s: float
     backends: tuple[BackendState, ...]
-    index: PrefixIndex | None = None
+    index: PrefixLookup | None = None
+
+
+@value_type
+class Prediction:
+    """What a policy forecasts for a request on one backend, as data: its hooks and wrappers
+    read these back (``BackendScore.terms`` only explains a decision to people)."""
+
+    ttft_s: float  # queued + own prefill + first step, s
+    prefill_s: float  # this request's own uncached prefill, s
+    uncached_tokens: float  # prompt tokens the backend will compute
+    prompt_tokens: int
+    kv_events: bool  # matched against the backend's own KV events (precise mode)
+    capacity_blocks: int  # the backend's KV capacity as the policy assumed it
+
+
+@value_type
+class DecodeEstimate:
+    """The decode side of a split (prefill/decode disaggregation) on one backend, in seconds."""
+
+    transfer_s: float  # KV transfer from the prefill backend
+    decode_s: float  # max_tokens decode steps beside the running batch
+    kv_wait_s: float  # waiting for free KV blocks
+    running_requests: int  # what the decode steps share the batch with
 
 
 @value_type
 class BackendScore:
-    """One backend's terms in a decision, for ``/debug/route`` and for tests."""
+    """One backend's terms in a decision. ``terms`` explains it (``/debug/route``, tests);
+    ``prediction`` (a prefill-side score) and ``decode`` (a decode-side score of a split) carry
+    the numbers other code acts on."""
 
     backend_id: BackendId
     score: float
     matched_tokens: int = 0
     terms: Mapping[str, float] = field(default_factory=dict)
+    prediction: Prediction | None = None
+    decode: DecodeEstimate | None = None
 
 
 @value_type

@@ -10,7 +10,7 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
 - ``background``: factories ``f(state: RouterState) -> coroutine`` started after the upstream
   session exists and cancelled at clean-up (KV-event ingestion, engine metric scraping,
   discovery). A factory reads and writes ``state.pool`` (``router.pool.Backend`` fields such
-  as ``engine_waiting_requests``, ``kv_usage_ratio``, ``engine_scraped_at_s``, ``kv_events``),
+  as ``signals`` and ``scraped_at_s`` (via ``Backend.scraped``), ``kv_events``),
   feeds ``state.index``, registers its metrics in ``state.metrics.registry`` and may use
   ``state.session()``. Its loop must catch and count its own errors and never swallow
   ``asyncio.CancelledError``.
@@ -43,8 +43,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
-from policies.types import ClusterView, Policy, Role
+from policies.types import Policy
 from router.config import Config
+from router.config.disaggregation import wrap_policy
 from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
 from router.health import HealthChecker
 from router.http.client import HttpClient
@@ -58,7 +59,6 @@ from router.http.messages import (
 from router.http.server import HttpServer
 from router.http.upstream import client_session
 from router.metrics import RouterMetrics
-from router.pd.config import wrap_policy
 from router.pool import BackendPool
 from router.prompt.analyzer import CharEstimateAnalyzer, Endpoint, RequestAnalyzer
 from router.proxy import Proxy, parse_json
@@ -79,7 +79,7 @@ class RouterState:
     metrics: RouterMetrics
     proxy: Proxy
     health: HealthChecker
-    index: object | None
+    index: PrefixIndex | None
 
     def session(self) -> aiohttp.ClientSession:
         """The shared upstream session (exists between start-up and clean-up)."""
@@ -99,7 +99,7 @@ def build_pool(config: Config) -> BackendPool:
     )
     for backend in config.backends:
         pool.add(
-            backend.url, role=Role(backend.role), engine=backend.engine,  # type: ignore[arg-type]
+            backend.url, role=backend.role, engine=backend.engine,
             models=backend.models, kv_events_endpoint=backend.kv_events_endpoint,
         )
     return pool
@@ -225,20 +225,17 @@ class App:
             if isinstance(parsed, dict) and "messages" in parsed:
                 endpoint = Endpoint.CHAT
         _, fields, route_request = await state.proxy.read_request(request, endpoint, "debug")
-        now_s = time.monotonic()
-        candidates = state.pool.snapshot(fields.model, now_s)
-        if not candidates:
+        view = state.proxy.view(fields.model, time.monotonic())
+        if view is None:
             raise NoBackend(f"no healthy backend serves the model '{fields.model}'")
-        decision = state.policy.choose(
-            route_request, ClusterView(now_s=now_s, backends=candidates, index=state.index)  # type: ignore[arg-type]
-        )
+        decision = state.proxy.decide(route_request, view)
         return json_response({
             "policy": state.policy.name,
             "request": _plain(dataclasses.replace(route_request, block_hashes=())) | {
                 "block_hashes_count": len(route_request.block_hashes)},
-            "candidates": _plain(candidates),
+            "candidates": _plain(view.backends),
             "decision": _plain(decision),
-            "index": _index_tiers(state.index, route_request.block_hashes, now_s),
+            "index": _index_tiers(state.index, route_request.block_hashes, view.now_s),
         }, headers={"x-request-id": self.request_id(request)})
 
 
@@ -246,7 +243,7 @@ def create_app(
     config: Config,
     *,
     analyzer: RequestAnalyzer | None = None,
-    index: object | None = None,
+    index: PrefixIndex | None = None,
     background: Sequence[BackgroundFactory] = (),
     policy: Policy | None = None,
     rng: random.Random | None = None,
@@ -254,7 +251,7 @@ def create_app(
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
         policy = wrap_policy(build_policy(config.policy.name, config.policy.params, rng),
-                             config, rng)
+                             config.disaggregation, rng)
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)

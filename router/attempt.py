@@ -15,13 +15,26 @@ import time
 from types import TracebackType
 from typing import Protocol
 
+from router.errors import RouterError
 from router.hot_metrics import GaugeChild, HistogramChild
 from router.http.upstream import response_header_lines
 from router.metrics import RouterMetrics
 from router.pool import Backend, BackendPool
 
-__all__ = ["AttemptSlot", "backend_attempt", "holding_upstream", "routed_header_lines",
-           "routing_headers"]
+__all__ = ["RETRY_STATUSES", "AttemptSlot", "Retry", "backend_attempt", "holding_upstream",
+           "routed_header_lines", "routing_headers"]
+
+# Upstream answers that mean "try another backend" (when one is left and nothing was relayed).
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class Retry(Exception):
+    """An attempt failed before the first response byte; ``error`` is what the client gets
+    if no other backend succeeds, ``reason`` labels the retry metric."""
+
+    def __init__(self, error: RouterError, reason: str) -> None:
+        self.error = error
+        self.reason = reason
 
 # Both context managers are small classes rather than @contextmanager generators: they run
 # on every proxied request, and a generator-based one costs a few microseconds more each.

@@ -53,7 +53,15 @@ def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
     """The effective Config: file (or defaults), env overrides, then flags."""
     import dataclasses
 
-    from router.config import Config, ConfigError, apply_env, load_config, parse_config
+    from router.config import (
+        Config,
+        ConfigError,
+        EventLoop,
+        LogLevel,
+        apply_env,
+        load_config,
+        parse_config,
+    )
 
     config: Config = load_config(args.config) if args.config else parse_config({})
     config = apply_env(config, environ)
@@ -65,9 +73,9 @@ def build_config(args: argparse.Namespace, environ: dict[str, str]) -> Any:
             raise ConfigError("--port", "expected 0..65535")
         server = dataclasses.replace(server, port=args.port)
     if args.log_level:
-        server = dataclasses.replace(server, log_level=args.log_level)
+        server = dataclasses.replace(server, log_level=LogLevel(args.log_level))
     if args.loop:
-        server = dataclasses.replace(server, event_loop=args.loop)
+        server = dataclasses.replace(server, event_loop=EventLoop(args.loop))
     flagged = (
         [("--backend", {"url": u}) for u in args.backend]
         + [("--prefill", {"url": u, "role": "prefill"}) for u in args.prefill]
@@ -101,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
 
     from router.app import create_app, serve
     from router.config import ConfigError
-    from router.pd.config import check_config
     from router.setup.discovery import discovery_background
     from router.setup.kv import build_kv, wants_kv
 
@@ -110,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
         # Logging first: start-up warnings (no tokenizer, approximate mode) get the format.
         logging.basicConfig(level=config.server.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        check_config(config)
         tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
         kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
         background = discovery_background(config, os.environ)

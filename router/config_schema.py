@@ -15,6 +15,7 @@ with the router, which still validates everything at start. Not imported at run 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import types
 import typing
@@ -22,27 +23,21 @@ from typing import Any
 
 from policies.disaggregation import DisaggregationParams
 from policies.registry import POLICY_MODULES, policy_names
-from policies.types import EngineKind, Role
 from router.config import (
-    EVENT_LOOPS,
-    LOG_LEVELS,
     BackendConfig,
     HealthConfig,
     ModelConfig,
+    PolicyConfig,
     RetryConfig,
     ServerConfig,
     UpstreamConfig,
 )
-from router.discovery.dns import DnsParams
-from router.discovery.k8s import KubernetesParams
-from router.pd.config import DisaggConfig
-from router.setup.discovery import MODES
-from router.setup.kv import KvEventsSection
+from router.config.disaggregation import DisaggConfig
+from router.config.discovery import DiscoveryMode, DnsParams, KubernetesParams
+from router.config.kv_events import KvEventsConfig
 
 __all__ = ["config_schema", "dataclass_schema"]
 
-_ROLES = [r.value for r in Role]
-_ENGINES = [e.value for e in EngineKind]
 _URL = {"type": "string", "pattern": "^https?://"}
 
 
@@ -57,6 +52,12 @@ def _type_schema(hint: Any) -> dict[str, Any]:
             kinds = kinds if isinstance(kinds, list) else [kinds]
             return {"type": [*kinds, "null"] if nullable else kinds}
         return {"anyOf": [*options, {"type": "null"}] if nullable else options}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return {"type": "string", "enum": [str(member.value) for member in hint]}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return dataclass_schema(hint, required=tuple(
+            f.name for f in dataclasses.fields(hint)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
     if hint is bool:
         return {"type": "boolean"}
     if hint is int:
@@ -109,38 +110,28 @@ def _policy_schema() -> dict[str, Any]:
                   else {"type": "object", "additionalProperties": False})
         per_policy.append({"if": {"properties": {"name": {"const": name}}},
                            "then": {"properties": {"params": params}}})
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "name": {"type": "string", "enum": names},
-            "params": {"type": "object"},
-            "seed": {"type": ["integer", "null"]},
-        },
-        "allOf": per_policy,
-    }
+    # From the dataclass, like the other sections, so that no key the router reads (e.g.
+    # max_hold_s) is refused by the chart.
+    schema = dataclass_schema(PolicyConfig, {"name": {"type": "string", "enum": names},
+                                             "params": {"type": "object"}})
+    schema["allOf"] = per_policy
+    return schema
 
 
 def config_schema() -> dict[str, Any]:
     """JSON Schema (draft-07) of the router's config file."""
-    role, engine = {"type": "string", "enum": _ROLES}, {"type": "string", "enum": _ENGINES}
     port = {"type": "integer", "minimum": 0, "maximum": 65535}
-    backend = dataclass_schema(BackendConfig, {"url": _URL, "role": role, "engine": engine},
-                               required=("url",))
+    backend = dataclass_schema(BackendConfig, {"url": _URL}, required=("url",))
     disaggregation = dataclass_schema(DisaggConfig)
     disaggregation["properties"].update(dataclass_schema(DisaggregationParams)["properties"])
     discovery = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "mode": {"type": "string", "enum": list(MODES)},
+            "mode": _type_schema(DiscoveryMode),
             "seed": {"type": ["integer", "null"]},
-            "dns": dataclass_schema(DnsParams, {"port": port, "role": role, "engine": engine,
-                                                "address_family": {"type": "string",
-                                                                   "enum": ["ipv4", "ipv6", "any"]}},
-                                    required=("name",)),
-            "kubernetes": dataclass_schema(KubernetesParams,
-                                           {"port": port, "role": role, "engine": engine}),
+            "dns": dataclass_schema(DnsParams, {"port": port}, required=("name",)),
+            "kubernetes": dataclass_schema(KubernetesParams, {"port": port}),
         },
     }
     return {
@@ -150,18 +141,14 @@ def config_schema() -> dict[str, Any]:
                        "every key again at start.",
         "additionalProperties": False,
         "properties": {
-            "server": dataclass_schema(ServerConfig, {
-                "port": port,
-                "log_level": {"type": "string", "enum": list(LOG_LEVELS)},
-                "event_loop": {"type": "string", "enum": list(EVENT_LOOPS)},
-            }),
+            "server": dataclass_schema(ServerConfig, {"port": port}),
             "upstream": dataclass_schema(UpstreamConfig),
             "backends": {"type": "array", "items": {"anyOf": [_URL, backend]}},
             "health": dataclass_schema(HealthConfig),
             "retries": dataclass_schema(RetryConfig),
             "policy": _policy_schema(),
             "models": {"type": "object", "additionalProperties": dataclass_schema(ModelConfig)},
-            "kv_events": dataclass_schema(KvEventsSection),
+            "kv_events": dataclass_schema(KvEventsConfig),
             "discovery": discovery,
             "disaggregation": disaggregation,
         },

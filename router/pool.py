@@ -1,9 +1,10 @@
 """The backend pool: every known backend and its live state, and candidate snapshots.
 
 Written by the proxy (in-flight counts, breaker verdicts), the health loop (healthy, models)
-and the engine-metrics scrape loop (``engine_*``, ``kv_usage_ratio``, ``total_kv_blocks``,
-``block_size``, stamped with ``engine_scraped_at_s``). Read by ``snapshot(model, now_s)``, which
-turns the eligible backends into the frozen ``BackendState`` values policies see. Discovery adds
+and the engine-metrics scrape loop (``Backend.scraped``). Read by ``snapshot(model, now_s)``,
+which turns the eligible backends into the frozen ``BackendState`` values policies see. The
+per-backend counters and the state built from them are ``policies.bookkeeping``'s, shared with
+the simulator. Discovery adds
 and removes backends with ``add``/``remove``; ``on_removed`` callbacks (the policy's
 ``on_backend_removed``, the prefix index) run on removal.
 
@@ -17,20 +18,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from policies.bookkeeping import BackendLoad
 from policies.types import BackendId, BackendState, EngineKind, Role
 from router.breaker import Breaker
 
 __all__ = ["Backend", "BackendPool"]
 
 
-@dataclass(slots=True, eq=False)
-class Backend:
-    """One serving engine and its mutable live state (the pool's, not a policy's, view)."""
+@dataclass(slots=True, eq=False, kw_only=True)
+class Backend(BackendLoad):
+    """One serving engine: its live load (``policies.bookkeeping.BackendLoad``: in flight,
+    engine signals, KV events) plus what only the live router knows of it."""
 
-    backend_id: BackendId
     url: str
-    role: Role
-    engine: EngineKind
     breaker: Breaker
     configured_models: tuple[str, ...] = ()
     kv_events_endpoint: str | None = None
@@ -41,17 +41,6 @@ class Backend:
     health_failures: int = 0
     # Why the last failed health check failed (status, refused, timeout), for log lines.
     health_problem: str = ""
-    in_flight_requests: int = 0
-    in_flight_prompt_tokens: int = 0
-    # Set by the engine-metrics scrape loop; ignored once older than the pool's max age.
-    engine_waiting_requests: int | None = None
-    engine_running_requests: int | None = None
-    kv_usage_ratio: float | None = None
-    total_kv_blocks: int | None = None
-    block_size: int | None = None
-    engine_scraped_at_s: float | None = None
-    # True once KV events from this backend feed the prefix index (set by the ingestion loop).
-    kv_events: bool = False
 
     def models(self) -> tuple[str, ...]:
         """Configured models win; else discovered ones; empty means unknown (serves any)."""
@@ -154,6 +143,7 @@ class BackendPool:
     ) -> tuple[BackendState, ...]:
         """Eligible candidates (healthy, breaker allows, serves ``model``) in a stable order."""
         excluded = set(exclude) if exclude else ()
+        max_age_s = self._max_age_s
         states = []
         for backend in self._backends.values():
             if (
@@ -164,36 +154,16 @@ class BackendPool:
                 or not backend.breaker.allows(now_s)
             ):
                 continue
-            fresh = (
-                backend.engine_scraped_at_s is not None
-                and now_s - backend.engine_scraped_at_s <= self._max_age_s
-            )
-            states.append(
-                BackendState(
-                    backend_id=backend.backend_id,
-                    role=backend.role,
-                    engine=backend.engine,
-                    healthy=True,
-                    in_flight_requests=backend.in_flight_requests,
-                    in_flight_prompt_tokens=backend.in_flight_prompt_tokens,
-                    engine_waiting_requests=backend.engine_waiting_requests if fresh else None,
-                    engine_running_requests=backend.engine_running_requests if fresh else None,
-                    kv_usage_ratio=backend.kv_usage_ratio if fresh else None,
-                    total_kv_blocks=backend.total_kv_blocks if fresh else None,
-                    kv_events=backend.kv_events,
-                )
-            )
+            states.append(backend.state(now_s, max_age_s))
         return tuple(states)
 
     def acquire(self, backend_id: BackendId, prompt_tokens: int, now_s: float) -> Backend:
         backend = self._backends[backend_id]
-        backend.in_flight_requests += 1
-        backend.in_flight_prompt_tokens += prompt_tokens
+        backend.acquire(prompt_tokens)
         backend.breaker.on_dispatch(now_s)
         return backend
 
     @staticmethod
     def release(backend: Backend, prompt_tokens: int) -> None:
         # The backend may have been removed meanwhile; its object still balances its counters.
-        backend.in_flight_requests -= 1
-        backend.in_flight_prompt_tokens -= prompt_tokens
+        backend.release(prompt_tokens)

@@ -13,18 +13,30 @@ Must not import ``router.app`` (the app wires this in) or ``simulator``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 import aiohttp
 import orjson
 
-from policies.types import ClusterView, Decision, Policy, RouteRequest
+from policies.bookkeeping import PolicyChoiceError, decide
+from policies.types import (
+    BackendId,
+    ClusterView,
+    Decision,
+    Policy,
+    PrefixLookup,
+    Role,
+    RouteRequest,
+)
 from router.attempt import (
+    RETRY_STATUSES,
+    Retry,
     backend_attempt,
     holding_upstream,
     routed_header_lines,
@@ -53,7 +65,7 @@ from router.http.client import (
 from router.http.messages import BodyTooLarge, Request, Response, StreamResponse
 from router.http.upstream import forward_headers
 from router.metrics import NO_BACKEND, RouterMetrics
-from router.pd.serving import Disaggregation
+from router.pd.serving import Disaggregation, PdContext
 from router.pool import Backend, BackendPool
 from router.prompt.analyzer import RequestAnalyzer, RequestFields, read_fields
 
@@ -61,7 +73,6 @@ __all__ = ["Proxy"]
 
 log = logging.getLogger("kvrouter.proxy")
 
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _SSE = "text/event-stream"
 
 
@@ -75,15 +86,6 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
 
 
-class _Retry(Exception):
-    """An attempt failed before the first response byte; ``error`` is what the client gets
-    if no other backend succeeds."""
-
-    def __init__(self, error: RouterError, reason: str) -> None:
-        self.error = error
-        self.reason = reason
-
-
 class Proxy:
     def __init__(
         self,
@@ -93,7 +95,7 @@ class Proxy:
         analyzer: RequestAnalyzer,
         metrics: RouterMetrics,
         rng: random.Random,
-        index: object | None = None,
+        index: PrefixLookup | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -107,9 +109,19 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self._request_id_prefix = os.urandom(8).hex()
         self._request_count = 0
-        # Serves decisions with a prefill backend (prefill/decode disaggregation).
-        self.disagg = Disaggregation(self)
         self.hold = RouterHold(config.policy.max_hold_s, metrics.registry)
+        # Serves decisions with a prefill backend (prefill/decode disaggregation).
+        self.disagg = Disaggregation(PdContext(
+            config, pool, policy, metrics, rng, self.view, self.decide, self.relay,
+            self._client, self._session, self.hold.release))
+
+    def _client(self) -> HttpClient:
+        assert self.client is not None, "the app's start-up creates the client"
+        return self.client
+
+    def _session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the app's start-up creates the session"
+        return self.session
 
     def new_request_id(self) -> str:
         # Unique without a system call per request: a random per-process prefix and a count.
@@ -148,6 +160,20 @@ class Proxy:
             raise UnknownModel(f"the model '{fields.model}' does not exist", param="model")
         return body, fields, await self.analyzer.analyze(fields)
 
+    # -- the one view -> decide path (the proxy, /debug/route and P/D replacements) ---------
+
+    def view(self, model: str, now_s: float, exclude: Sequence[BackendId] = (),
+             roles: frozenset[Role] | None = None) -> ClusterView | None:
+        """What the policy sees for a request of ``model``; None when no backend serves it."""
+        candidates = self.pool.snapshot(model, now_s, exclude, roles)
+        return ClusterView(now_s, candidates, self.index) if candidates else None
+
+    def decide(self, route_request: RouteRequest, view: ClusterView) -> Decision:
+        try:
+            return decide(self.policy, route_request, view)
+        except PolicyChoiceError as error:  # a policy bug: the client gets a 500, not a hang
+            raise RouterError(str(error)) from None
+
     # -- the proxy handler -----------------------------------------------------------------
 
     async def handle(self, request: Request, endpoint: str) -> Response | StreamResponse:
@@ -178,29 +204,24 @@ class Proxy:
         last_reason = ""
         attempts = self.config.retries.max_attempts
         for attempt in range(attempts):
-            now_s = time.monotonic()
-            candidates = self.pool.snapshot(fields.model, now_s, exclude=tried)
-            if not candidates:
+            view = self.view(fields.model, time.monotonic(), tried)
+            if view is None:
                 break
-            if not attempt and (self.hold or self.policy.defer(
-                    route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index))):  # type: ignore[arg-type]
+            if not attempt and (self.hold or self.policy.defer(route_request, view)):
                 # Late binding (router/hold.py): wait for room, then decide on a fresh view.
                 await self.hold.wait(lambda: self._defer(route_request, fields.model))
-                now_s = time.monotonic()
-                candidates = self.pool.snapshot(fields.model, now_s, exclude=tried)
-                if not candidates:
+                view = self.view(fields.model, time.monotonic(), tried)
+                if view is None:
                     break
             if attempt:
                 self.metrics.retries.labels(last_reason).inc()
                 await asyncio.sleep(self._backoff_s(attempt))
-                now_s = time.monotonic()
-            decision = self.policy.choose(
-                route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index)  # type: ignore[arg-type]
-            )
+                view = dataclasses.replace(view, now_s=time.monotonic())
+            decision = self.decide(route_request, view)
             backend = self.pool.get(decision.backend_id)
-            if backend is None or decision.backend_id not in [c.backend_id for c in candidates]:
-                raise RouterError(f"policy chose a non-candidate backend {decision.backend_id!r}")
-            self.disagg.observe(decision, candidates)
+            if backend is None:  # a candidate of this view: removed during a hold or backoff
+                raise RouterError(f"backend {decision.backend_id!r} left the pool")
+            self.disagg.observe(decision, view.backends)
             # The predicted hit belongs to where the prompt is prefilled.
             self.metrics.routed(decision.prefill_backend_id or decision.backend_id,
                                 decision.reason, route_request.prompt_tokens,
@@ -213,7 +234,7 @@ class Proxy:
                     request, body, fields, route_request, backend, decision, started_s,
                     last=attempt == attempts - 1,
                 )
-            except _Retry as retry:
+            except Retry as retry:
                 last_error, last_reason = retry.error, retry.reason
                 log.info("request %s: %s on %s (attempt %d)", fields.request_id, retry.reason,
                          backend.backend_id, attempt + 1)
@@ -223,13 +244,9 @@ class Proxy:
 
     def _defer(self, route_request: RouteRequest, model: str) -> bool:
         """The policy's answer on a fresh snapshot: hold this request in the router?"""
-        now_s = time.monotonic()
-        candidates = self.pool.snapshot(model, now_s)
-        if not candidates:
-            return False  # the dispatch loop answers "no backend" at once
-        return self.policy.defer(
-            route_request, ClusterView(now_s=now_s, backends=candidates, index=self.index)  # type: ignore[arg-type]
-        )
+        view = self.view(model, time.monotonic())
+        # No backend: False, and the dispatch loop answers "no backend" at once.
+        return view is not None and self.policy.defer(route_request, view)
 
     async def _attempt(
         self,
@@ -255,20 +272,20 @@ class Proxy:
                         forward_headers(request.raw_headers, fields.request_id), body)
                 except HeadTimeout:
                     slot.verdict = False
-                    raise _Retry(UpstreamTimeout(
+                    raise Retry(UpstreamTimeout(
                         f"backend {backend.backend_id} did not answer in time"),
                         "timeout") from None
                 except (ConnectFailed, ResponseBroken) as exc:
                     slot.verdict = False
-                    raise _Retry(UpstreamConnectError(
+                    raise Retry(UpstreamConnectError(
                         f"could not reach backend {backend.backend_id}: {exc}"),
                         "connect") from None
                 slot.ttfb.observe(time.monotonic() - started_s)
                 with holding_upstream(upstream, self.metrics, slot):
                     status = upstream.status
                     slot.verdict = status < 500
-                    if status in _RETRY_STATUSES and not last:
-                        raise _Retry(UpstreamConnectError(
+                    if status in RETRY_STATUSES and not last:
+                        raise Retry(UpstreamConnectError(
                             f"backend {backend.backend_id} answered {status}"), f"status_{status}")
                     headers = routed_header_lines(
                         upstream.raw_headers, fields.request_id, backend.backend_id,

@@ -1,7 +1,7 @@
 """Engine-metric scraping: each backend's own ``/metrics`` -> the pool's engine signals.
 
 Every ``interval_s`` each backend's ``GET /metrics`` is parsed with prometheus-client's text
-parser and stored on the pool's ``Backend`` with the scrape time (``engine_scraped_at_s``);
+parser and stored on the pool's ``Backend`` with the scrape time (``Backend.scraped``);
 the pool reads values older than its staleness bound as ``None`` in ``BackendState``, so a
 backend whose scrapes fail falls back to router-side counters by itself.
 
@@ -20,11 +20,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from policies.bookkeeping import EngineSignals
 from router.kv.metrics import KvMetrics
 from router.pool import Backend, BackendPool
 
@@ -36,15 +36,6 @@ _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _USAGE = ("vllm:kv_cache_usage_perc", "sglang:token_usage")
 _CACHE_INFO = "vllm:cache_config_info"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSignals:
-    waiting_requests: int | None = None
-    running_requests: int | None = None
-    kv_usage_ratio: float | None = None
-    block_size: int | None = None
-    num_gpu_blocks: int | None = None
 
 
 def parse_engine_metrics(text: str) -> EngineSignals:
@@ -70,8 +61,8 @@ def parse_engine_metrics(text: str) -> EngineSignals:
         waiting_requests=None if waiting is None else round(waiting),
         running_requests=None if running is None else round(running),
         kv_usage_ratio=None if usage is None else min(1.0, max(0.0, usage)),
+        total_kv_blocks=blocks,
         block_size=block_size,
-        num_gpu_blocks=blocks,
     )
 
 
@@ -115,9 +106,9 @@ class EngineScraper:
         await asyncio.gather(*(self.scrape(b) for b in backends))
         now_s = self._now_s()
         for backend in backends:
-            if backend.engine_scraped_at_s is not None:
+            if backend.scraped_at_s is not None:
                 self.metrics.scrape_age.labels(backend.backend_id).set(
-                    now_s - backend.engine_scraped_at_s)
+                    now_s - backend.scraped_at_s)
         self.scrapes += 1
 
     async def scrape(self, backend: Backend) -> bool:
@@ -135,17 +126,6 @@ class EngineScraper:
             self.metrics.scrape_errors.labels(backend.backend_id).inc()
             log.debug("scraping %s failed: %s", backend.url, exc)
             return False
-        store(backend, signals, self._now_s())
+        backend.scraped(signals, self._now_s())
         return True
-
-
-def store(backend: Backend, signals: EngineSignals, now_s: float) -> None:
-    backend.engine_waiting_requests = signals.waiting_requests
-    backend.engine_running_requests = signals.running_requests
-    backend.kv_usage_ratio = signals.kv_usage_ratio
-    if signals.num_gpu_blocks is not None:
-        backend.total_kv_blocks = signals.num_gpu_blocks
-    if signals.block_size is not None:
-        backend.block_size = signals.block_size
-    backend.engine_scraped_at_s = now_s
 

@@ -25,27 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from policies.bookkeeping import decide
 from policies.disaggregation import DisaggregationParams, wrap
 from policies.kv.events import KvEvent
 from policies.params import parse_params
 from policies.registry import build_policy
-from policies.types import BackendState, Decision, Role, RouteRequest
+from policies.types import Decision, Role, RouteRequest
 from simulator.cluster import ClusterSim, Progress, SimConfig, _Live, prompt_text_of
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineRequest, StepResult
 from simulator.inputs import config_dict
 from simulator.routing import SimRouter
-from simulator.sweep import RunSpec
 from simulator.traces import TraceRequest
 
-__all__ = ["DisaggClusterSim", "disagg_specs", "simulate_disagg"]
+__all__ = ["DisaggClusterSim", "simulate_disagg"]
 
 _PREFILL_LEG = "/prefill"
 
@@ -58,19 +55,18 @@ class _RoleRouter(SimRouter):
     def __init__(self, roles: tuple[Role, ...], **kwargs: Any) -> None:
         super().__init__(n_backends=len(roles), **kwargs)
         self.roles = roles
-
-    def snapshot(self, now_s: float) -> tuple[BackendState, ...]:
-        states = super().snapshot(now_s)
-        return tuple(dataclasses.replace(s, role=r) for s, r in zip(states, self.roles,
-                                                                       strict=True))
+        for slot, role in zip(self._slots, roles, strict=True):
+            slot.role = role
 
     def _hold(self, backend_id: str, prompt_tokens: int, sign: int) -> None:
         slot = self._slots[self.position(backend_id)]
-        slot.in_flight_requests += sign
-        slot.in_flight_prompt_tokens += sign * prompt_tokens
+        if sign > 0:
+            slot.acquire(prompt_tokens)
+        else:
+            slot.release(prompt_tokens)
 
     def route(self, request: RouteRequest, now_s: float) -> Decision:
-        decision = self.policy.choose(request, self.view(now_s))
+        decision = decide(self.policy, request, self.view(now_s))
         split = decision.prefill_backend_id is not None
         self._hold(decision.backend_id, 0 if split else request.prompt_tokens, 1)
         if decision.prefill_backend_id is not None:
@@ -225,33 +221,6 @@ class DisaggClusterSim(ClusterSim):
             disaggregation=asdict(self.disagg),
         )
         return summary
-
-
-def disagg_specs(specs: Sequence[RunSpec], prefill_backends: str,
-                 config_path: Path | None) -> list[RunSpec]:
-    """``kvrouter simulate --prefill-backends K[,K...]``: each spec once per K, with the
-    decider parameters of the config file's ``disaggregation:`` section."""
-    try:
-        counts = [int(x) for x in prefill_backends.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--prefill-backends: expected integers, got {prefill_backends!r}"
-                         ) from None
-    raw: object = {}
-    if config_path is not None:
-        loaded = yaml.safe_load(config_path.read_text()) or {}
-        raw = loaded.get("disaggregation") or {} if isinstance(loaded, dict) else {}
-    if not isinstance(raw, Mapping):
-        raise ValueError("disaggregation: expected a mapping")
-    params = asdict(parse_params(DisaggregationParams, raw, "disaggregation"))
-    given = {k: v for k, v in params.items() if k in raw}
-    out = []
-    for spec in specs:
-        for k in counts:
-            if not 0 <= k < spec.config.backends:
-                raise ValueError(f"--prefill-backends: {k} is not within [0, "
-                                 f"{spec.config.backends})")
-            out.append(dataclasses.replace(spec, prefill_backends=k, disagg_params=given))
-    return out
 
 
 def simulate_disagg(

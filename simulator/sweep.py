@@ -16,15 +16,19 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from policies.disaggregation import DisaggregationParams
+from policies.params import parse_params
 from simulator.cluster import SimConfig, simulate
 from simulator.traces import Tokenize, TraceError, TraceRequest, open_trace_file
 from simulator.workloads import parse_synthetic, synthetic
 
-__all__ = ["RunSpec", "open_trace", "run_all", "tokenizer_function"]
+__all__ = ["RunSpec", "disagg_specs", "open_trace", "run_all", "tokenizer_function"]
 
 
 def tokenizer_function(directory: str | None) -> Tokenize:
@@ -162,3 +166,29 @@ def run_all(
     if show_progress:
         sys.stderr.write("\n")
     return [r for r in results if r is not None]
+
+def disagg_specs(specs: Sequence[RunSpec], prefill_backends: str,
+                 config_path: Path | None) -> list[RunSpec]:
+    """``kvrouter simulate --prefill-backends K[,K...]``: each spec once per K, with the
+    decider parameters of the config file's ``disaggregation:`` section."""
+    try:
+        counts = [int(x) for x in prefill_backends.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--prefill-backends: expected integers, got {prefill_backends!r}"
+                         ) from None
+    raw: object = {}
+    if config_path is not None:
+        loaded = yaml.safe_load(config_path.read_text()) or {}
+        raw = loaded.get("disaggregation") or {} if isinstance(loaded, dict) else {}
+    if not isinstance(raw, Mapping):
+        raise ValueError("disaggregation: expected a mapping")
+    params = asdict(parse_params(DisaggregationParams, raw, "disaggregation"))
+    given = {k: v for k, v in params.items() if k in raw}
+    out = []
+    for spec in specs:
+        for k in counts:
+            if not 0 <= k < spec.config.backends:
+                raise ValueError(f"--prefill-backends: {k} is not within [0, "
+                                 f"{spec.config.backends})")
+            out.append(replace(spec, prefill_backends=k, disagg_params=given))
+    return out

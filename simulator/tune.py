@@ -37,7 +37,17 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
     "temperature_ratio": ("uniform", 0.0, 0.2),
     "kv_full_wait_s": ("uniform", 0.0, 4.0),
     "kv_knee_ratio": ("uniform", 0.5, 0.95),
-    "queued_uncached_ratio": ("uniform", 0.2, 1.0),
+    # Across the capacity edge (issue 12): what a prefill costs the fleet, placement memory,
+    # the recent-dispatch overlay and late binding.
+    "stall_ratio": ("uniform", 0.0, 2.0),
+    "fleet_work_ratio": ("uniform", 0.0, 6.0),
+    "busy_power": ("uniform", 1.0, 4.0),
+    "home_credit_ratio": ("uniform", 0.0, 2.0),
+    "duplicate_ratio": ("uniform", 0.0, 2.0),
+    "cache_full_knee_ratio": ("uniform", 0.5, 0.95),
+    "recent_ttl_s": ("uniform", 0.0, 2.0),
+    "hold_kv_ratio": ("uniform", 0.5, 1.0),
+    "hold_queue_s": ("log", 0.05, 2.0),
 }
 
 OBJECTIVES: dict[str, int] = {

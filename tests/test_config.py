@@ -69,11 +69,11 @@ def test_example_config_is_valid_and_documented():
             assert "#" in line, line
 
 
-def test_defaults_and_extension_sections_kept_raw():
-    config = parse_config({"backends": ["http://a:1/"], "kv_events": {"endpoint": "tcp://x:1"}})
+def test_defaults():
+    config = parse_config({"backends": ["http://a:1/"]})
     assert config.backends[0].url == "http://a:1"
     assert config.policy.name == "kv_aware"  # the product's policy is the default
-    assert config.extensions == {"kv_events": {"endpoint": "tcp://x:1"}}
+    assert config.kv_events is None  # absent section: no KV plumbing asked for
 
 
 @pytest.mark.parametrize(

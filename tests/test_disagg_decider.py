@@ -118,7 +118,7 @@ def test_split_or_local(
         assert decision.backend_id == expected, decision.reason
         assert decision.prefill_backend_id == expected_prefill, decision.reason
         assert word in decision.reason
-        decode_terms = [s for s in decision.scores if "decode_score_s" in s.terms]
+        decode_terms = [s for s in decision.scores if s.decode is not None]
         assert {s.backend_id for s in decode_terms} == {
             b for b, r, _ in backends if r is not Role.PREFILL}
 
@@ -134,7 +134,7 @@ def test_sglang_decode_gets_no_prefix_credit() -> None:
         view = ClusterView(0.0, (backend("p0", P, engine=engine), backend("d0", D, engine=engine)),
                            index)
         decision = decider().choose(request, view)
-        (score,) = [s for s in decision.scores if "decode_score_s" in s.terms]
+        (score,) = [s for s in decision.scores if s.decode is not None]
         scores[engine] = score.terms
     assert scores[EngineKind.VLLM]["decode_reused_tokens"] == 400 * BS
     assert scores[EngineKind.SGLANG]["decode_reused_tokens"] == 0
@@ -208,3 +208,36 @@ def test_wraps_a_policy_without_ttft_scores() -> None:
     assert long.backend_id == "d0" and "local" in long.reason
     assert DisaggregationParams().transfer_s(8000) == pytest.approx(
         0.002 + 8000 * 131072 / 25e9)
+
+
+class _CountingIndex:
+    """A real PrefixIndex behind the read-only lookup a policy sees, counting chain walks."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self.matches = 0
+
+    def match(self, block_hashes: Sequence[int], now_s: float | None = None) -> object:
+        self.matches += 1
+        return self.index.match(block_hashes, now_s)
+
+    def backend_entries(self, backend_id: str) -> int:
+        return self.index.backend_entries(backend_id)
+
+    def shared_prefix(self, block_hashes: Sequence[int]) -> int:
+        return self.index.shared_prefix(block_hashes)
+
+
+def test_a_disaggregated_decision_matches_the_index_once() -> None:
+    # The decider asks kv_aware twice (prefill side, then local prefill on DECODE backends);
+    # both asks must share one walk of the chain, and still see what each backend holds.
+    index = PrefixIndex()
+    request = prompt(8000)
+    hold(index, "p0", request.block_hashes[:440])
+    hold(index, "d0", request.block_hashes[:100])
+    counting = _CountingIndex(index)
+    view = ClusterView(0.0, (backend("p0", P), backend("d0", D)), counting)  # type: ignore[arg-type]
+    decision = decider().choose(request, view)
+    assert counting.matches == 1
+    matched = {s.backend_id: s.matched_tokens for s in decision.scores if s.decode is None}
+    assert matched == {"p0": 440 * BS, "d0": 100 * BS}

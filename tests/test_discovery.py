@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from policies.kv.index import PrefixIndex
 from policies.types import Role
 from router.config import ConfigError, parse_config
+from router.config.discovery import parse_discovery
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -29,7 +30,7 @@ from router.discovery.backend_set import (
 )
 from router.discovery.k8s import KubernetesParams, PodError, backend_from_pod
 from router.pool import BackendPool
-from router.setup.discovery import PoolSink, discovery_background, parse_discovery
+from router.setup.discovery import PoolSink, discovery_background
 
 
 class Sink:
@@ -135,7 +136,8 @@ def test_annotations_win_over_labels_and_ipv6_pods_get_brackets() -> None:
         ({"mode": "dns"}, "discovery.dns: required when mode is dns"),
         ({"mode": "dns", "dns": {"name": "x", "port": "80"}}, "discovery.dns.port: expected an integer"),
         ({"mode": "kubernetes", "kubernetes": {"namespce": "x"}}, "discovery.kubernetes.namespce: unknown key"),
-        ({"mode": "kubernetes", "kubernetes": {"role": "x"}}, "discovery.kubernetes: role must be"),
+        ({"mode": "kubernetes", "kubernetes": {"role": "x"}},
+         "discovery.kubernetes.role: expected one of mixed, prefill, decode"),
     ],
     ids=["mode", "dns-missing", "dns-port", "k8s-typo", "k8s-role"],
 )

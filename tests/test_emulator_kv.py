@@ -267,3 +267,34 @@ async def test_ipc_endpoints_are_bound_per_pod(
             assert topic == f"kv@pod-{cluster.urls.index(url)}"
             assert events and events[0]["type"] == "BlockStored"
             sub.close()
+
+
+@pytest.mark.parametrize("which", ["pub", "replay"])
+async def test_a_publisher_whose_bind_fails_closes_its_sockets(which: str) -> None:
+    """A restarted engine's publisher may find its port still held; close() then releases the
+    socket that failed to bind too (it leaked before: a ResourceWarning at collection)."""
+    import gc
+    import warnings
+
+    from simulator.emulator.kv import KvEventPublisher
+
+    ctx = zmq.asyncio.Context()
+    holder = ctx.socket(zmq.PUB)
+    holder.setsockopt(zmq.LINGER, 0)
+    port = holder.bind_to_random_port("tcp://*")
+    taken, free = f"tcp://*:{port}", "tcp://*:0"  # `*`: the engine binds (vLLM's rule)
+    endpoints = (taken, free) if which == "pub" else (free, taken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            publisher = KvEventPublisher(ctx, *endpoints, topic="kv")
+            with pytest.raises(zmq.ZMQError):
+                await publisher.start()
+            await publisher.close()
+            del publisher
+            gc.collect()
+        leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaks, [str(w.message) for w in leaks]
+    finally:
+        holder.close(linger=0)
+        ctx.destroy(linger=0)

@@ -430,6 +430,7 @@ async def test_a_stalled_body_gets_408_and_its_memory_back():
                 break
             await asyncio.sleep(0.05)
         assert not server.connections
+        writer.close()  # the test's own end, now that the server is seen to close without it
         # A body that arrives in time, over several reads, is served.
         reader, writer = await _open(port)
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")

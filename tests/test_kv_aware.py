@@ -464,7 +464,7 @@ def test_estimated_prompts_follow_their_own_dispatches_not_engine_events() -> No
     v = view(index, *(idle(b) for b in IDS))
     first = p.choose(estimated, v)
     assert first.predicted_hit_tokens == 0  # the event index is not trusted for estimates
-    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    assert all(s.prediction and not s.prediction.kv_events for s in first.scores)
     p.on_dispatched(estimated, first, 0.0)
     p.on_finished(estimated, first, 1.0, True)
     again = p.choose(estimated, view(index, *(idle(b) for b in IDS), now_s=2.0))
@@ -491,7 +491,7 @@ def test_salted_prompts_follow_their_own_dispatches_not_engine_events() -> None:
     assert not salted.matches_events and unsalted.matches_events
     first = p.choose(salted, view(index, *(idle(b) for b in IDS)))
     assert first.predicted_hit_tokens == 0
-    assert all(s.terms["kv_events"] == 0.0 for s in first.scores)
+    assert all(s.prediction and not s.prediction.kv_events for s in first.scores)
     p.on_dispatched(salted, first, 0.0)
     p.on_finished(salted, first, 1.0, True)
     again = p.choose(salted, view(index, *(idle(b) for b in IDS), now_s=2.0))
@@ -521,7 +521,7 @@ def test_a_prefix_just_sent_counts_as_cached_there_until_events_can_say_so() -> 
 
 
 def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish() -> None:
-    kv = policy(hold_kv_ratio=0.5)
+    kv = policy(hold_kv_ratio=0.5, hold_queue_s=0.0)
     states = [idle(b, total_kv_blocks=1000) for b in IDS[:2]]  # 16,000 tokens each
     sent = []
     for i in range(4):
@@ -542,7 +542,44 @@ def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish(
     assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), *states))
     # Unknown KV sizes (no scrape yet) and a disabled ratio never hold.
     assert not kv.defer(prompt(9, 6000), view(PrefixIndex(), idle("b1")))
-    never = policy(hold_kv_ratio=0.0)
+    never = policy(hold_kv_ratio=0.0, hold_queue_s=0.0)
     for request, decision in sent:
         never.on_dispatched(request, decision, 0.0)
     assert not never.defer(prompt(9, 6000), view(PrefixIndex(), *states))
+
+
+def test_defers_while_every_backend_has_prefill_queued_and_not_once_it_is_predicted_done() -> None:
+    # Past capacity a request waits in the router, not in an engine queue, while every backend
+    # has hold_queue_s of prefill this policy predicts is still queued; KV room is ample here.
+    kv = policy(hold_kv_ratio=0.0, hold_queue_s=0.3)
+    in_flight = {b: 0 for b in IDS[:2]}
+
+    def current(now_s: float = 0.0) -> ClusterView:
+        # The router's counters: what was sent and has not finished (8,000 tokens each).
+        return view(PrefixIndex(), *(idle(b, total_kv_blocks=1_000_000, in_flight_requests=n,
+                                          in_flight_prompt_tokens=8000 * n)
+                                     for b, n in in_flight.items()), now_s=now_s)
+
+    sent = []
+    for i in range(8):
+        request = prompt(i, 8000)  # ~0.25 s of prefill each
+        if kv.defer(request, current()):
+            break
+        decision = kv.choose(request, current())
+        kv.on_dispatched(request, decision, 0.0)
+        in_flight[decision.backend_id] += 1
+        sent.append(decision)
+    assert 2 <= len(sent) < 8 and {d.backend_id for d in sent} == {"b0", "b1"}
+    v = current()
+    assert kv.defer(prompt(9, 8000), v)
+    # Once the queued prefills are predicted done, the router places requests again.
+    assert not kv.defer(prompt(9, 8000), current(now_s=60.0))
+    # A backend that answered faster than predicted has nothing in flight: no queue there,
+    # and no hold that only a finish could end (none would come).
+    in_flight["b0"] = 0
+    assert not kv.defer(prompt(9, 8000), current())
+    # Disabled: never holds on queues.
+    off = policy(hold_kv_ratio=0.0, hold_queue_s=0.0)
+    for i, decision in enumerate(sent):
+        off.on_dispatched(prompt(i, 8000), decision, 0.0)
+    assert not off.defer(prompt(9, 8000), v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from policies.bookkeeping import EngineSignals
 from policies.types import Role
 from router.breaker import Breaker, BreakerState
 from router.pool import BackendPool
@@ -82,7 +83,7 @@ def test_snapshot_carries_load_and_hides_stale_engine_signals():
     pool = BackendPool(engine_signals_max_age_s=10.0)
     a = pool.add("http://a:1")
     pool.acquire(a.backend_id, 120, 0.0)
-    a.engine_waiting_requests, a.kv_usage_ratio, a.engine_scraped_at_s = 4, 0.5, 100.0
+    a.scraped(EngineSignals(waiting_requests=4, kv_usage_ratio=0.5), 100.0)
     (fresh,) = pool.snapshot("", 105.0)
     assert (fresh.in_flight_requests, fresh.in_flight_prompt_tokens) == (1, 120)
     assert (fresh.engine_waiting_requests, fresh.kv_usage_ratio) == (4, 0.5)

@@ -89,3 +89,23 @@ async def test_a_held_client_that_leaves_frees_its_place() -> None:
     hold.release()
     await asyncio.wait_for(second, 1.0)
     assert not hold
+
+
+async def test_kv_aware_never_holds_a_request_that_no_finish_would_release(
+        start_backend, start_router, http):
+    # One client, one request at a time, backends far faster than kv_aware's H200 prediction:
+    # the policy's predicted queues pile up, but nothing is in flight when the next request
+    # comes, so no finish would ever re-ask the hold. It must not hold (it used to, for
+    # policy.max_hold_s per request).
+    backends = [await start_backend() for _ in range(2)]
+    router = await start_router({"backends": [b.url for b in backends],
+                                 "policy": {"name": "kv_aware", "max_hold_s": 5.0}})
+    for i in range(30):
+        prompt = f"{i} " + "The quick brown fox jumps over the lazy dog. " * 400
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": prompt}) as response:
+            assert response.status == 200
+            await response.read()
+    registry = router.state.metrics.registry
+    assert registry.get_sample_value("kvrouter_hold_seconds_count") == 0  # none was held
+    assert registry.get_sample_value("kvrouter_hold_expired_total") == 0

@@ -6,6 +6,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from policies.bookkeeping import EngineSignals
 from router.kv.metrics import KvMetrics
 from router.pool import BackendPool
 from router.scrape import EngineScraper, parse_engine_metrics
@@ -56,7 +57,7 @@ sglang:token_usage{model_name="tiny"} 0.75
 def test_parse(text, expected):
     s = parse_engine_metrics(text)
     assert (s.waiting_requests, s.running_requests, s.kv_usage_ratio, s.block_size,
-            s.num_gpu_blocks) == expected
+            s.total_kv_blocks) == expected
 
 
 async def _serve(handler):
@@ -91,7 +92,7 @@ async def test_scrape_stores_signals_and_they_go_stale():
         assert state.engine_running_requests == 5
         assert state.kv_usage_ratio == 0.5
         assert state.total_kv_blocks == 4096
-        assert pool.get(url).block_size == 128
+        assert pool.get(url).signals.block_size == 128
         # The next scrape fails: counted, old values kept, and they read as None once stale.
         clock["now"] = 103.0
         await scraper.scrape_all()
@@ -119,7 +120,7 @@ async def test_unreachable_and_garbage_backends_are_counted():
     for backend in (url, "http://127.0.0.1:9"):
         assert km.registry.get_sample_value("kvrouter_engine_scrape_errors_total",
                                             {"backend": backend}) == 1
-        assert pool.get(backend).engine_scraped_at_s is None
+        assert pool.get(backend).scraped_at_s is None
     await runner.cleanup()
 
 
@@ -134,7 +135,7 @@ def test_scraped_block_size_and_lora_parent_shape_the_analyzer():
                            "adapter": {"id": "adapter", "parent": "base"}}
     kv.pool = pool
     assert kv.shape_of("base").block_size == 16  # configured: nothing scraped yet
-    a.block_size = 128  # vllm:cache_config_info said so
+    a.scraped(EngineSignals(block_size=128), 0.0)  # vllm:cache_config_info said so
     shape = kv.shape_of("adapter")
     assert (shape.base_model, shape.lora, shape.block_size) == ("base", "adapter", 128)
     assert kv.shape_of("base").block_size == 128

@@ -186,7 +186,7 @@ def test_overload_holds_requests_in_the_router_and_saves_preemptions() -> None:
         config = SimConfig(backends=4, num_gpu_blocks=300, seed=1)
         return simulate(config, "kv_aware", synthetic(name, synth, 1), params)  # type: ignore[arg-type]
 
-    held, unheld = run(), run(hold_kv_ratio=0.0)
+    held, unheld = run(), run(hold_kv_ratio=0.0, hold_queue_s=0.0)
     assert held["deferred"] > 0 and held["max_held"] > 0  # type: ignore[operator]
     assert unheld["deferred"] == 0
     assert held["arrived"] == held["requests"] + held["failed"] == 300

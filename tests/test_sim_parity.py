@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from policies.bookkeeping import decide
 from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import BackendState, ClusterView, Decision, RouteRequest
@@ -112,9 +113,7 @@ def _replay_live(
             _, request, now_s = op
             candidates = pool.snapshot(request.model, now_s)
             views.append(candidates)
-            decision = chosen.choose(
-                request, ClusterView(now_s=now_s, backends=candidates, index=index)
-            )
+            decision = decide(chosen, request, ClusterView(now_s, candidates, index))
             backend = pool.acquire(decision.backend_id, request.prompt_tokens, now_s)
             chosen.on_dispatched(request, decision, now_s)
             decisions.append(decision)
@@ -127,12 +126,7 @@ def _replay_live(
             _, position, signals, now_s = op
             backend = pool.get(ids[position])
             assert backend is not None
-            # What the engine-metrics scrape loop writes.
-            backend.engine_waiting_requests = signals.waiting_requests
-            backend.engine_running_requests = signals.running_requests
-            backend.kv_usage_ratio = signals.kv_usage_ratio
-            backend.total_kv_blocks = signals.total_kv_blocks
-            backend.engine_scraped_at_s = now_s
+            backend.scraped(signals, now_s)  # what the engine-metrics scrape loop does
         else:
             index.apply(ids[op[1]], op[2], op[3])
     return decisions, views

@@ -141,6 +141,26 @@ def test_cache_budget_bounds_tokens(hf):
     assert small.cache.tokens <= 200
 
 
+def test_a_body_seen_behind_another_head_reuses_its_pieces_and_matches_a_whole_encode(hf):
+    # A document quoted after different heads (a date, a user id): the prefix cache cannot
+    # help, the piece cache serves the document's pieces wherever they start.
+    tok = ModelTokenizer(hf, cut_chars=64)
+    document = "".join(f"Clause {i}: the tenant's  deposit, 12{i}5 units.\n" for i in range(40))
+    for head in ("2026-12-03 ", "user 7781: ", "Ünïcode head — ", ""):
+        for add in (False, True):
+            text = head + document
+            whole = list(hf(text, add_special_tokens=add)["input_ids"])
+            assert tok.encode(text, add_special_tokens=add).token_ids == whole
+    assert tok._pieces, "the document's pieces are kept"
+    hits = sum(1 for piece in tok._pieces if piece in document)
+    assert hits >= len(document) // 64 - 2
+    # The budget bounds the pieces' ids.
+    small = ModelTokenizer(hf, cut_chars=64, piece_cache_tokens=100)
+    small.encode(document, add_special_tokens=False)
+    assert 0 < small._piece_tokens <= 100
+    assert small._piece_tokens == sum(len(ids) for ids in small._pieces.values())
+
+
 def test_tokenizer_without_independent_pieces_encodes_whole(hf):
     # Same tokenizer but the special-token splitter disabled: must fall back to whole encoding.
     class NoSpecials:

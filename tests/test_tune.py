@@ -103,3 +103,19 @@ def test_tune_cli_keeps_the_defaults_when_the_best_is_noise(
     assert code == 0, err
     assert "no improvement over defaults" in err
     assert yaml.safe_load(out) == yaml.safe_load(params_yaml("kv_aware", {}))
+
+
+def test_every_searched_weight_is_a_kv_aware_param_and_every_draw_builds() -> None:
+    # A renamed parameter would otherwise drop out of the search silently (the search skips
+    # names the policy does not have, for older/newer params).
+    import dataclasses
+    import random
+
+    from policies.kv_aware import KvAwareParams
+    from simulator.tune import SEARCH_SPACE
+
+    fields = {f.name for f in dataclasses.fields(KvAwareParams)}
+    assert set(SEARCH_SPACE) <= fields
+    for trial in draw_trials(20, seed=7)[1:]:
+        assert set(trial) == set(SEARCH_SPACE)
+        build_policy("kv_aware", trial, random.Random(0))

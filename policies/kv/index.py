@@ -64,24 +64,11 @@ from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEv
 from policies.kv.feed import IndexedBackend, Tier, low_water, rehash_stored, tier_of_medium
 from policies.kv.hashing import BlockHasher, Namespace
 from policies.kv.shared import SharedTier
-from policies.types import BackendId, BlockHash
+from policies.types import BackendId, BackendMatch, BlockHash
 
 __all__ = ["BackendMatch", "IndexStats", "PrefixIndex", "Tier", "tier_of_medium"]
 
 _BITS = 3  # per backend slot: GPU, CPU, STORAGE
-
-
-@dataclass(frozen=True, slots=True)
-class BackendMatch:
-    """One backend's longest held prefix of a request's chain, split by tier."""
-
-    backend_id: BackendId
-    matched_blocks: int
-    gpu_blocks: int
-    cpu_blocks: int = 0
-    storage_blocks: int = 0
-    shared_blocks: int = 0
-    """Blocks only the fleet-shared store holds (loadable by this backend like any other)."""
 
 
 @dataclass(frozen=True, slots=True)

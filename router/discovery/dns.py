@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
 
 import aiohttp
 import dns.asyncresolver
@@ -27,6 +26,7 @@ import dns.exception
 import dns.resolver
 
 from policies.types import EngineKind, Role
+from router.config.discovery import DnsParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -40,39 +40,6 @@ __all__ = ["DnsDiscovery", "DnsParams"]
 log = logging.getLogger("kvrouter.discovery")
 
 _FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6, "any": socket.AF_UNSPEC}
-
-
-@dataclass(frozen=True, slots=True)
-class DnsParams:
-    name: str = ""
-    port: int = 8000
-    srv: bool = False
-    interval_s: float = 10.0
-    timeout_s: float = 5.0
-    address_family: str = "ipv4"
-    nameserver: str = ""
-    role: str = "mixed"
-    engine: str = "vllm"
-    models: tuple[str, ...] = ()
-    ask_event_sources: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("name is required (the headless Service's DNS name)")
-        if not 0 < self.port < 65536:
-            raise ValueError("port must be in 1..65535")
-        if self.interval_s <= 0 or self.timeout_s <= 0:
-            raise ValueError("interval_s and timeout_s must be > 0")
-        if self.address_family not in _FAMILIES:
-            raise ValueError(f"address_family must be one of {', '.join(_FAMILIES)}")
-        if self.role not in {r.value for r in Role}:
-            raise ValueError(f"role must be one of {', '.join(r.value for r in Role)}")
-        if self.engine not in {e.value for e in EngineKind}:
-            raise ValueError(f"engine must be one of {', '.join(e.value for e in EngineKind)}")
-        if self.nameserver:
-            host, _, port = self.nameserver.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError("nameserver must be host:port")
 
 
 class _NoRecords(Exception):

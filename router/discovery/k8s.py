@@ -32,12 +32,13 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
 from policies.types import EngineKind, Role
+from router.config.discovery import KubernetesParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
@@ -54,33 +55,6 @@ __all__ = ["KubernetesDiscovery", "KubernetesParams", "PodError", "backend_from_
 log = logging.getLogger("kvrouter.discovery")
 
 PREFIX = "kvrouter.io/"
-
-
-@dataclass(frozen=True, slots=True)
-class KubernetesParams:
-    namespace: str = ""
-    label_selector: str = ""
-    port: int = 8000
-    role: str = "mixed"
-    engine: str = "vllm"
-    ask_event_sources: bool = False
-    kubeconfig: str = ""
-    context: str = ""
-    watch_timeout_s: float = 300.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError("port must be in 1..65535")
-        if self.role not in {r.value for r in Role}:
-            raise ValueError(f"role must be one of {', '.join(r.value for r in Role)}")
-        if self.engine not in {e.value for e in EngineKind}:
-            raise ValueError(f"engine must be one of {', '.join(e.value for e in EngineKind)}")
-        if self.watch_timeout_s < 1:
-            raise ValueError("watch_timeout_s must be >= 1")
-        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
-            raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
 
 
 class PodError(ValueError):

@@ -19,11 +19,12 @@ Every path ends in the decode backend's response or one OpenAI-shaped error. The
 re-serializes the client's JSON because it adds fields; the local fallback forwards the
 client's bytes unchanged. Transfer parameters are never logged.
 
-The ``disaggregation`` config section is read by ``router.pd.config``. Must not
-import ``router.app`` or ``simulator``; uses the proxy (passed in) for its aiohttp session
-(the prefill legs, which read one JSON answer), its keep-alive client and response relays
-(the decode leg, relayed exactly as the proxy relays a single backend's answer), pool,
-policy and metrics.
+Its settings are ``config.disaggregation.serving`` (``router.config.disaggregation``). What
+this needs from the router comes in one ``PdContext``: the aiohttp session (the prefill legs, which read one
+JSON answer), the keep-alive client and the proxy's relay (the decode leg, relayed exactly as
+a single backend's answer), the pool, the policy's hooks, the router's view -> decide path for
+replacement backends, and metrics. Must not import ``router.proxy`` (which builds this),
+``router.app`` or ``simulator``.
 """
 
 from __future__ import annotations
@@ -31,55 +32,96 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import aiohttp
 from multidict import CIMultiDict
 from prometheus_client import Counter, Histogram
 
 from policies.disaggregation import is_disaggregated
-from policies.types import BackendState, ClusterView, Decision, EngineKind, Role
-from router.attempt import backend_attempt, holding_upstream, routed_header_lines
+from policies.types import (
+    BackendId,
+    BackendState,
+    ClusterView,
+    Decision,
+    EngineKind,
+    Policy,
+    Role,
+    RouteRequest,
+)
+from router.attempt import (
+    RETRY_STATUSES,
+    Retry,
+    backend_attempt,
+    holding_upstream,
+    routed_header_lines,
+)
+from router.config import Config
 from router.errors import (
     NoBackend,
     RouterError,
     UpstreamConnectError,
     UpstreamTimeout,
 )
-from router.http.client import ConnectFailed, HeadTimeout, ResponseBroken, UpstreamResponse
+from router.http.client import (
+    ConnectFailed,
+    HeadTimeout,
+    HttpClient,
+    ResponseBroken,
+    UpstreamResponse,
+)
 from router.http.messages import Request, Response, StreamResponse
 from router.http.upstream import hop_by_hop
+from router.metrics import RouterMetrics
 from router.pd import sglang, vllm
-from router.pd.config import parse_disaggregation
 from router.pd.vllm import PrefillFailed
+from router.pool import Backend, BackendPool
+from router.prompt.analyzer import RequestFields
 
-if TYPE_CHECKING:
-    from policies.types import RouteRequest
-    from router.pool import Backend
-    from router.prompt.analyzer import RequestFields
-    from router.proxy import Proxy
+__all__ = ["Disaggregation", "PdContext", "Relay"]
 
-__all__ = ["Disaggregation"]
+# The proxy's relay of one backend's answer: (response, True) at a clean end, False when the
+# backend broke it, None when the client went away.
+Relay = Callable[
+    [Request, UpstreamResponse, bytes, Backend, RequestFields, Decision],
+    Awaitable[tuple[Response | StreamResponse, bool | None]],
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PdContext:
+    """What serving a split needs from the router, and nothing more."""
+
+    config: Config
+    pool: BackendPool
+    policy: Policy  # its on_dispatched / on_finished hooks
+    metrics: RouterMetrics
+    rng: random.Random
+    # The router's one view -> decide path: candidates of a model (minus the tried ones, in
+    # the given roles), or None when there are none; then the policy's checked decision.
+    view: Callable[[str, float, Sequence[BackendId], frozenset[Role] | None], ClusterView | None]
+    decide: Callable[[RouteRequest, ClusterView], Decision]
+    relay: Relay
+    # Both created at the app's start-up, after this context: read when a request needs them.
+    client: Callable[[], HttpClient]
+    session: Callable[[], aiohttp.ClientSession]
+    finished: Callable[[], None]  # a request left the router (its hold may admit the next)
 
 log = logging.getLogger("kvrouter.disagg")
 
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _PREFILL_ROLES = frozenset({Role.PREFILL})
 _DECODE_ROLES = frozenset({Role.DECODE, Role.MIXED})
 
 
-class _DecodeRetry(Exception):
-    def __init__(self, error: RouterError, reason: str) -> None:
-        self.error = error
-        self.reason = reason
-
-
 class Disaggregation:
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        self.config, _ = parse_disaggregation(proxy.config.extensions.get("disaggregation"))
-        r = proxy.metrics.registry
+    def __init__(self, ctx: PdContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config.disaggregation.serving
+        r = ctx.metrics.registry
         self.decisions = Counter(
             "kvrouter_pd_decisions", "Decisions in disaggregated pools: split or local.",
             ["mode"], registry=r)
@@ -105,34 +147,30 @@ class Disaggregation:
 
     def _next(self, route_request: RouteRequest, model: str, roles: frozenset[Role],
               tried: list[str]) -> Backend | None:
-        proxy = self.proxy
-        now_s = time.monotonic()
-        candidates = proxy.pool.snapshot(model, now_s, exclude=tried, roles=roles)
-        if not candidates:
+        ctx = self.ctx
+        view = ctx.view(model, time.monotonic(), tried, roles)
+        if view is None:
             return None
         # One role only: the decider answers locally, i.e. the inner policy's best backend.
-        decision = proxy.policy.choose(
-            route_request, ClusterView(now_s, candidates, proxy.index))  # type: ignore[arg-type]
-        return proxy.pool.get(decision.backend_id)
+        return ctx.pool.get(ctx.decide(route_request, view).backend_id)
 
     # ---- the legs ---------------------------------------------------------------------------
 
     async def _prefill(self, backend: Backend, fields: RequestFields,
                        route_request: RouteRequest, body: Mapping[str, Any]) -> bytes:
-        proxy = self.proxy
-        assert proxy.session is not None
+        ctx = self.ctx
         tokens = route_request.prompt_tokens
-        proxy.pool.acquire(backend.backend_id, tokens, time.monotonic())
-        in_flight, _, _ = proxy.metrics.for_backend(backend.backend_id)
+        ctx.pool.acquire(backend.backend_id, tokens, time.monotonic())
+        in_flight, _, _ = ctx.metrics.for_backend(backend.backend_id)
         in_flight.inc()
         self.legs.labels("prefill", backend.backend_id).inc()
         started_s = time.monotonic()
         verdict: bool | None = None
         try:
             _, payload = await vllm.post_prefill(
-                proxy.session, backend.backend_id, backend.url + fields.path, body,
+                ctx.session(), backend.backend_id, backend.url + fields.path, body,
                 _forward_headers(fields),
-                self.config.prefill_timeout_s, proxy.config.upstream.connect_timeout_s)
+                self.config.prefill_timeout_s, ctx.config.upstream.connect_timeout_s)
             verdict = True
             self.prefill_duration.observe(time.monotonic() - started_s)
             return payload
@@ -143,24 +181,23 @@ class Disaggregation:
                      backend.backend_id, failed.reason)
             raise
         finally:
-            proxy.pool.release(backend, tokens)
+            ctx.pool.release(backend, tokens)
             in_flight.dec()
             backend.breaker.record(verdict, time.monotonic())
 
     async def _open(self, backend: Backend, fields: RequestFields, data: bytes,
                     gate: asyncio.Task[bytes] | None) -> UpstreamResponse:
-        """Send the decode request (through the proxy's own keep-alive client); with a
+        """Send the decode request (through the router's keep-alive client); with a
         ``gate`` (SGLang's concurrent prefill) the answer is held back until the prefill
         succeeded, and a failed prefill wins the race."""
-        proxy = self.proxy
-        assert proxy.client is not None
+        ctx = self.ctx
         headers = [(k.encode("latin-1"), v.encode("latin-1"))
                    for k, v in _forward_headers(fields).items()]
-        opening = asyncio.ensure_future(proxy.client.request(
+        opening = asyncio.ensure_future(ctx.client().request(
             backend.url, "POST", fields.path.encode("utf-8", "surrogateescape"), headers,
             data))
         try:
-            async with asyncio.timeout(proxy.config.upstream.first_byte_timeout_s):
+            async with asyncio.timeout(ctx.config.upstream.first_byte_timeout_s):
                 if gate is not None:
                     await asyncio.wait({opening, gate}, return_when=asyncio.FIRST_COMPLETED)
                     if gate.done():
@@ -175,11 +212,11 @@ class Disaggregation:
             if not opening.cancelled() and opening.exception() is None:
                 opening.result().close()
             if isinstance(exc, TimeoutError | HeadTimeout):
-                raise _DecodeRetry(UpstreamTimeout(
+                raise Retry(UpstreamTimeout(
                     f"decode backend {backend.backend_id} did not answer in time"),
                     "timeout") from None
             if isinstance(exc, ConnectFailed | ResponseBroken):
-                raise _DecodeRetry(UpstreamConnectError(
+                raise Retry(UpstreamConnectError(
                     f"could not reach decode backend {backend.backend_id}: {exc}"),
                     "connect") from None
             raise
@@ -187,43 +224,43 @@ class Disaggregation:
     async def _decode(self, request: Request, fields: RequestFields, decision: Decision,
                       backend: Backend, data: bytes, prompt_tokens: int, last: bool,
                       gate: asyncio.Task[bytes] | None, mode: str) -> Response | StreamResponse:
-        proxy = self.proxy
+        ctx = self.ctx
         self.legs.labels("decode", backend.backend_id).inc()
         started_s = time.monotonic()
-        with backend_attempt(proxy.pool, proxy.metrics, backend, prompt_tokens,
+        with backend_attempt(ctx.pool, ctx.metrics, backend, prompt_tokens,
                              started_s) as slot:
             try:
                 upstream = await self._open(backend, fields, data, gate)
-            except _DecodeRetry:
+            except Retry:
                 slot.verdict = False
                 raise
             slot.ttfb.observe(time.monotonic() - started_s)
-            with holding_upstream(upstream, proxy.metrics, slot):
+            with holding_upstream(upstream, ctx.metrics, slot):
                 status = upstream.status
                 slot.verdict = status < 500
-                if status in _RETRY_STATUSES and not last:
-                    raise _DecodeRetry(UpstreamConnectError(
+                if status in RETRY_STATUSES and not last:
+                    raise Retry(UpstreamConnectError(
                         f"decode backend {backend.backend_id} answered {status}"),
                         f"status_{status}")
                 headers = routed_header_lines(
                     upstream.raw_headers, fields.request_id, backend.backend_id,
                     decision.predicted_hit_tokens) + b"x-kvrouter-pd: %b\r\n" % mode.encode()
-                response, outcome = await proxy.relay(
+                response, outcome = await ctx.relay(
                     request, upstream, headers, backend, fields, decision)
                 slot.verdict = None if outcome is None else slot.verdict and outcome
-                proxy.metrics.count(backend.backend_id, response.status)
+                ctx.metrics.count(backend.backend_id, response.status)
                 return response
 
     # ---- the flows --------------------------------------------------------------------------
 
     async def serve(self, request: Request, body: bytes, fields: RequestFields,
                     route_request: RouteRequest, decision: Decision) -> Response | StreamResponse:
-        proxy = self.proxy
-        decode = proxy.pool.get(decision.backend_id)
-        prefill = proxy.pool.get(decision.prefill_backend_id or "")
+        ctx = self.ctx
+        decode = ctx.pool.get(decision.backend_id)
+        prefill = ctx.pool.get(decision.prefill_backend_id or "")
         if decode is None:
             raise NoBackend(f"decode backend {decision.backend_id} left the pool")
-        proxy.policy.on_dispatched(route_request, decision, time.monotonic())
+        ctx.policy.on_dispatched(route_request, decision, time.monotonic())
         ok = False
         try:
             # The pool may hold the engine as its config string; compare by value.
@@ -232,8 +269,8 @@ class Disaggregation:
             ok = response.status < 400
             return response
         finally:
-            proxy.policy.on_finished(route_request, decision, time.monotonic(), ok)
-            proxy.hold.release()
+            ctx.policy.on_finished(route_request, decision, time.monotonic(), ok)
+            ctx.finished()
 
     async def _vllm(self, request: Request, body: bytes, fields: RequestFields,
                     route_request: RouteRequest, decision: Decision, prefill: Backend | None,
@@ -279,7 +316,7 @@ class Disaggregation:
         while prefill is not None and decode is not None:
             host, port = sglang.bootstrap_of(prefill.url, cfg.bootstrap_hosts,
                                                 cfg.bootstrap_ports, cfg.bootstrap_port)
-            room = sglang.new_room(self.proxy.rng)
+            room = sglang.new_room(self.ctx.rng)
             paired = sglang.bootstrap_body(fields.body, host, port, room)
             gate = asyncio.create_task(self._prefill(prefill, fields, route_request, paired))
             try:
@@ -296,7 +333,7 @@ class Disaggregation:
                 prefill = self._next(route_request, fields.model, _PREFILL_ROLES, tried_prefill)
                 if prefill is not None:
                     self.fallbacks.labels("retry_prefill").inc()
-            except _DecodeRetry as retry:
+            except Retry as retry:
                 self.failures.labels("decode", retry.reason).inc()
                 log.info("request %s: decode on %s failed: %s", fields.request_id,
                          decode.backend_id, retry.reason)
@@ -352,7 +389,7 @@ class Disaggregation:
             try:
                 return await self._decode(request, fields, decision, decode, data,
                                           prompt_tokens, attempt == attempts - 1, None, mode)
-            except _DecodeRetry as retry:
+            except Retry as retry:
                 self.failures.labels("decode", retry.reason).inc()
                 log.info("request %s: decode on %s failed: %s", fields.request_id,
                          decode.backend_id, retry.reason)

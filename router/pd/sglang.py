@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_BOOTSTRAP_PORT", "bootstrap_body", "bootstrap_of", "new_room"]
+from router.config.disaggregation import DEFAULT_BOOTSTRAP_PORT
 
-DEFAULT_BOOTSTRAP_PORT = 8998
+__all__ = ["DEFAULT_BOOTSTRAP_PORT", "bootstrap_body", "bootstrap_of", "new_room"]
 
 
 def new_room(rng: random.Random) -> int:

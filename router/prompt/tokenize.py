@@ -21,8 +21,12 @@ prompt's shared head, the same prompt again) takes those ids from ``router.promp
 and encodes only the rest: ASCII with the Python word path (2-4x faster than the Rust library
 here), the rest in one ``encode_batch_fast`` call (Rust, no offsets). Tokenizers with other
 pre-tokenizers (SentencePiece's Metaspace, unknown patterns) keep the Rust encoder and
-special-token cuts only (``bench/README.md`` has the cost). Otherwise every prompt is encoded
-whole: parity with the engine beats speed. Calls are synchronous; the analyzer decides where
+special-token cuts only (``bench/README.md`` has the cost). A piece of at least
+``_PIECE_MIN_CHARS`` seen in any earlier prompt, at any position, takes its ids from a piece
+cache (first in, first out, ``piece_cache_tokens`` ids in all): a prompt whose head differs
+(a date, a user id, a new system prompt) but whose body was seen before encodes only its new
+pieces. Exact for the same reason the prefix cache is: the pieces are independent. Otherwise
+every prompt is encoded whole: parity with the engine beats speed. Calls are synchronous; the analyzer decides where
 they run.
 
 Must not import aiohttp, asyncio or anything from ``simulator``.
@@ -48,6 +52,9 @@ from router.prompt.word_encoder import WordEncoder, is_safe_cut, safe_cuts
 __all__ = ["ModelTokenizer", "PromptError", "TokenizedPrompt", "load_tokenizer"]
 
 log = logging.getLogger(__name__)
+
+# Pieces shorter than this are cheaper to encode than to look up and keep.
+_PIECE_MIN_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +98,16 @@ class ModelTokenizer:
     """One model's tokenizer with its prefix cache. Safe to call from several threads."""
 
     def __init__(self, hf_tokenizer: Any, *, cache_tokens: int = 1_000_000,
-                 cut_chars: int = 512, word_encoder: bool = True) -> None:
+                 cut_chars: int = 512, word_encoder: bool = True,
+                 piece_cache_tokens: int = 250_000) -> None:
         self.hf = hf_tokenizer
         self.cache = PrefixCache(cache_tokens)
+        # Piece text -> its ids. A dict's insertion order is the eviction order; single dict
+        # operations are atomic under the GIL, and two threads storing one piece store the same
+        # ids, so no lock.
+        self._pieces: dict[str, list[int]] = {}
+        self._piece_tokens = 0
+        self.piece_cache_tokens = piece_cache_tokens
         self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
         self._whole_lock = threading.Lock()
         specials = [
@@ -188,9 +202,13 @@ class ModelTokenizer:
         with a few non-ASCII characters, on the ASCII stretches between safe cuts around them),
         the rest in one ``encode_batch_fast`` call (Rust, GIL released, no offsets)."""
         words = self.words
+        pieces = self._pieces
         plans: list[list[list[int] | int]] = []  # per text: ids, or an index into ``rust``
         rust: list[str] = []
         for t in texts:
+            if len(t) >= _PIECE_MIN_CHARS and (seen := pieces.get(t)) is not None:
+                plans.append([seen])
+                continue
             ids = words.encode(t) if words is not None else None
             if ids is not None:
                 plans.append([ids])
@@ -212,9 +230,25 @@ class ModelTokenizer:
             plans.append(plan)
         encoded = ([e.ids for e in self._fast.encode_batch_fast(rust, add_special_tokens=False)]
                    if rust else [])
-        for plan in plans:
+        for t, plan in zip(texts, plans, strict=True):
             parts = [encoded[p] if isinstance(p, int) else p for p in plan]
-            yield parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
+            ids = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
+            if len(t) >= _PIECE_MIN_CHARS and t not in pieces:
+                self._keep_piece(t, ids)
+            yield ids
+
+    def _keep_piece(self, text: str, ids: list[int]) -> None:
+        if len(ids) > self.piece_cache_tokens:
+            return
+        pieces = self._pieces
+        self._piece_tokens += len(ids)
+        pieces[text] = ids
+        while self._piece_tokens > self.piece_cache_tokens and pieces:
+            try:
+                oldest = next(iter(pieces))
+                self._piece_tokens -= len(pieces.pop(oldest))
+            except (StopIteration, KeyError, RuntimeError):  # another thread evicted it first
+                break
 
     # ---- segments ---------------------------------------------------------------------------
 
@@ -292,6 +326,8 @@ class ModelTokenizer:
                         return False
         # The checks went through the cache; start serving with an empty one.
         self.cache = PrefixCache(self.cache.max_tokens)
+        self._pieces = {}
+        self._piece_tokens = 0
         return True
 
 

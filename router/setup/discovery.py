@@ -1,9 +1,5 @@
-"""The ``discovery`` config section and the app's discovery task that drives the pool.
-
-    discovery:
-      mode: kubernetes          # static (only the `backends` list) | dns | kubernetes
-      kubernetes: {namespace: serving, label_selector: "app=vllm", port: 8000}
-      dns: {name: vllm-headless.serving.svc.cluster.local, port: 8000}
+"""The app's discovery task that drives the pool, from the parsed ``discovery`` section
+(``router.config.discovery.DiscoveryConfig``: static, dns or kubernetes).
 
 ``backends`` from the config stay in every mode; discovery adds and removes the rest. A
 backend that leaves is drained: ``BackendPool.remove`` takes it out of every later snapshot
@@ -18,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +21,16 @@ import zmq
 
 from policies.kv.index import PrefixIndex
 from policies.types import BackendId, EngineKind, Role
-from router.config import Config, ConfigError, parse_section
+from router.config import Config, ConfigError
+from router.config.discovery import DiscoveryMode, KubernetesParams
 from router.discovery.backend_set import (
     BackendSet,
     DiscoveredBackend,
     DiscoveryMetrics,
     EventSource,
 )
-from router.discovery.dns import DnsDiscovery, DnsParams
-from router.discovery.k8s import KubernetesDiscovery, KubernetesParams
+from router.discovery.dns import DnsDiscovery
+from router.discovery.k8s import KubernetesDiscovery
 from router.discovery.kube_client import (
     KubeConfig,
     KubeConfigError,
@@ -46,51 +42,14 @@ from router.kv.sources import KvEventSource
 from router.pool import BackendPool
 
 __all__ = [
-    "DiscoverySection",
     "EventSourcesHook",
     "PoolSink",
     "discovery_background",
     "ingestion_hook",
     "kv_event_source",
-    "parse_discovery",
 ]
 
 log = logging.getLogger("kvrouter.discovery")
-
-MODES = ("static", "dns", "kubernetes")
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoverySection:
-    mode: str = "static"
-    dns: dict[str, object] | None = None
-    kubernetes: dict[str, object] | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedDiscovery:
-    mode: str
-    dns: DnsParams | None = None
-    kubernetes: KubernetesParams | None = None
-    seed: int | None = None
-    extra: Mapping[str, object] = field(default_factory=dict)
-
-
-def parse_discovery(raw: object) -> ParsedDiscovery:
-    section = parse_section(DiscoverySection, raw, "discovery")
-    if section.mode not in MODES:
-        raise ConfigError("discovery.mode", f"expected one of {', '.join(MODES)}")
-    if section.mode == "dns":
-        if section.dns is None:
-            raise ConfigError("discovery.dns", "required when mode is dns")
-        return ParsedDiscovery("dns", dns=parse_section(DnsParams, section.dns, "discovery.dns"),
-                               seed=section.seed)
-    if section.mode == "kubernetes":
-        params = parse_section(KubernetesParams, section.kubernetes or {}, "discovery.kubernetes")
-        return ParsedDiscovery("kubernetes", kubernetes=params, seed=section.seed)
-    return ParsedDiscovery("static")
-
 
 EventSourcesHook = Callable[[BackendId, tuple[EventSource, ...]], None]
 """Told a discovered backend's KV-event sources (one per data-parallel rank) whenever they
@@ -213,8 +172,8 @@ def discovery_background(
     Credentials are read here, at start-up, so a missing service account or a bad kubeconfig
     is a one-line config error rather than a retry loop.
     """
-    parsed = parse_discovery(config.extensions.get("discovery"))
-    if parsed.mode == "static":
+    parsed = config.discovery
+    if parsed.mode is DiscoveryMode.STATIC:
         return []
     kube = _kube_config(parsed.kubernetes, environ) if parsed.kubernetes is not None else None
 

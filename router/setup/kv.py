@@ -1,5 +1,6 @@
-"""Wiring the KV plumbing into the app: the ``kv_events`` config section, tokenizers per model,
-the prefix index, the tokenizing analyzer, token parity and one background task.
+"""Wiring the KV plumbing into the app: tokenizers per model, the prefix index, the tokenizing
+analyzer, token parity and one background task, from the parsed ``kv_events`` section
+(``router.config.kv_events.KvEventsConfig``, fields documented there) and ``models``.
 
     kv_events:
       bind: tcp://10.0.0.2:5557       # the router binds here (its pod IP) for engines that
@@ -25,65 +26,46 @@ import asyncio
 import logging
 import random
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from policies.base import PolicyBase
 from policies.kv.events import KvEvent
 from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import BackendId, BlockHash, Policy
-from router.config import Config, ConfigError, parse_section
+from router.config import Config, ConfigError
+from router.config.disaggregation import wrap_policy
+from router.config.kv_events import KvEventsConfig
 from router.kv.auth import EventSocketGate
 from router.kv.events import KvEventIngestor
 from router.kv.metrics import KvMetrics
 from router.kv.parity import ParityPolicy, TokenParity
 from router.kv.sources import KvEventSource, parse_event_sources
-from router.pd.config import wrap_policy
 from router.pool import BackendPool
 from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer
 from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 from router.scrape import EngineScraper
 
-__all__ = ["KvEventsSection", "KvPlumbing", "build_kv", "tokenizer_coverage", "wants_kv"]
+__all__ = ["KvPlumbing", "build_kv", "tokenizer_coverage", "wants_kv"]
 
 log = logging.getLogger("kvrouter.kv")
 
 
-@dataclass(frozen=True, slots=True)
-class KvEventsSection:
-    enabled: bool = True
-    bind: str | None = None
-    authenticate: bool = True
-    allow_from: tuple[str, ...] = ()
-    sources: tuple[dict[str, object], ...] = ()
-    discover: bool = True
-    discover_interval_s: float = 5.0
-    replay: bool = True
-    replay_timeout_s: float = 5.0
-    max_gap_replays: int = 3
-    replay_backoff_s: float = 0.5
-    index_max_entries: int = 2_000_000
-    scrape: bool = True
-    scrape_interval_s: float = 2.0
-    scrape_timeout_s: float = 2.0
-    tokenizer_threads: int = 2
-    tokenizer_cache_tokens: int = 1_000_000
-    parity_ttl_s: float = 30.0
-    chars_per_token: float = 4.0
-
-
 def wants_kv(config: Config, tokenizer_dirs: Mapping[str, str]) -> bool:
-    """Build the plumbing only when something uses it (baseline routers stay lean)."""
+    """Build the plumbing only when something uses it (baseline routers stay lean): a policy
+    that reads the prefix index (it says so in ``uses_kv_index``), a ``kv_events`` section or
+    a tokenizer."""
+    policy = build_policy(config.policy.name, config.policy.params, random.Random(0))
     return bool(
-        config.policy.name == "kv_aware" or tokenizer_dirs or "kv_events" in config.extensions
-        or any(m.tokenizer for m in config.models.values())
+        (isinstance(policy, PolicyBase) and policy.uses_kv_index) or tokenizer_dirs
+        or config.kv_events is not None or any(m.tokenizer for m in config.models.values())
     )
 
 
 class KvPlumbing:
-    def __init__(self, config: Config, section: KvEventsSection,
+    def __init__(self, config: Config, section: KvEventsConfig,
                  tokenizers: dict[str, ModelTokenizer]) -> None:
         self.config = config
         self.section = section
@@ -103,7 +85,7 @@ class KvPlumbing:
 
     def policy(self, rng: random.Random) -> Policy:
         inner = wrap_policy(build_policy(self.config.policy.name, self.config.policy.params, rng),
-                            self.config, rng)
+                            self.config.disaggregation, rng)
         return ParityPolicy(inner, self.parity)
 
     # ---- what the analyzer asks -------------------------------------------------------------
@@ -116,8 +98,9 @@ class KvPlumbing:
             parent = entry.get("parent") if entry else None
             if isinstance(parent, str) and parent and parent != model:
                 base, lora = parent, model
-            if backend.block_size and backend.serves(model):
-                sizes.add(backend.block_size)
+            block_size = backend.signals.block_size
+            if block_size and backend.serves(model):
+                sizes.add(block_size)
         configured = self.config.models.get(model) or self.config.models.get(base)
         block_size = configured.block_size if configured is not None else 16
         if len(sizes) == 1:
@@ -263,15 +246,10 @@ class KvPlumbing:
 
     def _configured_sources(self) -> dict[BackendId, list[KvEventSource]]:
         out: dict[BackendId, list[KvEventSource]] = {}
-        for i, raw in enumerate(self.section.sources):
-            path = f"kv_events.sources[{i}]"
-            backend, endpoint = raw.get("backend"), raw.get("endpoint")
-            if not isinstance(backend, str) or not isinstance(endpoint, str):
-                raise ConfigError(path, "needs string `backend` and `endpoint`")
-            replay, topic = raw.get("replay_endpoint"), raw.get("topic", "")
-            source = KvEventSource.for_backend(
-                backend.rstrip("/"), endpoint, replay if isinstance(replay, str) else None,
-                str(topic), self.section.bind)
+        for entry in self.section.sources:
+            source = KvEventSource.for_backend(entry.backend, entry.endpoint,
+                                               entry.replay_endpoint, entry.topic,
+                                               self.section.bind)
             out.setdefault(source.backend_id, []).append(source)
         for backend_config in self.config.backends:
             url = backend_config.url.rstrip("/")
@@ -328,11 +306,8 @@ def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
 
 
 def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) -> KvPlumbing:
-    """Parse the section and load tokenizers now, so a bad path is a start-up config error."""
-    section = parse_section(KvEventsSection, config.extensions.get("kv_events"), "kv_events")
-    for name in ("max_gap_replays", "replay_backoff_s"):
-        if getattr(section, name) < 0:
-            raise ConfigError(f"kv_events.{name}", "must be >= 0")
+    """Load tokenizers now, so a bad path is a start-up config error."""
+    section = config.kv_events or KvEventsConfig()
     dirs = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
     dirs.update(tokenizer_dirs or {})
     tokenizers = {}

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         for name in policies
     ]
     if args.prefill_backends is not None:
-        from simulator.disagg import disagg_specs
+        from simulator.sweep import disagg_specs
 
         try:
             specs = disagg_specs(specs, args.prefill_backends, args.config)

@@ -134,19 +134,19 @@ class KvEventPublisher:
         self.published_batches = 0
 
     async def start(self) -> None:
-        pub = self._ctx.socket(zmq.PUB)
+        # Each socket is kept before it binds, so that close() also closes one whose bind
+        # failed (a port still held by a previous publisher) instead of leaking it.
+        pub = self._pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 100_000)
         if engine_binds(self.endpoint):
             self.endpoint = _bind(pub, self.endpoint)
         else:
             pub.connect(self.endpoint)
-        self._pub = pub
         if self.replay_endpoint:
-            replay = self._ctx.socket(zmq.ROUTER)
+            replay = self._replay = self._ctx.socket(zmq.ROUTER)
             replay.setsockopt(zmq.LINGER, 0)
             self.replay_endpoint = _bind(replay, self.replay_endpoint)
-            self._replay = replay
             self._replay_task = asyncio.create_task(self._serve_replay())
 
     def source_info(self) -> dict[str, object]:

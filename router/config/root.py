@@ -1,15 +1,10 @@
-"""The router's configuration: one YAML shape, validated into frozen dataclasses at start-up.
+"""``Config`` and the loader: the core sections (``server``, ``upstream``, ``backends``,
+``health``, ``retries``, ``policy``, ``models``) and one field per room's section, each parsed
+ONCE by ``parse_config`` (the room's docstring, ``router/config/__init__.py``, says how to add a
+section). Environment overrides (``KVROUTER_PORT``, ``KVROUTER_LOG_LEVEL``) are applied in
+``apply_env`` and nowhere else.
 
-Sections (see ``config.example.yaml``, documented line by line): ``server``, ``upstream``,
-``backends``, ``health``, ``retries``, ``policy`` and ``models``. Each section is its own
-dataclass with defaults in one place, parsed by ``policies.params.parse_params`` so every
-error is ONE line naming the key path (``backends[1].url: expected a string``).
-
-Sections later issues own (``kv_events``, ``discovery``, ``disaggregation``) are accepted and
-kept unparsed in ``Config.extensions[name]``; their owners parse them in their own modules with
-``parse_section(TheirDataclass, config.extensions.get(name), name)``. Any other top-level key is
-an error. Environment overrides (``KVROUTER_PORT``, ``KVROUTER_LOG_LEVEL``) are applied in
-``apply_env`` and nowhere else. Must not import other ``router`` modules.
+Imports only ``policies`` and its sibling section modules (``router.config.*``).
 """
 
 from __future__ import annotations
@@ -18,21 +13,26 @@ import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 
 from policies.params import ParamError, parse_params
 from policies.registry import build_policy
 from policies.types import EngineKind, Role
+from router.config.disaggregation import DisaggregationConfig, parse_disaggregation
+from router.config.discovery import DiscoveryConfig, parse_discovery
+from router.config.kv_events import KvEventsConfig, parse_kv_events
 
 __all__ = [
-    "EXTENSION_SECTIONS",
     "BackendConfig",
     "Config",
     "ConfigError",
+    "EventLoop",
     "HealthConfig",
+    "LogLevel",
     "ModelConfig",
     "PolicyConfig",
     "RetryConfig",
@@ -47,24 +47,39 @@ __all__ = [
 ConfigError = ParamError
 """Raised for any invalid config; ``str(error)`` is the one line to print."""
 
-EXTENSION_SECTIONS = ("kv_events", "discovery", "disaggregation")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 T = TypeVar("T")
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class EventLoop(StrEnum):
+    AUTO = "auto"
+    ASYNCIO = "asyncio"
+    UVLOOP = "uvloop"
+
+
+LOG_LEVELS = tuple(level.value for level in LogLevel)
+EVENT_LOOPS = tuple(loop.value for loop in EventLoop)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
     max_body_bytes: int = 32 * 1024 * 1024
     body_timeout_s: float = 60.0
     max_buffered_body_bytes: int = 256 * 1024 * 1024
     session_header: str = "x-session-id"
     admin_token: str | None = None
     engine_signals_max_age_s: float = 15.0
-    event_loop: str = "auto"
+    event_loop: EventLoop = EventLoop.AUTO
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +93,8 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str
-    role: str = "mixed"
-    engine: str = "vllm"
+    role: Role = Role.MIXED
+    engine: EngineKind = EngineKind.VLLM
     models: tuple[str, ...] = ()
     kv_events_endpoint: str | None = None
 
@@ -128,7 +143,9 @@ class Config:
     retries: RetryConfig = RetryConfig()
     policy: PolicyConfig = PolicyConfig()
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
-    extensions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    kv_events: KvEventsConfig | None = None  # None: the section is absent (KV plumbing off)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
 
 
 def parse_section(cls: type[T], raw: object, path: str) -> T:
@@ -172,10 +189,6 @@ def _parse_backend(raw: object, path: str) -> BackendConfig:
         f"{backend.url!r} includes /v1: give the server's root (e.g. "
         f"{url[: url.rfind('/v1')] or url}), the router adds /v1/... itself",
     )
-    roles = [r.value for r in Role]
-    _require(backend.role in roles, f"{path}.role", f"expected one of {', '.join(roles)}")
-    engines = [e.value for e in EngineKind]
-    _require(backend.engine in engines, f"{path}.engine", f"expected one of {', '.join(engines)}")
     return dataclasses.replace(backend, url=url)
 
 
@@ -198,25 +211,17 @@ def parse_config(raw: object) -> Config:
         raw = {}
     _require(isinstance(raw, Mapping), "<root>", "expected a mapping of sections")
     assert isinstance(raw, Mapping)
-    known = {"server", "upstream", "backends", "health", "retries", "policy", "models"}
+    known = {f.name for f in dataclasses.fields(Config)}
     for key in raw:
-        _require(
-            key in known or key in EXTENSION_SECTIONS,
-            str(key),
-            f"unknown section (known: {', '.join(sorted(known | set(EXTENSION_SECTIONS)))})",
-        )
-    server = parse_section(ServerConfig, raw.get("server"), "server")
+        _require(key in known, str(key), f"unknown section (known: {', '.join(sorted(known))})")
+    server = parse_section(ServerConfig, _lower_log_level(raw.get("server")), "server")
     _require(0 <= server.port <= 65535, "server.port", "expected 0..65535")
-    _require(server.log_level.lower() in LOG_LEVELS, "server.log_level",
-             f"expected one of {', '.join(LOG_LEVELS)}")
     _check_positive(server, "server", ("max_body_bytes", "engine_signals_max_age_s",
                                        "body_timeout_s", "max_buffered_body_bytes"), False)
     _require(server.max_buffered_body_bytes >= server.max_body_bytes,
              "server.max_buffered_body_bytes",
              f"must be >= server.max_body_bytes ({server.max_body_bytes})")
     _require(bool(server.session_header), "server.session_header", "must not be empty")
-    _require(server.event_loop in EVENT_LOOPS, "server.event_loop",
-             f"expected one of {', '.join(EVENT_LOOPS)}")
     upstream = parse_section(UpstreamConfig, raw.get("upstream"), "upstream")
     _check_positive(upstream, "upstream",
                     ("connect_timeout_s", "first_byte_timeout_s", "read_idle_timeout_s"), False)
@@ -241,21 +246,25 @@ def parse_config(raw: object) -> Config:
     # Building the policy once here turns a bad name or parameter into a start-up error that
     # names its key path, instead of a failure on the first request.
     build_policy(policy.name, policy.params, random.Random(0))
-    extensions = {}
-    for name in EXTENSION_SECTIONS:
-        if raw.get(name) is not None:
-            _require(isinstance(raw[name], Mapping), name, "expected a mapping")
-            extensions[name] = dict(raw[name])
     return Config(
-        server=dataclasses.replace(server, log_level=server.log_level.lower()),
+        server=server,
         upstream=upstream,
         backends=backends,
         health=health,
         retries=retries,
         policy=policy,
         models=_parse_models(raw.get("models")),
-        extensions=extensions,
+        kv_events=parse_kv_events(raw.get("kv_events")),
+        discovery=parse_discovery(raw.get("discovery")),
+        disaggregation=parse_disaggregation(raw.get("disaggregation")),
     )
+
+
+def _lower_log_level(raw: object) -> object:
+    # Log levels are accepted in any case (INFO, Info), as the logging module does.
+    if isinstance(raw, Mapping) and isinstance(raw.get("log_level"), str):
+        return {**raw, "log_level": raw["log_level"].lower()}
+    return raw
 
 
 def load_config(path: str | Path) -> Config:
@@ -284,5 +293,5 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
     if "KVROUTER_LOG_LEVEL" in environ:
         level = environ["KVROUTER_LOG_LEVEL"].lower()
         _require(level in LOG_LEVELS, "KVROUTER_LOG_LEVEL", f"expected one of {', '.join(LOG_LEVELS)}")
-        server = dataclasses.replace(server, log_level=level)
+        server = dataclasses.replace(server, log_level=LogLevel(level))
     return dataclasses.replace(config, server=server)

@@ -41,6 +41,8 @@ test: tools vllm lint typecheck unit
 
 demo: $(STAMP)
 	$(BIN)/kvrouter demo
+	$(BIN)/kvrouter demo --policies round_robin,kv_aware --kv-blocks 2500 \
+		--cpu-offload-tokens 100000 --shared-store-tokens 400000 --out out/demo-tiers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,11 @@ system prompts, multi-turn chats, agent loops) open-loop through the router with
 each pod's own ``/metrics``, and stop both processes. Prints one table (requests, the pods'
 prefix-cache hit rate, TTFT p50/p99, per-pod load) and writes an HTML report.
 
+Tiers (issue 18): ``--cpu-offload-tokens N`` gives every pod vLLM's native CPU offloading and
+``--shared-store-tokens N`` one KV store shared by the pods in a private ``redis-server``; the
+table then adds the share of prompt tokens the pods loaded from each tier (their
+``emulator:tier_hit_tokens`` counters). ``make demo`` runs one such scenario after the plain one.
+
 Why processes and not one event loop: the emulator, the router and the client then use both
 cores, as they would in production, and the router is started exactly as operators start it.
 """
@@ -46,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-blocks", type=int, default=4000,
                         help="KV blocks of 16 tokens per pod; small so that caches evict "
                              "(default %(default)s)")
+    parser.add_argument("--cpu-offload-tokens", type=int, default=0,
+                        help="per pod: vLLM native CPU offloading of this many tokens "
+                             "(default 0 = off)")
+    parser.add_argument("--shared-store-tokens", type=int, default=0,
+                        help="one KV store of this many tokens shared by the pods, in a private "
+                             "redis-server (default 0 = off)")
     parser.add_argument("--seed", type=int, default=7, help="workload seed (default %(default)s)")
     parser.add_argument("--out", default="out/demo",
                         help="directory for results.json and report.html (default %(default)s)")
@@ -121,7 +132,8 @@ def _pod_metrics(urls: list[str]) -> list[dict[str, float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {"vllm:prefix_cache_queries": "queries", "vllm:prefix_cache_hits": "hits",
-              "vllm:prompt_tokens": "prompt_tokens", "vllm:e2e_request_latency_seconds": "e2e"}
+              "vllm:prompt_tokens": "prompt_tokens", "vllm:e2e_request_latency_seconds": "e2e",
+              "emulator:tier_hit_tokens": "tier"}
     out = []
     for url in urls:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
@@ -132,6 +144,9 @@ def _pod_metrics(urls: list[str]) -> list[dict[str, float]]:
             for sample in family.samples:
                 if key == "e2e" and sample.name.endswith("_count"):
                     values["requests"] = values.get("requests", 0.0) + sample.value
+                elif key == "tier" and sample.name.endswith("_total"):
+                    name = f"{sample.labels.get('tier', '')}_hits"
+                    values[name] = values.get(name, 0.0) + sample.value
                 elif key and key != "e2e" and sample.name.endswith("_total"):
                     values[key] = values.get(key, 0.0) + sample.value
         out.append(values)
@@ -154,7 +169,9 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     pods = subprocess.Popen(
         [*exe, "emulate", "--count", str(args.pods), "--port", str(pod_port), "--model", MODEL,
          "--block-size", "16", "--num-gpu-blocks", str(args.kv_blocks),
-         "--max-model-len", str(MAX_MODEL_LEN), "--time-scale", str(args.speedup)],
+         "--max-model-len", str(MAX_MODEL_LEN), "--time-scale", str(args.speedup),
+         "--cpu-offload-tokens", str(args.cpu_offload_tokens),
+         "--shared-store-tokens", str(args.shared_store_tokens)],
         stdout=logs, stderr=subprocess.STDOUT)
     router = None
     try:
@@ -209,6 +226,10 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     summary["policy"] = policy
     summary["backends"] = args.pods
     summary["pod_hit_rate"] = hits / queries if queries else 0.0
+    for tier, on in (("cpu", args.cpu_offload_tokens), ("shared", args.shared_store_tokens)):
+        if on:  # loaded instead of recomputed, as a share of the prompt tokens the pods saw
+            loaded = sum(p.get(f"{tier}_hits", 0.0) for p in pods_seen)
+            summary[f"{tier}_hit_rate"] = loaded / queries if queries else 0.0
     summary["pod_requests"] = [int(p.get("requests", 0)) for p in pods_seen]
     summary["pod_prompt_tokens"] = [int(p.get("prompt_tokens", 0)) for p in pods_seen]
     return summary
@@ -217,13 +238,16 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
 def _table(results: list[dict[str, Any]]) -> str:
     head = (f"{'policy':<18} {'requests':>8} {'failed':>6} {'pod hit rate':>12} "
             f"{'oracle':>7} {'TTFT p50':>9} {'TTFT p99':>9}  requests per pod")
+    tiers = [t for t in ("cpu", "shared") if any(f"{t}_hit_rate" in r for r in results)]
+    head += "".join(f"  {t + ' loaded':>13}" for t in tiers)
     lines = [head, "-" * len(head)]
     for r in results:
         oracle = r.get("oracle_hit_rate")
         lines.append(
             f"{r['policy']:<18} {r['requests']:>8} {r['failed']:>6} {r['pod_hit_rate']:>12.1%} "
             f"{(oracle or 0.0):>7.1%} {r['ttft_p50_s'] * 1000:>7.0f}ms "
-            f"{r['ttft_p99_s'] * 1000:>7.0f}ms  {'/'.join(map(str, r['pod_requests']))}")
+            f"{r['ttft_p99_s'] * 1000:>7.0f}ms  {'/'.join(map(str, r['pod_requests']))}"
+            + "".join(f"  {r.get(f'{t}_hit_rate', 0.0):>13.1%}" for t in tiers))
     return "\n".join(lines)
 
 
@@ -235,6 +259,18 @@ def run(args: argparse.Namespace) -> int:
         print("kvrouter demo: need at least one policy, one pod, one request and a rate > 0",
               file=sys.stderr)
         return 2
+    if args.cpu_offload_tokens < 0 or args.shared_store_tokens < 0:
+        print("kvrouter demo: --cpu-offload-tokens and --shared-store-tokens must be >= 0",
+              file=sys.stderr)
+        return 2
+    if args.shared_store_tokens:
+        import shutil
+
+        if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
+            # `make demo` must run on a machine without it: say so and go on without the store.
+            print("kvrouter demo: no redis-server or valkey-server on PATH (apt-get install "
+                  "redis-server): running without the shared store", file=sys.stderr)
+            args.shared_store_tokens = 0
     workload = _workload(args)
     span_s = workload[-1].arrival_s if workload else 0.0
     print(f"kvrouter demo: {len(workload)} requests over {span_s:.0f} s (tenants' system prompts, "
@@ -254,8 +290,13 @@ def run(args: argparse.Namespace) -> int:
     print(_table(results))
     print("\nhit rate = prefix-cache hits / queries summed from the pods' own "
           "vllm:prefix_cache_* counters; oracle = one pooled cache of the same total size")
+    if args.cpu_offload_tokens or args.shared_store_tokens:
+        print("loaded = prompt tokens the pods loaded from their CPU tier / the shared store "
+              "instead of recomputing, per prompt token (emulator:tier_hit_tokens)")
     report = write_report(Path(args.out), results, "kvrouter demo: policies on emulated vLLM pods",
                           meta={"pods": args.pods, "requests": args.requests, "rate": args.rate,
-                                "kv_blocks_per_pod": args.kv_blocks, "seed": args.seed})
+                                "kv_blocks_per_pod": args.kv_blocks, "seed": args.seed,
+                                "cpu_offload_tokens": args.cpu_offload_tokens,
+                                "shared_store_tokens": args.shared_store_tokens})
     print(f"report: {report.resolve()}")
     return 0

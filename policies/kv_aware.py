@@ -2,9 +2,12 @@
 
 Algorithm, per request, for each candidate backend ``b`` (score in seconds):
 
-    hit_tokens_b  = gpu_tokens + cpu_hit_ratio * cpu_tokens + storage_hit_ratio * storage_tokens
+    hit_tokens_b  = gpu_tokens + r_cpu * cpu_tokens + r_store * (storage_tokens + shared_tokens)
                     (the request's longest chain prefix ``b`` holds, from the prefix index, at
-                    most prompt - 1 tokens since the last token is always computed)
+                    most prompt - 1 tokens since the last token is always computed; shared
+                    tokens are in the fleet-shared store, held by every backend alike); each
+                    lower tier's ratio is what loading it saves against recomputing it
+                    (``tier_pricing``, below)
     prefill_s_b   = cost.seconds(new = prompt - hit_tokens_b, cached = hit_tokens_b)
     queued_s_b    = predicted prefill time of the work ahead: the larger of (a) the prefill
                     seconds this policy sent to ``b`` whose predicted first token (dispatch time
@@ -95,6 +98,22 @@ On the synthetic multi-tenant workload at 6 engines (30 req/s against capacity f
 raised hits from 79.0 to 83.3% and cut prefill GPU-seconds by 9%; short of saturation it
 never holds.
 
+Tiers (``tier_pricing``, issue 18). A block below HBM is loaded, not recomputed: vLLM's
+offloading connector copies it host-to-device (CPU tier), LMCache/Mooncake read it over the
+network (shared store, a backend's storage tier). Loading T tokens takes
+``load_s = T * kv_bytes_per_token / bandwidth`` (pinned H2D ``cpu_load_bytes_per_s``, 55.2 GB/s
+measured on the H200; the store's ``shared_load_bytes_per_s``, 12.5 GB/s assumed: one 100 Gb/s
+NIC) while recomputing them costs ``recompute_s = seconds(uncached after GPU hits) -
+seconds(uncached after GPU + tier hits)`` from the same cost model. A tier's tokens count as
+hits at ``r = max(0, 1 - load_s / recompute_s)``, so the score's prefill term is about
+``seconds(cold part) + load_s``: 8k CPU tokens of the 8B model load in 19 ms against ~0.25 s
+of prefill (r ~0.93), over the network in 86 ms (r ~0.68); for a short prefix the prefill is
+cheap and the load's share grows. Tiers are priced in order GPU, CPU, store. ``load_time``
+(default) does this; ``fixed_ratio`` uses ``cpu_hit_ratio`` and ``storage_hit_ratio`` (shared
+as storage) as constants (the policy before issue 18); ``gpu_only`` is tier-blind: only GPU
+blocks count (a router that ignores ``medium``, kept for comparisons). Without tiers in the
+index all three give the same scores.
+
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
 The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
@@ -157,6 +176,8 @@ from policies.types import (
 
 __all__ = ["KvAware", "KvAwareParams", "create"]
 
+_TIER_PRICING = ("load_time", "fixed_ratio", "gpu_only")
+
 
 @dataclass(frozen=True, slots=True)
 class _FleetContext:
@@ -181,8 +202,12 @@ class KvAwareParams:
     step_floor_s: float = 0.004  # fixed cost of one engine step
     decode_s_per_context_token: float = 0.4e-6  # per step, per context token of running requests
     max_batched_tokens: int = 8192  # prefill chunk per step (vLLM max_num_batched_tokens)
-    cpu_hit_ratio: float = 0.8  # share of a block's prefill saved when loaded from CPU offload
-    storage_hit_ratio: float = 0.3  # ... from the storage tier (disk, remote)
+    cpu_hit_ratio: float = 0.8  # fixed_ratio only: share of a block's prefill saved from CPU
+    storage_hit_ratio: float = 0.3  # fixed_ratio only: ... from storage or the shared store
+    tier_pricing: str = "load_time"  # load_time | fixed_ratio | gpu_only (tier-blind)
+    kv_bytes_per_token: int = 131072  # KV of one token, all layers (Llama-3.1-8B bf16)
+    cpu_load_bytes_per_s: float = 55.2e9  # pinned host-to-device copy (H200, measured)
+    shared_load_bytes_per_s: float = 12.5e9  # shared store / storage read (100 Gb/s NIC, assumed)
     prefill_memory_requests: int = 16  # moving-average window of prefill seconds per request
     default_prompt_tokens: int = 1024  # cold size of an engine-waiting request without history
     kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
@@ -216,6 +241,11 @@ class KvAwareParams:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
+        if self.tier_pricing not in _TIER_PRICING:
+            raise ValueError(f"tier_pricing must be one of {', '.join(_TIER_PRICING)}")
+        if (self.kv_bytes_per_token < 0 or self.cpu_load_bytes_per_s <= 0
+                or self.shared_load_bytes_per_s <= 0):
+            raise ValueError("kv_bytes_per_token must be >= 0 and the load bandwidths > 0")
         if not 0.0 <= self.kv_knee_ratio < 1.0:
             raise ValueError("kv_knee_ratio must be within [0, 1)")
         if self.temperature_s <= 0 or self.temperature_ratio < 0:
@@ -280,6 +310,10 @@ class KvAware(PolicyBase):
         precise = exact and view.index is not None and any(b.kv_events for b in candidates)
         found: Mapping[BackendId, BackendMatch] = (
             view.index.match(hashes, view.now_s) if precise and view.index else {})
+        if precise and view.index is not None and (shared := view.index.shared_prefix(hashes)):
+            # The fleet-shared tier is every backend's, heard from or not.
+            found = {b.backend_id: BackendMatch(b.backend_id, shared, 0, shared_blocks=shared)
+                     for b in candidates if b.kv_events} | dict(found)
         if precise and self.params.recent_ttl_s:
             found = self._with_recent(hashes, view.now_s, found)
         if precise and all(b.kv_events for b in candidates):
@@ -319,16 +353,19 @@ class KvAware(PolicyBase):
         bs = request.block_size
         prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
         cap = max(prompt - 1, 0) // bs * bs  # engines always compute the last token
-        gpu = cpu = storage = 0
+        gpu = cpu = storage = shared = 0
         if match is not None:
-            gpu, cpu, storage = match.gpu_blocks * bs, match.cpu_blocks * bs, match.storage_blocks * bs
+            gpu, cpu = match.gpu_blocks * bs, match.cpu_blocks * bs
+            shared = match.shared_blocks * bs
+            storage = match.storage_blocks * bs + shared
             # Past the cap, give up the slowest tiers first (they save the least).
             over = max(gpu + cpu + storage - cap, 0)
             cut = min(storage, over)
             storage, over = storage - cut, over - cut
             cut = min(cpu, over)
             cpu, gpu = cpu - cut, gpu - (over - cut)
-        hit = gpu + p.cpu_hit_ratio * cpu + p.storage_hit_ratio * storage
+        hit = self._hit_tokens(prompt, gpu, cpu, storage) if cpu or storage else float(gpu)
+        shared = min(shared, storage)  # past the cap the store's blocks go first
         prefill_s = self._cost.seconds(prompt - hit, hit)
         held = gpu + cpu + storage
         placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit, prefill_s)
@@ -403,7 +440,8 @@ class KvAware(PolicyBase):
                 "hit_tokens": hit,
                 "gpu_tokens": float(gpu),
                 "cpu_tokens": float(cpu),
-                "storage_tokens": float(storage),
+                "storage_tokens": float(storage - shared),
+                "shared_tokens": float(shared),
                 "step_s": step_s,
                 "decode_s": decode_s,
                 "externality_s": externality_s,
@@ -422,6 +460,25 @@ class KvAware(PolicyBase):
                 capacity_blocks=backend.total_kv_blocks or p.approx_capacity_blocks,
             ),
         )
+
+    def _hit_tokens(self, prompt: int, gpu: int, cpu: int, storage: int) -> float:
+        """GPU hits plus each lower tier's tokens at what loading them saves (``tier_pricing``)."""
+        p = self.params
+        if p.tier_pricing == "gpu_only":
+            return float(gpu)
+        if p.tier_pricing == "fixed_ratio":
+            return gpu + p.cpu_hit_ratio * cpu + p.storage_hit_ratio * storage
+        hit = float(gpu)
+        for tokens, bytes_per_s in ((cpu, p.cpu_load_bytes_per_s),
+                                    (storage, p.shared_load_bytes_per_s)):
+            if not tokens:
+                continue
+            recompute_s = (self._cost.seconds(prompt - hit, hit)
+                           - self._cost.seconds(prompt - hit - tokens, hit + tokens))
+            load_s = tokens * p.kv_bytes_per_token / bytes_per_s
+            if recompute_s > load_s:
+                hit += tokens * (1.0 - load_s / recompute_s)
+        return hit
 
     def _fleet(
         self,

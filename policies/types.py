@@ -125,6 +125,8 @@ class BackendMatch:
     gpu_blocks: int
     cpu_blocks: int = 0
     storage_blocks: int = 0
+    shared_blocks: int = 0
+    """Blocks only the fleet-shared store holds (loadable by this backend like any other)."""
 
 
 class PrefixLookup(Protocol):
@@ -142,6 +144,10 @@ class PrefixLookup(Protocol):
 
     def backend_entries(self, backend_id: BackendId) -> int:
         """How many blocks the index holds for ``backend_id``."""
+        ...
+
+    def shared_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks the fleet-shared KV store holds (every backend can load them)."""
         ...
 
 

@@ -239,6 +239,7 @@ class App:
                 "block_hashes_count": len(route_request.block_hashes)},
             "candidates": _plain(view.backends),
             "decision": _plain(decision),
+            "index": _index_tiers(state.index, route_request.block_hashes, view.now_s),
         }, headers={"x-request-id": self.request_id(request)})
 
 
@@ -268,6 +269,18 @@ def create_app(
     health = HealthChecker(pool, config.health, metrics, lambda: state.session())
     state = RouterState(config, pool, policy, metrics, proxy, health, index)
     return App(state, background)
+
+
+def _index_tiers(index: object | None, block_hashes: tuple[int, ...], now_s: float) -> Any:
+    """What the event-fed index holds of this prompt, per backend and tier (GPU, CPU offload,
+    own storage, the fleet-shared store), and the leading blocks the shared store holds."""
+    if not isinstance(index, PrefixIndex) or not block_hashes:
+        return None
+    return {
+        "blocks": len(block_hashes),
+        "shared_prefix_blocks": index.shared_prefix(block_hashes),
+        "backends": _plain(index.match(block_hashes, now_s)),
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -17,6 +17,17 @@ Virtual time, one ``simulator.des.EventLoop``. What happens, as events:
   copied into the router (stale between scrapes); the router's in-flight counts are always
   fresh.
 
+Tiers (issue 18): ``SimConfig.cpu_offload_tokens`` gives every engine a CPU offload LRU of
+that size and ``shared_store_tokens`` one ``SharedStore`` all engines write through to and
+load from (``simulator.engine.tiers``); their events reach the index like any other. The
+oracle then pools the tiers too (``TieredOracle``), the TTFT floor pays the load of what only
+the lower pool held (at the fastest tier's rate), and the summary adds hits per tier
+(``gpu_hit_rate``, ``cpu_hit_rate``, ``shared_hit_rate``, ``oracle_lower_hit_rate``); without
+tiers it is exactly what it was. With ``returning_gap_s`` set, a session's request arriving
+that long after its previous one is a returning turn: ``returning_requests``,
+``returning_ttft_p50_s``/``p99``, ``returning_hit_rate`` and ``returning_moved_ratio`` (share
+routed to another engine than the session's previous request) measure them apart.
+
 Deterministic: same trace, config, policy and seed give identical results (ties in time run in
 scheduling order; every random draw comes from generators seeded by ``seed``). Must not import
 ``router``.
@@ -29,7 +40,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict
 from typing import Any
 
 from policies.registry import build_policy
@@ -37,9 +47,10 @@ from policies.types import Decision, RouteRequest
 from simulator.des import EventLoop
 from simulator.engine.cost_model import CostModel, load_cost_model
 from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
-from simulator.inputs import SimConfig, prompt_text_of
+from simulator.engine.tiers import SharedStore
+from simulator.inputs import SimConfig, config_dict, prompt_text_of
 from simulator.replicas import ReplicaConfig, ReplicaSet
-from simulator.results import PooledLruOracle, Reservoir, RunMetrics, quantile
+from simulator.results import PooledLruOracle, Reservoir, RunMetrics, TieredOracle, quantile
 from simulator.routing import EngineSignals, SimRouter
 from simulator.traces import TraceRequest
 
@@ -52,10 +63,13 @@ class _Live:
     __slots__ = (
         "arrival_s",
         "cached_tokens",
+        "cpu_cached_tokens",
         "decision",
         "first_token_s",
         "position",
+        "returning",
         "route",
+        "shared_cached_tokens",
         "trace",
     )
 
@@ -69,6 +83,9 @@ class _Live:
         self.arrival_s = trace.arrival_s
         self.first_token_s = -1.0
         self.cached_tokens = 0
+        self.cpu_cached_tokens = 0
+        self.shared_cached_tokens = 0
+        self.returning = False
 
 
 class ClusterSim:
@@ -124,6 +141,12 @@ class ClusterSim:
         self.events_dropped = 0
         self.events_delivered = 0
         self._ttft_floor = Reservoir(seed=config.seed + 7)
+        self.cpu_hit_tokens = 0  # finished requests' prompt tokens loaded per tier
+        self.shared_hit_tokens = 0
+        # returning_gap_s: each session's last arrival and engine; returning turns' numbers.
+        self._sessions: dict[str, tuple[float, int]] = {}
+        self._returning_ttft = Reservoir(seed=config.seed + 11)
+        self._returning = [0, 0, 0, 0]  # requests, moved, prompt tokens, hit tokens
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -140,16 +163,25 @@ class ClusterSim:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs,
             max_model_len=cfg.max_model_len,
+            cpu_offload_blocks=cfg.cpu_offload_tokens // block_size,
         )
         self.block_size = block_size
+        shared = (SharedStore(max(cfg.shared_store_tokens // block_size, 1), block_size)
+                  if cfg.shared_store_tokens else None)
         self.engines = [
-            EngineModel(engine_config, self.cost, engine_id=b) for b in self.router.backend_ids
+            EngineModel(engine_config, self.cost, engine_id=b, shared=shared)
+            for b in self.router.backend_ids
         ]
         self._pending = [None] * cfg.backends
         self._wake = [None] * cfg.backends
         self._busy_start = [-1.0] * cfg.backends
         self._busy_end = [-1.0] * cfg.backends
-        self.oracle = PooledLruOracle(blocks * cfg.backends)
+        if cfg.tiered:
+            lower = (engine_config.cpu_offload_blocks * cfg.backends
+                     + (shared.capacity_blocks if shared is not None else 0))
+            self.oracle = TieredOracle(blocks * cfg.backends, lower)
+        else:
+            self.oracle = PooledLruOracle(blocks * cfg.backends)
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -177,9 +209,14 @@ class ClusterSim:
         # The TTFT floor: this prompt prefilled alone on an idle engine with the oracle's hits.
         new_tokens = max(trace.input_tokens - oracle_hit, 1)
         chunks = -(-new_tokens // self.config.max_num_batched_tokens)
+        load_s = 0.0
+        if isinstance(self.oracle, TieredOracle) and self.oracle.last_lower_tokens:
+            rate = (self.cost.h2d_bytes_per_s if self.config.cpu_offload_tokens
+                    else self.cost.shared_store_bytes_per_s)
+            load_s = self.cost.load_s(self.oracle.last_lower_tokens, rate)
         self._ttft_floor.add(
             self.cost.prefill_work_s(new_tokens, trace.input_tokens - new_tokens)
-            + self.cost.step_floor_s * chunks
+            + self.cost.step_floor_s * chunks + load_s
         )
         self._seq += 1
         key = str(self._seq)
@@ -211,6 +248,8 @@ class ClusterSim:
         position = self.router.position(decision.backend_id)
         self.metrics.on_routed(position)
         live = _Live(trace, route, decision, position)
+        if self.config.returning_gap_s and trace.session_id is not None:
+            self._mark_returning(live, position)
         engine = self.engines[position]
         try:
             engine.add_request(
@@ -226,7 +265,19 @@ class ClusterSim:
         if self._pending[position] is None and self._wake[position] is None:
             self._wake[position] = now
 
+    def _mark_returning(self, live: _Live, position: int) -> None:
+        session = live.trace.session_id
+        assert session is not None
+        last = self._sessions.get(session)
+        self._sessions[session] = (live.arrival_s, position)
+        if last is not None and live.arrival_s - last[0] >= self.config.returning_gap_s:
+            live.returning = True
+            self._returning[0] += 1
+            self._returning[1] += position != last[1]
+
     def _account(self, position: int, result: StepResult) -> None:
+        if result.load_wait:  # idle until a tier load lands: not busy time
+            return
         work = result.prefill_tokens + result.decode_requests
         if result.prefill_tokens:
             self.metrics.prefill_gpu_s += result.duration_s * result.prefill_tokens / work
@@ -286,6 +337,8 @@ class ClusterSim:
             if out.first_token:
                 live.first_token_s = now
                 live.cached_tokens = out.cached_tokens
+                live.cpu_cached_tokens = out.cpu_cached_tokens
+                live.shared_cached_tokens = out.shared_cached_tokens
             if out.finished:
                 del self._live[out.request_id]
                 self.metrics.on_finished(
@@ -296,6 +349,12 @@ class ClusterSim:
                     live.cached_tokens,
                     out.output_tokens,
                 )
+                self.cpu_hit_tokens += live.cpu_cached_tokens
+                self.shared_hit_tokens += live.shared_cached_tokens
+                if live.returning:
+                    self._returning_ttft.add(live.first_token_s - live.arrival_s)
+                    self._returning[2] += live.trace.input_tokens
+                    self._returning[3] += live.cached_tokens
                 self.router.finish(live.route, live.decision, now, ok=True)
                 if self.progress is not None:
                     self.progress(self.metrics.finished + self.metrics.failed)
@@ -392,7 +451,37 @@ class ClusterSim:
         )
         if self.replicas is not None:
             summary.update(self.replicas.summary())
+        if self.config.tiered:
+            summary.update(self._tier_summary())
+        if self.config.returning_gap_s:
+            count, moved, tokens, hits = self._returning
+            ttft = self._returning_ttft.sorted()
+            summary.update(
+                returning_requests=count,
+                returning_ttft_p50_s=quantile(ttft, 0.5),
+                returning_ttft_p99_s=quantile(ttft, 0.99),
+                returning_hit_rate=hits / tokens if tokens else 0.0,
+                returning_moved_ratio=moved / count if count else 0.0,
+            )
         return summary
+
+    def _tier_summary(self) -> dict[str, Any]:
+        """Hits per tier, as shares of all prompt tokens (they add up to ``hit_rate``)."""
+        m = self.metrics
+        tokens = m.input_tokens or 1
+        lower = self.cpu_hit_tokens + self.shared_hit_tokens
+        oracle = self.oracle
+        return {
+            "gpu_hit_rate": (m.hit_tokens - lower) / tokens,
+            "cpu_hit_rate": self.cpu_hit_tokens / tokens,
+            "shared_hit_rate": self.shared_hit_tokens / tokens,
+            "cpu_hit_tokens": self.cpu_hit_tokens,
+            "shared_hit_tokens": self.shared_hit_tokens,
+            "oracle_lower_hit_rate": (
+                oracle.lower_hit_tokens / oracle.input_tokens
+                if isinstance(oracle, TieredOracle) and oracle.input_tokens else None),
+            "index_shared_blocks": self.router.index.shared_blocks,
+        }
 
 
 def simulate(
@@ -408,5 +497,5 @@ def simulate(
     sim = ClusterSim(config, policy_name, policy_params, cost=cost, progress=progress,
                      replicas=replicas)
     summary = sim.run(requests)
-    summary["config"] = asdict(config)
+    summary["config"] = config_dict(config)
     return summary

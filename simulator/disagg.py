@@ -38,6 +38,7 @@ from policies.types import Decision, Role, RouteRequest
 from simulator.cluster import ClusterSim, Progress, SimConfig, _Live, prompt_text_of
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineRequest, StepResult
+from simulator.inputs import config_dict
 from simulator.routing import SimRouter
 from simulator.traces import TraceRequest
 
@@ -234,5 +235,5 @@ def simulate_disagg(
     sim = DisaggClusterSim(config, policy_name, prefill_backends, policy_params, disagg_params,
                            progress=progress)
     summary = sim.run(requests)
-    summary["config"] = asdict(config)
+    summary["config"] = config_dict(config)
     return summary

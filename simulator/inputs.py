@@ -6,14 +6,21 @@ Pure; must not import ``router``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import xxhash
 
 from simulator.engine.cost_model import DEFAULT_PROFILE
 from simulator.traces import SIM_MODEL, TraceRequest
 
-__all__ = ["SimConfig", "prompt_text_of"]
+__all__ = ["OPTIONAL_FIELDS", "TIER_FIELDS", "SimConfig", "config_dict", "prompt_text_of"]
+
+TIER_FIELDS = ("cpu_offload_tokens", "shared_store_tokens")
+"""KV tiers below HBM (issue 18)."""
+OPTIONAL_FIELDS = (*TIER_FIELDS, "returning_gap_s")
+"""Written to results.json only when set, so runs without them keep the exact results.json
+they had before these fields existed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,14 @@ class SimConfig:
     chars_per_token: int = 4
     model: str = SIM_MODEL
     seed: int = 0
+    cpu_offload_tokens: int = 0  # per engine: vLLM native CPU offloading; 0 = off
+    shared_store_tokens: int = 0  # fleet-wide: one LMCache/Mooncake-style store; 0 = off
+    returning_gap_s: float = 0.0  # a session's request this long after its previous one is a
+    # "returning" turn, measured apart (returning_* in results.json); 0 = off
+
+    @property
+    def tiered(self) -> bool:
+        return bool(self.cpu_offload_tokens or self.shared_store_tokens)
 
     def __post_init__(self) -> None:
         if self.backends < 1:
@@ -45,6 +60,18 @@ class SimConfig:
             raise ValueError(
                 "simulation: event_delay_s must be >= 0, scrape_interval_s > 0, chars_per_token >= 1"
             )
+        for name in OPTIONAL_FIELDS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"simulation.{name} must be >= 0")
+
+
+def config_dict(config: SimConfig) -> dict[str, Any]:
+    """``asdict(config)`` without the optional fields that are off (``OPTIONAL_FIELDS``)."""
+    out = asdict(config)
+    for name in OPTIONAL_FIELDS:
+        if not out[name]:
+            del out[name]
+    return out
 
 
 def prompt_text_of(request: TraceRequest, chars_per_token: int) -> str:

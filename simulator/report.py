@@ -53,6 +53,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("oracle_hit_rate", "oracle", "%", "pct",
            "hit rate of one ideal LRU cache pooling every backend's memory, fed the same prompts "
            "in arrival order: what routing could reach at best"),
+    Column("cpu_hit_rate", "cpu hit", "%", "pct",
+           "of the hit rate: prompt tokens loaded from the engines' CPU offload tier (tiered "
+           "runs only)"),
+    Column("shared_hit_rate", "shared hit", "%", "pct",
+           "of the hit rate: prompt tokens loaded from the fleet-shared KV store (tiered runs "
+           "only)"),
     Column("ttft_p50_s", "TTFT p50", "s", "s3", "time to first token, median"),
     Column("ttft_p90_s", "p90", "s", "s3", "time to first token, 90th percentile"),
     Column("ttft_p99_s", "p99", "s", "s3", "time to first token, 99th percentile"),

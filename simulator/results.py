@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["LoadTimeline", "PooledLruOracle", "Reservoir", "RunMetrics", "quantile"]
+__all__ = ["LoadTimeline", "PooledLruOracle", "Reservoir", "RunMetrics", "TieredOracle", "quantile"]
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -134,6 +134,54 @@ class PooledLruOracle:
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
+
+
+class TieredOracle(PooledLruOracle):
+    """``PooledLruOracle`` over the fleet's HBM, above a second pooled LRU holding what HBM
+    evicts, as big as every engine's CPU offload tier plus the shared store together.
+
+    A prompt hits its longest prefix held in either (the last-token cap aside, as above);
+    ``lower_hit_tokens`` counts the part only the lower pool held, which a tiered engine
+    loads instead of recomputing. Blocks a prompt uses move to the top pool. With the same
+    tiers, an optimistic reference for what routing can reach (no per-engine partition).
+    """
+
+    __slots__ = ("_lower", "last_lower_tokens", "lower_capacity_blocks", "lower_hit_tokens")
+
+    def __init__(self, capacity_blocks: int, lower_capacity_blocks: int) -> None:
+        super().__init__(capacity_blocks)
+        self.lower_capacity_blocks = lower_capacity_blocks
+        self._lower: OrderedDict[int, None] = OrderedDict()
+        self.lower_hit_tokens = 0
+        self.last_lower_tokens = 0
+
+    def observe(self, full_blocks: Sequence[int], block_size: int, input_tokens: int) -> int:
+        top, lower = self._lru, self._lower
+        hit = lower_hit = 0
+        for key in full_blocks:
+            if key in top:
+                hit += 1
+            elif key in lower:
+                hit += 1
+                lower_hit += 1
+            else:
+                break
+        for key in full_blocks:
+            if key in top:
+                top.move_to_end(key)
+            else:
+                lower.pop(key, None)
+                top[key] = None
+        while len(top) > self.capacity_blocks:
+            key, _ = top.popitem(last=False)
+            lower[key] = None
+        while len(lower) > self.lower_capacity_blocks:
+            lower.popitem(last=False)
+        self.hit_tokens += hit * block_size
+        self.lower_hit_tokens += lower_hit * block_size
+        self.last_lower_tokens = lower_hit * block_size
+        self.input_tokens += input_tokens
+        return hit * block_size
 
 
 class RunMetrics:

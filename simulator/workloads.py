@@ -15,6 +15,15 @@ Workloads (``synthetic:NAME[,key=value...]``; every key is optional):
 - ``agent``: agent loops re-sending a growing context (tool results appended every step).
 - ``long_doc_qa``: questions about long documents (Zipf popularity over ``documents``).
 - ``mixed``: all four merged (40/30/20/10 % of ``rate``).
+- ``returning`` (issue 18): users with a long context of their own (a document or a long
+  history, ``prompt_min_tokens`` .. ``prompt_max_tokens``) chat 2-5 turns, go idle for minutes
+  (60 s + exponential with mean ``idle_s``) and come back to the same conversation; after each
+  visit a share ``return_ratio`` returns, at most 3 visits. By then HBM has usually evicted the
+  context: what an offload tier or a shared store is for.
+- ``long_agent`` (issue 18): coding/research agents whose context grows past what one engine
+  holds comfortably: an app prompt of 3k-6k tokens, a task of 2k-8k, then 10-40 steps each
+  appending a tool result of 1k-8k tokens (contexts of 30k-200k tokens); a quarter of the steps
+  wait on a slow tool for 30-300 s, long enough for the context to leave HBM.
 
 Common keys: ``requests`` (count, default 2000), ``rate`` (requests/s), ``block_size`` (tokens).
 Randomness comes from one ``random.Random(seed)``. Must not import ``router``; no clock.
@@ -217,6 +226,53 @@ def _long_doc_qa(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest
     return _drive("doc", p, 1.0, start, rng)
 
 
+def _returning(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
+    alloc = itertools.count(p.id_base)
+    users = itertools.count()
+
+    def start(t: float) -> tuple[str, Iterator[Turn]]:
+        context = _Context(alloc, p.block_size).extend(
+            rng.randint(p.prompt_min_tokens, p.prompt_max_tokens))
+        return f"user-{next(users)}", session(t, context)
+
+    def session(t: float, ctx: _Context) -> Iterator[Turn]:
+        visits = 1
+        while True:
+            for _ in range(rng.randint(2, 5)):
+                out = rng.randint(p.output_min_tokens, p.output_max_tokens)
+                yield t, ctx.extend(rng.randint(p.user_min_tokens, p.user_max_tokens)), out
+                ctx.extend(out)
+                t += 2.0 + rng.expovariate(1.0 / p.think_s)
+            if visits >= 3 or rng.random() >= p.return_ratio:
+                return
+            visits += 1
+            t += 60.0 + rng.expovariate(1.0 / p.idle_s)
+
+    return _drive("ret", p, 3.5 * (1 + p.return_ratio), start, rng)
+
+
+def _long_agent(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
+    alloc = itertools.count(p.id_base)
+    apps = _shared_prefixes(p, rng, alloc, 8, 3000, 6000)
+    agents = itertools.count()
+
+    def start(t: float) -> tuple[str, Iterator[Turn]]:
+        app = rng.randrange(len(apps))
+        return f"lagent{app}-{next(agents)}", session(t, apps[app].fork(), rng.randint(10, 40))
+
+    def session(t: float, ctx: _Context, steps: int) -> Iterator[Turn]:
+        ctx.extend(rng.randint(2000, 8000))
+        for _ in range(steps):
+            out = rng.randint(50, 500)
+            yield t, ctx, out
+            ctx.extend(out + rng.randint(1000, 8000))
+            t += 1.0 + rng.expovariate(1 / 3.0)
+            if rng.random() < 0.25:
+                t += rng.uniform(30.0, 300.0)  # a slow tool: the context goes cold
+
+    return _drive("lagent", p, 25.0, start, rng)
+
+
 def _mixed(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
     shares = (("multi_tenant", 0.4), ("chat", 0.3), ("agent", 0.2), ("long_doc_qa", 0.1))
     streams = []
@@ -238,6 +294,8 @@ WORKLOADS: dict[str, Callable[[WorkloadParams, random.Random], Iterator[TraceReq
     "agent": _agent,
     "long_doc_qa": _long_doc_qa,
     "mixed": _mixed,
+    "returning": _returning,
+    "long_agent": _long_agent,
 }
 
 

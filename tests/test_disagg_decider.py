@@ -224,6 +224,9 @@ class _CountingIndex:
     def backend_entries(self, backend_id: str) -> int:
         return self.index.backend_entries(backend_id)
 
+    def shared_prefix(self, block_hashes: Sequence[int]) -> int:
+        return self.index.shared_prefix(block_hashes)
+
 
 def test_a_disaggregated_decision_matches_the_index_once() -> None:
     # The decider asks kv_aware twice (prefill side, then local prefill on DECODE backends);

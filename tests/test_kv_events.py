@@ -160,6 +160,24 @@ def test_decode_map_and_array_encodings_agree():
     assert cleared == AllBlocksCleared()
 
 
+def test_decode_vllm_offloading_placeholders_and_locality():
+    # vLLM 0.32's OffloadingConnector: a CPU-tier store is hashes only with block_size 0 (it
+    # used to be rejected as malformed, so a router behind an offloading vLLM lost every one).
+    array_payload = msgpack.packb([0.0, [
+        ["BlockStored", [11], None, [], 0, None, "CPU", None, None, 0, None, None, None],
+        ["BlockStored", [12], None, [], 0, None, "STORAGE", None, None, 0, None, None, "REMOTE"],
+        ["BlockRemoved", [12], "STORAGE", 0, "REMOTE"]], 0])
+    d = decode_live([b"t", (1).to_bytes(8, "big"), array_payload])
+    cpu, shared, removed = d.batch.events
+    assert cpu == BlockStored((11,), None, (), 0, None, "CPU", None)
+    assert shared == BlockStored((12,), None, (), 0, None, "STORAGE", None, locality="REMOTE")
+    assert removed == BlockRemoved((12,), "STORAGE", locality="REMOTE")
+    with pytest.raises(WireError, match="block_size"):
+        decode_live([b"t", (1).to_bytes(8, "big"),
+                     msgpack.packb([0.0, [stored_map([1], None, list(range(BS))) | {
+                         "block_size": 0}], 0])])
+
+
 def test_decode_bytes_hashes_and_unknown_types():
     payload = msgpack.packb([0.0, [{"type": "BlockRemoved", "block_hashes": [b"\x00" * 24 +
                                     (5).to_bytes(8, "big")]}, {"type": "FutureEvent"}], 0])

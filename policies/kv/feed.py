@@ -81,7 +81,9 @@ def rehash_stored(
 ) -> tuple[Sequence[BlockHash], bool, bool]:
     """Router hashes of a BlockStored's blocks; records engine -> router in ``backend``.
 
-    ``hasher`` is None when the event carries no token ids (engine hashes are router hashes).
+    ``hasher`` is None when the event carries no token ids: engine hashes are router hashes
+    (the simulator's engines), or, for a placeholder (``block_size`` 0, vLLM's offloading
+    events), resolve through the engine hashes this backend stored before.
     Returns ``(router_hashes, orphan, malformed)``: ``orphan`` when the parent is unknown (the
     hashes then chain from ``orphan_seed`` and must not be indexed), ``malformed`` when the
     token count does not cover the blocks (only the covered blocks are kept).
@@ -91,6 +93,12 @@ def rehash_stored(
     orphan = malformed = False
     if hasher is None:
         router_hashes: Sequence[BlockHash] = engine_hashes
+        if event.block_size == 0:
+            # vLLM's placeholder payload for an offloaded block (hashes only): the engine
+            # stored it on GPU first, with tokens, so its router hash is already known.
+            resolved = [engine_map.get(h, h) for h in engine_hashes]
+            orphan = any(r < 0 for r in resolved)
+            router_hashes = [~r if r < 0 else r for r in resolved]
     else:
         block_size = event.block_size
         n_blocks = len(event.token_ids) // block_size if block_size > 0 else 0

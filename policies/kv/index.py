@@ -38,6 +38,14 @@ as a bitmask, and stops at the first block no candidate holds: cost O(blocks mat
 backend's result is its longest held chain prefix with the blocks per tier (GPU, CPU offload,
 storage; from the event's ``medium``), each block counted in its best tier.
 
+Fleet-shared tier (``policies.kv.shared``): a block announced with ``locality`` "REMOTE" (a
+shared store such as LMCache on Redis/Valkey or a Mooncake store) is kept ONCE, not in the
+publisher's slot, and every backend holds it at that tier: the match walk goes on through a
+shared block for every backend still matching, counting it in ``shared_blocks`` where the
+backend has no copy of its own. ``shared_blocks`` and ``stats()`` count it; ``entries`` does
+not (it is bounded by ``max_entries`` on its own). Cost: one dict lookup more per block walked,
+and O(backends still matching) per shared block.
+
 Memory: one dict entry (router hash -> packed tier bits, 3 bits per backend slot) per block,
 plus one engine-map entry per (block, backend). The node dict's insertion order is the LRU
 order; stores, dispatch records and ``touch`` re-insert a chain deepest block first so that a
@@ -52,9 +60,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, is_shared
 from policies.kv.feed import IndexedBackend, Tier, low_water, rehash_stored, tier_of_medium
 from policies.kv.hashing import BlockHasher, Namespace
+from policies.kv.shared import SharedTier
 from policies.types import BackendId, BackendMatch, BlockHash
 
 __all__ = ["BackendMatch", "IndexStats", "PrefixIndex", "Tier", "tier_of_medium"]
@@ -73,6 +82,7 @@ class IndexStats:
     unknown_removals: int
     evicted_entries: int
     expired_entries: int
+    shared_blocks: int = 0
 
 
 class PrefixIndex:
@@ -88,6 +98,7 @@ class PrefixIndex:
         self._models: dict[BackendId, str] = {}
         self._hashers: dict[tuple[str, str | None, int], BlockHasher] = {}
         self._live_low = 0  # bit 3*slot set for every slot in use
+        self._shared = SharedTier(max_entries)
         self._entries = 0
         self.orphan_events = 0
         self.malformed_events = 0
@@ -112,7 +123,13 @@ class PrefixIndex:
     def estimated_bytes(self) -> int:
         """CPython-model estimate: ~40 B per dict slot plus ~32 B per int object."""
         maps = sum(len(b.engine_to_router) + len(b.recorded) for b in self._backends.values())
+        maps += len(self._shared) + self._shared.map_entries()
         return len(self._nodes) * (40 + 32 + 32) + maps * (40 + 32)
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks of the fleet-shared tier (each once, whoever announced it)."""
+        return len(self._shared)
 
     def stats(self) -> IndexStats:
         return IndexStats(
@@ -125,6 +142,7 @@ class PrefixIndex:
             unknown_removals=self.unknown_removals,
             evicted_entries=self.evicted_entries,
             expired_entries=self.expired_entries,
+            shared_blocks=len(self._shared),
         )
 
     # ---- backends ---------------------------------------------------------------------------
@@ -186,8 +204,14 @@ class PrefixIndex:
             self._clear(backend)
         backend.precise = True
         if isinstance(event, BlockStored):
+            if is_shared(event.locality):
+                hasher = self._hasher(backend, event) if event.token_ids else None
+                return self._shared.store(backend, event, hasher)
             return self._store(backend, event)
         if isinstance(event, BlockRemoved):
+            if is_shared(event.locality):
+                self._shared.remove(event)
+                return ()
             self._remove(backend, event)
         elif isinstance(event, AllBlocksCleared):
             self._clear(backend)
@@ -351,6 +375,21 @@ class PrefixIndex:
             v = nodes.pop(h, None)
             if v is not None:
                 nodes[h] = v
+        if self._shared:
+            self._shared.touch(block_hashes)
+
+    def shared_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks the fleet-shared tier holds: what a backend the index has never
+        heard from (no events yet) can still load."""
+        shared = self._shared
+        if not shared:
+            return 0
+        n = 0
+        for h in block_hashes:
+            if h not in shared:
+                break
+            n += 1
+        return n
 
     def match(
         self, block_hashes: Sequence[BlockHash], now_s: float | None = None
@@ -360,34 +399,56 @@ class PrefixIndex:
         ``now_s`` expires approximate-mode records; ``None`` ignores expiry.
         """
         nodes = self._nodes
+        shared = self._shared
         active = self._live_low
         ended: dict[int, int] = {}  # slot bit -> matched blocks
         lower: dict[int, list[int]] = {}  # slot bit -> [cpu_blocks, storage_blocks]
+        # Shared blocks are counted once per walk, not per backend: a backend's shared-only
+        # blocks are the shared blocks before its end minus those it also held itself.
+        shared_seen = 0
+        shared_at_end: dict[int, int] = {}  # slot bit -> shared blocks walked when it ended
+        own_at_shared: dict[int, int] = {}  # slot bit -> shared blocks it held a copy of
         n = 0
         for h in block_hashes:
             v = nodes.get(h)
-            if v is None:
+            in_shared = bool(shared) and h in shared
+            if in_shared:
+                v = v or 0  # every backend still matching holds it at the shared tier
+                held = active
+            elif v is None:
                 break
-            held = (v | (v >> 1) | (v >> 2)) & active
+            else:
+                held = (v | (v >> 1) | (v >> 2)) & active
             if held != active:
                 gone = active & ~held
                 while gone:
                     low = gone & -gone
                     ended[low] = n
+                    shared_at_end[low] = shared_seen
                     gone ^= low
                 active = held
                 if not active:
                     break
-            below_gpu = active & ~v
-            while below_gpu:
-                low = below_gpu & -below_gpu
-                counts = lower.setdefault(low, [0, 0])
-                counts[0 if v & (low << 1) else 1] += 1
-                below_gpu ^= low
+            if v:
+                below_gpu = active & ~v
+                if in_shared:
+                    own = active & (v | (v >> 1) | (v >> 2))
+                    below_gpu &= own
+                    while own:
+                        low = own & -own
+                        own_at_shared[low] = own_at_shared.get(low, 0) + 1
+                        own ^= low
+                while below_gpu:
+                    low = below_gpu & -below_gpu
+                    counts = lower.setdefault(low, [0, 0])
+                    counts[0 if v & (low << 1) else 1] += 1
+                    below_gpu ^= low
+            shared_seen += in_shared
             n += 1
         while active:
             low = active & -active
             ended[low] = n
+            shared_at_end[low] = shared_seen
             active ^= low
         out: dict[BackendId, BackendMatch] = {}
         for low, matched in sorted(ended.items()):
@@ -395,13 +456,15 @@ class PrefixIndex:
                 continue
             backend = self._by_slot[(low.bit_length() - 1) // _BITS]
             cpu, storage = lower.get(low, (0, 0))
+            shared_only = shared_at_end[low] - own_at_shared.get(low, 0)
             if backend.recorded and now_s is not None:
                 matched = _unexpired_prefix(backend.recorded, block_hashes, matched, now_s)
                 if matched == 0:
                     continue
-                cpu = storage = 0
+                cpu = storage = shared_only = 0
             out[backend.backend_id] = BackendMatch(
-                backend.backend_id, matched, matched - cpu - storage, cpu, storage
+                backend.backend_id, matched, matched - cpu - storage - shared_only, cpu, storage,
+                shared_only,
             )
         return out
 

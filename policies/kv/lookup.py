@@ -35,3 +35,6 @@ class MatchOnce:
 
     def backend_entries(self, backend_id: BackendId) -> int:
         return self._index.backend_entries(backend_id)
+
+    def shared_prefix(self, block_hashes: Sequence[BlockHash]) -> int:
+        return self._index.shared_prefix(block_hashes)

@@ -36,8 +36,9 @@ END_OF_REPLAY = -1
 
 # Field order of vLLM's array-encoded events (tag first, then these).
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
-                  "medium", "lora_name")
-_REMOVED_FIELDS = ("block_hashes", "medium")
+                  "medium", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind",
+                  "kv_cache_spec_sliding_window", "locality")
+_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx", "locality")
 
 
 class WireError(ValueError):
@@ -134,7 +135,9 @@ def _event(raw: Any) -> KvEvent | None:
         # as malformed too); a per-token check here would cost more than the whole rehash.
         if not isinstance(token_ids, list):
             raise WireError("BlockStored.token_ids must be a list of ints")
-        if not _is_int(block_size) or block_size <= 0:
+        # vLLM's offloading connector announces a block it copied to CPU or a store with
+        # hashes only and block_size 0 (its placeholder payload); the index resolves those.
+        if not _is_int(block_size) or block_size < 0 or (block_size == 0 and token_ids):
             raise WireError("BlockStored.block_size must be a positive int")
         block_size = int(block_size)
         if token_ids and len(token_ids) != len(hashes) * block_size:
@@ -149,9 +152,11 @@ def _event(raw: Any) -> KvEvent | None:
             lora_id=lora_id if _is_int(lora_id) else None,
             medium=_medium(fields.get("medium")),
             lora_name=lora_name if isinstance(lora_name, str) else None,
+            locality=_locality(fields.get("locality")),
         )
     if tag == "BlockRemoved":
-        return BlockRemoved(_hashes(fields.get("block_hashes")), _medium(fields.get("medium")))
+        return BlockRemoved(_hashes(fields.get("block_hashes")), _medium(fields.get("medium")),
+                            _locality(fields.get("locality")))
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
     if isinstance(tag, str):
@@ -177,6 +182,10 @@ def _hash(raw: Any) -> int:
 
 def _medium(raw: Any) -> str:
     return raw if isinstance(raw, str) else "GPU"
+
+
+def _locality(raw: Any) -> str | None:
+    return raw if isinstance(raw, str) else None
 
 
 def _is_int(value: Any) -> bool:

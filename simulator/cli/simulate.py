@@ -23,6 +23,7 @@ __all__ = ["HELP", "add_arguments", "load_sim_config", "run"]
 HELP = "Simulate routing policies on a trace in virtual time and write a comparison report."
 
 _FLAG_FIELDS = ("cost_profile", "event_delay_s", "event_loss_ratio", "slo_ttft_s", "seed")
+_TIER_FLAG_FIELDS = ("cpu_offload_tokens", "shared_store_tokens")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sync-loss-ratio", type=float, default=0.0, help="share of sync messages lost per peer, 0..1 (default 0)"
     )
+    parser.add_argument(
+        "--cpu-offload-tokens",
+        type=int,
+        default=None,
+        help="per engine: vLLM native CPU offloading of this many tokens (default 0 = off; "
+        "2000000 is ~250 GB of host RAM for Llama-3.1-8B)",
+    )
+    parser.add_argument(
+        "--shared-store-tokens",
+        type=int,
+        default=None,
+        help="fleet-wide: one LMCache/Mooncake-style KV store of this many tokens every engine "
+        "writes to and loads from (default 0 = off)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -147,7 +162,7 @@ def build_config(args: argparse.Namespace, simulation: dict[str, Any], backends:
         if key not in known:
             raise ValueError(f"simulation.{key}: unknown key (known: {', '.join(sorted(known))})")
     values = dict(simulation)
-    for name in _FLAG_FIELDS:
+    for name in _FLAG_FIELDS + _TIER_FLAG_FIELDS:
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = flag
@@ -255,14 +270,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if len(sizes) > 1:
         print("\n".join(capacity_lines(results)))
-    from dataclasses import asdict
+    from simulator.inputs import config_dict
 
     meta = {
         "trace": args.trace,
         "requests": total,
         "policies": policies,
         "backends": sizes,
-        "config": asdict(configs[0]),
+        "config": config_dict(configs[0]),
         "wall_s": walls,
     }
     meta["wall_time_s"] = round(wall_s, 2)

@@ -112,6 +112,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable)",
     )
     parser.add_argument(
+        "--cpu-offload-tokens",
+        type=int,
+        default=0,
+        help="per pod: vLLM native CPU offloading of this many tokens; its blocks are "
+        "announced with medium CPU (default 0 = off)",
+    )
+    parser.add_argument(
+        "--shared-store-tokens",
+        type=int,
+        default=0,
+        help="one KV store of this many tokens shared by every pod, in a Redis/Valkey server "
+        "(LMCache-style); its blocks are announced with locality REMOTE (default 0 = off)",
+    )
+    parser.add_argument(
+        "--shared-store-url",
+        default=None,
+        help="the store's server, redis://host:port or unix:///path (default: start a "
+        "private redis-server)",
+    )
+    parser.add_argument(
         "--kv-replay-endpoint", default="tcp://*:0",
         help="replay ROUTER endpoint (port+i per pod; default %(default)s)"
     )
@@ -143,6 +163,9 @@ async def _serve(args: argparse.Namespace) -> None:
         kv_network_bytes_per_s=args.kv_network_gbps * 1e9 / 8,
         slow_pods=args.slow_pods,
         scale_out=args.enable_scale_out,
+        cpu_offload_tokens=args.cpu_offload_tokens,
+        shared_store_tokens=args.shared_store_tokens,
+        shared_store_url=args.shared_store_url,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -158,8 +181,12 @@ async def _serve(args: argparse.Namespace) -> None:
                     f" topic={pod.publisher.topic}"
                 )
             slow = f" slowdown={cluster.slow_pods[i]:g}x" if i in cluster.slow_pods else ""
+            tiers = (f" cpu_offload_tokens={args.cpu_offload_tokens}"
+                     if args.cpu_offload_tokens else "")
+            if cluster.stores:
+                tiers += f" shared_store={cluster.shared_store_url}"
             print(f"pod {i}: {url} engine={args.engine} role={args.role} model={args.model}{kv}"
-                  f"{slow}", flush=True)
+                  f"{slow}{tiers}", flush=True)
         print(f"{len(cluster.urls)} emulated pods ready; Ctrl-C stops them", flush=True)
         await stop.wait()
 
@@ -198,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(_serve(args))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 1
     return 0

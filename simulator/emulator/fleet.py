@@ -23,6 +23,11 @@ always bound (``kv_replay_endpoint``, port + i, 0 = ephemeral).
 ``scale_out=True`` serves vLLM's render endpoints (``vllm serve --enable-scale-out``).
 ``slow_pods={i: f}`` makes pod i's engine f times slower than the others (every step lasts f
 times longer in wall time; its metrics still report wall seconds), e.g. one GPU throttled.
+``cpu_offload_tokens=N`` gives every pod vLLM's native CPU offloading of N tokens;
+``shared_store_tokens=N`` makes the pods share one KV store of N tokens in a Redis/Valkey
+server (``simulator.emulator.store``): the one at ``shared_store_url`` (``redis://host:port``,
+``unix:///path``; shared with other emulator processes pointing there), else a private
+``redis-server`` the cluster starts and stops.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from simulator.emulator.http import build_app
 from simulator.emulator.kv import KvEventPublisher, engine_binds
 from simulator.emulator.pd import PdNode
 from simulator.emulator.pod import EmulatedPod, PodConfig, load_codec
+from simulator.emulator.store import RedisBlockStore, RedisServer
 from simulator.engine.cost_model import DEFAULT_PROFILE, load_cost_model
 
 __all__ = ["EmulatedCluster"]
@@ -83,6 +89,9 @@ class EmulatedCluster:
         kv_network_bytes_per_s: float = 25e9,
         slow_pods: dict[int, float] | None = None,
         scale_out: bool = False,
+        cpu_offload_tokens: int = 0,
+        shared_store_tokens: int = 0,
+        shared_store_url: str | None = None,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
@@ -108,7 +117,14 @@ class EmulatedCluster:
             max_num_seqs=max_num_seqs,
             time_scale=time_scale,
             scale_out=scale_out,
+            cpu_offload_blocks=cpu_offload_tokens // block_size,
         )
+        if cpu_offload_tokens < 0 or shared_store_tokens < 0:
+            raise ValueError("cpu_offload_tokens and shared_store_tokens must be >= 0")
+        self._store_blocks = shared_store_tokens // block_size
+        self.shared_store_url = shared_store_url
+        self._redis: RedisServer | None = None
+        self.stores: list[RedisBlockStore] = []
         self._cost = cost
         self._tokenizer = tokenizer
         self._kv_endpoint = kv_events_endpoint
@@ -144,7 +160,17 @@ class EmulatedCluster:
         if self._kv_endpoint is not None:
             self._zmq = zmq.asyncio.Context()
         try:
+            if self._store_blocks and self.shared_store_url is None:
+                self._redis = RedisServer()
+                self.shared_store_url = await self._redis.start()
             for i in range(self.count):
+                store = None
+                if self._store_blocks:
+                    assert self.shared_store_url is not None
+                    store = RedisBlockStore(self.shared_store_url, self._store_blocks,
+                                            name=self.config.model)
+                    await store.start()
+                    self.stores.append(store)
                 publisher = None
                 if self._zmq is not None and self._kv_endpoint is not None:
                     endpoint = self._kv_endpoint
@@ -161,7 +187,8 @@ class EmulatedCluster:
                 if i in self.slow_pods:
                     # A virtual second lasting `factor` times longer slows every step alike.
                     config = replace(config, time_scale=config.time_scale / self.slow_pods[i])
-                pod = EmulatedPod(config, self._cost, codec, index=i, publisher=publisher)
+                pod = EmulatedPod(config, self._cost, codec, index=i, publisher=publisher,
+                                  store=store)
                 self.pods.append(pod)
                 await pod.start()
                 app = build_app(pod)
@@ -194,6 +221,13 @@ class EmulatedCluster:
             await runner.cleanup()
         for pod in self.pods:
             await pod.close()
+        for store in self.stores:
+            await store.close()
+        self.stores.clear()
+        if self._redis is not None:
+            await self._redis.stop()
+            self._redis = None
+            self.shared_store_url = None
         self._runners.clear()
         if self._zmq is not None:
             self._zmq.term()

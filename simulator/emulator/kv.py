@@ -82,12 +82,14 @@ def encode_event(event: KvEvent) -> dict[str, object]:
             "lora_id": event.lora_id,
             "medium": event.medium,
             "lora_name": event.lora_name,
+            **({"locality": event.locality} if event.locality is not None else {}),
         }
     if isinstance(event, BlockRemoved):
         return {
             "type": "BlockRemoved",
             "block_hashes": list(event.block_hashes),
             "medium": event.medium,
+            **({"locality": event.locality} if event.locality is not None else {}),
         }
     if isinstance(event, AllBlocksCleared):
         return {"type": "AllBlocksCleared"}

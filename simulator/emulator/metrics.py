@@ -10,7 +10,10 @@ as free); counters ``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits
 ``vllm:cache_config_info`` (value 1; labels ``block_size``, ``num_gpu_blocks``,
 ``enable_prefix_caching``, ``prefix_caching_hash_algo``); histograms
 ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds`` (wall seconds, what a
-client sees, whatever the time scale).
+client sees, whatever the time scale). With KV tiers (CPU offload, a shared store) also
+vLLM's connector counters ``vllm:external_prefix_cache_queries_total`` (prompt tokens past the
+GPU hit) and ``vllm:external_prefix_cache_hits_total`` (tokens loaded instead), and the
+emulator's own split ``emulator:tier_hit_tokens_total{tier="cpu"|"shared"}``.
 SGLang flavour (label ``model_name``): ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
 ``sglang:token_usage``, ``sglang:cache_hit_rate``, ``sglang:prompt_tokens_total``,
 ``sglang:generation_tokens_total``, ``sglang:time_to_first_token_seconds``.
@@ -132,6 +135,8 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(values, float(value))
             yield c
+        if e.cpu is not None or e.shared is not None:
+            yield from self._tiers(labels, values)
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
@@ -145,6 +150,29 @@ class _EngineCollector(Collector):
         )
         info.add_metric([str(e.block_size), "True", "0", str(e.num_gpu_blocks), "sha256"], 1.0)
         yield info
+
+
+    def _tiers(self, labels: list[str], values: list[str]) -> Iterator[Metric]:
+        e = self._engine
+        for name, doc, value in (
+            ("vllm:external_prefix_cache_queries",
+             "External prefix cache queries from KV connector cross-instance cache sharing, "
+             "in terms of number of queried tokens.",
+             e.prefix_cache_queries_tokens - e.prefix_cache_hits_tokens),
+            ("vllm:external_prefix_cache_hits",
+             "External prefix cache hits from KV connector cross-instance cache sharing, in "
+             "terms of number of cached tokens.",
+             e.cpu_hit_tokens + e.shared_hit_tokens),
+        ):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, float(value))
+            yield c
+        split = CounterMetricFamily("emulator:tier_hit_tokens",
+                                    "Prompt tokens loaded from a KV tier below HBM.",
+                                    labels=[*labels, "tier"])
+        split.add_metric([*values, "cpu"], float(e.cpu_hit_tokens))
+        split.add_metric([*values, "shared"], float(e.shared_hit_tokens))
+        yield split
 
 
 class PodMetrics:

@@ -18,6 +18,14 @@ emulator still runs without a tokenizer.
 Output: deterministic filler tokens (a fixed cycle of common words), ``max_tokens`` of them (EOS
 is ignored, like ``ignore_eos``), one per decode step. Full blocks of output are cached (and
 announced in BlockStored events with their token ids) as decoding fills them, like vLLM.
+
+Tiers (issue 18): ``PodConfig.cpu_offload_blocks`` turns on vLLM's native CPU offloading in the
+engine model (its "CPU" placeholder events go out like the others; ``cached_tokens`` counts the
+loaded tokens). A ``RedisBlockStore`` makes the pod one of the fleet sharing that store
+(``simulator.emulator.store``): before a step the pod looks up the blocks of the requests
+submitted since (one round trip), after it writes the step's computed blocks through (one
+round trip) and publishes what the store reports new or evicted as "REMOTE" events. Pods of a
+store share one block-hash seed (the store's keys must agree across engines, as LMCache's do).
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from policies.kv.events import REMOTE, BlockRemoved, BlockStored, KvEvent
 from simulator.emulator.chat import ChatInputs
 from simulator.emulator.kv import KvEventPublisher, vllm_block_hashes
 from simulator.emulator.metrics import PodMetrics
+from simulator.emulator.store import RedisBlockStore, StoreMirror
 from simulator.engine.cost_model import CostModel
 from simulator.engine.model import EngineConfig, EngineModel, EngineRequest, StepResult
+from simulator.engine.tiers import REMOTE_MEDIUM
 
 __all__ = ["ByteCodec", "Codec", "EmulatedPod", "HfCodec", "PodConfig", "TokenStream", "load_codec"]
 
@@ -179,6 +190,7 @@ class PodConfig:
     time_scale: float = 1.0
     # vLLM >= 0.30 serves its render endpoints only with `--enable-scale-out`.
     scale_out: bool = False
+    cpu_offload_blocks: int = 0  # vLLM native CPU offloading (kv_offloading_size); 0 = off
 
 
 class TokenStream:
@@ -252,6 +264,7 @@ class EmulatedPod:
         codec: Codec,
         index: int = 0,
         publisher: KvEventPublisher | None = None,
+        store: RedisBlockStore | None = None,
     ) -> None:
         if config.time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {config.time_scale}")
@@ -259,6 +272,11 @@ class EmulatedPod:
         self.codec = codec
         self.index = index
         self.publisher = publisher
+        self.store = store
+        self.mirror = (StoreMirror(store.capacity_blocks, config.block_size)
+                       if store is not None else None)
+        self._lookups: list[int] = []
+        self.store_errors = 0
         self.engine = EngineModel(
             EngineConfig(
                 block_size=config.block_size,
@@ -266,12 +284,15 @@ class EmulatedPod:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len,
+                cpu_offload_blocks=config.cpu_offload_blocks,
             ),
             cost,
             engine_id=f"pod-{index}",
+            shared=self.mirror,
         )
         self.metrics = PodMetrics(self.engine, config.model, sglang=config.engine_kind == "sglang")
-        self._hash_seed = f"emulated-engine-{index}".encode()
+        self._hash_seed = (b"emulated-fleet" if store is not None
+                           else f"emulated-engine-{index}".encode())
         self._streams: dict[str, TokenStream] = {}
         self._arrivals_wall: dict[str, float] = {}
         self._ids = itertools.count()
@@ -329,6 +350,8 @@ class EmulatedPod:
         sequence = (*token_ids, *output)
         keys = vllm_block_hashes(sequence, self.config.block_size, self._hash_seed)
         request = EngineRequest(rid, len(token_ids), max_tokens, keys, sequence, report_hits)
+        if self.mirror is not None:
+            self._lookups.extend(keys[: len(token_ids) // self.config.block_size])
         self.engine.add_request(request, self._virtual_now())
         stream = TokenStream(rid, len(token_ids), max_tokens, self._filler, streaming)
         self._streams[rid] = stream
@@ -356,6 +379,8 @@ class EmulatedPod:
             await self._work.wait()
             self._work.clear()
             while self.engine.has_work:
+                if self.mirror is not None and self._lookups:
+                    await self._look_up()
                 now = self._virtual_now()
                 try:
                     result = self.engine.step(now)
@@ -373,6 +398,44 @@ class EmulatedPod:
                 except Exception:  # bad state must not stop the pod; count and go on
                     self.driver_errors += 1
                     log.exception("emulated pod %d: delivering a step failed", self.index)
+                if self.mirror is not None and self.mirror.pending:
+                    await self._write_through()
+
+    async def _look_up(self) -> None:
+        """Which blocks of the requests submitted since the last step the store holds."""
+        assert self.store is not None and self.mirror is not None
+        keys = list(dict.fromkeys(self._lookups))
+        self._lookups.clear()
+        try:
+            present = await self.store.lookup(keys)
+        except Exception:  # the store is down or answered badly: serve from HBM/CPU alone
+            self.store_errors += 1
+            log.exception("emulated pod %d: store lookup failed", self.index)
+            self.mirror.forget(keys)
+            return
+        self.mirror.learn(keys, present)
+
+    async def _write_through(self) -> None:
+        """Write the step's computed blocks to the store; announce what it stored or evicted."""
+        assert self.store is not None and self.mirror is not None
+        keys = self.mirror.pending
+        self.mirror.pending = []
+        try:
+            new, evicted = await self.store.write(keys)
+        except Exception:  # keep serving; the blocks just are not shared
+            self.store_errors += 1
+            log.exception("emulated pod %d: store write failed", self.index)
+            self.mirror.forget(keys)
+            return
+        self.mirror.forget(evicted)
+        events: list[KvEvent] = []
+        if new:
+            events.append(BlockStored(tuple(new), None, (), 0, medium=REMOTE_MEDIUM,
+                                      locality=REMOTE))
+        events.extend(BlockRemoved((key,), medium=REMOTE_MEDIUM, locality=REMOTE)
+                      for key in evicted)
+        if events and self.publisher is not None:
+            self.publisher.publish(events)
 
     def _deliver(self, result: StepResult, wall_now: float) -> None:
         streams = self._streams

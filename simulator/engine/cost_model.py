@@ -28,6 +28,13 @@ to T (KV reads are linear in context). The floor is replaced by ``step_floor_s``
 per-profile parameter: a served engine with CUDA graphs does a small-batch step of an 8B model in
 a few ms (weights / HBM bandwidth), not the ~20 ms of the eager measurement.
 
+Tiers below HBM are loaded, not recomputed: ``load_s(tokens, bytes_per_s)`` =
+``tokens * kv_bytes_per_token / bytes_per_s``. ``h2d_bytes_per_s`` is the profile's
+``pinned_h2d_GBps`` (measured: ~55 GB/s pinned host-to-device on the H200, in
+``../shared/calibration/``), the price of a CPU-offload hit; ``shared_store_bytes_per_s`` is
+``shared_store_GBps``, the network read rate of a fleet-shared KV store (LMCache/Mooncake
+style), an assumption each profile states in its ``provenance``. Either is 0 when unknown.
+
 Router-side policies (in ``policies/``, which cannot import this package) can be configured with
 the same coefficients: ``prefill_seconds(new_tokens, cached_tokens, linear_s_per_token,
 attention_s_per_token2, floor_s)`` is the plain formula, and ``CostModel.prefill_coefficients()``
@@ -87,6 +94,8 @@ class CostModel:
     """Seconds above the measured floor at each knot, non-decreasing, first is 0."""
     kv_bytes_per_token: int = 0
     kv_cache_bytes: int = 0
+    h2d_bytes_per_s: float = 0.0
+    shared_store_bytes_per_s: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object], name: str = "") -> CostModel:
@@ -103,6 +112,8 @@ class CostModel:
             decode_excess_s=excess,
             kv_bytes_per_token=int(_number(data, "kv_bytes_per_token", name, 0)),
             kv_cache_bytes=int(_number(data, "kv_cache_bytes", name, 0)),
+            h2d_bytes_per_s=_number(data, "pinned_h2d_GBps", name, 0) * 1e9,
+            shared_store_bytes_per_s=_number(data, "shared_store_GBps", name, 0) * 1e9,
         )
 
     def prefill_coefficients(self) -> dict[str, float]:
@@ -145,6 +156,17 @@ class CostModel:
         for new_tokens, cached_tokens in prefill_chunks:
             total += self.prefill_work_s(new_tokens, cached_tokens)
         return total
+
+    def load_s(self, tokens: int, bytes_per_s: float) -> float:
+        """Seconds to move ``tokens`` of KV at ``bytes_per_s`` (a tier load, not a recompute)."""
+        if tokens <= 0:
+            return 0.0
+        if bytes_per_s <= 0 or self.kv_bytes_per_token <= 0:
+            raise ValueError(
+                f"cost profile {self.name!r}: a tier load needs kv_bytes_per_token and its "
+                "bandwidth (pinned_h2d_GBps / shared_store_GBps)"
+            )
+        return tokens * self.kv_bytes_per_token / bytes_per_s
 
     def num_gpu_blocks(self, block_size: int) -> int:
         """KV blocks that fit in the profile's ``kv_cache_bytes`` (0 when unknown)."""

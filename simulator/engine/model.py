@@ -53,6 +53,14 @@ same-prefix requests arriving together compute the prefix once). A request whose
 tokens reach its total samples one token.
 A preempted request recomputes prompt + generated tokens. Cost: O(running + admitted + blocks
 touched) per step.
+
+Tiers below HBM (off unless configured; semantics in ``simulator.engine.tiers``): cached
+blocks are written through to a CPU LRU (``EngineConfig.cpu_offload_blocks``) and a fleet
+``SharedStore``; on admission the prefix goes on past the GPU hit through blocks a tier holds,
+which are loaded, not recomputed: they take GPU blocks at once and the request waits for the
+queued load before its first chunk (other requests keep running; a step with only loads pending
+ends when the first one does, ``StepResult.load_wait``). ``cached_tokens`` includes loaded
+tokens (vLLM's ``num_cached_tokens``); ``prefix_cache_hits_tokens`` stays GPU-only.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from collections import deque
 from policies.kv.events import BlockStored, KvEvent
 from simulator.engine.cost_model import CostModel
 from simulator.engine.prefix_cache import PrefixCache
+from simulator.engine.tiers import BlockLru, EngineTiers, SharedStore
 from simulator.engine.values import EngineConfig, EngineRequest, RequestOutput, StepResult
 
 __all__ = ["EngineConfig", "EngineModel", "EngineRequest", "RequestOutput", "StepResult"]
@@ -73,11 +82,14 @@ class _Running:
         "arrival_s",
         "cached_tokens",
         "computed",
+        "cpu_cached",
         "generated",
         "held",
         "max_tokens",
         "prompt_tokens",
+        "ready_s",
         "req",
+        "shared_cached",
     )
 
     def __init__(self, req: EngineRequest, arrival_s: float) -> None:
@@ -90,14 +102,25 @@ class _Running:
         self.cached_tokens = 0
         self.held = 0  # leading block_keys held as cached blocks
         self.anonymous = 0
+        self.ready_s = 0.0  # a tier load in progress ends then; no compute before
+        self.cpu_cached = 0
+        self.shared_cached = 0
 
 
 class EngineModel:
-    def __init__(self, config: EngineConfig, cost: CostModel, engine_id: str = "engine-0") -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        cost: CostModel,
+        engine_id: str = "engine-0",
+        shared: SharedStore | None = None,
+    ) -> None:
         self.config = config
         self.cost = cost
         self.engine_id = engine_id
         self.cache = PrefixCache(config.num_gpu_blocks, config.block_size)
+        self.tiers = EngineTiers(cost, config.block_size, config.cpu_offload_blocks, shared)
+        self._tiered = bool(self.tiers)
         self._waiting: deque[_Running] = deque()
         self._running: list[_Running] = []
         self._ids: dict[str, _Running] = {}
@@ -108,6 +131,22 @@ class EngineModel:
         self.generation_tokens_total = 0
 
     # -- stats ---------------------------------------------------------------------------------
+
+    @property
+    def cpu(self) -> BlockLru | None:
+        return self.tiers.cpu
+
+    @property
+    def shared(self) -> SharedStore | None:
+        return self.tiers.shared
+
+    @property
+    def cpu_hit_tokens(self) -> int:
+        return self.tiers.cpu_hit_tokens
+
+    @property
+    def shared_hit_tokens(self) -> int:
+        return self.tiers.shared_hit_tokens
 
     @property
     def block_size(self) -> int:
@@ -199,6 +238,9 @@ class EngineModel:
         i = 0
         while i < len(running) and budget > 0:
             st = running[i]
+            if st.ready_s > now_s:  # still loading its prefix from a lower tier
+                i += 1
+                continue
             c = st.computed
             remaining = st.prompt_tokens + st.generated - c
             n = 1 if remaining == 1 else min(remaining, budget)
@@ -218,7 +260,12 @@ class EngineModel:
             i += 1
 
         if not preempted:
-            self._admit(budget, prefills, events)
+            self._admit(budget, prefills, events, now_s)
+        if self._tiered and not prefills and not decoders and not preempted:
+            loading = [st.ready_s for st in running if st.ready_s > now_s]
+            if loading:
+                return StepResult(now_s, min(loading), (), (), tuple(events), (), 0, 0,
+                                  load_wait=True)
         return self._finish_step(now_s, prefills, decoders, decode_context, events, preempted)
 
     def _make_room(self, need: int, st: _Running, preempted: list[str]) -> bool:
@@ -233,7 +280,11 @@ class EngineModel:
         return True
 
     def _admit(
-        self, budget: int, prefills: list[tuple[_Running, int]], events: list[KvEvent]
+        self,
+        budget: int,
+        prefills: list[tuple[_Running, int]],
+        events: list[KvEvent],
+        now_s: float,
     ) -> None:
         bs = self.config.block_size
         cache = self.cache
@@ -242,10 +293,16 @@ class EngineModel:
             st = self._waiting[0]
             keys = st.req.block_keys
             tokens = st.prompt_tokens + st.generated
-            hits = cache.match(keys[: min(len(keys), (tokens - 1) // bs)])
+            cap = min(len(keys), (tokens - 1) // bs)
+            hits = cache.match(keys[:cap])
             hit_keys = keys[:hits]
-            n = min(tokens - hits * bs, budget)
-            need = -(-(hits * bs + n) // bs) - hits
+            cpu_n = shared_n = 0
+            if self._tiered and hits < cap:
+                cpu_n, shared_n = self.tiers.match(keys[hits:cap])
+            loaded = cpu_n + shared_n
+            # A request loading its prefix computes nothing until the load is done.
+            n = 0 if loaded else min(tokens - hits * bs, budget)
+            need = -(-((hits + loaded) * bs + n) // bs) - hits
             if need + cache.count_evictable(hit_keys) > cache.free_blocks:
                 break
             self._waiting.popleft()
@@ -262,12 +319,35 @@ class EngineModel:
             # this, same-prefix requests that arrive together all recompute the prefix.
             self._store(st, (hits * bs + n) // bs, events)
             st.computed = hits * bs
-            st.cached_tokens = hits * bs
+            if loaded:
+                self._load(st, hits, cpu_n, shared_n, events, now_s)
+            st.cached_tokens = st.computed
             self.prefix_cache_queries_tokens += tokens
             self.prefix_cache_hits_tokens += hits * bs
             self._running.append(st)
-            prefills.append((st, n))
+            if n:
+                prefills.append((st, n))
             budget -= n
+
+    def _load(
+        self,
+        st: _Running,
+        hits: int,
+        cpu_n: int,
+        shared_n: int,
+        events: list[KvEvent],
+        now_s: float,
+    ) -> None:
+        """Blocks ``hits .. hits + cpu_n + shared_n`` come from lower tiers: cached on GPU at
+        once, usable when the queued load ends."""
+        bs = self.config.block_size
+        loaded = cpu_n + shared_n
+        self._store(st, hits + loaded, events, write_through=False)
+        st.ready_s = self.tiers.load(st.req.block_keys[hits : hits + loaded], cpu_n, shared_n,
+                                     now_s)
+        st.computed = (hits + loaded) * bs
+        st.cpu_cached = cpu_n * bs
+        st.shared_cached = shared_n * bs
 
     def _finish_step(
         self,
@@ -329,8 +409,11 @@ class EngineModel:
             decode_requests=len(decoders),
         )
 
-    def _store(self, st: _Running, full_blocks: int, events: list[KvEvent]) -> None:
-        """Cache the request's blocks up to ``full_blocks`` that have keys and are not yet held."""
+    def _store(
+        self, st: _Running, full_blocks: int, events: list[KvEvent], write_through: bool = True
+    ) -> None:
+        """Cache the request's blocks up to ``full_blocks`` that have keys and are not yet held;
+        computed ones are written through to the lower tiers."""
         req = st.req
         full = min(len(req.block_keys), full_blocks)
         if full <= st.held:
@@ -340,6 +423,8 @@ class EngineModel:
         parent = req.block_keys[st.held - 1] if st.held else None
         tokens = req.token_ids[st.held * bs : full * bs] if req.token_ids else ()
         self.cache.store(keys, parent, tokens, events)
+        if write_through and self._tiered:
+            self.tiers.write_through(keys, events)
         st.anonymous -= full - st.held
         st.held = full
 
@@ -353,6 +438,8 @@ class EngineModel:
             cached_tokens=st.cached_tokens,
             prompt_tokens=st.prompt_tokens,
             arrival_s=st.arrival_s,
+            cpu_cached_tokens=st.cpu_cached,
+            shared_cached_tokens=st.shared_cached,
         )
 
     def _free(self, st: _Running) -> None:
@@ -363,5 +450,7 @@ class EngineModel:
     def _preempt(self, st: _Running) -> None:
         self._free(st)
         st.computed = 0
+        st.ready_s = 0.0
+        st.cpu_cached = st.shared_cached = 0
         self.num_preemptions += 1
         self._waiting.appendleft(st)

@@ -20,11 +20,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int = 131072
+    cpu_offload_blocks: int = 0
+    """vLLM native CPU offloading (``kv_offloading_size``) in blocks; 0 = off."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
+        if self.cpu_offload_blocks < 0:
+            raise ValueError(f"engine.cpu_offload_blocks must be >= 0, got {self.cpu_offload_blocks}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +53,14 @@ class RequestOutput:
     first_token: bool
     finished: bool
     cached_tokens: int
-    """Prompt tokens found in the prefix cache at (last) admission."""
+    """Prompt tokens not computed at (last) admission: GPU prefix-cache hits plus tokens
+    loaded from the CPU offload tier and the shared store (vLLM's ``num_cached_tokens``)."""
     prompt_tokens: int
     arrival_s: float
+    cpu_cached_tokens: int = 0
+    """Of ``cached_tokens``, those loaded from the CPU offload tier."""
+    shared_cached_tokens: int = 0
+    """Of ``cached_tokens``, those loaded from the fleet-shared store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,8 @@ class StepResult:
     preempted: tuple[str, ...]
     prefill_tokens: int
     decode_requests: int
+    load_wait: bool = False
+    """Nothing computed: the step only waits for a tier load to finish (not busy time)."""
 
     @property
     def duration_s(self) -> float:

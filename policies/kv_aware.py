@@ -600,9 +600,10 @@ class KvAware(PolicyBase):
         )
 
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
-        """Hold while no candidate has KV room for this prompt (``policies.kv_commitment``):
-        placed later, when a finish frees room, it sees fresher cache state, and no engine
-        admits what it would preempt."""
+        """Hold while every candidate has ``hold_queue_s`` of predicted prefill in flight, or
+        while none has KV room for this prompt (``policies.kv_commitment``): placed later,
+        when a finish frees room, it sees fresher cache state, no engine queue holds it on a
+        stale picture, and no engine admits what it would preempt."""
         ratio = self.params.hold_kv_ratio
         candidates = [b for b in view.backends if b.role is not Role.DECODE]
         if not candidates:

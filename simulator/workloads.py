@@ -173,19 +173,26 @@ def _chat(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
         return f"chat-{next(users)}", session(t, system.fork())
 
     def session(t: float, ctx: _Context) -> Iterator[Turn]:
-        visits = 1
-        while True:
-            for _ in range(1 + int(rng.expovariate(1 / 4.0))):
-                out = rng.randint(p.output_min_tokens, p.output_max_tokens)
-                yield t, ctx.extend(rng.randint(p.user_min_tokens, p.user_max_tokens)), out
-                ctx.extend(out)
-                t += 2.0 + rng.expovariate(1.0 / p.think_s)
-            if visits >= 3 or rng.random() >= p.return_ratio:
-                return
-            visits += 1
-            t += rng.expovariate(1.0 / p.idle_s)
+        return _visits(p, rng, t, ctx, lambda: 1 + int(rng.expovariate(1 / 4.0)), away_s=0.0)
 
     return _drive("chat", p, 5.0 * (1 + p.return_ratio), start, rng)
+
+
+def _visits(p: WorkloadParams, rng: random.Random, t: float, ctx: _Context,
+            turns: Callable[[], int], away_s: float) -> Iterator[Turn]:
+    """A user's visits: ``turns()`` chat turns each, then (``return_ratio``, at most 3 visits)
+    a return after ``away_s`` plus an exponential idle of mean ``idle_s``."""
+    visits = 1
+    while True:
+        for _ in range(turns()):
+            out = rng.randint(p.output_min_tokens, p.output_max_tokens)
+            yield t, ctx.extend(rng.randint(p.user_min_tokens, p.user_max_tokens)), out
+            ctx.extend(out)
+            t += 2.0 + rng.expovariate(1.0 / p.think_s)
+        if visits >= 3 or rng.random() >= p.return_ratio:
+            return
+        visits += 1
+        t += away_s + rng.expovariate(1.0 / p.idle_s)
 
 
 def _agent(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
@@ -198,14 +205,25 @@ def _agent(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
         return f"agent{app}-{next(agents)}", session(t, apps[app].fork(), rng.randint(5, 40))
 
     def session(t: float, ctx: _Context, steps: int) -> Iterator[Turn]:
-        ctx.extend(rng.randint(200, 1000))
-        for _ in range(steps):
-            out = rng.randint(30, 300)
-            yield t, ctx, out
-            ctx.extend(out + rng.randint(200, 3000))
-            t += 1.0 + rng.expovariate(1 / 3.0)
+        return _steps(rng, t, ctx, steps, task=(200, 1000), out=(30, 300), result=(200, 3000))
 
     return _drive("agent", p, 22.5, start, rng)
+
+
+def _steps(rng: random.Random, t: float, ctx: _Context, steps: int, task: tuple[int, int],
+           out: tuple[int, int], result: tuple[int, int], cold_ratio: float = 0.0
+           ) -> Iterator[Turn]:
+    """An agent's run: a task of ``task`` tokens on its app's prefix, then ``steps`` calls,
+    each adding its output and a tool result; with ``cold_ratio`` a step's tool is slow
+    (30-300 s) and the context goes cold."""
+    ctx.extend(rng.randint(*task))
+    for _ in range(steps):
+        produced = rng.randint(*out)
+        yield t, ctx, produced
+        ctx.extend(produced + rng.randint(*result))
+        t += 1.0 + rng.expovariate(1 / 3.0)
+        if cold_ratio and rng.random() < cold_ratio:
+            t += rng.uniform(30.0, 300.0)
 
 
 def _long_doc_qa(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
@@ -236,17 +254,7 @@ def _returning(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]:
         return f"user-{next(users)}", session(t, context)
 
     def session(t: float, ctx: _Context) -> Iterator[Turn]:
-        visits = 1
-        while True:
-            for _ in range(rng.randint(2, 5)):
-                out = rng.randint(p.output_min_tokens, p.output_max_tokens)
-                yield t, ctx.extend(rng.randint(p.user_min_tokens, p.user_max_tokens)), out
-                ctx.extend(out)
-                t += 2.0 + rng.expovariate(1.0 / p.think_s)
-            if visits >= 3 or rng.random() >= p.return_ratio:
-                return
-            visits += 1
-            t += 60.0 + rng.expovariate(1.0 / p.idle_s)
+        return _visits(p, rng, t, ctx, lambda: rng.randint(2, 5), away_s=60.0)
 
     return _drive("ret", p, 3.5 * (1 + p.return_ratio), start, rng)
 
@@ -261,14 +269,8 @@ def _long_agent(p: WorkloadParams, rng: random.Random) -> Iterator[TraceRequest]
         return f"lagent{app}-{next(agents)}", session(t, apps[app].fork(), rng.randint(10, 40))
 
     def session(t: float, ctx: _Context, steps: int) -> Iterator[Turn]:
-        ctx.extend(rng.randint(2000, 8000))
-        for _ in range(steps):
-            out = rng.randint(50, 500)
-            yield t, ctx, out
-            ctx.extend(out + rng.randint(1000, 8000))
-            t += 1.0 + rng.expovariate(1 / 3.0)
-            if rng.random() < 0.25:
-                t += rng.uniform(30.0, 300.0)  # a slow tool: the context goes cold
+        return _steps(rng, t, ctx, steps, task=(2000, 8000), out=(50, 500),
+                      result=(1000, 8000), cold_ratio=0.25)
 
     return _drive("lagent", p, 25.0, start, rng)
 

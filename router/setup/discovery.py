@@ -179,8 +179,8 @@ def discovery_background(
 
     def factory(state: Any) -> Coroutine[Any, Any, None]:
         metrics = DiscoveryMetrics(state.metrics.registry)
-        index = state.index if isinstance(state.index, PrefixIndex) else None
-        sink = PoolSink(state.pool, index, on_event_sources)
+        # RouterState.index is the app's PrefixIndex, or None without KV plumbing.
+        sink = PoolSink(state.pool, state.index, on_event_sources)
         backends = BackendSet(sink, metrics, parsed.mode)
         if parsed.dns is not None:
             return DnsDiscovery(parsed.dns, backends, metrics).run()

@@ -23,6 +23,9 @@ class PolicyBase:
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         return None
 
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        return None
+
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:

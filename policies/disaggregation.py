@@ -297,6 +297,9 @@ class Disaggregated(PolicyBase):
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, self._for_inner(decision), now_s)
 
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_first_token(request, self._for_inner(decision), now_s)
+
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:

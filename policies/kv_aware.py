@@ -297,6 +297,9 @@ class KvAware(PolicyBase):
         self._homes = PlacementMemory(params.home_max_blocks)
         self._recent = PrefixIndex(max_entries=params.approx_max_entries)
         self._pending: dict[BackendId, PendingPrefill] = {}
+        # request id -> (prefill backend, its forecast's key there) until the first token
+        # or the finish retires it
+        self._forecasts: dict[str, tuple[BackendId, int]] = {}
         self._committed = KvCommitment(params.hold_output_tokens)
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -637,10 +640,19 @@ class KvAware(PolicyBase):
             return prefill_id, 0.0
         return prefill_id, self._committed.tokens(predicted.uncached_tokens, request.max_tokens)
 
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self._retire(request)
+
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:
         self._committed.remove(*self._commitment(request, decision))
+        self._retire(request)
+
+    def _retire(self, request: RouteRequest) -> None:
+        forecast = self._forecasts.pop(request.request_id, None)
+        if forecast is not None and (pending := self._pending.get(forecast[0])) is not None:
+            pending.retire(forecast[1])
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         prefill_id = decision.prefill_backend_id or decision.backend_id
@@ -653,11 +665,12 @@ class KvAware(PolicyBase):
             pending = self._pending[prefill_id] = PendingPrefill(
                 self.params.prefill_memory_requests
             )
-        pending.add(
+        self._forecasts[request.request_id] = prefill_id, pending.add(
             now_s + predicted.ttft_s,
             predicted.prefill_s,
             predicted.uncached_tokens,
             predicted.prompt_tokens,
+            awaits_first_token=request.stream,
         )
         if request.block_hashes:
             self._homes.record(prefill_id, request.block_hashes)
@@ -678,6 +691,7 @@ class KvAware(PolicyBase):
         self._homes.remove_backend(backend_id)
         self._recent.remove_backend(backend_id)
         self._pending.pop(backend_id, None)
+        self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)
 
 

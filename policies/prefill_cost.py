@@ -63,20 +63,29 @@ class PrefillCost:
 
 
 class PendingPrefill:
-    """The prefill work a policy sent one backend and predicts is not finished yet.
+    """The prefill work a policy sent one backend and believes is not finished yet.
 
-    Each dispatch adds its predicted prefill seconds and uncached tokens until its predicted
-    first-token time; ``expire(now_s)`` drops what should be done by then. Router-side
-    in-flight counters cannot tell prefilling requests from decoding ones; this can.
-    ``mean_prefill_s`` / ``mean_new_tokens`` are moving averages over the last ``window``
-    dispatches, used to price the engine's own waiting requests. O(log n) per dispatch.
+    Each dispatch adds its predicted prefill seconds and uncached tokens. A forecast ends at
+    the request's first token when one will be reported (``retire``, from ``on_first_token``;
+    ``awaits_first_token``), else at its predicted first-token time (``expire(now_s)``). A
+    reported request past its predicted time is *overdue*: the backend is slower or more
+    loaded than predicted, and its whole prefill still counts, since how much is left is
+    unknown (without this a backend 4x slower than the model looks idle once its forecasts
+    lapse, and keeps receiving work). Router-side in-flight counters cannot tell prefilling
+    requests from decoding ones; this can. ``mean_prefill_s`` / ``mean_new_tokens`` are moving
+    averages over the last ``window`` dispatches, used to price the engine's own waiting
+    requests. O(log n) per dispatch; a retired forecast leaves its heap entry behind until its
+    predicted time passes (lazy deletion).
     """
 
-    __slots__ = ("_heap", "_seq", "_window", "mean_new_tokens", "mean_prefill_s", "new_tokens",
-                 "prompt_tokens", "seconds")
+    __slots__ = ("_entries", "_heap", "_late", "_seq", "_window", "mean_new_tokens",
+                 "mean_prefill_s", "new_tokens", "prompt_tokens", "seconds")
 
     def __init__(self, window: int) -> None:
-        self._heap: list[tuple[float, int, float, float, int]] = []
+        self._heap: list[tuple[float, int]] = []  # (predicted first token s, key), lazy
+        # key -> (prefill_s, new_tokens, prompt_tokens, awaits_first_token), live forecasts
+        self._entries: dict[int, tuple[float, float, int, bool]] = {}
+        self._late: set[int] = set()  # live forecasts past their predicted time
         self._seq = 0
         self._window = window
         self.seconds = 0.0
@@ -85,31 +94,64 @@ class PendingPrefill:
         self.mean_prefill_s = 0.0
         self.mean_new_tokens = 0.0
 
-    def add(self, done_s: float, prefill_s: float, new_tokens: float, prompt_tokens: int) -> None:
+    def add(self, done_s: float, prefill_s: float, new_tokens: float, prompt_tokens: int,
+            awaits_first_token: bool = False) -> int:
+        """Record one dispatch; returns its key for ``retire``."""
         self._seq += 1
-        heapq.heappush(self._heap, (done_s, self._seq, prefill_s, new_tokens, prompt_tokens))
+        key = self._seq
+        heapq.heappush(self._heap, (done_s, key))
+        self._entries[key] = (prefill_s, new_tokens, prompt_tokens, awaits_first_token)
         self.seconds += prefill_s
         self.new_tokens += new_tokens
         self.prompt_tokens += prompt_tokens
-        weight = 1.0 / min(self._seq, self._window)
+        weight = 1.0 / min(key, self._window)
         self.mean_prefill_s += (prefill_s - self.mean_prefill_s) * weight
         self.mean_new_tokens += (new_tokens - self.mean_new_tokens) * weight
+        return key
+
+    def retire(self, key: int) -> None:
+        """The forecast ``key`` ended: its first token came, or it finished. Unknown keys
+        (already expired) are ignored."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self._late.discard(key)
+        self._drop(entry)
+
+    def _drop(self, entry: tuple[float, float, int, bool]) -> None:
+        self.seconds -= entry[0]
+        self.new_tokens -= entry[1]
+        self.prompt_tokens -= entry[2]
+        if not self._entries:  # no float drift left behind
+            self.seconds = self.new_tokens = 0.0
+            self.prompt_tokens = 0
 
     def remaining_s(self, now_s: float) -> float:
-        """Pending prefill seconds at ``now_s``: the earliest-finishing request is assumed to be
-        in progress, so only what is left of it until its predicted finish counts."""
-        if not self._heap:
+        """Pending prefill seconds at ``now_s``. With nothing overdue, the earliest-finishing
+        forecast is assumed to be in progress, so only what is left of it until its predicted
+        finish counts; with something overdue, everything counts in full."""
+        if self._late:
+            return self.seconds
+        heap, entries = self._heap, self._entries
+        while heap and heap[0][1] not in entries:  # retired early
+            heapq.heappop(heap)
+        if not heap:
             return 0.0
-        done_s, _, prefill_s, _, _ = self._heap[0]
+        done_s, key = heap[0]
+        prefill_s = entries[key][0]
         return self.seconds - prefill_s + min(prefill_s, max(done_s - now_s, 0.0))
 
     def expire(self, now_s: float) -> None:
-        heap = self._heap
+        """Forecasts predicted done by ``now_s`` end, except those awaiting a reported first
+        token, which become overdue."""
+        heap, entries = self._heap, self._entries
         while heap and heap[0][0] <= now_s:
-            _, _, prefill_s, new_tokens, prompt_tokens = heapq.heappop(heap)
-            self.seconds -= prefill_s
-            self.new_tokens -= new_tokens
-            self.prompt_tokens -= prompt_tokens
-        if not heap:  # no float drift left behind
-            self.seconds = self.new_tokens = 0.0
-            self.prompt_tokens = 0
+            _, key = heapq.heappop(heap)
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            if entry[3]:
+                self._late.add(key)
+            else:
+                del entries[key]
+                self._drop(entry)

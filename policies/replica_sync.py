@@ -194,7 +194,12 @@ class ReplicaSync:
         peer.lag_s = now_s - message.sent_at_s
         if isinstance(message, Dispatch):
             if message.request_seq not in peer.in_flight:  # else already re-added, bare
-                self._add(peer, message.request_seq, message.request, message.decision, now_s)
+                request = message.request
+                if request.stream:
+                    # Its first token is heard only where it was sent: replayed here as a
+                    # whole answer, so no forecast waits for an on_first_token never coming.
+                    request = dataclasses.replace(request, stream=False)
+                self._add(peer, message.request_seq, request, message.decision, now_s)
         elif isinstance(message, Finish):
             held = peer.in_flight.pop(message.request_seq, None)
             if held is None:
@@ -319,6 +324,11 @@ class SyncedPolicy:
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, decision, now_s)
         self.publish(self.sync.dispatched(request, decision, now_s))
+
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        # Local only: peers replay dispatches as whole answers (no first token to wait for),
+        # so their forecasts retire at the predicted time.
+        self.inner.on_first_token(request, decision, now_s)
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool

@@ -240,6 +240,12 @@ class Policy(Protocol):
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None: ...
 
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        """The first output of a streamed request arrived (the first body chunk: vLLM sends
+        nothing before its first token): its prefill is done. Not called for whole answers,
+        whose first byte is their end; ``on_finished`` follows in every case."""
+        ...
+
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None: ...

@@ -291,7 +291,7 @@ class Proxy:
                         upstream.raw_headers, fields.request_id, backend.backend_id,
                         decision.predicted_hit_tokens)
                     response, outcome = await self.relay(
-                        request, upstream, headers, backend, fields, decision)
+                        request, upstream, headers, backend, fields, decision, route_request)
                     ok = outcome is True and status < 400
                     slot.verdict = None if outcome is None else slot.verdict and outcome
                     self.metrics.count(backend.backend_id, response.status)
@@ -302,14 +302,15 @@ class Proxy:
 
     def relay(
         self, request: Request, upstream: UpstreamResponse, headers: bytes, backend: Backend,
-        fields: RequestFields, decision: Decision,
+        fields: RequestFields, decision: Decision, route_request: RouteRequest,
     ) -> Awaitable[tuple[Response | StreamResponse, bool | None]]:
         """Relay the backend's answer to the client: chunk by chunk when it streams, else
         whole. Awaits to (response, True) at a clean end, False when the backend broke it,
         None when the client went away. (A plain function handing back the chosen relay's
         coroutine: no extra coroutine frame per request.)"""
         if fields.stream or upstream.content_type == _SSE:
-            return self._relay_stream(request, upstream, headers, backend)
+            return self._relay_stream(request, upstream, headers, backend, route_request,
+                                      decision)
         return self._relay_whole(upstream, headers, backend, fields.request_id,
                                  decision.predicted_hit_tokens)
 
@@ -336,10 +337,15 @@ class Proxy:
         upstream: UpstreamResponse,
         headers: bytes,
         backend: Backend,
+        route_request: RouteRequest,
+        decision: Decision,
     ) -> tuple[StreamResponse, bool | None]:
         """Relay chunks as they arrive. Returns (response, True) at a clean end, False when
-        the backend broke the stream, None when the client went away."""
+        the backend broke the stream, None when the client went away. The first chunk tells
+        the policy the prefill is done (``on_first_token``): vLLM sends nothing before its
+        first token, so this is the request's TTFT at the router."""
         response = StreamResponse(status=upstream.status, headers=headers)
+        first = route_request.stream and upstream.status < 400
         try:
             await response.prepare(request)
             while True:
@@ -355,6 +361,9 @@ class Proxy:
                     return response, False
                 if not chunk:
                     break
+                if first:
+                    first = False
+                    self.policy.on_first_token(route_request, decision, time.monotonic())
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionResetError:

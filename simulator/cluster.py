@@ -168,9 +168,11 @@ class ClusterSim:
         self.block_size = block_size
         shared = (SharedStore(max(cfg.shared_store_tokens // block_size, 1), block_size)
                   if cfg.shared_store_tokens else None)
+        slow = dict(cfg.slow_backends)
         self.engines = [
-            EngineModel(engine_config, self.cost, engine_id=b, shared=shared)
-            for b in self.router.backend_ids
+            EngineModel(engine_config, self.cost.slowed(slow[i]) if i in slow else self.cost,
+                        engine_id=b, shared=shared)
+            for i, b in enumerate(self.router.backend_ids)
         ]
         self._pending = [None] * cfg.backends
         self._wake = [None] * cfg.backends
@@ -336,6 +338,7 @@ class ClusterSim:
                 raise RuntimeError(f"engine output for unknown request {out.request_id}")
             if out.first_token:
                 live.first_token_s = now
+                self.router.first_token(live.route, live.decision, now)
                 live.cached_tokens = out.cached_tokens
                 live.cpu_cached_tokens = out.cpu_cached_tokens
                 live.shared_cached_tokens = out.shared_cached_tokens

@@ -78,6 +78,10 @@ class _RoleRouter(SimRouter):
         assert decision.prefill_backend_id is not None
         self._hold(decision.prefill_backend_id, request.prompt_tokens, -1)
 
+    def first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        if request.stream:
+            self.policy.on_first_token(request, decision, now_s)
+
     def finish(self, request: RouteRequest, decision: Decision, now_s: float, ok: bool) -> None:
         split = decision.prefill_backend_id is not None
         self._hold(decision.backend_id, 0 if split else request.prompt_tokens, -1)

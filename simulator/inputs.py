@@ -46,6 +46,8 @@ class SimConfig:
     shared_store_tokens: int = 0  # fleet-wide: one LMCache/Mooncake-style store; 0 = off
     returning_gap_s: float = 0.0  # a session's request this long after its previous one is a
     # "returning" turn, measured apart (returning_* in results.json); 0 = off
+    slow_backends: tuple[tuple[int, float], ...] = ()  # (engine index, factor): that engine's
+    # every step lasts factor times longer (a throttled or older GPU), as ``emulate --slow-pod``
 
     @property
     def tiered(self) -> bool:
@@ -63,12 +65,17 @@ class SimConfig:
         for name in OPTIONAL_FIELDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"simulation.{name} must be >= 0")
+        for index, factor in self.slow_backends:
+            if not 0 <= index < self.backends or factor <= 0:
+                raise ValueError(
+                    f"simulation.slow_backends: ({index}, {factor}) needs 0 <= index < "
+                    f"{self.backends} and factor > 0")
 
 
 def config_dict(config: SimConfig) -> dict[str, Any]:
     """``asdict(config)`` without the optional fields that are off (``OPTIONAL_FIELDS``)."""
     out = asdict(config)
-    for name in OPTIONAL_FIELDS:
+    for name in (*OPTIONAL_FIELDS, "slow_backends"):
         if not out[name]:
             del out[name]
     return out

@@ -160,6 +160,9 @@ class ReplicaSet:
         self._predicted_tokens[r] += decision.predicted_hit_tokens
         return decision
 
+    def first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.replicas[self._owner[request.request_id]].first_token(request, decision, now_s)
+
     def finish(self, request: RouteRequest, decision: Decision, now_s: float, ok: bool) -> None:
         r = self._owner.pop(request.request_id)
         self.replicas[r].finish(request, decision, now_s, ok)

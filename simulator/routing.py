@@ -2,8 +2,8 @@
 
 It calls the policy exactly as ``router.proxy`` does, with the same shared code
 (``policies.bookkeeping``): ``decide(policy, request, ClusterView(now_s, candidates, index))``,
-then the acquire (in-flight requests and prompt tokens +1) and ``on_dispatched``; at the end a
-release and ``on_finished(ok)``. Candidates are ``BackendLoad.state`` of each backend, as in
+then the acquire (in-flight requests and prompt tokens +1) and ``on_dispatched``; at a streamed
+request's first token ``on_first_token``; at the end a release and ``on_finished(ok)``. Candidates are ``BackendLoad.state`` of each backend, as in
 ``router.pool.BackendPool.snapshot``: router-side counters always fresh, engine-side signals
 (waiting, running, KV usage, total blocks) from the last scrape and ``None`` once older than
 ``engine_signals_max_age_s``. KV events feed one
@@ -62,6 +62,11 @@ class SimRouter:
         self._slots[self._position[decision.backend_id]].acquire(request.prompt_tokens)
         self.policy.on_dispatched(request, decision, now_s)
         return decision
+
+    def first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        """A streamed request's first token: the live proxy's first body chunk."""
+        if request.stream:
+            self.policy.on_first_token(request, decision, now_s)
 
     def finish(self, request: RouteRequest, decision: Decision, now_s: float, ok: bool) -> None:
         self._slots[self._position[decision.backend_id]].release(request.prompt_tokens)

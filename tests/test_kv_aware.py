@@ -620,3 +620,66 @@ def test_defers_while_every_backend_has_prefill_queued_and_not_once_it_is_predic
     for i, decision in enumerate(sent):
         off.on_dispatched(prompt(i, 8000), decision, 0.0)
     assert not off.defer(prompt(9, 8000), v)
+
+
+def _streamed(request: RouteRequest) -> RouteRequest:
+    return dataclasses.replace(request, stream=True)
+
+
+def test_a_streamed_request_queues_until_its_first_token_however_late() -> None:
+    """A backend slower than the model: its streamed requests' forecasts lapse while they are
+    still queued. They count in full until their first token is reported, then not at all."""
+    index = PrefixIndex()
+    kv = policy()
+    sent: list[tuple[RouteRequest, Decision]] = []
+    for i in range(4):
+        cold = _streamed(prompt(300 + i, 4096))
+        decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
+            cold, view(index, idle("b0"))).scores)
+        kv.on_dispatched(cold, decision, 0.0)
+        sent.append((cold, decision))
+    busy = idle("b0", in_flight_prompt_tokens=4 * 4096, in_flight_requests=4)
+    probe = prompt(2, 4096)
+    late = {s.backend_id: s.terms for s in kv.choose(
+        probe, view(index, busy, idle("b1"), now_s=1000.0)).scores}
+    # Long past every predicted first token, yet none reported: all four still queue.
+    assert late["b0"]["queued_s"] == pytest.approx(4 * PrefillCost().seconds(4096), rel=1e-6)
+    for request, decision in sent[:3]:
+        kv.on_first_token(request, decision, 1000.0)
+    left = {s.backend_id: s.terms for s in kv.choose(
+        probe, view(index, busy, idle("b1"), now_s=1000.0)).scores}
+    assert left["b0"]["queued_s"] == pytest.approx(PrefillCost().seconds(4096), rel=1e-6)
+    kv.on_finished(*sent[3], 1001.0, True)
+    done = {s.backend_id: s.terms for s in kv.choose(
+        probe, view(index, busy, idle("b1"), now_s=1001.0)).scores}
+    assert done["b0"]["queued_s"] == 0.0
+
+
+def test_a_first_token_ends_the_forecast_before_its_predicted_time() -> None:
+    index = PrefixIndex()
+    kv = policy()
+    cold = _streamed(prompt(400, 8000))
+    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
+        cold, view(index, idle("b0"))).scores)
+    kv.on_dispatched(cold, decision, 0.0)
+    busy = idle("b0", in_flight_prompt_tokens=8000, in_flight_requests=1)
+    probe = prompt(2, 4096)
+    before = {s.backend_id: s.terms for s in kv.choose(probe, view(index, busy)).scores}
+    assert before["b0"]["queued_s"] > 0.2  # 8k cold tokens predicted ~0.27 s
+    kv.on_first_token(cold, decision, 0.01)  # a faster engine than the model
+    after = {s.backend_id: s.terms for s in kv.choose(probe, view(index, busy, now_s=0.01)).scores}
+    assert after["b0"]["queued_s"] == 0.0
+
+
+def test_whole_answers_forecasts_still_end_at_their_predicted_time() -> None:
+    """Without a stream no first token is reported: the forecast ends when predicted."""
+    index = PrefixIndex()
+    kv = policy()
+    cold = prompt(500, 4096)  # stream=False
+    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
+        cold, view(index, idle("b0"))).scores)
+    kv.on_dispatched(cold, decision, 0.0)
+    busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
+    late = {s.backend_id: s.terms for s in kv.choose(
+        prompt(2, 4096), view(index, busy, now_s=1000.0)).scores}
+    assert late["b0"]["queued_s"] == 0.0

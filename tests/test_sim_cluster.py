@@ -191,3 +191,20 @@ def test_overload_holds_requests_in_the_router_and_saves_preemptions() -> None:
     assert unheld["deferred"] == 0
     assert held["arrived"] == held["requests"] + held["failed"] == 300
     assert held["preemptions"] < unheld["preemptions"]  # type: ignore[operator]
+
+
+def test_a_slow_backend_computes_slower_and_kv_aware_sends_it_less() -> None:
+    name, synth = parse_synthetic("synthetic:multi_tenant,requests=400,rate=40,tenants=16")
+    slow = SimConfig(backends=4, seed=2, slow_backends=((0, 4.0),))
+    rr = simulate(slow, "round_robin", synthetic(name, synth, 2))
+    busy = rr["busy_s"]
+    # Round robin sends each engine the same work: the slow one is busy about 4x as long.
+    assert busy[0] > 2.5 * max(busy[1:])  # type: ignore[index,operator]
+    kv = simulate(slow, "kv_aware", synthetic(name, synth, 2))
+    routed = kv["routed"]
+    assert routed[0] < 0.7 * min(routed[1:])  # type: ignore[index,operator]
+    assert kv["config"]["slow_backends"] == ((0, 4.0),)  # type: ignore[index]
+    plain = simulate(SimConfig(backends=4, seed=2), "round_robin", synthetic(name, synth, 2))
+    assert "slow_backends" not in plain["config"]  # type: ignore[operator]
+    with pytest.raises(ValueError, match="slow_backends"):
+        SimConfig(backends=4, slow_backends=((4, 2.0),))

@@ -2,7 +2,7 @@
 through the simulator's adapter give the same decisions.
 
 A short simulation of each policy is recorded at the adapter boundary (requests with their
-times, scrapes, KV events, finishes). The recording is then replayed, with a fresh policy built
+times, first tokens, scrapes, KV events, finishes). The recording is then replayed, with a fresh policy built
 from the same name and seed, through (a) a fresh ``SimRouter`` and (b) ``router.pool.BackendPool``
 plus a ``PrefixIndex``, called exactly as ``router.proxy`` calls them. Every decision (backend,
 predicted hits, scores) and every candidate snapshot must be equal in all three.
@@ -36,8 +36,9 @@ def _record(
     ops: list[Op] = []
     decisions: list[Decision] = []
     views: list[tuple[BackendState, ...]] = []
-    route, finish, scrape, apply_event = (
+    route, first_token, finish, scrape, apply_event = (
         router.route,
+        router.first_token,
         router.finish,
         router.scrape,
         router.apply_event,
@@ -49,6 +50,10 @@ def _record(
         ops.append(("route", request, now_s))
         decisions.append(decision)
         return decision
+
+    def rec_first_token(request: RouteRequest, decision: Decision, now_s: float) -> None:
+        ops.append(("first_token", request.request_id, now_s))
+        first_token(request, decision, now_s)
 
     def rec_finish(request: RouteRequest, decision: Decision, now_s: float, ok: bool) -> None:
         ops.append(("finish", request.request_id, now_s, ok))
@@ -62,8 +67,10 @@ def _record(
         ops.append(("event", position, event, now_s))
         apply_event(position, event, now_s)
 
-    router.route, router.finish, router.scrape, router.apply_event = (  # type: ignore[method-assign]
+    (router.route, router.first_token, router.finish, router.scrape,  # type: ignore[method-assign]
+     router.apply_event) = (
         rec_route,
+        rec_first_token,
         rec_finish,
         rec_scrape,
         rec_event,
@@ -85,6 +92,9 @@ def _replay_sim(
             decision = router.route(request, now_s)
             decisions.append(decision)
             requests[request.request_id] = (request, decision)
+        elif op[0] == "first_token":
+            request, decision = requests[op[1]]
+            router.first_token(request, decision, op[2])
         elif op[0] == "finish":
             request, decision = requests.pop(op[1])
             router.finish(request, decision, op[2], op[3])
@@ -118,6 +128,9 @@ def _replay_live(
             chosen.on_dispatched(request, decision, now_s)
             decisions.append(decision)
             requests[request.request_id] = (request, decision, backend)
+        elif op[0] == "first_token":  # router.proxy._relay_stream's first chunk
+            request, decision, _ = requests[op[1]]
+            chosen.on_first_token(request, decision, op[2])
         elif op[0] == "finish":
             request, decision, backend = requests.pop(op[1])
             pool.release(backend, request.prompt_tokens)
@@ -139,6 +152,7 @@ def test_same_inputs_same_decisions_in_router_and_simulator(policy: str) -> None
     ops, recorded, recorded_views = _record(policy, seed=11)
     assert sum(1 for op in ops if op[0] == "route") == 120
     assert any(op[0] == "event" for op in ops) and any(op[0] == "scrape" for op in ops)
+    assert sum(1 for op in ops if op[0] == "first_token") == 120
     sim_decisions, sim_views = _replay_sim(policy, 11, ops)
     live_decisions, live_views = _replay_live(policy, 11, ops)
     assert sim_views == recorded_views

@@ -168,6 +168,9 @@ class ParityPolicy(PolicyBase):
         self.parity.dispatched(request.request_id, decision.prefill_backend_id
                                or decision.backend_id, now_s)
 
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_first_token(request, decision, now_s)
+
     def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
                     ok: bool) -> None:
         self.inner.on_finished(request, decision, now_s, ok)

@@ -87,7 +87,7 @@ __all__ = ["Disaggregation", "PdContext", "Relay"]
 # The proxy's relay of one backend's answer: (response, True) at a clean end, False when the
 # backend broke it, None when the client went away.
 Relay = Callable[
-    [Request, UpstreamResponse, bytes, Backend, RequestFields, Decision],
+    [Request, UpstreamResponse, bytes, Backend, RequestFields, Decision, RouteRequest],
     Awaitable[tuple[Response | StreamResponse, bool | None]],
 ]
 
@@ -221,8 +221,8 @@ class Disaggregation:
                     "connect") from None
             raise
 
-    async def _decode(self, request: Request, fields: RequestFields, decision: Decision,
-                      backend: Backend, data: bytes, prompt_tokens: int, last: bool,
+    async def _decode(self, request: Request, fields: RequestFields,
+                      route_request: RouteRequest, decision: Decision, backend: Backend, data: bytes, prompt_tokens: int, last: bool,
                       gate: asyncio.Task[bytes] | None, mode: str) -> Response | StreamResponse:
         ctx = self.ctx
         self.legs.labels("decode", backend.backend_id).inc()
@@ -246,7 +246,7 @@ class Disaggregation:
                     upstream.raw_headers, fields.request_id, backend.backend_id,
                     decision.predicted_hit_tokens) + b"x-kvrouter-pd: %b\r\n" % mode.encode()
                 response, outcome = await ctx.relay(
-                    request, upstream, headers, backend, fields, decision)
+                    request, upstream, headers, backend, fields, decision, route_request)
                 slot.verdict = None if outcome is None else slot.verdict and outcome
                 ctx.metrics.count(backend.backend_id, response.status)
                 return response
@@ -320,7 +320,8 @@ class Disaggregation:
             paired = sglang.bootstrap_body(fields.body, host, port, room)
             gate = asyncio.create_task(self._prefill(prefill, fields, route_request, paired))
             try:
-                return await self._decode(request, fields, decision, decode, _dump(paired), 0,
+                return await self._decode(request, fields, route_request, decision, decode,
+                                          _dump(paired), 0,
                                           decode_failures + 1 >= cfg.max_decode_attempts, gate,
                                           "split")
             except PrefillFailed as failed:
@@ -387,7 +388,7 @@ class Disaggregation:
                 break
             tried.append(decode.backend_id)
             try:
-                return await self._decode(request, fields, decision, decode, data,
+                return await self._decode(request, fields, route_request, decision, decode, data,
                                           prompt_tokens, attempt == attempts - 1, None, mode)
             except Retry as retry:
                 self.failures.labels("decode", retry.reason).inc()

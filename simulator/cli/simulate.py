@@ -114,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fleet-wide: one LMCache/Mooncake-style KV store of this many tokens every engine "
         "writes to and loads from (default 0 = off)",
     )
+    parser.add_argument(
+        "--slow-backend",
+        action="append",
+        default=[],
+        metavar="INDEX=FACTOR",
+        help="make engine INDEX FACTOR times slower at compute than the others (repeatable), "
+        "e.g. --slow-backend 0=4, as kvrouter emulate --slow-pod",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -167,10 +175,22 @@ def build_config(args: argparse.Namespace, simulation: dict[str, Any], backends:
         if flag is not None:
             values[name] = flag
     values["backends"] = backends
+    if getattr(args, "slow_backend", None):
+        values["slow_backends"] = tuple(_slow_backend(spec) for spec in args.slow_backend)
     try:
         return SimConfig(**values)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+
+
+def _slow_backend(spec: str) -> tuple[int, float]:
+    index, sep, factor = spec.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), float(factor)
+    except ValueError:
+        raise ValueError(f"--slow-backend {spec!r}: expected INDEX=FACTOR, e.g. 0=4") from None
 
 
 def parse_backends(text: str) -> list[int]:

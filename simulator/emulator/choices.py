@@ -250,10 +250,18 @@ async def stream_choices(request: web.Request, pod: EmulatedPod, streams: list[T
         body = {**head, "choices": [choice] if choice else [], **(extra or {})}
         await response.write(f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode())
 
-    if shape.chat:
+    # vLLM sends chat's role chunks on its first engine output, i.e. with the first token, not
+    # at once: a router that reads the first body chunk as the first token (kv_aware's
+    # on_first_token) must see the same timing here.
+    roles_sent = not shape.chat
+
+    async def send_roles() -> None:
+        nonlocal roles_sent
+        roles_sent = True
         for index in range(len(streams)):
             await send({"index": index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None})
+
     merged: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: TokenStream) -> None:
@@ -272,6 +280,8 @@ async def stream_choices(request: web.Request, pod: EmulatedPod, streams: list[T
             if token is None:
                 open_streams -= 1
                 continue
+            if not roles_sent:
+                await send_roles()
             position = sent[index]
             sent[index] += 1
             last = sent[index] >= streams[index].max_tokens
@@ -286,6 +296,8 @@ async def stream_choices(request: web.Request, pod: EmulatedPod, streams: list[T
             choice["finish_reason"] = finish if last else None
             choice["stop_reason"] = None
             await send(choice)
+        if not roles_sent:
+            await send_roles()
         if include_usage:
             await send({}, {"usage": usage(streams)})
         await response.write_eof(b"data: [DONE]\n\n")

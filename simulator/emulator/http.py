@@ -5,7 +5,8 @@ Async; used by ``simulator.emulator.fleet``. Must not import ``router``.
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (prompt as a string or token ids,
 chat through the tokenizer's template; ``stream`` with SSE ``data: {...}`` chunks and
-``data: [DONE]``; chat's first chunk carries ``delta: {"role": "assistant", "content": ""}``;
+``data: [DONE]``; chat's first chunk carries ``delta: {"role": "assistant", "content": ""}``, sent with the first token
+as vLLM does;
 ``stream_options.include_usage`` adds a last chunk with ``choices: []`` and ``usage``;
 ``usage.prompt_tokens_details.cached_tokens`` always; ``vllm_xargs: {"kv_cache_report_mode":
 "full"}`` re-announces a request's hit blocks as a BlockStored with no parent), ``GET /v1/models`` (with
@@ -189,10 +190,12 @@ async def _stream(
     def event(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
         return f"data: {dumps({**head, 'choices': choices, **(extra or {})})}\n\n"
 
+    # vLLM sends chat's role chunk on its first engine output, with the first token, not at
+    # once: a router reading the first body chunk as the first token must see vLLM's timing.
+    role_event = ""
     if chat:
         role = {"role": "assistant", "content": ""}
-        first = {"index": 0, "delta": role, "logprobs": None, "finish_reason": None}
-        await response.write(event([first]).encode())
+        role_event = event([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])
     # Token chunks differ only in the token and the finish reason: serialize the rest once.
     opening = dumps(head)[:-1] + ',"choices":[{"index":0,'
     field = '"delta":{"content":' if chat else '"text":'
@@ -207,6 +210,8 @@ async def _stream(
             f"data: {opening}{field}{dumps(token)}{closing},"
             f'"logprobs":null,"finish_reason":{finish},"stop_reason":null}}]}}\n\n'
         )
+        if role_event:
+            chunk, role_event = role_event + chunk, ""
         if not last:
             await response.write(chunk.encode())
             continue
@@ -215,7 +220,7 @@ async def _stream(
         await response.write_eof(f"{chunk}{tail}data: [DONE]\n\n".encode())
         return response
     # The producer ended without a last token (not expected): still end the stream properly.
-    await response.write_eof(b"data: [DONE]\n\n")
+    await response.write_eof(f"{role_event}data: [DONE]\n\n".encode())
     return response
 
 

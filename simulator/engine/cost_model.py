@@ -45,6 +45,7 @@ returns the names ``prefill_linear_s_per_token``, ``prefill_attention_s_per_toke
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,18 @@ class CostModel:
             kv_cache_bytes=int(_number(data, "kv_cache_bytes", name, 0)),
             h2d_bytes_per_s=_number(data, "pinned_h2d_GBps", name, 0) * 1e9,
             shared_store_bytes_per_s=_number(data, "shared_store_GBps", name, 0) * 1e9,
+        )
+
+    def slowed(self, factor: float) -> CostModel:
+        """The same engine ``factor`` times slower at compute (a throttled or older GPU): every
+        step's floor, prefill and decode work scale; tier loads (links, not compute) do not."""
+        return dataclasses.replace(
+            self,
+            name=f"{self.name} x{factor:g}",
+            step_floor_s=self.step_floor_s * factor,
+            prefill_linear_s_per_token=self.prefill_linear_s_per_token * factor,
+            prefill_attention_s_per_token2=self.prefill_attention_s_per_token2 * factor,
+            decode_excess_s=tuple(v * factor for v in self.decode_excess_s),
         )
 
     def prefill_coefficients(self) -> dict[str, float]:

@@ -1,0 +1,98 @@
+"""The first-token signal (``Policy.on_first_token``), end to end over real sockets.
+
+The proxy reports a streamed request's first body chunk, which vLLM sends only with its first
+token (its chat role chunk included), and the emulator must keep that timing, or the router
+would learn from headers what it should learn from tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from policies.base import PolicyBase
+from policies.types import ClusterView, Decision, RouteRequest
+from simulator.emulator.fleet import EmulatedCluster
+
+MODEL = "tiny-llama"
+
+
+class Recorder(PolicyBase):
+    """Routes to the first backend; records each hook's (name, request id, time)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float]] = []
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return Decision(backend_id=view.backends[0].backend_id, reason="first")
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.calls.append(("dispatched", request.request_id, now_s))
+
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.calls.append(("first_token", request.request_id, now_s))
+
+    def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
+                    ok: bool) -> None:
+        self.calls.append(("finished", request.request_id, now_s))
+
+
+async def test_the_proxy_reports_the_first_chunk_not_the_headers(
+        start_backend, start_router, http) -> None:
+    # Headers at once, then each of 3 chunks after 0.3 s: the first token is 0.3 s in.
+    backend = await start_backend(chunk_delay_s=0.3, chunks=3)
+    policy = Recorder()
+    router = await start_router({"backends": [backend.url]}, policy=policy,
+                                rng=random.Random(0))
+    body = {"model": "tiny", "prompt": "p", "stream": True}
+    async with http.post(router.url + "/v1/completions", json=body,
+                         headers={"x-request-id": "s1"}) as response:
+        assert response.status == 200
+        await response.read()
+    async with http.post(router.url + "/v1/completions", json={**body, "stream": False},
+                         headers={"x-request-id": "w1"}) as response:
+        assert response.status == 200
+        await response.read()
+    streamed = [(name, t) for name, rid, t in policy.calls if rid == "s1"]
+    assert [name for name, _ in streamed] == ["dispatched", "first_token", "finished"]
+    dispatched_s, first_s, finished_s = (t for _, t in streamed)
+    assert first_s - dispatched_s >= 0.25  # the first chunk, not the headers
+    assert finished_s - first_s >= 0.5  # two more chunks after it
+    # A whole answer's first byte is its end: no first-token report.
+    assert [name for name, rid, _ in policy.calls if rid == "w1"] == ["dispatched", "finished"]
+
+
+@pytest.fixture
+async def slow_pod() -> AsyncIterator[EmulatedCluster]:
+    # 1/50 of real time: a ~1,000-token prefill of the H200 model takes about 1.5 s of wall.
+    async with EmulatedCluster(count=1, time_scale=0.02, block_size=16) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["fast-path", "n=2"])
+async def test_the_emulators_chat_stream_starts_with_the_first_token(
+        slow_pod: EmulatedCluster, n: int) -> None:
+    body = {
+        "model": MODEL, "stream": True, "max_tokens": 2, "n": n,
+        "messages": [{"role": "user", "content": "tell me about the cache " * 200}],
+    }
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.post(slow_pod.urls[0] + "/v1/chat/completions",
+                                json=body) as response:
+            assert response.status == 200
+            headers_s = time.monotonic() - started
+            first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 30)
+            first_s = time.monotonic() - started
+            rest = await response.content.read()
+    # vLLM's role chunk comes with the first engine output, after the prefill.
+    assert b'"role":"assistant"' in first
+    assert first_s - headers_s >= 0.5
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert rest.count(b'"role":"assistant"') == n - 1

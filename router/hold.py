@@ -83,6 +83,7 @@ class RouterHold:
                 self.release()
 
     def release(self) -> None:
-        """A request finished (capacity may have freed): the head asks the policy again."""
+        """A request finished or its prefill did (capacity may have freed): the head asks the
+        policy again."""
         if self._queue:
             self._queue[0].set()

@@ -364,6 +364,9 @@ class Proxy:
                 if first:
                     first = False
                     self.policy.on_first_token(route_request, decision, time.monotonic())
+                    # A prefill ended: a held request may have room now (the simulator asks
+                    # at every engine output too).
+                    self.hold.release()
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionResetError:

@@ -309,3 +309,13 @@ def test_byte_fallback_is_deterministic_and_reversible(tmp_path: Any) -> None:
         'tool: {"function": {"description": null, "name": "f", "parameters": null}, '
         '"type": "function"}\nuser: hi\nassistant: '
     )
+
+
+async def test_pods_warm_their_chat_template_before_serving() -> None:
+    # vLLM 0.32 compiles its chat template at start-up (OnlineRenderer.warmup), so the first
+    # chat request does not pay it; the emulated pods do the same.
+    from transformers.utils import chat_template_utils
+
+    chat_template_utils._compile_jinja_template.cache_clear()
+    async with EmulatedCluster(count=1, time_scale=100.0, block_size=16):
+        assert chat_template_utils._compile_jinja_template.cache_info().currsize >= 1

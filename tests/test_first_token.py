@@ -96,3 +96,45 @@ async def test_the_emulators_chat_stream_starts_with_the_first_token(
     assert first_s - headers_s >= 0.5
     assert rest.endswith(b"data: [DONE]\n\n")
     assert rest.count(b'"role":"assistant"') == n - 1
+
+
+class OnePrefillAtATime(Recorder):
+    """Defers while a dispatched streamed request has not had its first token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefilling: set[str] = set()
+
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return bool(self.prefilling)
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        super().on_dispatched(request, decision, now_s)
+        self.prefilling.add(request.request_id)
+
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        super().on_first_token(request, decision, now_s)
+        self.prefilling.discard(request.request_id)
+
+
+async def test_a_first_token_lets_a_held_request_ask_again(
+        start_backend, start_router, http) -> None:
+    # First token 0.3 s in, the end 0.9 s in: the held request must go at the first token.
+    backend = await start_backend(chunk_delay_s=0.3, chunks=3)
+    policy = OnePrefillAtATime()
+    router = await start_router({"backends": [backend.url]}, policy=policy,
+                                rng=random.Random(0))
+
+    async def send(rid: str) -> None:
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": rid, "stream": True},
+                             headers={"x-request-id": rid}) as response:
+            assert response.status == 200
+            await response.read()
+
+    first = asyncio.create_task(send("r0"))
+    await asyncio.sleep(0.1)
+    await asyncio.gather(first, send("r1"))
+    at = {(name, rid): t for name, rid, t in policy.calls}
+    assert at[("first_token", "r0")] <= at[("dispatched", "r1")]
+    assert at[("dispatched", "r1")] < at[("finished", "r0")] - 0.3

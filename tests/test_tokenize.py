@@ -297,3 +297,13 @@ def test_chat_template_kwargs_and_string_content_format(hf):
     # vLLM joins a string-format template's text parts with newlines and passes the kwargs.
     assert result.text == "<|start|>user salty\none\ntwo<|end|>\n<|start|>assistant\n"
     assert result.token_ids == hf(result.text, add_special_tokens=False)["input_ids"]
+
+
+def test_warm_compiles_the_chat_template_and_leaves_the_caches_alone(hf):
+    from transformers.utils import chat_template_utils
+
+    chat_template_utils._compile_jinja_template.cache_clear()
+    tok = ModelTokenizer(hf)
+    tok.warm()
+    assert chat_template_utils._compile_jinja_template.cache_info().currsize >= 1
+    assert tok.cache.tokens == 0 and len(tok.cache) == 0 and not tok._pieces

@@ -315,6 +315,7 @@ def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) ->
         try:
             tokenizers[name] = ModelTokenizer(load_tokenizer(source),
                                               cache_tokens=section.tokenizer_cache_tokens)
+            tokenizers[name].warm()
         except ValueError as exc:
             where = (f"--model-tokenizer {name}" if tokenizer_dirs and name in tokenizer_dirs
                      else f"models.{name}.tokenizer")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from policies.kv.events import REMOTE, BlockRemoved, BlockStored, KvEvent
-from simulator.emulator.chat import ChatInputs
+from simulator.emulator.chat import ChatInputs, shape_chat
 from simulator.emulator.kv import KvEventPublisher, vllm_block_hashes
 from simulator.emulator.metrics import PodMetrics
 from simulator.emulator.store import RedisBlockStore, StoreMirror
@@ -305,6 +305,13 @@ class EmulatedPod:
         self.driver_errors = 0
 
     async def start(self) -> None:
+        # vLLM 0.32 warms its chat renderer before it serves (OnlineRenderer.warmup): the
+        # first chat request must not pay the template's compile (~40 ms here), or whichever
+        # router sends the first burst looks slower for it.
+        try:
+            self.codec.chat(shape_chat({"messages": [{"role": "user", "content": "warm up"}]}))
+        except ValueError:  # no chat template: chat requests get their error later
+            pass
         loop = asyncio.get_running_loop()
         self._wall0 = loop.time()
         if self.publisher is not None:

@@ -1,0 +1,158 @@
+"""An image of a ``PrefixIndex``'s event-fed contents, to warm another replica's index.
+
+A router replica that starts late knows only what the engines' replay buffers still hold;
+blocks stored before that are invisible to it, though its siblings index them. A sibling's
+image carries exactly what the index needs to go on from there: every block an event-fed
+(precise) backend holds, with its tier bits, in the index's LRU order; each such backend's
+engine-hash -> router-hash map (so the engine's later removals and children resolve); its
+served model (for rehashing later events); and the fleet-shared tier.
+
+Layout, chosen to encode compactly (the router ships the arrays as raw bytes)::
+
+    IndexImage.block_hashes          array('Q'): every block held, least recent first
+    BackendImage.positions           array('I'): indices into block_hashes
+    BackendImage.tiers               bytes: tier bits per position (1 GPU, 2 CPU, 4 STORAGE)
+    BackendImage.engine_hashes/router_hashes   array('Q') x 2: the engine map
+
+Orphan chains (blocks under a parent the sibling never saw, kept negative in the engine map
+and never indexed) are left out: to the restored index their descendants are orphans all the
+same. Approximate-mode records (the sibling's own dispatches, with its monotonic expiry
+times) are left out too: they are not the engines' truth.
+
+``take(index)`` costs O(entries + engine-map entries) and must run in one go (the index is
+mutated only on the router's event loop, so that is one consistent cut). ``restore(index,
+image)`` fills backends the index does not know yet and leaves any it knows alone (their own
+events are fresher); it validates the whole image before touching the index. A friend module
+of ``policies.kv.index``: it reads and fills the index's internals, which that module (over
+its size budget) leaves to it. Pure: standard library and ``policies`` only.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+from policies.kv.feed import low_water
+from policies.kv.index import PrefixIndex
+from policies.types import BackendId
+
+__all__ = ["BackendImage", "IndexImage", "check", "restore", "take"]
+
+_BITS = 3  # per backend slot, as in policies.kv.index
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class BackendImage:
+    backend_id: BackendId
+    model: str | None
+    positions: array[int]
+    tiers: bytes
+    engine_hashes: array[int]
+    router_hashes: array[int]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexImage:
+    block_hashes: array[int]
+    backends: tuple[BackendImage, ...]
+    shared_blocks: array[int]
+    shared_engine_hashes: array[int]
+    shared_router_hashes: array[int]
+
+    @property
+    def entries(self) -> int:
+        """(block, backend) pairs in the image."""
+        return sum(len(b.positions) for b in self.backends)
+
+
+def take(index: PrefixIndex) -> IndexImage:
+    """The event-fed part of ``index``, as it is now."""
+    precise = [b for b in index._backends.values() if b.precise]
+    by_slot = {b.slot: (array("I"), bytearray()) for b in precise}
+    mask = 0
+    for b in precise:
+        mask |= 7 << (_BITS * b.slot)
+    hashes = array("Q")
+    i = 0
+    for h, v in index._nodes.items():
+        v &= mask
+        if not v:
+            continue
+        hashes.append(h)
+        while v:
+            low = v & -v
+            slot = (low.bit_length() - 1) // _BITS
+            positions, tiers = by_slot[slot]
+            positions.append(i)
+            tiers.append((v >> (_BITS * slot)) & 7)
+            v &= ~(7 << (_BITS * slot))
+        i += 1
+    backends = []
+    for b in precise:
+        pairs = [(e, r) for e, r in b.engine_to_router.items() if r >= 0]
+        positions, tiers = by_slot[b.slot]
+        backends.append(BackendImage(
+            b.backend_id, index._models.get(b.backend_id), positions, bytes(tiers),
+            array("Q", [e & _U64 for e, _ in pairs]), array("Q", [r for _, r in pairs])))
+    blocks, shared_map = index._shared.export()
+    shared_pairs = [(e, r) for e, r in shared_map.items() if r >= 0]
+    return IndexImage(hashes, tuple(backends), array("Q", blocks),
+                      array("Q", [e & _U64 for e, _ in shared_pairs]),
+                      array("Q", [r for _, r in shared_pairs]))
+
+
+def check(image: IndexImage) -> None:
+    """ValueError naming what is inconsistent in ``image`` (a sibling's bug or a bad cut)."""
+    n = len(image.block_hashes)
+    seen: set[str] = set()
+    for b in image.backends:
+        if b.backend_id in seen:
+            raise ValueError(f"backend {b.backend_id!r} appears twice")
+        seen.add(b.backend_id)
+        if len(b.positions) != len(b.tiers):
+            raise ValueError(f"backend {b.backend_id!r}: {len(b.positions)} positions but "
+                             f"{len(b.tiers)} tiers")
+        if b.positions and max(b.positions) >= n:
+            raise ValueError(f"backend {b.backend_id!r}: a position is past the "
+                             f"{n} blocks")
+        if any(t == 0 or t > 7 for t in b.tiers):
+            raise ValueError(f"backend {b.backend_id!r}: tier bits must be 1..7")
+        if len(b.engine_hashes) != len(b.router_hashes):
+            raise ValueError(f"backend {b.backend_id!r}: engine map lengths differ")
+    if len(image.shared_engine_hashes) != len(image.shared_router_hashes):
+        raise ValueError("shared tier: engine map lengths differ")
+
+
+def restore(index: PrefixIndex, image: IndexImage) -> tuple[BackendId, ...]:
+    """Fill ``index`` from ``image``; returns the backends restored. ValueError (nothing
+    changed) when the image is inconsistent."""
+    check(image)
+    fresh = [b for b in image.backends
+             if b.backend_id not in index._backends or not (
+                 index._backends[b.backend_id].precise or index._backends[b.backend_id].entries)]
+    bits = [0] * len(image.block_hashes)
+    added = 0
+    for b in fresh:
+        backend = index._backend(b.backend_id)
+        backend.precise = True
+        if b.model is not None and b.backend_id not in index._models:
+            index.set_backend_model(b.backend_id, b.model)
+        shift = _BITS * backend.slot
+        for position, tier_bits in zip(b.positions, b.tiers, strict=True):
+            if not bits[position] >> shift & 7:
+                backend.entries += 1
+                added += 1
+            bits[position] |= tier_bits << shift
+        backend.engine_to_router.update(zip(b.engine_hashes, b.router_hashes, strict=True))
+    nodes = index._nodes
+    for h, v in zip(image.block_hashes, bits, strict=True):
+        if v:
+            nodes[h] = nodes.pop(h, 0) | v
+    index._entries += added
+    if not index._shared:
+        index._shared.restore(image.shared_blocks, dict(zip(
+            image.shared_engine_hashes, image.shared_router_hashes, strict=True)))
+    if index._entries > index.max_entries:
+        index._evict(index._entries - low_water(index.max_entries))
+    return tuple(b.backend_id for b in fresh)

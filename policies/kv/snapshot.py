@@ -19,8 +19,10 @@ and never indexed) are left out: to the restored index their descendants are orp
 same. Approximate-mode records (the sibling's own dispatches, with its monotonic expiry
 times) are left out too: they are not the engines' truth.
 
-``take(index)`` costs O(entries + engine-map entries) and must run in one go (the index is
-mutated only on the router's event loop, so that is one consistent cut). ``restore(index,
+``take(index)`` is ``image_of(cut(index))``. ``cut`` copies the index's dicts (C speed) and
+must run in one go: the index is mutated only on the router's event loop, so that is one
+consistent cut. ``image_of`` does the O(blocks + engine-map entries) Python work on the
+copies, so the router can run it in a worker thread while it goes on routing. ``restore(index,
 image)`` fills backends the index does not know yet and leaves any it knows alone (their own
 events are fresher); it validates the whole image before touching the index. A friend module
 of ``policies.kv.index``: it reads and fills the index's internals, which that module (over
@@ -30,13 +32,14 @@ its size budget) leaves to it. Pure: standard library and ``policies`` only.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policies.kv.feed import low_water
 from policies.kv.index import PrefixIndex
-from policies.types import BackendId
+from policies.types import BackendId, BlockHash
 
-__all__ = ["BackendImage", "IndexImage", "check", "restore", "take"]
+__all__ = ["BackendImage", "IndexCut", "IndexImage", "check", "cut", "image_of", "restore", "take"]
 
 _BITS = 3  # per backend slot, as in policies.kv.index
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -66,40 +69,82 @@ class IndexImage:
         return sum(len(b.positions) for b in self.backends)
 
 
+@dataclass(frozen=True, slots=True)
+class IndexCut:
+    """Copies of what an image needs, made in one go (dict copies run at C speed), so the
+    image can be built off the event loop while the index goes on changing."""
+
+    nodes: dict[BlockHash, int]
+    backends: tuple[tuple[BackendId, int, str | None, dict[int, BlockHash]], ...]
+    """(id, slot, model, engine map) of each precise backend."""
+    all_precise: bool
+    shared_blocks: list[BlockHash]
+    shared_map: dict[int, BlockHash]
+
+
+def cut(index: PrefixIndex) -> IndexCut:
+    """The consistent part of ``take``: O(entries) of C-level copying."""
+    backends = tuple((b.backend_id, b.slot, index._models.get(b.backend_id),
+                      dict(b.engine_to_router))
+                     for b in index._backends.values() if b.precise)
+    shared_blocks, shared_map = index._shared.export()
+    return IndexCut(dict(index._nodes), backends,
+                    len(backends) == len(index._backends), shared_blocks, shared_map)
+
+
 def take(index: PrefixIndex) -> IndexImage:
     """The event-fed part of ``index``, as it is now."""
-    precise = [b for b in index._backends.values() if b.precise]
-    by_slot = {b.slot: (array("I"), bytearray()) for b in precise}
+    return image_of(cut(index))
+
+
+def image_of(taken: IndexCut) -> IndexImage:
+    """The image of a cut: O(blocks + engine-map entries) of Python work, whatever the
+    number of backends; touches nothing but the cut."""
+    by_slot = {slot: (array("I"), bytearray()) for _, slot, _, _ in taken.backends}
     mask = 0
-    for b in precise:
-        mask |= 7 << (_BITS * b.slot)
-    hashes = array("Q")
-    i = 0
-    for h, v in index._nodes.items():
-        v &= mask
-        if not v:
-            continue
-        hashes.append(h)
-        while v:
-            low = v & -v
-            slot = (low.bit_length() - 1) // _BITS
-            positions, tiers = by_slot[slot]
-            positions.append(i)
-            tiers.append((v >> (_BITS * slot)) & 7)
-            v &= ~(7 << (_BITS * slot))
-        i += 1
+    for slot in by_slot:
+        mask |= 7 << (_BITS * slot)
+    nodes = taken.nodes
+    values: Iterable[int]
+    if taken.all_precise:
+        hashes = array("Q", nodes)  # every block is some precise backend's: copied in C
+        values = nodes.values()
+    else:
+        kept = [(h, v & mask) for h, v in nodes.items() if v & mask]
+        hashes = array("Q", [h for h, _ in kept])
+        values = [v for _, v in kept]
+    # A node's value is one of few patterns (which slots hold it, in which tiers): decode
+    # each pattern once into the appends it means.
+    plans: dict[int, list[tuple[Callable[[int], None], Callable[[int], None], int]]] = {}
+    for i, v in enumerate(values):
+        plan = plans.get(v)
+        if plan is None:
+            plan = plans[v] = []
+            rest = v & mask
+            while rest:
+                low = rest & -rest
+                slot = (low.bit_length() - 1) // _BITS
+                positions, tiers = by_slot[slot]
+                plan.append((positions.append, tiers.append, (rest >> (_BITS * slot)) & 7))
+                rest &= ~(7 << (_BITS * slot))
+        for add_position, add_tier, tier_bits in plan:
+            add_position(i)
+            add_tier(tier_bits)
     backends = []
-    for b in precise:
-        pairs = [(e, r) for e, r in b.engine_to_router.items() if r >= 0]
-        positions, tiers = by_slot[b.slot]
-        backends.append(BackendImage(
-            b.backend_id, index._models.get(b.backend_id), positions, bytes(tiers),
-            array("Q", [e & _U64 for e, _ in pairs]), array("Q", [r for _, r in pairs])))
-    blocks, shared_map = index._shared.export()
-    shared_pairs = [(e, r) for e, r in shared_map.items() if r >= 0]
-    return IndexImage(hashes, tuple(backends), array("Q", blocks),
-                      array("Q", [e & _U64 for e, _ in shared_pairs]),
-                      array("Q", [r for _, r in shared_pairs]))
+    for backend_id, slot, model, engine_map in taken.backends:
+        positions, tiers = by_slot[slot]
+        backends.append(BackendImage(backend_id, model, positions, bytes(tiers),
+                                     *_map_arrays(engine_map)))
+    return IndexImage(hashes, tuple(backends), array("Q", taken.shared_blocks),
+                      *_map_arrays(taken.shared_map))
+
+
+def _map_arrays(engine_map: dict[int, BlockHash]) -> tuple[array[int], array[int]]:
+    try:  # the usual case, in C: no orphan chains (negative) in the map
+        return array("Q", engine_map), array("Q", engine_map.values())
+    except OverflowError:
+        pairs = [(e & _U64, r) for e, r in engine_map.items() if r >= 0]
+        return array("Q", [e for e, _ in pairs]), array("Q", [r for _, r in pairs])
 
 
 def check(image: IndexImage) -> None:

@@ -4,8 +4,9 @@ before it reports ready (``sync.warm_start``, ``router.config.sync.WarmStartConf
 Serving: ``GET /admin/index/snapshot`` with ``Authorization: Bearer <server.admin_token>``
 (401 without it; 403 when no token is configured: the index tells which prompts the fleet
 has seen). The answer is ``application/x-msgpack`` (``router.kv.snapshot``): the event-fed
-index (``policies.kv.snapshot.take``) and every stream's position, cut in one synchronous
-step on the event loop, the only place the index and the streams change, so the two agree.
+index and every stream's position, cut in one synchronous step on the event loop (the only
+place the index and the streams change, so the two agree; ``policies.kv.snapshot.cut`` copies
+dicts at C speed), then built and encoded in a worker thread.
 A replica still warming answers 503: a half-warm image would spread.
 
 Loading (``fetch`` then ``load``, in the KV task before any event source is added): ask each
@@ -65,17 +66,21 @@ class WarmStart:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def take(self) -> Snapshot:
-        """The index and stream positions, in one go (no await between them)."""
+    async def take(self) -> bytes:
+        """The encoded snapshot. The cut (dict copies) and the stream positions are taken in
+        one go, with no await between them; the image is built and encoded from the copies
+        in a worker thread, so routing goes on meanwhile."""
         positions = self.ingestor.positions() if self.ingestor is not None else ()
-        return Snapshot(self.replica, time.time(), image.take(self.index), positions)
+        cut, taken_at_s = image.cut(self.index), time.time()
+        return await asyncio.to_thread(
+            lambda: encode(Snapshot(self.replica, taken_at_s, image.image_of(cut), positions)))
 
     async def serve(self, request: Request) -> Response:
         require_admin(request, self.token, SNAPSHOT_PATH, open_without=False)
         if self.phase != "done":
             raise http_error(503, "this replica is warming up itself; ask a sibling that is "
                              "ready")
-        body = encode(self.take())
+        body = await self.take()
         self.metrics.snapshots_served.inc()
         return Response(body=body, content_type="application/x-msgpack")
 

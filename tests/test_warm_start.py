@@ -161,7 +161,10 @@ async def test_fresh_replica_predicts_like_the_old_ones_beyond_the_replay_buffer
     truth = [await predicted(http, a, text) for text in old]
     assert all(t and max(m for m, _, _ in t.values()) >= 5 for t in truth), truth
 
-    b, b_kv = await start_kv_router(start_router, router_config(cluster.urls, urls=[a.url]))
+    # B finds A as production does: among the sync peers (static here), at A's HTTP port.
+    raw = router_config(cluster.urls, http_port=int(a.url.rsplit(":", 1)[1]))
+    raw["sync"]["peers"] = ["tcp://127.0.0.1:5601"]
+    b, b_kv = await start_kv_router(start_router, raw)
     seconds = await wait_ready(http, b)
     # Ready means caught up: B's predictions equal A's the moment it says so.
     assert [await predicted(http, b, text) for text in old] == truth
@@ -307,10 +310,9 @@ async def test_sibling_down_starts_cold_after_the_timeout(
             assert "warming up" in (await error_of(resp))["message"]
         async with http.get(f"{b.url}{SNAPSHOT_PATH}", headers=AUTH) as resp:
             assert resp.status == 503  # a warming replica hands out no half-warm snapshot
-        seconds = await wait_ready(http, b, timeout_s=10.0)
+        await wait_ready(http, b, timeout_s=10.0)
     finally:
         await runner.cleanup()
-    assert 0.5 < seconds + 0.3 < 6.0
     assert counter(b_kv, "kvrouter_kv_warm_starts_total", {"outcome": "cold"}) == 1
     assert counter(b_kv, "kvrouter_kv_warm_starts_total", {"outcome": "warm"}) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "kvrouter.warm_start"]

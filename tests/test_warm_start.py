@@ -230,9 +230,14 @@ async def test_replays_each_engine_from_the_snapshots_position(
     try:
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         b, b_kv = await start_kv_router(start_router, router_config(cluster.urls, urls=[url]))
-        await wait_ready(http, b)
+        await wait_for(lambda: b_kv.warm.phase != "fetching" and b_kv.ingestor is not None
+                       and b_kv.ingestor.catching_up() == 0, "B's replays")
     finally:
         await runner.cleanup()
+    # Caught up, B hands out its own snapshot (whether or not anything asked /ready).
+    async with http.get(f"{b.url}{SNAPSHOT_PATH}", headers=AUTH) as resp:
+        assert resp.status == 200
+    assert await is_ready(http, b)
     for text in old + newer:
         assert await predicted(http, b, text) == await predicted(http, a, text) != {}, text
     uncovered = counter(b_kv, "kvrouter_kv_warm_start_uncovered_streams_total")

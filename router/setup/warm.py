@@ -77,7 +77,7 @@ class WarmStart:
 
     async def serve(self, request: Request) -> Response:
         require_admin(request, self.token, SNAPSHOT_PATH, open_without=False)
-        if self.phase != "done":
+        if self.not_ready() is not None:
             raise http_error(503, "this replica is warming up itself; ask a sibling that is "
                              "ready")
         body = await self.take()
@@ -145,7 +145,14 @@ class WarmStart:
 
     def load(self, snapshot: Snapshot, ingestor: KvEventIngestor) -> None:
         """Into the index and the ingestor (before any source is added to it)."""
-        restored = set(image.restore(self.index, snapshot.image))
+        try:
+            restored = set(image.restore(self.index, snapshot.image))
+        except ValueError as exc:  # decode checked it already: a bug, not a reason to stop
+            log.warning("warm start: snapshot from replica %s not loaded (%s); starting cold",
+                        snapshot.replica, exc)
+            self.metrics.warm_starts.labels("cold").inc()
+            self.phase = "done"
+            return
         ingestor.restore_positions([p for p in snapshot.streams if p.backend_id in restored])
         entries = sum(len(b.positions) for b in snapshot.image.backends
                       if b.backend_id in restored)

@@ -10,6 +10,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from test_index import HASHER, new_index, ops, run, tokens_of
 
 from policies.kv import snapshot as image
 from policies.kv.events import BlockRemoved, BlockStored, KvEvent
@@ -74,6 +77,31 @@ def test_restored_index_matches_and_follows_later_events_like_the_original(seed:
         restored.apply(backend, event, 0.0)
     assert [restored.match(c) for c in chains] == [original.match(c) for c in chains]
     assert restored.entries == original.entries
+
+
+@settings(max_examples=60, deadline=None)
+# The LRU order must survive: the chain's tail goes first when the next store overflows.
+@example(script=[("store", "a", [0, 0, 0], "GPU"), ("store", "a", [1, 0], "GPU")], cut_at=1,
+         with_tokens=False, budget=4)
+@given(script=ops, cut_at=st.integers(0, 25), with_tokens=st.booleans(),
+       budget=st.integers(4, 60))
+def test_a_restored_index_stays_the_originals_twin(
+    script: list[tuple[object, ...]], cut_at: int, with_tokens: bool, budget: int
+) -> None:
+    """Property: restore(take(index)) answers every match as the index does, and the two
+    stay equal under any later events (removals, clears, dropped backends, LRU evictions)."""
+    original = new_index(max_entries=budget)
+    run(original, script[:cut_at], with_tokens)
+    twin = new_index(max_entries=budget)  # the router sets models as backends appear
+    image.restore(twin, image.take(original))
+    for index in (original, twin):
+        run(index, script[cut_at:], with_tokens)
+    queries = [[x] * 6 for x in range(3)] + [list(op[2]) for op in script  # type: ignore[call-overload]
+                                             if op[0] in ("store", "remove")]
+    for letters in queries:
+        chain = HASHER.hash_tokens(tokens_of(letters))
+        assert twin.match(chain) == original.match(chain), letters
+    assert twin.entries == original.entries
 
 
 def test_restore_leaves_backends_the_index_already_follows_alone() -> None:

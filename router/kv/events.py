@@ -26,16 +26,16 @@ A replay answer that starts after the asked sequence means the engine's buffer m
 gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
 send requests to caches that no longer hold them). Warm start is the exception: streams
 restored from a sibling's snapshot (``restore_positions``, before their sources are added)
-replay from the snapshot's position instead of 0, and when the buffer no longer reaches it
-the snapshot's blocks are kept (counted, logged): they hold every prefix older than the
-buffer, which clearing would throw away, and the engine's later events correct them. A replay that ends (or times out) still
-short of a held message is retried after ``replay_backoff_s``, doubling, at most
-``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is cleared
-and the held message starts the sequence anew, as after a restart. (A message far ahead, e.g.
-seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source without a
-replay endpoint accepts gaps and counts them. Malformed messages are counted and skipped;
-nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock) is a
-histogram of live batches only; replayed batches, old by nature, are counted apart.
+replay from the snapshot's position instead of 0, and when the buffer no longer reaches it the
+snapshot's blocks are kept (counted, logged): they hold every prefix older than the buffer,
+which clearing would throw away, and the engine's later events correct them. A replay that ends
+(or times out) still short of a held message is retried after ``replay_backoff_s``, doubling,
+at most ``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is
+cleared and the held message starts the sequence anew, as after a restart. (A message far
+ahead, e.g. seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source
+without a replay endpoint accepts gaps and counts them. Malformed messages are counted and
+skipped; nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock)
+is a histogram of live batches only; replayed batches, old by nature, are counted apart.
 
 Must not import aiohttp or ``simulator``.
 """
@@ -421,6 +421,7 @@ class KvEventIngestor:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         outcome = "ok"
+        kept = False  # a restored stream kept its snapshot over a gap: as live as it gets
         try:
             sock.connect(stream.source.replay_address())
             await sock.send_multipart(replay_request(start_seq))
@@ -438,6 +439,7 @@ class KvEventIngestor:
                 if first and decoded.seq > max(start_seq, expected or 0):
                     outcome = "incomplete"
                     if stream.restored:
+                        kept = True
                         self.metrics.warm_uncovered.labels(backend).inc()
                         log.warning("KV events from %s: the replay buffer starts at seq %d, "
                                     "past the snapshot's %d; keeping the snapshot's blocks",
@@ -467,7 +469,7 @@ class KvEventIngestor:
             sock.close(linger=0)
             stream.restored = False
             self.metrics.replays.labels(backend, outcome).inc()
-        if outcome == "ok" and self.on_backend_live is not None:
+        if (outcome == "ok" or kept) and self.on_backend_live is not None:
             self.on_backend_live(backend)
         self._drain(stream)
 

@@ -16,6 +16,9 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
   ``asyncio.CancelledError``.
 - ``policy``/``rng``: override the policy built from ``config.policy`` (tests, the simulator's
   parity check).
+- ``routes``/``ready_checks``: more routes (path -> method -> handler; the KV plumbing's
+  ``/admin/index/snapshot``) and callables saying why ``/ready`` must answer 503 yet (warm
+  start), or None.
 
 Proxied requests go through ``state.proxy.client`` (``router.http.client``, a lean HTTP/1.1
 keep-alive client); ``state.session()`` is the aiohttp session for everything else (health

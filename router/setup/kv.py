@@ -17,7 +17,10 @@ analyzer, token parity and one background task, from the parsed ``kv_events`` se
 ``create_app(analyzer=..., index=..., policy=..., background=[...])``. The background task
 registers the KV metrics in the app's registry, then runs, until clean-up: event-source
 discovery (``/v1/models`` for a backend's base model, ``/kv_event_sources``), the ingestor,
-and the engine-metric scraper. Must not import ``simulator``.
+and the engine-metric scraper. With ``sync.warm_start`` it first loads a sibling's index
+snapshot (``router.setup.warm``); ``routes()`` (the snapshot endpoint every replica serves) and
+``not_ready`` go into ``create_app(routes=..., ready_checks=[...])``. Must not import
+``simulator``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Seams for other modules (all constructor arguments of ``create_app``, never glob
   ``asyncio.CancelledError``.
 - ``policy``/``rng``: override the policy built from ``config.policy`` (tests, the simulator's
   parity check).
+- ``routes``/``ready_checks``: more routes (path -> method -> handler; the KV plumbing's
+  ``/admin/index/snapshot``) and callables saying why ``/ready`` must answer 503 yet (warm
+  start), or None.
 
 Proxied requests go through ``state.proxy.client`` (``router.http.client``, a lean HTTP/1.1
 keep-alive client); ``state.session()`` is the aiohttp session for everything else (health
@@ -30,11 +33,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +48,7 @@ from policies.registry import build_policy
 from policies.types import Policy
 from router.config import Config
 from router.config.disaggregation import wrap_policy
-from router.errors import NoBackend, RouterError, Unauthorized, error_response, http_error
+from router.errors import NoBackend, RouterError, error_response, http_error, require_admin
 from router.health import HealthChecker
 from router.http.client import HttpClient
 from router.http.messages import (
@@ -113,6 +115,8 @@ class App:
         self.state = state
         self._background = tuple(background)
         self._tasks: list[asyncio.Task[None]] = []
+        self.ready_checks: list[Callable[[], str | None]] = []
+        """Each says why the router is not ready yet (e.g. warm start), or None."""
         proxy = state.proxy
         # partial, not a wrapping coroutine: one coroutine frame less per proxied request.
         self.other: _Route = functools.partial(proxy.handle, endpoint=Endpoint.OTHER)
@@ -201,6 +205,11 @@ class App:
         if healthy == 0:
             return error_response(NoBackend("no healthy backend"),
                                   {"x-request-id": self.request_id(request)})
+        for check in self.ready_checks:
+            problem = check()
+            if problem is not None:
+                return error_response(http_error(503, problem),
+                                      {"x-request-id": self.request_id(request)})
         return json_response({"status": "ready", "healthy_backends": healthy},
                              headers={"x-request-id": self.request_id(request)})
 
@@ -218,11 +227,8 @@ class App:
         """Explain a routing decision without sending the request: candidates, scores,
         decision."""
         state = self.state
-        token = state.config.server.admin_token
-        if token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise Unauthorized("a valid admin bearer token is required for /debug/route")
+        require_admin(request, state.config.server.admin_token, "/debug/route",
+                      open_without=True)
         endpoint = Endpoint.COMPLETIONS
         with contextlib.suppress(ValueError, RecursionError, BodyTooLarge):  # read_request
             parsed = parse_json(await request.read() or b"{}")               # answers these
@@ -252,6 +258,8 @@ def create_app(
     policy: Policy | None = None,
     rng: random.Random | None = None,
     sync: SyncService | None = None,
+    routes: Mapping[str, Mapping[str, _Route]] | None = None,
+    ready_checks: Sequence[Callable[[], str | None]] = (),
 ) -> App:
     rng = rng or random.Random(config.policy.seed)
     if policy is None:
@@ -268,7 +276,11 @@ def create_app(
     proxy = Proxy(config, pool, policy, analyzer or CharEstimateAnalyzer(), metrics, rng, index)
     health = HealthChecker(pool, config.health, metrics, lambda: state.session())
     state = RouterState(config, pool, policy, metrics, proxy, health, index)
-    return App(state, background)
+    app = App(state, background)
+    for path, methods in (routes or {}).items():  # e.g. the KV plumbing's admin endpoints
+        app.routes[path] = dict(methods)
+    app.ready_checks.extend(ready_checks)
+    return app
 
 
 def _index_tiers(index: object | None, block_hashes: tuple[int, ...], now_s: float) -> Any:

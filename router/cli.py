@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=config.server.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         tokenizer_dirs = _model_tokenizers(args.model_tokenizer)
-        kv = build_kv(config, tokenizer_dirs) if wants_kv(config, tokenizer_dirs) else None
+        kv = (build_kv(config, tokenizer_dirs, os.environ) if wants_kv(config, tokenizer_dirs)
+              else None)
         background = discovery_background(config, os.environ)
         sync = build_sync(config, os.environ)
     except ConfigError as exc:
@@ -145,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         from router.workers import run_workers
 
         return run_workers(args, config, workers, run)
+    if kv is None and config.sync.warm_start.enabled:
+        log.warning("sync.warm_start is on but nothing uses the prefix index (no kv_events, "
+                    "tokenizer or KV-aware policy): starting without a snapshot")
     if not config.backends and not background:
         log.warning("no backends configured: every request will get 503 until some are added")
 
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             rng = random.Random(config.policy.seed)
             app = create_app(config, background=[*background, kv.background],
                              analyzer=kv.analyzer, index=kv.index, policy=kv.policy(rng), rng=rng,
-                             sync=sync)
+                             sync=sync, routes=kv.routes(), ready_checks=[kv.not_ready])
         worker_metrics = None
         if worker is not None:
             from pathlib import Path

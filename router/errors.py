@@ -5,6 +5,7 @@
     ├── UnknownModel                 404 model_not_found
     ├── RequestTooLarge              413 request_too_large
     ├── Unauthorized                 401 unauthorized
+    ├── Forbidden                    403 forbidden
     ├── NoBackend                    503 no_backend_available
     ├── UpstreamConnectError         502 upstream_connect_error
     └── UpstreamTimeout              504 upstream_timeout
@@ -16,11 +17,13 @@ the router builds error JSON. Must not import other ``router`` modules except
 
 from __future__ import annotations
 
+import hmac
 import json
 
-from router.http.messages import Headers, Response
+from router.http.messages import Headers, Request, Response
 
 __all__ = [
+    "Forbidden",
     "InvalidRequest",
     "NoBackend",
     "RequestTooLarge",
@@ -32,6 +35,7 @@ __all__ = [
     "error_body",
     "error_response",
     "http_error",
+    "require_admin",
 ]
 
 
@@ -68,6 +72,12 @@ class Unauthorized(RouterError):
     status = 401
     type = "authentication_error"
     code = "unauthorized"
+
+
+class Forbidden(RouterError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NoBackend(RouterError):
@@ -118,3 +128,16 @@ def http_error(status: int, message: str) -> RouterError:
     if status == 503:  # the server sheds load (too many bodies being received at once)
         error.type = "service_unavailable"
     return error
+
+
+def require_admin(request: Request, token: str | None, what: str, *, open_without: bool) -> None:
+    """Raise ``Unauthorized`` unless ``request`` carries ``Authorization: Bearer <token>``.
+    Without a configured token the endpoint is open (``open_without``) or refused outright
+    (``Forbidden``: what it serves must not leak from a router nobody secured)."""
+    if token is None:
+        if open_without:
+            return
+        raise Forbidden(f"{what} is disabled: set server.admin_token to enable it")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized(f"a valid admin bearer token is required for {what}")

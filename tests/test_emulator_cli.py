@@ -20,7 +20,7 @@ async def test_cli_serves_pods_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "2", "--port", "0",
         "--time-scale", "100", "--engine", "sglang", "--num-gpu-blocks", "256",
-        "--enable-scale-out", "--slow-pod", "1=2",
+        "--enable-scale-out", "--slow-pod", "1=2", "--kv-buffer-steps", "7",
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -41,6 +41,8 @@ async def test_cli_serves_pods_and_stops_on_sigterm() -> None:
                 async with s.get(url + "/get_server_info") as r:
                     info = await r.json()
                 assert info["max_total_num_tokens"] == 256 * 16
+            async with s.get(urls[0] + "/kv_event_sources") as r:
+                assert "'buffer_steps': 7" in repr(await r.json())
             async with s.post(urls[0] + "/v1/completions/render",
                               json={"model": "tiny-llama", "prompt": "hi"}) as r:
                 assert r.status == 200 and (await r.json())[0]["token_ids"]
@@ -58,6 +60,13 @@ async def test_bad_flag_is_a_clear_error() -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2
     assert b"--count must be >= 1" in out
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter.cli", "emulate", "--kv-buffer-steps", "0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2
+    assert b"--kv-buffer-steps: must be >= 1, got 0" in out
 
 
 async def test_bad_slow_pod_is_a_clear_error() -> None:

@@ -285,6 +285,33 @@ def test_replicas_are_wired_for_replica_sync(helm: Path, tmp_path: Path, values:
     assert config.sync.peer_timeout_s == 9.0 and config.sync.port == 5701
 
 
+def test_warm_start_is_wired_with_the_admin_token(helm: Path, tmp_path: Path) -> None:
+    values: dict[str, Any] = {
+        "replicaCount": 3, "replicaSync": {"warmStart": True},
+        "networkPolicy": {"enabled": True, "restrictEgress": True,
+                          "ingressFrom": [{"namespaceSelector": {}}]},
+        "config": {"server": {"admin_token": "t0ken"}}}
+    docs = render(helm, tmp_path, values)
+    validate_all(docs)
+    config, _ = router_config(docs)
+    assert config.sync.warm_start.enabled and config.sync.dns_name
+    (policy,) = by_kind(docs)["NetworkPolicy"]
+    router_pods = [rule for rule in policy["spec"]["ingress"] if "from" in rule
+                   and any("podSelector" in f for f in rule["from"])]
+    assert any(p["port"] == "http" for rule in router_pods for p in rule["ports"])
+    assert any(p["port"] == 8080 for rule in policy["spec"]["egress"] for p in rule["ports"]
+               if "to" in rule)
+    # Without the token the siblings would refuse it: the chart says so at template time.
+    del values["config"]
+    result = run_helm(helm, "template", "kvrouter", str(CHART),
+                      *values_file(tmp_path, values))
+    assert result.returncode != 0
+    assert "replicaSync.warmStart needs config.server.admin_token" in result.stderr
+    # One replica: nothing to warm from, nothing wired.
+    docs = render(helm, tmp_path, {**values, "replicaCount": 1})
+    assert not router_config(docs)[0].sync.warm_start.enabled
+
+
 def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:
     def checksum(values: dict[str, Any] | None) -> str:
         (deployment,) = by_kind(render(helm, tmp_path, values))["Deployment"]

@@ -151,6 +151,9 @@ class PrefixIndex:
         """The served base model whose namespace rehashes this backend's event token ids."""
         self._models[backend_id] = model
 
+    def has_model(self, backend_id: BackendId) -> bool:
+        return backend_id in self._models
+
     def _backend(self, backend_id: BackendId) -> IndexedBackend:
         backend = self._backends.get(backend_id)
         if backend is None:

@@ -107,6 +107,16 @@ class SharedTier:
                 del blocks[h]
                 blocks[h] = None
 
+    def export(self) -> tuple[list[BlockHash], dict[int, BlockHash]]:
+        """The blocks (least recent first) and the engine-hash map, for an index image."""
+        return list(self._blocks), dict(self._map.engine_to_router)
+
+    def restore(self, blocks: Sequence[BlockHash], engine_map: dict[int, BlockHash]) -> None:
+        """Take a sibling's blocks and map (``policies.kv.snapshot``), within ``max_blocks``."""
+        for h in blocks[max(0, len(blocks) - self.max_blocks):]:
+            self._blocks[h] = None
+        self._map.engine_to_router.update(engine_map)
+
     def clear(self) -> None:
         self._blocks.clear()
         self._map.reset()

@@ -248,6 +248,11 @@ def parse_config(raw: object) -> Config:
     # Building the policy once here turns a bad name or parameter into a start-up error that
     # names its key path, instead of a failure on the first request.
     build_policy(policy.name, policy.params, random.Random(0))
+    sync = parse_sync(raw.get("sync"))
+    _require(not sync.warm_start.enabled or server.admin_token is not None,
+             "sync.warm_start.enabled",
+             "warm start fetches snapshots with server.admin_token: set it (the same on every "
+             "replica)")
     return Config(
         server=server,
         upstream=upstream,
@@ -259,7 +264,7 @@ def parse_config(raw: object) -> Config:
         kv_events=parse_kv_events(raw.get("kv_events")),
         discovery=parse_discovery(raw.get("discovery")),
         disaggregation=parse_disaggregation(raw.get("disaggregation")),
-        sync=parse_sync(raw.get("sync")),
+        sync=sync,
     )
 
 

@@ -6,6 +6,12 @@
       peers: [tcp://10.0.0.2:5601]     # static peer endpoints, and/or:
       dns_name: kvrouter-peers.serving.svc.cluster.local   # headless Service: each A record
       kubernetes_label_selector: app.kubernetes.io/name=kvrouter   # or pods with a label
+      warm_start:                      # load a sibling's index snapshot before reporting ready
+        enabled: true
+        urls: []                       # siblings' base URLs; empty: the peers above, at http_port
+        http_port: 0                   # the peers' HTTP port (0: this replica's server.port)
+        timeout_s: 10.0                # no sibling answered by then: start cold (counted)
+        catch_up_timeout_s: 30.0       # ready anyway once the streams took this long
 
 Peers' addresses come from one of the discovery mechanisms the router already has (a static
 list, the A records of a headless Service, or the Kubernetes API with a label selector); each
@@ -18,13 +24,25 @@ sits at the bottom of the router); ``router.sync`` runs it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policies.params import ParamError as ConfigError
 from policies.params import parse_params
 from policies.replica_sync import SyncParams
 
-__all__ = ["SyncConfig", "parse_sync"]
+__all__ = ["SyncConfig", "WarmStartConfig", "parse_sync"]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmStartConfig:
+    """Warm start (docs/scale-out.md): fetch a sibling's ``GET /admin/index/snapshot`` with
+    ``server.admin_token``, then replay the engines' streams from the snapshot's positions."""
+
+    enabled: bool = False
+    urls: tuple[str, ...] = ()  # siblings' base URLs, tried in order; empty: the sync peers
+    http_port: int = 0  # the peers' HTTP port when taken from the peers (0: server.port)
+    timeout_s: float = 10.0  # whole fetch, every sibling tried (again) within it
+    catch_up_timeout_s: float = 30.0  # longest the restored streams may keep /ready at 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +63,7 @@ class SyncConfig:
     max_in_flight_s: float = 900.0
     send_prompt_text: bool = True  # character-matching policies need it; kv_aware does not
     replica_id: str = ""  # default: hostname, process id and a random suffix
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def params(self) -> SyncParams:
         return SyncParams(self.peer_timeout_s, self.heartbeat_interval_s, self.max_in_flight_s)
@@ -67,6 +86,19 @@ def parse_sync(raw: object) -> SyncConfig:
             raise ConfigError(f"sync.peers[{i}]", f"expected tcp://HOST:PORT or ipc://PATH, got {peer!r}")
     if section.discover_interval_s <= 0:
         raise ConfigError("sync.discover_interval_s", "must be > 0")
+    warm = section.warm_start
+    for i, url in enumerate(warm.urls):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"sync.warm_start.urls[{i}]", f"expected an http(s):// URL, got {url!r}")
+    if not 0 <= warm.http_port < 65536:
+        raise ConfigError("sync.warm_start.http_port", "must be in 0..65535")
+    for name in ("timeout_s", "catch_up_timeout_s"):
+        if not getattr(warm, name) > 0:
+            raise ConfigError(f"sync.warm_start.{name}", "must be > 0")
+    if warm.enabled and not warm.urls and not (section.peers or section.dns_name
+                                               or section.kubernetes_label_selector):
+        raise ConfigError("sync.warm_start.urls", "warm start needs siblings: list urls, or "
+                          "peers / dns_name / kubernetes_label_selector under sync")
     try:
         section.params()
     except ValueError as exc:

@@ -24,14 +24,18 @@ number; batches are applied strictly in order:
 
 A replay answer that starts after the asked sequence means the engine's buffer moved on: the
 gap cannot be filled, so the backend is cleared (missing entries cost hits; stale ones would
-send requests to caches that no longer hold them). A replay that ends (or times out) still
-short of a held message is retried after ``replay_backoff_s``, doubling, at most
-``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is cleared
-and the held message starts the sequence anew, as after a restart. (A message far ahead, e.g.
-seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source without a
-replay endpoint accepts gaps and counts them. Malformed messages are counted and skipped;
-nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock) is a
-histogram of live batches only; replayed batches, old by nature, are counted apart.
+send requests to caches that no longer hold them). Warm start is the exception: streams
+restored from a sibling's snapshot (``restore_positions``, before their sources are added)
+replay from the snapshot's position instead of 0, and when the buffer no longer reaches it the
+snapshot's blocks are kept (counted, logged): they hold every prefix older than the buffer,
+which clearing would throw away, and the engine's later events correct them. A replay that ends
+(or times out) still short of a held message is retried after ``replay_backoff_s``, doubling,
+at most ``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is
+cleared and the held message starts the sequence anew, as after a restart. (A message far
+ahead, e.g. seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source
+without a replay endpoint accepts gaps and counts them. Malformed messages are counted and
+skipped; nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock)
+is a histogram of live batches only; replayed batches, old by nature, are counted apart.
 
 Must not import aiohttp or ``simulator``.
 """
@@ -42,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +57,7 @@ from policies.kv.events import AllBlocksCleared, BlockStored, KvEvent
 from policies.types import BackendId, BlockHash
 from router.kv.auth import EventSocketGate
 from router.kv.metrics import KvMetrics
+from router.kv.snapshot import StreamPosition
 from router.kv.sources import KvEventSource, subscribe_plan
 from router.kv.wire import DecodedBatch, WireError, decode_live, decode_replay, replay_request
 
@@ -82,6 +87,8 @@ class _Stream:
     held: list[DecodedBatch] = field(default_factory=list)
     gap_replays: int = 0
     """Replays in a row that ended with the held messages' gap still open."""
+    restored: bool = False
+    """Positioned from a sibling's snapshot; its first replay has not ended yet."""
 
 
 class KvEventIngestor:
@@ -127,6 +134,22 @@ class KvEventIngestor:
         self.ready = asyncio.Event()
         """Set once every socket is bound/connected and start-up replays have finished."""
         self.applied_batches = 0
+        self._restored: dict[tuple[BackendId, str], list[StreamPosition]] = {}
+
+    def restore_positions(self, positions: Sequence[StreamPosition]) -> None:
+        """Streams of a restored snapshot: their sources, once added, replay from there."""
+        for p in positions:
+            self._restored.setdefault((p.backend_id, p.topic), []).append(p)
+
+    def positions(self) -> tuple[StreamPosition, ...]:
+        """Where every stream stands: what the index holds is everything below ``next_seq``."""
+        return tuple(StreamPosition(b, topic, rank, st.next_seq, st.last_ts)
+                     for (b, topic, rank), st in self._streams.items() if st.next_seq is not None)
+
+    def catching_up(self) -> int:
+        """Restored streams not replayed yet (their sources not added, or replays running)."""
+        return (sum(len(v) for v in self._restored.values())
+                + sum(st.restored for st in self._streams.values()))
 
     async def run(self) -> None:
         """Subscribe to the initial sources, replay them, then ingest until cancelled."""
@@ -188,12 +211,21 @@ class KvEventIngestor:
             tasks = (loop.create_task(self._read(sock, address, bind)),
                      loop.create_task(self._watch(sock, address, bind)))
             self._sockets[(address, bind)] = (sock, tasks)
-        if self.replay_on_start and source.replay_endpoint is not None:
+        restored = self._restored.pop((source.backend_id, source.topic), [])
+        for p in restored:
+            stream = self._stream(source, p.rank)
+            stream.next_seq, stream.last_ts = p.next_seq, p.last_ts
+            if self.replay_on_start and source.replay_endpoint is not None:
+                stream.restored = True
+                self._spawn_replay(stream, p.next_seq)
+        if not restored and self.replay_on_start and source.replay_endpoint is not None:
             self._spawn_replay(self._stream(source, 0), 0)
 
     def remove_backend(self, backend_id: BackendId) -> None:
         """Stop taking events from ``backend_id`` (its sockets close when no source is left)."""
         self.sources = [s for s in self.sources if s.backend_id != backend_id]
+        for restored_key in [k for k in self._restored if k[0] == backend_id]:
+            del self._restored[restored_key]
         for stream_key in [k for k in self._streams if k[0] == backend_id]:
             del self._streams[stream_key]
         self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
@@ -389,6 +421,7 @@ class KvEventIngestor:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         outcome = "ok"
+        kept = False  # a restored stream kept its snapshot over a gap: as live as it gets
         try:
             sock.connect(stream.source.replay_address())
             await sock.send_multipart(replay_request(start_seq))
@@ -405,8 +438,15 @@ class KvEventIngestor:
                 expected = stream.next_seq
                 if first and decoded.seq > max(start_seq, expected or 0):
                     outcome = "incomplete"
-                    self.metrics.unrecovered.labels(backend).inc()
-                    self._clear(stream)
+                    if stream.restored:
+                        kept = True
+                        self.metrics.warm_uncovered.labels(backend).inc()
+                        log.warning("KV events from %s: the replay buffer starts at seq %d, "
+                                    "past the snapshot's %d; keeping the snapshot's blocks",
+                                    backend, decoded.seq, start_seq)
+                    else:
+                        self.metrics.unrecovered.labels(backend).inc()
+                        self._clear(stream)
                 first = False
                 if expected is not None and decoded.seq < expected:
                     if decoded.batch.ts <= stream.last_ts:
@@ -427,8 +467,9 @@ class KvEventIngestor:
             log.exception("replay from %s failed", backend)
         finally:
             sock.close(linger=0)
+            stream.restored = False
             self.metrics.replays.labels(backend, outcome).inc()
-        if outcome == "ok" and self.on_backend_live is not None:
+        if (outcome == "ok" or kept) and self.on_backend_live is not None:
             self.on_backend_live(backend)
         self._drain(stream)
 

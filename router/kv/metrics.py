@@ -75,6 +75,26 @@ class KvMetrics:
             "kvrouter_kv_events_unknown_topic", "Messages whose topic matches no configured "
             "source.", registry=r,
         )
+        self.warm_starts = Counter(
+            "kvrouter_kv_warm_starts",
+            "Start-ups with warm start on: warm (a sibling's index snapshot was loaded) or "
+            "cold (no sibling answered in time).", ["outcome"], registry=r,
+        )
+        self.warm_restored = Gauge(
+            "kvrouter_kv_warm_start_restored_entries",
+            "(block, backend) pairs loaded from a sibling's index snapshot at start-up.",
+            registry=r,
+        )
+        self.warm_uncovered = Counter(
+            "kvrouter_kv_warm_start_uncovered_streams",
+            "Streams whose engine replay buffer no longer reached the snapshot's position: the "
+            "snapshot's blocks were kept (the engine's later events correct them), but what "
+            "the engine evicted in between stays in the index until evicted there.",
+            ["backend"], registry=r,
+        )
+        self.snapshots_served = Counter(
+            "kvrouter_kv_snapshots_served", "Index snapshots served to siblings.", registry=r,
+        )
         self.index_entries = Gauge(
             "kvrouter_index_entries", "(block, backend) pairs in the prefix index.", registry=r,
         )

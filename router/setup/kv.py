@@ -17,7 +17,10 @@ analyzer, token parity and one background task, from the parsed ``kv_events`` se
 ``create_app(analyzer=..., index=..., policy=..., background=[...])``. The background task
 registers the KV metrics in the app's registry, then runs, until clean-up: event-source
 discovery (``/v1/models`` for a backend's base model, ``/kv_event_sources``), the ingestor,
-and the engine-metric scraper. Must not import ``simulator``.
+and the engine-metric scraper. With ``sync.warm_start`` it first loads a sibling's index
+snapshot (``router.setup.warm``); ``routes()`` (the snapshot endpoint every replica serves) and
+``not_ready`` go into ``create_app(routes=..., ready_checks=[...])``. Must not import
+``simulator``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,6 +41,7 @@ from policies.types import BackendId, BlockHash, Policy
 from router.config import Config, ConfigError
 from router.config.disaggregation import wrap_policy
 from router.config.kv_events import KvEventsConfig
+from router.http.messages import Request, Response
 from router.kv.auth import EventSocketGate
 from router.kv.events import KvEventIngestor
 from router.kv.metrics import KvMetrics
@@ -47,6 +51,7 @@ from router.pool import BackendPool
 from router.prompt.token_analyzer import ModelShape, TokenizingAnalyzer
 from router.prompt.tokenize import ModelTokenizer, load_tokenizer
 from router.scrape import EngineScraper
+from router.setup.warm import SNAPSHOT_PATH, WarmStart
 
 __all__ = ["KvPlumbing", "build_kv", "tokenizer_coverage", "wants_kv"]
 
@@ -66,7 +71,8 @@ def wants_kv(config: Config, tokenizer_dirs: Mapping[str, str]) -> bool:
 
 class KvPlumbing:
     def __init__(self, config: Config, section: KvEventsConfig,
-                 tokenizers: dict[str, ModelTokenizer]) -> None:
+                 tokenizers: dict[str, ModelTokenizer],
+                 environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.section = section
         self.metrics = KvMetrics()
@@ -82,6 +88,15 @@ class KvPlumbing:
         # unhealthy (its cache is presumed lost) and re-enters, replayed, once healthy again.
         self._subscribed: set[BackendId] = set()
         self.configured_sources = self._configured_sources()  # a bad entry fails at start-up
+        self.warm = WarmStart(config, self.index, self.metrics, environ or {})
+
+    def routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
+        """For ``create_app(routes=...)``: the index snapshot siblings warm from."""
+        return {SNAPSHOT_PATH: {"GET": self.warm.serve}}
+
+    def not_ready(self) -> str | None:
+        """For ``create_app(ready_checks=...)``: warming up (``sync.warm_start``)."""
+        return self.warm.not_ready()
 
     def policy(self, rng: random.Random) -> Policy:
         inner = wrap_policy(build_policy(self.config.policy.name, self.config.policy.params, rng),
@@ -116,7 +131,7 @@ class KvPlumbing:
     # ---- what the ingestor feeds --------------------------------------------------------------
 
     def apply(self, backend_id: BackendId, event: KvEvent, now_s: float) -> tuple[BlockHash, ...]:
-        if backend_id not in self.index.backend_ids():
+        if not self.index.has_model(backend_id):  # a restored backend may come with one
             self.index.set_backend_model(backend_id, self._base_model(backend_id))
         return self.index.apply(backend_id, event, now_s)
 
@@ -156,6 +171,11 @@ class KvPlumbing:
             else None,
             on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
             on_backend_live=self._live)
+        self.warm.ingestor = self.ingestor
+        if self.warm.phase == "fetching":  # before any source is added: positions first
+            snapshot = await self.warm.fetch(state.session())
+            if snapshot is not None:
+                self.warm.load(snapshot, self.ingestor)
         tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]
         if section.scrape:
             scraper = EngineScraper(state.pool, self.metrics, state.session,
@@ -305,7 +325,8 @@ def _with_bind(source: KvEventSource, bind: str) -> KvEventSource:
                          source.host, bind, source.engine_binds)
 
 
-def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) -> KvPlumbing:
+def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None,
+             environ: Mapping[str, str] | None = None) -> KvPlumbing:
     """Load tokenizers now, so a bad path is a start-up config error."""
     section = config.kv_events or KvEventsConfig()
     dirs = {name: m.tokenizer for name, m in config.models.items() if m.tokenizer}
@@ -324,4 +345,4 @@ def build_kv(config: Config, tokenizer_dirs: Mapping[str, str] | None = None) ->
         log.warning("no tokenizer configured (models.<name>.tokenizer or --model-tokenizer): "
                     "approximate mode: prompts are estimated from characters, engine KV events "
                     "cannot be matched, and kv_aware remembers where it sent each prefix")
-    return KvPlumbing(config, section, tokenizers)
+    return KvPlumbing(config, section, tokenizers, environ)

@@ -135,6 +135,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-replay-endpoint", default="tcp://*:0",
         help="replay ROUTER endpoint (port+i per pod; default %(default)s)"
     )
+    parser.add_argument(
+        "--kv-buffer-steps", type=_at_least_one, default=10_000,
+        help="event batches each pod's replay socket keeps, as vLLM's kv-events-config "
+        "buffer_steps; small values age prefixes out of replay (warm start; default "
+        "%(default)s)"
+    )
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -159,6 +172,7 @@ async def _serve(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         kv_events_endpoint=endpoint,
         kv_replay_endpoint=args.kv_replay_endpoint,
+        buffer_steps=args.kv_buffer_steps,
         role=args.role,
         kv_network_bytes_per_s=args.kv_network_gbps * 1e9 / 8,
         slow_pods=args.slow_pods,

@@ -59,6 +59,12 @@ app.kubernetes.io/component: router
 {{- if and .Values.replicaSync.enabled (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}true{{- end }}
 {{- end }}
 
+{{/* Warm start is on when sync is and replicaSync.warmStart or config.sync.warm_start.enabled. */}}
+{{- define "kvrouter.warmStartActive" -}}
+{{- $warm := ((.Values.config.sync | default dict).warm_start | default dict) }}
+{{- if and (include "kvrouter.syncActive" .) (hasKey $warm "enabled" | ternary $warm.enabled .Values.replicaSync.warmStart) }}true{{- end }}
+{{- end }}
+
 {{- define "kvrouter.peersService" -}}
 {{- printf "%s-peers" (include "kvrouter.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -73,6 +79,12 @@ app.kubernetes.io/component: router
 {{- $_ := set $sync "port" ($sync.port | default .Values.replicaSync.port) }}
 {{- $dns := printf "%s.%s.svc.%s" (include "kvrouter.peersService" .) .Release.Namespace .Values.replicaSync.clusterDomain }}
 {{- $_ := set $sync "dns_name" ($sync.dns_name | default $dns) }}
+{{- if and .Values.replicaSync.warmStart (not (hasKey $sync "warm_start")) }}
+{{- if not ((.Values.config.server | default dict).admin_token) }}
+{{- fail "replicaSync.warmStart needs config.server.admin_token (the same on every replica): siblings hand out their index only with it" }}
+{{- end }}
+{{- $_ := set $sync "warm_start" (dict "enabled" true) }}
+{{- end }}
 {{- $_ := set $config "sync" $sync }}
 {{- end }}
 {{- if eq (include "kvrouter.discoveryMode" .) "kubernetes" }}

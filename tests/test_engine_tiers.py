@@ -131,6 +131,35 @@ def test_loads_queue_on_one_link_and_other_requests_keep_running() -> None:
     assert waits and all(r.prefill_tokens == 0 and not r.outputs for r in waits)
 
 
+def loaded_or_cold_beside_a_decode(from_cpu: bool) -> EngineModel:
+    """A 60-block decode leaves 40 of 100 HBM blocks free; then a 50-block prompt arrives,
+    either held in the CPU tier or cold, with 8-block prefill chunks."""
+    engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=100, max_num_batched_tokens=8 * BS,
+                                      cpu_offload_blocks=1000), COST)
+    engine.add_request(EngineRequest("decode", 60 * BS, 300), 0.0)
+    now = 0.0
+    while engine.generation_tokens_total < 2:  # prefilled, now decoding
+        result = engine.step(now)
+        assert result is not None
+        now = result.end_s
+    assert engine.cache.free_blocks < 50
+    if from_cpu:
+        assert engine.cpu is not None
+        engine.cpu.store(keys_for(7, 50), [])
+    engine.add_request(EngineRequest("new", 50 * BS + 1, 1, keys_for(7, 50)), now)
+    engine.step(now)
+    return engine
+
+
+def test_a_load_needs_hbm_for_its_whole_run_where_a_cold_prompt_needs_one_chunk() -> None:
+    # vLLM allocates slots for every externally loaded token before the load starts; a cold
+    # prompt is admitted with its first chunk. Where HBM is short, a CPU hit therefore waits
+    # for running requests to finish while the same prompt cold would start at once
+    # (docs/simulation.md, KV tiers: what sets the p99).
+    assert loaded_or_cold_beside_a_decode(from_cpu=False).num_waiting == 0
+    assert loaded_or_cold_beside_a_decode(from_cpu=True).num_waiting == 1
+
+
 def test_tier_events_replayed_into_the_index_give_the_engine_tiers() -> None:
     store = SharedStore(capacity_blocks=10_000, block_size=BS)
     config = EngineConfig(block_size=BS, num_gpu_blocks=70, cpu_offload_blocks=1000)

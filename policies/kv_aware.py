@@ -85,16 +85,17 @@ smallest-tree rule does (docs/simulation.md, "Cache pressure and late events").
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
 finishes. Room is ``policies.kv_commitment``: what this policy sent a backend and is unfinished
-(uncached prompt plus up to ``hold_output_tokens`` of output) plus this prompt within
+(its uncached prompt blocks, each counted once however many in-flight requests there share
+it, plus up to ``hold_output_tokens`` of output per request) plus this prompt within
 ``hold_kv_ratio`` (0.9) of its KV memory; an empty backend or an unknown KV size always has
 room. An engine admits whatever fits at the instant and preempts when decodes outgrow it; on
 the Mooncake trace at 6 engines holding the excess in the router cut preemptions from 1,536
 to 898 and TTFT p99 from 392 to 309 s. The ratio is 0.9, not the 0.7 that is best on that
-trace alone (4,802 against 4,913 prefill GPU-seconds): the commitment counts every in-flight
-request's whole uncached prompt, though requests of one group sent together share their
-prefix blocks, so against live emulated pods 0.7 and 0.8 held requests no engine would have
-preempted (bench/quality.py's overload regime: TTFT p99 0.95-1.0 s against 0.52 s at 0.9,
-with 0 preemptions either way). The router also holds while every prefill candidate
+trace alone (4,802 against 4,913 prefill GPU-seconds): while the commitment counted a shared
+prefix once per request (requests of one group sent together, before any of them stored
+it), against live emulated pods 0.7 and 0.8 held requests no engine would have preempted
+(bench/quality.py's overload regime: TTFT p99 0.95-1.0 s against 0.52 s at 0.9, with 0
+preemptions either way). The router also holds while every prefill candidate
 has at least ``hold_queue_s`` (0.3 s) of prefill this policy predicts is still queued there:
 past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
 picture that is stale by the time it runs, so hot prefixes get copied to whichever queue looked
@@ -630,24 +631,20 @@ class KvAware(PolicyBase):
             queued_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
         return queued_s
 
-    def _commitment(self, request: RouteRequest, decision: Decision) -> tuple[BackendId, float]:
-        prefill_id = decision.prefill_backend_id or decision.backend_id
-        predicted = _prediction(decision, prefill_id)
-        if predicted is None:
-            return prefill_id, 0.0
-        return prefill_id, self._committed.tokens(predicted.uncached_tokens, request.max_tokens)
-
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:
-        self._committed.remove(*self._commitment(request, decision))
+        self._committed.remove(decision.prefill_backend_id or decision.backend_id,
+                               request.request_id, request.block_hashes)
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         prefill_id = decision.prefill_backend_id or decision.backend_id
         predicted = _prediction(decision, prefill_id)
         if predicted is None:
             return
-        self._committed.add(*self._commitment(request, decision))
+        self._committed.add(prefill_id, request.request_id, request.block_hashes,
+                            request.block_size, predicted.prompt_tokens,
+                            predicted.uncached_tokens, request.max_tokens)
         pending = self._pending.get(prefill_id)
         if pending is None:
             pending = self._pending[prefill_id] = PendingPrefill(

@@ -95,15 +95,16 @@ the capacity-edge set (Mooncake first half at 6-8 engines, multi_tenant 30/s and
 at 6 and 8; docs/simulation.md): 0.3 is the one value at or below sglang_cache_aware's TTFT
 p99, prefill GPU-seconds and preemptions in every cell of seed 0 (Mooncake at 6: 324 s, 4,212
 GPU-s, 228 preemptions, against 309 s, 4,913, 898 at 0.9 and sglang's 352 s, 4,893, 1,357);
-at 0.25 p99 rises (mixed at 8 engines: 42 s against 2.5 s). The price is paid short of deep
-overload: requests wait longer in the router (mixed at 6: TTFT p50 4.5 s against 1.4 s), and
-in a simulation of bench/quality.py's overload regime (bench/groups_trace.py, 160 req/s on 4
-engines, 32 output tokens: no engine preempts) TTFT p99 was 0.61-0.69 s against 0.48-0.58 s
-at 0.9 over three seeds. That is the hold itself, not an over-count: the held requests'
-commitment matched the engines' KV usage (0.68 against 0.64), and counting shared prefixes
-once moved p99 there from 0.78 to 0.74 s at 0.7. The router also holds while every prefill
-candidate has at least ``hold_queue_s`` (0.3 s) of prefill this policy predicts is queued there:
-past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
+at 0.25 p99 rises (mixed at 8 engines: 42 s against 2.5 s). The price: in deep overload
+requests wait longer in the router (Mooncake at 6: TTFT p50 146 against 89 s, 15.7% within a
+2 s SLO against 30.0%), and short of it the hold binds where no engine would preempt: in a
+simulation of bench/quality.py's overload regime (bench/groups_trace.py, 160 req/s on 4
+engines, 32 output tokens) TTFT p99 was 0.61-0.69 s against 0.48-0.58 s at 0.9 over three
+seeds, and live (four paired runs on a shared machine) its median 1.67 against 1.05 s. That
+is the hold itself, not an over-count: the held requests' commitment matched the engines' KV
+usage (0.68 against 0.64), and counting shared prefixes once moved that p99 from 0.78 to
+0.74 s at 0.7. The router also holds while every prefill candidate has at least
+``hold_queue_s`` (0.3 s) of prefill this policy predicts is queued there: past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
 picture that is stale by the time it runs, so hot prefixes get copied to whichever queue looked
 shortest. Held in the router, it is placed when a finish frees room, where its prefix is then.
 On the synthetic multi-tenant workload at 6 engines (30 req/s against capacity for ~18) this

@@ -1,9 +1,27 @@
 """KV memory a policy has committed on each backend, for late binding (``Policy.defer``).
 
 A backend's committed tokens are what the requests this policy sent there and that have not
-finished will hold in KV memory: their uncached prompt tokens plus their output, counted up to
-``output_cap_tokens`` each (a long answer grows into blocks others free as it goes). Cached
-prefix blocks are not counted: they are shared and already resident.
+finished will hold in its KV memory, each block counted once however many of them use it:
+
+- uncached prompt blocks, by chained block hash, with a refcount per backend: a block's
+  tokens are added when its first in-flight request is dispatched (refcount 0 -> 1) and
+  removed when its last one finishes (1 -> 0). Requests of one group sent to one backend
+  together share their prefix blocks in the engine (the first prefill stores them, the
+  others hit them), so counting the prefix once per request over-stated the commitment by
+  the group's size and held requests no engine would have preempted;
+- per request: the partial last block (prompt tokens past ``len(block_hashes) *
+  block_size``: an engine never shares a block that is not full) and the output, counted up
+  to ``output_cap_tokens`` (a long answer grows into blocks others free as it goes);
+- a request without block hashes commits its uncached tokens alone, as the whole prompt's
+  worth of memory nobody else can share.
+
+Cached prefix blocks (the predicted hit) are not counted: they are shared and already
+resident. The uncached blocks are the trailing ones after the hit; a hit priced in part
+(lower tiers count at what loading saves, ``kv_aware``'s ``tier_pricing``) ends inside a
+block, which counts for its uncached share only, so a request alone on a backend commits
+exactly ``uncached_tokens`` + its output. A block keeps the tokens it was added with until
+its refcount drops to 0, and each request keeps the blocks and tokens it committed, so a
+finish removes exactly what its dispatch added whatever was sent or finished in between.
 
 ``has_room(backend, prompt_tokens, ratio)`` is the late-binding test: a backend with nothing
 committed, or whose KV size is unknown, always has room (a prompt larger than the ratio still
@@ -12,32 +30,100 @@ memory. An engine admits whatever fits at the instant and preempts (recomputes w
 when decodes outgrow its memory; holding the excess in the router instead places it when a
 backend has room, on fresher cache state.
 
-Pure: no clock, I/O or randomness. O(1) per call.
+Pure: no clock, I/O or randomness. ``add`` and ``remove`` cost O(uncached blocks) (plus the
+requests in flight under one request id, normally one); ``has_room`` and ``committed`` O(1).
 """
 
 from __future__ import annotations
 
-from policies.types import BackendId, BackendState
+import math
+from dataclasses import dataclass
+
+from policies.types import BackendId, BackendState, BlockHash
 
 __all__ = ["KvCommitment"]
+
+_ROUNDING_TOKENS = 1e-6  # float slack when a priced hit lands on a block boundary
+
+
+@dataclass(slots=True)
+class _Block:
+    refs: int  # in-flight requests on the backend that committed this block
+    tokens: float  # what its first request added (a partly hit block: less than a block)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What one request committed on one backend, removed as it was added."""
+
+    block_hashes: tuple[BlockHash, ...]  # the request's whole chain, to tell requests apart
+    blocks: tuple[tuple[BlockHash, float], ...]  # (uncached block, its tokens)
+    own_tokens: float  # partial last block + output (or the whole uncached prompt, unhashed)
 
 
 class KvCommitment:
     def __init__(self, output_cap_tokens: int) -> None:
         self.output_cap_tokens = output_cap_tokens
         self._tokens: dict[BackendId, float] = {}
+        self._blocks: dict[BackendId, dict[BlockHash, _Block]] = {}
+        self._held: dict[BackendId, dict[str, list[_Held]]] = {}
 
-    def tokens(self, uncached_tokens: float, max_tokens: int) -> float:
-        """What one request commits."""
-        return uncached_tokens + min(max_tokens, self.output_cap_tokens)
+    def _commit(self, block_hashes: tuple[BlockHash, ...], block_size: int, prompt_tokens: int,
+                uncached_tokens: float, max_tokens: int) -> _Held:
+        output = float(min(max_tokens, self.output_cap_tokens))
+        if not block_hashes or block_size <= 0:
+            return _Held(block_hashes, (), uncached_tokens + output)
+        hashed = len(block_hashes) * block_size
+        tail = float(max(prompt_tokens - hashed, 0))
+        uncached = min(max(uncached_tokens - tail, 0.0), float(hashed))
+        count = max(math.ceil((uncached - _ROUNDING_TOKENS) / block_size), 0)
+        first = len(block_hashes) - count
+        blocks = tuple(
+            (h, float(block_size)) if i else
+            (h, min(max(uncached - (count - 1) * block_size, 0.0), float(block_size)))
+            for i, h in enumerate(block_hashes[first:]))
+        return _Held(block_hashes, blocks, tail + output)
 
-    def add(self, backend_id: BackendId, tokens: float) -> None:
-        self._tokens[backend_id] = self._tokens.get(backend_id, 0.0) + tokens
+    def add(self, backend_id: BackendId, request_id: str, block_hashes: tuple[BlockHash, ...],
+            block_size: int, prompt_tokens: int, uncached_tokens: float, max_tokens: int) -> None:
+        """Commit one dispatched request: ``prompt_tokens`` and ``uncached_tokens`` as the
+        policy predicted them on ``backend_id`` (the hit is the rest)."""
+        held = self._commit(block_hashes, block_size, prompt_tokens, uncached_tokens, max_tokens)
+        self._held.setdefault(backend_id, {}).setdefault(request_id, []).append(held)
+        added = held.own_tokens
+        refs = self._blocks.setdefault(backend_id, {})
+        for block_hash, tokens in held.blocks:
+            block = refs.get(block_hash)
+            if block is None:
+                refs[block_hash] = _Block(1, tokens)
+                added += tokens
+            else:
+                block.refs += 1
+        self._tokens[backend_id] = self._tokens.get(backend_id, 0.0) + added
 
-    def remove(self, backend_id: BackendId, tokens: float) -> None:
-        if backend_id in self._tokens:
-            left = self._tokens[backend_id] - tokens
-            self._tokens[backend_id] = left if left > 0.5 else 0.0  # no float drift
+    def remove(self, backend_id: BackendId, request_id: str,
+               block_hashes: tuple[BlockHash, ...]) -> None:
+        """Release what ``add`` committed for this request there (nothing if it committed
+        nothing, or the backend was removed since)."""
+        by_request = self._held.get(backend_id)
+        pending = by_request.get(request_id) if by_request is not None else None
+        if not pending or by_request is None:
+            return
+        # Request ids come from clients and may repeat: take the one with these blocks.
+        at = next((i for i, h in enumerate(pending) if h.block_hashes == block_hashes), 0)
+        held = pending.pop(at)
+        if not pending:
+            del by_request[request_id]
+        removed = held.own_tokens
+        refs = self._blocks[backend_id]
+        for block_hash, _tokens in held.blocks:
+            block = refs[block_hash]
+            block.refs -= 1
+            if not block.refs:
+                del refs[block_hash]
+                removed += block.tokens
+        left = self._tokens[backend_id] - removed
+        self._tokens[backend_id] = left if left > 0.5 and by_request else 0.0  # no float drift
 
     def committed(self, backend_id: BackendId) -> float:
         return self._tokens.get(backend_id, 0.0)
@@ -52,3 +138,5 @@ class KvCommitment:
 
     def remove_backend(self, backend_id: BackendId) -> None:
         self._tokens.pop(backend_id, None)
+        self._blocks.pop(backend_id, None)
+        self._held.pop(backend_id, None)

@@ -46,7 +46,7 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
     "duplicate_ratio": ("uniform", 0.0, 2.0),
     "cache_full_knee_ratio": ("uniform", 0.5, 0.95),
     "recent_ttl_s": ("uniform", 0.0, 2.0),
-    "hold_kv_ratio": ("uniform", 0.5, 1.0),
+    "hold_kv_ratio": ("uniform", 0.2, 1.0),
     "hold_queue_s": ("log", 0.05, 2.0),
     "partition_ratio": ("uniform", 0.0, 2.0),
 }

@@ -585,6 +585,33 @@ def test_defers_while_every_backend_has_committed_its_kv_and_releases_on_finish(
     assert not never.defer(prompt(9, 6000), view(PrefixIndex(), *states))
 
 
+def test_a_group_sent_together_commits_its_shared_prefix_once() -> None:
+    # Five requests of one group, none of them finding the prefix cached (its prefill has not
+    # stored it yet): the engine holds the 2,944 shared tokens once, so the commitment must
+    # too. Counted per request, the third one already past 0.5 of 16,000 tokens was held.
+    kv = policy(hold_kv_ratio=0.5, hold_queue_s=0.0, recent_ttl_s=0.0)
+    states = [idle("b0", total_kv_blocks=1000)]
+    sent = []
+    for i in range(5):
+        request = prompt(1, 3008, suffix=i)  # 2,944 shared + 64 own tokens, 16 output
+        v = view(PrefixIndex(), *states)
+        assert not kv.defer(request, v)
+        decision = kv.choose(request, v)
+        assert decision.predicted_hit_tokens == 0
+        kv.on_dispatched(request, decision, 0.0)
+        sent.append((request, decision))
+    # 2,944 + 5 * (64 + 16) = 3,344 committed: room for a 4,656-token prompt, not more.
+    assert not kv.defer(prompt(2, 4656), view(PrefixIndex(), *states))
+    assert kv.defer(prompt(2, 4672), view(PrefixIndex(), *states))
+    # Finishes take out what the dispatches put in: the prefix with the last of them.
+    for request, decision in sent[:4]:
+        kv.on_finished(request, decision, 1.0, True)
+    assert not kv.defer(prompt(2, 4976), view(PrefixIndex(), *states))  # 3,024 left
+    assert kv.defer(prompt(2, 4992), view(PrefixIndex(), *states))
+    kv.on_finished(*sent[4], 1.0, True)
+    assert not kv.defer(prompt(2, 64_000), view(PrefixIndex(), *states))  # nothing committed
+
+
 def test_defers_while_every_backend_has_prefill_queued_and_not_once_it_is_predicted_done() -> None:
     # Past capacity a request waits in the router, not in an engine queue, while every backend
     # has hold_queue_s of prefill this policy predicts is still queued; KV room is ample here.

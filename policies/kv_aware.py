@@ -96,25 +96,25 @@ prefill GPU-seconds, preemptions 8 -> 0; mixed 20 req/s at 6, 1,002 -> 916 GPU-s
 
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
-finishes. Room is ``policies.kv_commitment``: what this policy sent a backend and is unfinished
+finishes or has its first token. Room is ``policies.kv_commitment``: what this policy sent a backend and is unfinished
 (its uncached prompt blocks, each counted once however many in-flight requests there share
 it, plus up to ``hold_output_tokens`` of output per request) plus this prompt within
-``hold_kv_ratio`` (0.3) of its KV memory; an empty backend or an unknown KV size always has
+``hold_kv_ratio`` (0.9) of its KV memory; an empty backend or an unknown KV size always has
 room. An engine admits whatever fits at the instant and preempts when decodes outgrow it;
 past capacity, holding the excess in the router places it when a backend has room, on
-fresher cache state, with engine batches kept small. The ratio was swept from 0.2 to 1.0 on
-the capacity-edge set (Mooncake first half at 6-8 engines, multi_tenant 30/s and mixed 20/s
-at 6 and 8; docs/simulation.md): 0.3 is the one value at or below sglang_cache_aware's TTFT
-p99, prefill GPU-seconds and preemptions in every cell of seed 0 (Mooncake at 6: 324 s, 4,212
-GPU-s, 228 preemptions, against 309 s, 4,913, 898 at 0.9 and sglang's 352 s, 4,893, 1,357);
-at 0.25 p99 rises (mixed at 8 engines: 42 s against 2.5 s). The price: in deep overload
-requests wait longer in the router (Mooncake at 6: TTFT p50 146 against 89 s, 15.7% within a
-2 s SLO against 30.0%), and short of it the hold binds where no engine would preempt: in a
-simulation of bench/quality.py's overload regime (bench/groups_trace.py, 160 req/s on 4
-engines, 32 output tokens) TTFT p99 was 0.61-0.69 s against 0.48-0.58 s at 0.9 over three
-seeds, and live (four paired runs on a shared machine) its median 1.67 against 1.05 s. That
-is the hold itself, not an over-count: the held requests' commitment matched the engines' KV
-usage (0.68 against 0.64), and counting shared prefixes once moved that p99 from 0.78 to
+fresher cache state. The ratio was swept from 0.2 to 1.0 on the capacity-edge set (Mooncake
+first half at 6-8 engines, multi_tenant 30/s and mixed 20/s at 6 and 8; docs/simulation.md,
+"Late binding's KV ratio"). Low ratios hold more: 0.3 was at or below sglang_cache_aware's
+TTFT p99, prefill GPU-seconds and preemptions in every cell, where 0.9 spent more prefill at 6
+engines, but in deep overload 0.3 keeps requests waiting in the router (Mooncake at 6: TTFT
+p50 146 against 89 s, 15.7% within a 2 s SLO against 30.0%, sglang 20.7%) and short of it the
+hold binds where no engine would preempt (bench/quality.py's overload regime, simulated: TTFT
+p99 0.61-0.69 s against 0.48-0.58 s at 0.9 over three seeds; live, four paired runs: 1.67
+against 1.05 s). With first tokens ending forecasts (above), 0.9 meets sglang on all three
+measures except mixed at 6 engines (916 against 850 prefill GPU-s, 27 against 26
+preemptions), so 0.9 stays; an operator who prefers less recompute to a lower median in deep
+overload can lower it. The held requests' commitment matches the engines' KV usage (0.68
+against 0.64 at 0.3), and counting shared prefixes once moved that p99 from 0.78 to
 0.74 s at 0.7. The router also holds while every prefill candidate has at least
 ``hold_queue_s`` (0.3 s) of prefill this policy predicts is queued there: past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
 picture that is stale by the time it runs, so hot prefixes get copied to whichever queue looked
@@ -256,7 +256,7 @@ class KvAwareParams:
     # working set passes cache_full_knee_ratio of the candidates' KV memory
     recent_ttl_s: float = 0.5  # a dispatched prefix counts as cached there until events say
     # so, for this long (0: trust events only)
-    hold_kv_ratio: float = 0.3  # hold in the router while every backend's committed KV is past
+    hold_kv_ratio: float = 0.9  # hold in the router while every backend's committed KV is past
     # this share of its KV memory (0: never hold)
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
     hold_queue_s: float = 0.3  # ... or while every backend has at least this much predicted

@@ -46,18 +46,14 @@ __all__ = ["KvCommitment"]
 _ROUNDING_TOKENS = 1e-6  # float slack when a priced hit lands on a block boundary
 
 
-@dataclass(slots=True)
-class _Block:
-    refs: int  # in-flight requests on the backend that committed this block
-    tokens: float  # what its first request added (a partly hit block: less than a block)
-
-
 @dataclass(frozen=True, slots=True)
 class _Held:
     """What one request committed on one backend, removed as it was added."""
 
     block_hashes: tuple[BlockHash, ...]  # the request's whole chain, to tell requests apart
-    blocks: tuple[tuple[BlockHash, float], ...]  # (uncached block, its tokens)
+    blocks: tuple[BlockHash, ...]  # its uncached blocks (a slice of the chain)
+    first_tokens: float  # tokens of blocks[0]: less than a block when the hit ends inside it
+    block_size: int
     own_tokens: float  # partial last block + output (or the whole uncached prompt, unhashed)
 
 
@@ -65,24 +61,25 @@ class KvCommitment:
     def __init__(self, output_cap_tokens: int) -> None:
         self.output_cap_tokens = output_cap_tokens
         self._tokens: dict[BackendId, float] = {}
-        self._blocks: dict[BackendId, dict[BlockHash, _Block]] = {}
+        # Per backend: block -> in-flight requests that committed it (plain ints: this runs
+        # for every uncached block of every request, so no object per block), and the tokens
+        # of the few blocks added as partly hit (the others count a whole block).
+        self._refs: dict[BackendId, dict[BlockHash, int]] = {}
+        self._partial: dict[BackendId, dict[BlockHash, float]] = {}
         self._held: dict[BackendId, dict[str, list[_Held]]] = {}
 
     def _commit(self, block_hashes: tuple[BlockHash, ...], block_size: int, prompt_tokens: int,
                 uncached_tokens: float, max_tokens: int) -> _Held:
         output = float(min(max_tokens, self.output_cap_tokens))
         if not block_hashes or block_size <= 0:
-            return _Held(block_hashes, (), uncached_tokens + output)
+            return _Held(block_hashes, (), 0.0, block_size, uncached_tokens + output)
         hashed = len(block_hashes) * block_size
         tail = float(max(prompt_tokens - hashed, 0))
         uncached = min(max(uncached_tokens - tail, 0.0), float(hashed))
         count = max(math.ceil((uncached - _ROUNDING_TOKENS) / block_size), 0)
-        first = len(block_hashes) - count
-        blocks = tuple(
-            (h, float(block_size)) if i else
-            (h, min(max(uncached - (count - 1) * block_size, 0.0), float(block_size)))
-            for i, h in enumerate(block_hashes[first:]))
-        return _Held(block_hashes, blocks, tail + output)
+        first = min(max(uncached - (count - 1) * block_size, 0.0), float(block_size))
+        return _Held(block_hashes, block_hashes[len(block_hashes) - count:], first, block_size,
+                     tail + output)
 
     def add(self, backend_id: BackendId, request_id: str, block_hashes: tuple[BlockHash, ...],
             block_size: int, prompt_tokens: int, uncached_tokens: float, max_tokens: int) -> None:
@@ -91,14 +88,20 @@ class KvCommitment:
         held = self._commit(block_hashes, block_size, prompt_tokens, uncached_tokens, max_tokens)
         self._held.setdefault(backend_id, {}).setdefault(request_id, []).append(held)
         added = held.own_tokens
-        refs = self._blocks.setdefault(backend_id, {})
-        for block_hash, tokens in held.blocks:
-            block = refs.get(block_hash)
-            if block is None:
-                refs[block_hash] = _Block(1, tokens)
-                added += tokens
-            else:
-                block.refs += 1
+        blocks = held.blocks
+        if blocks:
+            refs = self._refs.setdefault(backend_id, {})
+            whole = float(held.block_size)
+            for block_hash in blocks:
+                n = refs.get(block_hash)
+                if n is None:
+                    refs[block_hash] = 1
+                    added += whole
+                else:
+                    refs[block_hash] = n + 1
+            if held.first_tokens != whole and refs[blocks[0]] == 1:  # new and partly hit
+                added += held.first_tokens - whole
+                self._partial.setdefault(backend_id, {})[blocks[0]] = held.first_tokens
         self._tokens[backend_id] = self._tokens.get(backend_id, 0.0) + added
 
     def remove(self, backend_id: BackendId, request_id: str,
@@ -115,13 +118,17 @@ class KvCommitment:
         if not pending:
             del by_request[request_id]
         removed = held.own_tokens
-        refs = self._blocks[backend_id]
-        for block_hash, _tokens in held.blocks:
-            block = refs[block_hash]
-            block.refs -= 1
-            if not block.refs:
+        if held.blocks:
+            refs = self._refs[backend_id]
+            partial = self._partial.get(backend_id)
+            whole = float(held.block_size)
+            for block_hash in held.blocks:
+                n = refs[block_hash] - 1
+                if n:
+                    refs[block_hash] = n
+                    continue
                 del refs[block_hash]
-                removed += block.tokens
+                removed += partial.pop(block_hash, whole) if partial else whole
         left = self._tokens[backend_id] - removed
         self._tokens[backend_id] = left if left > 0.5 and by_request else 0.0  # no float drift
 
@@ -138,5 +145,6 @@ class KvCommitment:
 
     def remove_backend(self, backend_id: BackendId) -> None:
         self._tokens.pop(backend_id, None)
-        self._blocks.pop(backend_id, None)
+        self._refs.pop(backend_id, None)
+        self._partial.pop(backend_id, None)
         self._held.pop(backend_id, None)

@@ -139,6 +139,19 @@ as storage) as constants (the policy before issue 18); ``gpu_only`` is tier-blin
 blocks count (a router that ignores ``medium``, kept for comparisons). Without tiers in the
 index all three give the same scores.
 
+A load also has to be admitted: vLLM allocates HBM slots for every externally loaded token
+before the load starts (a cold prompt needs one chunk's), and admission is in arrival order,
+so a load that does not fit waits, with the queue behind it, until running requests finish
+(seconds to tens of seconds; the router cannot forecast when). Where the lower-tier tokens
+need more blocks (``ceil(tokens / block_size)``) than the backend's scraped free KV,
+``(1 - kv_usage_ratio) * total_kv_blocks`` (cached blocks nobody uses count as free, as in
+vLLM's usage), those tokens count as no hits and ``load_wait_s`` (100 s: practically "only
+if every backend waits") joins ``kv_pressure_s``; unknown KV numbers, GPU hits and
+``gpu_only`` are priced as before. Mooncake first half, 8 engines with 500 HBM blocks and a 2M
+CPU tier: 2 and 6 of ~1,740 tier-priced scores (seeds 0, 1), TTFT p99 5.413 s over seeds 0-9 against
+5.471 s without (tier-blind 5.432 s); 10 s left the slowest such wait (16 s) in place
+(docs/simulation.md, KV tiers).
+
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
 The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
@@ -237,6 +250,8 @@ class KvAwareParams:
     default_prompt_tokens: int = 1024  # cold size of an engine-waiting request without history
     kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
     kv_knee_ratio: float = 0.8  # KV usage below which admission does not wait
+    load_wait_s: float = 100.0  # predicted admission wait of a lower-tier load that the
+    # backend's free KV cannot take (its tokens then count as no hits; 0: off)
     decode_horizon_tokens: int = 8  # output tokens whose decode time joins the score
     temperature_s: float = 0.002  # TTFT differences of this size are noise
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
@@ -291,8 +306,8 @@ class KvAwareParams:
                      "approx_max_entries", "home_max_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0:
-            raise ValueError("approx_ttl_s must be > 0 and kv_full_wait_s >= 0")
+        if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0 or self.load_wait_s < 0:
+            raise ValueError("approx_ttl_s must be > 0, kv_full_wait_s and load_wait_s >= 0")
         self.cost()
 
     def cost(self) -> PrefillCost:
@@ -392,7 +407,12 @@ class KvAware(PolicyBase):
             storage, over = storage - cut, over - cut
             cut = min(cpu, over)
             cpu, gpu = cpu - cut, gpu - (over - cut)
-        hit = self._hit_tokens(prompt, gpu, cpu, storage) if cpu or storage else float(gpu)
+        # A load is admitted only with HBM for all of it (Tiers, above): where the scraped free
+        # KV cannot take it, it waits for finishes instead of being a cheap load.
+        load_waits = (bool(cpu or storage) and p.tier_pricing != "gpu_only" and p.load_wait_s > 0
+                      and _load_exceeds_free_kv(backend, cpu + storage, bs))
+        hit = (self._hit_tokens(prompt, gpu, cpu, storage) if (cpu or storage) and not load_waits
+               else float(gpu))
         shared = min(shared, storage)  # past the cap the store's blocks go first
         prefill_s = self._cost.seconds(prompt - hit, hit)
         held = gpu + cpu + storage
@@ -436,6 +456,8 @@ class KvAware(PolicyBase):
         if usage is not None and usage > p.kv_knee_ratio:
             pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
+        if load_waits:
+            kv_pressure_s += p.load_wait_s
         ttft_s = queued_s + prefill_s + step_s + kv_pressure_s
         # The first output tokens are decoded beside the running batch there: without this,
         # a holder keeps its hot prefix until its decode steps cost as much as a cold prefill.
@@ -709,6 +731,16 @@ class KvAware(PolicyBase):
         self._pending.pop(backend_id, None)
         self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)
+
+
+def _load_exceeds_free_kv(backend: BackendState, load_tokens: int, block_size: int) -> bool:
+    """Whether loading ``load_tokens`` from a lower tier needs more HBM blocks than the
+    engine's scraped KV numbers say are free (unknown numbers: False, priced as before)."""
+    usage, total = backend.kv_usage_ratio, backend.total_kv_blocks
+    if usage is None or total is None:
+        return False
+    free_blocks = (1.0 - usage) * total
+    return -(-load_tokens // block_size) > free_blocks
 
 
 def _prediction(decision: Decision, backend_id: BackendId) -> Prediction | None:

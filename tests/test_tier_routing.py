@@ -145,11 +145,39 @@ def test_shared_store_lets_the_policy_leave_a_busy_writer(pricing: str, expected
     assert chosen == {expected}
 
 
+@pytest.mark.parametrize(
+    ("medium", "usage", "expected"),
+    [("CPU", None, "b0"), ("CPU", 0.4, "b0"), ("CPU", 0.6, "b1"), ("GPU", 0.6, "b0")],
+    ids=["cpu-free-kv-unknown", "cpu-load-fits", "cpu-load-waits-for-hbm", "gpu-hit-needs-none"],
+)
+def test_a_load_the_free_kv_cannot_take_is_priced_as_a_wait(
+    medium: str, usage: float | None, expected: str
+) -> None:
+    # 511 blocks held on b0; vLLM admits a load only with HBM for all of it, so with 400 of
+    # 1,000 blocks free it waits for finishes (and blocks b0's queue) where a cold prompt on
+    # an idle b1 starts at once. A GPU hit needs no new blocks.
+    index = PrefixIndex()
+    request = request_of(8192)
+    held = request.block_hashes[:511]
+    index.apply("b1", BlockStored((999,), None, (), BS), 0.0)
+    index.apply("b0", BlockStored(held, None, (), 0 if medium == "CPU" else BS, medium=medium),
+                0.0)
+    kv = {} if usage is None else {"kv_usage_ratio": usage, "total_kv_blocks": 1000}
+    states = (idle("b0", **kv), idle("b1", **kv))
+    chosen = {policy().choose(request, ClusterView(0.0, states, index)).backend_id
+              for _ in range(5)}
+    assert chosen == {expected}
+    blind = policy(tier_pricing="gpu_only").choose(request, ClusterView(0.0, states, index))
+    assert blind.scores[0].terms["kv_pressure_s"] == 0.0  # the tier-blind variant stays blind
+
+
 def test_tier_pricing_is_validated() -> None:
     with pytest.raises(ValueError, match="tier_pricing must be one of"):
         policy(tier_pricing="free")
     with pytest.raises(ValueError, match="load bandwidths"):
         policy(cpu_load_bytes_per_s=0.0)
+    with pytest.raises(ValueError, match="load_wait_s"):
+        policy(load_wait_s=-1.0)
 
 
 @pytest.mark.parametrize("seed", range(30))

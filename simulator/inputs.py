@@ -101,3 +101,22 @@ def prompt_text_of(request: TraceRequest, chars_per_token: int) -> str:
         parts.append((pattern * (n // 16 + 1))[:n])
         remaining -= n
     return "".join(parts)
+
+
+def parse_slowdowns(specs: list[str], count: int, flag: str) -> dict[int, float]:
+    """``INDEX=FACTOR`` flags (``simulate --slow-backend``, ``emulate --slow-pod``) -> {index:
+    factor}; a bad one is a one-line ValueError naming ``flag``."""
+    out: dict[int, float] = {}
+    for spec in specs:
+        index, sep, factor = spec.partition("=")
+        try:
+            i, f = int(index), float(factor)
+        except ValueError:
+            i, f = -1, 0.0
+        if not sep or not 0 <= i < count or not f > 0:
+            raise ValueError(
+                f"{flag} {spec!r}: expected INDEX=FACTOR with 0 <= INDEX < {count} and "
+                "FACTOR > 0, e.g. 0=4"
+            )
+        out[i] = f
+    return out

@@ -79,8 +79,10 @@ def test_simulate_writes_results_plots_and_html(
         (["--backends", "0"], "--backends"),
         (["--trace", "/nonexistent.jsonl"], "no such file"),
         (["--trace", "synthetic:multi_tenant,bogus=1"], "trace.bogus"),
+        (["--slow-backend", "99=4"], "--slow-backend '99=4': expected INDEX=FACTOR"),
+        (["--slow-backend", "0=fast"], "--slow-backend '0=fast'"),
     ],
-    ids=["policy", "backends", "file", "synthetic-key"],
+    ids=["policy", "backends", "file", "synthetic-key", "slow-index", "slow-factor"],
 )
 def test_simulate_errors_are_one_clear_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str

@@ -176,21 +176,14 @@ def build_config(args: argparse.Namespace, simulation: dict[str, Any], backends:
             values[name] = flag
     values["backends"] = backends
     if getattr(args, "slow_backend", None):
-        values["slow_backends"] = tuple(_slow_backend(spec) for spec in args.slow_backend)
+        from simulator.inputs import parse_slowdowns
+
+        values["slow_backends"] = tuple(
+            parse_slowdowns(args.slow_backend, backends, "--slow-backend").items())
     try:
         return SimConfig(**values)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
-
-
-def _slow_backend(spec: str) -> tuple[int, float]:
-    index, sep, factor = spec.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return int(index), float(factor)
-    except ValueError:
-        raise ValueError(f"--slow-backend {spec!r}: expected INDEX=FACTOR, e.g. 0=4") from None
 
 
 def parse_backends(text: str) -> list[int]:

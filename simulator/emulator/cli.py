@@ -211,23 +211,6 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
-def _slow_pods(specs: list[str], count: int) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for spec in specs:
-        index, sep, factor = spec.partition("=")
-        try:
-            i, f = int(index), float(factor)
-        except ValueError:
-            i, f = -1, 0.0
-        if not sep or not 0 <= i < count or not f > 0:
-            raise ValueError(
-                f"--slow-pod {spec!r}: expected INDEX=FACTOR with 0 <= INDEX < {count} and "
-                "FACTOR > 0, e.g. 0=4"
-            )
-        out[i] = f
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import sys
@@ -239,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
         print("kvrouter emulate: --time-scale must be > 0", file=sys.stderr)
         return 2
     try:
-        args.slow_pods = _slow_pods(args.slow_pod, args.count)
+        from simulator.inputs import parse_slowdowns
+
+        args.slow_pods = parse_slowdowns(args.slow_pod, args.count, "--slow-pod")
     except ValueError as exc:
         print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 2

@@ -147,14 +147,57 @@ async def test_only_peers_may_subscribe(
         context.term()
 
 
+@pytest.mark.parametrize("flush_interval_s", [0.3, 0.0])
+async def test_messages_queued_within_the_flush_window_leave_as_one(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+    flush_interval_s: float,
+) -> None:
+    from router.sync.wire import decode
+
+    backend = await start_backend()
+    port = free_port()
+    raw = raw_config([backend], port, 1, flush_interval_s=flush_interval_s,
+                     heartbeat_interval_s=0.5, peer_timeout_s=2.0)
+    raw["sync"]["peers"] = []
+    handle = await start_router(raw)
+    context = zmq.asyncio.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+        # Four requests within a few ms: four dispatches and four finishes.
+        assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
+        kinds: list[list[str]] = []
+        while await sub.poll(400):
+            frames = await sub.recv_multipart()
+            kinds.append([type(decode(f, monotonic_now_s=0, unix_now_s=0)).__name__
+                          for f in frames])
+        lifecycle = [[k for k in batch if k != "Heartbeat"] for batch in kinds]
+        lifecycle = [batch for batch in lifecycle if batch]
+        assert sorted(k for batch in lifecycle for k in batch) == ["Dispatch"] * 4 + ["Finish"] * 4
+        if flush_interval_s:
+            # 0.3 s covers the four requests' whole lives: one send, one wake-up per peer.
+            assert len(lifecycle) == 1, kinds
+        else:
+            # Every loop turn sends what it queued: the finishes leave after the dispatches.
+            assert len(lifecycle) > 1, kinds
+    finally:
+        sub.close(0)
+        context.term()
+
+
 @pytest.mark.parametrize("sync, path", [
     ({"port": 0}, "sync.port"),
     ({"peers": ["10.0.0.1:5601"]}, "sync.peers[0]"),
     ({"bind": "udp://x"}, "sync.bind"),
     ({"heartbeat_interval_s": 2, "peer_timeout_s": 1}, "sync.peer_timeout_s"),
+    ({"flush_interval_s": 1.0}, "sync.flush_interval_s"),
     ({"enabled": "yes"}, "sync.enabled"),
     ({"colour": 1}, "sync.colour"),
-], ids=["port", "peer", "bind", "timeout", "type", "unknown"])
+], ids=["port", "peer", "bind", "timeout", "flush", "type", "unknown"])
 def test_sync_section_errors_name_the_key(sync: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"sync": sync})

@@ -59,6 +59,9 @@ class SyncConfig:
     discover_interval_s: float = 10.0
     allow_from: tuple[str, ...] = ()  # extra IPs allowed to subscribe
     heartbeat_interval_s: float = 1.0
+    # Own messages queued within this window leave as one ZeroMQ message: one send here and
+    # one wake-up at each peer for the lot, instead of one per loop turn. 0: every loop turn.
+    flush_interval_s: float = 0.002
     peer_timeout_s: float = 5.0  # a peer silent this long is dropped with its in-flight share
     max_in_flight_s: float = 900.0
     send_prompt_text: bool = True  # character-matching policies need it; kv_aware does not
@@ -86,6 +89,8 @@ def parse_sync(raw: object) -> SyncConfig:
             raise ConfigError(f"sync.peers[{i}]", f"expected tcp://HOST:PORT or ipc://PATH, got {peer!r}")
     if section.discover_interval_s <= 0:
         raise ConfigError("sync.discover_interval_s", "must be > 0")
+    if not 0 <= section.flush_interval_s < section.heartbeat_interval_s:
+        raise ConfigError("sync.flush_interval_s", "must be >= 0 and below heartbeat_interval_s")
     warm = section.warm_start
     for i, url in enumerate(warm.urls):
         if not url.startswith(("http://", "https://")):

@@ -31,6 +31,7 @@ def _stored(tokens, parent=None):
 
 def test_shared_prefix_requests_are_not_mismatches():
     parity = TokenParity(KvMetrics())
+    parity.watch("pod")
     a = [*range(12), 50, 51, 52, 53]
     b = [*range(12), 60, 61, 62, 63]
     parity.note("a", "m", H.hash_tokens(a))
@@ -46,6 +47,7 @@ def test_shared_prefix_requests_are_not_mismatches():
 
 def test_wrong_blocks_are_mismatches_and_expire():
     parity = TokenParity(KvMetrics(), ttl_s=10.0)
+    parity.watch("pod")
     routed = list(range(16))
     engine = [1, *routed[:-1]]  # the engine saw a BOS the router did not render
     parity.note("r", "m", H.hash_tokens(routed))
@@ -99,3 +101,27 @@ async def test_wrong_chat_template_is_caught_against_an_emulated_pod(tmp_path):
             assert 'kvrouter_token_parity_mismatch_total{model="tiny-llama"}' in text
         finally:
             await runner.cleanup()
+
+
+def test_only_watched_backends_keep_expectations():
+    # A backend whose events are not subscribed can never be checked: nothing is kept for it,
+    # and with no backend watched the analyzer's notes are not kept either.
+    parity = TokenParity(KvMetrics())
+    tokens = list(range(32))
+    parity.note("r", "m", H.hash_tokens(tokens))
+    parity.dispatched("r", "pod", 0.0)
+    parity.watch("pod")
+    parity.dispatched("r", "pod", 0.0)
+    parity.observe("pod", _stored([1, *tokens[:-1]]), H.hash_tokens([1, *tokens[:-1]]), 1.0)
+    assert parity.checked_blocks == 0  # no note was kept while nothing was watched
+    parity.note("r", "m", H.hash_tokens(tokens))
+    parity.dispatched("r", "other", 0.0)  # not watched
+    parity.observe("other", _stored(tokens), H.hash_tokens(tokens), 1.0)
+    assert parity.checked_blocks == 0
+    parity.dispatched("r", "pod", 0.0)
+    parity.observe("pod", _stored([1, *tokens[:-1]]), H.hash_tokens([1, *tokens[:-1]]), 1.0)
+    assert parity.checked_blocks == 1 and parity.mismatched_blocks == 1
+    parity.remove_backend("pod")  # unhealthy: forgotten and no longer watched
+    parity.dispatched("r", "pod", 2.0)
+    parity.observe("pod", _stored([1, *tokens[:-1]]), H.hash_tokens([1, *tokens[:-1]]), 3.0)
+    assert parity.checked_blocks == 1

@@ -229,6 +229,8 @@ class KvPlumbing:
                                                             backend.kv_events_endpoint)
                     for source in sources or ():
                         self.ingestor.add_source(source)
+                    if sources:
+                        self.parity.watch(backend.backend_id)
                     done.add(backend.backend_id)
                 except asyncio.CancelledError:
                     raise

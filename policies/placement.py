@@ -42,15 +42,16 @@ class PlacementMemory:
     def record(self, backend_id: BackendId, block_hashes: Sequence[BlockHash]) -> None:
         home = self._home
         homed = self._homed
+        get, to_end = home.get, home.move_to_end  # bound once: this runs per dispatched block
         moved = 0
         for h in reversed(block_hashes):
-            old = home.get(h)
+            old = get(h)
             if old != backend_id:
                 moved += 1
                 if old is not None:
                     homed[old] -= 1
-            home[h] = backend_id
-            home.move_to_end(h)
+                home[h] = backend_id
+            to_end(h)
         homed[backend_id] = homed.get(backend_id, 0) + moved
         over = len(home) - self.max_entries
         for _ in range(max(over, 0)):

@@ -298,7 +298,13 @@ class PrefixIndex:
         if backend.precise or not block_hashes:
             return
         recorded = backend.recorded
-        expired = [h for h in islice(recorded, 64) if recorded[h] <= now_s]
+        # Oldest first, and expiry follows insertion order (constant ttl, time only moves
+        # forward): the expired records are a prefix, so stop at the first live one.
+        expired: list[BlockHash] = []
+        for h, expiry in recorded.items():
+            if expiry > now_s or len(expired) == 64:
+                break
+            expired.append(h)
         self._forget(backend, expired)
         self.expired_entries += len(expired)
         expiry_s = now_s + ttl_s
@@ -412,9 +418,12 @@ class PrefixIndex:
         shared_at_end: dict[int, int] = {}  # slot bit -> shared blocks walked when it ended
         own_at_shared: dict[int, int] = {}  # slot bit -> shared blocks it held a copy of
         n = 0
+        # The shared tier's blocks, or None: asked once per walk, not once per block (a
+        # method call per block was a tenth of a 83-block match).
+        shared_blocks = shared.blocks() if shared else None
         for h in block_hashes:
             v = nodes.get(h)
-            in_shared = bool(shared) and h in shared
+            in_shared = shared_blocks is not None and h in shared_blocks
             if in_shared:
                 v = v or 0  # every backend still matching holds it at the shared tier
                 held = active

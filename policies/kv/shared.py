@@ -20,7 +20,7 @@ standard library, ``xxhash`` and ``policies``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from policies.kv.events import BlockRemoved, BlockStored
 from policies.kv.feed import IndexedBackend, rehash_stored
@@ -49,6 +49,10 @@ class SharedTier:
 
     def __contains__(self, block_hash: BlockHash) -> bool:
         return block_hash in self._blocks
+
+    def blocks(self) -> Mapping[BlockHash, None]:
+        """The resident blocks, read-only (membership tests in a hot loop)."""
+        return self._blocks
 
     def map_entries(self) -> int:
         return len(self._map.engine_to_router)

@@ -124,19 +124,19 @@ The ratio follows the engines (``policies.preemption_backoff``): when a backend'
 restart. A preemption is the engine saying the commitment was optimistic: decodes outgrew the
 KV the router counted. The hold uses the lowest ratio among the candidates, since it binds only
 when no candidate has room: each backend's own ratio would bind only once every engine had
-preempted (mixed 20/s at 6 engines, seed 0, preempts on two of six: held by each backend's
-own ratio, the run was identical to the fixed 0.9's). Where
-no engine preempts nothing changes: every such cell of the capacity-edge set and the live
-overload regime simulated give results identical to the fixed 0.9. Mixed 20/s at 6 engines,
-seeds 0-2, TTFT p99 / prefill GPU-s / preemptions: 82 / 786 / 6, 81 / 766 / 7, 82 / 867 / 7,
-against 88 / 916 / 27, 62 / 966 / 20, 67 / 1,075 / 29 at the fixed 0.9 and sglang_cache_aware's
+preempted (mixed 20/s at 6 engines, seed 0, preempts on two engines of six; held by each
+backend's own ratio, seeds 0-2 ran identical to the fixed 0.9). Where no engine preempts
+nothing changes: every such cell of the capacity-edge set and the live overload regime
+simulated give results identical to the fixed 0.9. Mixed 20/s at 6 engines, seeds 0-2, TTFT
+p99 s / prefill GPU-s / preemptions: 82 / 786 / 6, 81 / 766 / 7, 82 / 867 / 7, against
+88 / 916 / 27, 62 / 966 / 20, 67 / 1,075 / 29 at the fixed 0.9 and sglang_cache_aware's
 135 / 850 / 26, 177 / 986 / 53, 100 / 999 / 52. A floor of 0.4 leaves 892-915 GPU-s there; a
-120 s recovery lets preemptions come back (12-18). What it costs is what 0.3 costs where
-engines preempt all along: Mooncake first half at 6 engines holds at the floor, TTFT p99 318
-against 303 s (sglang_cache_aware 352), prefill 4,221 against 4,861 GPU-s (4,893), preemptions
-249 against 959 (1,357), but p50 149 against 92 s (112) and 15.9% within the 2 s SLO against
-27.8% (20.7%); ``hold_kv_recovery_s`` 0 turns the backoff off (docs/simulation.md, "The KV
-hold backs off on preemptions").
+120 s recovery lets preemptions come back (8-18 against 5-8). What it costs is what 0.3 costs
+where engines preempt all along: Mooncake first half at 6 engines holds at the floor, TTFT p99
+318 against 303 s (sglang_cache_aware 352), prefill 4,221 against 4,861 GPU-s (4,893),
+preemptions 249 against 959 (1,357), but p50 149 against 92 s (112) and 15.9% within the 2 s
+SLO against 27.8% (20.7%); ``hold_kv_recovery_s`` 0 turns the backoff off
+(docs/simulation.md, "The KV hold backs off on preemptions").
 
 The router also holds while every prefill candidate has at least
 ``hold_queue_s`` (0.3 s) of prefill this policy predicts is queued there: past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
@@ -682,7 +682,9 @@ class KvAware(PolicyBase):
         """Hold while every candidate has ``hold_queue_s`` of predicted prefill in flight, or
         while none has KV room for this prompt (``policies.kv_commitment``): placed later,
         when a finish frees room, it sees fresher cache state, no engine queue holds it on a
-        stale picture, and no engine admits what it would preempt."""
+        stale picture, and no engine admits what it would preempt. Notes each candidate's
+        preemption counter first (``policies.preemption_backoff``): the only state it
+        changes, and a second call on the same view changes nothing."""
         candidates = [b for b in view.backends if b.role is not Role.DECODE]
         if not candidates:
             return False

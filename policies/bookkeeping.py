@@ -51,6 +51,7 @@ class EngineSignals:
     kv_usage_ratio: float | None = None  # vllm:kv_cache_usage_perc, 0..1
     total_kv_blocks: int | None = None  # vllm:cache_config_info{num_gpu_blocks}
     block_size: int | None = None  # vllm:cache_config_info{block_size}, tokens
+    preemptions_total: int | None = None  # vllm:num_preemptions_total, a counter
 
 
 _NO_SIGNALS = EngineSignals()
@@ -86,7 +87,8 @@ class BackendLoad:
                 signals.waiting_requests, signals.running_requests, signals.kv_usage_ratio,
                 old.total_kv_blocks if signals.total_kv_blocks is None
                 else signals.total_kv_blocks,
-                old.block_size if signals.block_size is None else signals.block_size)
+                old.block_size if signals.block_size is None else signals.block_size,
+                signals.preemptions_total)
         self.signals = signals
         self.scraped_at_s = now_s
 
@@ -106,6 +108,7 @@ class BackendLoad:
             engine_running_requests=signals.running_requests,
             kv_usage_ratio=signals.kv_usage_ratio,
             total_kv_blocks=signals.total_kv_blocks,
+            engine_preemptions_total=signals.preemptions_total,
             kv_events=self.kv_events,
         )
 

@@ -115,7 +115,30 @@ measures except mixed at 6 engines (916 against 850 prefill GPU-s, 27 against 26
 preemptions), so 0.9 stays; an operator who prefers less recompute to a lower median in deep
 overload can lower it. The held requests' commitment matches the engines' KV usage (0.68
 against 0.64 at 0.3), and counting shared prefixes once moved that p99 from 0.78 to
-0.74 s at 0.7. The router also holds while every prefill candidate has at least
+0.74 s at 0.7.
+
+The ratio follows the engines (``policies.preemption_backoff``): when a backend's scraped
+``vllm:num_preemptions_total`` rises, its ratio is multiplied by ``hold_kv_backoff_ratio``
+(0.33: from 0.9 to ``hold_kv_floor_ratio`` 0.3 at once) and climbs back linearly over
+``hold_kv_recovery_s`` (300 s) without preemptions; a counter that goes down is an engine
+restart. A preemption is the engine saying the commitment was optimistic: decodes outgrew the
+KV the router counted. The hold uses the lowest ratio among the candidates, since it binds only
+when no candidate has room: each backend's own ratio would bind only once every engine had
+preempted (mixed 20/s at 6 engines, seed 0, preempts on two engines of six; held by each
+backend's own ratio, seeds 0-2 ran identical to the fixed 0.9). Where no engine preempts
+nothing changes: every such cell of the capacity-edge set and the live overload regime
+simulated give results identical to the fixed 0.9. Mixed 20/s at 6 engines, seeds 0-2, TTFT
+p99 s / prefill GPU-s / preemptions: 82 / 786 / 6, 81 / 766 / 7, 82 / 867 / 7, against
+88 / 916 / 27, 62 / 966 / 20, 67 / 1,075 / 29 at the fixed 0.9 and sglang_cache_aware's
+135 / 850 / 26, 177 / 986 / 53, 100 / 999 / 52. A floor of 0.4 leaves 892-915 GPU-s there; a
+120 s recovery lets preemptions come back (8-18 against 5-8). What it costs is what 0.3 costs
+where engines preempt all along: Mooncake first half at 6 engines holds at the floor, TTFT p99
+318 against 303 s (sglang_cache_aware 352), prefill 4,221 against 4,861 GPU-s (4,893),
+preemptions 249 against 959 (1,357), but p50 149 against 92 s (112) and 15.9% within the 2 s
+SLO against 27.8% (20.7%); ``hold_kv_recovery_s`` 0 turns the backoff off
+(docs/simulation.md, "The KV hold backs off on preemptions").
+
+The router also holds while every prefill candidate has at least
 ``hold_queue_s`` (0.3 s) of prefill this policy predicts is queued there: past capacity, a request placed at arrival waits minutes in an engine's queue for a prefix
 picture that is stale by the time it runs, so hot prefixes get copied to whichever queue looked
 shortest. Held in the router, it is placed when a finish frees room, where its prefix is then.
@@ -198,6 +221,7 @@ from policies.kv.index import PrefixIndex
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
+from policies.preemption_backoff import PreemptionBackoff
 from policies.prefill_cost import PendingPrefill, PrefillCost
 from policies.types import (
     BackendId,
@@ -276,6 +300,10 @@ class KvAwareParams:
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
     hold_queue_s: float = 0.3  # ... or while every backend has at least this much predicted
     # prefill queued (0: never)
+    hold_kv_floor_ratio: float = 0.3  # the hold ratio, while engines preempt, at the lowest
+    hold_kv_backoff_ratio: float = 0.33  # ... times this per scrape with new preemptions (1: off)
+    hold_kv_recovery_s: float = 300.0  # ... climbing back from the floor to hold_kv_ratio in
+    # this long without preemptions (0: off)
 
     def __post_init__(self) -> None:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
@@ -300,6 +328,10 @@ class KvAwareParams:
             raise ValueError("recent_ttl_s must be >= 0")
         if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0 or self.hold_queue_s < 0:
             raise ValueError("hold_kv_ratio, hold_output_tokens and hold_queue_s must be >= 0")
+        if self.hold_kv_floor_ratio < 0 or self.hold_kv_recovery_s < 0:
+            raise ValueError("hold_kv_floor_ratio and hold_kv_recovery_s must be >= 0")
+        if not 0.0 < self.hold_kv_backoff_ratio <= 1.0:
+            raise ValueError("hold_kv_backoff_ratio must be within (0, 1]")
         if not 0.0 <= self.cache_full_knee_ratio < 1.0:
             raise ValueError("cache_full_knee_ratio must be within [0, 1)")
         for name in ("prefill_memory_requests", "default_prompt_tokens", "approx_capacity_blocks",
@@ -336,6 +368,8 @@ class KvAware(PolicyBase):
         # or the finish retires it
         self._forecasts: dict[str, tuple[BackendId, int]] = {}
         self._committed = KvCommitment(params.hold_output_tokens)
+        self._backoff = PreemptionBackoff(params.hold_kv_ratio, params.hold_kv_floor_ratio,
+                                          params.hold_kv_backoff_ratio, params.hold_kv_recovery_s)
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -648,18 +682,24 @@ class KvAware(PolicyBase):
         """Hold while every candidate has ``hold_queue_s`` of predicted prefill in flight, or
         while none has KV room for this prompt (``policies.kv_commitment``): placed later,
         when a finish frees room, it sees fresher cache state, no engine queue holds it on a
-        stale picture, and no engine admits what it would preempt."""
-        ratio = self.params.hold_kv_ratio
+        stale picture, and no engine admits what it would preempt. Notes each candidate's
+        preemption counter first (``policies.preemption_backoff``): the only state it
+        changes, and a second call on the same view changes nothing."""
         candidates = [b for b in view.backends if b.role is not Role.DECODE]
         if not candidates:
             return False
+        backoff, now_s = self._backoff, view.now_s
+        for b in candidates:
+            backoff.observe(b, now_s)  # idempotent: the same view twice is one observation
         queue_s = self.params.hold_queue_s
-        if queue_s and all(self._queued_s(b, view.now_s) >= queue_s for b in candidates):
+        if queue_s and all(self._queued_s(b, now_s) >= queue_s for b in candidates):
             return True
-        if not ratio:
+        if not self.params.hold_kv_ratio:
             return False
+        ratio = min(backoff.ratio(b.backend_id, now_s) for b in candidates)
         return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
-                                                ratio) for b in candidates)
+                                                ratio)
+                       for b in candidates)
 
     def _queued_s(self, backend: BackendState, now_s: float) -> float:
         """Prefill seconds this policy predicts are still queued on ``backend``, scaled down to
@@ -731,6 +771,7 @@ class KvAware(PolicyBase):
         self._pending.pop(backend_id, None)
         self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)
+        self._backoff.remove_backend(backend_id)
 
 
 def _load_exceeds_free_kv(backend: BackendState, load_tokens: int, block_size: int) -> bool:

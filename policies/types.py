@@ -111,6 +111,10 @@ class BackendState:
     engine_running_requests: int | None = None
     kv_usage_ratio: float | None = None
     total_kv_blocks: int | None = None
+    engine_preemptions_total: int | None = None
+    """The engine's cumulative preemptions (``vllm:num_preemptions_total``, summed over its
+    data-parallel ranks), as scraped: it rises while the engine is over-committed and recomputing
+    work, and drops back when the engine restarts."""
     kv_events: bool = False
     """True when the index is fed by this backend's own KV events (precise mode); False means
     the router only knows what it sent there (approximate mode)."""
@@ -234,8 +238,10 @@ class Policy(Protocol):
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
         """True when no candidate should take ``request`` now: the router holds it (first in,
         first out) and asks again each time a request finishes, so the decision is made when
-        capacity frees up, with fresher cache state, instead of in an engine's queue. A pure
-        query like ``choose`` (no state change, no random draw)."""
+        capacity frees up, with fresher cache state, instead of in an engine's queue. A query
+        like ``choose``: no random draw, and no state change but noting the engine counters the
+        view shows (kv_aware's preemption backoff), which a second call on the same view
+        repeats to no effect."""
         ...
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None: ...

@@ -7,7 +7,8 @@ backend whose scrapes fail falls back to router-side counters by itself.
 
 - vLLM: ``vllm:num_requests_waiting`` and ``vllm:num_requests_running`` (summed over engines,
   i.e. data-parallel ranks), ``vllm:kv_cache_usage_perc`` (0..1, the fullest engine),
-  ``vllm:cache_config_info`` labels ``block_size`` and ``num_gpu_blocks``;
+  ``vllm:cache_config_info`` labels ``block_size`` and ``num_gpu_blocks``,
+  ``vllm:num_preemptions_total`` (a counter, summed over engines);
 - SGLang: ``sglang:num_queue_reqs``, ``sglang:num_running_reqs``, ``sglang:token_usage``.
 
 Errors (connection, status, unparsable text) are counted per backend and never stop the loop.
@@ -36,6 +37,7 @@ _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _USAGE = ("vllm:kv_cache_usage_perc", "sglang:token_usage")
 _CACHE_INFO = "vllm:cache_config_info"
+_PREEMPTIONS = "vllm:num_preemptions_total"
 
 
 def parse_engine_metrics(text: str) -> EngineSignals:
@@ -45,6 +47,7 @@ def parse_engine_metrics(text: str) -> EngineSignals:
     usage: float | None = None
     block_size: int | None = None
     blocks: int | None = None
+    preemptions: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, value = sample.name, sample.value
@@ -54,6 +57,8 @@ def parse_engine_metrics(text: str) -> EngineSignals:
                 running = (running or 0.0) + value
             elif name in _USAGE:
                 usage = value if usage is None else max(usage, value)
+            elif name == _PREEMPTIONS:
+                preemptions = (preemptions or 0.0) + value
             elif name == _CACHE_INFO:
                 block_size = _int_label(sample.labels, "block_size") or block_size
                 blocks = _int_label(sample.labels, "num_gpu_blocks") or blocks
@@ -63,6 +68,7 @@ def parse_engine_metrics(text: str) -> EngineSignals:
         kv_usage_ratio=None if usage is None else min(1.0, max(0.0, usage)),
         total_kv_blocks=blocks,
         block_size=block_size,
+        preemptions_total=None if preemptions is None else max(0, round(preemptions)),
     )
 
 

@@ -13,9 +13,9 @@ Virtual time, one ``simulator.des.EventLoop``. What happens, as events:
   queued events, so between two queued events each engine runs alone step after step. KV events reach the router's ``PrefixIndex`` after
   ``event_delay_s``; a whole step's batch is lost with probability ``event_loss_ratio`` (a
   stale index, as after a dropped ZMQ message).
-- scrape: every ``scrape_interval_s`` each engine's waiting/running counts and KV usage are
-  copied into the router (stale between scrapes); the router's in-flight counts are always
-  fresh.
+- scrape: every ``scrape_interval_s`` each engine's waiting/running counts, KV usage and
+  preemption counter are copied into the router (stale between scrapes); the router's
+  in-flight counts are always fresh.
 
 Tiers (issue 18): ``SimConfig.cpu_offload_tokens`` gives every engine a CPU offload LRU of
 that size and ``shared_store_tokens`` one ``SharedStore`` all engines write through to and
@@ -391,6 +391,7 @@ class ClusterSim:
                 running_requests=engine.num_running,
                 kv_usage_ratio=engine.kv_usage_ratio,
                 total_kv_blocks=engine.num_gpu_blocks,
+                preemptions_total=engine.num_preemptions,
             )
             self.router.scrape(position, signals, now)
         if not (self._arrivals_done and not self._live):

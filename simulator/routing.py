@@ -53,7 +53,7 @@ class SimRouter:
         return ClusterView(now_s=now_s, backends=self.snapshot(now_s), index=self.index)
 
     def defer(self, request: RouteRequest, now_s: float) -> bool:
-        """The policy's answer to "hold this request in the router for now?" (a pure query)."""
+        """The policy's answer to "hold this request in the router for now?" (a query: no random draw)."""
         return self.policy.defer(request, self.view(now_s))
 
     def route(self, request: RouteRequest, now_s: float) -> Decision:

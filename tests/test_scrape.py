@@ -27,6 +27,10 @@ vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.5
 # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
 # TYPE vllm:prefix_cache_hits_total counter
 vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 1024.0
+# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="tiny"} 3.0
+vllm:num_preemptions_total{engine="1",model_name="tiny"} 4.0
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="128",cache_dtype="auto",enable_prefix_caching="True",engine="0",num_gpu_blocks="4096",prefix_caching_hash_algo="sha256"} 1.0
@@ -48,16 +52,31 @@ sglang:token_usage{model_name="tiny"} 0.75
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (VLLM_TEXT, (8, 5, 0.5, 128, 4096)),
-        (SGLANG_TEXT, (9, 4, 0.75, None, None)),
-        ("# nothing here\n", (None, None, None, None, None)),
+        (VLLM_TEXT, (8, 5, 0.5, 128, 4096, 7)),
+        (SGLANG_TEXT, (9, 4, 0.75, None, None, None)),
+        ("# nothing here\n", (None, None, None, None, None, None)),
     ],
     ids=["vllm-two-engines", "sglang", "empty"],
 )
 def test_parse(text, expected):
     s = parse_engine_metrics(text)
     assert (s.waiting_requests, s.running_requests, s.kv_usage_ratio, s.block_size,
-            s.total_kv_blocks) == expected
+            s.total_kv_blocks, s.preemptions_total) == expected
+
+
+def test_the_emulators_preemption_counter_parses_as_the_engines_count():
+    # The emulator writes the counter through prometheus-client as vLLM does (a family
+    # ``vllm:num_preemptions`` with a ``_total`` sample and a ``_created`` one).
+    from simulator.emulator.metrics import PodMetrics
+    from simulator.engine.cost_model import load_cost_model
+    from simulator.engine.model import EngineConfig, EngineModel
+
+    engine = EngineModel(EngineConfig(block_size=16, num_gpu_blocks=64),
+                         load_cost_model("h200-llama-3.1-8b"))
+    engine.num_preemptions = 12
+    text = PodMetrics(engine, "tiny").render().decode()
+    assert "vllm:num_preemptions_total" in text
+    assert parse_engine_metrics(text).preemptions_total == 12
 
 
 async def _serve(handler):
@@ -92,6 +111,7 @@ async def test_scrape_stores_signals_and_they_go_stale():
         assert state.engine_running_requests == 5
         assert state.kv_usage_ratio == 0.5
         assert state.total_kv_blocks == 4096
+        assert state.engine_preemptions_total == 7
         assert pool.get(url).signals.block_size == 128
         # The next scrape fails: counted, old values kept, and they read as None once stale.
         clock["now"] = 103.0
@@ -102,6 +122,7 @@ async def test_scrape_stores_signals_and_they_go_stale():
         assert state.engine_waiting_requests == 8
         (state,) = pool.snapshot("tiny", 106.0)
         assert state.engine_waiting_requests is None and state.kv_usage_ratio is None
+        assert state.engine_preemptions_total is None
     await runner.cleanup()
 
 

@@ -181,7 +181,15 @@ The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
 ``T = max(temperature_s, temperature_ratio * best score)``: backends whose predicted TTFT is
 within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
 backends instead of collapsing onto the first one); far worse ones are practically never
-picked. Affinity yields to load continuously: each queued second adds one second to the
+picked. Among the near-ties within one T of the best, only those that compute the fewest
+prompt tokens share the draw (``ties_save_work``): equal TTFTs, so the choice that leaves the
+fleet the most prefill capacity for what arrives next. It decides bursts: a second request of
+a prefix whose prefill has just started elsewhere scores about the same there (it waits for
+that prefill, then hits) as on an idle backend (it computes the prefix again), and the draw
+copied the prefix about half the time, taking a backend from the next new prefix. Live
+(``bench/quality.py --regimes agentic,light,pressure --seeds 3,4``, 4 emulated pods): agentic
+hits 0.904 against 0.902 (sglang-router 0.904), the first wave one agent kind per pod (its
+slowest first token 0.106 against 0.149 s); pressure hits 0.497 against 0.477 (0.467-0.484). Affinity yields to load continuously: each queued second adds one second to the
 holder's score, so a holder keeps requests whose cached prefix saves more than its queue
 costs, and sheds the rest (a hot prefix gets replicated on a second backend when its holder
 is saturated, because that is then the fastest place to prefill it).
@@ -279,6 +287,8 @@ class KvAwareParams:
     decode_horizon_tokens: int = 8  # output tokens whose decode time joins the score
     temperature_s: float = 0.002  # TTFT differences of this size are noise
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
+    ties_save_work: bool = True  # among backends within one T of the best, only those that
+    # compute the fewest prompt tokens share the draw
     approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
     approx_capacity_blocks: int = 65536  # approximate mode: blocks a backend is assumed to hold
     approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
@@ -638,6 +648,15 @@ class KvAware(PolicyBase):
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
         best = min(s.score for s in scores)
         temperature = max(self.params.temperature_s, self.params.temperature_ratio * best)
+        if self.params.ties_save_work:
+            # Among near-ties (within one T of the best), the fewest tokens to compute: equal
+            # predicted TTFTs, so the one that leaves the fleet the most prefill capacity.
+            near = [s for s in scores if s.score - best <= temperature]
+            work = [_uncached(s) for s in near]
+            least = min(work)
+            if least < max(work):
+                scores = [s for s, w in zip(near, work, strict=True) if w == least]
+                best = min(s.score for s in scores)
         weights = [math.exp(-(s.score - best) / temperature) for s in scores]
         draw = self._rng.random() * sum(weights)
         for score, weight in zip(scores, weights, strict=True):
@@ -782,6 +801,10 @@ def _load_exceeds_free_kv(backend: BackendState, load_tokens: int, block_size: i
         return False
     free_blocks = (1.0 - usage) * total
     return -(-load_tokens // block_size) > free_blocks
+
+
+def _uncached(score: BackendScore) -> float:
+    return score.prediction.uncached_tokens if score.prediction is not None else math.inf
 
 
 def _prediction(decision: Decision, backend_id: BackendId) -> Prediction | None:

@@ -1,0 +1,65 @@
+"""kv_aware's own cost per request as the fleet grows: choose + on_dispatched + on_finished in
+one process, no HTTP, for 2 to 64 candidate backends.
+
+    .venv/bin/python bench/policy_scale.py            # --backends 2,8,32,64 --requests 2000
+
+Each request carries an 83-block prompt (1,334 tokens at block size 16) of one of 200 shared
+prefixes; the backends report engine numbers (KV usage, waiting and running requests), as
+scraped vLLM pods do; 16 requests are in flight at a time. The median of 5 runs per size is
+printed with the per-backend slope against the smallest size, so a change can be compared
+within one run of this script (the machine is shared: compare ratios, not absolute times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from policies.kv_aware import create
+from policies.types import BackendState, ClusterView, RouteRequest
+
+
+def per_request_us(backends: int, requests: int, prefixes: list[tuple[int, ...]]) -> float:
+    policy = create({}, random.Random(0))
+    states = tuple(
+        BackendState(f"http://pod-{i}", kv_usage_ratio=0.5, total_kv_blocks=10_000,
+                     engine_waiting_requests=1, engine_running_requests=4)
+        for i in range(backends))
+    batch = [RouteRequest(request_id=f"r{i}", model="m", prompt_tokens=1334,
+                          block_hashes=prefixes[i % len(prefixes)], max_tokens=16,
+                          tokens_exact=True) for i in range(requests)]
+    decisions = []
+    start = time.perf_counter()
+    for i, request in enumerate(batch):
+        now_s = i * 0.001
+        decision = policy.choose(request, ClusterView(now_s, states))
+        policy.on_dispatched(request, decision, now_s)
+        decisions.append(decision)
+        if i >= 16:
+            policy.on_finished(batch[i - 16], decisions[i - 16], now_s, True)
+    return (time.perf_counter() - start) / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="2,8,32,64")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    rng = random.Random(1)
+    prefixes = [tuple(rng.getrandbits(63) for _ in range(83)) for _ in range(200)]
+    sizes = [int(n) for n in args.backends.split(",")]
+    medians = {n: statistics.median(per_request_us(n, args.requests, prefixes)
+                                    for _ in range(args.runs)) for n in sizes}
+    base = sizes[0]
+    print(f"| backends | us per request (median of {args.runs}) | us per extra backend |")
+    print("|---:|---:|---:|")
+    for n in sizes:
+        slope = f"{(medians[n] - medians[base]) / (n - base):.1f}" if n != base else "-"
+        print(f"| {n} | {medians[n]:.1f} | {slope} |")
+
+
+if __name__ == "__main__":
+    main()

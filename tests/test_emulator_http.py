@@ -319,3 +319,31 @@ async def test_pods_warm_their_chat_template_before_serving() -> None:
     chat_template_utils._compile_jinja_template.cache_clear()
     async with EmulatedCluster(count=1, time_scale=100.0, block_size=16):
         assert chat_template_utils._compile_jinja_template.cache_info().currsize >= 1
+
+
+async def test_a_pod_steps_as_an_engine_core_of_its_own_would() -> None:
+    # Every emulated pod shares one event loop: a pod's engine may run only after other work
+    # (here 30 ms of it, blocking the loop) although two cold requests reached it 5 ms apart.
+    # A vLLM engine core would have started on the first at once, alone: its first token comes
+    # a whole prefill before the second's, not in the same step.
+    import asyncio
+    import time
+
+    async with EmulatedCluster(count=1, time_scale=1.0, block_size=16,
+                               kv_events_endpoint=None) as c:
+        pod = c.pods[0]
+        ids = pod.codec.encode(" ".join(f"w{i}" for i in range(3000)))[:2000]
+        first = pod.submit(ids, 1, streaming=True)
+        time.sleep(0.005)  # noqa: ASYNC251 - blocking on purpose: the loop is busy
+        second = pod.submit([7, *ids[1:]], 1, streaming=True)
+        time.sleep(0.030)  # noqa: ASYNC251 - busy elsewhere; an engine core would not be
+        loop = asyncio.get_running_loop()
+        at = {}
+
+        async def first_token(name: str, stream: Any) -> None:
+            await stream.next_token()
+            at[name] = loop.time()
+
+        await asyncio.gather(first_token("first", first), first_token("second", second))
+        # ~2,000-token prefills take ~60 ms each on the H200 profile.
+        assert at["second"] - at["first"] > 0.03, at

@@ -257,3 +257,25 @@ def test_a_request_admitted_in_the_same_step_hits_the_blocks_scheduled_before_it
     # One copy of the blocks, announced once, before b shares them.
     assert [e for e in first.events if isinstance(e, BlockStored)] == [
         BlockStored(keys_for(2, 2), None, (), BS)]
+
+
+def test_a_request_never_joins_a_step_that_began_before_it_arrived() -> None:
+    # Two cold requests handed to an idle engine before it runs, the second 5 ms after the
+    # first: a free-running engine core starts at the first arrival with the first alone, and
+    # the second waits for the next step (it used to share the first step, both first tokens
+    # at its end).
+    engine = EngineModel(EngineConfig(block_size=BS, num_gpu_blocks=256), COST)
+    engine.add_request(EngineRequest("a", 1024, 2, keys_for(1, 64)), 1.000)
+    engine.add_request(EngineRequest("b", 1024, 2, keys_for(2, 64)), 1.005)
+    assert engine.next_step_s(0.0) == 1.000  # idle: when the first request arrived
+    first = engine.step(engine.next_step_s(0.0))
+    assert first is not None and first.prefill_tokens == 1024
+    assert engine.next_step_s(first.end_s) == first.end_s  # busy: right after the last step
+    now, rest = run(engine, first.end_s)
+    firsts = {o.request_id: r.end_s for r in [first, *rest] for o in r.outputs if o.first_token}
+    assert firsts["a"] == first.end_s < firsts["b"]
+    # Requests arriving at the same instant still share a step.
+    engine.add_request(EngineRequest("c", 512, 2, keys_for(3, 32)), now + 1)
+    engine.add_request(EngineRequest("d", 512, 2, keys_for(4, 32)), now + 1)
+    together = engine.step(engine.next_step_s(now))
+    assert together is not None and together.prefill_tokens == 1024

@@ -299,6 +299,7 @@ class EmulatedPod:
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._virtual_s = 0.0
+        self._free_s = 0.0  # virtual end of the engine's last step
         self._wall0 = 0.0
         self._filler_ids = codec.encode(_FILLER_TEXT) or [3]
         self._filler = [codec.decode([i]) for i in self._filler_ids]
@@ -389,8 +390,16 @@ class EmulatedPod:
                 if self.mirror is not None and self._lookups:
                     await self._look_up()
                 now = self._virtual_now()
+                # A vLLM engine core has a process of its own: it starts a step the moment the
+                # last one ends, or the moment a request reaches an idle engine. Here every pod
+                # shares one event loop, and this task runs only after whatever else is ready
+                # (other pods' requests being read and tokenized: ~1 ms each), so the step
+                # starts when the engine would have started it, with only what had arrived by
+                # then. Before, two cold requests of a burst 1-2 ms apart shared one step
+                # (both first tokens at its end) where a real engine runs the first alone.
+                start_s = min(now, self.engine.next_step_s(self._free_s))
                 try:
-                    result = self.engine.step(now)
+                    result = self.engine.step(start_s)
                 except Exception:  # the pod keeps serving; count, back off, try again
                     self.driver_errors += 1
                     log.exception("emulated pod %d: engine step failed", self.index)
@@ -398,8 +407,9 @@ class EmulatedPod:
                     continue
                 if result is None:
                     break
-                self._virtual_s = result.end_s
-                await asyncio.sleep((result.end_s - now) / self.config.time_scale)
+                self._free_s = result.end_s
+                self._virtual_s = max(self._virtual_s, result.end_s)
+                await asyncio.sleep(max(result.end_s - now, 0.0) / self.config.time_scale)
                 try:
                     self._deliver(result, loop.time())
                 except Exception:  # bad state must not stop the pod; count and go on

@@ -45,7 +45,12 @@ Scheduling (vLLM v1, FCFS, chunked prefill on): each step has a budget of
 the most recently admitted running request is preempted (recompute: it frees everything, goes
 back to the head of the waiting queue, ``num_preemptions`` counts it). Then waiting requests
 are admitted in order while budget, ``max_num_seqs`` and free blocks allow (head-of-line
-blocking, none after a preemption in the same step). On admission the cached prefix is the
+blocking, none after a preemption in the same step), and only those that had arrived by the
+step's start: a request never joins a step that began before it arrived. (The cluster
+simulator could hand an idle engine two requests before running it, and the second then
+started in a step that began when the first arrived: 15 of 3,000 requests of mixed 20/s at 6
+engines, up to 0.6 s early. The emulator starts steps when a free-running engine core would,
+``next_step_s``, which needs the same rule.) On admission the cached prefix is the
 longest run of cached keys, capped at ``(tokens - 1) // block_size`` blocks (the last token is
 always recomputed). A prefill chunk's full blocks are cached when the chunk is scheduled, as
 vLLM v1 caches them, so a request admitted after it in the same step already hits them (two
@@ -167,6 +172,15 @@ class EngineModel:
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def next_step_s(self, free_s: float) -> float:
+        """When an engine core that is never short of CPU starts its next step: at ``free_s``
+        (its last step's end) while it has running requests, else when the first waiting
+        request arrived (not before ``free_s``). ``step`` admits only requests that had
+        arrived by its ``now_s``."""
+        if self._running or not self._waiting:
+            return free_s
+        return max(free_s, self._waiting[0].arrival_s)
 
     @property
     def kv_usage_ratio(self) -> float:
@@ -291,6 +305,8 @@ class EngineModel:
         max_seqs = self.config.max_num_seqs
         while self._waiting and budget > 0 and len(self._running) < max_seqs:
             st = self._waiting[0]
+            if st.arrival_s > now_s:  # arrived during this step's scheduling (the emulator)
+                break
             keys = st.req.block_keys
             tokens = st.prompt_tokens + st.generated
             cap = min(len(keys), (tokens - 1) // bs)

@@ -52,30 +52,25 @@ async def test_cli_serves_pods_and_stops_on_sigterm() -> None:
     assert await asyncio.wait_for(proc.wait(), 60) == 0
 
 
+async def emulate_usage_error(*flags: str) -> bytes:
+    """``kvrouter emulate FLAGS`` must exit 2 (argparse's usage error); its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrouter.cli", "emulate", *flags,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2, out
+    return out
+
+
 async def test_bad_flag_is_a_clear_error() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "0",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 2
-    assert b"--count must be >= 1" in out
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvrouter.cli", "emulate", "--kv-buffer-steps", "0",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 2
-    assert b"--kv-buffer-steps: must be >= 1, got 0" in out
+    assert b"--count must be >= 1" in await emulate_usage_error("--count", "0")
+    assert b"--kv-buffer-steps: must be >= 1, got 0" in await emulate_usage_error(
+        "--kv-buffer-steps", "0")
 
 
 async def test_bad_slow_pod_is_a_clear_error() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvrouter.cli", "emulate", "--count", "2", "--slow-pod", "2=4",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 2
+    out = await emulate_usage_error("--count", "2", "--slow-pod", "2=4")
     assert b"--slow-pod '2=4': expected INDEX=FACTOR with 0 <= INDEX < 2" in out
 
 

@@ -6,8 +6,9 @@ has in flight; a replica that goes away has its share expire; only peers may sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -54,6 +55,20 @@ def peers_of(handle: RouterHandle) -> int:
 def peer_in_flight(handle: RouterHandle) -> int:
     sync = handle.state.policy.sync  # type: ignore[attr-defined]
     return int(sync.peer_in_flight())
+
+
+@contextlib.asynccontextmanager
+async def subscriber(port: int) -> AsyncIterator[zmq.asyncio.Socket]:
+    """A ZeroMQ SUB socket subscribed to everything a replica's PUB socket on ``port`` sends."""
+    context = zmq.asyncio.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        yield sub
+    finally:
+        sub.close(0)
+        context.term()
 
 
 async def complete(http: aiohttp.ClientSession, handle: RouterHandle) -> int:
@@ -133,18 +148,11 @@ async def test_only_peers_may_subscribe(
     raw = raw_config([backend], port, 1, allow_from=[])
     raw["sync"]["peers"] = ["tcp://127.0.0.2:9"]
     handle = await start_router(raw)
-    context = zmq.asyncio.Context()
-    sub = context.socket(zmq.SUB)
-    try:
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(f"tcp://127.0.0.1:{port}")
+    async with subscriber(port) as sub:
         registry = handle.state.metrics.registry
         await wait_for(lambda: (registry.get_sample_value(
             "kvrouter_sync_connections_refused_total") or 0) >= 1, "the stranger refused")
         assert await sub.poll(300) == 0  # and its heartbeats never reach it
-    finally:
-        sub.close(0)
-        context.term()
 
 
 @pytest.mark.parametrize("flush_interval_s", [0.3, 0.0])
@@ -162,11 +170,7 @@ async def test_messages_queued_within_the_flush_window_leave_as_one(
                      heartbeat_interval_s=0.5, peer_timeout_s=2.0)
     raw["sync"]["peers"] = []
     handle = await start_router(raw)
-    context = zmq.asyncio.Context()
-    sub = context.socket(zmq.SUB)
-    try:
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(f"tcp://127.0.0.1:{port}")
+    async with subscriber(port) as sub:
         await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
         # Four requests within a few ms: four dispatches and four finishes.
         assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
@@ -184,9 +188,6 @@ async def test_messages_queued_within_the_flush_window_leave_as_one(
         else:
             # Every loop turn sends what it queued: the finishes leave after the dispatches.
             assert len(lifecycle) > 1, kinds
-    finally:
-        sub.close(0)
-        context.term()
 
 
 @pytest.mark.parametrize("sync, path", [

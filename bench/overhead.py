@@ -2,14 +2,19 @@
 sglang-router and vllm-router) in front of a 0-latency local backend, versus calling the
 backend directly, all in one run.
 
-A closed-loop client (this process) keeps C requests in flight for a few seconds per cell,
-for C in --concurrency, non-streaming and streaming; within a cell the targets take turns in
-short slices so drifting machine load falls on all of them alike. The backend runs in its own process
-(one process listening on --backends ports) and answers at once: a fixed JSON completion, or
-8 SSE chunks then ``data: [DONE]``. It also answers what the peers probe at start-up
-(/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). Each router runs in
-its own process with round_robin over the same backends (kvrouter: `--policy`, e.g. kv_aware),
-or the policy a target names after a slash (``sglang-router/cache_aware``).
+The load keeps C requests in flight for a few seconds per cell, for C in --concurrency,
+non-streaming and streaming; within a cell the targets take turns in short slices so drifting
+machine load falls on all of them alike. The load is wrk (`--client wrk`, the default when
+installed: C, one thread, ~0.005 ms of CPU per request) or this process's aiohttp client
+(`--client python`, ~0.15 ms). The backend (`bench/zero_backend.py`, its own process, one
+process listening on --backends ports) answers at once from a bare asyncio protocol: a fixed
+JSON completion, or 8 SSE chunks then ``data: [DONE]``; it also answers what the peers probe
+at start-up (/health, /get_server_info, /get_model_info, /v1/models, /tokenize, render). The
+harness thus leaves the machine's two cores to the routers: with the aiohttp client and an
+aiohttp backend it took ~0.27 ms per request, more than a router, and a router's second
+process (`serve --workers 2`) had no core to use. Each router runs in its own process with
+round_robin over the same backends (kvrouter: `--policy`, e.g. kv_aware), or the policy a
+target names after a slash (``sglang-router/cache_aware``).
 
     .venv/bin/python bench/overhead.py                 # direct vs kvrouter
     .venv/bin/python bench/overhead.py --peers         # + sglang-router, vllm-router (installs
@@ -42,84 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import wrk_client  # noqa: E402  (bench/ is not a package)
+
 PEERS_VENV = ROOT / ".tools" / "peers-venv"
 MODEL = "tiny"
-SSE_CHUNKS = 8
 # kv_aware against the peers' own cache-aware policies (--kv).
 KV_TARGETS = ("kvrouter-uvloop/kv_aware", "sglang-router/cache_aware", "vllm-router/cache_aware")
-
-
-# -- the 0-latency backend (runs as `overhead.py backend --ports ...`) ------------------------
-
-def _backend_app(port: int) -> web.Application:
-    completion = json.dumps({
-        "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok" * 16, "logprobs": None, "finish_reason": "length",
-                     "stop_reason": None}],
-        "usage": {"prompt_tokens": 500, "completion_tokens": 16, "total_tokens": 516},
-    }).encode()
-    chunks = [b"data: " + json.dumps({
-        "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok", "logprobs": None,
-                     "finish_reason": "length" if i == SSE_CHUNKS - 1 else None,
-                     "stop_reason": None}]}).encode() + b"\n\n" for i in range(SSE_CHUNKS)]
-    chunks.append(b"data: [DONE]\n\n")
-    models = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm",
-                                          "root": MODEL, "max_model_len": 4096}]}
-
-    async def generate(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if b'"stream": true' not in body and b'"stream":true' not in body:
-            return web.Response(body=completion, content_type="application/json")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for chunk in chunks:
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    async def info(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({
-            "model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True,
-            "served_model_name": MODEL, "port": port, "max_total_num_tokens": 65536,
-            "disaggregation_mode": "null", "dp_size": 1, "tp_size": 1, "version": "bench"})
-
-    async def tokenize(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"tokens": list(range(16)), "count": 16, "max_model_len": 4096})
-
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/health_generate", ok)
-    app.router.add_get("/get_server_info", info)
-    app.router.add_get("/server_info", info)
-    app.router.add_get("/get_model_info", info)
-    app.router.add_get("/model_info", info)
-    app.router.add_get("/v1/models", lambda r: web.json_response(models))
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/v1/completions/render", tokenize)
-    app.router.add_post("/v1/chat/completions/render", tokenize)
-    app.router.add_post("/v1/completions", generate)
-    app.router.add_post("/v1/chat/completions", generate)
-    return app
-
-
-async def _run_backend(ports: list[int]) -> None:
-    runners = []
-    for port in ports:
-        runner = web.AppRunner(_backend_app(port), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
 
 
 # -- the floor (runs as `overhead.py floor --port P --backends URL ...`) -----------------------
@@ -258,8 +194,8 @@ def _router_argv(target: str, port: int, backends: list[str], default_policy: st
 async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
     (ROOT / ".tools").mkdir(exist_ok=True)
     ports = [_free_port() for _ in range(args.backends)]
-    backend = _start([sys.executable, __file__, "backend", "--ports", *map(str, ports)],
-                     "backend")
+    backend = _start([sys.executable, str(ROOT / "bench" / "zero_backend.py"), "--ports",
+                      *map(str, ports)], "backend")
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     targets = [Target("direct", urls)]
     names = [n for n in args.routers.split(",") if n]
@@ -327,6 +263,10 @@ class Bodies:
         self.unique = unique
         self._n = 0
 
+    def pieces(self) -> tuple[bytes, list[bytes], bytes]:
+        """(before the prompt, the prompt's ~200-character pieces, after it)."""
+        return self._head, self._parts, self._tail
+
     def next(self) -> bytes:
         if not self.unique:
             return self._same
@@ -370,6 +310,38 @@ async def _slice(session: aiohttp.ClientSession, target: Target, bodies: Bodies,
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return latencies, errors, completed
+
+
+def _measure_cell_wrk(targets: list[Target], stream: bool, concurrency: int, seconds: float,
+                      warmup_s: float, rounds: int, prompt: str, unique: bool) -> list[Cell]:
+    """As ``_measure_cell``, with wrk as the load: each slice is an unmeasured wrk run of
+    ``warmup_s`` (at least 1 s) then a measured one, and the router's CPU covers the measured
+    run only. A cell's p50 and p99 are the medians of its slices'."""
+    head, parts, tail = Bodies(prompt, stream, unique).pieces()
+    slice_s = max(1, round(seconds / rounds))
+    warm_s = max(1, round(warmup_s))
+    offset = 0
+    runs: dict[str, list[tuple[wrk_client.WrkSlice, float]]] = {t.name: [] for t in targets}
+    for _ in range(rounds):
+        for target in targets:
+            for measured, duration in ((False, warm_s), (True, slice_s)):
+                offset += 10_000_000
+                before_s = target.cpu_s()
+                result = wrk_client.run_slice(target.urls, concurrency, duration, head, parts,
+                                              tail, unique, offset)
+                if measured:
+                    runs[target.name].append((result, target.cpu_s() - before_s))
+    cells = []
+    for target in targets:
+        done = runs[target.name]
+        requests = sum(r.requests for r, _ in done)
+        cells.append(Cell(
+            target.name, "stream" if stream else "plain", concurrency, requests,
+            sum(r.errors for r, _ in done), sum(r.seconds for r, _ in done),
+            statistics.median(r.p50_s for r, _ in done) * 1e3,
+            statistics.median(r.p99_s for r, _ in done) * 1e3,
+            sum(cpu for _, cpu in done) * 1e3 / max(requests, 1)))
+    return cells
 
 
 async def _measure_cell(targets: list[Target], stream: bool, concurrency: int, seconds: float,
@@ -439,9 +411,13 @@ async def _main(args: argparse.Namespace) -> int:
     async with _targets(args) as targets:
         for stream in [m == "stream" for m in args.modes.split(",")]:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
-                for cell in await _measure_cell(targets, stream, concurrency, args.seconds,
-                                                args.warmup, args.rounds, prompt,
-                                                args.prompts == "unique"):
+                measure = (_measure_cell(targets, stream, concurrency, args.seconds,
+                                         args.warmup, args.rounds, prompt,
+                                         args.prompts == "unique") if args.client == "python"
+                           else asyncio.to_thread(
+                               _measure_cell_wrk, targets, stream, concurrency, args.seconds,
+                               args.warmup, args.rounds, prompt, args.prompts == "unique"))
+                for cell in await measure:
                     cells.append(cell)
                     print(f"  {cell.target:25s} {cell.mode:6s} c={concurrency:<4d} "
                           f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.2f} ms  "
@@ -461,12 +437,6 @@ def cells_ok(cells: list[Cell]) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "backend":
-        parser = argparse.ArgumentParser(prog="overhead.py backend")
-        parser.add_argument("backend")
-        parser.add_argument("--ports", type=int, nargs="+", required=True)
-        asyncio.run(_run_backend(parser.parse_args().ports))
-        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "floor":
         parser = argparse.ArgumentParser(prog="overhead.py floor")
         parser.add_argument("floor")
@@ -503,6 +473,11 @@ def main() -> int:
                         help="slices per cell; targets take turns slice by slice (3)")
     parser.add_argument("--warmup", type=float, default=0.3,
                         help="unmeasured seconds at the start of each slice (0.3)")
+    parser.add_argument("--client", choices=("wrk", "python"),
+                        default="wrk" if wrk_client.available() else "python",
+                        help="the load: wrk (C, one thread; the default when installed) or "
+                             "this process's aiohttp client (~0.15 ms more CPU per request on "
+                             "the cores the routers use)")
     parser.add_argument("--backends", type=int, default=2, help="backend ports (2)")
     parser.add_argument("--prompt-chars", type=int, default=2000, help="prompt length (2000)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

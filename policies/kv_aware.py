@@ -214,7 +214,12 @@ group's next requests, arriving before the events, spread and copy the prefix (s
 ``now_s``, which no later call (``now_s`` never decreases) would count anyway.
 
 Cost per request: O(blocks matched + backends), plus amortised O(log n) per dispatch for the
-pending-prefill heaps and O(blocks) to record the prompt's home. Pure: no I/O, clock or global RNG.
+pending-prefill heaps and O(blocks) to record the prompt's home (and its approximate-mode
+record). A chain recorded on the same backend less than ``record_refresh_s`` (1 s) ago is not
+recorded again (``policies.kv.refresh``): a hot prompt, or a sibling replica's replay of
+it, then costs O(1) there; its records' expiry and LRU place are then at most that much older
+than every dispatch's re-recording would leave them (``_recorded_lately``). Pure: no I/O,
+clock or global RNG.
 """
 
 from __future__ import annotations
@@ -226,6 +231,7 @@ from dataclasses import dataclass
 
 from policies.base import PolicyBase
 from policies.kv.index import PrefixIndex
+from policies.kv.refresh import RecordRefresh
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
@@ -305,6 +311,9 @@ class KvAwareParams:
     # working set passes cache_full_knee_ratio of the candidates' KV memory
     recent_ttl_s: float = 0.5  # a dispatched prefix counts as cached there until events say
     # so, for this long (0: trust events only)
+    record_refresh_s: float = 1.0  # a prompt chain recorded on a backend (approximate index,
+    # placement memory) less than this long ago is not recorded again for the same backend
+    # (0: every dispatch records)
     hold_kv_ratio: float = 0.9  # hold in the router while every backend's committed KV is past
     # this share of its KV memory (0: never hold)
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
@@ -336,6 +345,8 @@ class KvAwareParams:
                 raise ValueError(f"{name} must be >= 0")
         if self.recent_ttl_s < 0:
             raise ValueError("recent_ttl_s must be >= 0")
+        if not 0.0 <= self.record_refresh_s < math.inf:
+            raise ValueError("record_refresh_s must be >= 0 and finite")
         if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0 or self.hold_queue_s < 0:
             raise ValueError("hold_kv_ratio, hold_output_tokens and hold_queue_s must be >= 0")
         if self.hold_kv_floor_ratio < 0 or self.hold_kv_recovery_s < 0:
@@ -373,6 +384,7 @@ class KvAware(PolicyBase):
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
         self._homes = PlacementMemory(params.home_max_blocks)
         self._recent = PrefixIndex(max_entries=params.approx_max_entries)
+        self._refresh = RecordRefresh(params.record_refresh_s)
         self._pending: dict[BackendId, PendingPrefill] = {}
         # request id -> (prefill backend, its forecast's key there) until the first token
         # or the finish retires it
@@ -769,24 +781,52 @@ class KvAware(PolicyBase):
             predicted.prompt_tokens,
             awaits_first_token=request.stream,
         )
-        if request.block_hashes:
-            self._homes.record(prefill_id, request.block_hashes)
-            if predicted.kv_events and self.params.recent_ttl_s:
-                self._recent.record_dispatch(prefill_id, request.block_hashes, now_s,
-                                             self.params.recent_ttl_s)
-        if not predicted.kv_events and request.block_hashes:
-            self._approx.record_dispatch(
-                prefill_id,
-                request.block_hashes,
-                now_s,
-                self.params.approx_ttl_s,
-                capacity_blocks=predicted.capacity_blocks,
-            )
+        hashes = request.block_hashes
+        if not hashes:
+            return
+        if predicted.kv_events and self.params.recent_ttl_s:
+            # Not skipped below: its records live recent_ttl_s (0.5 s), less than a refresh.
+            self._recent.record_dispatch(prefill_id, hashes, now_s, self.params.recent_ttl_s)
+        if self._recorded_lately(prefill_id, hashes[-1], now_s, predicted.kv_events):
+            return
+        self._homes.record(prefill_id, hashes)
+        if not predicted.kv_events:
+            self._approx.record_dispatch(prefill_id, hashes, now_s, self.params.approx_ttl_s,
+                                         capacity_blocks=predicted.capacity_blocks)
+        self._refresh.note(prefill_id, hashes[-1], now_s)
+
+    def _recorded_lately(self, backend_id: BackendId, deepest: BlockHash, now_s: float,
+                         kv_events: bool) -> bool:
+        """Whether this chain was recorded on ``backend_id`` less than ``record_refresh_s``
+        ago and is still recorded there, so recording it again would only refresh it (a hot
+        prompt, a benchmark's one prompt, a sibling replica's replay of either).
+
+        What skipping leaves different is bounded by ``record_refresh_s``:
+        - expiry: the chain's approximate records expire ``approx_ttl_s`` after its last full
+          record, at most ``record_refresh_s`` before they would have. Expiry still never
+          increases along a chain (``PrefixIndex.match`` binary-searches it): a skip leaves
+          the whole chain as its last record set it, and every record sets a whole chain;
+        - order: the chain's place in the index's and the placement memory's LRU (what their
+          capacity drops first) is at most ``record_refresh_s`` old;
+        - homes: a chain sent to several backends within ``record_refresh_s`` is homed on the
+          one that recorded it last in full, not the latest dispatch's; every one of them
+          was sent it within that time (and is credited only where it is no longer cached).
+        Presence stays exact: the chain's deepest block, its first to expire or be dropped,
+        must still be recorded and unexpired in the approximate index. The KV commitment,
+        the pending prefill forecasts and the recent-dispatch records are per request and
+        always recorded."""
+        if not self._refresh.fresh(backend_id, deepest, now_s):
+            return False
+        if kv_events:
+            return True
+        expiry_s = self._approx.recorded_until(backend_id, deepest)
+        return expiry_s is not None and expiry_s > now_s
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self._approx.remove_backend(backend_id)
         self._homes.remove_backend(backend_id)
         self._recent.remove_backend(backend_id)
+        self._refresh.clear()  # a backend back under the same id starts with nothing recorded
         self._pending.pop(backend_id, None)
         self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)

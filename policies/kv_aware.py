@@ -265,7 +265,8 @@ class _FleetContext:
     home: BackendId | None  # where this prefix was last sent (placement memory)
     home_blocks: int  # how many of its leading blocks that record covers
     deepest_blocks: int  # the longest prefix any candidate holds
-    held_blocks: Mapping[BackendId, int]  # blocks each candidate's cache holds (for fill)
+    full_caches: Mapping[BackendId, float]  # the candidates whose cache fill (held / total
+    # blocks) is past cache_full_knee_ratio, and that fill: only there does a copy cost
     partition: Mapping[BackendId, float]  # a new prefix's homing price shares (empty: none)
     prompt_tokens: int  # the prompt, at least its full blocks
     cap_tokens: int  # the most of it a cache can hold: engines always compute the last token
@@ -533,7 +534,11 @@ class KvAware(PolicyBase):
             shared = min(shared, storage)  # past the cap the store's blocks go first
             prefill_s = self._cost.seconds(prompt - hit, hit)
         held = gpu + cpu + storage
-        placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit, prefill_s)
+        placement_s = 0.0  # elsewhere than its home, in a cache short of full, with no partition
+        if (backend.backend_id == fleet.home or fleet.partition
+                or backend.backend_id in fleet.full_caches):
+            placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit,
+                                            prefill_s)
 
         pending = self._pending.get(backend.backend_id)
         own_s = own_tokens = mean_s = mean_tokens = 0.0
@@ -641,16 +646,20 @@ class KvAware(PolicyBase):
         busy = sum(1 for b in candidates if b.in_flight_requests) / len(candidates)
         home, home_blocks = self._homes.home(request.block_hashes)
         deepest = max((m.matched_blocks for m in matches.values()), default=0)
-        held: dict[BackendId, int] = {}
+        full: dict[BackendId, float] = {}
         if deepest and self.params.duplicate_ratio:
+            knee = self.params.cache_full_knee_ratio
             for b in candidates:
                 source = view.index if b.kv_events and view.index is not None else self._approx
-                held[b.backend_id] = source.backend_entries(b.backend_id)
+                total = b.total_kv_blocks or self.params.approx_capacity_blocks
+                fill = source.backend_entries(b.backend_id) / total
+                if fill > knee:
+                    full[b.backend_id] = fill
         busy_weight = busy ** self.params.busy_power
         bs = request.block_size
         prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
         return _FleetContext(busy_weight, 1.0 + self.params.fleet_work_ratio * busy_weight,
-                             home, home_blocks, deepest, held,
+                             home, home_blocks, deepest, full,
                              self._partition(request, candidates, home, deepest),
                              prompt, max(prompt - 1, 0) // bs * bs,
                              self._cost.seconds(prompt - 0.0, 0.0),
@@ -698,10 +707,9 @@ class KvAware(PolicyBase):
             # already homed, it evicts what is most likely to be asked for again.
             return (p.partition_ratio * fleet.partition.get(backend.backend_id, 0.0)
                     * prefill_s * fleet.prefill_price)
+        fill = fleet.full_caches.get(backend.backend_id)
         copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
-        total = backend.total_kv_blocks or p.approx_capacity_blocks
-        fill = fleet.held_blocks.get(backend.backend_id, 0) / total
-        if not copied or fill <= p.cache_full_knee_ratio:
+        if fill is None or not copied:
             return 0.0
         full = min((fill - p.cache_full_knee_ratio) / (1.0 - p.cache_full_knee_ratio), 1.0)
         lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)

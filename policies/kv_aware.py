@@ -866,11 +866,12 @@ class KvAware(PolicyBase):
           the whole chain as its last record set it, and every record sets a whole chain;
         - order: the chain's place in the index's and the placement memory's LRU (what their
           capacity drops first) is at most ``record_refresh_s`` old;
-        - homes: a chain sent to several backends within ``record_refresh_s`` is homed on the
-          one that recorded it last in full, not the latest dispatch's; every one of them
-          was sent it within that time (and is credited only where it is no longer cached).
-        Presence stays exact: the chain's deepest block, its first to expire or be dropped,
-        must still be recorded and unexpired in the approximate index. The KV commitment,
+        - homes: blocks sent to several backends within ``record_refresh_s`` (a chain, or a
+          prefix chains share) are homed on the one that recorded them last in full, not
+          the latest dispatch's; every one of them was sent them within that time (and a
+          home is credited only where its prefix is no longer cached).
+        Presence in the approximate index stays exact: the chain's deepest block, its first
+        to expire or be dropped, must still be recorded and unexpired there. The KV commitment,
         the pending prefill forecasts and the recent-dispatch records are per request and
         always recorded."""
         if not self._refresh.fresh(backend_id, deepest, now_s):

@@ -75,6 +75,27 @@ def test_a_chain_dropped_within_the_interval_is_recorded_again() -> None:
     assert hit_tokens(kv, small, 0.3) == 64 * BS - BS  # all but the last block's tokens
 
 
+def test_homes_follow_the_last_full_record_and_catch_up_after_the_interval() -> None:
+    # Sent to b0, then b1, then b0 again 0.6 s after b0's record: that last one is skipped,
+    # so the prefix stays homed on b1 (both were sent it within the interval). Past the
+    # interval b0 records it again and is its home. The home shows once the records have
+    # expired: the request goes where the prefix was last homed.
+    def home_after(*dispatches: tuple[str, float]) -> str:
+        kv = create({"approx_ttl_s": 30.0}, random.Random(0))
+        for backend_id, now_s in dispatches:
+            one = ClusterView(now_s, (BackendState(backend_id, kv_events=False),))
+            kv.on_dispatched(request, kv.choose(request, one), now_s)
+        both = ClusterView(100.0, tuple(BackendState(b, kv_events=False) for b in ("b0", "b1")))
+        decision = kv.choose(request, both)
+        assert decision.predicted_hit_tokens == 0  # expired: only the home remembers it
+        return decision.backend_id
+
+    request = prompt(5, 1024)
+    assert home_after(("b0", 0.0), ("b1", 0.3), ("b0", 0.6)) == "b1"
+    assert home_after(("b0", 0.0), ("b1", 0.3), ("b0", 0.6), ("b0", 1.2)) == "b0"
+    assert home_after(("b1", 0.0), ("b0", 0.3)) == "b0"
+
+
 def test_the_refresh_is_a_validated_param() -> None:
     with pytest.raises(ParamError, match="record_refresh_s must be >= 0"):
         create({"record_refresh_s": -1.0}, random.Random(0))

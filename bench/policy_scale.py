@@ -2,12 +2,14 @@
 one process, no HTTP, for 2 to 64 candidate backends.
 
     .venv/bin/python bench/policy_scale.py            # --backends 2,8,32,64 --requests 2000
+    .venv/bin/python bench/policy_scale.py --backends 2 --prefixes 1 --blocks 31  # one hot prompt
 
-Each request carries an 83-block prompt (1,334 tokens at block size 16) of one of 200 shared
-prefixes; the backends report engine numbers (KV usage, waiting and running requests), as
-scraped vLLM pods do; 16 requests are in flight at a time. The median of 5 runs per size is
-printed with the per-backend slope against the smallest size, so a change can be compared
-within one run of this script (the machine is shared: compare ratios, not absolute times).
+Each request carries an 83-block prompt (1,334 tokens at block size 16; ``--blocks``) of one
+of 200 shared prefixes (``--prefixes``; 1: the same prompt every time); the backends report
+engine numbers (KV usage, waiting and running requests), as scraped vLLM pods do; 16
+requests are in flight at a time. The median of 5 runs per size is printed with the
+per-backend slope against the smallest size, so a change can be compared within one run of
+this script (the machine is shared: compare ratios, not absolute times).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def per_request_us(backends: int, requests: int, prefixes: list[tuple[int, ...]]
         BackendState(f"http://pod-{i}", kv_usage_ratio=0.5, total_kv_blocks=10_000,
                      engine_waiting_requests=1, engine_running_requests=4)
         for i in range(backends))
-    batch = [RouteRequest(request_id=f"r{i}", model="m", prompt_tokens=1334,
+    blocks = len(prefixes[0])
+    batch = [RouteRequest(request_id=f"r{i}", model="m", prompt_tokens=blocks * 16 + 6,
                           block_hashes=prefixes[i % len(prefixes)], max_tokens=16,
                           tokens_exact=True) for i in range(requests)]
     decisions = []
@@ -47,9 +50,14 @@ def main() -> None:
     parser.add_argument("--backends", default="2,8,32,64")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--prefixes", type=int, default=200)
+    parser.add_argument("--blocks", type=int, default=83)
     args = parser.parse_args()
+    if args.prefixes < 1 or args.blocks < 1:
+        parser.error("--prefixes and --blocks must be >= 1")
     rng = random.Random(1)
-    prefixes = [tuple(rng.getrandbits(63) for _ in range(83)) for _ in range(200)]
+    prefixes = [tuple(rng.getrandbits(63) for _ in range(args.blocks))
+                for _ in range(args.prefixes)]
     sizes = [int(n) for n in args.backends.split(",")]
     medians = {n: statistics.median(per_request_us(n, args.requests, prefixes)
                                     for _ in range(args.runs)) for n in sizes}

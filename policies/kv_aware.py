@@ -214,18 +214,24 @@ group's next requests, arriving before the events, spread and copy the prefix (s
 ``now_s``, which no later call (``now_s`` never decreases) would count anyway.
 
 Cost per request: O(blocks matched + backends), plus amortised O(log n) per dispatch for the
-pending-prefill heaps and O(blocks) to record the prompt's home. Pure: no I/O, clock or global RNG.
+pending-prefill heaps and O(blocks) to record the prompt's home (and its approximate-mode
+record). A chain recorded on the same backend less than ``record_refresh_s`` (1 s) ago is not
+recorded again (``policies.kv.refresh``): a hot prompt, or a sibling replica's replay of
+it, then costs O(1) there; its records' expiry and LRU place are then at most that much older
+than every dispatch's re-recording would leave them (``_recorded_lately``). Pure: no I/O,
+clock or global RNG.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from policies.base import PolicyBase
 from policies.kv.index import PrefixIndex
+from policies.kv.refresh import RecordRefresh
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
@@ -259,8 +265,63 @@ class _FleetContext:
     home: BackendId | None  # where this prefix was last sent (placement memory)
     home_blocks: int  # how many of its leading blocks that record covers
     deepest_blocks: int  # the longest prefix any candidate holds
-    held_blocks: Mapping[BackendId, int]  # blocks each candidate's cache holds (for fill)
+    full_caches: Mapping[BackendId, float]  # the candidates whose cache fill (held / total
+    # blocks) is past cache_full_knee_ratio, and that fill: only there does a copy cost
     partition: Mapping[BackendId, float]  # a new prefix's homing price shares (empty: none)
+    prompt_tokens: int  # the prompt, at least its full blocks
+    cap_tokens: int  # the most of it a cache can hold: engines always compute the last token
+    cold_prefill_s: float  # its whole prefill, where nothing is cached
+    decode_tokens: int  # output tokens whose decode joins the score
+
+
+class _Terms(Mapping[str, float]):
+    """A score's terms by name, built on first read. Only people read them (``/debug/route``,
+    tests); a dict of 17 per candidate and request cost ~0.5 us each, a third of a
+    microsecond more than keeping the numbers (``bench/policy_scale.py``)."""
+
+    __slots__ = ("_numbers", "_terms")
+
+    def __init__(self, numbers: tuple[float, ...]) -> None:
+        self._numbers = numbers
+        self._terms: dict[str, float] | None = None
+
+    def _built(self) -> dict[str, float]:
+        if self._terms is None:
+            (ttft_s, queued_s, prefill_s, kv_pressure_s, hit, gpu, cpu, storage, shared, step_s,
+             decode_s, externality_s, placement_s, queued_tokens, context,
+             prompt) = self._numbers
+            self._terms = {
+                "ttft_s": ttft_s,
+                "queued_s": queued_s,
+                "prefill_s": prefill_s,
+                "kv_pressure_s": kv_pressure_s,
+                "hit_tokens": hit,
+                "gpu_tokens": float(gpu),
+                "cpu_tokens": float(cpu),
+                "storage_tokens": float(storage - shared),
+                "shared_tokens": float(shared),
+                "step_s": step_s,
+                "decode_s": decode_s,
+                "externality_s": externality_s,
+                "placement_s": placement_s,
+                "queued_tokens": queued_tokens,
+                "running_context_tokens": context,
+                "uncached_tokens": prompt - hit,
+                "prompt_tokens": float(prompt),
+            }
+        return self._terms
+
+    def __getitem__(self, name: str) -> float:
+        return self._built()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return repr(self._built())
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +366,9 @@ class KvAwareParams:
     # working set passes cache_full_knee_ratio of the candidates' KV memory
     recent_ttl_s: float = 0.5  # a dispatched prefix counts as cached there until events say
     # so, for this long (0: trust events only)
+    record_refresh_s: float = 1.0  # a prompt chain recorded on a backend (approximate index,
+    # placement memory) less than this long ago is not recorded again for the same backend
+    # (0: every dispatch records)
     hold_kv_ratio: float = 0.9  # hold in the router while every backend's committed KV is past
     # this share of its KV memory (0: never hold)
     hold_output_tokens: int = 1024  # output tokens a request is assumed to commit, at most
@@ -336,6 +400,8 @@ class KvAwareParams:
                 raise ValueError(f"{name} must be >= 0")
         if self.recent_ttl_s < 0:
             raise ValueError("recent_ttl_s must be >= 0")
+        if not 0.0 <= self.record_refresh_s < math.inf:
+            raise ValueError("record_refresh_s must be >= 0 and finite")
         if self.hold_kv_ratio < 0 or self.hold_output_tokens < 0 or self.hold_queue_s < 0:
             raise ValueError("hold_kv_ratio, hold_output_tokens and hold_queue_s must be >= 0")
         if self.hold_kv_floor_ratio < 0 or self.hold_kv_recovery_s < 0:
@@ -370,9 +436,12 @@ class KvAware(PolicyBase):
         self.params = params
         self._rng = rng
         self._cost = params.cost()
+        # what an engine-waiting request costs before any dispatch history there
+        self._default_mean_s = self._cost.seconds(float(params.default_prompt_tokens))
         self._approx = PrefixIndex(max_entries=params.approx_max_entries)
         self._homes = PlacementMemory(params.home_max_blocks)
         self._recent = PrefixIndex(max_entries=params.approx_max_entries)
+        self._refresh = RecordRefresh(params.record_refresh_s)
         self._pending: dict[BackendId, PendingPrefill] = {}
         # request id -> (prefill backend, its forecast's key there) until the first token
         # or the finish retires it
@@ -438,10 +507,14 @@ class KvAware(PolicyBase):
     ) -> BackendScore:
         p = self.params
         bs = request.block_size
-        prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
-        cap = max(prompt - 1, 0) // bs * bs  # engines always compute the last token
+        prompt, cap = fleet.prompt_tokens, fleet.cap_tokens
         gpu = cpu = storage = shared = 0
-        if match is not None:
+        load_waits = False
+        if match is None:
+            # Nothing cached here: the same prefill as every other such candidate, computed
+            # once per request (they differ only in load and placement).
+            hit, prefill_s = 0.0, fleet.cold_prefill_s
+        else:
             gpu, cpu = match.gpu_blocks * bs, match.cpu_blocks * bs
             shared = match.shared_blocks * bs
             storage = match.storage_blocks * bs + shared
@@ -451,16 +524,21 @@ class KvAware(PolicyBase):
             storage, over = storage - cut, over - cut
             cut = min(cpu, over)
             cpu, gpu = cpu - cut, gpu - (over - cut)
-        # A load is admitted only with HBM for all of it (Tiers, above): where the scraped free
-        # KV cannot take it, it waits for finishes instead of being a cheap load.
-        load_waits = (bool(cpu or storage) and p.tier_pricing != "gpu_only" and p.load_wait_s > 0
-                      and _load_exceeds_free_kv(backend, cpu + storage, bs))
-        hit = (self._hit_tokens(prompt, gpu, cpu, storage) if (cpu or storage) and not load_waits
-               else float(gpu))
-        shared = min(shared, storage)  # past the cap the store's blocks go first
-        prefill_s = self._cost.seconds(prompt - hit, hit)
+            # A load is admitted only with HBM for all of it (Tiers, above): where the scraped
+            # free KV cannot take it, it waits for finishes instead of being a cheap load.
+            load_waits = (bool(cpu or storage) and p.tier_pricing != "gpu_only"
+                          and p.load_wait_s > 0
+                          and _load_exceeds_free_kv(backend, cpu + storage, bs))
+            hit = (self._hit_tokens(prompt, gpu, cpu, storage)
+                   if (cpu or storage) and not load_waits else float(gpu))
+            shared = min(shared, storage)  # past the cap the store's blocks go first
+            prefill_s = self._cost.seconds(prompt - hit, hit)
         held = gpu + cpu + storage
-        placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit, prefill_s)
+        placement_s = 0.0  # elsewhere than its home, in a cache short of full, with no partition
+        if (backend.backend_id == fleet.home or fleet.partition
+                or backend.backend_id in fleet.full_caches):
+            placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit,
+                                            prefill_s)
 
         pending = self._pending.get(backend.backend_id)
         own_s = own_tokens = mean_s = mean_tokens = 0.0
@@ -473,8 +551,7 @@ class KvAware(PolicyBase):
                 returned = backend.in_flight_prompt_tokens / pending.prompt_tokens
                 own_s, own_tokens = own_s * returned, own_tokens * returned
         if not mean_tokens:
-            mean_tokens = float(p.default_prompt_tokens)
-            mean_s = self._cost.seconds(mean_tokens)
+            mean_tokens, mean_s = float(p.default_prompt_tokens), self._default_mean_s
         waiting = backend.engine_waiting_requests or 0
         queued_s, queued_tokens = own_s, own_tokens
         if waiting * mean_s > own_s:  # traffic this policy did not send (other replicas)
@@ -513,8 +590,7 @@ class KvAware(PolicyBase):
             if backend.total_kv_blocks is not None:
                 # A batch never holds more context than KV memory; the rest waits (queued_s).
                 decode_context = min(decode_context, float(backend.total_kv_blocks * bs))
-            decode_s = min(request.max_tokens, p.decode_horizon_tokens) * self._cost.step_overhead_s(
-                0.0, decode_context)
+            decode_s = fleet.decode_tokens * self._cost.step_overhead_s(0.0, decode_context)
         # What this prefill costs everyone else, priced only as the fleet fills up.
         # Every request in flight there is decoding by the time this prefill runs (those queued
         # ahead are admitted first), so each one is stalled by it.
@@ -522,37 +598,23 @@ class KvAware(PolicyBase):
         externality_s = fleet.busy_weight * (
             p.stall_ratio * running * (prefill_s + p.stall_step_ratio * step_s)
             + p.fleet_work_ratio * prefill_s)
+        # Positional, in field order: keywords cost twice as much to build these two per
+        # candidate and request (0.7 against 0.33 us).
         return BackendScore(
-            backend_id=backend.backend_id,
-            score=ttft_s + decode_s + externality_s + placement_s,
-            matched_tokens=gpu + cpu + storage,
-            terms={
-                "ttft_s": ttft_s,
-                "queued_s": queued_s,
-                "prefill_s": prefill_s,
-                "kv_pressure_s": kv_pressure_s,
-                "hit_tokens": hit,
-                "gpu_tokens": float(gpu),
-                "cpu_tokens": float(cpu),
-                "storage_tokens": float(storage - shared),
-                "shared_tokens": float(shared),
-                "step_s": step_s,
-                "decode_s": decode_s,
-                "externality_s": externality_s,
-                "placement_s": placement_s,
-                "queued_tokens": queued_tokens,
-                "running_context_tokens": context,
-                "uncached_tokens": prompt - hit,
-                "prompt_tokens": float(prompt),
-            },
-            prediction=Prediction(
-                ttft_s=ttft_s,
-                prefill_s=prefill_s,
-                uncached_tokens=prompt - hit,
-                prompt_tokens=prompt,
-                kv_events=backend.kv_events and request.matches_events,
-                capacity_blocks=backend.total_kv_blocks or p.approx_capacity_blocks,
-            ),
+            backend.backend_id,  # backend_id
+            ttft_s + decode_s + externality_s + placement_s,  # score
+            gpu + cpu + storage,  # matched_tokens
+            _Terms((ttft_s, queued_s, prefill_s, kv_pressure_s, hit, gpu, cpu, storage, shared,
+                    step_s, decode_s, externality_s, placement_s, queued_tokens, context,
+                    prompt)),  # terms
+            Prediction(
+                ttft_s,  # ttft_s
+                prefill_s,  # prefill_s
+                prompt - hit,  # uncached_tokens
+                prompt,  # prompt_tokens
+                backend.kv_events and request.matches_events,  # kv_events
+                backend.total_kv_blocks or p.approx_capacity_blocks,  # capacity_blocks
+            ),  # prediction
         )
 
     def _hit_tokens(self, prompt: int, gpu: int, cpu: int, storage: int) -> float:
@@ -584,15 +646,24 @@ class KvAware(PolicyBase):
         busy = sum(1 for b in candidates if b.in_flight_requests) / len(candidates)
         home, home_blocks = self._homes.home(request.block_hashes)
         deepest = max((m.matched_blocks for m in matches.values()), default=0)
-        held: dict[BackendId, int] = {}
+        full: dict[BackendId, float] = {}
         if deepest and self.params.duplicate_ratio:
+            knee = self.params.cache_full_knee_ratio
             for b in candidates:
                 source = view.index if b.kv_events and view.index is not None else self._approx
-                held[b.backend_id] = source.backend_entries(b.backend_id)
+                total = b.total_kv_blocks or self.params.approx_capacity_blocks
+                fill = source.backend_entries(b.backend_id) / total
+                if fill > knee:
+                    full[b.backend_id] = fill
         busy_weight = busy ** self.params.busy_power
+        bs = request.block_size
+        prompt = max(request.prompt_tokens, len(request.block_hashes) * bs)
         return _FleetContext(busy_weight, 1.0 + self.params.fleet_work_ratio * busy_weight,
-                             home, home_blocks, deepest, held,
-                             self._partition(request, candidates, home, deepest))
+                             home, home_blocks, deepest, full,
+                             self._partition(request, candidates, home, deepest),
+                             prompt, max(prompt - 1, 0) // bs * bs,
+                             self._cost.seconds(prompt - 0.0, 0.0),
+                             min(request.max_tokens, self.params.decode_horizon_tokens))
 
     def _partition(self, request: RouteRequest, candidates: tuple[BackendState, ...],
                    home: BackendId | None, deepest: int) -> dict[BackendId, float]:
@@ -636,10 +707,9 @@ class KvAware(PolicyBase):
             # already homed, it evicts what is most likely to be asked for again.
             return (p.partition_ratio * fleet.partition.get(backend.backend_id, 0.0)
                     * prefill_s * fleet.prefill_price)
+        fill = fleet.full_caches.get(backend.backend_id)
         copied = max(min(fleet.deepest_blocks * bs, cap) - held, 0)
-        total = backend.total_kv_blocks or p.approx_capacity_blocks
-        fill = fleet.held_blocks.get(backend.backend_id, 0) / total
-        if not copied or fill <= p.cache_full_knee_ratio:
+        if fill is None or not copied:
             return 0.0
         full = min((fill - p.cache_full_knee_ratio) / (1.0 - p.cache_full_knee_ratio), 1.0)
         lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)
@@ -769,24 +839,53 @@ class KvAware(PolicyBase):
             predicted.prompt_tokens,
             awaits_first_token=request.stream,
         )
-        if request.block_hashes:
-            self._homes.record(prefill_id, request.block_hashes)
-            if predicted.kv_events and self.params.recent_ttl_s:
-                self._recent.record_dispatch(prefill_id, request.block_hashes, now_s,
-                                             self.params.recent_ttl_s)
-        if not predicted.kv_events and request.block_hashes:
-            self._approx.record_dispatch(
-                prefill_id,
-                request.block_hashes,
-                now_s,
-                self.params.approx_ttl_s,
-                capacity_blocks=predicted.capacity_blocks,
-            )
+        hashes = request.block_hashes
+        if not hashes:
+            return
+        if predicted.kv_events and self.params.recent_ttl_s:
+            # Not skipped below: its records live recent_ttl_s (0.5 s), less than a refresh.
+            self._recent.record_dispatch(prefill_id, hashes, now_s, self.params.recent_ttl_s)
+        if self._recorded_lately(prefill_id, hashes[-1], now_s, predicted.kv_events):
+            return
+        self._homes.record(prefill_id, hashes)
+        if not predicted.kv_events:
+            self._approx.record_dispatch(prefill_id, hashes, now_s, self.params.approx_ttl_s,
+                                         capacity_blocks=predicted.capacity_blocks)
+        self._refresh.note(prefill_id, hashes[-1], now_s)
+
+    def _recorded_lately(self, backend_id: BackendId, deepest: BlockHash, now_s: float,
+                         kv_events: bool) -> bool:
+        """Whether this chain was recorded on ``backend_id`` less than ``record_refresh_s``
+        ago and is still recorded there, so recording it again would only refresh it (a hot
+        prompt, a benchmark's one prompt, a sibling replica's replay of either).
+
+        What skipping leaves different is bounded by ``record_refresh_s``:
+        - expiry: the chain's approximate records expire ``approx_ttl_s`` after its last full
+          record, at most ``record_refresh_s`` before they would have. Expiry still never
+          increases along a chain (``PrefixIndex.match`` binary-searches it): a skip leaves
+          the whole chain as its last record set it, and every record sets a whole chain;
+        - order: the chain's place in the index's and the placement memory's LRU (what their
+          capacity drops first) is at most ``record_refresh_s`` old;
+        - homes: blocks sent to several backends within ``record_refresh_s`` (a chain, or a
+          prefix chains share) are homed on the one that recorded them last in full, not
+          the latest dispatch's; every one of them was sent them within that time (and a
+          home is credited only where its prefix is no longer cached).
+        Presence in the approximate index stays exact: the chain's deepest block, its first
+        to expire or be dropped, must still be recorded and unexpired there. The KV commitment,
+        the pending prefill forecasts and the recent-dispatch records are per request and
+        always recorded."""
+        if not self._refresh.fresh(backend_id, deepest, now_s):
+            return False
+        if kv_events:
+            return True
+        expiry_s = self._approx.recorded_until(backend_id, deepest)
+        return expiry_s is not None and expiry_s > now_s
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self._approx.remove_backend(backend_id)
         self._homes.remove_backend(backend_id)
         self._recent.remove_backend(backend_id)
+        self._refresh.clear()  # a backend back under the same id starts with nothing recorded
         self._pending.pop(backend_id, None)
         self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)

@@ -474,6 +474,26 @@ def test_decision_is_a_plain_value() -> None:
     assert isinstance(decision, Decision) and decision.backend_id == "b0"
 
 
+def test_terms_read_as_a_mapping_of_every_term_in_one_order() -> None:
+    # Built on first read (only people read them), but read like the dict they were:
+    # /debug/route and the sync wire turn them into plain maps in this key order.
+    request = prompt(6, 1000)
+    index = PrefixIndex()
+    hold(index, "b0", request.block_hashes[:20], "CPU")
+    terms = policy().choose(request, view(index, idle("b0"), idle("b1"))).scores[0].terms
+    plain = dict(terms.items())
+    assert list(plain) == [
+        "ttft_s", "queued_s", "prefill_s", "kv_pressure_s", "hit_tokens", "gpu_tokens",
+        "cpu_tokens", "storage_tokens", "shared_tokens", "step_s", "decode_s", "externality_s",
+        "placement_s", "queued_tokens", "running_context_tokens", "uncached_tokens",
+        "prompt_tokens"]
+    assert terms == plain and dict(terms) == plain and len(terms) == 17
+    assert plain["cpu_tokens"] == 320.0 and plain["prompt_tokens"] == 1000.0
+    assert plain["uncached_tokens"] == 1000.0 - plain["hit_tokens"]
+    assert all(isinstance(v, float) for v in plain.values())
+    assert "nope" not in terms and terms.get("nope") is None
+
+
 @pytest.mark.parametrize(
     ("state", "queued"),
     [({"in_flight_prompt_tokens": 8000, "in_flight_requests": 2}, True),

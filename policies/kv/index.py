@@ -12,6 +12,7 @@ API (all hashes are the router's own, from ``policies.kv.hashing``, unless said 
     found = index.match(request.block_hashes, now_s)                 # {backend_id: BackendMatch}
     index.touch(request.block_hashes[:n])                            # keep a hit chain recent
     index.record_dispatch(backend_id, block_hashes, now_s, ttl_s, capacity_blocks=...)
+    index.recorded_until(backend_id, block_hash)                       # a record's expiry
     index.remove_backend(backend_id)                                  # purge everything it held
     index.entries, index.stats()                                      # size, bytes, counters
 
@@ -315,6 +316,16 @@ class PrefixIndex:
         if capacity_blocks is not None and len(recorded) > capacity_blocks:
             over = len(recorded) - low_water(max(capacity_blocks, 1))
             self._forget(backend, list(islice(recorded, over)))
+
+    def recorded_until(self, backend_id: BackendId, block_hash: BlockHash) -> float | None:
+        """When ``backend_id``'s dispatch record of ``block_hash`` expires (None: not recorded).
+
+        Every record holds a whole chain, inserted deepest block first and given one expiry,
+        so in an index fed by records alone (a policy's own) the deepest block is its chain's
+        first to expire or be evicted: while it is recorded and unexpired, so is every block
+        before it. (Events storing part of a chain can reorder the shared LRU.)"""
+        backend = self._backends.get(backend_id)
+        return None if backend is None else backend.recorded.get(block_hash)
 
     def _forget(self, backend: IndexedBackend, hashes: Sequence[BlockHash]) -> None:
         keep = ~(7 << (_BITS * backend.slot))

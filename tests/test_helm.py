@@ -312,6 +312,32 @@ def test_warm_start_is_wired_with_the_admin_token(helm: Path, tmp_path: Path) ->
     assert not router_config(docs)[0].sync.warm_start.enabled
 
 
+def test_workers_run_one_pod_on_every_core_and_refuse_unsynced_replicas(
+        helm: Path, tmp_path: Path) -> None:
+    def args(docs: list[dict[str, Any]]) -> list[str]:
+        (deployment,) = by_kind(docs)["Deployment"]
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert "--workers" not in args(render(helm, tmp_path))  # one process by default
+    docs = render(helm, tmp_path, {"workers": 4, "replicaCount": 1})
+    validate_all(docs)
+    assert args(docs)[-2:] == ["--workers", "4"]
+    assert args(render(helm, tmp_path, {"workers": 2, "replicaCount": 3,
+                                        "replicaSync": {"enabled": False}}))[-2:] == [
+        "--workers", "2"]
+    # Workers sync only with each other: several synced pods would silently stop syncing.
+    for values in ({"workers": 2}, {"workers": 2, "replicaCount": 1,
+                                    "autoscaling": {"enabled": True}}):
+        result = run_helm(helm, "template", "kvrouter", str(CHART),
+                          *values_file(tmp_path, values))
+        assert result.returncode != 0
+        assert "workers > 1 with replica sync across pods" in result.stderr
+        assert "replicaCount: 1" in result.stderr
+    result = run_helm(helm, "template", "kvrouter", str(CHART),
+                      *values_file(tmp_path, {"workers": 0}))
+    assert result.returncode != 0 and "workers" in result.stderr
+
+
 def test_config_change_rolls_the_pods(helm: Path, tmp_path: Path) -> None:
     def checksum(values: dict[str, Any] | None) -> str:
         (deployment,) = by_kind(render(helm, tmp_path, values))["Deployment"]

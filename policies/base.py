@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from policies.types import BackendId, ClusterView, Decision, RouteRequest
 
-__all__ = ["PolicyBase"]
+__all__ = ["PolicyBase", "needs_prompt_text"]
 
 
 class PolicyBase:
@@ -16,6 +16,10 @@ class PolicyBase:
     # KV plumbing (index, ingestion, tokenizers) for such a policy even without a ``kv_events``
     # section, instead of branching on the policy's name.
     uses_kv_index: ClassVar[bool] = False
+    # Reads ``RouteRequest.prompt_text`` (character matching): replica sync ships each
+    # dispatch's prompt text to the peers only for such a policy; for the others it is the
+    # largest part of a dispatch message (a 32k-token prompt: ~128 KB per peer), never read.
+    reads_prompt_text: ClassVar[bool] = False
 
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
         return False
@@ -33,3 +37,16 @@ class PolicyBase:
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         return None
+
+
+def needs_prompt_text(policy: object) -> bool:
+    """Whether ``policy``, or a policy it wraps (``inner``, as the router's wrappers keep it),
+    reads ``RouteRequest.prompt_text``. A policy that does not say (not a ``PolicyBase``) is
+    assumed to."""
+    while policy is not None:
+        if not isinstance(policy, PolicyBase):
+            return True
+        if policy.reads_prompt_text:
+            return True
+        policy = getattr(policy, "inner", None)
+    return False

@@ -60,6 +60,7 @@ class _Ring:
 
 class ConsistentHash(PolicyBase):
     name = "consistent_hash"
+    reads_prompt_text = True
 
     def __init__(self, params: ConsistentHashParams) -> None:
         self.params = params

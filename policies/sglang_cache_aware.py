@@ -68,6 +68,7 @@ def _least_loaded(backends: tuple[BackendState, ...]) -> BackendState:
 
 class SglangCacheAware(PolicyBase):
     name = "sglang_cache_aware"
+    reads_prompt_text = True
 
     def __init__(self, params: SglangCacheAwareParams) -> None:
         self.params = params

@@ -190,6 +190,41 @@ async def test_messages_queued_within_the_flush_window_leave_as_one(
             assert len(lifecycle) > 1, kinds
 
 
+@pytest.mark.parametrize(("policy", "send", "shipped"), [
+    ("least_loaded", None, False),  # reads no prompt text: none on the wire
+    ("sglang_cache_aware", None, True),  # matches characters: its peers need the text
+    ("least_loaded", True, True),
+    ("sglang_cache_aware", False, False),
+], ids=["auto-off", "auto-on", "forced-on", "forced-off"])
+async def test_prompt_text_is_shipped_only_to_policies_that_read_it(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+    policy: str, send: bool | None, shipped: bool,
+) -> None:
+    from router.sync.wire import decode
+
+    backend = await start_backend()
+    port = free_port()
+    raw = raw_config([backend], port, 1, heartbeat_interval_s=0.5, peer_timeout_s=2.0,
+                     **({} if send is None else {"send_prompt_text": send}))
+    raw["sync"]["peers"] = []
+    raw["policy"]["name"] = policy
+    handle = await start_router(raw)
+    async with subscriber(port) as sub:
+        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+        assert await complete(http, handle) == 200
+        dispatches = []
+        while await sub.poll(400):
+            for frame in await sub.recv_multipart():
+                message = decode(frame, monotonic_now_s=0, unix_now_s=0)
+                if type(message).__name__ == "Dispatch":
+                    dispatches.append(message)
+    (dispatch,) = dispatches
+    assert dispatch.request.prompt_tokens > 0
+    assert dispatch.request.prompt_text == ("x" if shipped else "")
+
+
 @pytest.mark.parametrize("sync, path", [
     ({"port": 0}, "sync.port"),
     ({"peers": ["10.0.0.1:5601"]}, "sync.peers[0]"),

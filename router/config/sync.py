@@ -64,7 +64,9 @@ class SyncConfig:
     flush_interval_s: float = 0.002
     peer_timeout_s: float = 5.0  # a peer silent this long is dropped with its in-flight share
     max_in_flight_s: float = 900.0
-    send_prompt_text: bool = True  # character-matching policies need it; kv_aware does not
+    # Ship each dispatch's prompt text to the peers: None (the default) when the policy reads
+    # it (character matching: sglang_cache_aware, consistent_hash); kv_aware does not.
+    send_prompt_text: bool | None = None
     replica_id: str = ""  # default: hostname, process id and a random suffix
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 

@@ -40,6 +40,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from policies.base import needs_prompt_text
 from policies.replica_sync import Message, ReplicaSync, SyncedPolicy
 from policies.types import Policy
 from router.config import Config
@@ -95,11 +96,14 @@ class SyncService:
         self.metrics: SyncMetrics | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._outbox: list[Message] = []
+        self._send_text = True  # set by wrap() from the policy (sync.send_prompt_text)
         self._reported_dropped = 0
         self._reported_expired = 0
 
     def wrap(self, policy: Policy) -> SyncedPolicy:
         self.sync = ReplicaSync(self.origin, policy, self.config.params())
+        send = self.config.send_prompt_text
+        self._send_text = needs_prompt_text(policy) if send is None else send
         return SyncedPolicy(policy, self.sync, self.publish)
 
     def publish(self, message: Message) -> None:
@@ -123,7 +127,7 @@ class SyncService:
             return
         mono, unix = time.monotonic(), time.time()
         frames = [encode(m, monotonic_now_s=mono, unix_now_s=unix,
-                         prompt_text=self.config.send_prompt_text) for m in batch]
+                         prompt_text=self._send_text) for m in batch]
         try:
             pub.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:

@@ -274,7 +274,8 @@ def create_app(
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)
     proxy = Proxy(config, pool, policy, analyzer or CharEstimateAnalyzer(), metrics, rng, index)
-    health = HealthChecker(pool, config.health, metrics, lambda: state.session())
+    health = HealthChecker(pool, config.health, metrics, lambda: state.session(),
+                           on_healthy=proxy.preconnect if config.upstream.preconnect else None)
     state = RouterState(config, pool, policy, metrics, proxy, health, index)
     app = App(state, background)
     for path, methods in (routes or {}).items():  # e.g. the KV plumbing's admin endpoints

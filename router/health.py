@@ -3,7 +3,8 @@
 A backend turns unhealthy after ``unhealthy_threshold`` consecutive failed checks and healthy
 again after ``healthy_threshold`` passes; one that fails its very first check is unhealthy at
 once (nothing vouches for it yet). When a backend's models are not configured, the check also
-reads its ``/v1/models``. Passive ejection (the breaker) lives in the proxy's attempts; this
+reads its ``/v1/models``, and a healthy backend gets the proxy's idle connections topped up
+(``upstream.preconnect``, through ``on_healthy``). Passive ejection (the breaker) lives in the proxy's attempts; this
 loop only exports its state. The loop body catches everything but cancellation, counts it and
 goes on. Must not import ``router.app`` or ``router.proxy``.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -33,11 +34,16 @@ class HealthChecker:
         config: HealthConfig,
         metrics: RouterMetrics,
         session: Callable[[], aiohttp.ClientSession],
+        on_healthy: Callable[[Backend], Awaitable[object]] | None = None,
     ) -> None:
         self.pool = pool
         self.config = config
         self.metrics = metrics
         self._session = session
+        # Runs after each probe that finds a backend healthy (the proxy opens its idle
+        # connections there), as a task of its own: a slow connect never delays the round.
+        self.on_healthy = on_healthy
+        self._warming: set[asyncio.Task[object]] = set()
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
 
     async def run(self) -> None:
@@ -84,6 +90,14 @@ class HealthChecker:
         except aiohttp.ClientError as exc:
             return f"GET {url} failed: {exc.__class__.__name__}: {exc}"
 
+    async def _warm(self, backend: Backend) -> None:
+        assert self.on_healthy is not None
+        try:
+            await self.on_healthy(backend)
+        except Exception:
+            self.metrics.loop_errors.labels("health").inc()
+            log.exception("warming connections to %s failed", backend.backend_id)
+
     async def _discover_models(self, backend: Backend) -> None:
         try:
             async with self._session().get(
@@ -115,6 +129,10 @@ class HealthChecker:
                 log.info("backend %s is healthy again", backend.backend_id)
             if self.config.discover_models and not backend.configured_models:
                 await self._discover_models(backend)
+            if backend.healthy and self.on_healthy is not None:
+                task = asyncio.ensure_future(self._warm(backend))
+                self._warming.add(task)
+                task.add_done_callback(self._warming.discard)
         else:
             backend.health_failures += 1
             backend.health_successes = 0

@@ -123,6 +123,16 @@ class Proxy:
         assert self.session is not None, "the app's start-up creates the session"
         return self.session
 
+    async def preconnect(self, backend: Backend) -> int:
+        """Top up ``backend``'s idle connections to ``upstream.preconnect`` (the health checker
+        calls this after each healthy probe). Without them the first requests of a burst wait
+        for connects, which complete only after the loop has handled the burst's other
+        requests: 8 cold chats through a fresh router reached their backends from 7.6-8.3 ms
+        on, against 3.2 ms with open connections (bench/README.md)."""
+        if self.client is None:
+            return 0
+        return await self.client.preconnect(backend.url, self.config.upstream.preconnect)
+
     def new_request_id(self) -> str:
         # Unique without a system call per request: a random per-process prefix and a count.
         self._request_count += 1

@@ -55,12 +55,18 @@ async def start_router() -> AsyncIterator[Callable[..., Awaitable[RouterHandle]]
     """``await start_router({"backends": [...], ...}, **create_app_kwargs)``.
 
     A raw config without a ``policy`` section gets round_robin, not the product's default
-    (kv_aware): these tests predict which backend each request reaches."""
+    (kv_aware): these tests predict which backend each request reaches. Nor does it pre-open
+    connections (``upstream.preconnect`` 0) unless it says so: these tests count connections
+    and stop backends right after a health round, and aiohttp's server on uvloop waits its
+    60 s shutdown timeout for a connection accepted while it stops (tests/test_preconnect.py
+    covers the feature)."""
     runners: list[Runner] = []
 
     async def start(raw: dict[str, Any] | Config, **kwargs: Any) -> RouterHandle:
         if isinstance(raw, dict) and "policy" not in raw:
             raw = {**raw, "policy": {"name": "round_robin"}}
+        if isinstance(raw, dict) and "preconnect" not in raw.get("upstream", {}):
+            raw = {**raw, "upstream": {**raw.get("upstream", {}), "preconnect": 0}}
         config = raw if isinstance(raw, Config) else parse_config(raw)
         app = create_app(config, **kwargs)
         runner, port = await serve(app, "127.0.0.1", 0)

@@ -234,3 +234,58 @@ async def test_max_connections_wait_ends_with_connect_failed():
         (await first).release()
         http.close()
         assert http.open_connections == 0  # every slot came back
+
+
+async def test_preconnect_opens_idle_connections_that_requests_then_reuse():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with RawServer([[ok], [ok], [ok]]) as url:
+        http = HttpClient(5.0, 10.0, 10.0, max_connections=5)
+        try:
+            assert await http.preconnect(url, 3) == 3
+            assert await http.preconnect(url, 3) == 0  # topped up already
+            assert http.open_connections == 3
+            # Three concurrent requests find a connection each: the server accepts no more.
+            responses = await asyncio.gather(
+                *(http.request(url, "GET", b"/", [], b"") for _ in range(3)))
+            assert [await r.read() for r in responses] == [b"ok"] * 3
+            for r in responses:
+                r.release()
+            assert http.open_connections == 3
+        finally:
+            http.close()
+
+
+async def test_preconnect_counts_the_servers_accepts_and_respects_the_connection_limit():
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    http = HttpClient(5.0, 10.0, 10.0, max_connections=2)
+    try:
+        assert await http.preconnect(url, 4) == 2  # never past upstream.max_connections
+        await asyncio.sleep(0.05)
+        assert accepted == 2
+        response = await http.request(url, "GET", b"/", [], b"")
+        assert await response.read() == b"ok"
+        response.release()
+        assert accepted == 2  # the request went out on a pre-opened connection
+    finally:
+        http.close()
+        server.close()
+    # A backend that refuses: nothing opened, no slot kept, no error for the caller.
+    refused = HttpClient(0.5, 10.0, 10.0, max_connections=2)
+    assert await refused.preconnect(url, 2) == 0
+    assert refused.open_connections == 0

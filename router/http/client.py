@@ -470,6 +470,30 @@ class HttpClient:
         conn.transport = transport
         return conn
 
+    async def preconnect(self, base_url: str, count: int) -> int:
+        """Open connections to ``base_url`` until ``count`` idle ones are ready for requests
+        (never past ``max_connections``); returns how many were opened. A backend that
+        refuses keeps what it has: the next request connects (and fails over) as usual."""
+        key = self._target(base_url)[0]
+        idle = self._idle.setdefault(key, [])
+        idle[:] = [c for c in idle if not c.closed]
+        opened = 0
+        while len(idle) < min(count, self._max_idle):
+            limit = self._max_connections
+            if (limit and self.open_connections >= limit) or self._slot_waiters:
+                break  # never take a slot a request could use
+            self.open_connections += 1
+            try:
+                conn = await self._connect(key)
+            except ConnectFailed:
+                self._free_slot()
+                break
+            conn.on_gone = self._free_slot
+            idle = self._idle.setdefault(key, [])  # close() may have run meanwhile
+            idle.append(conn)
+            opened += 1
+        return opened
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:

@@ -34,7 +34,10 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     big running batch costs every one of them (the KV cap keeps a queue, priced
                     in queued_s, from also counting as decode work)
     externality_s = busy ** busy_power * (stall_ratio * in_flight_b * (prefill_s_b
-                    + stall_step_ratio * step_s_b) + fleet_work_ratio * prefill_s_b),
+                    + stall_step_ratio * step_s_b) + fleet_work_ratio * prefill_s_b)
+                    + work_floor_ratio * recompute_s_b,
+                    recompute_s_b = cost.seconds of the tokens b holds in no tier it can load
+                    from (prefill_s_b when everything held is in HBM),
                     busy = share of candidates with requests in flight (in_flight_b: the
                     router's count or the engine's running, the larger)
     placement_s_b = - home_credit_ratio * (prefill seconds the remembered prefix would save) at
@@ -72,6 +75,19 @@ own compute; ``stall_step_ratio`` (0.1) adds a tenth of its step overhead (the r
 decode work over the steps it spans): at 0 hot tenants pile onto holders whose batches are
 already long (multi_tenant 30/s at 8 engines: TTFT p99 186 s against 36 s), at 1 a long batch
 outweighs any cached prefix and deep overload replicates hot prompts (prefill GPU-s +9%).
+
+Why the work floor (``work_floor_ratio``, 0.25): the fleet-work price scales with busy**2, so
+with a quarter of the backends busy a recompute cost a sixteenth of the busy price, and a
+holder with two requests queued lost a ~2,100-token prefix to an idle backend over a 7 ms
+TTFT difference (the live agentic regime, seed 2: one agent's system prompt copied to a second
+pod, pod hits 0.899 against sglang-router's 0.904). The floor charges a quarter of every
+candidate's own prefill whatever the load. Where nothing is cached anywhere every candidate
+pays the same and nothing changes; where one holds the prefix, leaving it must now save a
+quarter of the recompute. Only recompute is floored: tokens a backend can load from a lower
+tier it holds are not (a floor on load time too kept returning users behind their writer
+despite a shared store). Live (bench/quality.py, seeds 1-2): agentic 0.904 hits, the same as
+sglang-router (0.902 without). Simulated, the capacity-edge set still meets sglang_cache_aware
+in every cell (docs/simulation.md, "The work floor").
 
 Why ``placement_s``: engine events say where a prefix IS, and once it is evicted everywhere
 they say nothing; spreading it anew each time makes every cache hold copies of the same
@@ -356,6 +372,8 @@ class KvAwareParams:
     stall_ratio: float = 1.0  # share of a prefill charged per request it stalls on the backend
     stall_step_ratio: float = 0.1  # share of the prefill's step overhead charged with it
     fleet_work_ratio: float = 3.0  # share of a prefill charged again as work the fleet queues behind
+    work_floor_ratio: float = 0.25  # share of a prefill charged even with the fleet idle: a
+    # recompute of what another backend holds is never free (docstring, "Why the work floor")
     busy_power: float = 2.0  # both charges scale with (share of backends with requests) ** this
     home_credit_ratio: float = 1.0  # share of an evicted prefix's prefill credited to its home
     duplicate_ratio: float = 1.0  # share of a prefix copy's prefill charged to a full cache
@@ -394,7 +412,8 @@ class KvAwareParams:
             raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
         if self.decode_horizon_tokens < 0:
             raise ValueError("decode_horizon_tokens must be >= 0")
-        for name in ("stall_ratio", "stall_step_ratio", "fleet_work_ratio", "busy_power",
+        for name in ("stall_ratio", "stall_step_ratio", "fleet_work_ratio", "work_floor_ratio",
+                     "busy_power",
                      "home_credit_ratio", "duplicate_ratio", "partition_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -514,6 +533,7 @@ class KvAware(PolicyBase):
             # Nothing cached here: the same prefill as every other such candidate, computed
             # once per request (they differ only in load and placement).
             hit, prefill_s = 0.0, fleet.cold_prefill_s
+            floor_s = p.work_floor_ratio * prefill_s
         else:
             gpu, cpu = match.gpu_blocks * bs, match.cpu_blocks * bs
             shared = match.shared_blocks * bs
@@ -529,10 +549,16 @@ class KvAware(PolicyBase):
             load_waits = (bool(cpu or storage) and p.tier_pricing != "gpu_only"
                           and p.load_wait_s > 0
                           and _load_exceeds_free_kv(backend, cpu + storage, bs))
-            hit = (self._hit_tokens(prompt, gpu, cpu, storage)
-                   if (cpu or storage) and not load_waits else float(gpu))
+            loads = (cpu or storage) and not load_waits
+            hit = self._hit_tokens(prompt, gpu, cpu, storage) if loads else float(gpu)
             shared = min(shared, storage)  # past the cap the store's blocks go first
             prefill_s = self._cost.seconds(prompt - hit, hit)
+            # The work floor prices recompute only: what this backend can load from a lower
+            # tier it holds (as the policy's tier pricing sees it) is not computed again.
+            held_here = gpu + cpu + storage if loads and hit != gpu else gpu
+            floor_s = p.work_floor_ratio * (
+                prefill_s if held_here == hit else self._cost.seconds(prompt - held_here,
+                                                                      held_here))
         held = gpu + cpu + storage
         placement_s = 0.0  # elsewhere than its home, in a cache short of full, with no partition
         if (backend.backend_id == fleet.home or fleet.partition
@@ -597,7 +623,7 @@ class KvAware(PolicyBase):
         running = max(backend.in_flight_requests, backend.engine_running_requests or 0)
         externality_s = fleet.busy_weight * (
             p.stall_ratio * running * (prefill_s + p.stall_step_ratio * step_s)
-            + p.fleet_work_ratio * prefill_s)
+            + p.fleet_work_ratio * prefill_s) + floor_s
         # Positional, in field order: keywords cost twice as much to build these two per
         # candidate and request (0.7 against 0.33 us).
         return BackendScore(

@@ -128,10 +128,16 @@ def decoding_holder_share(running: int, trials: int = 200, **params: object) -> 
 
 def test_a_big_decode_batch_sheds_a_hot_prefix_gradually() -> None:
     batches = list(range(0, 13))
-    shares = [decoding_holder_share(n) for n in batches]
+    # The decode horizon alone (the work floor adds a constant price, below).
+    shares = [decoding_holder_share(n, work_floor_ratio=0.0) for n in batches]
     assert shares[0] > 0.95 and shares[-1] < 0.05, shares
     assert all(b <= a + 0.12 for a, b in itertools.pairwise(shares)), shares
     assert sum(0.05 < s < 0.95 for s in shares) >= 1, shares
+    # The work floor makes leaving the holder cost a quarter of the recompute more: the
+    # holder keeps the prefix at least as long, and a big batch still sheds it.
+    floored = [decoding_holder_share(n) for n in batches]
+    assert all(f >= s - 0.05 for f, s in zip(floored, shares, strict=True)), (floored, shares)
+    assert floored[-1] < 0.05, floored
     # Scoring TTFT alone, the holder keeps the prefix under the same batch (until ~24 running):
     # the first token comes sooner there even though every later token is slower.
     assert decoding_holder_share(batches[-1], decode_horizon_tokens=0, stall_ratio=0.0,
@@ -155,13 +161,17 @@ def test_the_externality_is_free_while_the_fleet_has_idle_backends() -> None:
     busy = idle("b0", engine_waiting_requests=0, engine_running_requests=6,
                 in_flight_requests=6, in_flight_prompt_tokens=8192 * 6)
 
-    def externality(*others: BackendState) -> float:
-        decision = policy().choose(request, view(index, busy, *others))
-        return next(s.terms["externality_s"] for s in decision.scores if s.backend_id == "b0")
+    def externality(*others: BackendState, **params: object) -> tuple[float, float]:
+        decision = policy(**params).choose(request, view(index, busy, *others))
+        b0 = next(s for s in decision.scores if s.backend_id == "b0")
+        return b0.terms["externality_s"], b0.terms["prefill_s"]
 
-    two = externality(idle("b1"))
-    four = externality(idle("b1"), idle("b2"), idle("b3"))
+    two, _ = externality(idle("b1"), work_floor_ratio=0.0)
+    four, _ = externality(idle("b1"), idle("b2"), idle("b3"), work_floor_ratio=0.0)
     assert two > 0 and four == pytest.approx(two / 4)
+    # The work floor is the part that does not shrink: a quarter of b0's own prefill.
+    floored, prefill_s = externality(idle("b1"), idle("b2"), idle("b3"))
+    assert floored == pytest.approx(four + 0.25 * prefill_s)
 
 
 def test_a_prefix_evicted_everywhere_returns_to_its_home() -> None:
@@ -254,7 +264,8 @@ def test_a_copy_into_a_full_cache_costs_the_prefix_it_duplicates() -> None:
         hold(index, "b1", filler)
         holder = idle("b0", engine_waiting_requests=3, total_kv_blocks=1000)
         other = idle("b1", engine_waiting_requests=0, total_kv_blocks=1000)
-        kv = policy(seed=1, default_prompt_tokens=2048)
+        # The copy price alone (the work floor would keep a little more at the holder).
+        kv = policy(seed=1, default_prompt_tokens=2048, work_floor_ratio=0.0)
         v = view(index, holder, other)
         return sum(kv.choose(request, v).backend_id == "b0" for _ in range(100)) / 100
 
@@ -409,14 +420,17 @@ def test_scores_explain_every_candidate() -> None:
     cost = PrefillCost()
     # The first min(max_tokens, 8) output tokens decode beside the request's own 1000 tokens.
     decode_s = min(request.max_tokens, 8) * cost.step_overhead_s(0, 1000)
+    # An idle fleet: the externality is only the work floor, a quarter of the own prefill.
     assert by_id["b0"].score == pytest.approx(
-        cost.seconds(1000) + cost.step_overhead_s(1000, 0) + decode_s)
+        1.25 * cost.seconds(1000) + cost.step_overhead_s(1000, 0) + decode_s)
     assert by_id["b1"].score == pytest.approx(
-        cost.seconds(8, 992) + cost.step_overhead_s(8, 0) + decode_s)
+        1.25 * cost.seconds(8, 992) + cost.step_overhead_s(8, 0) + decode_s)
     for s in decision.scores:
         assert s.terms["ttft_s"] == pytest.approx(s.terms["queued_s"] + s.terms["prefill_s"]
                                                   + s.terms["step_s"] + s.terms["kv_pressure_s"])
-        assert s.score == pytest.approx(s.terms["ttft_s"] + s.terms["decode_s"])
+        assert s.terms["externality_s"] == pytest.approx(0.25 * s.terms["prefill_s"])
+        assert s.score == pytest.approx(s.terms["ttft_s"] + s.terms["decode_s"]
+                                        + s.terms["externality_s"])
     assert decision.backend_id == "b1" and decision.predicted_hit_tokens == 992
 
 
@@ -753,5 +767,27 @@ def test_a_burst_of_one_prefix_shares_its_prefill_instead_of_copying_it() -> Non
         return together
 
     assert second_choices() == Counter({True: 40})
-    drawn = second_choices(ties_save_work=False)
+    drawn = second_choices(ties_save_work=False, work_floor_ratio=0.0)
     assert drawn[False] >= 5, drawn  # without the rule, the draw copies it often
+
+
+def test_a_holder_keeps_its_prefix_over_a_small_ttft_gain_on_an_idle_backend() -> None:
+    """The live agentic regime's copy: b3 holds a ~2,100-token prefix with two requests
+    queued; three idle backends would start the recompute at once and finish a few ms sooner.
+    With the fleet a quarter busy the fleet-work price is a sixteenth of its busy value, so
+    without the work floor the prefix was copied every time."""
+    index = PrefixIndex()
+    request = prompt(5, 2163, unique_tokens=67)
+    hold(index, "b3", request.block_hashes[:2096 // BS])
+    v = view(index, idle("b0"), idle("b1"), idle("b2"),
+             idle("b3", in_flight_requests=2, in_flight_prompt_tokens=2500))
+
+    def to_holder(**params: object) -> int:
+        return sum(policy(seed=s, **params).choose(request, v).backend_id == "b3"
+                   for s in range(40))
+
+    assert to_holder(work_floor_ratio=0.0) == 0
+    assert to_holder() >= 28  # the default floor; the rest is the draw within T
+    # A prefix nobody holds: every candidate pays the same floor, so idle backends still win.
+    cold = prompt(6, 2163)
+    assert all(policy(seed=s).choose(cold, v).backend_id != "b3" for s in range(20))

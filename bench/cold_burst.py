@@ -28,6 +28,7 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from emulator import wait_healthy  # noqa: E402
 from quality_workload import REGIMES, build_workload  # noqa: E402
 
 MODEL = "tiny-llama"
@@ -104,17 +105,8 @@ async def _run(preconnect: int, bodies: list[dict[str, Any]]) -> list[float]:
             *[a for p in ports for a in ("--backend", f"http://127.0.0.1:{p}")])
         base = f"http://127.0.0.1:{router_port}"
         try:
+            await wait_healthy(base, 20.0, path="/ready")
             async with aiohttp.ClientSession() as session:
-                for _ in range(400):
-                    try:
-                        async with session.get(base + "/ready") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError("the router did not become ready")
                 await asyncio.sleep(1.0)  # the health round and what it opens
                 async with session.get(f"http://127.0.0.1:{ports[0]}/arrivals") as response:
                     await response.read()  # (none yet: start clean)

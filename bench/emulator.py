@@ -76,12 +76,12 @@ def serve_baseline(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-async def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
+async def wait_healthy(url: str, timeout_s: float = 120.0, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             try:
-                async with s.get(url + "/health") as r:
+                async with s.get(url + path) as r:
                     if r.status == 200:
                         return
             except aiohttp.ClientError:

@@ -47,13 +47,17 @@ class HealthChecker:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:
-                self.metrics.loop_errors.labels("health").inc()
-                log.exception("health check round failed")
-            await asyncio.sleep(self.config.interval_s)
+        try:
+            while True:
+                try:
+                    await self.check_all()
+                except Exception:
+                    self.metrics.loop_errors.labels("health").inc()
+                    log.exception("health check round failed")
+                await asyncio.sleep(self.config.interval_s)
+        finally:  # stopping: no connection is opened behind the app's back
+            for task in list(self._warming):
+                task.cancel()
 
     async def check_all(self) -> None:
         backends = list(self.pool)

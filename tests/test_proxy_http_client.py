@@ -289,3 +289,34 @@ async def test_preconnect_counts_the_servers_accepts_and_respects_the_connection
     refused = HttpClient(0.5, 10.0, 10.0, max_connections=2)
     assert await refused.preconnect(url, 2) == 0
     assert refused.open_connections == 0
+
+
+async def test_preconnect_racing_close_leaves_nothing_open():
+    """The health checker's top-up may still be connecting when the app stops and closes the
+    client: that connection is closed, not parked in a pool nobody will close."""
+    open_now = 0
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            await reader.read()  # until the client closes
+        finally:
+            open_now -= 1
+            writer.close()
+            closed.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    http = HttpClient(5.0, 10.0, 10.0)
+    try:
+        warming = asyncio.create_task(http.preconnect(url, 2))
+        await asyncio.sleep(0)  # it has started connecting
+        http.close()
+        assert await warming <= 1
+        await asyncio.wait_for(closed.wait(), 2.0)
+        await asyncio.sleep(0.05)
+        assert open_now == 0 and http.open_connections == 0
+    finally:
+        server.close()

@@ -346,6 +346,7 @@ class HttpClient:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._targets: dict[str, tuple[tuple[str, int, bool], bytes, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._closed = False
 
     def _target(self, base_url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
         """(connection key, Host header line, path prefix) of a backend base URL, memoised."""
@@ -374,12 +375,7 @@ class HttpClient:
             conn, reused = self._take(key)
             if conn is None:
                 await self._reserve()
-                try:
-                    conn = await self._connect(key)
-                except BaseException:
-                    self._free_slot()
-                    raise
-                conn.on_gone = self._free_slot
+                conn = await self._open(key)
             conn.send(head, body, head_only=method == "HEAD")
             assert conn._head is not None
             timer = asyncio.get_running_loop().call_later(
@@ -453,6 +449,17 @@ class HttpClient:
                 return
         self.open_connections -= 1
 
+    async def _open(self, key: tuple[str, int, bool]) -> _Connection:
+        """A new connection on a slot already taken (``open_connections``): the slot goes
+        back if the connect fails, and with the connection once it is gone."""
+        try:
+            conn = await self._connect(key)
+        except BaseException:
+            self._free_slot()
+            raise
+        conn.on_gone = self._free_slot
+        return conn
+
     async def _connect(self, key: tuple[str, int, bool]) -> _Connection:
         host, port, tls = key
         loop = asyncio.get_running_loop()
@@ -484,17 +491,19 @@ class HttpClient:
                 break  # never take a slot a request could use
             self.open_connections += 1
             try:
-                conn = await self._connect(key)
+                conn = await self._open(key)
             except ConnectFailed:
-                self._free_slot()
                 break
-            conn.on_gone = self._free_slot
-            idle = self._idle.setdefault(key, [])  # close() may have run meanwhile
+            if self._closed:  # close() ran while it connected: nothing may stay open
+                conn._abort()
+                break
+            idle = self._idle.setdefault(key, [])
             idle.append(conn)
             opened += 1
         return opened
 
     def close(self) -> None:
+        self._closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn._abort()

@@ -85,9 +85,10 @@ candidate's own prefill whatever the load. Where nothing is cached anywhere ever
 pays the same and nothing changes; where one holds the prefix, leaving it must now save a
 quarter of the recompute. Only recompute is floored: tokens a backend can load from a lower
 tier it holds are not (a floor on load time too kept returning users behind their writer
-despite a shared store). Live (bench/quality.py, seeds 1-2): agentic 0.904 hits, the same as
-sglang-router (0.902 without). Simulated, the capacity-edge set still meets sglang_cache_aware
-in every cell (docs/simulation.md, "The work floor").
+despite a shared store). Live (bench/quality.py, seeds 1-2), agentic tied sglang-router's
+0.904 hits in one run and was 0.003 short in the next: one copied prefix is the whole gap
+(bench/README.md). Simulated, the capacity-edge set still meets sglang_cache_aware in every
+cell (docs/simulation.md, "The work floor").
 
 Why ``placement_s``: engine events say where a prefix IS, and once it is evicted everywhere
 they say nothing; spreading it anew each time makes every cache hold copies of the same

@@ -49,7 +49,8 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     or remembers, once the remembered working set (placement memory) passes
                     cache_full_knee_ratio of the candidates' KV memory, instead + partition_ratio
                     * prefill_s_b * (homed_b - least homed) / mean homed, homed_b = blocks
-                    whose home is b; all times (1 + fleet_work_ratio * busy ** busy_power), the
+                    whose home is b; short of that, + partition_ratio * prefill_s_b on each b
+                    whose own homed_b passes cache_full_knee_ratio of its KV memory; all times (1 + fleet_work_ratio * busy ** busy_power), the
                     price of a prefill second in externality_s, since they are prefill seconds
                     won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
@@ -100,7 +101,12 @@ prefixes: when the working set outgrows the caches, each backend's hit rate fall
 working set homed on it, and predicted TTFTs of idle backends tie, so a draw let homes drift
 apart (10 to 14 groups per engine in the 700-block simulation) and the crowded caches thrashed;
 sending a new prefix where the least is homed keeps the shares even, as sglang-router's
-smallest-tree rule does (docs/simulation.md, "Cache pressure and late events").
+smallest-tree rule does (docs/simulation.md, "Cache pressure and late events"). The fleet's
+caches can hold the working set while one backend's share overflows its own: near saturation
+held requests are released to whichever backend frees up first, and in the live saturation
+regime one pod was homed with 44 of 144 groups against 29 on another and evicted some, where
+every peer kept all. A new prefix homed on such a backend evicts one of its prefixes, so it is
+charged a whole prefill there.
 
 Why first tokens (``on_first_token``): a forecast of queued prefill that ends at its predicted
 time makes a backend slower than the cost model (a throttled GPU, a noisy neighbour, a batch
@@ -198,7 +204,10 @@ The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
 ``T = max(temperature_s, temperature_ratio * best score)``: backends whose predicted TTFT is
 within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
 backends instead of collapsing onto the first one); far worse ones are practically never
-picked. Among the near-ties within one T of the best, only those that compute the fewest
+picked. A candidate that computes more prompt tokens than the best one (a copy of a prefix the
+best holds) is drawn only within ``copy_cutoff_t`` (2) T of it: several equivalent
+alternatives a few T worse add up, and in the live agentic regime three idle pods ~2.7 T behind
+an agent's holder took ~17% of the draw between them and copied its system prompt. Among the near-ties within one T of the best, only those that compute the fewest
 prompt tokens share the draw (``ties_save_work``): equal TTFTs, so the choice that leaves the
 fleet the most prefill capacity for what arrives next. It decides bursts: a second request of
 a prefix whose prefill has just started elsewhere scores about the same there (it waits for
@@ -367,6 +376,8 @@ class KvAwareParams:
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
     ties_save_work: bool = True  # among backends within one T of the best, only those that
     # compute the fewest prompt tokens share the draw
+    copy_cutoff_t: float = 2.0  # a backend that computes more prompt tokens than the best one
+    # is never drawn when more than this many T worse (0: no cutoff)
     approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
     approx_capacity_blocks: int = 65536  # approximate mode: blocks a backend is assumed to hold
     approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
@@ -411,6 +422,8 @@ class KvAwareParams:
             raise ValueError("kv_knee_ratio must be within [0, 1)")
         if self.temperature_s <= 0 or self.temperature_ratio < 0:
             raise ValueError("temperature_s must be > 0 and temperature_ratio >= 0")
+        if self.copy_cutoff_t < 0:
+            raise ValueError("copy_cutoff_t must be >= 0")
         if self.decode_horizon_tokens < 0:
             raise ValueError("decode_horizon_tokens must be >= 0")
         for name in ("stall_ratio", "stall_step_ratio", "fleet_work_ratio", "work_floor_ratio",
@@ -703,8 +716,12 @@ class KvAware(PolicyBase):
         homed = {b.backend_id: self._homes.homed_blocks(b.backend_id) for b in candidates}
         total = sum(homed.values())
         capacity = sum(b.total_kv_blocks or p.approx_capacity_blocks for b in candidates)
-        if total <= p.cache_full_knee_ratio * capacity:
-            return {}
+        knee = p.cache_full_knee_ratio
+        if total <= knee * capacity:
+            # The fleet's caches hold the working set, but one backend's share may not: a new
+            # prefix homed there evicts one of its prefixes, a whole prefill lost.
+            return {b.backend_id: 1.0 for b in candidates
+                    if homed[b.backend_id] > knee * (b.total_kv_blocks or p.approx_capacity_blocks)}
         low, mean = min(homed.values()), total / len(candidates)
         return {b: (n - low) / mean for b, n in homed.items()}
 
@@ -754,6 +771,13 @@ class KvAware(PolicyBase):
             if least < max(work):
                 scores = [s for s, w in zip(near, work, strict=True) if w == least]
                 best = min(s.score for s in scores)
+        if self.params.copy_cutoff_t:
+            # A backend that computes more than the best one does (a copy of a prefix the
+            # best holds) is drawn only as a near-tie: equivalent alternatives a few T worse
+            # add up (three idle backends at 2.7 T took 17% of the draws from a holder).
+            top = min(scores, key=lambda s: s.score)
+            limit, least_work = best + self.params.copy_cutoff_t * temperature, _uncached(top)
+            scores = [s for s in scores if s.score <= limit or _uncached(s) <= least_work]
         weights = [math.exp(-(s.score - best) / temperature) for s in scores]
         draw = self._rng.random() * sum(weights)
         for score, weight in zip(scores, weights, strict=True):

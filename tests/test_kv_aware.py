@@ -128,11 +128,19 @@ def decoding_holder_share(running: int, trials: int = 200, **params: object) -> 
 
 def test_a_big_decode_batch_sheds_a_hot_prefix_gradually() -> None:
     batches = list(range(0, 13))
-    # The decode horizon alone (the work floor adds a constant price, below).
+    # The decode horizon alone (the work floor adds a constant price, below), with every
+    # candidate in the draw: the share falls through intermediate values.
+    drawn = [decoding_holder_share(n, work_floor_ratio=0.0, copy_cutoff_t=0.0)
+             for n in batches]
+    assert drawn[0] > 0.95 and drawn[-1] < 0.05, drawn
+    assert all(b <= a + 0.12 for a, b in itertools.pairwise(drawn)), drawn
+    assert sum(0.05 < s < 0.95 for s in drawn) >= 1, drawn
+    # The copy cutoff draws a copy only within copy_cutoff_t of the holder: the same shed,
+    # over fewer steps, never earlier.
     shares = [decoding_holder_share(n, work_floor_ratio=0.0) for n in batches]
     assert shares[0] > 0.95 and shares[-1] < 0.05, shares
     assert all(b <= a + 0.12 for a, b in itertools.pairwise(shares)), shares
-    assert sum(0.05 < s < 0.95 for s in shares) >= 1, shares
+    assert all(c >= d - 0.05 for c, d in zip(shares, drawn, strict=True)), (shares, drawn)
     # The work floor makes leaving the holder cost a quarter of the recompute more: the
     # holder keeps the prefix at least as long, and a big batch still sheds it.
     floored = [decoding_holder_share(n) for n in batches]
@@ -249,6 +257,45 @@ def test_without_cache_pressure_the_partition_price_is_zero() -> None:
         decision = kv.choose(request, v)
         kv.on_dispatched(request, decision, 10.0 * group)
         assert all(s.terms["placement_s"] == 0.0 for s in decision.scores)
+
+
+def test_a_new_prefix_avoids_a_backend_whose_own_share_overflows_its_cache() -> None:
+    # The fleet's caches hold the remembered working set (896 of 4,000 blocks), but b0's
+    # share does not fit b0 (896 > 0.8 * 1,000): a new prefix homed there evicts one of its
+    # prefixes. b0 is idle and the others each have a request waiting, so on predicted TTFT
+    # alone b0 wins.
+    def placed(**params: object) -> str:
+        kv = policy(0, **params)
+        for group in range(7):  # 7 x 128 blocks homed on b0
+            request = prompt(group, 2048)
+            decision = kv.choose(request, view(None, idle("b0", total_kv_blocks=1000)))
+            kv.on_dispatched(request, decision, 0.0)
+            kv.on_finished(request, decision, 1.0, True)
+        others = (idle(b, total_kv_blocks=1000, engine_waiting_requests=1) for b in IDS[1:])
+        v = view(None, idle("b0", total_kv_blocks=1000), *others, now_s=60.0)
+        return kv.choose(prompt(50, 2048), v).backend_id
+
+    assert placed(partition_ratio=0.0) == "b0"
+    assert placed() != "b0"
+
+
+def test_a_holder_a_few_temperatures_ahead_is_not_outdrawn_by_equivalent_copies() -> None:
+    # The holder b0 scores ~3.2 T better than each of three idle backends that would compute
+    # the prefix again. One such backend alone would be drawn ~4% of the time, three together
+    # ~11%: the live agentic regime copied a system prompt that way. Beyond copy_cutoff_t a
+    # backend that computes more than the best one is never drawn.
+    request = prompt(1, 2048)
+    index = PrefixIndex()
+    hold(index, "b0", request.block_hashes[:120])
+    v = view(index, idle("b0", engine_waiting_requests=2, in_flight_requests=2),
+             *(idle(b) for b in IDS[1:]))
+
+    def copies(**params: object) -> int:
+        return sum(policy(seed, default_prompt_tokens=1024, work_floor_ratio=0.0, **params)
+                   .choose(request, v).backend_id != "b0" for seed in range(300))
+
+    assert copies() == 0
+    assert copies(copy_cutoff_t=0.0) >= 10
 
 
 def test_a_copy_into_a_full_cache_costs_the_prefix_it_duplicates() -> None:

@@ -191,7 +191,8 @@ def _limit_s(regime: Regime, items: list[Item]) -> float:
 async def run_cell(regime: Regime, router_name: str, items: list[Item], args: argparse.Namespace,
                    logdir: Path, seed: int = 1) -> dict[str, Any]:
     cell: dict[str, Any] = {"regime": regime.name, "router": router_name, "seed": seed}
-    tag = f"{regime.name}-{router_name.replace(':', '-')}-seed{seed}"
+    name = router_name.replace(":", "-").replace("/", "_")
+    tag = f"{regime.name}-{name}-seed{seed}"
     emulator = Emulator(count=args.pods, num_gpu_blocks=regime.num_gpu_blocks,
                         slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log")
     router = make_router(router_name, logdir / f"{tag}-router.log", seed)
@@ -248,7 +249,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
                    help=f"comma-separated routers (default: all): {', '.join(ROUTER_NAMES)}; "
-                        "kvrouter:POLICY takes any kvrouter policy; kvrouterxR:POLICY runs R "
+                        "kvrouter:POLICY takes any kvrouter policy (kvrouter:POLICY+NAME=VALUE+... "
+                        "sets its parameters; kvrouter@PATH:POLICY runs the checkout at PATH, "
+                        "e.g. a `git worktree` of the tree before a change); kvrouterxR:POLICY runs R "
                         "synced replicas (kvrouterxR-nosync:POLICY without sync), the client "
                         "alternating between them")
     p.add_argument("--regimes", default=",".join(REGIMES),
@@ -279,7 +282,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if r not in REGIMES:
             p.error(f"--regimes: unknown regime {r!r}; known: {', '.join(REGIMES)}")
     for r in args.router_list:
-        if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx")):
+        if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx", "kvrouter@")):
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
     return args
 

@@ -62,9 +62,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else str(root),
             "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -188,8 +188,13 @@ class Router:
 
     def _command(self, pods: Emulator, port: int) -> tuple[list[str], str]:
         kind, _, policy = self.name.partition(":")
-        if kind == "kvrouter":
+        if kind == "kvrouter" or kind.startswith("kvrouter@"):
             import yaml
+
+            # kvrouter:kv_aware+copy_cutoff_t=0+work_floor_ratio=0.1: the policy's parameters,
+            # for an A/B of one parameter in a single run.
+            policy, *pairs = policy.split("+")
+            params = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in pairs)}
 
             from simulator.tiny_tokenizer import default_path
 
@@ -197,7 +202,8 @@ class Router:
             config.write_text(yaml.safe_dump({
                 "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
                 "health": {"interval_s": 1.0},
-                "policy": {"name": policy, "seed": self.seed},
+                "policy": {"name": policy, "seed": self.seed,
+                           **({"params": params} if params else {})},
                 "models": {MODEL: {"tokenizer": str(default_path()), "block_size": BLOCK_SIZE}},
                 "backends": [{"url": u} for u in pods.urls],
                 **({"sync": self.sync} if self.sync else {}),
@@ -224,11 +230,13 @@ class Router:
 
     async def start(self, pods: Emulator, port: int) -> None:
         cmd, ready = self._command(pods, port)
+        # kvrouter@PATH:POLICY runs the kvrouter checkout at PATH (an A/B in one run).
+        tree = Path(self.name.partition(":")[0].partition("@")[2] or ROOT)
         if not _installed(cmd[0]):
             raise RuntimeError(f"{cmd[0]} is not installed (run bench/install-peers)")
         out = self.log.open("wb")
         self._proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=ROOT, env=_env(), stdout=out, stderr=asyncio.subprocess.STDOUT,
+            *cmd, cwd=tree, env=_env(tree), stdout=out, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL)
         out.close()
         self.url = f"http://127.0.0.1:{port}"

@@ -37,16 +37,15 @@ requests in flight under one request id, normally one); ``has_room`` and ``commi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from policies.types import BackendId, BackendState, BlockHash
+from policies.types import BackendId, BackendState, BlockHash, value_type
 
 __all__ = ["KvCommitment"]
 
 _ROUNDING_TOKENS = 1e-6  # float slack when a priced hit lands on a block boundary
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class _Held:
     """What one request committed on one backend, removed as it was added."""
 

@@ -38,13 +38,12 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
 from policies.kv.hashing import BlockHasher, Namespace, TokenIdError
-from policies.types import BlockHash, RouteRequest
+from policies.types import BlockHash, RouteRequest, value_type
 from router.errors import InvalidRequest
 from router.kv.metrics import KvMetrics
 from router.kv.parity import TokenParity
@@ -57,7 +56,7 @@ __all__ = ["ModelShape", "TokenizingAnalyzer"]
 log = logging.getLogger("kvrouter.analyzer")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class ModelShape:
     """How the backends serving a model cache it."""
 

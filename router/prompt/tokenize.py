@@ -39,12 +39,12 @@ import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from policies.types import value_type
 from router.prompt.chat_render import PromptError, PromptRejected, render_chat
 from router.prompt.tokenize_cache import PrefixCache, PromptRun
 from router.prompt.word_encoder import WordEncoder, is_safe_cut, safe_cuts
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 _PIECE_MIN_CHARS = 64
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class TokenizedPrompt:
     token_ids: list[int]
     text: str

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+
+from policies.types import value_type
 
 __all__ = ["CacheHit", "PrefixCache", "PromptRun"]
 
@@ -55,7 +56,7 @@ class PromptRun:
             self.store_hashes(namespace, block_size, hashes[: shared_tokens // block_size])
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class CacheHit:
     run: PromptRun
     tokens: int

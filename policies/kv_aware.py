@@ -813,9 +813,12 @@ class KvAware(PolicyBase):
             return True
         if not self.params.hold_kv_ratio:
             return False
+        committed = self._committed
+        if any(not b.total_kv_blocks or committed.committed(b.backend_id) <= 0
+               for b in candidates):
+            return False  # room whatever the ratio (has_room): the backoff is not asked
         ratio = min(backoff.ratio(b.backend_id, now_s) for b in candidates)
-        return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
-                                                ratio)
+        return not any(committed.has_room(b, request.prompt_tokens, request.block_size, ratio)
                        for b in candidates)
 
     def _queued_s(self, backend: BackendState, now_s: float) -> float:

@@ -112,8 +112,8 @@ class KvCommitment:
         if not pending or by_request is None:
             return
         # Request ids come from clients and may repeat: take the one with these blocks.
-        at = next((i for i, h in enumerate(pending) if h.block_hashes == block_hashes), 0)
-        held = pending.pop(at)
+        held = pending.pop(0 if len(pending) == 1 else next(
+            (i for i, h in enumerate(pending) if h.block_hashes == block_hashes), 0))
         if not pending:
             del by_request[request_id]
         removed = held.own_tokens

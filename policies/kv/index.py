@@ -524,8 +524,10 @@ def _unexpired_prefix(
     recorded: dict[BlockHash, float], hashes: Sequence[BlockHash], matched: int, now_s: float
 ) -> int:
     # Expiry never increases along a chain (every dispatch carrying block k carried 0..k-1),
-    # so the unexpired part is a prefix: binary search it.
-    lo, hi = 0, matched
+    # so the unexpired part is a prefix: binary search it, after the common case (all of it).
+    if matched and recorded.get(hashes[matched - 1], float("-inf")) > now_s:
+        return matched
+    lo, hi = 0, matched - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if recorded.get(hashes[mid - 1], float("-inf")) > now_s:

@@ -671,9 +671,9 @@ class KvAware(PolicyBase):
         candidates: tuple[BackendState, ...],
         matches: Mapping[BackendId, BackendMatch],
     ) -> _FleetContext:
-        busy = sum(1 for b in candidates if b.in_flight_requests) / len(candidates)
+        busy = len([b for b in candidates if b.in_flight_requests]) / len(candidates)
         home, home_blocks = self._homes.home(request.block_hashes)
-        deepest = max((m.matched_blocks for m in matches.values()), default=0)
+        deepest = max([m.matched_blocks for m in matches.values()], default=0)
         full: dict[BackendId, float] = {}
         if deepest and self.params.duplicate_ratio:
             knee = self.params.cache_full_knee_ratio
@@ -744,15 +744,17 @@ class KvAware(PolicyBase):
         return p.duplicate_ratio * full * lost * fleet.prefill_price
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
-        best = min(s.score for s in scores)
-        temperature = max(self.params.temperature_s, self.params.temperature_ratio * best)
-        if self.params.ties_save_work:
+        p = self.params
+        values = [s.score for s in scores]
+        best = min(values)
+        temperature = max(p.temperature_s, p.temperature_ratio * best)
+        if p.ties_save_work:
             # Among near-ties (within one T of the best), the fewest tokens to compute: equal
             # predicted TTFTs, so the one that leaves the fleet the most prefill capacity.
-            near = [s for s in scores if s.score - best <= temperature]
-            work = [_uncached(s) for s in near]
-            least = min(work)
-            if least < max(work):
+            near = [s for s, v in zip(scores, values, strict=True) if v - best <= temperature]
+            work = [_uncached(s) for s in near] if len(near) > 1 else []  # one: nothing to narrow
+            least = min(work, default=0.0)
+            if least < max(work, default=0.0):
                 scores = [s for s, w in zip(near, work, strict=True) if w == least]
                 best = min(s.score for s in scores)
         weights = [math.exp(-(s.score - best) / temperature) for s in scores]
@@ -766,8 +768,12 @@ class KvAware(PolicyBase):
     # ---- the Policy interface -------------------------------------------------------------------
 
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
-        prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
-        candidates = prefill_side or view.backends
+        backends = view.backends
+        decode = [b for b in backends if b.role is Role.DECODE]
+        # Without DECODE backends (the common case) every backend is a prefill candidate.
+        prefill_side = (tuple(b for b in backends if b.role is not Role.DECODE) if decode
+                        else backends)
+        candidates = prefill_side or backends
         matches = self._matches(request, view, candidates)
         fleet = self._fleet(request, view, candidates, matches)
         scores = [
@@ -776,9 +782,8 @@ class KvAware(PolicyBase):
         ]
         chosen = self._pick(scores)
         predicted = chosen.matched_tokens
-        decode = [b for b in view.backends if b.role is Role.DECODE]
-        role = next(b.role for b in candidates if b.backend_id == chosen.backend_id)
-        if role is Role.PREFILL and decode and prefill_side:
+        if decode and prefill_side and next(
+                b.role for b in candidates if b.backend_id == chosen.backend_id) is Role.PREFILL:
             fewest = min(b.in_flight_requests for b in decode)
             target = self._rng.choice([b for b in decode if b.in_flight_requests == fewest])
             return Decision(

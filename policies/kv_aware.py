@@ -563,8 +563,9 @@ class KvAware(PolicyBase):
                                                                       held_here))
         held = gpu + cpu + storage
         placement_s = 0.0  # elsewhere than its home, in a cache short of full, with no partition
-        if (backend.backend_id == fleet.home or fleet.partition
-                or backend.backend_id in fleet.full_caches):
+        if (min(fleet.home_blocks * bs, cap) > held if backend.backend_id == fleet.home
+                else fleet.partition or backend.backend_id in fleet.full_caches):
+            # (At its home, only a remembered prefix it no longer holds earns a credit.)
             placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit,
                                             prefill_s)
 

@@ -74,6 +74,8 @@ class KvCommitment:
             return _Held(block_hashes, (), 0.0, block_size, uncached_tokens + output)
         hashed = len(block_hashes) * block_size
         tail = float(max(prompt_tokens - hashed, 0))
+        if uncached_tokens <= tail:  # every block hit (a hot prompt): what the rest computes
+            return _Held(block_hashes, (), float(block_size), block_size, tail + output)
         uncached = min(max(uncached_tokens - tail, 0.0), float(hashed))
         count = max(math.ceil((uncached - _ROUNDING_TOKENS) / block_size), 0)
         first = min(max(uncached - (count - 1) * block_size, 0.0), float(block_size))

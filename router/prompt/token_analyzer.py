@@ -45,6 +45,7 @@ import xxhash
 from policies.kv.hashing import BlockHasher, Namespace, TokenIdError
 from policies.types import BlockHash, RouteRequest, value_type
 from router.errors import InvalidRequest
+from router.hot_metrics import CounterChild
 from router.kv.metrics import KvMetrics
 from router.kv.parity import TokenParity
 from router.prompt.analyzer import Endpoint, RequestFields
@@ -84,6 +85,7 @@ class TokenizingAnalyzer:
         self.chars_per_token = chars_per_token
         self.inline_chars = inline_chars
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrouter-tok")
+        self._reused: dict[str, CounterChild] = {}
         self._hashers: dict[tuple[str, str | None, str | None, int],
                             tuple[BlockHasher, str]] = {}
 
@@ -117,7 +119,11 @@ class TokenizingAnalyzer:
             else:
                 self.metrics.tokenize_seconds.observe(elapsed_s)
                 if reused:
-                    self.metrics.tokenize_reused.labels(fields.model).inc(reused)
+                    counter = self._reused.get(fields.model)
+                    if counter is None:  # bounded like the pool's models: known ones only
+                        counter = self._reused[fields.model] = (
+                            self.metrics.tokenize_reused.labels(fields.model))
+                    counter.inc(reused)
                 if self.parity is not None and namespace.cache_salt is None:
                     self.parity.note(fields.request_id, fields.model, hashes)
                 return RouteRequest(

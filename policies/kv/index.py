@@ -433,14 +433,14 @@ class PrefixIndex:
         last call: only expiry is applied again. A hot prompt then costs O(backends), not
         O(blocks) (83 blocks: ~15 us a request, bench/README.md).
         """
-        walked = self._walked
-        if (walked is not None and walked[1] == self._version
+        walked, version = self._walked, self._version
+        if (walked is not None and walked[1] == version
                 and (walked[0] is block_hashes or walked[0] == block_hashes)):
             ends = walked[2]
         else:
             ends = self._walk(block_hashes)
             if type(block_hashes) is tuple:  # immutable: safe to keep as the key
-                self._walked = (block_hashes, self._version, ends)
+                self._walked = (block_hashes, version, ends)
         out: dict[BackendId, BackendMatch] = {}
         for backend, matched, cpu, storage, shared_only in ends:
             if backend.recorded and now_s is not None:

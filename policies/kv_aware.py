@@ -757,8 +757,9 @@ class KvAware(PolicyBase):
             least = min(work, default=0.0)
             if least < max(work, default=0.0):
                 scores = [s for s, w in zip(near, work, strict=True) if w == least]
-                best = min(s.score for s in scores)
-        weights = [math.exp(-(s.score - best) / temperature) for s in scores]
+                values = [s.score for s in scores]
+                best = min(values)
+        weights = [math.exp(-(v - best) / temperature) for v in values]
         draw = self._rng.random() * sum(weights)
         for score, weight in zip(scores, weights, strict=True):
             draw -= weight
@@ -813,7 +814,8 @@ class KvAware(PolicyBase):
             return False
         backoff, now_s = self._backoff, view.now_s
         for b in candidates:
-            backoff.observe(b, now_s)  # idempotent: the same view twice is one observation
+            if b.engine_preemptions_total is not None:  # (None: nothing to note)
+                backoff.observe(b, now_s)  # idempotent: the same view twice is one observation
         queue_s = self.params.hold_queue_s
         if queue_s and all(self._queued_s(b, now_s) >= queue_s for b in candidates):
             return True

@@ -35,7 +35,8 @@ Two ways to feed it, per backend:
   that sends events is never overwritten by dispatch records.
 
 Match: ``match`` walks the request's chain once, keeping the set of backends still matching
-as a bitmask, and stops at the first block no candidate holds: cost O(blocks matched). A
+as a bitmask, and stops at the first block no candidate holds: cost O(blocks matched); the
+same chain (a tuple) again with nothing changed since reuses that walk: O(backends). A
 backend's result is its longest held chain prefix with the blocks per tier (GPU, CPU offload,
 storage; from the event's ``medium``), each block counted in its best tier.
 

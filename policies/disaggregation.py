@@ -287,9 +287,13 @@ class Disaggregated(PolicyBase):
     def _for_inner(self, decision: Decision) -> Decision:
         """The decision without the decode-side scores, which the inner policy never made."""
         scores = decision.scores
-        kept = tuple(s for s in scores if s.decode is None) if scores else scores
         # Mixed pools (the common case) have no decode-side scores: no copy per hook call.
-        return decision if len(kept) == len(scores) else dataclasses.replace(decision, scores=kept)
+        for s in scores:
+            if s.decode is not None:
+                break
+        else:
+            return decision
+        return dataclasses.replace(decision, scores=tuple(s for s in scores if s.decode is None))
 
     def defer(self, request: RouteRequest, view: ClusterView) -> bool:
         return self.inner.defer(request, view)

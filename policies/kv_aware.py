@@ -274,6 +274,7 @@ from policies.types import (
     Prediction,
     Role,
     RouteRequest,
+    value_type,
 )
 
 __all__ = ["KvAware", "KvAwareParams", "create"]
@@ -281,7 +282,7 @@ __all__ = ["KvAware", "KvAwareParams", "create"]
 _TIER_PRICING = ("load_time", "fixed_ratio", "gpu_only")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class _FleetContext:
     """Per-request facts about the whole candidate set, computed once per ``choose``."""
 
@@ -575,8 +576,9 @@ class KvAware(PolicyBase):
                                                                       held_here))
         held = gpu + cpu + storage
         placement_s = 0.0  # elsewhere than its home, in a cache short of full, with no partition
-        if (backend.backend_id == fleet.home or fleet.partition
-                or backend.backend_id in fleet.full_caches):
+        if (min(fleet.home_blocks * bs, cap) > held if backend.backend_id == fleet.home
+                else fleet.partition or backend.backend_id in fleet.full_caches):
+            # (At its home, only a remembered prefix it no longer holds earns a credit.)
             placement_s = self._placement_s(request, backend, fleet, prompt, cap, held, hit,
                                             prefill_s)
 
@@ -683,9 +685,9 @@ class KvAware(PolicyBase):
         candidates: tuple[BackendState, ...],
         matches: Mapping[BackendId, BackendMatch],
     ) -> _FleetContext:
-        busy = sum(1 for b in candidates if b.in_flight_requests) / len(candidates)
+        busy = len([b for b in candidates if b.in_flight_requests]) / len(candidates)
         home, home_blocks = self._homes.home(request.block_hashes)
-        deepest = max((m.matched_blocks for m in matches.values()), default=0)
+        deepest = max([m.matched_blocks for m in matches.values()], default=0)
         full: dict[BackendId, float] = {}
         if deepest and self.params.duplicate_ratio:
             knee = self.params.cache_full_knee_ratio
@@ -760,25 +762,31 @@ class KvAware(PolicyBase):
         return p.duplicate_ratio * full * lost * fleet.prefill_price
 
     def _pick(self, scores: list[BackendScore]) -> BackendScore:
-        best = min(s.score for s in scores)
-        temperature = max(self.params.temperature_s, self.params.temperature_ratio * best)
-        if self.params.ties_save_work:
+        p = self.params
+        values = [s.score for s in scores]
+        best = min(values)
+        temperature = max(p.temperature_s, p.temperature_ratio * best)
+        if p.ties_save_work:
             # Among near-ties (within one T of the best), the fewest tokens to compute: equal
             # predicted TTFTs, so the one that leaves the fleet the most prefill capacity.
-            near = [s for s in scores if s.score - best <= temperature]
-            work = [_uncached(s) for s in near]
-            least = min(work)
-            if least < max(work):
+            near = [s for s, v in zip(scores, values, strict=True) if v - best <= temperature]
+            work = [_uncached(s) for s in near] if len(near) > 1 else []  # one: nothing to narrow
+            least = min(work, default=0.0)
+            if least < max(work, default=0.0):
                 scores = [s for s, w in zip(near, work, strict=True) if w == least]
-                best = min(s.score for s in scores)
-        if self.params.copy_cutoff_t:
+                values = [s.score for s in scores]
+                best = min(values)
+        if p.copy_cutoff_t:
             # A backend that computes more than the best one does (a copy of a prefix the
             # best holds) is drawn only as a near-tie: equivalent alternatives a few T worse
             # add up (three idle backends at 2.7 T took 17% of the draws from a holder).
-            top = min(scores, key=lambda s: s.score)
-            limit, least_work = best + self.params.copy_cutoff_t * temperature, _uncached(top)
-            scores = [s for s in scores if s.score <= limit or _uncached(s) <= least_work]
-        weights = [math.exp(-(s.score - best) / temperature) for s in scores]
+            top = scores[values.index(best)]
+            limit, least_work = best + p.copy_cutoff_t * temperature, _uncached(top)
+            kept = [(s, v) for s, v in zip(scores, values, strict=True)
+                    if v <= limit or _uncached(s) <= least_work]
+            if len(kept) < len(scores):
+                scores, values = [s for s, _ in kept], [v for _, v in kept]
+        weights = [math.exp(-(v - best) / temperature) for v in values]
         draw = self._rng.random() * sum(weights)
         for score, weight in zip(scores, weights, strict=True):
             draw -= weight
@@ -789,8 +797,12 @@ class KvAware(PolicyBase):
     # ---- the Policy interface -------------------------------------------------------------------
 
     def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
-        prefill_side = tuple(b for b in view.backends if b.role is not Role.DECODE)
-        candidates = prefill_side or view.backends
+        backends = view.backends
+        decode = [b for b in backends if b.role is Role.DECODE]
+        # Without DECODE backends (the common case) every backend is a prefill candidate.
+        prefill_side = (tuple(b for b in backends if b.role is not Role.DECODE) if decode
+                        else backends)
+        candidates = prefill_side or backends
         matches = self._matches(request, view, candidates)
         fleet = self._fleet(request, view, candidates, matches)
         scores = [
@@ -799,9 +811,8 @@ class KvAware(PolicyBase):
         ]
         chosen = self._pick(scores)
         predicted = chosen.matched_tokens
-        decode = [b for b in view.backends if b.role is Role.DECODE]
-        role = next(b.role for b in candidates if b.backend_id == chosen.backend_id)
-        if role is Role.PREFILL and decode and prefill_side:
+        if decode and prefill_side and next(
+                b.role for b in candidates if b.backend_id == chosen.backend_id) is Role.PREFILL:
             fewest = min(b.in_flight_requests for b in decode)
             target = self._rng.choice([b for b in decode if b.in_flight_requests == fewest])
             return Decision(
@@ -830,15 +841,19 @@ class KvAware(PolicyBase):
             return False
         backoff, now_s = self._backoff, view.now_s
         for b in candidates:
-            backoff.observe(b, now_s)  # idempotent: the same view twice is one observation
+            if b.engine_preemptions_total is not None:  # (None: nothing to note)
+                backoff.observe(b, now_s)  # idempotent: the same view twice is one observation
         queue_s = self.params.hold_queue_s
         if queue_s and all(self._queued_s(b, now_s) >= queue_s for b in candidates):
             return True
         if not self.params.hold_kv_ratio:
             return False
+        committed = self._committed
+        if any(not b.total_kv_blocks or committed.committed(b.backend_id) <= 0
+               for b in candidates):
+            return False  # room whatever the ratio (has_room): the backoff is not asked
         ratio = min(backoff.ratio(b.backend_id, now_s) for b in candidates)
-        return not any(self._committed.has_room(b, request.prompt_tokens, request.block_size,
-                                                ratio)
+        return not any(committed.has_room(b, request.prompt_tokens, request.block_size, ratio)
                        for b in candidates)
 
     def _queued_s(self, backend: BackendState, now_s: float) -> float:

@@ -313,3 +313,29 @@ def test_touch_keeps_a_used_chain_through_evictions() -> None:
     stats = index.stats()
     assert stats.entries == index.entries <= 16 and stats.evicted_entries > 0
     assert stats.estimated_bytes > 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(script=ops, records=st.lists(st.tuples(st.sampled_from("abc"), prompts,
+                                              st.integers(0, 3)), max_size=8),
+       budget=st.integers(4, 40), query=prompts)
+def test_a_repeated_match_sees_every_change_since_the_last(
+    script: list[tuple[object, ...]], records: list[tuple[str, list[int], int]], budget: int,
+    query: list[int]
+) -> None:
+    """``match`` reuses its last walk of the same tuple while nothing changed: after every
+    event, record, eviction and removal it must answer as a fresh walk does (a list is never
+    reused)."""
+    index = new_index(max_entries=budget)
+    chain = tuple(HASHER.hash_tokens(tokens_of(query)))
+    steps: list[tuple[object, ...]] = [*script, *(("record", *r) for r in records)]
+    for i, op in enumerate(steps):
+        now_s = float(i)
+        if op[0] == "record":
+            letters = list(op[2])  # type: ignore[call-overload]
+            index.record_dispatch(f"r{op[1]}", HASHER.hash_tokens(tokens_of(letters)), now_s,
+                                  ttl_s=float(op[3]) + 0.5, capacity_blocks=6)
+        else:
+            run(index, [op], with_tokens=True)
+        for at_s in (now_s, now_s + 2.0):
+            assert index.match(chain, at_s) == index.match(list(chain), at_s)

@@ -133,6 +133,28 @@ def test_shared_system_prompt_reused_across_conversations(tok, hf):
     assert second.reused_tokens > 100
 
 
+def test_the_same_prompt_again_is_its_cached_run_and_a_cached_prefix_is_not(tok, hf):
+    long = "The quick brown fox jumps over the lazy dog. " * 60
+    first = tok.encode(long, add_special_tokens=True)
+    hits = tok.cache.hits
+    again = tok.encode(long, add_special_tokens=True)
+    assert again.run is first.run and again.token_ids == first.token_ids
+    assert again.reused_tokens == len(first.token_ids) - len(tok._affixes[1])
+    assert tok.cache.hits == hits + 1
+    # A prompt ending at one of the long prompt's cuts has a cached key whose run holds more
+    # tokens than it: encoded from that prefix, not handed the longer run.
+    _, _, ends = tok._segments(long)
+    assert len(ends) > 1
+    prefix = long[: ends[0]]
+    shorter = tok.encode(prefix, add_special_tokens=True)
+    assert shorter.run is not first.run
+    assert shorter.token_ids == hf.encode(prefix, add_special_tokens=True)
+    assert first.token_ids == hf.encode(long, add_special_tokens=True)
+    without = tok.encode(long, add_special_tokens=False)  # another key: not the same run
+    assert without.run is not first.run
+    assert without.token_ids == hf.encode(long, add_special_tokens=False)
+
+
 def test_cache_budget_bounds_tokens(hf):
     small = ModelTokenizer(hf, cache_tokens=200)
     for i in range(20):
@@ -226,6 +248,15 @@ async def test_analyzer_multi_turn_hashes_equal_fresh_hashes(analyzer, hf):
     reused = analyzer.metrics.registry.get_sample_value("kvrouter_tokenize_reused_tokens_total",
                                                         {"model": "tiny"})
     assert reused and reused > 300
+
+
+async def test_the_same_prompt_again_hands_over_the_same_hash_chain(analyzer, hf):
+    body = {"model": "tiny", "prompt": "caches hold blocks of tokens " * 40}
+    first = await analyzer.analyze(_fields(body, Endpoint.COMPLETIONS, rid="a"))
+    second = await analyzer.analyze(_fields(dict(body), Endpoint.COMPLETIONS, rid="b"))
+    ids = hf.encode(body["prompt"], add_special_tokens=True)
+    assert second.block_hashes is first.block_hashes  # the policy's index reuses its walk
+    assert second.block_hashes == BlockHasher(Namespace("tiny"), 16).hash_tokens(ids)
 
 
 @pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.COMPLETIONS])

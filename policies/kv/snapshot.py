@@ -190,6 +190,7 @@ def restore(index: PrefixIndex, image: IndexImage) -> tuple[BackendId, ...]:
                 added += 1
             bits[position] |= tier_bits << shift
         backend.engine_to_router.update(zip(b.engine_hashes, b.router_hashes, strict=True))
+    index._version += 1  # the index's last match walk is stale now
     nodes = index._nodes
     for h, v in zip(image.block_hashes, bits, strict=True):
         if v:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the router's KV plumbing: event ingestion, freshness, tokenizing,
 parity and engine scraping, registered in the app's own ``CollectorRegistry``.
 
-Must not import aiohttp, zmq or other ``router`` modules.
+Must not import aiohttp, zmq or other ``router`` modules except ``router.hot_metrics``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from router.hot_metrics import HotCounter, HotHistogram
 
 __all__ = ["KvMetrics"]
 
@@ -106,16 +108,19 @@ class KvMetrics:
             "Requests routed on a character estimate (no tokenizer for the model, or a prompt "
             "the tokenizer rejected), by model.", ["model"], registry=r,
         )
-        self.tokenize_seconds = Histogram(
+        # Updated for every tokenized request, on the event loop's thread (the analyzer):
+        # lock-free (router.hot_metrics), ~2 us a request less than prometheus-client's.
+        seconds = HotHistogram(
             "kvrouter_tokenize_seconds", "Time to tokenize and hash one prompt (thread pool).",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                     0.25), registry=r,
+            [], r, (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
         )
-        self.tokenize_reused = Counter(
+        self.tokenize_seconds = seconds.labels()
+        self.tokenize_reused = HotCounter(
             "kvrouter_tokenize_reused_tokens",
             "Prompt tokens served from the tokenizer's prefix cache instead of encoded.",
-            ["model"], registry=r,
+            ["model"], r,
         )
+        self._hot: tuple[HotHistogram | HotCounter, ...] = (seconds, self.tokenize_reused)
         self.parity_checked = Counter(
             "kvrouter_token_parity_checked_blocks",
             "Engine-stored blocks compared with the router's own blocks for the same request.",
@@ -137,7 +142,8 @@ class KvMetrics:
 
     def collectors(self) -> list[Any]:
         """Every metric, to register in another registry (the app's)."""
-        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
+        return [*(v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)),
+                *self._hot]
 
     def watch_index(self, entries: Callable[[], float], nbytes: Callable[[], float]) -> None:
         """Read the index size at scrape time instead of after every event."""

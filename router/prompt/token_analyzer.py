@@ -38,14 +38,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import xxhash
 
 from policies.kv.hashing import BlockHasher, Namespace, TokenIdError
-from policies.types import BlockHash, RouteRequest
+from policies.types import BlockHash, RouteRequest, value_type
 from router.errors import InvalidRequest
+from router.hot_metrics import CounterChild
 from router.kv.metrics import KvMetrics
 from router.kv.parity import TokenParity
 from router.prompt.analyzer import Endpoint, RequestFields
@@ -57,7 +57,7 @@ __all__ = ["ModelShape", "TokenizingAnalyzer"]
 log = logging.getLogger("kvrouter.analyzer")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class ModelShape:
     """How the backends serving a model cache it."""
 
@@ -85,7 +85,9 @@ class TokenizingAnalyzer:
         self.chars_per_token = chars_per_token
         self.inline_chars = inline_chars
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrouter-tok")
-        self._hashers: dict[tuple[Namespace, int], BlockHasher] = {}
+        self._reused: dict[str, CounterChild] = {}
+        self._hashers: dict[tuple[str, str | None, str | None, int],
+                            tuple[BlockHasher, str]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -93,8 +95,9 @@ class TokenizingAnalyzer:
     async def analyze(self, fields: RequestFields) -> RouteRequest:
         shape = self.shape_of(fields.model)
         salt = fields.body.get("cache_salt")
-        namespace = Namespace(shape.base_model, shape.lora, salt if isinstance(salt, str) else None)
-        hasher = self._hasher(namespace, shape.block_size)
+        hasher, key = self._hasher(shape.base_model, shape.lora,
+                                   salt if isinstance(salt, str) else None, shape.block_size)
+        namespace = hasher.namespace
         tokenizer = self.tokenizers.get(fields.model) or self.tokenizers.get(shape.base_model)
         max_tokens = fields.max_tokens if fields.max_tokens is not None else 16
         if tokenizer is not None and fields.endpoint != Endpoint.OTHER:
@@ -102,11 +105,11 @@ class TokenizingAnalyzer:
             try:
                 if len(fields.prompt_text) <= self.inline_chars:
                     ids, hashes, reused, elapsed_s = _tokenize_and_hash(
-                        tokenizer, fields.body, chat, hasher, repr(namespace))
+                        tokenizer, fields.body, chat, hasher, key)
                 else:
                     ids, hashes, reused, elapsed_s = await asyncio.get_running_loop(
                     ).run_in_executor(self._pool, _tokenize_and_hash, tokenizer, fields.body,
-                                      chat, hasher, repr(namespace))
+                                      chat, hasher, key)
             except PromptRejected as exc:
                 raise InvalidRequest(str(exc), param=_prompt_param(fields)) from None
             except TokenIdError as exc:
@@ -116,7 +119,11 @@ class TokenizingAnalyzer:
             else:
                 self.metrics.tokenize_seconds.observe(elapsed_s)
                 if reused:
-                    self.metrics.tokenize_reused.labels(fields.model).inc(reused)
+                    counter = self._reused.get(fields.model)
+                    if counter is None:  # bounded like the pool's models: known ones only
+                        counter = self._reused[fields.model] = (
+                            self.metrics.tokenize_reused.labels(fields.model))
+                    counter.inc(reused)
                 if self.parity is not None and namespace.cache_salt is None:
                     self.parity.note(fields.request_id, fields.model, hashes)
                 return RouteRequest(
@@ -153,14 +160,18 @@ class TokenizingAnalyzer:
             tokens_exact=False, salted=hasher.namespace.cache_salt is not None,
         )
 
-    def _hasher(self, namespace: Namespace, block_size: int) -> BlockHasher:
-        key = (namespace, block_size)
-        hasher = self._hashers.get(key)
-        if hasher is None:
+    def _hasher(self, model: str, lora: str | None, salt: str | None,
+                block_size: int) -> tuple[BlockHasher, str]:
+        """The namespace's hasher and its key in a prompt run's hash cache. Keyed by plain
+        strings: hashing and comparing a ``Namespace`` runs its dataclass methods in Python."""
+        key = (model, lora, salt, block_size)
+        entry = self._hashers.get(key)
+        if entry is None:
             if len(self._hashers) > 10_000:  # salts are per tenant; keep the table bounded
                 self._hashers.clear()
-            hasher = self._hashers[key] = BlockHasher(namespace, block_size)
-        return hasher
+            namespace = Namespace(model, lora, salt)
+            entry = self._hashers[key] = (BlockHasher(namespace, block_size), repr(namespace))
+        return entry
 
 
 def _prompt_param(fields: RequestFields) -> str:
@@ -177,12 +188,11 @@ def _tokenize_and_hash(tokenizer: ModelTokenizer, body: Mapping[str, Any], chat:
     n_full = len(ids) // bs
     known = result.run.cached_hashes(key, bs)
     if len(known) >= n_full:
-        hashes = tuple(known[:n_full])
+        hashes = known if len(known) == n_full else known[:n_full]
     else:
         more = hasher.extend(known[-1] if known else None, ids[len(known) * bs : n_full * bs])
-        full = [*known, *more]
-        result.run.store_hashes(key, bs, full)
-        hashes = tuple(full)
+        hashes = (*known, *more)
+        result.run.store_hashes(key, bs, hashes)
     return len(ids), hashes, result.reused_tokens, time.perf_counter() - start
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+
+from policies.types import value_type
 
 __all__ = ["CacheHit", "PrefixCache", "PromptRun"]
 
@@ -32,15 +33,16 @@ class PromptRun:
         self.cut_counts = cut_counts or []
         """Tokens up to each cut of the prompt (a cut follows each special token)."""
         self.keys = 0
-        self._hashes: dict[tuple[str, int], list[int]] = {}
+        self._hashes: dict[tuple[str, int], tuple[int, ...]] = {}
         self._lock = threading.Lock()
 
-    def cached_hashes(self, namespace: str, block_size: int) -> list[int]:
-        """Block hashes already known for this run's leading full blocks (maybe fewer)."""
+    def cached_hashes(self, namespace: str, block_size: int) -> tuple[int, ...]:
+        """Block hashes already known for this run's leading full blocks (maybe fewer). A
+        tuple, kept: the same prompt again hands the policy the very same chain object."""
         with self._lock:
-            return self._hashes.get((namespace, block_size), [])
+            return self._hashes.get((namespace, block_size), ())
 
-    def store_hashes(self, namespace: str, block_size: int, hashes: list[int]) -> None:
+    def store_hashes(self, namespace: str, block_size: int, hashes: tuple[int, ...]) -> None:
         with self._lock:
             known = self._hashes.get((namespace, block_size))
             if known is None or len(known) < len(hashes):
@@ -54,12 +56,12 @@ class PromptRun:
             self.store_hashes(namespace, block_size, hashes[: shared_tokens // block_size])
 
 
-@dataclass(frozen=True, slots=True)
+@value_type  # built per request: a frozen dataclass's init is ~7x slower
 class CacheHit:
     run: PromptRun
     tokens: int
     cut: int
-    """Index of the matched cut in the caller's list of cuts."""
+    """Index of the matched cut in the caller's list of cuts (-1 from ``whole``: the last)."""
 
 
 class PrefixCache:
@@ -94,6 +96,18 @@ class PrefixCache:
                     return CacheHit(entry[0], entry[1], i)
             self.misses += 1
             return None
+
+    def whole(self, key: int, suffix_tokens: int) -> CacheHit | None:
+        """The run cached under ``key`` (a whole prompt's key, its last cut's) when it is that
+        prompt's own: no more tokens than the key's count plus ``suffix_tokens`` (the special
+        tokens the tokenizer appends). Counted and refreshed as ``longest`` would."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or len(entry[0].token_ids) != entry[1] + suffix_tokens:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return CacheHit(entry[0], entry[1], -1)
 
     def add(self, run: PromptRun, keys: list[int], token_counts: list[int]) -> None:
         """Point every cut's key at ``run``; evict least recently used runs past the budget."""

@@ -293,7 +293,9 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
             continue
         fails = []
         if (mine["hit_rate"] or 0.0) < hit["hit_rate"]:
-            fails.append(f"hit {mine['hit_rate'] - hit['hit_rate']:+.3f}")
+            gap = mine["hit_rate"] - hit["hit_rate"]
+            # Four places where three would print -0.000 for a loss.
+            fails.append(f"hit {gap:+.3f}" if gap <= -0.0005 else f"hit {gap:+.4f}")
         if mine["errors"] or mine["ttft_p99_s"] is None or mine["ttft_p99_s"] > p99["ttft_p99_s"]:
             ratio = (mine["ttft_p99_s"] or float("inf")) / p99["ttft_p99_s"]
             fails.append(f"p99 {ratio:.2f}x")

@@ -84,12 +84,15 @@ def test_verdict_compares_kv_aware_with_the_best_peer() -> None:
         cell("pressure", "kvrouter:kv_aware", 0.44, 0.30),
         cell("pressure", "sglang-router:cache_aware", 0.48, 0.20),
         cell("pressure", "vllm-router:cache_aware", 0.46, 0.15),
+        cell("agentic", "kvrouter:kv_aware", 0.9037, 0.10),
+        cell("agentic", "sglang-router:cache_aware", 0.9040, 0.12),
     ]
     lines = workload.verdict_table(cells).splitlines()
     assert lines[2].endswith("| meets the bar |")
     assert "0.480 (sglang-router:cache_aware)" in lines[3]
     assert "0.150 (vllm-router:cache_aware)" in lines[3]
     assert lines[3].endswith("| LOSES: hit -0.040, p99 2.00x |")
+    assert lines[4].endswith("| LOSES: hit -0.0003 |")  # not "-0.000"
 
 
 async def test_one_live_cell(tmp_path: Path) -> None:

@@ -163,6 +163,10 @@ _GET = {key: attrgetter(*names) for key, names in _HEADER.items()}
 _REQUEST_AT = {name: i for i, name in enumerate(_HEADER["request"])}
 _SCORE_AT = {name: i for i, name in enumerate(_HEADER["score"])}
 _SCORES_AT = _HEADER["decision"].index("scores")
+# A batch's first two elements and its header are the same in every batch: packed once (a
+# msgpack array's elements are its elements' encodings one after another).
+_BATCH_OPEN = b"\x96" + msgpack.packb("b") + msgpack.packb(BATCH_VERSION)
+_HEADER_BYTES: bytes = msgpack.packb(_HEADER, use_bin_type=True)
 
 
 def encode_batch(messages: Sequence[Message], *, monotonic_now_s: float, unix_now_s: float,
@@ -191,8 +195,9 @@ def encode_batch(messages: Sequence[Message], *, monotonic_now_s: float, unix_no
         else:
             entries.append(["h", message.seq, sent_unix_s, message.next_request_seq,
                             [list(x) for x in message.in_flight]])
-    body = ["b", BATCH_VERSION, messages[0].origin, _HEADER, list(chains), entries]
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    pack = msgpack.packb
+    return b"".join((_BATCH_OPEN, pack(messages[0].origin, use_bin_type=True), _HEADER_BYTES,
+                     pack(list(chains)), pack(entries, use_bin_type=True)))
 
 
 def _score_values(score: BackendScore) -> list[Any]:

@@ -286,7 +286,8 @@ class Router:
 class RouterGroup:
     """``kvrouterxR:POLICY`` (replica sync on) or ``kvrouterxR-nosync:POLICY``: R kvrouter
     processes in front of the same pods, each a replica synced with the others over
-    127.0.0.1 (static peers); the client alternates requests between them (docs/scale-out.md)."""
+    127.0.0.1 (static peers; batch frames, as ``serve --workers`` sends them); the client
+    alternates requests between them (docs/scale-out.md)."""
 
     def __init__(self, name: str, log: Path, seed: int) -> None:
         kind, _, policy = name.partition(":")
@@ -300,7 +301,8 @@ class RouterGroup:
             if flag != "nosync":
                 sync = {"enabled": True, "bind": f"tcp://127.0.0.1:{ports[i]}",
                         "peers": [f"tcp://127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
-                        "allow_from": ["127.0.0.1"], "send_prompt_text": policy != "kv_aware"}
+                        "allow_from": ["127.0.0.1"], "send_prompt_text": policy != "kv_aware",
+                        "batch_frames": True}  # one version: every replica reads batches
             self.routers.append(Router(f"kvrouter:{policy}", log.with_name(f"{log.stem}-r{i}.log"),
                                        seed * 100 + i, sync))
         self.url = ""

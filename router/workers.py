@@ -63,6 +63,7 @@ def worker_config(config: Config, index: int, count: int, run_dir: Path, port: i
         bind=sync_endpoint(run_dir, index),
         peers=tuple(sync_endpoint(run_dir, j) for j in range(count) if j != index),
         discover_interval_s=min(config.sync.discover_interval_s, 1.0),
+        batch_frames=True,  # siblings are one version: every one reads batches
         replica_id=f"{socket.gethostname()}-worker{index}-{os.getpid()}",
     )
     server = dataclasses.replace(config.server, port=port)

@@ -9,7 +9,14 @@ import random
 import pytest
 
 from policies.kv_aware import KvAware, KvAwareParams
-from policies.replica_sync import Dispatch, Finish, Heartbeat, ReplicaSync, SyncParams
+from policies.replica_sync import (
+    Dispatch,
+    Finish,
+    Heartbeat,
+    ReplicaSync,
+    SyncedPolicy,
+    SyncParams,
+)
 from policies.types import BackendState, ClusterView, Decision, RouteRequest
 
 BACKENDS = ("b0", "b1", "b2")
@@ -55,6 +62,36 @@ def test_peer_dispatch_enters_the_view_and_its_finish_leaves_it() -> None:
     assert finish is not None
     b.receive(finish, 1.0)
     assert all(s.in_flight_requests == 0 for s in b.overlay(states()))
+
+
+def test_a_synced_policys_view_follows_peer_messages_between_two_questions() -> None:
+    """The overlaid view is kept for the next question about the same view (the proxy asks
+    defer, then choose) only while no peer message changed the ledger."""
+    a, b = pair()
+    asked: list[ClusterView] = []
+
+    class Recorder(KvAware):
+        def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+            asked.append(view)
+            return False
+
+    synced = SyncedPolicy(Recorder(KvAwareParams(), random.Random(0)), b, lambda m: None)
+    view = ClusterView(now_s=0.0, backends=states())
+    first, second = dispatch(a, request(1), 0.0)[1], dispatch(a, request(2), 0.0)[1]
+    b.receive(first, 0.001)
+    synced.defer(request(9), view)
+    synced.defer(request(9), view)
+    assert asked[0] is asked[1]  # the same overlay, built once
+    b.receive(second, 0.002)  # a peer's dispatch between two questions about one view
+    synced.defer(request(9), view)
+    loads = [sum(s.in_flight_requests for s in v.backends) for v in asked]
+    assert loads == [1, 1, 2]
+    # the overlay changes only the two counters
+    overlaid = {s.backend_id: s for s in asked[2].backends}
+    for s in states():
+        load = b.peer_load(s.backend_id)
+        assert overlaid[s.backend_id] == dataclasses.replace(
+            s, in_flight_requests=load[0], in_flight_prompt_tokens=load[1])
 
 
 def test_a_synced_replica_does_not_herd_onto_the_backend_its_peer_just_loaded() -> None:

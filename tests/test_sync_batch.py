@@ -1,0 +1,136 @@
+"""Replica sync's batch frames (``router.sync.wire.encode_batch``, ``sync.batch_frames``): a
+flush window's messages in one ZeroMQ frame, field names once per batch, each block-hash chain
+once per batch; round trips, neighbouring versions' fields, malformed batches, and a replica
+on real sockets sending one frame per window."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+from fake_backend import FakeBackend, RouterHandle
+from test_router_sync import complete, free_port, raw_config, subscriber
+
+from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
+from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
+from router.config import ConfigError, parse_config
+from router.sync.wire import WireError, decode_frame, encode, encode_batch
+from router.workers import worker_config
+
+DECISION = Decision("http://b", "kv_aware", 32, prefill_backend_id="http://p", scores=(
+    BackendScore("http://p", 0.5, 32, prediction=Prediction(0.1, 0.05, 8.0, 40, True, 4096)),
+    BackendScore("http://b", 0.2, 0, decode=DecodeEstimate(0.01, 0.15, 0.0, 3)),))
+
+
+def request(n: int, chain: tuple[int, ...]) -> RouteRequest:
+    return RouteRequest(request_id=f"r{n}", model="m", prompt_tokens=40, prompt_text="hi",
+                        block_hashes=chain, tokens_exact=True, stream=n % 2 == 0)
+
+
+def messages() -> list[Message]:
+    chain = (2**64 - 1, 7, 9)
+    return [Dispatch("a", 1, 10.0, 1, request(1, chain), DECISION),
+            # an equal chain in another tuple (a hot prompt tokenized again)
+            Dispatch("a", 2, 10.1, 2, request(2, tuple(list(chain))), DECISION),
+            Dispatch("a", 3, 10.2, 3, request(3, ()), Decision("http://b", "peer")),
+            Finish("a", 4, 10.5, 1, True),
+            Heartbeat("a", 5, 11.0, 4, ((2, "http://b", 40), (3, "http://b", 40)))]
+
+
+def test_a_batch_decodes_to_the_messages_one_frame_each_gives() -> None:
+    sent = messages()
+    # Sender's monotonic 100 s = its unix 1000 s; the receiver's monotonic 50 s = unix 1001 s.
+    clocks = {"monotonic_now_s": 100.0, "unix_now_s": 1000.0}
+    here = {"monotonic_now_s": 50.0, "unix_now_s": 1001.0}
+    one_each = [m for x in sent for m in decode_frame(encode(x, **clocks), **here)]
+    got = decode_frame(encode_batch(sent, **clocks), **here)
+    assert got == one_each
+    assert got[0].sent_at_s == pytest.approx(10.0 - 100.0 + 49.0)  # type: ignore[union-attr]
+    # The chain travels once and both dispatches share the one tuple decoded from it.
+    body = msgpack.unpackb(encode_batch(sent, **clocks))
+    assert body[4] == [[2**64 - 1, 7, 9], []]
+    first, second = got[0], got[1]
+    assert isinstance(first, Dispatch) and isinstance(second, Dispatch)
+    assert first.request.block_hashes is second.request.block_hashes
+
+
+def test_prompt_text_stays_home_when_asked() -> None:
+    got = decode_frame(encode_batch(messages()[:1], monotonic_now_s=0, unix_now_s=0,
+                                    prompt_text=False), monotonic_now_s=0, unix_now_s=0)
+    assert isinstance(got[0], Dispatch) and got[0].request.prompt_text == ""
+
+
+def test_fields_of_a_neighbouring_version_are_matched_by_name() -> None:
+    body = msgpack.unpackb(encode_batch(messages()[:1], monotonic_now_s=0, unix_now_s=0))
+    header, entry = body[3], body[5][0]
+    # An older sender without `salted`, and a newer one with a field this replica lacks,
+    # listed first (so no position matches this replica's).
+    at = header["request"].index("salted")
+    del header["request"][at], entry[4][at]
+    header["decision"].insert(0, "future_field")
+    entry[5].insert(0, 1)
+    (got,) = decode_frame(msgpack.packb(body), monotonic_now_s=0, unix_now_s=0)
+    assert isinstance(got, Dispatch)
+    assert got.request == request(1, (2**64 - 1, 7, 9))
+    assert got.decision == DECISION
+
+
+def _batch(**change: Any) -> bytes:
+    body = msgpack.unpackb(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0))
+    for key, value in change.items():
+        body[int(key[1:])] = value
+    return msgpack.packb(body)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("data", [
+    _batch(v1=2),  # a later batch version
+    _batch(v2=7),  # origin
+    _batch(v4=[[1, 2], "x"]),  # a chain that is no list
+    _batch(v4=[]),  # dispatches naming chains the batch lacks
+    _batch(v5=[["d", 1, 0.0, 1, [1, 2], []]]),  # too few values
+    _batch(v5=[["x", 1, 0.0, 1, 0]]),  # unknown kind
+    _batch(v5=[["h", 1, 0.0, 1, [[1, 2, 3]]]]),  # heartbeat entry: backend is no string
+    _batch(v3={}),  # no field names
+], ids=["version", "origin", "chain", "chain-index", "values", "kind", "heartbeat", "header"])
+def test_malformed_batches_raise_wire_error(data: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_frame(data, monotonic_now_s=0, unix_now_s=0)
+
+
+def test_batch_frames_config_and_workers() -> None:
+    assert parse_config({"sync": {"batch_frames": True}}).sync.batch_frames is True
+    assert parse_config({}).sync.batch_frames is False  # pods: older replicas read no batches
+    with pytest.raises(ConfigError, match=r"^sync\.batch_frames"):
+        parse_config({"sync": {"batch_frames": "yes"}})
+    # `serve --workers`: siblings run one version, so they always send batches.
+    config = worker_config(parse_config({}), 0, 2, Path("/tmp/run"), 8000)
+    assert config.sync.batch_frames is True
+
+
+async def test_a_replica_with_batch_frames_sends_one_frame_per_window(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+) -> None:
+    backend = await start_backend()
+    port = free_port()
+    raw = raw_config([backend], port, 1, flush_interval_s=0.3, batch_frames=True,
+                     heartbeat_interval_s=0.5, peer_timeout_s=2.0)
+    raw["sync"]["peers"] = []
+    handle = await start_router(raw)
+    async with subscriber(port) as sub:
+        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+        assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
+        frames: list[list[str]] = []
+        while await sub.poll(400):
+            for frame in await sub.recv_multipart():
+                kinds = [type(m).__name__ for m in
+                         decode_frame(frame, monotonic_now_s=0, unix_now_s=0)]
+                frames.append([k for k in kinds if k != "Heartbeat"])
+    lifecycle = [f for f in frames if f]
+    assert [sorted(f) for f in lifecycle] == [["Dispatch"] * 4 + ["Finish"] * 4], frames

@@ -204,10 +204,13 @@ The choice is a softmax over ``-score / T`` drawn with the injected RNG, with
 ``T = max(temperature_s, temperature_ratio * best score)``: backends whose predicted TTFT is
 within a few T of the best are near-ties and share the traffic (new prefixes spread over idle
 backends instead of collapsing onto the first one); far worse ones are practically never
-picked. A candidate that computes more prompt tokens than the best one (a copy of a prefix the
-best holds) is drawn only within ``copy_cutoff_t`` (2) T of it: several equivalent
-alternatives a few T worse add up, and in the live agentic regime three idle pods ~2.7 T behind
-an agent's holder took ~17% of the draw between them and copied its system prompt. Among the near-ties within one T of the best, only those that compute the fewest
+picked. While some candidate is idle, a candidate that computes more prompt tokens than the
+best one (a copy of a prefix the best holds) is drawn only within ``copy_cutoff_t`` (2) T of it:
+several equivalent alternatives a few T worse add up, and in the live agentic regime three idle
+pods ~2.7 T behind an agent's holder took ~17% of the draw between them and copied its system
+prompt. With every candidate busy the draw keeps its full width: queue forecasts then err by
+more than a few T, and cutting there lengthened tails (Mooncake with a CPU tier at 7 engines,
+TTFT p99 5.69 against 5.60 s over five seeds; docs/simulation.md). Among the near-ties within one T of the best, only those that compute the fewest
 prompt tokens share the draw (``ties_save_work``): equal TTFTs, so the choice that leaves the
 fleet the most prefill capacity for what arrives next. It decides bursts: a second request of
 a prefix whose prefill has just started elsewhere scores about the same there (it waits for
@@ -377,8 +380,8 @@ class KvAwareParams:
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
     ties_save_work: bool = True  # among backends within one T of the best, only those that
     # compute the fewest prompt tokens share the draw
-    copy_cutoff_t: float = 2.0  # a backend that computes more prompt tokens than the best one
-    # is never drawn when more than this many T worse (0: no cutoff)
+    copy_cutoff_t: float = 2.0  # while some candidate is idle, a backend that computes more
+    # prompt tokens than the best one is never drawn when more than this many T worse (0: off)
     approx_ttl_s: float = 120.0  # approximate mode: how long a dispatched prefix stays cached
     approx_capacity_blocks: int = 65536  # approximate mode: blocks a backend is assumed to hold
     approx_max_entries: int = 1_000_000  # approximate mode: the policy's own index budget
@@ -761,7 +764,7 @@ class KvAware(PolicyBase):
         lost = prefill_s - self._cost.seconds(prompt - hit - copied, hit + copied)
         return p.duplicate_ratio * full * lost * fleet.prefill_price
 
-    def _pick(self, scores: list[BackendScore]) -> BackendScore:
+    def _pick(self, scores: list[BackendScore], some_idle: bool) -> BackendScore:
         p = self.params
         values = [s.score for s in scores]
         best = min(values)
@@ -776,10 +779,13 @@ class KvAware(PolicyBase):
                 scores = [s for s, w in zip(near, work, strict=True) if w == least]
                 values = [s.score for s in scores]
                 best = min(values)
-        if p.copy_cutoff_t:
+        if p.copy_cutoff_t and some_idle:
             # A backend that computes more than the best one does (a copy of a prefix the
             # best holds) is drawn only as a near-tie: equivalent alternatives a few T worse
             # add up (three idle backends at 2.7 T took 17% of the draws from a holder).
+            # Only while some candidate is idle, where its prediction is just its own
+            # prefill; with every backend busy, queue forecasts err by more than 2 T and
+            # the wider draw keeps tails shorter (docs/simulation.md).
             top = scores[values.index(best)]
             limit, least_work = best + p.copy_cutoff_t * temperature, _uncached(top)
             kept = [(s, v) for s, v in zip(scores, values, strict=True)
@@ -809,7 +815,7 @@ class KvAware(PolicyBase):
             self._score(request, b, matches.get(b.backend_id), view.now_s, fleet)
             for b in candidates
         ]
-        chosen = self._pick(scores)
+        chosen = self._pick(scores, any(not b.in_flight_requests for b in candidates))
         predicted = chosen.matched_tokens
         if decode and prefill_side and next(
                 b.role for b in candidates if b.backend_id == chosen.backend_id) is Role.PREFILL:

@@ -283,7 +283,7 @@ def test_a_holder_a_few_temperatures_ahead_is_not_outdrawn_by_equivalent_copies(
     # The holder b0 scores ~3.2 T better than each of three idle backends that would compute
     # the prefix again. One such backend alone would be drawn ~4% of the time, three together
     # ~11%: the live agentic regime copied a system prompt that way. Beyond copy_cutoff_t a
-    # backend that computes more than the best one is never drawn.
+    # backend that computes more than the best one is never drawn while some backend is idle.
     request = prompt(1, 2048)
     index = PrefixIndex()
     hold(index, "b0", request.block_hashes[:120])
@@ -296,6 +296,19 @@ def test_a_holder_a_few_temperatures_ahead_is_not_outdrawn_by_equivalent_copies(
 
     assert copies() == 0
     assert copies(copy_cutoff_t=0.0) >= 10
+
+    # With every candidate busy the cutoff stays out of the draw (queue forecasts then err by
+    # more than a few T): the same ~3.3 T margin, the externality off so that it holds.
+    busy = view(index, idle("b0", engine_waiting_requests=2, in_flight_requests=2),
+                *(idle(b, in_flight_requests=1) for b in IDS[1:]))
+
+    def busy_copies(**params: object) -> int:
+        return sum(policy(seed, default_prompt_tokens=864, work_floor_ratio=0.0,
+                          fleet_work_ratio=0.0, stall_ratio=0.0, **params)
+                   .choose(request, busy).backend_id != "b0" for seed in range(300))
+
+    assert busy_copies() >= 10
+    assert busy_copies() == busy_copies(copy_cutoff_t=0.0)
 
 
 def test_a_copy_into_a_full_cache_costs_the_prefix_it_duplicates() -> None:

@@ -242,7 +242,9 @@ class Router:
         self.url = f"http://127.0.0.1:{port}"
         self.urls = [self.url]
         await _wait_ok(self.url + ready, self._proc, self.log)
-        if self.name == "kvrouter:kv_aware":
+        kind, _, policy = self.name.partition(":")
+        if kind.startswith("kvrouter") and policy.split("+")[0] == "kv_aware":
+            # Every kv_aware variant (parameters, another checkout) starts on the same footing.
             await self._wait_events(len(pods.urls))
         await asyncio.sleep(1.0)  # one scrape / health round before traffic, for every router
 
@@ -266,7 +268,7 @@ class Router:
     async def token_parity(self) -> dict[str, float] | None:
         """kvrouter's own check that its block hashes equal the engines' (tools, templates):
         blocks checked and mismatched, summed over models; None for the peers."""
-        if not self.name.startswith("kvrouter:"):
+        if not self.name.startswith(("kvrouter:", "kvrouter@")):
             return None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             async with session.get(self.url + "/metrics") as resp:

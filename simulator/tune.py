@@ -49,6 +49,8 @@ SEARCH_SPACE: dict[str, tuple[str, float, float]] = {
     "hold_kv_ratio": ("uniform", 0.2, 1.0),
     "hold_queue_s": ("log", 0.05, 2.0),
     "partition_ratio": ("uniform", 0.0, 2.0),
+    "work_floor_ratio": ("uniform", 0.0, 1.0),
+    "copy_cutoff_t": ("uniform", 0.0, 6.0),
 }
 
 OBJECTIVES: dict[str, int] = {

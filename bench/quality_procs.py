@@ -186,6 +186,11 @@ class Router:
     def cpu_s(self) -> float | None:
         return cpu_seconds(self._proc)
 
+    def tree(self) -> Path:
+        """The checkout the router runs from: ``kvrouter@PATH:POLICY`` runs the one at PATH
+        (an A/B against the tree before a change, in one run); everything else this one."""
+        return Path(self.name.partition(":")[0].partition("@")[2] or ROOT)
+
     def _command(self, pods: Emulator, port: int) -> tuple[list[str], str]:
         kind, _, policy = self.name.partition(":")
         if kind == "kvrouter" or kind.startswith("kvrouter@"):
@@ -230,8 +235,7 @@ class Router:
 
     async def start(self, pods: Emulator, port: int) -> None:
         cmd, ready = self._command(pods, port)
-        # kvrouter@PATH:POLICY runs the kvrouter checkout at PATH (an A/B in one run).
-        tree = Path(self.name.partition(":")[0].partition("@")[2] or ROOT)
+        tree = self.tree()
         if not _installed(cmd[0]):
             raise RuntimeError(f"{cmd[0]} is not installed (run bench/install-peers)")
         out = self.log.open("wb")

@@ -129,3 +129,25 @@ def test_seeds_pool_into_one_row_per_regime_and_router() -> None:
     assert mine["ttft_p50_s"] == 0.4 and mine["ttft_p99_s"] == 0.8
     assert mine["imbalance"] == pytest.approx(6 / 4)
     assert skipped == {"regime": "light", "router": "vllm-router:kv_aware", "skipped": "x"}
+
+
+def test_a_kvrouter_variant_sets_policy_params_and_runs_another_checkout(tmp_path: Path) -> None:
+    import yaml
+    from quality_procs import ROOT, Router
+
+    class Pods:
+        urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+    variant = Router("kvrouter:kv_aware+copy_cutoff_t=0+work_floor_ratio=0.5",
+                     tmp_path / "a.log", seed=3)
+    variant._command(Pods(), 9)  # type: ignore[arg-type]
+    config = yaml.safe_load((tmp_path / "a.yaml").read_text())
+    assert config["policy"] == {"name": "kv_aware", "seed": 3,
+                                "params": {"copy_cutoff_t": 0, "work_floor_ratio": 0.5}}
+    assert variant.tree() == ROOT
+
+    base = Router("kvrouter@/tmp/base:kv_aware", tmp_path / "b.log", seed=3)
+    base._command(Pods(), 9)  # type: ignore[arg-type]
+    assert base.tree() == Path("/tmp/base")
+    assert yaml.safe_load((tmp_path / "b.yaml").read_text())["policy"] == {
+        "name": "kv_aware", "seed": 3}

@@ -78,6 +78,35 @@ async def complete(http: aiohttp.ClientSession, handle: RouterHandle) -> int:
         return resp.status
 
 
+async def published_sends(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+    http: aiohttp.ClientSession,
+    **sync: Any,
+) -> list[list[list[str]]]:
+    """Four requests within a few ms through a replica with no peers, and what it published:
+    per ZeroMQ send, per frame, the message kinds (heartbeats, and sends of nothing else,
+    left out). Frames of one message and batch frames both decode."""
+    from router.sync.wire import decode_frame
+
+    backend = await start_backend()
+    port = free_port()
+    raw = raw_config([backend], port, 1, heartbeat_interval_s=0.5, peer_timeout_s=2.0, **sync)
+    raw["sync"]["peers"] = []
+    handle = await start_router(raw)
+    sends: list[list[list[str]]] = []
+    async with subscriber(port) as sub:
+        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
+        assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
+        while await sub.poll(400):
+            frames = [[type(m).__name__ for m in decode_frame(f, monotonic_now_s=0, unix_now_s=0)
+                       if type(m).__name__ != "Heartbeat"]
+                      for f in await sub.recv_multipart()]
+            if any(frames):
+                sends.append([f for f in frames if f])
+    return sends
+
+
 async def debug_route(http: aiohttp.ClientSession, handle: RouterHandle) -> str:
     async with http.post(f"{handle.url}/debug/route",
                          json={"model": MODEL, "prompt": "hello", "max_tokens": 1}) as resp:
@@ -162,32 +191,17 @@ async def test_messages_queued_within_the_flush_window_leave_as_one(
     http: aiohttp.ClientSession,
     flush_interval_s: float,
 ) -> None:
-    from router.sync.wire import decode
-
-    backend = await start_backend()
-    port = free_port()
-    raw = raw_config([backend], port, 1, flush_interval_s=flush_interval_s,
-                     heartbeat_interval_s=0.5, peer_timeout_s=2.0)
-    raw["sync"]["peers"] = []
-    handle = await start_router(raw)
-    async with subscriber(port) as sub:
-        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
-        # Four requests within a few ms: four dispatches and four finishes.
-        assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
-        kinds: list[list[str]] = []
-        while await sub.poll(400):
-            frames = await sub.recv_multipart()
-            kinds.append([type(decode(f, monotonic_now_s=0, unix_now_s=0)).__name__
-                          for f in frames])
-        lifecycle = [[k for k in batch if k != "Heartbeat"] for batch in kinds]
-        lifecycle = [batch for batch in lifecycle if batch]
-        assert sorted(k for batch in lifecycle for k in batch) == ["Dispatch"] * 4 + ["Finish"] * 4
-        if flush_interval_s:
-            # 0.3 s covers the four requests' whole lives: one send, one wake-up per peer.
-            assert len(lifecycle) == 1, kinds
-        else:
-            # Every loop turn sends what it queued: the finishes leave after the dispatches.
-            assert len(lifecycle) > 1, kinds
+    sends = await published_sends(start_backend, start_router, http,
+                                  flush_interval_s=flush_interval_s)
+    # Four requests within a few ms: four dispatches and four finishes.
+    lifecycle = [[k for frame in send for k in frame] for send in sends]
+    assert sorted(k for batch in lifecycle for k in batch) == ["Dispatch"] * 4 + ["Finish"] * 4
+    if flush_interval_s:
+        # 0.3 s covers the four requests' whole lives: one send, one wake-up per peer.
+        assert len(lifecycle) == 1, sends
+    else:
+        # Every loop turn sends what it queued: the finishes leave after the dispatches.
+        assert len(lifecycle) > 1, sends
 
 
 @pytest.mark.parametrize(("policy", "send", "shipped"), [

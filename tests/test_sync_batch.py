@@ -5,7 +5,6 @@ on real sockets sending one frame per window."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import aiohttp
 import msgpack
 import pytest
 from fake_backend import FakeBackend, RouterHandle
-from test_router_sync import complete, free_port, raw_config, subscriber
+from test_router_sync import published_sends
 
 from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
 from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
@@ -117,20 +116,9 @@ async def test_a_replica_with_batch_frames_sends_one_frame_per_window(
     start_router: Callable[..., Awaitable[RouterHandle]],
     http: aiohttp.ClientSession,
 ) -> None:
-    backend = await start_backend()
-    port = free_port()
-    raw = raw_config([backend], port, 1, flush_interval_s=0.3, batch_frames=True,
-                     heartbeat_interval_s=0.5, peer_timeout_s=2.0)
-    raw["sync"]["peers"] = []
-    handle = await start_router(raw)
-    async with subscriber(port) as sub:
-        await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
-        assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
-        frames: list[list[str]] = []
-        while await sub.poll(400):
-            for frame in await sub.recv_multipart():
-                kinds = [type(m).__name__ for m in
-                         decode_frame(frame, monotonic_now_s=0, unix_now_s=0)]
-                frames.append([k for k in kinds if k != "Heartbeat"])
-    lifecycle = [f for f in frames if f]
-    assert [sorted(f) for f in lifecycle] == [["Dispatch"] * 4 + ["Finish"] * 4], frames
+    sends = await published_sends(start_backend, start_router, http, flush_interval_s=0.3,
+                                  batch_frames=True)
+    # One send of one frame: the four dispatches and four finishes together.
+    assert [[sorted(f) for f in send] for send in sends] == [[["Dispatch"] * 4 + ["Finish"] * 4]], \
+        sends
+

@@ -50,9 +50,9 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     cache_full_knee_ratio of the candidates' KV memory, instead + partition_ratio
                     * prefill_s_b * (homed_b - least homed) / mean homed, homed_b = blocks
                     whose home is b; short of that, + partition_ratio * prefill_s_b on each b
-                    whose own homed_b passes cache_full_knee_ratio of its KV memory; all times (1 + fleet_work_ratio * busy ** busy_power), the
-                    price of a prefill second in externality_s, since they are prefill seconds
-                    won or lost later
+                    whose own homed_b passes cache_full_knee_ratio of its KV memory; all times
+                    (1 + fleet_work_ratio * busy ** busy_power), the price of a prefill second
+                    in externality_s, since they are prefill seconds won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
@@ -88,8 +88,8 @@ quarter of the recompute. Only recompute is floored: tokens a backend can load f
 tier it holds are not (a floor on load time too kept returning users behind their writer
 despite a shared store). Live (bench/quality.py, seeds 1-2), agentic tied sglang-router's
 0.904 hits in one run and was 0.003 short in the next: one copied prefix is the whole gap
-(bench/README.md). Simulated, the capacity-edge set still meets sglang_cache_aware in every
-cell (docs/simulation.md, "The work floor").
+(bench/README.md); the copy cutoff (below) closed that gap. Simulated, the capacity-edge set
+still meets sglang_cache_aware in every cell (docs/simulation.md, "The work floor").
 
 Why ``placement_s``: engine events say where a prefix IS, and once it is evicted everywhere
 they say nothing; spreading it anew each time makes every cache hold copies of the same
@@ -210,9 +210,10 @@ several equivalent alternatives a few T worse add up, and in the live agentic re
 pods ~2.7 T behind an agent's holder took ~17% of the draw between them and copied its system
 prompt. With every candidate busy the draw keeps its full width: queue forecasts then err by
 more than a few T, and cutting there lengthened tails (Mooncake with a CPU tier at 7 engines,
-TTFT p99 5.69 against 5.60 s over five seeds; docs/simulation.md). Among the near-ties within one T of the best, only those that compute the fewest
-prompt tokens share the draw (``ties_save_work``): equal TTFTs, so the choice that leaves the
-fleet the most prefill capacity for what arrives next. It decides bursts: a second request of
+TTFT p99 5.69 against 5.60 s over five seeds; docs/simulation.md). Among the near-ties
+within one T of the best, only those that compute the fewest prompt tokens share the draw
+(``ties_save_work``): equal TTFTs, so the choice that leaves the fleet the most prefill
+capacity for what arrives next. It decides bursts: a second request of
 a prefix whose prefill has just started elsewhere scores about the same there (it waits for
 that prefill, then hits) as on an idle backend (it computes the prefix again), and the draw
 copied the prefix about half the time, taking a backend from the next new prefix. Live

@@ -1,9 +1,15 @@
 """Engine-metric scraping: each backend's own ``/metrics`` -> the pool's engine signals.
 
-Every ``interval_s`` each backend's ``GET /metrics`` is parsed with prometheus-client's text
-parser and stored on the pool's ``Backend`` with the scrape time (``Backend.scraped``);
-the pool reads values older than its staleness bound as ``None`` in ``BackendState``, so a
-backend whose scrapes fail falls back to router-side counters by itself.
+Every ``interval_s`` each backend's ``GET /metrics`` is read and stored on the pool's
+``Backend`` with the scrape time (``Backend.scraped``); the pool reads values older than its
+staleness bound as ``None`` in ``BackendState``, so a backend whose scrapes fail falls back to
+router-side counters by itself.
+
+Only the sample lines of the families below are parsed; every other line is skipped with one
+prefix test. The parse runs on the event loop, between requests: prometheus-client's parser
+took 0.84 ms for an emulated pod's 86-line exposition (~10 us a line, so several ms for a real
+vLLM one with its histograms), once per backend per interval, which stalls every request in
+flight behind it; the line scan takes a few hundredths of that (``bench/scrape_parse.py``).
 
 - vLLM: ``vllm:num_requests_waiting`` and ``vllm:num_requests_running`` (summed over engines,
   i.e. data-parallel ranks), ``vllm:kv_cache_usage_perc`` (0..1, the fullest engine),
@@ -19,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
 from collections.abc import Callable
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from policies.bookkeeping import EngineSignals
 from router.kv.metrics import KvMetrics
@@ -38,30 +45,70 @@ _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _USAGE = ("vllm:kv_cache_usage_perc", "sglang:token_usage")
 _CACHE_INFO = "vllm:cache_config_info"
 _PREEMPTIONS = "vllm:num_preemptions_total"
+_READ = frozenset((*_WAITING, *_RUNNING, *_USAGE, _CACHE_INFO, _PREEMPTIONS))
+_READ_PREFIXES = tuple(_READ)
+
+# A sample line of the text exposition format: name, optional {labels}, value, optional
+# timestamp. Label values are quoted with \\, \" and \n escapes.
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+_SAMPLE = re.compile(
+    rf"(?:\{{\s*((?:{_LABEL}\s*,\s*)*(?:{_LABEL})?)\s*,?\s*\}})?"
+    r"[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?[ \t]*")
+_NAME_END = re.compile(r"[{ \t]")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def _samples(text: str) -> list[tuple[str, str, float]]:
+    """(name, raw labels, value) of the sample lines of the families a router reads."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(_READ_PREFIXES):
+            continue  # comments, and every family the router does not read
+        end = _NAME_END.search(line)
+        name = line[: end.start()] if end else line
+        if name not in _READ:
+            continue  # a longer name sharing the prefix
+        match = _SAMPLE.fullmatch(line, len(name))
+        if match is None:
+            raise ValueError(f"unparsable sample line {line[:120]!r}")
+        labels, raw = match.groups()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"unparsable sample value in {line[:120]!r}") from None
+        if math.isfinite(value):  # NaN or Inf says nothing a count or a ratio could use
+            out.append((name, labels or "", value))
+    return out
+
+
+def _labels(raw: str) -> dict[str, str]:
+    return {k: _UNESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), v)
+            for k, v in _LABEL_PAIR.findall(raw)}
 
 
 def parse_engine_metrics(text: str) -> EngineSignals:
-    """The signals a router needs from a vLLM or SGLang exposition; ValueError on bad text."""
+    """The signals a router needs from a vLLM or SGLang exposition; ValueError on a bad
+    sample line of a family it reads (other lines are not read)."""
     waiting: float | None = None
     running: float | None = None
     usage: float | None = None
     block_size: int | None = None
     blocks: int | None = None
     preemptions: float | None = None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name, value = sample.name, sample.value
-            if name in _WAITING:
-                waiting = (waiting or 0.0) + value
-            elif name in _RUNNING:
-                running = (running or 0.0) + value
-            elif name in _USAGE:
-                usage = value if usage is None else max(usage, value)
-            elif name == _PREEMPTIONS:
-                preemptions = (preemptions or 0.0) + value
-            elif name == _CACHE_INFO:
-                block_size = _int_label(sample.labels, "block_size") or block_size
-                blocks = _int_label(sample.labels, "num_gpu_blocks") or blocks
+    for name, raw_labels, value in _samples(text):
+        if name in _WAITING:
+            waiting = (waiting or 0.0) + value
+        elif name in _RUNNING:
+            running = (running or 0.0) + value
+        elif name in _USAGE:
+            usage = value if usage is None else max(usage, value)
+        elif name == _PREEMPTIONS:
+            preemptions = (preemptions or 0.0) + value
+        elif name == _CACHE_INFO:
+            labels = _labels(raw_labels)
+            block_size = _int_label(labels, "block_size") or block_size
+            blocks = _int_label(labels, "num_gpu_blocks") or blocks
     return EngineSignals(
         waiting_requests=None if waiting is None else round(waiting),
         running_requests=None if running is None else round(running),

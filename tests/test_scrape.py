@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies.bookkeeping import EngineSignals
 from router.kv.metrics import KvMetrics
@@ -161,3 +165,79 @@ def test_scraped_block_size_and_lora_parent_shape_the_analyzer():
     assert (shape.base_model, shape.lora, shape.block_size) == ("base", "adapter", 128)
     assert kv.shape_of("base").block_size == 128
     kv.analyzer.close()
+
+
+# -- the line scan against prometheus-client's parser ---------------------------------------
+
+_READ_NAMES = ["vllm:num_requests_waiting", "vllm:num_requests_running",
+               "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
+               "vllm:cache_config_info", "sglang:num_queue_reqs", "sglang:num_running_reqs",
+               "sglang:token_usage"]
+# Families the router does not read, some sharing a read family's prefix.
+_OTHER_NAMES = ["vllm:num_requests_waiting_by_reason", "vllm:kv_cache_usage_perc_max",
+                "vllm:time_to_first_token_seconds_bucket", "vllm:prefix_cache_hits_total",
+                "process_cpu_seconds_total", "python_gc_objects_collected_total"]
+_label_values = st.text(alphabet=st.sampled_from('ab09_-. "\\}{,=\n'), max_size=8)
+
+
+@st.composite
+def _expositions(draw):
+    lines = []
+    for name in draw(st.lists(st.sampled_from(_READ_NAMES + _OTHER_NAMES), max_size=12)):
+        labels = draw(st.dictionaries(st.sampled_from(["engine", "model_name", "le", "x_y"]),
+                                      _label_values, max_size=3))
+        if name == "vllm:cache_config_info":
+            labels["block_size"] = str(draw(st.sampled_from([0, 16, 128])))
+            labels["num_gpu_blocks"] = str(draw(st.integers(0, 10**6)))
+        value = draw(st.one_of(st.integers(0, 10**6).map(float),
+                               st.floats(0, 1, allow_nan=False),
+                               st.sampled_from(["+Inf", "1e3", "-0.0"])))
+        pairs = ",".join('{}="{}"'.format(k, v.replace("\\", "\\\\").replace("\n", "\\n")
+                                          .replace('"', '\\"'))
+                         for k, v in labels.items())
+        stamp = draw(st.sampled_from(["", " 1700000000000"]))
+        lines.append(f"{name}{{{pairs}}} {value}{stamp}" if pairs else f"{name} {value}{stamp}")
+        if draw(st.booleans()):
+            lines.append(f"# HELP {name} something {{with}} braces")
+    return "\n".join(lines) + "\n"
+
+
+def _reference(text):
+    """What the router read before the line scan: prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [(s.name, s.labels, s.value)
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if math.isfinite(s.value)]  # the scan skips NaN and Inf samples
+    def total(names):
+        values = [v for n, _, v in samples if n in names]
+        return round(sum(values)) if values else None
+    usage = [v for n, _, v in samples if n in ("vllm:kv_cache_usage_perc", "sglang:token_usage")]
+    info = [labels for n, labels, _ in samples if n == "vllm:cache_config_info"]
+    def last_positive(key):
+        out = None
+        for labels in info:
+            raw = labels.get(key)
+            if raw and raw.isdigit() and int(raw) > 0:
+                out = int(raw)
+        return out
+    return (total(("vllm:num_requests_waiting", "sglang:num_queue_reqs")),
+            total(("vllm:num_requests_running", "sglang:num_running_reqs")),
+            min(1.0, max(0.0, max(usage))) if usage else None,
+            last_positive("block_size"), last_positive("num_gpu_blocks"),
+            None if (p := total(("vllm:num_preemptions_total",))) is None else max(0, p))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_expositions())
+def test_the_line_scan_reads_what_prometheus_clients_parser_reads(text):
+    s = parse_engine_metrics(text)
+    assert (s.waiting_requests, s.running_requests, s.kv_usage_ratio, s.block_size,
+            s.total_kv_blocks, s.preemptions_total) == _reference(text)
+
+
+def test_a_bad_line_of_a_family_the_router_does_not_read_is_not_read():
+    text = VLLM_TEXT + "vllm:some_future_family{ not prometheus\nrandom words here\n"
+    assert parse_engine_metrics(text).waiting_requests == 8
+    with pytest.raises(ValueError, match="unparsable sample value"):
+        parse_engine_metrics(VLLM_TEXT + "vllm:num_requests_waiting 1.0.0\n")

@@ -233,13 +233,13 @@ async def test_rendering_on_every_pod_tokenizes_once(
     times, and every answer still carries the same tokens."""
     codec = cluster.pods[0].codec
     calls = []
-    encode = codec._tok.encode  # type: ignore[attr-defined]
+    encode = codec._encode  # type: ignore[attr-defined]
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[0])
         return encode(*args, **kwargs)
 
-    codec._tok.encode = counting  # type: ignore[attr-defined]
+    codec._encode = counting  # type: ignore[attr-defined]
     body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 2}
     renders = []
     for url in cluster.urls:

@@ -194,8 +194,9 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
     name = router_name.replace(":", "-").replace("/", "_")
     tag = f"{regime.name}-{name}-seed{seed}"
     emulator = Emulator(count=args.pods, num_gpu_blocks=regime.num_gpu_blocks,
-                        slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log")
-    router = make_router(router_name, logdir / f"{tag}-router.log", seed)
+                        slow_pod=regime.slow_pod, log=logdir / f"{tag}-pods.log",
+                        cpus=args.pod_cpus)
+    router = make_router(router_name, logdir / f"{tag}-router.log", seed, args.router_cpus)
     started = time.monotonic()
     try:
         await emulator.start()
@@ -266,6 +267,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=90.0,
                    help="stop starting new cells after this many minutes (default 90); "
                         "cells not run are listed as skipped")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the emulated pods to the last CPU, and each router and this client "
+                        "to the others: the pods stand in for GPU servers, which never take a "
+                        "router's CPU (unpinned, the pods' tokenizer preempts whichever process "
+                        "woke it)")
     p.add_argument("--out", default=None, help="write the raw figures as JSON to this file")
     p.add_argument("--logs", default=None,
                    help="directory for the pods' and routers' logs (default: a temp dir)")
@@ -284,6 +290,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for r in args.router_list:
         if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx", "kvrouter@")):
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
+    args.pod_cpus = args.router_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error(f"--pin: needs 2 CPUs, this process may use {len(cpus)}")
+        args.pod_cpus, args.router_cpus = frozenset(cpus[-1:]), frozenset(cpus[:-1])
     return args
 
 
@@ -292,6 +304,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if args.router_cpus is not None:
+        os.sched_setaffinity(0, args.router_cpus)  # the client shares the routers' CPUs
     logdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="kvq-"))
     logdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_min * 60
@@ -300,6 +314,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "seeds": args.seed_list, "quick": args.quick, "pods": args.pods,
+        "pinned": None if not args.pin else {"pods": sorted(args.pod_cpus),
+                                             "routers_and_client": sorted(args.router_cpus)},
         "load_average_start": os.getloadavg(), "logs": str(logdir), "cells": cells,
     }
     expected_s = sum(REGIMES[r].expected_cell_s for r in args.regime_list)

@@ -12,6 +12,9 @@ Launch commands follow /work/shared/notes/peers.md:
   bind (``tcp://*:0``), so vllm-router connects, as it must (tcp only), plus their replay
   sockets.
 Each peer gets its own Prometheus port: both crash when theirs is taken.
+
+``cpus`` pins a process, every thread included, to those CPUs from its start
+(``bench/quality.py --pin``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ DEFAULT_ROUTERS = (
     "vllm-router:kv_aware",
 )
 ROUTER_NAMES = DEFAULT_ROUTERS
+
+
+def _pinned(cpus: frozenset[int] | None) -> Any:
+    """A ``preexec_fn`` that pins the child (and so every thread it starts) to ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def free_port() -> int:
@@ -121,8 +131,9 @@ class Emulator:
     """``kvrouter emulate --count N`` in its own process, ports ephemeral."""
 
     def __init__(self, count: int, num_gpu_blocks: int, slow_pod: tuple[int, float] | None,
-                 log: Path) -> None:
+                 log: Path, cpus: frozenset[int] | None = None) -> None:
         self.count = count
+        self.cpus = cpus
         self.num_gpu_blocks = num_gpu_blocks
         self.slow_pod = slow_pod
         self.log = log
@@ -143,7 +154,8 @@ class Emulator:
             cmd += ["--slow-pod", f"{self.slow_pod[0]}={self.slow_pod[1]:g}"]
         err = self.log.open("wb")
         self._proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=ROOT, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=err)
+            *cmd, cwd=ROOT, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=err,
+            preexec_fn=_pinned(self.cpus))
         err.close()
         assert self._proc.stdout is not None
         lines = []
@@ -174,8 +186,9 @@ class Router:
     """One router process in front of an ``Emulator``'s pods."""
 
     def __init__(self, name: str, log: Path, seed: int,
-                 sync: dict[str, Any] | None = None) -> None:
+                 sync: dict[str, Any] | None = None, cpus: frozenset[int] | None = None) -> None:
         self.name = name
+        self.cpus = cpus
         self.log = log
         self.seed = seed
         self.sync = sync  # a kvrouter replica's `sync:` section (RouterGroup)
@@ -241,7 +254,7 @@ class Router:
         out = self.log.open("wb")
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=tree, env=_env(tree), stdout=out, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL)
+            stdin=asyncio.subprocess.DEVNULL, preexec_fn=_pinned(self.cpus))
         out.close()
         self.url = f"http://127.0.0.1:{port}"
         self.urls = [self.url]
@@ -295,7 +308,8 @@ class RouterGroup:
     127.0.0.1 (static peers; batch frames, as ``serve --workers`` sends them); the client
     alternates requests between them (docs/scale-out.md)."""
 
-    def __init__(self, name: str, log: Path, seed: int) -> None:
+    def __init__(self, name: str, log: Path, seed: int,
+                 cpus: frozenset[int] | None = None) -> None:
         kind, _, policy = name.partition(":")
         count, _, flag = kind.removeprefix("kvrouterx").partition("-")
         self.name = name
@@ -310,7 +324,7 @@ class RouterGroup:
                         "allow_from": ["127.0.0.1"], "send_prompt_text": policy != "kv_aware",
                         "batch_frames": True}  # one version: every replica reads batches
             self.routers.append(Router(f"kvrouter:{policy}", log.with_name(f"{log.stem}-r{i}.log"),
-                                       seed * 100 + i, sync))
+                                       seed * 100 + i, sync, cpus))
         self.url = ""
         self.urls: list[str] = []
 
@@ -338,8 +352,11 @@ class RouterGroup:
             await router.stop()
 
 
-def make_router(name: str, log: Path, seed: int) -> Router | RouterGroup:
-    return RouterGroup(name, log, seed) if name.startswith("kvrouterx") else Router(name, log, seed)
+def make_router(name: str, log: Path, seed: int,
+                cpus: frozenset[int] | None = None) -> Router | RouterGroup:
+    if name.startswith("kvrouterx"):
+        return RouterGroup(name, log, seed, cpus)
+    return Router(name, log, seed, cpus=cpus)
 
 
 _COUNTERS = {

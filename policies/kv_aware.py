@@ -856,9 +856,8 @@ class KvAware(PolicyBase):
         if not self.params.hold_kv_ratio:
             return False
         committed = self._committed
-        if any(not b.total_kv_blocks or committed.committed(b.backend_id) <= 0
-               for b in candidates):
-            return False  # room whatever the ratio (has_room): the backoff is not asked
+        if any(committed.has_room_at_any_ratio(b) for b in candidates):
+            return False  # the backoff's ratio need not be asked
         ratio = min(backoff.ratio(b.backend_id, now_s) for b in candidates)
         return not any(committed.has_room(b, request.prompt_tokens, request.block_size, ratio)
                        for b in candidates)

@@ -136,13 +136,17 @@ class KvCommitment:
     def committed(self, backend_id: BackendId) -> float:
         return self._tokens.get(backend_id, 0.0)
 
+    def has_room_at_any_ratio(self, backend: BackendState) -> bool:
+        """``has_room`` whatever the prompt and ratio: the backend's KV size is unknown, or
+        nothing is committed there (an empty backend admits anything it can hold at all)."""
+        return not backend.total_kv_blocks or self._tokens.get(backend.backend_id, 0.0) <= 0
+
     def has_room(self, backend: BackendState, prompt_tokens: int, block_size: int,
                  ratio: float) -> bool:
-        if not backend.total_kv_blocks:
+        if self.has_room_at_any_ratio(backend):
             return True
-        committed = self._tokens.get(backend.backend_id, 0.0)
-        return committed <= 0 or (
-            committed + prompt_tokens <= ratio * backend.total_kv_blocks * block_size)
+        total_blocks = backend.total_kv_blocks or 0  # known, or there was room above
+        return self._tokens[backend.backend_id] + prompt_tokens <= ratio * total_blocks * block_size
 
     def remove_backend(self, backend_id: BackendId) -> None:
         self._tokens.pop(backend_id, None)

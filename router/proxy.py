@@ -1,9 +1,10 @@
 """Forwarding: one request in, a policy-chosen backend, the response relayed back.
 
 The body is read and parsed once (``router.prompt.analyzer.read_fields``) and forwarded byte for
-byte. Each attempt acquires the backend in the pool, calls the policy's ``on_dispatched`` and
-always balances it with ``on_finished`` and a release, whatever happens (errors, client
-disconnects, cancellation). Retries go to a different backend and only before the first
+byte. Each attempt acquires the backend in the pool, calls the policy's ``on_dispatched`` (as
+soon as the request's bytes are written to a kept-alive connection, else before connecting:
+``HttpClient.request``'s ``sent``) and always balances it with ``on_finished`` and a release,
+whatever happens (errors, client disconnects, cancellation). Retries go to a different backend and only before the first
 response byte (connect error, timeout, 502/503/504); after it, a broken stream ends with one
 SSE ``data: {"error": ...}`` event. Streams are relayed chunk by chunk as they arrive.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -273,13 +275,15 @@ class Proxy:
         ok = False
         with backend_attempt(self.pool, self.metrics, backend, route_request.prompt_tokens,
                              started_s) as slot:
-            self.policy.on_dispatched(route_request, decision, time.monotonic())
             try:
                 try:
+                    # The policy's on_dispatched runs once the request's bytes are on their way
+                    # (before any suspension: the next decision still sees this one).
                     upstream = await self.client.request(
                         backend.url, request.method,
                         fields.path.encode("utf-8", "surrogateescape"),
-                        forward_headers(request.raw_headers, fields.request_id), body)
+                        forward_headers(request.raw_headers, fields.request_id), body,
+                        functools.partial(self._dispatched, route_request, decision))
                 except HeadTimeout:
                     slot.verdict = False
                     raise Retry(UpstreamTimeout(
@@ -309,6 +313,9 @@ class Proxy:
             finally:
                 self.policy.on_finished(route_request, decision, time.monotonic(), ok)
                 self.hold.release()
+
+    def _dispatched(self, route_request: RouteRequest, decision: Decision) -> None:
+        self.policy.on_dispatched(route_request, decision, time.monotonic())
 
     def relay(
         self, request: Request, upstream: UpstreamResponse, headers: bytes, backend: Backend,

@@ -5,6 +5,9 @@ reuse and the stale-connection resend, timeouts and broken bodies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -320,3 +323,79 @@ async def test_preconnect_racing_close_leaves_nothing_open():
         assert open_now == 0 and http.open_connections == 0
     finally:
         server.close()
+
+
+class ThreadServer:
+    """A blocking keep-alive server on its own thread: it receives bytes while the event loop
+    is held, so a test can tell, from inside a callback, what was already on the wire."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = threading.Event()
+        self.got_request = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            self.accepted.set()
+            with conn:
+                buf = b""
+                while data := conn.recv(65536):
+                    buf += data
+                    while b"\r\n\r\n" in buf:  # bodies are empty in these tests
+                        _, buf = buf.split(b"\r\n\r\n", 1)
+                        self.got_request.set()
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5.0)  # ends once the client has closed its connection
+
+
+async def test_sent_runs_after_the_bytes_leave_on_a_kept_alive_connection():
+    server = ThreadServer()
+    c = client()
+    try:
+        first = await c.request(server.url, "GET", b"/a", [], b"")
+        await first.read()
+        first.release()  # back to the pool: the next request has a connection at hand
+        server.got_request.clear()
+        seen = []
+        # The loop is held inside the callback: the server thread sees the request only if
+        # its bytes were written before the callback ran.
+        second = await c.request(server.url, "GET", b"/b", [], b"",
+                                 sent=lambda: seen.append(server.got_request.wait(2.0)))
+        assert await second.read() == b"ok"
+        second.release()
+        assert seen == [True]
+    finally:
+        c.close()
+        server.close()
+
+
+async def test_sent_runs_before_connecting_without_a_connection_at_hand():
+    server = ThreadServer()
+    c = client()
+    try:
+        seen = []
+        response = await c.request(server.url, "GET", b"/a", [], b"",
+                                   sent=lambda: seen.append(server.accepted.wait(0.3)))
+        assert await response.read() == b"ok"
+        response.release()
+        assert seen == [False]  # called before the connection was even accepted
+    finally:
+        c.close()
+        server.close()
+
+
+async def test_sent_runs_once_even_when_the_request_fails():
+    calls = []
+    c = client(connect=1.0)
+    with pytest.raises(ConnectFailed):
+        await c.request("http://127.0.0.1:9", "GET", b"/", [], b"",
+                        sent=lambda: calls.append(1))
+    assert calls == [1]
+    c.close()

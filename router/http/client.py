@@ -363,36 +363,57 @@ class HttpClient:
 
     async def request(self, base_url: str, method: str, path: bytes,
                       headers: Iterable[tuple[bytes, bytes]] | bytes,
-                      body: bytes) -> UpstreamResponse:
+                      body: bytes, sent: Callable[[], object] | None = None) -> UpstreamResponse:
         """Send one request and wait for the response head (not the body). ``headers`` are
-        (name, value) pairs or ready header lines (``b"name: value\\r\\n"`` each)."""
-        key, host_line, prefix = self._target(base_url)
-        if not isinstance(headers, bytes):
-            headers = b"".join([b"%b: %b\r\n" % (n, v) for n, v in headers])
-        head = b"%b %b%b HTTP/1.1\r\n%b%bContent-Length: %d\r\n\r\n" % (
-            method.encode(), prefix, path, host_line, headers, len(body))
-        for _ in range(2):
-            conn, reused = self._take(key)
-            if conn is None:
-                await self._reserve()
-                conn = await self._open(key)
-            conn.send(head, body, head_only=method == "HEAD")
-            assert conn._head is not None
-            timer = asyncio.get_running_loop().call_later(
-                self._first_byte_timeout_s, _head_timeout, conn)
-            try:
-                status, response_headers = await conn._head
-            except ResponseBroken:
-                if reused and not conn.got_bytes:
-                    continue  # a stale keep-alive connection: resend once on a fresh one
-                raise
-            except BaseException:
-                conn._abort()
-                raise
-            finally:
-                timer.cancel()
-            return UpstreamResponse(self, key, conn, status, response_headers)
-        raise ResponseBroken("the backend closed two connections before answering")
+        (name, value) pairs or ready header lines (``b"name: value\\r\\n"`` each).
+
+        ``sent`` (the caller's bookkeeping of the dispatch) is called exactly once, before the
+        first suspension: right after the request's bytes are written when a kept-alive
+        connection is at hand, so the backend starts on it that much sooner; before
+        connecting when none is, so nothing else runs between the caller's decision and its
+        bookkeeping either way (at the latest, if this raises first)."""
+        call = sent
+        try:
+            key, host_line, prefix = self._target(base_url)
+            if not isinstance(headers, bytes):
+                headers = b"".join([b"%b: %b\r\n" % (n, v) for n, v in headers])
+            head = b"%b %b%b HTTP/1.1\r\n%b%bContent-Length: %d\r\n\r\n" % (
+                method.encode(), prefix, path, host_line, headers, len(body))
+            for _ in range(2):
+                conn, reused = self._take(key)
+                if conn is None:
+                    if call is not None:
+                        now, call = call, None
+                        now()
+                    await self._reserve()
+                    conn = await self._open(key)
+                conn.send(head, body, head_only=method == "HEAD")
+                if call is not None:
+                    now, call = call, None
+                    try:
+                        now()
+                    except BaseException:
+                        conn._abort()  # its answer would have no reader
+                        raise
+                assert conn._head is not None
+                timer = asyncio.get_running_loop().call_later(
+                    self._first_byte_timeout_s, _head_timeout, conn)
+                try:
+                    status, response_headers = await conn._head
+                except ResponseBroken:
+                    if reused and not conn.got_bytes:
+                        continue  # a stale keep-alive connection: resend once on a fresh one
+                    raise
+                except BaseException:
+                    conn._abort()
+                    raise
+                finally:
+                    timer.cancel()
+                return UpstreamResponse(self, key, conn, status, response_headers)
+            raise ResponseBroken("the backend closed two connections before answering")
+        finally:
+            if call is not None:  # raised before it ran
+                call()
 
     def _take(self, key: tuple[str, int, bool]) -> tuple[_Connection | None, bool]:
         idle = self._idle.get(key)

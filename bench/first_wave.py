@@ -8,7 +8,7 @@ reaches its pod. This script sends that wave ``--bursts`` times per router (each
 new system prompts, so every prompt is cold, 0.4 s apart so the pods are idle again) and
 prints, per router, the median over bursts of the k-th fastest TTFT.
 
-    .venv/bin/python bench/first_wave.py                          # kv_aware, round_robin, sglang-router
+    .venv/bin/python bench/first_wave.py          # kv_aware, round_robin, sglang-router
     .venv/bin/python bench/first_wave.py --routers direct,kvrouter:kv_aware --rounds 3 --pin
 
 ``direct`` sends request i to pod i mod 4 without a router: the floor. ``--pin`` places the

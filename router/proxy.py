@@ -4,9 +4,10 @@ The body is read and parsed once (``router.prompt.analyzer.read_fields``) and fo
 byte. Each attempt acquires the backend in the pool, calls the policy's ``on_dispatched`` (as
 soon as the request's bytes are written to a kept-alive connection, else before connecting:
 ``HttpClient.request``'s ``sent``) and always balances it with ``on_finished`` and a release,
-whatever happens (errors, client disconnects, cancellation). Retries go to a different backend and only before the first
-response byte (connect error, timeout, 502/503/504); after it, a broken stream ends with one
-SSE ``data: {"error": ...}`` event. Streams are relayed chunk by chunk as they arrive.
+whatever happens (errors, client disconnects, cancellation). Retries go to a different backend
+and only before the first response byte (connect error, timeout, 502/503/504); after it, a
+broken stream ends with one SSE ``data: {"error": ...}`` event. Streams are relayed chunk by
+chunk as they arrive.
 
 Must not import ``router.app`` (the app wires this in) or ``simulator``.
 """

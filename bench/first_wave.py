@@ -34,7 +34,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import _one
-from quality_procs import Emulator, free_port, make_router
+from quality_procs import Emulator, free_port, make_router, pinned_cpus
 from quality_workload import REGIMES, build_workload
 
 WAVE = 8
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args.router_list = [r for r in args.routers.split(",") if r]
     args.pod_cpus = args.router_cpus = None
     if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            p.error(f"--pin: needs 2 CPUs, this process may use {len(cpus)}")
-        args.pod_cpus, args.router_cpus = frozenset(cpus[-1:]), frozenset(cpus[:-1])
+        try:
+            args.pod_cpus, args.router_cpus = pinned_cpus()
+        except ValueError as exc:
+            p.error(f"--pin: {exc}")
     asyncio.run(main_async(args))
     return 0
 

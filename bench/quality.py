@@ -47,6 +47,7 @@ from quality_procs import (
     Emulator,
     free_port,
     make_router,
+    pinned_cpus,
     pod_counters,
 )
 from quality_workload import (
@@ -292,10 +293,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
     args.pod_cpus = args.router_cpus = None
     if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            p.error(f"--pin: needs 2 CPUs, this process may use {len(cpus)}")
-        args.pod_cpus, args.router_cpus = frozenset(cpus[-1:]), frozenset(cpus[:-1])
+        try:
+            args.pod_cpus, args.router_cpus = pinned_cpus()
+        except ValueError as exc:
+            p.error(f"--pin: {exc}")
     return args
 
 

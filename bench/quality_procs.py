@@ -39,6 +39,7 @@ __all__ = [
     "RouterGroup",
     "free_port",
     "make_router",
+    "pinned_cpus",
     "pod_counters",
 ]
 
@@ -64,6 +65,15 @@ def _pinned(cpus: frozenset[int] | None) -> Any:
     if cpus is None:
         return None
     return lambda: os.sched_setaffinity(0, cpus)
+
+
+def pinned_cpus() -> tuple[frozenset[int], frozenset[int]]:
+    """``--pin``'s placement: (the pods' CPU, the routers' and the client's CPUs): the last
+    CPU this process may use, and the others. ValueError with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise ValueError(f"needs 2 CPUs, this process may use {len(cpus)}")
+    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
 
 
 def free_port() -> int:

@@ -332,15 +332,20 @@ async def test_late_join_replays_what_the_engine_buffered(ctx):
     source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
                                        f"tcp://127.0.0.1:{rport}", "kv@e0")
     ing, index, metrics, task = await start_ingestor([source])
-    # ready is set after the start-up replay: the index already holds the engine's blocks.
+    # ready is set after the start-up replay: the index already holds the engine's blocks,
+    # and the live sequence is expected right after the replayed one.
     assert index.match(chain(tokens), time.monotonic())[source.backend_id].matched_blocks == 4
-    # Live messages continue the replayed sequence without a gap.
+    assert ing._streams[(source.backend_id, source.topic, 0)].next_seq == 2
+    # Live messages continue the sequence without a gap. (Probes the engine publishes before
+    # its PUB socket has connected, a slow start on a loaded machine, are lost for real:
+    # counted as a gap and replayed. So the count is taken once a probe got through.)
     more = list(range(300, 304))
     await wait_for(lambda: _probe(engine, ing, baseline=2))
+    gaps = counter(metrics, "kvrouter_kv_event_gaps_total", backend=source.backend_id)
     engine.publish([stored_map([5], 4, more)])
     await wait_for(lambda: index.match(chain(tokens + more), time.monotonic())
                    [source.backend_id].matched_blocks == 5)
-    assert counter(metrics, "kvrouter_kv_event_gaps_total", backend=source.backend_id) == 0
+    assert counter(metrics, "kvrouter_kv_event_gaps_total", backend=source.backend_id) == gaps
     await stop(task)
     await engine.close()
 

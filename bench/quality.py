@@ -70,14 +70,23 @@ CLOSED_CELL_S = 240.0
 # -- the client ------------------------------------------------------------------------------
 
 async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               results: list[dict[str, Any]], group: str) -> None:
+               results: list[dict[str, Any]], group: str, trace: bool = False) -> None:
     start = time.monotonic()
-    out: dict[str, Any] = {"group": group, "ok": False, "ttft_s": None}
+    out: dict[str, Any] = {"group": group, "ok": False, "ttft_s": None, "start_s": start}
+    # With --trace the pods add a last chunk with their usage (cached tokens included), and
+    # the tail kept after the first content is long enough to hold it.
+    keep = 4096 if trace else 64
+    if trace:
+        body = {**body, "stream_options": {"include_usage": True}}
     try:
         async with session.post(url, json=body) as resp:
             if resp.status != 200:
                 out["error"] = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
+            if trace:
+                out["backend"] = resp.headers.get("x-kvrouter-backend")
+                predicted = resp.headers.get("x-kvrouter-predicted-hit-tokens")
+                out["predicted_hit_tokens"] = int(predicted) if predicted else None
             # Parse events only until the first content; after that keep just the tail, enough
             # to see `data: [DONE]` (the client shares the 2 cores with pods and router).
             pending = b""
@@ -87,20 +96,37 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                     *events, rest = pending.split(b"\n\n")
                     if any(_has_content(e) for e in events):
                         out["ttft_s"] = time.monotonic() - start
-                        pending = pending[-64:]
+                        pending = pending[-keep:]
                     else:
                         pending = rest
                 else:
-                    pending = pending[-64:]
+                    pending = pending[-keep:]
             done = pending.rstrip().endswith(b"data: [DONE]")
             out["ok"] = done and out["ttft_s"] is not None
             if not out["ok"]:
                 out["error"] = "stream ended without [DONE] or content"
+            elif trace:
+                out.update(_usage(pending))
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:200]
     finally:
         out["e2e_s"] = time.monotonic() - start
         results.append(out)
+
+
+def _usage(tail: bytes) -> dict[str, int | None]:
+    """The pod's prompt and cached tokens from the stream's usage chunk (None: not found)."""
+    for event in reversed(tail.split(b"\n\n")):
+        data = event.strip()
+        if data.startswith(b"data:") and b'"usage"' in data:
+            try:
+                usage = json.loads(data[5:]).get("usage") or {}
+            except ValueError:
+                break
+            details = usage.get("prompt_tokens_details") or {}
+            return {"prompt_tokens": usage.get("prompt_tokens"),
+                    "cached_tokens": details.get("cached_tokens")}
+    return {"prompt_tokens": None, "cached_tokens": None}
 
 
 def _has_content(event: bytes) -> bool:
@@ -120,9 +146,10 @@ def _has_content(event: bytes) -> bool:
 
 
 async def drive(target: str | list[str], items: list[Item], regime: Regime,
-                limit_s: float) -> tuple[list[dict[str, Any]], bool]:
+                limit_s: float, trace: bool = False) -> tuple[list[dict[str, Any]], bool]:
     """Send the workload; returns one result per request and whether the time limit cut it.
-    Several targets (router replicas) take the requests in turn."""
+    Several targets (router replicas) take the requests in turn. ``trace``: ask the pods for
+    their usage chunk and keep, per request, its cached tokens and kvrouter's headers."""
     targets = [target] if isinstance(target, str) else target
     urls = itertools.cycle([f"{t}/v1/chat/completions" for t in targets])
     results: list[dict[str, Any]] = []
@@ -139,7 +166,7 @@ async def drive(target: str | list[str], items: list[Item], regime: Regime,
 
         async def run_item(item: Item) -> None:
             for body in item.bodies:
-                await _one(session, next(urls), body, results, item.group)
+                await _one(session, next(urls), body, results, item.group, trace)
 
         async def worker() -> None:
             nonlocal sent
@@ -205,7 +232,8 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         before = await pod_counters(emulator.urls)
         cpu_before = (router.cpu_s(), emulator.cpu_s())
         run_start = time.monotonic()
-        results, cut = await drive(router.urls, items, regime, _limit_s(regime, items))
+        results, cut = await drive(router.urls, items, regime, _limit_s(regime, items),
+                                   args.trace)
         run_s = time.monotonic() - run_start
         await asyncio.sleep(0.5)  # the last steps' counters
         after = await pod_counters(emulator.urls)
@@ -241,7 +269,23 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
         "load_average_1m": round(os.getloadavg()[0], 2),
         "ttft_s": [round(t, 4) for t in ttfts],
     })
+    if args.trace:
+        cell["trace"] = _trace_rows(results, run_start)
     return cell
+
+
+def _trace_rows(results: list[dict[str, Any]], run_start: float) -> list[dict[str, Any]]:
+    """``--trace``: one row per answered request in the order it was sent: when (s after the
+    run began), its group, TTFT, the pod's prompt and cached tokens and, through kvrouter,
+    the backend it chose and the hit tokens it predicted."""
+    rows = []
+    for r in sorted((r for r in results if r["ok"]), key=lambda r: r["start_s"]):
+        rows.append({"start_s": round(r["start_s"] - run_start, 4), "group": r["group"],
+                     "ttft_s": round(r["ttft_s"], 4), "backend": r.get("backend"),
+                     "predicted_hit_tokens": r.get("predicted_hit_tokens"),
+                     "prompt_tokens": r.get("prompt_tokens"),
+                     "cached_tokens": r.get("cached_tokens")})
+    return rows
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -273,6 +317,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "to the others: the pods stand in for GPU servers, which never take a "
                         "router's CPU (unpinned, the pods' tokenizer preempts whichever process "
                         "woke it)")
+    p.add_argument("--trace", action="store_true",
+                   help="per request, record the pod's cached tokens (the stream's usage "
+                        "chunk, asked with stream_options.include_usage) and, through "
+                        "kvrouter, the backend chosen and the hit tokens predicted: the "
+                        "cells' \"trace\" in --out")
     p.add_argument("--out", default=None, help="write the raw figures as JSON to this file")
     p.add_argument("--logs", default=None,
                    help="directory for the pods' and routers' logs (default: a temp dir)")

@@ -99,7 +99,7 @@ async def test_one_live_cell(tmp_path: Path) -> None:
     regime = dataclasses.replace(workload.REGIMES["light"], name="tiny", concurrency=1,
                                  groups=3, per_group=3, prefix_tokens=120, max_tokens=4)
     items = workload.build_workload(regime, seed=1)
-    args = argparse.Namespace(pods=2, seed=1, pod_cpus=None, router_cpus=None)
+    args = argparse.Namespace(pods=2, seed=1, pod_cpus=None, router_cpus=None, trace=False)
     cell = await quality.run_cell(regime, "kvrouter:round_robin", items, args, tmp_path)
     assert cell["requests"] == 9 and cell["errors"] == 0, cell["error_samples"]
     # one request at a time alternating over 2 pods: even load, and each group of 3 puts two

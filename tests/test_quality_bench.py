@@ -99,7 +99,7 @@ async def test_one_live_cell(tmp_path: Path) -> None:
     regime = dataclasses.replace(workload.REGIMES["light"], name="tiny", concurrency=1,
                                  groups=3, per_group=3, prefix_tokens=120, max_tokens=4)
     items = workload.build_workload(regime, seed=1)
-    args = argparse.Namespace(pods=2, seed=1, pod_cpus=None, router_cpus=None, trace=False)
+    args = argparse.Namespace(pods=2, seed=1, pod_cpus=None, router_cpus=None, trace=True)
     cell = await quality.run_cell(regime, "kvrouter:round_robin", items, args, tmp_path)
     assert cell["requests"] == 9 and cell["errors"] == 0, cell["error_samples"]
     # one request at a time alternating over 2 pods: even load, and each group of 3 puts two
@@ -108,6 +108,11 @@ async def test_one_live_cell(tmp_path: Path) -> None:
     assert cell["hit_rate"] > 0.1
     assert 0 < cell["ttft_p50_s"] <= cell["ttft_p99_s"]
     assert sum(p["requests"] for p in cell["per_pod"]) == 9
+    # --trace: every request's usage chunk was read, and the pods' per-request cached tokens
+    # add up to their own hit counters.
+    trace = cell["trace"]
+    assert len(trace) == 9 and all(r["backend"] and r["prompt_tokens"] for r in trace)
+    assert sum(r["cached_tokens"] for r in trace) == sum(p["hits"] for p in cell["per_pod"])
 
 
 def test_seeds_pool_into_one_row_per_regime_and_router() -> None:

@@ -34,7 +34,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import _one
-from quality_procs import Emulator, free_port, make_router, pinned_cpus
+from quality_procs import Emulator, add_pin_option, free_port, make_router, read_pin_option
 from quality_workload import REGIMES, build_workload
 
 WAVE = 8
@@ -122,16 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regime", default="light", choices=sorted(REGIMES))
     p.add_argument("--bursts", type=int, default=10, help="waves per router and round")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--pin", action="store_true",
-                   help="pods on the last CPU, routers and this client on the others")
+    add_pin_option(p)
     args = p.parse_args(argv)
     args.router_list = [r for r in args.routers.split(",") if r]
-    args.pod_cpus = args.router_cpus = None
-    if args.pin:
-        try:
-            args.pod_cpus, args.router_cpus = pinned_cpus()
-        except ValueError as exc:
-            p.error(f"--pin: {exc}")
+    read_pin_option(p, args)
     asyncio.run(main_async(args))
     return 0
 

@@ -45,10 +45,11 @@ from quality_procs import (
     DEFAULT_ROUTERS,
     ROUTER_NAMES,
     Emulator,
+    add_pin_option,
     free_port,
     make_router,
-    pinned_cpus,
     pod_counters,
+    read_pin_option,
 )
 from quality_workload import (
     REGIMES,
@@ -312,11 +313,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=90.0,
                    help="stop starting new cells after this many minutes (default 90); "
                         "cells not run are listed as skipped")
-    p.add_argument("--pin", action="store_true",
-                   help="pin the emulated pods to the last CPU, and each router and this client "
-                        "to the others: the pods stand in for GPU servers, which never take a "
-                        "router's CPU (unpinned, the pods' tokenizer preempts whichever process "
-                        "woke it)")
+    add_pin_option(p)
     p.add_argument("--trace", action="store_true",
                    help="per request, record the pod's cached tokens (the stream's usage "
                         "chunk, asked with stream_options.include_usage) and, through "
@@ -340,12 +337,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for r in args.router_list:
         if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx", "kvrouter@")):
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
-    args.pod_cpus = args.router_cpus = None
-    if args.pin:
-        try:
-            args.pod_cpus, args.router_cpus = pinned_cpus()
-        except ValueError as exc:
-            p.error(f"--pin: {exc}")
+    read_pin_option(p, args)
     return args
 
 

@@ -19,6 +19,7 @@ Each peer gets its own Prometheus port: both crash when theirs is taken.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -37,10 +38,11 @@ __all__ = [
     "Emulator",
     "Router",
     "RouterGroup",
+    "add_pin_option",
     "free_port",
     "make_router",
-    "pinned_cpus",
     "pod_counters",
+    "read_pin_option",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +69,24 @@ def _pinned(cpus: frozenset[int] | None) -> Any:
     return lambda: os.sched_setaffinity(0, cpus)
 
 
-def pinned_cpus() -> tuple[frozenset[int], frozenset[int]]:
-    """``--pin``'s placement: (the pods' CPU, the routers' and the client's CPUs): the last
-    CPU this process may use, and the others. ValueError with fewer than two."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise ValueError(f"needs 2 CPUs, this process may use {len(cpus)}")
-    return frozenset(cpus[-1:]), frozenset(cpus[:-1])
+def add_pin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="pin the emulated pods to the last CPU, and each router and this client to the "
+             "others: the pods stand in for GPU servers, which never take a router's CPU "
+             "(unpinned, the pods' tokenizer preempts whichever process woke it)")
+
+
+def read_pin_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set ``args.pod_cpus`` and ``args.router_cpus`` from ``--pin`` (None: the kernel's
+    placement): the last CPU this process may use for the pods, the others for the routers
+    and the client. A parser error with fewer than two CPUs."""
+    args.pod_cpus = args.router_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error(f"--pin: needs 2 CPUs, this process may use {len(cpus)}")
+        args.pod_cpus, args.router_cpus = frozenset(cpus[-1:]), frozenset(cpus[:-1])
 
 
 def free_port() -> int:

@@ -560,8 +560,8 @@ def test_terms_read_as_a_mapping_of_every_term_in_one_order() -> None:
         "ttft_s", "queued_s", "prefill_s", "kv_pressure_s", "hit_tokens", "gpu_tokens",
         "cpu_tokens", "storage_tokens", "shared_tokens", "step_s", "decode_s", "externality_s",
         "placement_s", "queued_tokens", "running_context_tokens", "uncached_tokens",
-        "prompt_tokens"]
-    assert terms == plain and dict(terms) == plain and len(terms) == 17
+        "prompt_tokens", "speed_factor"]
+    assert terms == plain and dict(terms) == plain and len(terms) == 18
     assert plain["cpu_tokens"] == 320.0 and plain["prompt_tokens"] == 1000.0
     assert plain["uncached_tokens"] == 1000.0 - plain["hit_tokens"]
     assert all(isinstance(v, float) for v in plain.values())
@@ -851,3 +851,81 @@ def test_a_holder_keeps_its_prefix_over_a_small_ttft_gain_on_an_idle_backend() -
     # A prefix nobody holds: every candidate pays the same floor, so idle backends still win.
     cold = prompt(6, 2163)
     assert all(policy(seed=s).choose(cold, v).backend_id != "b3" for s in range(20))
+
+
+def _first_tokens(kv: KvAware, index: PrefixIndex, backend: str, slowdown: float,
+                  group: int) -> None:
+    """A cold streamed request on an idle ``backend`` whose first token comes ``slowdown``
+    times its predicted TTFT after its dispatch."""
+    request = _streamed(prompt(group, 4096))
+    scores = kv.choose(request, view(index, idle(backend))).scores
+    decision = Decision(backend_id=backend, reason="test", scores=scores)
+    kv.on_dispatched(request, decision, 0.0)
+    kv.on_first_token(request, decision, slowdown * scores[0].terms["ttft_s"])
+
+
+def test_a_backend_whose_first_tokens_come_late_is_priced_at_its_speed() -> None:
+    index = PrefixIndex()
+    kv = policy()
+    _first_tokens(kv, index, "b0", 4.0, 600)
+    _first_tokens(kv, index, "b1", 1.0, 601)
+    cold = prompt(602, 4096)
+    decision = kv.choose(cold, view(index, idle("b0"), idle("b1")))
+    terms = {s.backend_id: s.terms for s in decision.scores}
+    assert terms["b0"]["speed_factor"] == pytest.approx(4.0)
+    assert terms["b1"]["speed_factor"] == 1.0
+    assert terms["b0"]["prefill_s"] == pytest.approx(4 * terms["b1"]["prefill_s"])
+    assert decision.backend_id == "b1"
+    # Holding the prefix, the slow backend still wins while its 4x prefill of the rest is
+    # cheaper than a cold one elsewhere.
+    hold(index, "b0", cold.block_hashes)
+    assert kv.choose(cold, view(index, idle("b0"), idle("b1"))).backend_id == "b0"
+
+
+def test_its_queue_is_kept_at_model_speed_and_priced_at_the_backends() -> None:
+    """The slow backend's forecasts are stored at the cost model's speed, so its factor
+    applies once to what is queued there, not again on top of a scaled forecast."""
+    index = PrefixIndex()
+    kv = policy()
+    _first_tokens(kv, index, "b0", 4.0, 610)
+    _first_tokens(kv, index, "b1", 1.0, 611)
+    sent = _streamed(prompt(612, 4096))
+    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
+        sent, view(index, idle("b0"), idle("b1"))).scores)
+    kv.on_dispatched(sent, decision, 0.0)
+    busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
+    terms = {s.backend_id: s.terms for s in kv.choose(
+        prompt(2, 4096), view(index, busy, idle("b1"), now_s=10.0)).scores}
+    assert terms["b0"]["queued_s"] == pytest.approx(4 * PrefillCost().seconds(4096), rel=1e-6)
+
+
+def test_a_first_token_behind_predicted_work_teaches_no_speed() -> None:
+    """With work queued ahead, a late first token may be a queue the model priced wrong, not
+    a slow backend."""
+    index = PrefixIndex()
+    kv = policy()
+    first = _streamed(prompt(620, 4096))
+    d1 = Decision(backend_id="b0", reason="test", scores=kv.choose(
+        first, view(index, idle("b0"))).scores)
+    kv.on_dispatched(first, d1, 0.0)
+    second = _streamed(prompt(621, 4096))
+    busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
+    d2 = Decision(backend_id="b0", reason="test", scores=kv.choose(
+        second, view(index, busy)).scores)
+    assert d2.scores[0].terms["queued_s"] > 0
+    kv.on_dispatched(second, d2, 0.0)
+    kv.on_first_token(second, d2, 100.0)  # very late, behind the first
+    _first_tokens(kv, index, "b1", 1.0, 622)
+    terms = {s.backend_id: s.terms for s in kv.choose(
+        prompt(623, 4096), view(index, idle("b0"), idle("b1"))).scores}
+    assert terms["b0"]["speed_factor"] == 1.0
+
+
+def test_speed_learning_can_be_turned_off() -> None:
+    index = PrefixIndex()
+    kv = policy(speed_max_ratio=1.0)
+    _first_tokens(kv, index, "b0", 4.0, 630)
+    _first_tokens(kv, index, "b1", 1.0, 631)
+    terms = {s.backend_id: s.terms for s in kv.choose(
+        prompt(632, 4096), view(index, idle("b0"), idle("b1"))).scores}
+    assert terms["b0"]["speed_factor"] == 1.0

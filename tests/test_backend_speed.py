@@ -1,0 +1,105 @@
+"""BackendSpeed: per-backend speed factors relative to the fleet, from first tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.backend_speed import BackendSpeed
+
+
+def speed(**kw: float) -> BackendSpeed:
+    args = {"window": 32, "min_requests": 1, "band_ratio": 1.5, "max_ratio": 16.0} | kw
+    return BackendSpeed(int(args["window"]), int(args["min_requests"]), args["band_ratio"],
+                        args["max_ratio"])
+
+
+def feed(s: BackendSpeed, backend: str, ratio: float, n: int = 1,
+         predicted_s: float = 0.05) -> None:
+    for _ in range(n):
+        s.observe(backend, predicted_s, predicted_s * ratio)
+
+
+def test_one_slow_backend_among_four_gets_its_slowdown() -> None:
+    s = speed()
+    for b in ("b1", "b2", "b3"):
+        feed(s, b, 1.1, 3)
+    feed(s, "b0", 4.4, 3)
+    assert s.factor("b0") == pytest.approx(4.0)
+    assert [s.factor(b) for b in ("b1", "b2", "b3")] == [1.0, 1.0, 1.0]
+    assert s.factors() == {"b0": pytest.approx(4.0)}
+
+
+def test_a_model_off_for_the_whole_fleet_moves_no_factor() -> None:
+    s = speed()
+    for b in ("b0", "b1", "b2"):
+        feed(s, b, 2.6, 5)  # every TTFT 2.6x the model's: another GPU, not a slow backend
+    assert s.factors() == {}
+
+
+def test_with_two_backends_the_faster_is_the_reference() -> None:
+    s = speed()
+    feed(s, "b0", 1.0)
+    feed(s, "b1", 3.0)
+    assert (s.factor("b0"), s.factor("b1")) == (1.0, pytest.approx(3.0))
+
+
+def test_speeds_inside_the_band_count_as_equal_and_outside_are_clipped() -> None:
+    s = speed(max_ratio=5.0)
+    feed(s, "b0", 1.0)
+    feed(s, "b1", 1.4)  # within 1.5x
+    feed(s, "b2", 0.5)  # twice as fast
+    feed(s, "b3", 40.0)
+    assert s.factor("b1") == 1.0
+    assert s.factor("b2") == pytest.approx(0.5)
+    assert s.factor("b3") == 5.0
+
+
+def test_one_backend_heard_from_is_not_compared_and_min_requests_waits() -> None:
+    s = speed(min_requests=3)
+    feed(s, "b0", 4.0, 5)
+    assert s.factors() == {}  # nothing to compare it with
+    feed(s, "b1", 1.0, 2)
+    assert s.factors() == {}  # b1 has 2 of 3
+    feed(s, "b1", 1.0)
+    assert s.factor("b0") == pytest.approx(4.0)
+
+
+def test_first_tokens_are_weighted_by_their_predicted_size() -> None:
+    """A cached request's TTFT is mostly fixed overhead (network, the engine's tokenizer):
+    ten of them 3x late weigh less than one long prefill on time."""
+    s = speed()
+    feed(s, "b0", 1.0, predicted_s=0.5)
+    feed(s, "b1", 1.0, predicted_s=0.5)
+    feed(s, "b1", 3.0, 10, predicted_s=0.005)
+    # b1: (0.5 + 10 x 0.015) / (0.5 + 10 x 0.005) = 1.18, inside the band
+    assert s.factors() == {}
+
+
+def test_a_backend_that_recovers_returns_to_the_fleet() -> None:
+    s = speed(window=8)
+    feed(s, "b0", 1.0, 50)
+    feed(s, "b1", 4.0, 5)
+    assert s.factor("b1") > 3.0
+    feed(s, "b1", 1.0, 40)  # the throttling ended
+    assert s.factor("b1") == 1.0
+
+
+@pytest.mark.parametrize(("predicted", "observed"),
+                         [(0.0, 1.0), (-1.0, 1.0), (0.1, -0.5), (float("inf"), 1.0),
+                          (0.1, float("nan")), (float("nan"), 0.1)])
+def test_unusable_times_are_ignored(predicted: float, observed: float) -> None:
+    s = speed()
+    feed(s, "b0", 1.0)
+    s.observe("b1", predicted, observed)
+    assert s.factors() == {}
+    feed(s, "b1", 4.0)
+    assert s.factor("b1") == pytest.approx(4.0)  # the bad sample left no trace
+
+
+def test_removing_a_backend_recomputes_the_reference() -> None:
+    s = speed()
+    feed(s, "b0", 1.0)
+    feed(s, "b1", 4.0)
+    s.remove_backend("b0")
+    assert s.factors() == {}  # b1 alone has nothing to be slower than
+    s.remove_backend("never-seen")

@@ -26,9 +26,9 @@ keeps a homogeneous fleet as it was: its backends' ratios differ by what queuein
 does not see, not by speed (the capacity-edge simulations, docs/simulation.md "A slow engine").
 With fewer than two backends heard from, every factor is 1.
 
-kv_aware multiplies what a backend computes (its queue, the request's prefill, the step and
-decode work, and the fleet prices made of them) by its factor; what it predicts is stored at
-the model's speed (``Prediction.speed``), so the learned factor never feeds itself.
+kv_aware multiplies what a first token measures on a backend (its queue, the request's
+prefill and steps, and the fleet prices made of them) by its factor; what it predicts is
+stored at the model's speed (``Prediction.speed``), so the learned factor never feeds itself.
 
 Pure: times come from the caller. Cost: O(1) per first token, plus a median over the backends
 heard from (a sort of a few floats) when a ratio changes; a lookup per score. Must not import

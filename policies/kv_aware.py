@@ -55,8 +55,8 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     in externality_s, since they are prefill seconds won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
     speed_b       = b's learned speed factor (``policies.backend_speed``; 1 for a backend as
-                    fast as the fleet's median): queued_s, prefill_s, step_s, decode_s,
-                    externality_s and placement_s of b are all times speed_b
+                    fast as the fleet's median): queued_s, prefill_s, step_s, externality_s
+                    and placement_s of b are all times speed_b (decode_s is not)
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
 costs as much as a cold prefill elsewhere (0.27 s for 8k tokens, ~650k tokens of running
@@ -128,12 +128,16 @@ shorter ones are mostly network and the engine's tokenizer) with nothing predict
 of it (else the lateness may be a queue the model priced wrong) compares its TTFT with the
 prediction, and ``policies.backend_speed`` turns the ratios into factors against the fleet's
 median, equal within ``speed_band_ratio`` (1.5). Forecasts are stored at the model's speed, so
-the factor never feeds itself. The same groups trace: TTFT p99 0.61 -> 0.10 s (the floor of
-what an oracle factor of 4 from the start gives is 0.13 s, since the fastest learning is
-from the first cold wave); the capacity-edge set, homogeneous, is unchanged in 31 of 36
-cells, and the 5 that moved are past capacity, where all three measures stay below
-sglang_cache_aware's (docs/simulation.md, "A slow engine"). A mixed fleet (H100s beside
-H200s, a smaller tensor-parallel group) is the same case at a factor of ~2.
+the factor never feeds itself. It scales what a first token measures (the prefills ahead, this
+one, its steps, and the prices made of them), not ``decode_s``: decode is bound by memory
+bandwidth where prefill is bound by compute, so a GPU throttled in one need not be in the
+other, and scaled, the decode horizon of a 4x engine (8 steps at 4x) outweighed a cached
+prefix there, so kv_aware moved the groups it held and lost their hits (live slow_pod, four
+seeds: 0.769 against 0.773 unscaled, the same TTFT p99). The same groups trace: TTFT p99
+0.61 -> 0.10 s (an oracle factor of 4 from the start gives 0.13 s); the capacity-edge set,
+homogeneous, is unchanged in 31 of 36 cells, and the 5 that moved are past capacity, where
+all three measures stay below sglang_cache_aware's (docs/simulation.md, "A slow engine"). A
+mixed fleet (H100s beside H200s, a smaller tensor-parallel group) is the same case at ~2x.
 
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
@@ -675,7 +679,7 @@ class KvAware(PolicyBase):
             if backend.total_kv_blocks is not None:
                 # A batch never holds more context than KV memory; the rest waits (queued_s).
                 decode_context = min(decode_context, float(backend.total_kv_blocks * bs))
-            decode_s = fleet.decode_tokens * self._cost.step_overhead_s(0.0, decode_context) * speed
+            decode_s = fleet.decode_tokens * self._cost.step_overhead_s(0.0, decode_context)
         # What this prefill costs everyone else, priced only as the fleet fills up.
         # Every request in flight there is decoding by the time this prefill runs (those queued
         # ahead are admitted first), so each one is stalled by it.

@@ -138,3 +138,33 @@ async def test_a_first_token_lets_a_held_request_ask_again(
     at = {(name, rid): t for name, rid, t in policy.calls}
     assert at[("first_token", "r0")] <= at[("dispatched", "r1")]
     assert at[("dispatched", "r1")] < at[("finished", "r0")] - 0.3
+
+
+@pytest.mark.parametrize("learn", [True, False], ids=["learned", "off"])
+async def test_kv_aware_learns_a_slow_backend_from_its_first_tokens(
+        start_backend, start_router, http, learn: bool) -> None:
+    """Two backends, one whose first token comes ~20x later: once each answered a streamed
+    request, kv_aware prices the slow one at its speed and sends new prompts to the other
+    (with learning off, the same seeded draws split them)."""
+    slow = await start_backend(name="slow", chunks=1, chunk_delay_s=0.4)
+    fast = await start_backend(name="fast", chunks=1, chunk_delay_s=0.02)
+    params = {"speed_min_ttft_s": 0.0} | ({} if learn else {"speed_max_ratio": 1.0})
+    router = await start_router({"backends": [slow.url, fast.url],
+                                 "policy": {"name": "kv_aware", "params": params}},
+                                rng=random.Random(0))
+
+    async def send(i: int) -> str:
+        body = {"model": "tiny", "prompt": f"{i} " + "words of a long prompt " * 150,
+                "stream": True, "max_tokens": 1}
+        async with http.post(router.url + "/v1/completions", json=body) as response:
+            assert response.status == 200
+            await response.read()
+            return response.headers["X-Engine"]
+
+    # Sent together, the second sees the first in flight and goes to the other backend.
+    assert sorted(await asyncio.gather(send(0), send(1))) == ["fast", "slow"]
+    engines = [await send(i) for i in range(2, 8)]
+    if learn:
+        assert engines == ["fast"] * 6
+    else:
+        assert "slow" in engines

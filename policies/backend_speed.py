@@ -24,7 +24,8 @@ median makes it relative: a cost model that is off for the whole fleet (another 
 model) moves every ratio alike and no factor, and only relative speed moves work. The band
 keeps a homogeneous fleet as it was: its backends' ratios differ by what queueing the model
 does not see, not by speed (the capacity-edge simulations, docs/simulation.md "A slow engine").
-With fewer than two backends heard from, every factor is 1.
+With fewer than two backends heard from, every factor is 1. A backend that has taught nothing
+for ``memory_s`` is forgotten (``factor``), so one that recovered is offered work again.
 
 kv_aware multiplies what a first token measures on a backend (its queue, the request's
 prefill and steps, and the fleet prices made of them) by its factor; what it predicts is
@@ -45,38 +46,51 @@ __all__ = ["BackendSpeed"]
 class BackendSpeed:
     """Per-backend speed factors relative to the fleet's median (1: as the median)."""
 
-    __slots__ = ("_band", "_decay", "_factors", "_max", "_min_requests", "_sums")
+    __slots__ = ("_band", "_decay", "_factors", "_max", "_memory_s", "_min_requests", "_sums")
 
     def __init__(self, window: int, min_requests: int, band_ratio: float,
-                 max_ratio: float) -> None:
+                 max_ratio: float, memory_s: float) -> None:
         self._decay = 1.0 - 1.0 / window
         self._min_requests = min_requests
         self._band = band_ratio
         self._max = max_ratio
-        # backend -> [predicted sum, observed sum, first tokens seen]
+        self._memory_s = memory_s
+        # backend -> [predicted sum, observed sum, first tokens seen, last one's time]
         self._sums: dict[BackendId, list[float]] = {}
         self._factors: dict[BackendId, float] = {}  # only backends whose factor is not 1
 
-    def factor(self, backend_id: BackendId) -> float:
-        return self._factors.get(backend_id, 1.0)
+    def factor(self, backend_id: BackendId, now_s: float) -> float:
+        """``backend_id``'s factor at ``now_s``. One that has taught nothing for ``memory_s``
+        is forgotten (1 again): a backend priced as slow gets little work and so few first
+        tokens, and without this one that recovered would stay priced as slow; forgotten, it
+        is offered work again, and its next first token says which it is."""
+        factor = self._factors.get(backend_id)
+        if factor is None:
+            return 1.0
+        if now_s - self._sums[backend_id][3] > self._memory_s:
+            self.remove_backend(backend_id)
+            return 1.0
+        return factor
 
     def factors(self) -> dict[BackendId, float]:
         """The factors that are not 1 (for ``/debug`` and tests)."""
         return dict(self._factors)
 
-    def observe(self, backend_id: BackendId, predicted_s: float, observed_s: float) -> None:
-        """One first token on ``backend_id``: ``observed_s`` after its dispatch, predicted
-        ``predicted_s`` at the cost model's speed. Non-positive or non-finite times (a clock
-        step, a prediction of 0) are ignored."""
+    def observe(self, backend_id: BackendId, predicted_s: float, observed_s: float,
+                now_s: float) -> None:
+        """One first token on ``backend_id`` at ``now_s``: ``observed_s`` after its dispatch,
+        predicted ``predicted_s`` at the cost model's speed. Non-positive or non-finite times
+        (a clock step, a prediction of 0) are ignored."""
         if not (0.0 < predicted_s < float("inf") and 0.0 <= observed_s < float("inf")):
             return
         sums = self._sums.get(backend_id)
         if sums is None:
-            sums = self._sums[backend_id] = [0.0, 0.0, 0.0]
+            sums = self._sums[backend_id] = [0.0, 0.0, 0.0, now_s]
         decay = self._decay
         sums[0] = sums[0] * decay + predicted_s
         sums[1] = sums[1] * decay + observed_s
         sums[2] += 1
+        sums[3] = now_s
         if sums[2] >= self._min_requests:
             self._refresh()
 

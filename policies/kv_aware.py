@@ -125,19 +125,24 @@ is late, but once it catches up its queue and the next prefill are priced at the
 speed again, and it is offered work as if it were as fast as the rest. Its first tokens say
 how fast it really is: each streamed request predicted at least ``speed_min_ttft_s`` (20 ms:
 shorter ones are mostly network and the engine's tokenizer) with nothing predicted queued ahead
-of it (else the lateness may be a queue the model priced wrong) compares its TTFT with the
+of it and its KV below ``kv_knee_ratio`` (else the lateness may be a queue or an admission wait
+the model priced wrong) compares its TTFT with the
 prediction, and ``policies.backend_speed`` turns the ratios into factors against the fleet's
-median, equal within ``speed_band_ratio`` (1.5). Forecasts are stored at the model's speed, so
-the factor never feeds itself. It scales what a first token measures (the prefills ahead, this
+median, equal within ``speed_band_ratio`` (2: at 1.5, live overload on homogeneous pods, where
+first tokens are late by what a CPU-bound machine and a full batch add, priced one pod slow and
+moved its groups, hits 0.766 against 0.774 in one of four seeds); a factor nothing has taught for
+``speed_memory_s`` (60 s) is forgotten, so a backend that recovered is offered work again (one
+priced as slow gets little, and so teaches little). Forecasts are stored at the model's speed,
+so the factor never feeds itself. It scales what a first token measures (the prefills ahead, this
 one, its steps, and the prices made of them), not ``decode_s``: decode is bound by memory
 bandwidth where prefill is bound by compute, so a GPU throttled in one need not be in the
 other, and scaled, the decode horizon of a 4x engine (8 steps at 4x) outweighed a cached
 prefix there, so kv_aware moved the groups it held and lost their hits (live slow_pod, four
 seeds: 0.769 against 0.773 unscaled, the same TTFT p99). The same groups trace: TTFT p99
 0.61 -> 0.10 s (an oracle factor of 4 from the start gives 0.13 s); the capacity-edge set,
-homogeneous, is unchanged in 31 of 36 cells, and the 5 that moved are past capacity, where
-all three measures stay below sglang_cache_aware's (docs/simulation.md, "A slow engine"). A
-mixed fleet (H100s beside H200s, a smaller tensor-parallel group) is the same case at ~2x.
+homogeneous, keeps its TTFT p99, prefill GPU-seconds, preemptions and hits in all 36 cells
+(docs/simulation.md, "A slow engine"). A mixed fleet (H100s beside H200s, a smaller
+tensor-parallel group) is the same case at ~2x, the band's edge.
 
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
@@ -441,8 +446,9 @@ class KvAwareParams:
     speed_min_requests: int = 1  # first tokens before a backend's speed counts
     speed_min_ttft_s: float = 0.02  # only first tokens predicted at least this long, with
     # nothing predicted queued ahead of them, teach speed
-    speed_band_ratio: float = 1.5  # speeds within this factor of the fleet's median count as equal
+    speed_band_ratio: float = 2.0  # speeds within this factor of the fleet's median count as equal
     speed_max_ratio: float = 16.0  # the largest factor a learned speed applies (1: off)
+    speed_memory_s: float = 60.0  # a backend's speed taught nothing for this long is forgotten
 
     def __post_init__(self) -> None:
         for name in ("cpu_hit_ratio", "storage_hit_ratio"):
@@ -487,8 +493,8 @@ class KvAwareParams:
             raise ValueError("approx_ttl_s must be > 0, kv_full_wait_s and load_wait_s >= 0")
         if self.speed_band_ratio < 1.0 or self.speed_max_ratio < 1.0:
             raise ValueError("speed_band_ratio and speed_max_ratio must be >= 1")
-        if self.speed_min_ttft_s < 0:
-            raise ValueError("speed_min_ttft_s must be >= 0")
+        if self.speed_min_ttft_s < 0 or self.speed_memory_s <= 0:
+            raise ValueError("speed_min_ttft_s must be >= 0 and speed_memory_s > 0")
         self.cost()
 
     def cost(self) -> PrefillCost:
@@ -523,7 +529,8 @@ class KvAware(PolicyBase):
         self._backoff = PreemptionBackoff(params.hold_kv_ratio, params.hold_kv_floor_ratio,
                                           params.hold_kv_backoff_ratio, params.hold_kv_recovery_s)
         self._speed = BackendSpeed(params.speed_window_requests, params.speed_min_requests,
-                                   params.speed_band_ratio, params.speed_max_ratio)
+                                   params.speed_band_ratio, params.speed_max_ratio,
+                                   params.speed_memory_s)
 
     # ---- scoring ------------------------------------------------------------------------------
 
@@ -662,7 +669,7 @@ class KvAware(PolicyBase):
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
         if load_waits:
             kv_pressure_s += p.load_wait_s
-        speed = self._speed.factor(backend.backend_id)
+        speed = self._speed.factor(backend.backend_id, now_s)
         if speed != 1.0:
             # A backend slower than the fleet computes all of it slower: its queue, this
             # prefill and its steps, and the prices made of them (policies.backend_speed).
@@ -704,7 +711,7 @@ class KvAware(PolicyBase):
                 backend.kv_events and request.matches_events,  # kv_events
                 backend.total_kv_blocks or p.approx_capacity_blocks,  # capacity_blocks
                 speed,  # speed
-                queued_s,  # queued_s
+                queued_s + kv_pressure_s,  # wait_s
             ),  # prediction
         )
 
@@ -916,7 +923,7 @@ class KvAware(PolicyBase):
         if pending is None or not backend.in_flight_requests:
             return 0.0
         pending.expire(now_s)  # bookkeeping only, as in _score
-        queued_s = pending.remaining_s(now_s) * self._speed.factor(backend.backend_id)
+        queued_s = pending.remaining_s(now_s) * self._speed.factor(backend.backend_id, now_s)
         if pending.prompt_tokens > backend.in_flight_prompt_tokens:
             queued_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
         return queued_s
@@ -924,7 +931,7 @@ class KvAware(PolicyBase):
     def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         forecast = self._retire(request)
         if forecast is not None:
-            self._speed.observe(forecast[0], forecast[3], now_s - forecast[2])
+            self._speed.observe(forecast[0], forecast[3], now_s - forecast[2], now_s)
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
@@ -953,11 +960,12 @@ class KvAware(PolicyBase):
                 self.params.prefill_memory_requests
             )
         # Queued work is kept at the cost model's speed; scoring applies the backend's speed.
-        # A first token teaches speed only with nothing predicted ahead of it: then its TTFT
-        # is its own prefill and steps, not a queue the model may have priced wrong.
+        # A first token teaches speed only with nothing predicted ahead of it (no queue, KV
+        # below the knee): then its TTFT is its own prefill and steps, not a queue or an
+        # admission wait the model may have priced wrong.
         speed = predicted.speed
         model_ttft_s = predicted.ttft_s / speed
-        if predicted.queued_s or model_ttft_s < self.params.speed_min_ttft_s:
+        if predicted.wait_s or model_ttft_s < self.params.speed_min_ttft_s:
             model_ttft_s = 0.0  # (observe ignores it)
         self._forecasts[request.request_id] = prefill_id, pending.add(
             now_s + predicted.ttft_s,

@@ -181,7 +181,8 @@ class Prediction:
     kv_events: bool  # matched against the backend's own KV events (precise mode)
     capacity_blocks: int  # the backend's KV capacity as the policy assumed it
     speed: float = 1.0  # the backend's learned speed factor in these times (1: the cost model's)
-    queued_s: float = 0.0  # of ttft_s, the work predicted ahead of it there
+    wait_s: float = 0.0  # of ttft_s, what it waits for before its own prefill: the work
+    # predicted queued ahead of it and KV admission
 
 
 @value_type

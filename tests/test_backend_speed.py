@@ -8,15 +8,16 @@ from policies.backend_speed import BackendSpeed
 
 
 def speed(**kw: float) -> BackendSpeed:
-    args = {"window": 32, "min_requests": 1, "band_ratio": 1.5, "max_ratio": 16.0} | kw
+    args = {"window": 32, "min_requests": 1, "band_ratio": 1.5, "max_ratio": 16.0,
+            "memory_s": 60.0} | kw
     return BackendSpeed(int(args["window"]), int(args["min_requests"]), args["band_ratio"],
-                        args["max_ratio"])
+                        args["max_ratio"], args["memory_s"])
 
 
 def feed(s: BackendSpeed, backend: str, ratio: float, n: int = 1,
-         predicted_s: float = 0.05) -> None:
+         predicted_s: float = 0.05, now_s: float = 0.0) -> None:
     for _ in range(n):
-        s.observe(backend, predicted_s, predicted_s * ratio)
+        s.observe(backend, predicted_s, predicted_s * ratio, now_s)
 
 
 def test_one_slow_backend_among_four_gets_its_slowdown() -> None:
@@ -24,8 +25,8 @@ def test_one_slow_backend_among_four_gets_its_slowdown() -> None:
     for b in ("b1", "b2", "b3"):
         feed(s, b, 1.1, 3)
     feed(s, "b0", 4.4, 3)
-    assert s.factor("b0") == pytest.approx(4.0)
-    assert [s.factor(b) for b in ("b1", "b2", "b3")] == [1.0, 1.0, 1.0]
+    assert s.factor("b0", 0.0) == pytest.approx(4.0)
+    assert [s.factor(b, 0.0) for b in ("b1", "b2", "b3")] == [1.0, 1.0, 1.0]
     assert s.factors() == {"b0": pytest.approx(4.0)}
 
 
@@ -40,7 +41,7 @@ def test_with_two_backends_the_faster_is_the_reference() -> None:
     s = speed()
     feed(s, "b0", 1.0)
     feed(s, "b1", 3.0)
-    assert (s.factor("b0"), s.factor("b1")) == (1.0, pytest.approx(3.0))
+    assert (s.factor("b0", 0.0), s.factor("b1", 0.0)) == (1.0, pytest.approx(3.0))
 
 
 def test_speeds_inside_the_band_count_as_equal_and_outside_are_clipped() -> None:
@@ -49,9 +50,9 @@ def test_speeds_inside_the_band_count_as_equal_and_outside_are_clipped() -> None
     feed(s, "b1", 1.4)  # within 1.5x
     feed(s, "b2", 0.5)  # twice as fast
     feed(s, "b3", 40.0)
-    assert s.factor("b1") == 1.0
-    assert s.factor("b2") == pytest.approx(0.5)
-    assert s.factor("b3") == 5.0
+    assert s.factor("b1", 0.0) == 1.0
+    assert s.factor("b2", 0.0) == pytest.approx(0.5)
+    assert s.factor("b3", 0.0) == 5.0
 
 
 def test_one_backend_heard_from_is_not_compared_and_min_requests_waits() -> None:
@@ -61,7 +62,7 @@ def test_one_backend_heard_from_is_not_compared_and_min_requests_waits() -> None
     feed(s, "b1", 1.0, 2)
     assert s.factors() == {}  # b1 has 2 of 3
     feed(s, "b1", 1.0)
-    assert s.factor("b0") == pytest.approx(4.0)
+    assert s.factor("b0", 0.0) == pytest.approx(4.0)
 
 
 def test_first_tokens_are_weighted_by_their_predicted_size() -> None:
@@ -79,9 +80,9 @@ def test_a_backend_that_recovers_returns_to_the_fleet() -> None:
     s = speed(window=8)
     feed(s, "b0", 1.0, 50)
     feed(s, "b1", 4.0, 5)
-    assert s.factor("b1") > 3.0
+    assert s.factor("b1", 0.0) > 3.0
     feed(s, "b1", 1.0, 40)  # the throttling ended
-    assert s.factor("b1") == 1.0
+    assert s.factor("b1", 0.0) == 1.0
 
 
 @pytest.mark.parametrize(("predicted", "observed"),
@@ -90,10 +91,10 @@ def test_a_backend_that_recovers_returns_to_the_fleet() -> None:
 def test_unusable_times_are_ignored(predicted: float, observed: float) -> None:
     s = speed()
     feed(s, "b0", 1.0)
-    s.observe("b1", predicted, observed)
+    s.observe("b1", predicted, observed, 0.0)
     assert s.factors() == {}
     feed(s, "b1", 4.0)
-    assert s.factor("b1") == pytest.approx(4.0)  # the bad sample left no trace
+    assert s.factor("b1", 0.0) == pytest.approx(4.0)  # the bad sample left no trace
 
 
 def test_removing_a_backend_recomputes_the_reference() -> None:
@@ -103,3 +104,19 @@ def test_removing_a_backend_recomputes_the_reference() -> None:
     s.remove_backend("b0")
     assert s.factors() == {}  # b1 alone has nothing to be slower than
     s.remove_backend("never-seen")
+
+
+def test_a_factor_nothing_taught_for_memory_s_is_forgotten() -> None:
+    """Priced as slow, a backend gets little work and teaches little: after memory_s without
+    a first token it is offered work again, and its next first token says which it is."""
+    s = speed(memory_s=60.0)
+    feed(s, "b0", 1.0, now_s=0.0)
+    feed(s, "b1", 4.0, now_s=10.0)
+    assert s.factor("b1", 69.0) == pytest.approx(4.0)
+    feed(s, "b0", 1.0, now_s=65.0)  # the others' first tokens do not keep b1's alive
+    assert s.factor("b1", 70.5) == 1.0
+    assert s.factors() == {}
+    feed(s, "b1", 1.0, now_s=71.0)  # it recovered
+    assert s.factor("b1", 72.0) == 1.0
+    feed(s, "b1", 4.0, 3, now_s=80.0)  # or it did not
+    assert s.factor("b1", 80.0) > 1.5

@@ -54,7 +54,7 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     (1 + fleet_work_ratio * busy ** busy_power), the price of a prefill second
                     in externality_s, since they are prefill seconds won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
-    speed_b       = b's learned speed factor (``policies.backend_speed``; 1 for a backend as
+    speed_b       = b's learned speed factor (``policies.prefill_cost.BackendSpeed``; 1 for a backend as
                     fast as the fleet's median): queued_s, prefill_s, step_s, externality_s
                     and placement_s of b are all times speed_b (decode_s is not)
 
@@ -127,7 +127,7 @@ how fast it really is: each streamed request predicted at least ``speed_min_ttft
 shorter ones are mostly network and the engine's tokenizer) with nothing predicted queued ahead
 of it and its KV below ``kv_knee_ratio`` (else the lateness may be a queue or an admission wait
 the model priced wrong) compares its TTFT with the
-prediction, and ``policies.backend_speed`` turns the ratios into factors against the fleet's
+prediction, and ``policies.prefill_cost.BackendSpeed`` turns the ratios into factors against the fleet's
 median, equal within ``speed_band_ratio`` (2: at 1.5, live overload on homogeneous pods, where
 first tokens are late by what a CPU-bound machine and a full batch add, priced one pod slow and
 moved its groups, hits 0.766 against 0.774 in one of four seeds); a factor nothing has taught for
@@ -286,7 +286,6 @@ import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from policies.backend_speed import BackendSpeed
 from policies.base import PolicyBase
 from policies.kv.index import PrefixIndex
 from policies.kv.refresh import RecordRefresh
@@ -294,7 +293,7 @@ from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
 from policies.placement import PlacementMemory
 from policies.preemption_backoff import PreemptionBackoff
-from policies.prefill_cost import PendingPrefill, PrefillCost
+from policies.prefill_cost import BackendSpeed, PendingPrefill, PrefillCost
 from policies.types import (
     BackendId,
     BackendMatch,
@@ -672,7 +671,7 @@ class KvAware(PolicyBase):
         speed = self._speed.factor(backend.backend_id, now_s)
         if speed != 1.0:
             # A backend slower than the fleet computes all of it slower: its queue, this
-            # prefill and its steps, and the prices made of them (policies.backend_speed).
+            # prefill and its steps, and the prices made of them (policies.prefill_cost.BackendSpeed).
             queued_s, prefill_s, step_s = queued_s * speed, prefill_s * speed, step_s * speed
             floor_s, placement_s = floor_s * speed, placement_s * speed
         ttft_s = queued_s + prefill_s + step_s + kv_pressure_s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.backend_speed import BackendSpeed
+from policies.prefill_cost import BackendSpeed
 
 
 def speed(**kw: float) -> BackendSpeed:

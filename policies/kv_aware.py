@@ -54,9 +54,9 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     (1 + fleet_work_ratio * busy ** busy_power), the price of a prefill second
                     in externality_s, since they are prefill seconds won or lost later
     score_b       = ttft_s_b + decode_s_b + externality_s_b + placement_s_b
-    speed_b       = b's learned speed factor (``policies.prefill_cost.BackendSpeed``; 1 for a backend as
-                    fast as the fleet's median): queued_s, prefill_s, step_s, externality_s
-                    and placement_s of b are all times speed_b (decode_s is not)
+    speed_b       = b's learned speed factor (``policies.prefill_cost.BackendSpeed``; 1 for a
+                    backend as fast as the fleet's median): queued_s, prefill_s, step_s,
+                    externality_s and placement_s of b are all times speed_b (decode_s is not)
 
 Why ``decode_s``: TTFT alone lets a holder keep a hot prefix until one decode step of its batch
 costs as much as a cold prefill elsewhere (0.27 s for 8k tokens, ~650k tokens of running
@@ -126,19 +126,19 @@ speed again, and it is offered work as if it were as fast as the rest. Its first
 how fast it really is: each streamed request predicted at least ``speed_min_ttft_s`` (20 ms:
 shorter ones are mostly network and the engine's tokenizer) with nothing predicted queued ahead
 of it and its KV below ``kv_knee_ratio`` (else the lateness may be a queue or an admission wait
-the model priced wrong) compares its TTFT with the
-prediction, and ``policies.prefill_cost.BackendSpeed`` turns the ratios into factors against the fleet's
-median, equal within ``speed_band_ratio`` (2: at 1.5, live overload on homogeneous pods, where
-first tokens are late by what a CPU-bound machine and a full batch add, priced one pod slow and
-moved its groups, hits 0.766 against 0.774 in one of four seeds); a factor nothing has taught for
-``speed_memory_s`` (60 s) is forgotten, so a backend that recovered is offered work again (one
-priced as slow gets little, and so teaches little). Forecasts are stored at the model's speed,
-so the factor never feeds itself. It scales what a first token measures (the prefills ahead, this
-one, its steps, and the prices made of them), not ``decode_s``: decode is bound by memory
-bandwidth where prefill is bound by compute, so a GPU throttled in one need not be in the
-other, and scaled, the decode horizon of a 4x engine (8 steps at 4x) outweighed a cached
-prefix there, so kv_aware moved the groups it held and lost their hits (live slow_pod, four
-seeds: 0.769 against 0.773 unscaled, the same TTFT p99). The same groups trace: TTFT p99
+the model priced wrong) compares its TTFT with the prediction, and ``BackendSpeed`` turns the
+ratios into factors against the fleet's median, equal within ``speed_band_ratio`` (2: at 1.5,
+live overload on homogeneous pods, where first tokens are late by what a CPU-bound machine and
+a full batch add, priced one pod slow and moved its groups, hits 0.766 against 0.774 in one of
+four seeds); a factor nothing has taught for ``speed_memory_s`` (60 s) is forgotten, so a
+backend that recovered is offered work again (one priced as slow gets little, and so teaches
+little). Forecasts are stored at the model's speed, so the factor never feeds itself. It
+scales what a first token measures (the prefills ahead, this one, its steps, and the prices
+made of them), not ``decode_s``: decode is bound by memory bandwidth where prefill is bound by
+compute, so a GPU throttled in one need not be in the other, and scaled, the decode horizon
+of a 4x engine (8 steps at 4x) outweighed a cached prefix there, so kv_aware moved the groups
+it held and lost their hits (live slow_pod, four seeds: 0.769 against 0.773 unscaled, the
+same TTFT p99). The same groups trace: TTFT p99
 0.61 -> 0.10 s (an oracle factor of 4 from the start gives 0.13 s); the capacity-edge set,
 homogeneous, keeps its TTFT p99, prefill GPU-seconds, preemptions and hits in all 36 cells
 (docs/simulation.md, "A slow engine"). A mixed fleet (H100s beside H200s, a smaller
@@ -671,7 +671,7 @@ class KvAware(PolicyBase):
         speed = self._speed.factor(backend.backend_id, now_s)
         if speed != 1.0:
             # A backend slower than the fleet computes all of it slower: its queue, this
-            # prefill and its steps, and the prices made of them (policies.prefill_cost.BackendSpeed).
+            # prefill and its steps, and the prices made of them (BackendSpeed).
             queued_s, prefill_s, step_s = queued_s * speed, prefill_s * speed, step_s * speed
             floor_s, placement_s = floor_s * speed, placement_s * speed
         ttft_s = queued_s + prefill_s + step_s + kv_pressure_s

@@ -145,7 +145,7 @@ async def test_kv_aware_learns_a_slow_backend_from_its_first_tokens(
         start_backend, start_router, http, learn: bool) -> None:
     """Two backends, one whose first token comes ~20x later: once each answered a streamed
     request, kv_aware prices the slow one at its speed and sends new prompts to the other
-    (with learning off, the same seeded draws split them)."""
+    (with learning off, the seeded draws split them)."""
     slow = await start_backend(name="slow", chunks=1, chunk_delay_s=0.4)
     fast = await start_backend(name="fast", chunks=1, chunk_delay_s=0.02)
     params = {"speed_min_ttft_s": 0.0} | ({} if learn else {"speed_max_ratio": 1.0})
@@ -163,8 +163,8 @@ async def test_kv_aware_learns_a_slow_backend_from_its_first_tokens(
 
     # Sent together, the second sees the first in flight and goes to the other backend.
     assert sorted(await asyncio.gather(send(0), send(1))) == ["fast", "slow"]
-    engines = [await send(i) for i in range(2, 8)]
+    engines = [await send(i) for i in range(2, 12)]
     if learn:
-        assert engines == ["fast"] * 6
-    else:
+        assert engines == ["fast"] * 10
+    else:  # ties drawn at random: all ten to the fast one would be 1 in 1,024
         assert "slow" in engines

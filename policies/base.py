@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from policies.types import BackendId, ClusterView, Decision, RouteRequest
 
-__all__ = ["PolicyBase", "needs_prompt_text"]
+__all__ = ["PolicyBase", "backend_speed_factors", "needs_prompt_text"]
 
 
 class PolicyBase:
@@ -37,6 +37,18 @@ class PolicyBase:
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         return None
+
+
+def backend_speed_factors(policy: object, now_s: float) -> dict[BackendId, float]:
+    """The speed factor ``policy``, or a policy it wraps (``inner``), has learned for each
+    backend it has heard from (kv_aware: ``policies.prefill_cost.BackendSpeed``; 1: as fast as
+    the fleet); empty for a policy that learns none."""
+    while policy is not None:
+        read = getattr(policy, "speed_factors", None)
+        if callable(read):
+            return dict(read(now_s))
+        policy = getattr(policy, "inner", None)
+    return {}
 
 
 def needs_prompt_text(policy: object) -> bool:

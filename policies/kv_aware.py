@@ -142,7 +142,8 @@ same TTFT p99). The same groups trace: TTFT p99
 0.61 -> 0.10 s (an oracle factor of 4 from the start gives 0.13 s); the capacity-edge set,
 homogeneous, keeps its TTFT p99, prefill GPU-seconds, preemptions and hits in all 36 cells
 (docs/simulation.md, "A slow engine"). A mixed fleet (H100s beside H200s, a smaller
-tensor-parallel group) is the same case at ~2x, the band's edge.
+tensor-parallel group) is the same case at ~2x, the band's edge. The router exports the
+factors as ``kvrouter_backend_speed_factor{backend}``; ``/debug/route`` shows ``speed_factor``.
 
 Late binding (``defer``): while no prefill candidate has KV room for the prompt, the router
 holds the request (``router.hold``; the simulator alike) and asks again when a request
@@ -926,6 +927,10 @@ class KvAware(PolicyBase):
         if pending.prompt_tokens > backend.in_flight_prompt_tokens:
             queued_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
         return queued_s
+
+    def speed_factors(self, now_s: float) -> dict[BackendId, float]:
+        """Each backend's learned speed factor (``policies.base.backend_speed_factors``)."""
+        return self._speed.heard(now_s)
 
     def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         forecast = self._retire(request)

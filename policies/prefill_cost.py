@@ -227,8 +227,19 @@ class BackendSpeed:
         return factor
 
     def factors(self) -> dict[BackendId, float]:
-        """The factors that are not 1 (for ``/debug`` and tests)."""
+        """The factors that are not 1 (for tests)."""
         return dict(self._factors)
+
+    def heard(self, now_s: float) -> dict[BackendId, float]:
+        """Every backend with ``min_requests`` first tokens and its factor at ``now_s`` (the
+        router's ``kvrouter_backend_speed_factor``)."""
+        out = {}
+        for backend_id in list(self._sums):
+            factor = self.factor(backend_id, now_s)  # (may forget it)
+            sums = self._sums.get(backend_id)
+            if sums is not None and sums[2] >= self._min_requests:
+                out[backend_id] = factor
+        return out
 
     def observe(self, backend_id: BackendId, predicted_s: float, observed_s: float,
                 now_s: float) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from policies.base import backend_speed_factors
 from policies.kv.index import PrefixIndex
 from policies.registry import build_policy
 from policies.types import Policy
@@ -273,6 +274,7 @@ def create_app(
     pool = build_pool(config)
     pool.on_removed.append(policy.on_backend_removed)
     metrics = RouterMetrics(policy.name)
+    metrics.watch_speed_factors(lambda: backend_speed_factors(policy, time.monotonic()))
     proxy = Proxy(config, pool, policy, analyzer or CharEstimateAnalyzer(), metrics, rng, index)
     health = HealthChecker(pool, config.health, metrics, lambda: state.session(),
                            on_healthy=proxy.preconnect if config.upstream.preconnect else None)

@@ -15,7 +15,10 @@ free-text reason: bounded by construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from router.hot_metrics import (
     CounterChild,
@@ -54,6 +57,27 @@ def reason_label(reason: str) -> str:
         if i >= 0:
             end = i
     return reason[:end].strip()[:64] or "none"
+
+
+class _SpeedFactors:
+    """``kvrouter_backend_speed_factor``: read from the policy at each scrape (on the event
+    loop, where the policy's state lives)."""
+
+    NAME = "kvrouter_backend_speed_factor"
+    HELP = ("How much slower than the fleet the policy has learned each backend computes, from "
+            "its first tokens (1: as the fleet; kv_aware prices its work at this factor).")
+
+    def __init__(self, read: Callable[[], Mapping[str, float]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=["backend"])]
+
+    def collect(self) -> list[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["backend"])
+        for backend, factor in sorted(self._read().items()):
+            family.add_metric([backend], factor)
+        return [family]
 
 
 class RouterMetrics:
@@ -128,6 +152,11 @@ class RouterMetrics:
         # whose hash Python caches, so the common case is one dict lookup.
         self._reasons: dict[str, CounterChild] = {}
         self._reason_labels: dict[str, CounterChild] = {}
+
+    def watch_speed_factors(self, read: Callable[[], Mapping[str, float]]) -> None:
+        """Export ``read()`` (backend -> learned speed factor) as
+        ``kvrouter_backend_speed_factor{backend}`` at each scrape."""
+        self.registry.register(_SpeedFactors(read))
 
     def for_backend(self, backend: str) -> tuple[GaugeChild, HistogramChild, HistogramChild]:
         """(in-flight gauge, duration histogram, ttfb histogram) for one backend."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from policies.base import backend_speed_factors
+from policies.kv_aware import create
 from policies.prefill_cost import BackendSpeed
+from policies.round_robin import create as create_round_robin
 
 
 def speed(**kw: float) -> BackendSpeed:
@@ -120,3 +125,25 @@ def test_a_factor_nothing_taught_for_memory_s_is_forgotten() -> None:
     assert s.factor("b1", 72.0) == 1.0
     feed(s, "b1", 4.0, 3, now_s=80.0)  # or it did not
     assert s.factor("b1", 80.0) > 1.5
+
+
+def test_heard_lists_every_backend_with_enough_first_tokens() -> None:
+    s = speed(min_requests=2)
+    feed(s, "b0", 1.0, 2)
+    feed(s, "b1", 4.0, 2)
+    feed(s, "b2", 1.0)  # one of two
+    assert s.heard(0.0) == {"b0": 1.0, "b1": pytest.approx(4.0)}
+
+
+def test_the_router_reads_factors_through_wrappers_and_from_policies_without() -> None:
+    kv = create({}, random.Random(0))
+    kv._speed.observe("b0", 0.05, 0.05, 0.0)
+    kv._speed.observe("b1", 0.05, 0.2, 0.0)
+
+    class Wrapper:  # as the disaggregation and replica-sync wrappers keep their policy
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+    assert backend_speed_factors(Wrapper(Wrapper(kv)), 0.0) == {
+        "b0": 1.0, "b1": pytest.approx(4.0)}
+    assert backend_speed_factors(create_round_robin({}, random.Random(0)), 0.0) == {}

@@ -164,7 +164,14 @@ async def test_kv_aware_learns_a_slow_backend_from_its_first_tokens(
     # Sent together, the second sees the first in flight and goes to the other backend.
     assert sorted(await asyncio.gather(send(0), send(1))) == ["fast", "slow"]
     engines = [await send(i) for i in range(2, 12)]
+    async with http.get(router.url + "/metrics") as response:
+        exposition = await response.text()
+    factors = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+               for line in exposition.splitlines()
+               if line.startswith("kvrouter_backend_speed_factor{")}
     if learn:
         assert engines == ["fast"] * 10
+        assert factors[slow.url] > 2.0 and factors[fast.url] == 1.0
     else:  # ties drawn at random: all ten to the fast one would be 1 in 1,024
         assert "slow" in engines
+        assert factors == {slow.url: 1.0, fast.url: 1.0}

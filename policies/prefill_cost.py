@@ -56,7 +56,8 @@ prefill and steps, and the fleet prices made of them) by its factor; what it pre
 stored at the model's speed (``Prediction.speed``), so the learned factor never feeds itself.
 
 Times come from the caller. Cost: O(1) per first token, plus a median over the backends heard
-from (a sort of a few floats) when a ratio changes; a lookup per score.
+from every ``MEDIAN_EVERY`` (8) first tokens and when one joins (2.2 us per first token on
+average with 64 backends, 0.7 us with 4); a lookup per score.
 
 Pure; must not import anything outside the standard library and ``policies.types``.
 """
@@ -200,7 +201,12 @@ class PendingPrefill:
 class BackendSpeed:
     """Per-backend speed factors relative to the fleet's median (1: as the median)."""
 
-    __slots__ = ("_band", "_decay", "_factors", "_max", "_memory_s", "_min_requests", "_sums")
+    __slots__ = ("_band", "_decay", "_factors", "_max", "_median", "_memory_s", "_min_requests",
+                 "_stale", "_sums")
+
+    # First tokens between two recomputations of the fleet's median: one backend's ratio moves
+    # it little, and with 64 backends a sort per first token cost ~9 us against ~1.5 us.
+    MEDIAN_EVERY = 8
 
     def __init__(self, window: int, min_requests: int, band_ratio: float,
                  max_ratio: float, memory_s: float) -> None:
@@ -212,6 +218,8 @@ class BackendSpeed:
         # backend -> [predicted sum, observed sum, first tokens seen, last one's time]
         self._sums: dict[BackendId, list[float]] = {}
         self._factors: dict[BackendId, float] = {}  # only backends whose factor is not 1
+        self._median = 0.0  # the reference ratio (0: fewer than two backends heard from)
+        self._stale = 0  # first tokens since the median was computed
 
     def factor(self, backend_id: BackendId, now_s: float) -> float:
         """``backend_id``'s factor at ``now_s``. One that has taught nothing for ``memory_s``
@@ -256,26 +264,35 @@ class BackendSpeed:
         sums[1] = sums[1] * decay + observed_s
         sums[2] += 1
         sums[3] = now_s
-        if sums[2] >= self._min_requests:
-            self._refresh()
+        if sums[2] < self._min_requests:
+            return
+        self._stale += 1
+        if sums[2] == self._min_requests or self._stale >= self.MEDIAN_EVERY:
+            self._refresh()  # a backend joins the comparison, or the median is due
+        elif self._median > 0.0:
+            self._set(backend_id, sums[1] / sums[0] / self._median)
 
     def _refresh(self) -> None:
         ratios = {b: s[1] / s[0] for b, s in self._sums.items() if s[2] >= self._min_requests}
         self._factors = {}
+        self._stale = 0
+        self._median = 0.0
         if len(ratios) < 2:
             return
         # The lower median: with two backends, the faster one is the reference.
-        median = sorted(ratios.values())[(len(ratios) - 1) // 2]
-        if median <= 0.0:
+        self._median = sorted(ratios.values())[(len(ratios) - 1) // 2]
+        if self._median <= 0.0:
             return
-        band, top = self._band, self._max
         for backend_id, ratio in ratios.items():
-            factor = ratio / median
-            if 1.0 / band <= factor <= band:
-                continue
-            clipped = min(max(factor, 1.0 / top), top)
-            if clipped != 1.0:  # (max_ratio 1: off)
-                self._factors[backend_id] = clipped
+            self._set(backend_id, ratio / self._median)
+
+    def _set(self, backend_id: BackendId, factor: float) -> None:
+        band, top = self._band, self._max
+        clipped = 1.0 if 1.0 / band <= factor <= band else min(max(factor, 1.0 / top), top)
+        if clipped != 1.0:  # (inside the band, or max_ratio 1: off)
+            self._factors[backend_id] = clipped
+        else:
+            self._factors.pop(backend_id, None)
 
     def remove_backend(self, backend_id: BackendId) -> None:
         if self._sums.pop(backend_id, None) is not None:

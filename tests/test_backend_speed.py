@@ -147,3 +147,17 @@ def test_the_router_reads_factors_through_wrappers_and_from_policies_without() -
     assert backend_speed_factors(Wrapper(Wrapper(kv)), 0.0) == {
         "b0": 1.0, "b1": pytest.approx(4.0)}
     assert backend_speed_factors(create_round_robin({}, random.Random(0)), 0.0) == {}
+
+
+def test_the_median_follows_a_fleet_wide_drift_within_its_refresh() -> None:
+    """Between recomputations of the median each first token moves only its own backend's
+    factor; the median catches up within MEDIAN_EVERY first tokens."""
+    s = speed(window=4)
+    for b in ("b0", "b1", "b2"):
+        feed(s, b, 1.0, 4)
+    for _ in range(10):  # the whole fleet turns 3x slower than the model, one by one
+        for b in ("b0", "b1", "b2"):
+            feed(s, b, 3.0)
+    assert s.factors() == {}
+    feed(s, "b1", 40.0, 3)  # then one backend alone
+    assert s.factor("b1", 0.0) > 2.0

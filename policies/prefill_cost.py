@@ -205,7 +205,7 @@ class BackendSpeed:
                  "_stale", "_sums")
 
     # First tokens between two recomputations of the fleet's median: one backend's ratio moves
-    # it little, and with 64 backends a sort per first token cost ~9 us against ~1.5 us.
+    # it little, and with 64 backends a sort per first token cost ~9 us against ~2 us.
     MEDIAN_EVERY = 8
 
     def __init__(self, window: int, min_requests: int, band_ratio: float,

@@ -747,6 +747,16 @@ def _streamed(request: RouteRequest) -> RouteRequest:
     return dataclasses.replace(request, stream=True)
 
 
+def _dispatch(kv: KvAware, request: RouteRequest, on: BackendState, index: PrefixIndex,
+              *others: BackendState, now_s: float = 0.0) -> Decision:
+    """``request`` scored on ``on`` (and ``others``) and dispatched to ``on``, as the proxy
+    would once the policy chose it."""
+    scores = kv.choose(request, view(index, on, *others, now_s=now_s)).scores
+    decision = Decision(backend_id=on.backend_id, reason="test", scores=scores)
+    kv.on_dispatched(request, decision, now_s)
+    return decision
+
+
 def test_a_streamed_request_queues_until_its_first_token_however_late() -> None:
     """A backend slower than the model: its streamed requests' forecasts lapse while they are
     still queued. They count in full until their first token is reported, then not at all."""
@@ -780,9 +790,7 @@ def test_a_first_token_ends_the_forecast_before_its_predicted_time() -> None:
     index = PrefixIndex()
     kv = policy()
     cold = _streamed(prompt(400, 8000))
-    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
-        cold, view(index, idle("b0"))).scores)
-    kv.on_dispatched(cold, decision, 0.0)
+    decision = _dispatch(kv, cold, idle("b0"), index)
     busy = idle("b0", in_flight_prompt_tokens=8000, in_flight_requests=1)
     probe = prompt(2, 4096)
     before = {s.backend_id: s.terms for s in kv.choose(probe, view(index, busy)).scores}
@@ -796,10 +804,7 @@ def test_whole_answers_forecasts_still_end_at_their_predicted_time() -> None:
     """Without a stream no first token is reported: the forecast ends when predicted."""
     index = PrefixIndex()
     kv = policy()
-    cold = prompt(500, 4096)  # stream=False
-    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
-        cold, view(index, idle("b0"))).scores)
-    kv.on_dispatched(cold, decision, 0.0)
+    _dispatch(kv, prompt(500, 4096), idle("b0"), index)  # stream=False
     busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
     late = {s.backend_id: s.terms for s in kv.choose(
         prompt(2, 4096), view(index, busy, now_s=1000.0)).scores}
@@ -858,10 +863,8 @@ def _first_tokens(kv: KvAware, index: PrefixIndex, backend: str, slowdown: float
     """A cold streamed request on an idle ``backend`` whose first token comes ``slowdown``
     times its predicted TTFT after its dispatch."""
     request = _streamed(prompt(group, 4096))
-    scores = kv.choose(request, view(index, idle(backend))).scores
-    decision = Decision(backend_id=backend, reason="test", scores=scores)
-    kv.on_dispatched(request, decision, 0.0)
-    kv.on_first_token(request, decision, slowdown * scores[0].terms["ttft_s"])
+    decision = _dispatch(kv, request, idle(backend), index)
+    kv.on_first_token(request, decision, slowdown * decision.scores[0].terms["ttft_s"])
 
 
 def test_a_backend_whose_first_tokens_come_late_is_priced_at_its_speed() -> None:
@@ -889,10 +892,7 @@ def test_its_queue_is_kept_at_model_speed_and_priced_at_the_backends() -> None:
     kv = policy()
     _first_tokens(kv, index, "b0", 4.0, 610)
     _first_tokens(kv, index, "b1", 1.0, 611)
-    sent = _streamed(prompt(612, 4096))
-    decision = Decision(backend_id="b0", reason="test", scores=kv.choose(
-        sent, view(index, idle("b0"), idle("b1"))).scores)
-    kv.on_dispatched(sent, decision, 0.0)
+    _dispatch(kv, _streamed(prompt(612, 4096)), idle("b0"), index, idle("b1"))
     busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
     terms = {s.backend_id: s.terms for s in kv.choose(
         prompt(2, 4096), view(index, busy, idle("b1"), now_s=10.0)).scores}
@@ -904,16 +904,11 @@ def test_a_first_token_behind_predicted_work_teaches_no_speed() -> None:
     a slow backend."""
     index = PrefixIndex()
     kv = policy()
-    first = _streamed(prompt(620, 4096))
-    d1 = Decision(backend_id="b0", reason="test", scores=kv.choose(
-        first, view(index, idle("b0"))).scores)
-    kv.on_dispatched(first, d1, 0.0)
+    _dispatch(kv, _streamed(prompt(620, 4096)), idle("b0"), index)
     second = _streamed(prompt(621, 4096))
     busy = idle("b0", in_flight_prompt_tokens=4096, in_flight_requests=1)
-    d2 = Decision(backend_id="b0", reason="test", scores=kv.choose(
-        second, view(index, busy)).scores)
+    d2 = _dispatch(kv, second, busy, index)
     assert d2.scores[0].terms["queued_s"] > 0
-    kv.on_dispatched(second, d2, 0.0)
     kv.on_first_token(second, d2, 100.0)  # very late, behind the first
     _first_tokens(kv, index, "b1", 1.0, 622)
     terms = {s.backend_id: s.terms for s in kv.choose(

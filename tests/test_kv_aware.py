@@ -543,6 +543,19 @@ def test_registry_builds_it_and_bad_params_name_their_key() -> None:
         create({"nope": 1}, random.Random(0))
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    ({"speed_band_ratio": 0.5}, "speed_band_ratio and speed_max_ratio must be >= 1"),
+    ({"speed_max_ratio": 0.0}, "speed_band_ratio and speed_max_ratio must be >= 1"),
+    ({"speed_memory_s": 0}, "speed_memory_s > 0"),
+    ({"speed_min_ttft_s": -1}, "speed_min_ttft_s must be >= 0"),
+    ({"speed_min_requests": 0}, "speed_min_requests must be >= 1"),
+    ({"speed_window_requests": "x"}, r"policy\.params\.speed_window_requests"),
+])
+def test_bad_speed_params_name_their_key(params: dict[str, object], message: str) -> None:
+    with pytest.raises(ParamError, match=message):
+        create(params, random.Random(0))
+
+
 def test_decision_is_a_plain_value() -> None:
     decision = policy().choose(prompt(6, 100), view(None, idle("b0")))
     assert isinstance(decision, Decision) and decision.backend_id == "b0"

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit install clean tools vllm
+.PHONY: test demo lint typecheck unit install clean tools vllm native unit-native
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -37,7 +37,21 @@ tools: .tools/helm
 vllm:
 	scripts/vllm-cpu build
 
-test: tools vllm lint typecheck unit
+# The request path compiled with mypyc (kvrouter/native.py) into build/native/: every kvrouter
+# command uses it while it matches the sources, and falls back to them when it does not.
+native: $(STAMP)
+	$(BIN)/python -m kvrouter.native build
+
+# The whole suite again on the compiled modules (mypyc enforces annotations at run time, so a
+# value of another type than its annotation says fails here, not in production).
+unit-native: $(STAMP)
+	@if command -v cc >/dev/null; then \
+		$(BIN)/python -m kvrouter.native build $(CURDIR)/build/native-test && \
+		KVROUTER_NATIVE=1 KVROUTER_NATIVE_DIR=$(CURDIR)/build/native-test $(BIN)/pytest -q \
+			--ignore=tests/e2e_vllm --ignore=tests/test_native.py; \
+	else echo "unit-native skipped: no C compiler (cc) to build the native modules"; fi
+
+test: tools vllm lint typecheck unit unit-native
 
 demo: $(STAMP)
 	$(BIN)/kvrouter demo
@@ -45,4 +59,4 @@ demo: $(STAMP)
 		--cpu-offload-tokens 100000 --shared-store-tokens 400000 --out out/demo-tiers
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

@@ -25,6 +25,9 @@ target names after a slash (``sglang-router/cache_aware``).
         kvrouter-uvloop,kvrouter-uvloop-w2 --concurrency 32 --modes plain
                                                        # serve --workers 1 vs 2 (a -wN suffix)
     ... --prompts unique                               # a different prompt every request
+    make native && .venv/bin/python bench/overhead.py --kv --native-ab
+                                                       # the compiled request path against
+                                                       #   its Python sources, one run
 
 Compare numbers only within one run: the machine is shared and noisy.
 """
@@ -153,12 +156,14 @@ async def _wait_ready(url: str, seconds: float, process: subprocess.Popen[bytes]
     raise RuntimeError(f"{url} did not become ready in {seconds} s")
 
 
-def _start(argv: list[str], log_name: str, code_tree: str | None = None
-           ) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], log_name: str, code_tree: str | None = None,
+           python_only: bool = False) -> subprocess.Popen[bytes]:
     log = open(ROOT / ".tools" / f"bench-{log_name}.log", "wb")
     env = None
     if code_tree is not None:  # the same router from another checkout (--baseline-tree)
         env = {**os.environ, "PYTHONPATH": code_tree}
+    if python_only:  # the Python sources beside a native build (--native-ab)
+        env = {**(env or os.environ), "KVROUTER_NATIVE": "0"}
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
@@ -203,14 +208,19 @@ async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
     names += list(KV_TARGETS) if args.kv else []
     if args.baseline_tree:
         names += [f"{n}@base" for n in names if n.startswith("kvrouter")]
+    if args.native_ab:
+        names += [f"{n}@python" for n in names if n.startswith("kvrouter")]
     try:
         for url in urls:
             await _wait_ready(url, 60, backend)
         for name in names:
             port = _free_port()
-            code, at_base = name.removesuffix("@base"), name.endswith("@base")
+            python_only = name.endswith("@python")
+            code = name.removesuffix("@python")
+            code, at_base = code.removesuffix("@base"), code.endswith("@base")
             process = _start(_router_argv(code, port, urls, args.policy),
-                             name.replace("/", "-"), args.baseline_tree if at_base else None)
+                             name.replace("/", "-"), args.baseline_tree if at_base else None,
+                             python_only)
             targets.append(Target(name, [f"http://127.0.0.1:{port}"], process))
         for target in targets[1:]:
             await _wait_ready(target.urls[0], 120, target.process)
@@ -462,6 +472,10 @@ def main() -> int:
     parser.add_argument("--baseline-tree", default=None, metavar="PATH",
                         help="also run every kvrouter target from the checkout at PATH (named "
                              "...@base), e.g. `git worktree add /tmp/base main`: an A/B in one run")
+    parser.add_argument("--native-ab", action="store_true",
+                        help="also run every kvrouter target on its Python sources (named "
+                             "...@python, KVROUTER_NATIVE=0) beside the native build that "
+                             "`make native` made: an A/B in one run")
     parser.add_argument("--policy", default="round_robin",
                         help="kvrouter's policy (round_robin); kv_aware also tokenizes every "
                              "prompt with the tiny tokenizer. The peers always run round_robin")

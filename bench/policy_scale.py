@@ -3,6 +3,8 @@ one process, no HTTP, for 2 to 64 candidate backends.
 
     .venv/bin/python bench/policy_scale.py            # --backends 2,8,32,64 --requests 2000
     .venv/bin/python bench/policy_scale.py --backends 2 --prefixes 1 --blocks 31  # one hot prompt
+    make native; .venv/bin/python bench/policy_scale.py; KVROUTER_NATIVE=0 .venv/bin/python \
+        bench/policy_scale.py                         # compiled against the Python sources
 
 Each request carries an 83-block prompt (1,334 tokens at block size 16; ``--blocks``) of one
 of 200 shared prefixes (``--prefixes``; 1: the same prompt every time); the backends report
@@ -19,8 +21,13 @@ import random
 import statistics
 import time
 
-from policies.kv_aware import create
-from policies.types import BackendState, ClusterView, RouteRequest
+from kvrouter import native
+
+# Compiled (`make native`) unless KVROUTER_NATIVE=0: run both for an A/B.
+NATIVE = native.enable_from_env()[0]
+
+from policies.kv_aware import create  # noqa: E402  (after the native build is enabled)
+from policies.types import BackendState, ClusterView, RouteRequest  # noqa: E402
 
 
 def per_request_us(backends: int, requests: int, prefixes: list[tuple[int, ...]]) -> float:
@@ -62,6 +69,7 @@ def main() -> None:
     medians = {n: statistics.median(per_request_us(n, args.requests, prefixes)
                                     for _ in range(args.runs)) for n in sizes}
     base = sizes[0]
+    print(f"kv_aware {'compiled (make native)' if NATIVE else 'from its Python sources'}")
     print(f"| backends | us per request (median of {args.runs}) | us per extra backend |")
     print("|---:|---:|---:|")
     for n in sizes:

@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kvrouter import native as _native_build
+
 __all__ = ["COMMANDS", "main", "version"]
+
+# The compiled request path (kvrouter.native), enabled on import, before any command's module
+# is: `serve --workers` spawns its workers by importing this module as their __main__, and
+# they must load what the parent loads.
+_NATIVE = _native_build.enable_from_env()
 
 # name -> module; each module must keep its top-level imports light (argparse only).
 COMMANDS: dict[str, str] = {
@@ -66,10 +73,20 @@ def _parser(command: str | None) -> tuple[argparse.ArgumentParser, dict[str, Any
     return parser, subparsers
 
 
+def _say_native() -> None:
+    """One line on stderr when a native build exists but cannot be used (stale sources,
+    another interpreter): the operator built it to have it. Nothing without a build, nothing
+    when it is used (``serve`` says so in its start-up line)."""
+    modules, why = _NATIVE
+    if not modules and why and not why.startswith(("no native build", "native build off")):
+        print(f"kvrouter: {why}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # kvrouter uses transformers for tokenizers and chat templates only; its "PyTorch was not
     # found" advice at import would greet every operator on every start, for nothing.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _say_native()
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
     if command not in COMMANDS:

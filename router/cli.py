@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
                                    reuse_port=worker is not None)
         if worker_metrics is not None:
             await worker_metrics.start()
-        log.info("kvrouter listening on http://%s:%d with policy %s and %d backends",
-                 config.server.host, port, config.policy.name, len(config.backends))
+        log.info("kvrouter listening on http://%s:%d with policy %s and %d backends%s",
+                 config.server.host, port, config.policy.name, len(config.backends),
+                 _compiled())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -243,3 +244,13 @@ def _run_loop(main: Any, event_loop: str, log: Any) -> None:
             uvloop.run(main)
             return
     asyncio.run(main)
+
+
+def _compiled() -> str:
+    """Said at start-up when the request path runs compiled (``kvrouter.native``)."""
+    import importlib.machinery
+
+    import router.proxy
+
+    compiled = str(router.proxy.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    return " (request path compiled: make native)" if compiled else ""

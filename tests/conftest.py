@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
+from kvrouter import native
+
+# The compiled request path (kvrouter.native) only when asked for: `KVROUTER_NATIVE=1 pytest`
+# runs the suite on a current `make native` build (and fails here without one); otherwise the
+# Python sources, in this process and in every kvrouter the tests start, whatever is built.
+if os.environ.get("KVROUTER_NATIVE") == "1":
+    _modules, _why = native.enable()
+    if not _modules:
+        raise RuntimeError(f"KVROUTER_NATIVE=1 but {_why}")
+else:
+    os.environ["KVROUTER_NATIVE"] = "0"
+
+# (imported after the native build is enabled or not)
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any

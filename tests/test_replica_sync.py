@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 
@@ -70,12 +71,22 @@ def test_a_synced_policys_view_follows_peer_messages_between_two_questions() -> 
     a, b = pair()
     asked: list[ClusterView] = []
 
-    class Recorder(KvAware):
+    class Recorder:
+        """kv_aware, recording the views ``defer`` is asked about. A wrapper, not a subclass:
+        a compiled kv_aware (kvrouter.native) cannot be subclassed from Python."""
+
+        def __init__(self, inner: KvAware) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
         def defer(self, request: RouteRequest, view: ClusterView) -> bool:
             asked.append(view)
             return False
 
-    synced = SyncedPolicy(Recorder(KvAwareParams(), random.Random(0)), b, lambda m: None)
+    recorder: Any = Recorder(KvAware(KvAwareParams(), random.Random(0)))
+    synced = SyncedPolicy(recorder, b, lambda m: None)
     view = ClusterView(now_s=0.0, backends=states())
     first, second = dispatch(a, request(1), 0.0)[1], dispatch(a, request(2), 0.0)[1]
     b.receive(first, 0.001)

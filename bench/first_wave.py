@@ -42,10 +42,15 @@ PODS = 4
 
 
 def first_prompts(regime: str) -> list[dict[str, Any]]:
-    """The regime's first ``WAVE`` distinct system prompts, streamed as the bench sends them."""
+    """The regime's first ``WAVE`` distinct system prompts, streamed as the bench sends them.
+    Agentic: the first ``WAVE`` sessions' first turns, as the bench sends them (4 agent kinds,
+    so some share a system prompt and tools)."""
+    items = build_workload(REGIMES[regime], 7)
+    if REGIMES[regime].agentic:
+        return [item.bodies[0] for item in items[:WAVE]]
     seen: set[str] = set()
     out = []
-    for item in build_workload(REGIMES[regime], 7):
+    for item in items:
         body = item.bodies[0]
         key = json.dumps(body["messages"][0])[:80]
         if key not in seen:
@@ -58,10 +63,13 @@ async def burst(session: aiohttp.ClientSession, urls: list[str],
                 prompts: list[dict[str, Any]], n: int) -> list[float]:
     """One wave of cold prompts (new words ahead of each system prompt); TTFTs in ms, sorted."""
     rng = random.Random(n)
+    heads: dict[str, str] = {}  # one new head per system prompt: shared prompts stay shared
     bodies = []
     for body in prompts:
         body = copy.deepcopy(body)
-        body["messages"][0]["content"] = f"wave {n} {rng.random()} {body['messages'][0]['content']}"
+        system = body["messages"][0]["content"]
+        head = heads.setdefault(system, f"wave {n} {rng.random()}")
+        body["messages"][0]["content"] = f"{head} {system}"
         bodies.append(body)
     results: list[list[dict[str, Any]]] = [[] for _ in bodies]
     await asyncio.gather(*(

@@ -2,9 +2,10 @@
 
 kvrouter is typed strictly enough for mypyc, which compiles annotated Python modules to C
 extensions with the same behaviour. The modules below are the per-request work: kv_aware's
-scoring and bookkeeping, the prefix index, block hashing, replica sync's ledger, the proxy's
-dispatch and its HTTP messages. Compiled, kv_aware's own cost per request halves and a router
-process carries ~1.2-1.3x the requests (bench/README.md, "The request path compiled").
+scoring and bookkeeping, the prefix index, block hashing, replica sync's ledger and wire, the
+proxy's dispatch, its HTTP server and client, and the prompt's tokenizer path. Compiled,
+kv_aware's own cost per request halves and a router process carries ~1.3-1.4x the requests
+(bench/README.md, "The request path compiled").
 
 ``make native`` (``python -m kvrouter.native build``) compiles them into ``build/native/`` of
 the source tree (``KVROUTER_NATIVE_DIR`` elsewhere), beside a manifest of each source's
@@ -17,8 +18,10 @@ compiled), and without a build kvrouter is pure Python as before.
 
 Not compiled, and why: modules mypyc cannot build or run as written (a subclass of a builtin
 in ``policies/bookkeeping.py``, ``__slots__`` classes in ``router/pool.py``, the
-``value_type`` decorator of ``policies/types.py``, a ``continue`` inside ``try/finally`` in
-``router/http/client.py``), and modules off the per-request path.
+``value_type`` decorator of ``policies/types.py``; prometheus-client calls into
+``router/hot_metrics.py`` and ``router/metrics.py`` as Python objects), and modules off the
+per-request path. Compiled code checks annotations at run time (a list where the annotation
+says tuple raises), which is why ``make test`` runs the whole suite on the build too.
 """
 
 from __future__ import annotations
@@ -56,10 +59,19 @@ MODULES: tuple[str, ...] = (
     "policies.kv.shared",
     "router.proxy",
     "router.attempt",
+    "router.http.server",
+    "router.http.client",
     "router.http.connection",
     "router.http.messages",
     "router.http.upstream",
+    "router.prompt.analyzer",
+    "router.prompt.token_analyzer",
+    "router.prompt.tokenize",
     "router.prompt.tokenize_cache",
+    "router.prompt.word_encoder",
+    "router.sync.service",
+    "router.sync.wire",
+    "router.sync.peers",
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """``kvrouter.native``: the request path compiled with mypyc is used only while it matches
 the sources, routes exactly as the Python sources do, and serves real HTTP, workers included.
 
-The build itself (mypyc and a C compiler, ~30 s) runs once for this module; without a C
+The build itself (mypyc and a C compiler, ~2 min) runs once for this module; without a C
 compiler the tests that need it skip, saying so."""
 
 from __future__ import annotations

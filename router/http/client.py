@@ -398,17 +398,20 @@ class HttpClient:
                 assert conn._head is not None
                 timer = asyncio.get_running_loop().call_later(
                     self._first_byte_timeout_s, _head_timeout, conn)
+                stale = False
                 try:
                     status, response_headers = await conn._head
                 except ResponseBroken:
-                    if reused and not conn.got_bytes:
-                        continue  # a stale keep-alive connection: resend once on a fresh one
-                    raise
+                    if not reused or conn.got_bytes:
+                        raise
+                    stale = True  # (a `continue` here: mypyc compiles none inside try/finally)
                 except BaseException:
                     conn._abort()
                     raise
                 finally:
                     timer.cancel()
+                if stale:
+                    continue  # a stale keep-alive connection: resend once on a fresh one
                 return UpstreamResponse(self, key, conn, status, response_headers)
             raise ResponseBroken("the backend closed two connections before answering")
         finally:

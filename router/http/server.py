@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from typing import Any
 
 from router.http.connection import ClientConnection, ErrorBody, Handler
 
@@ -96,7 +97,10 @@ class HttpServer:
                                                 reuse_address=True,
                                                 reuse_port=reuse_port or None)
         self._sweeper = loop.create_task(self._sweep_idle(), name="kvrouter-http-idle")
-        return int(self._server.sockets[0].getsockname()[1])
+        # asyncio's `sockets` is a list on both loops where typeshed says tuple: read untyped,
+        # or a compiled build (kvrouter.native) would check it against the tuple and raise.
+        server: Any = self._server
+        return int(server.sockets[0].getsockname()[1])
 
     async def _sweep_idle(self) -> None:
         # One periodic sweep instead of a timer armed and cancelled around every request.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from policies.types import RouteRequest, value_type
 from router.errors import InvalidRequest
@@ -29,9 +29,9 @@ __all__ = [
 
 
 class Endpoint:
-    COMPLETIONS = "completions"
-    CHAT = "chat"
-    OTHER = "other"
+    COMPLETIONS: Final = "completions"
+    CHAT: Final = "chat"
+    OTHER: Final = "other"
 
 
 @value_type

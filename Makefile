@@ -43,7 +43,9 @@ native: $(STAMP)
 	$(BIN)/python -m kvrouter.native build
 
 # The whole suite again on the compiled modules (mypyc enforces annotations at run time, so a
-# value of another type than its annotation says fails here, not in production).
+# value of another type than its annotation says fails here, not in production). Not
+# e2e_vllm (real engines, no router internals) nor test_native.py (it builds its own, and
+# checks what happens without one).
 unit-native: $(STAMP)
 	@if command -v cc >/dev/null; then \
 		$(BIN)/python -m kvrouter.native build $(CURDIR)/build/native-test && \

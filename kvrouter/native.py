@@ -205,7 +205,14 @@ def enable_from_env() -> tuple[list[str], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["build"]:
-        out = build(Path(args[1]) if len(args) > 1 else None)
+        try:
+            out = build(Path(args[1]) if len(args) > 1 else None)
+        except ImportError as exc:  # mypyc comes with mypy (the test extras)
+            print(f"native build needs mypy's mypyc: pip install mypy ({exc})", file=sys.stderr)
+            return 1
+        except Exception as exc:  # setuptools' CompileError and LinkError: no or a broken cc
+            print(f"native build failed: {exc} (needs a C compiler, cc)", file=sys.stderr)
+            return 1
         print(f"native build: {len(MODULES)} modules compiled into {out}")
         return 0
     if args[:1] == ["status"]:

@@ -183,8 +183,9 @@ def enable(directory: Path | None = None) -> tuple[list[str], str]:
     (the modules, '') or ([], why not). Must run before any of them is imported; one that
     already is would keep its Python version beside compiled callers, so then nothing is
     enabled."""
-    if any(isinstance(f, _Finder) for f in sys.meta_path):
-        return [m for m in MODULES if m in sys.modules], ""
+    for finder in sys.meta_path:  # enabled already (the test run, then kvrouter.cli)
+        if isinstance(finder, _Finder):
+            return _compiled(finder.files), ""
     files, why = status(directory)
     if not files:
         return [], why
@@ -192,7 +193,11 @@ def enable(directory: Path | None = None) -> tuple[list[str], str]:
     if early:
         return [], f"native build not used: {early[0]} was imported before it could load"
     sys.meta_path.insert(0, _Finder(files))
-    return sorted(m for m in files if "__mypyc" not in m), ""
+    return _compiled(files), ""
+
+
+def _compiled(files: dict[str, Path]) -> list[str]:
+    return sorted(m for m in files if "__mypyc" not in m)
 
 
 def enable_from_env() -> tuple[list[str], str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fake_backend import FakeBackend
+from fake_backend import FakeBackend, wait_until_ok
 
 from kvrouter import native
 
@@ -115,12 +115,15 @@ def _env(built: Path | None) -> dict[str, str]:
 
 def test_every_kvrouter_command_loads_the_compiled_modules(built: Path) -> None:
     code = ("import kvrouter.cli, policies.kv_aware as k, router.proxy as p, policies.types as t;"
-            "print(k.__file__); print(p.__file__); print(t.__file__)")
+            "from kvrouter import native;"
+            "print(k.__file__); print(p.__file__); print(t.__file__);"
+            "print(len(native.enable()[0]))")  # asked again: the same modules, nothing new
     out = subprocess.run([sys.executable, "-c", code], env=_env(built), cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(built / "policies" / f"kv_aware{native._abi()}")
     assert out[1] == str(built / "router" / f"proxy{native._abi()}")
     assert out[2] == str(ROOT / "policies" / "types.py")  # not in the set: the source
+    assert out[3] == str(len(native.MODULES))
 
 
 def _simulate(out: Path, built: Path | None) -> dict[str, object]:
@@ -178,16 +181,7 @@ async def test_serve_with_workers_runs_the_compiled_path_in_every_worker(
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            deadline = asyncio.get_running_loop().time() + 60
-            while True:
-                try:
-                    async with http.get(f"{url}/ready") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert asyncio.get_running_loop().time() < deadline, "router never ready"
-                await asyncio.sleep(0.2)
+            await wait_until_ok(http, f"{url}/ready", proc)
             for i in range(8):
                 async with http.post(f"{url}/v1/completions", json={
                         "model": "tiny", "prompt": f"request {i} " * 50, "max_tokens": 2}) as r:

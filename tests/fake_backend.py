@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -138,3 +139,20 @@ class RouterHandle:
     app: App
 
 
+async def wait_until_ok(session: Any, url: str, proc: Any = None, timeout_s: float = 60.0,
+                        every_s: float = 0.1) -> None:
+    """GET ``url`` until it answers 200: a router process started by a test is up. Fails
+    with the process's stderr when it exits first (``proc``: an asyncio subprocess), and
+    after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None:
+            assert proc.returncode is None, (await proc.stderr.read()).decode()
+        assert time.monotonic() < deadline, f"{url} never answered 200"
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(every_s)

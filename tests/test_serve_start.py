@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from fake_backend import wait_until_ok
 
 from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
@@ -38,17 +38,7 @@ async def _serve_log(args: list[str], settle_s: float = 1.5) -> str:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.returncode is None, (await proc.stderr.read()).decode()
-                assert time.monotonic() < deadline, "router never answered /health"
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_until_ok(session, f"http://127.0.0.1:{port}/health", proc)
         await asyncio.sleep(settle_s)
     finally:
         if proc.returncode is None:

@@ -18,6 +18,7 @@ from test_router_sync import published_sends
 from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
 from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
 from router.config import ConfigError, parse_config
+from router.sync import wire
 from router.sync.wire import WireError, decode_frame, encode, encode_batch
 from router.workers import worker_config
 
@@ -78,6 +79,27 @@ def test_fields_of_a_neighbouring_version_are_matched_by_name() -> None:
     assert got.request == request(1, (2**64 - 1, 7, 9))
     assert got.decision == DECISION
 
+
+
+def test_headers_are_remembered_by_their_bytes_and_the_memory_is_bounded() -> None:
+    # The builders made from a header are kept by its bytes: every batch of one sender has the
+    # same header. Headers come from the network, so at most _BUILT_MAX are kept; one past
+    # that bound still decodes, built for its own frame.
+    base = msgpack.unpackb(encode_batch(messages()[:1], monotonic_now_s=0, unix_now_s=0))
+    wire._BUILT.clear()
+    for n in range(wire._BUILT_MAX + 8):
+        body = [*base[:3], {**base[3], "decision": [f"extra{n}", *base[3]["decision"]]},
+                base[4], [[*base[5][0][:5], [n, *base[5][0][5]]]]]
+        (got,) = decode_frame(msgpack.packb(body), monotonic_now_s=0, unix_now_s=0)
+        assert isinstance(got, Dispatch) and got.decision == DECISION
+    assert len(wire._BUILT) == wire._BUILT_MAX
+    # A cached header still gets every check a new one gets.
+    with pytest.raises(WireError):
+        decode_frame(msgpack.packb([*base[:5], [["d", 1, 0.0, 1, [1, 2], []]]]),
+                     monotonic_now_s=0, unix_now_s=0)
+    with pytest.raises(WireError, match="extra data"):
+        decode_frame(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0) + b"\x01",
+                     monotonic_now_s=0, unix_now_s=0)
 
 def _batch(**change: Any) -> bytes:
     body = msgpack.unpackb(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0))

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -107,7 +107,7 @@ class EventSocketGate:
             self._auth = None
 
     @staticmethod
-    def protect(sock: zmq.asyncio.Socket) -> None:
+    def protect(sock: zmq.Socket[Any]) -> None:
         """Make a socket about to bind ask the gate about every peer."""
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
 

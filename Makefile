@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit install clean tools vllm native unit-native
+.PHONY: test demo lint typecheck unit install clean tools vllm native native-test unit-native
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -21,8 +21,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy policies router simulator kvrouter
 
+# test_native.py reuses build/native-test when `make test` made it (and it is current).
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	KVROUTER_NATIVE_TEST_BUILD=$(CURDIR)/build/native-test $(BIN)/pytest -q
 
 # Helm for the chart tests, cached in .tools/ (kubernetes-validate comes with the test extras).
 tools: .tools/helm
@@ -44,16 +45,20 @@ native: $(STAMP)
 
 # The whole suite again on the compiled modules (mypyc enforces annotations at run time, so a
 # value of another type than its annotation says fails here, not in production). Not
-# e2e_vllm (real engines, no router internals) nor test_native.py (it builds its own, and
-# checks what happens without one).
-unit-native: $(STAMP)
+# e2e_vllm (real engines, no router internals) nor test_native.py (it checks what happens
+# without a build, and runs in `unit` on this one). Built once, before `unit`.
+native-test: $(STAMP)
 	@if command -v cc >/dev/null; then \
-		$(BIN)/python -m kvrouter.native build $(CURDIR)/build/native-test && \
+		$(BIN)/python -m kvrouter.native build $(CURDIR)/build/native-test; \
+	else echo "native-test skipped: no C compiler (cc) to build the native modules"; fi
+
+unit-native: native-test
+	@if command -v cc >/dev/null; then \
 		KVROUTER_NATIVE=1 KVROUTER_NATIVE_DIR=$(CURDIR)/build/native-test $(BIN)/pytest -q \
 			--ignore=tests/e2e_vllm --ignore=tests/test_native.py; \
 	else echo "unit-native skipped: no C compiler (cc) to build the native modules"; fi
 
-test: tools vllm lint typecheck unit unit-native
+test: tools vllm lint typecheck native-test unit unit-native
 
 demo: $(STAMP)
 	$(BIN)/kvrouter demo

@@ -1,8 +1,9 @@
 """``kvrouter.native``: the request path compiled with mypyc is used only while it matches
 the sources, routes exactly as the Python sources do, and serves real HTTP, workers included.
 
-The build itself (mypyc and a C compiler, ~2 min) runs once for this module; without a C
-compiler the tests that need it skip, saying so."""
+The build itself (mypyc and a C compiler, ~2 min) runs once for this module, or is the one
+``make test`` made for unit-native (``KVROUTER_NATIVE_TEST_BUILD``, used only while current);
+without a C compiler the tests that need it skip, saying so."""
 
 from __future__ import annotations
 
@@ -96,6 +97,12 @@ def test_kvrouter_native_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # `make test` builds once for unit-native and names that build here; it is used only
+    # while it matches these sources (native.status), else this module builds its own.
+    given = os.environ.get("KVROUTER_NATIVE_TEST_BUILD")
+    if given and native.status(Path(given))[0]:
+        yield Path(given)
+        return
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler (cc) on this machine: mypyc cannot build the native modules")
     out = tmp_path_factory.mktemp("native")

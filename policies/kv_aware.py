@@ -34,8 +34,11 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     big running batch costs every one of them (the KV cap keeps a queue, priced
                     in queued_s, from also counting as decode work)
     externality_s = busy ** busy_power * (stall_ratio * in_flight_b * (prefill_s_b
-                    + stall_step_ratio * step_s_b) + fleet_work_ratio * prefill_s_b)
+                    + stall_step_ratio * stall_step_s_b) + fleet_work_ratio * prefill_s_b)
                     + work_floor_ratio * recompute_s_b,
+                    stall_step_s_b = step_s_b, or, while every candidate's engine reports
+                    requests waiting for admission, step_s_b - cost.step_overhead_s(queued,
+                    running context): only the steps this prompt's own tokens add,
                     recompute_s_b = cost.seconds of the tokens b holds in no tier it can load
                     from (prefill_s_b when everything held is in HBM),
                     busy = share of candidates with requests in flight (in_flight_b: the
@@ -79,6 +82,23 @@ own compute; ``stall_step_ratio`` (0.1) adds a tenth of its step overhead (the r
 decode work over the steps it spans): at 0 hot tenants pile onto holders whose batches are
 already long (multi_tenant 30/s at 8 engines: TTFT p99 186 s against 36 s), at 1 a long batch
 outweighs any cached prefix and deep overload replicates hot prompts (prefill GPU-s +9%).
+
+Why the stall counts only a prefill's own steps past saturation (``stall_step_s``): the
+stall's step term spans the queue ahead too, ``step_overhead_s(queued + own, context)``, and
+that is what spreads hot tenants off holders whose batches are long and whose queues are deep
+(without it multi_tenant 30/s at 8 engines reached TTFT p99 178 s, seed 0, and 82 s, seed 1,
+against 38 and 26 s). It spreads toward admission capacity some backend has spare. Once every
+candidate's engine reports requests waiting for admission (``engine_waiting_requests``; the
+fleet is past what its engines admit, and late binding holds the excess), none has any: the
+queue's steps stall that batch whether or not this request joins it, and only the steps its
+own tokens add, ``step_overhead_s(queued + own) - step_overhead_s(queued)``, are its doing.
+Charged the queue's steps there, each request was sent to whichever engine's queue was
+momentarily shortest, and released held requests and sessions left the engine holding their
+prefix (multi_tenant 30/s at 6 engines, seed 2: 70 of 1,533 follow-up turns moved, 20 of 288
+tenants on 2-4 engines, prefill 678 GPU-s against sglang_cache_aware's 673; with the rule 23
+moved, 7 tenants split, 670 GPU-s, TTFT p99 118 against 120 s). Unknown engine numbers never
+count as saturated. The capacity-edge set meets sglang_cache_aware in all 36 cells with it
+(docs/simulation.md, "Across the capacity edge").
 
 Why the work floor (``work_floor_ratio``, 0.25): the fleet-work price scales with busy**2, so
 with a quarter of the backends busy a recompute cost a sixteenth of the busy price, and a
@@ -331,6 +351,8 @@ class _FleetContext:
     cap_tokens: int  # the most of it a cache can hold: engines always compute the last token
     cold_prefill_s: float  # its whole prefill, where nothing is cached
     decode_tokens: int  # output tokens whose decode joins the score
+    saturated: bool  # every candidate's engine reports requests waiting for admission: the
+    # fleet is past what its engines admit (unknown numbers: not saturated)
 
 
 class _Terms(Mapping[str, float]):
@@ -661,6 +683,12 @@ class KvAware(PolicyBase):
                            else float(p.default_prompt_tokens))
             context = max(context, backend.engine_running_requests * mean_prompt)
         step_s = self._cost.step_overhead_s(queued_tokens + prompt - hit, context)
+        # The stall's steps: all of them, the queue's too (the queue spreads hot tenants off
+        # long batches), unless every engine has requests waiting for admission. Then the
+        # queue's steps stall the batch wherever this request goes, and only those its own
+        # tokens add are its doing (module docstring, "Why the stall counts ...").
+        stall_step_s = (step_s - self._cost.step_overhead_s(queued_tokens, context)
+                        if fleet.saturated else step_s)
 
         usage = backend.kv_usage_ratio
         pressure = 0.0
@@ -674,6 +702,7 @@ class KvAware(PolicyBase):
             # A backend slower than the fleet computes all of it slower: its queue, this
             # prefill and its steps, and the prices made of them (BackendSpeed).
             queued_s, prefill_s, step_s = queued_s * speed, prefill_s * speed, step_s * speed
+            stall_step_s *= speed
             floor_s, placement_s = floor_s * speed, placement_s * speed
         ttft_s = queued_s + prefill_s + step_s + kv_pressure_s
         # The first output tokens are decoded beside the running batch there: without this,
@@ -692,7 +721,7 @@ class KvAware(PolicyBase):
         # ahead are admitted first), so each one is stalled by it.
         running = max(backend.in_flight_requests, backend.engine_running_requests or 0)
         externality_s = fleet.busy_weight * (
-            p.stall_ratio * running * (prefill_s + p.stall_step_ratio * step_s)
+            p.stall_ratio * running * (prefill_s + p.stall_step_ratio * stall_step_s)
             + p.fleet_work_ratio * prefill_s) + floor_s
         # Positional, in field order: keywords cost twice as much to build these two per
         # candidate and request (0.7 against 0.33 us).
@@ -761,7 +790,8 @@ class KvAware(PolicyBase):
                              self._partition(request, candidates, home, deepest),
                              prompt, max(prompt - 1, 0) // bs * bs,
                              self._cost.seconds(prompt - 0.0, 0.0),
-                             min(request.max_tokens, self.params.decode_horizon_tokens))
+                             min(request.max_tokens, self.params.decode_horizon_tokens),
+                             all(b.engine_waiting_requests for b in candidates))
 
     def _partition(self, request: RouteRequest, candidates: tuple[BackendState, ...],
                    home: BackendId | None, deepest: int) -> dict[BackendId, float]:

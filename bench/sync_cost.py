@@ -1,0 +1,158 @@
+"""Replica sync's cost per request, piece by piece, in one process: what a synced replica adds
+to kv_aware's own work (stamping its dispatch and finish), encoding them in batch frames,
+a sibling decoding those frames and replaying them into its policy, and the frames' trip
+through a ZeroMQ PUB/SUB pair over ipc:// driven by the event loop as ``router.sync.service``
+drives it (a non-blocking send; the SUB socket drained when its descriptor signals).
+
+    .venv/bin/python bench/sync_cost.py                     # compiled when `make native` built it
+    KVROUTER_NATIVE=0 .venv/bin/python bench/sync_cost.py   # the Python sources
+
+The workload is ``bench/overhead.py``'s hot prompt as kv_aware sees it: one 31-block chain
+(~500 tokens at block size 16), 2 backends, 16 requests in flight, a flush window of 10
+messages (5 requests: ~2 ms at the ~2,500 requests/s a worker carries here). Medians of 5
+runs; the machine is shared, so compare rows of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import statistics
+import tempfile
+import time
+
+from kvrouter import native
+
+NATIVE = native.enable_from_env()[0]
+
+import zmq  # noqa: E402
+
+from policies.kv_aware import create  # noqa: E402  (after the native build is enabled)
+from policies.replica_sync import Message, ReplicaSync, SyncedPolicy  # noqa: E402
+from policies.types import BackendState, ClusterView, Policy, RouteRequest  # noqa: E402
+from router.sync.wire import decode_frame, encode_batch  # noqa: E402
+
+WINDOW = 10  # messages per frame
+STATES = tuple(BackendState(f"http://pod-{i}", kv_usage_ratio=0.5, total_kv_blocks=10_000,
+                            engine_waiting_requests=1, engine_running_requests=4)
+               for i in range(2))
+
+
+def _requests(n: int, blocks: int) -> list[RouteRequest]:
+    chain = tuple(random.Random(1).getrandbits(63) for _ in range(blocks))
+    return [RouteRequest(request_id=f"r{i}", model="m", prompt_tokens=blocks * 16 + 6,
+                         block_hashes=chain, max_tokens=16, tokens_exact=True)
+            for i in range(n)]
+
+
+def _route(policy: Policy, requests: list[RouteRequest]) -> float:
+    """Seconds to route ``requests`` (defer, choose, on_dispatched; on_finished 16 behind)."""
+    decisions = []
+    start = time.perf_counter()
+    for i, request in enumerate(requests):
+        now_s = i * 0.0002
+        view = ClusterView(now_s, STATES)
+        policy.defer(request, view)
+        decision = policy.choose(request, view)
+        policy.on_dispatched(request, decision, now_s)
+        decisions.append(decision)
+        if i >= 16:
+            policy.on_finished(requests[i - 16], decisions[i - 16], now_s, True)
+    return time.perf_counter() - start
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread: ZeroMQ's I/O threads too
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _transport_s(frames: list[bytes]) -> float:
+    """CPU seconds to send ``frames`` through PUB and receive them at SUB, as the service does."""
+    loop = asyncio.get_running_loop()
+    context = zmq.Context()
+    with tempfile.TemporaryDirectory() as directory:
+        pub, sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
+        pub.setsockopt(zmq.SNDHWM, 100_000)
+        pub.bind(f"ipc://{directory}/sync.sock")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{directory}/sync.sock")
+        await asyncio.sleep(0.3)  # the subscription reaches the publisher
+        done = loop.create_future()
+        got = 0
+
+        def drain() -> None:
+            nonlocal got
+            while sub.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator]
+                sub.recv_multipart(zmq.NOBLOCK)
+                got += 1
+            if got == len(frames) and not done.done():
+                done.set_result(None)
+
+        fd = sub.get(zmq.FD)
+        loop.add_reader(fd, drain)
+        start = _cpu_s()
+        for i, frame in enumerate(frames):
+            pub.send_multipart([frame], zmq.NOBLOCK)
+            if i % 5 == 0:
+                await asyncio.sleep(0)
+        while not done.done():  # an edge the descriptor did not signal, as the tick catches
+            drain()
+            await asyncio.sleep(0.001)
+        spent = _cpu_s() - start
+        loop.remove_reader(fd)
+        pub.close(0)
+        sub.close(0)
+    context.term()
+    return spent
+
+
+def run_once(requests: list[RouteRequest]) -> dict[str, float]:
+    n = len(requests)
+    plain = _route(create({}, random.Random(0)), requests)
+    outbox: list[Message] = []
+    inner = create({}, random.Random(0))
+    synced = _route(SyncedPolicy(inner, ReplicaSync("a", inner), outbox.append), requests)
+    start = time.perf_counter()
+    frames = [encode_batch(outbox[j:j + WINDOW], monotonic_now_s=1.0, unix_now_s=1000.0,
+                           prompt_text=False) for j in range(0, len(outbox), WINDOW)]
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    decoded = [decode_frame(f, monotonic_now_s=2.0, unix_now_s=1001.0) for f in frames]
+    decode_s = time.perf_counter() - start
+    sibling = ReplicaSync("b", create({}, random.Random(0)))
+    start = time.perf_counter()
+    for messages in decoded:
+        for message in messages:
+            sibling.receive(message, 2.0)
+    replay_s = time.perf_counter() - start
+    transport_s = asyncio.run(_transport_s(frames))
+    us = 1e6 / n
+    return {"kv_aware's own routing": plain * us,
+            "stamping its dispatch and finish": (synced - plain) * us,
+            "encoding (batch frames)": encode_s * us,
+            "decoding at a sibling": decode_s * us,
+            "replaying into the sibling's kv_aware": replay_s * us,
+            "ZeroMQ PUB -> SUB, both sides' CPU": transport_s * us}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--blocks", type=int, default=31)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    requests = _requests(args.requests, args.blocks)
+    run_once(requests[:500])  # warm-up: first calls, caches, the interpreter's specialisation
+    runs = [run_once(requests) for _ in range(args.runs)]
+    print(f"replica sync, {'compiled (make native)' if NATIVE else 'from the Python sources'}; "
+          f"{args.blocks}-block prompt, {WINDOW} messages per frame")
+    print(f"| piece | us per request (median of {args.runs}) |")
+    print("|---|---:|")
+    for name in runs[0]:
+        print(f"| {name} | {statistics.median(r[name] for r in runs):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -182,6 +182,32 @@ def test_the_externality_is_free_while_the_fleet_has_idle_backends() -> None:
     assert floored == pytest.approx(four + 0.25 * prefill_s)
 
 
+
+def test_past_saturation_the_stall_counts_only_the_steps_a_prefill_adds() -> None:
+    # b0 runs a long batch with a queue; b1 is busy too. While b1 still admits (nothing
+    # waiting there), b0's stall counts every step its queue spans; once every engine reports
+    # requests waiting, only the steps this prompt's own tokens add (kv_aware's docstring,
+    # "Why the stall counts only a prefill's own steps past saturation").
+    request = prompt(1, 4096)
+    b0 = idle("b0", engine_waiting_requests=4, engine_running_requests=40,
+              in_flight_requests=44, in_flight_prompt_tokens=44 * 4096)
+
+    def b0_terms(b1_waiting: int | None, **params: object) -> tuple[float, float]:
+        b1 = idle("b1", engine_waiting_requests=b1_waiting, engine_running_requests=40,
+                  in_flight_requests=44, in_flight_prompt_tokens=44 * 4096)
+        decision = policy(**params).choose(request, view(PrefixIndex(), b0, b1))
+        score = next(s for s in decision.scores if s.backend_id == "b0")
+        return score.terms["externality_s"], score.terms["ttft_s"]
+
+    admitting, ttft_admitting = b0_terms(0)
+    saturated, ttft_saturated = b0_terms(3)
+    assert 0 < saturated < admitting
+    assert ttft_saturated == pytest.approx(ttft_admitting)  # the request's own time is the same
+    assert b0_terms(None)[0] == pytest.approx(admitting)  # unknown numbers: not saturated
+    # Only the stall's step term changes: without it the two fleets price b0 alike.
+    assert b0_terms(3, stall_step_ratio=0.0)[0] == pytest.approx(
+        b0_terms(0, stall_step_ratio=0.0)[0])
+
 def test_a_prefix_evicted_everywhere_returns_to_its_home() -> None:
     # Each group is placed once on an idle fleet, then evicted everywhere (the index holds
     # nothing). Its later requests go back to where it lived, not wherever the RNG points.

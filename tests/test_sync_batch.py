@@ -97,9 +97,14 @@ def test_headers_are_remembered_by_their_bytes_and_the_memory_is_bounded() -> No
     with pytest.raises(WireError):
         decode_frame(msgpack.packb([*base[:5], [["d", 1, 0.0, 1, [1, 2], []]]]),
                      monotonic_now_s=0, unix_now_s=0)
+    whole = encode_batch(messages(), monotonic_now_s=0, unix_now_s=0)
     with pytest.raises(WireError, match="extra data"):
-        decode_frame(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0) + b"\x01",
-                     monotonic_now_s=0, unix_now_s=0)
+        decode_frame(whole + b"\x01", monotonic_now_s=0, unix_now_s=0)
+    with pytest.raises(WireError, match=r"^not msgpack"):
+        decode_frame(whole[:-3], monotonic_now_s=0, unix_now_s=0)  # truncated
+    # The frame's own errors keep their words (WireError is a ValueError, as msgpack's are).
+    with pytest.raises(WireError, match=r"^batch version 2"):
+        decode_frame(_batch(v1=2), monotonic_now_s=0, unix_now_s=0)
 
 def _batch(**change: Any) -> bytes:
     body = msgpack.unpackb(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0))

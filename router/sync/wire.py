@@ -39,6 +39,7 @@ from operator import attrgetter
 from typing import Any
 
 import msgpack
+from msgpack.exceptions import UnpackException
 
 from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
 from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
@@ -242,8 +243,7 @@ class _Builder:
 # Bounded, since the bytes come from the network (a header past the bound is built each time).
 _BUILT: dict[bytes, dict[str, _Builder]] = {}
 _BUILT_MAX = 64
-_DECODE_ERRORS = (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-                  msgpack.OutOfData)
+_DECODE_ERRORS = (ValueError, UnpackException)  # msgpack's: truncated, malformed, too deep, ...
 
 
 def _builders(header_bytes: bytes) -> dict[str, _Builder]:
@@ -266,9 +266,10 @@ def decode_frame(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> l
     if data[:3] != b"\x96\xa1b":  # msgpack: not an array of 6 opening with the string "b"
         return [decode(data, monotonic_now_s=monotonic_now_s, unix_now_s=unix_now_s)]
     # Read element by element to find the header's bytes (``tell``) without decoding them.
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(data)
+    # The frame's own length bounds the buffer and the sizes inside it, as unpackb's do.
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data))
     try:
+        unpacker.feed(data)
         unpacker.read_array_header()
         unpacker.skip()  # "b"
         version, origin = unpacker.unpack(), unpacker.unpack()
@@ -280,6 +281,8 @@ def decode_frame(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> l
         raw_chains, entries = unpacker.unpack(), unpacker.unpack()
         if unpacker.tell() != len(data):
             raise WireError("batch: extra data after its six elements")
+    except WireError:
+        raise  # (a ValueError too: not to be reworded as undecodable msgpack below)
     except _DECODE_ERRORS as exc:
         raise WireError(f"not msgpack: {exc}") from None
     if not isinstance(origin, str) or not isinstance(raw_chains, list) or not isinstance(

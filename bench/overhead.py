@@ -90,8 +90,8 @@ async def _run_floor(port: int, backends: list[str]) -> None:
             return Response(status=upstream.status, body=body, headers=headers)
         response = StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        while chunk := await upstream.read_chunk():
-            await response.write(chunk)
+        await upstream.relay(response.write_nowait, response.drain)
+        await response.write_eof()
         upstream.release()
         return response
 

@@ -363,29 +363,29 @@ class Proxy:
         the policy the prefill is done (``on_first_token``): vLLM sends nothing before its
         first token, so this is the request's TTFT at the router."""
         response = StreamResponse(status=upstream.status, headers=headers)
-        first = route_request.stream and upstream.status < 400
         try:
             await response.prepare(request)
-            while True:
-                try:
-                    chunk = await upstream.read_chunk()
-                except ResponseBroken as exc:
-                    self.metrics.broken_streams.labels(backend.backend_id).inc()
-                    error = UpstreamConnectError(
-                        f"backend {backend.backend_id} broke the stream: {exc}")
-                    if upstream.content_type == _SSE:
-                        await response.write(b"data: " + error_body(error) + b"\n\n")
-                    await response.write_eof()
-                    return response, False
-                if not chunk:
-                    break
-                if first:
-                    first = False
-                    self.policy.on_first_token(route_request, decision, time.monotonic())
-                    # A prefill ended: a held request may have room now (the simulator asks
-                    # at every engine output too).
-                    self.hold.release()
-                await response.write(chunk)
+            try:
+                chunk = await upstream.read_chunk()
+                if chunk:
+                    if route_request.stream and upstream.status < 400:
+                        self.policy.on_first_token(route_request, decision, time.monotonic())
+                        # A prefill ended: a held request may have room now (the simulator
+                        # asks at every engine output too).
+                        self.hold.release()
+                    await response.write(chunk)
+                    # The rest straight from the backend's socket callback to the client's:
+                    # a streamed token then wakes no task (bench/README.md, "Streams relayed
+                    # from the socket callback").
+                    await upstream.relay(response.write_nowait, response.drain)
+            except ResponseBroken as exc:
+                self.metrics.broken_streams.labels(backend.backend_id).inc()
+                error = UpstreamConnectError(
+                    f"backend {backend.backend_id} broke the stream: {exc}")
+                if upstream.content_type == _SSE:
+                    await response.write(b"data: " + error_body(error) + b"\n\n")
+                await response.write_eof()
+                return response, False
             await response.write_eof()
         except ConnectionResetError:
             self.metrics.client_disconnects.inc()

@@ -273,6 +273,40 @@ async def test_events_reach_the_index_in_order(ctx, engine_binds):
     await engine.close()
 
 
+async def test_a_backlog_is_applied_in_full_a_few_frames_per_loop_turn(ctx):
+    """An engine's burst of batches reaches the index whole, and the loop goes on serving
+    other work while it is applied (at most 64 frames per turn): a callback that runs once
+    per loop turn sees the backlog part-applied."""
+    port, rport = _port(), _port()
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    ing, index, metrics, task = await start_ingestor([source])
+    await wait_for(lambda: _probe(engine, ing))
+    await asyncio.sleep(0.1)  # the probes' stragglers are in
+    base = ing.applied_batches
+    for i in range(300):
+        engine.publish([stored_map([10_000 + i], None, list(range(i, i + BS)))])
+    time.sleep(0.3)  # the loop blocked: ZeroMQ's threads queue all 300 at the subscriber
+    seen: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def each_turn() -> None:
+        seen.append(ing.applied_batches - base)
+        if seen[-1] < 300:
+            loop.call_soon(each_turn)
+
+    each_turn()
+    await wait_for(lambda: ing.applied_batches - base >= 300)
+    assert ing.applied_batches - base == 300
+    assert seen[0] == 0 and any(0 < n < 300 for n in seen), seen
+    assert index.match(chain(list(range(299, 299 + BS))), time.monotonic()) is not None
+    assert counter(metrics, "kvrouter_kv_event_malformed_total",
+                   backend=source.backend_id) == 0
+    await stop(task)
+    await engine.close()
+
+
 def _probe(engine, ing, baseline=0):
     """Send empty batches until one is applied live (ZMQ's slow-joiner window)."""
     if ing.applied_batches > baseline:

@@ -173,16 +173,24 @@ def test_chunked_bodies_survive_any_split(chunks, cuts):
             start = cut
     pieces.append(wire[start:])
 
-    async def run() -> bytes:
-        async with RawServer([pieces]) as url:
+    async def run() -> tuple[bytes, list[tuple[bytes, bool]]]:
+        async with RawServer([pieces, pieces]) as url:
             http = client()
             response = await http.request(url, "GET", b"/", [], b"")
             body = await response.read()
             response.release()
+            # The same body relayed: the same bytes, and the end handed over exactly once.
+            relayed = await http.request(url, "GET", b"/", [], b"")
+            sink = Sink()
+            await relayed.relay(sink, sink.drain)
+            relayed.release()
             http.close()
-            return body
+            return body, sink.pieces
 
-    assert asyncio.run(run()) == b"".join(chunks)
+    body, relayed = asyncio.run(run())
+    assert body == b"".join(chunks)
+    assert b"".join(data for data, _ in relayed) == body
+    assert [end for _, end in relayed] == [False] * (len(relayed) - 1) + [True]
 
 
 async def test_max_connections_caps_open_connections_and_queues_the_rest():
@@ -399,3 +407,130 @@ async def test_sent_runs_once_even_when_the_request_fails():
                         sent=lambda: calls.append(1))
     assert calls == [1]
     c.close()
+
+
+# -- relay: the body handed to a sink from the socket callback --------------------------------
+
+class Sink:
+    """Records what a relay hands over; ``full_after`` pieces, it says its receiver is full
+    until ``drain`` is awaited."""
+
+    def __init__(self, full_after: int = -1, fail_after: int = -1) -> None:
+        self.pieces: list[tuple[bytes, bool]] = []
+        self.full_after = full_after
+        self.fail_after = fail_after
+        self.drains = 0
+        self.release = asyncio.Event()
+
+    def __call__(self, data: bytes, end: bool) -> bool:
+        if len(self.pieces) == self.fail_after:
+            raise ConnectionResetError("the client went away")
+        self.pieces.append((data, end))
+        return len(self.pieces) != self.full_after
+
+    async def drain(self) -> None:
+        self.drains += 1
+        await self.release.wait()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(data for data, _ in self.pieces)
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_relay_hands_each_read_over_as_it_arrives_and_the_end_once():
+    pieces = [SSE_HEAD + _chunk(b"first")] + [_chunk(b"tok%d" % i) for i in range(5)] + [
+        _chunk(b"[DONE]") + b"0\r\n\r\n"]
+    async with RawServer([pieces, [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"]]) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        assert await response.read_chunk() == b"first"
+        sink = Sink()
+        sink.release.set()
+        await response.relay(sink, sink.drain)
+        # The server wrote each piece 10 ms apart: each came in its own read, the last one
+        # together with the body's end.
+        assert sink.pieces == [(b"tok%d" % i, False) for i in range(5)] + [(b"[DONE]", True)]
+        response.release()
+        second = await http.request(url, "POST", b"/", [], b"")  # the connection is reused
+        assert await second.read() == b"hi"
+        second.release()
+        http.close()
+
+
+async def test_relay_end_alone_and_a_body_already_complete():
+    pieces = [SSE_HEAD + _chunk(b"a"), _chunk(b"b"), b"0\r\n\r\n"]
+    async with RawServer([pieces, [SSE_HEAD + _chunk(b"x") + _chunk(b"y") + b"0\r\n\r\n"]]) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        assert await response.read_chunk() == b"a"
+        sink = Sink()
+        await response.relay(sink, sink.drain)
+        assert sink.pieces == [(b"b", False), (b"", True)]  # the end came in a read of its own
+        response.release()
+        second = await http.request(url, "POST", b"/", [], b"")
+        await asyncio.sleep(0.05)  # everything arrived before the relay starts
+        sink = Sink()
+        await second.relay(sink, sink.drain)
+        assert sink.pieces == [(b"xy", True)]
+        second.release()
+        http.close()
+
+
+async def test_relay_stops_reading_while_the_receiver_is_full():
+    pieces = [SSE_HEAD] + [_chunk(b"p%d" % i) for i in range(6)] + [b"0\r\n\r\n"]
+    async with RawServer([pieces]) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        sink = Sink(full_after=2)
+        relay = asyncio.ensure_future(response.relay(sink, sink.drain))
+        await asyncio.sleep(0.3)  # the server has written everything by now
+        assert sink.drains == 1 and len(sink.pieces) == 2  # nothing more until it drains
+        sink.release.set()
+        await relay
+        assert sink.body == b"".join(b"p%d" % i for i in range(6))
+        assert sink.pieces[-1][1] is True
+        response.release()
+        http.close()
+
+
+async def test_relay_idle_timeout_counts_from_the_last_data():
+    # Data every 10 ms for ~0.6 s with an idle timeout of 0.3 s: never idle that long. Then
+    # silence: the relay fails after the idle timeout, having handed over everything before.
+    pieces = [SSE_HEAD] + [_chunk(b"t")] * 60
+    async with RawServer([pieces, [b""]]) as url:
+        http = client(idle=0.3)
+        response = await http.request(url, "POST", b"/", [], b"")
+        sink = Sink()
+        with pytest.raises(ResponseBroken, match="no data"):
+            await response.relay(sink, sink.drain)
+        assert sink.body == b"t" * 60
+        response.release()
+        http.close()
+
+
+async def test_relay_raises_what_the_sink_raised_and_a_break_after_what_arrived():
+    pieces = [SSE_HEAD, _chunk(b"a"), _chunk(b"b"), _chunk(b"c"), b"0\r\n\r\n"]
+    async with RawServer([pieces]) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        sink = Sink(fail_after=1)
+        with pytest.raises(ConnectionResetError):
+            await response.relay(sink, sink.drain)
+        assert sink.body == b"a"
+        response.close()
+        http.close()
+    async with RawServer([[SSE_HEAD, _chunk(b"a"), _chunk(b"b")]], close_after=True) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        sink = Sink()
+        with pytest.raises(ResponseBroken, match="closed the connection"):
+            await response.relay(sink, sink.drain)
+        assert sink.body == b"ab"
+        http.close()

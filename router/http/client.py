@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -58,6 +58,13 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # While ``relay`` runs: where each read's body bytes go, from this protocol's own
+        # callback (no task woken per chunk), and what that call raised.
+        self._sink: Callable[[bytes, bool], bool] | None = None
+        self._sink_error: Exception | None = None
+        self._end_handed = False
+        self._last_data_s = 0.0
+        self._relay_timer: asyncio.TimerHandle | None = None
         # Called once when the connection is gone (aborted or lost): frees its pool slot.
         self.on_gone: Callable[[], None] | None = None
 
@@ -90,6 +97,9 @@ class _Connection(asyncio.Protocol):
         except (ValueError, IndexError) as exc:
             self._fail(ResponseBroken(f"bad HTTP from the backend: {exc}"))
             self._abort()
+            return
+        if self._sink is not None and (self._chunks or self._state == _DONE):
+            self._to_sink(self._sink)
 
     def pause_writing(self) -> None:
         pass
@@ -221,7 +231,8 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER_BYTES and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._sink is None:
+            self._wake()  # (with a sink, data_received hands the read over when it is parsed)
 
     def _finish(self) -> None:
         self._state = _DONE
@@ -282,6 +293,93 @@ class _Connection(asyncio.Protocol):
         self._fail(ResponseBroken(f"no data from the backend for {self._idle_timeout_s} s"))
         self._abort()
 
+    def _take_chunks(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return data
+
+    def _to_sink(self, sink: Callable[[bytes, bool], bool]) -> None:
+        """Hand what this read parsed (and the end, when it came) to the relay's sink, from
+        the protocol callback. The relay task wakes only at the end, on an error, or when the
+        receiver is full (the backend is then not read until it drains)."""
+        end = self._state == _DONE and self._error is None
+        self._last_data_s = self._loop.time()
+        try:
+            more = sink(self._take_chunks() if self._chunks else b"", end)
+        except Exception as exc:  # the receiver is gone: the relay task raises it
+            self._sink, self._sink_error = None, exc
+            self._wake()
+            return
+        if end:
+            self._sink, self._end_handed = None, True
+            self._wake()
+        elif not more:
+            self._sink = None
+            if self.transport is not None and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            self._wake()
+        elif self._paused and self.transport is not None:
+            # A read past the high-water mark paused the backend; all of it is handed over.
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _on_relay_idle(self) -> None:
+        # One timer per wait, pushed back by the time data last came (not one per chunk).
+        quiet_s = self._loop.time() - self._last_data_s
+        if quiet_s < self._idle_timeout_s:
+            self._relay_timer = self._loop.call_later(self._idle_timeout_s - quiet_s,
+                                                      self._on_relay_idle)
+            return
+        self._relay_timer = None
+        self._on_idle_timeout()
+
+    async def relay(self, sink: Callable[[bytes, bool], bool],
+                    drain: Callable[[], Awaitable[None]]) -> None:
+        """Hand the rest of the body to ``sink(data, end)`` as it arrives, from this
+        protocol's ``data_received``: a streamed answer then costs no task wake-up, future or
+        timer per chunk. ``end`` is true on the call that carries the body's clean end (its
+        data may be empty); ``sink`` returns false while its receiver is full, and the
+        backend is not read until ``drain()`` returns. Raises ``ResponseBroken`` as
+        ``read_chunk`` does (after handing over what arrived before the break), and whatever
+        ``sink`` raised."""
+        self._end_handed = False
+        while True:
+            if self._chunks or self._state == _DONE:
+                end = self._state == _DONE and self._error is None
+                if self._chunks or end:
+                    more = sink(self._take_chunks() if self._chunks else b"", end)
+                    if not end and not more:
+                        await drain()
+                if self._state == _DONE:
+                    if self._error is not None:
+                        raise self._error
+                    return
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+            self._sink = sink
+            self._waiter = self._loop.create_future()
+            self._last_data_s = self._loop.time()
+            self._relay_timer = self._loop.call_later(self._idle_timeout_s, self._on_relay_idle)
+            try:
+                await self._waiter
+            finally:
+                self._sink = None
+                self._waiter = None
+                if self._relay_timer is not None:
+                    self._relay_timer.cancel()
+                    self._relay_timer = None
+            if self._sink_error is not None:
+                error, self._sink_error = self._sink_error, None
+                raise error
+            if self._end_handed:
+                return
+            if self._state != _DONE:  # the receiver is full
+                await drain()
+
     def reusable(self) -> bool:
         return self.complete and self._keep_alive and not self.closed
 
@@ -311,6 +409,12 @@ class UpstreamResponse:
         """All of the body that arrived since the last call (waits for some); b"" at the end.
         Raises ResponseBroken."""
         return await self._conn.read_chunk()
+
+    async def relay(self, sink: Callable[[bytes, bool], bool],
+                    drain: Callable[[], Awaitable[None]]) -> None:
+        """The rest of the body into ``sink`` as it arrives, without a wake-up per chunk
+        (``_Connection.relay``)."""
+        await self._conn.relay(sink, drain)
 
     async def read(self) -> bytes:
         parts = []

@@ -362,6 +362,10 @@ class ClientConnection(asyncio.Protocol):
             raise ConnectionResetError("the client went away")
         self.transport.write(data)
 
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused
+
     def date(self) -> bytes:
         return self.server.date()
 

@@ -40,6 +40,10 @@ class Connection(Protocol):
     def write(self, data: bytes) -> None:
         """Send now; raises ``ConnectionResetError`` once the client has gone."""
 
+    @property
+    def writing_paused(self) -> bool:
+        """The client reads slower than we write: ``drain`` before writing more."""
+
     async def drain(self) -> None:
         """Wait while the client reads slower than we write."""
 
@@ -199,6 +203,33 @@ class StreamResponse:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             conn.write(data)
+        await conn.drain()
+
+    def write_nowait(self, data: bytes, end: bool = False) -> bool:
+        """Send ``data`` now (and with ``end`` the end of the body) without waiting for the
+        client: for a relay that calls from a protocol callback. Returns False while the
+        client reads slower than we write (await ``drain`` before the next write); raises
+        ``ConnectionResetError`` once the client has gone."""
+        conn = self._conn
+        assert conn is not None, "write_nowait() before prepare()"
+        if self._eof:
+            return True
+        if self._chunked:
+            out = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+            if end:
+                out += b"0\r\n\r\n"  # the last piece and the end leave in one send
+        else:
+            out = data
+        if end:
+            self._eof = True
+        if out:
+            conn.write(out)
+        return not conn.writing_paused
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than we write."""
+        conn = self._conn
+        assert conn is not None, "drain() before prepare()"
         await conn.drain()
 
     async def write_eof(self) -> None:

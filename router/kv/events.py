@@ -33,7 +33,13 @@ which clearing would throw away, and the engine's later events correct them. A r
 at most ``max_gap_replays`` times; then the stream is resynchronised (counted): the backend is
 cleared and the held message starts the sequence anew, as after a restart. (A message far
 ahead, e.g. seq 10^12, would otherwise ask for a replay after every replay, for ever.) A source
-without a replay endpoint accepts gaps and counts them. Malformed messages are counted and
+without a replay endpoint accepts gaps and counts them. Live messages are read by a plain
+socket's descriptor reader (``loop.add_reader``), at most 64 frames per loop turn and the rest
+on the next: a ``zmq.asyncio`` receive costs a future and several callbacks per frame, which
+in a streamed cell was most of what the events cost the router (bench/README.md, "KV events
+read by the socket's descriptor"). ZeroMQ's descriptor is edge-triggered, so a drain reads
+until ``EVENTS`` says nothing is left, and every socket is drained once a second too, in case
+an edge is missed. Malformed messages are counted and
 skipped; nothing a source sends can stop the loop. Lag (engine ``ts`` to applied, wall clock)
 is a histogram of live batches only; replayed batches, old by nature, are counted apart.
 
@@ -48,7 +54,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -64,6 +70,9 @@ from router.kv.wire import DecodedBatch, WireError, decode_live, decode_replay, 
 __all__ = ["EventSink", "KvEventIngestor", "StoredObserver"]
 
 log = logging.getLogger("kvrouter.kv_events")
+
+_DRAIN_FRAMES = 64  # live frames applied per loop turn; the rest wait for the next turn
+_SAFETY_DRAIN_S = 1.0  # every socket is drained this often too (a missed edge)
 
 
 class EventSink(Protocol):
@@ -125,8 +134,9 @@ class KvEventIngestor:
         """Admits only backends' addresses to the sockets the router binds (None: anyone)."""
         self._streams: dict[tuple[BackendId, str, int], _Stream] = {}
         self._groups: dict[tuple[str, bool], list[KvEventSource]] = {}
+        # Per live socket: the socket, its descriptor (read by the loop) and its monitor task.
         self._sockets: dict[tuple[str, bool],
-                            tuple[zmq.asyncio.Socket, tuple[asyncio.Task[None], ...]]] = {}
+                            tuple[zmq.Socket[bytes], int, asyncio.Task[None]]] = {}
         self._replay_tasks: set[asyncio.Task[None]] = set()
         self._ctx: zmq.asyncio.Context | None = None
         self.started = asyncio.Event()
@@ -164,15 +174,20 @@ class KvEventIngestor:
             while self._replay_tasks:
                 await asyncio.wait(set(self._replay_tasks))
             self.ready.set()
-            await asyncio.Event().wait()
+            while True:
+                await asyncio.sleep(_SAFETY_DRAIN_S)
+                for key, (sock, _, _) in list(self._sockets.items()):
+                    self._read_live(sock, *key)
         finally:
-            tasks = list(self._replay_tasks) + [t for _, ts in self._sockets.values() for t in ts]
+            tasks = list(self._replay_tasks) + [t for _, _, t in self._sockets.values()]
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for sock, _ in self._sockets.values():
+            loop = asyncio.get_running_loop()
+            for sock, fd, _ in self._sockets.values():
+                loop.remove_reader(fd)
                 sock.close(linger=0)
             self._sockets.clear()
             if self.gate is not None:
@@ -193,7 +208,8 @@ class KvEventIngestor:
         self._update_gate()
         entry = self._sockets.get((address, bind))
         if entry is None:
-            sock = self._ctx.socket(zmq.SUB)
+            # A plain socket on the asyncio context (its ZAP gate), read through its descriptor.
+            sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -208,9 +224,10 @@ class KvEventIngestor:
                 self._update_gate()
                 raise
             loop = asyncio.get_running_loop()
-            tasks = (loop.create_task(self._read(sock, address, bind)),
-                     loop.create_task(self._watch(sock, address, bind)))
-            self._sockets[(address, bind)] = (sock, tasks)
+            fd = cast(int, sock.get(zmq.FD))
+            loop.add_reader(fd, self._read_live, sock, address, bind)
+            self._sockets[(address, bind)] = (
+                sock, fd, loop.create_task(self._watch(sock, address, bind)))
         restored = self._restored.pop((source.backend_id, source.topic), [])
         for p in restored:
             stream = self._stream(source, p.rank)
@@ -231,9 +248,9 @@ class KvEventIngestor:
         self._groups = {(a, b): g for a, b, g in subscribe_plan(self.sources)}
         self._update_gate()
         for socket_key in [k for k in self._sockets if k not in self._groups]:
-            sock, tasks = self._sockets.pop(socket_key)
-            for task in tasks:
-                task.cancel()
+            sock, fd, task = self._sockets.pop(socket_key)
+            asyncio.get_running_loop().remove_reader(fd)
+            task.cancel()
             sock.close(linger=0)
 
     def _update_gate(self) -> None:
@@ -241,7 +258,7 @@ class KvEventIngestor:
             self.gate.set_hosts(s.host for (_, bind), group in self._groups.items() if bind
                                 for s in group)
 
-    async def _watch(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
+    async def _watch(self, sock: zmq.Socket[bytes], address: str, bind: bool) -> None:
         """Replay a socket's sources from 0 whenever a connection (re)opens after start-up.
 
         Messages published while a connection was down are lost without a trace when they were
@@ -252,8 +269,9 @@ class KvEventIngestor:
         """
         # A bound socket counts a peer once its handshake passed (the gate refuses strangers
         # after the TCP accept): a refused peer must not set off replays.
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED if bind else zmq.EVENT_CONNECTED)
+        # (The monitor comes from the socket's context, the asyncio one: an asyncio socket.)
+        monitor = cast(zmq.asyncio.Socket, sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED if bind else zmq.EVENT_CONNECTED))
         try:
             while True:
                 await monitor.recv_multipart()
@@ -272,38 +290,47 @@ class KvEventIngestor:
 
     # ---- live messages ----------------------------------------------------------------------
 
-    async def _read(self, sock: zmq.asyncio.Socket, address: str, bind: bool) -> None:
-        while True:
+    def _read_live(self, sock: zmq.Socket[bytes], address: str, bind: bool) -> None:
+        """Apply what a live socket holds: at most ``_DRAIN_FRAMES`` messages now, the rest on
+        the next loop turn (an engine's backlog must not stall requests)."""
+        for _ in range(_DRAIN_FRAMES):
             try:
-                frames = await sock.recv_multipart()
-            except zmq.ZMQError as exc:  # a socket error must not end ingestion for good
-                if sock.closed:
+                if sock.closed or not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                     return
-                self.metrics.malformed.labels(address).inc()
-                log.warning("receiving KV events on %s failed: %s", address, exc)
-                await asyncio.sleep(0.5)
-                continue
-            sources = self._groups.get((address, bind), [])
-            if not sources:
-                continue
-            try:
-                decoded = decode_live(frames)
-            except WireError as exc:
-                self.metrics.malformed.labels(sources[0].backend_id if len(sources) == 1
-                                              else address).inc()
-                log.debug("malformed KV-event message on %s: %s", address, exc)
-                continue
-            source = next((s for s in sources if s.topic == decoded.topic), None)
-            if source is None and len(sources) == 1 and not sources[0].topic:
-                source = sources[0]
-            if source is None:
-                self.metrics.unknown_topic.inc()
-                continue
-            try:
-                self._on_live(self._stream(source, decoded.batch.data_parallel_rank), decoded)
-            except Exception:  # a bug on one message must not stop ingestion
-                log.exception("applying KV events from %s failed", source.backend_id)
-                self.metrics.malformed.labels(source.backend_id).inc()
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # a socket error must not end ingestion for good
+                if not sock.closed:
+                    self.metrics.malformed.labels(address).inc()
+                    log.warning("receiving KV events on %s failed: %s", address, exc)
+                return  # the next edge, or the safety drain, tries again
+            self._on_frames(frames, address, bind)
+        asyncio.get_running_loop().call_soon(self._read_live, sock, address, bind)
+
+    def _on_frames(self, frames: list[bytes], address: str, bind: bool) -> None:
+        """One live message: decode it, find its source by topic, apply it in order."""
+        sources = self._groups.get((address, bind), [])
+        if not sources:
+            return
+        try:
+            decoded = decode_live(frames)
+        except WireError as exc:
+            self.metrics.malformed.labels(sources[0].backend_id if len(sources) == 1
+                                          else address).inc()
+            log.debug("malformed KV-event message on %s: %s", address, exc)
+            return
+        source = next((s for s in sources if s.topic == decoded.topic), None)
+        if source is None and len(sources) == 1 and not sources[0].topic:
+            source = sources[0]
+        if source is None:
+            self.metrics.unknown_topic.inc()
+            return
+        try:
+            self._on_live(self._stream(source, decoded.batch.data_parallel_rank), decoded)
+        except Exception:  # a bug on one message must not stop ingestion
+            log.exception("applying KV events from %s failed", source.backend_id)
+            self.metrics.malformed.labels(source.backend_id).inc()
 
     def _stream(self, source: KvEventSource, rank: int) -> _Stream:
         key = (source.backend_id, source.topic, rank)

@@ -213,3 +213,26 @@ def test_hop_by_hop_names_for_the_prefill_leg_include_those_connection_lists():
     assert hop_by_hop([("Accept", "x")]) == HOP_BY_HOP
     names = hop_by_hop([("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1")])
     assert "x-secret-hop" in names and "proxy-connection" in names and "accept" not in names
+
+
+async def test_stream_to_an_http_1_0_client_is_relayed_unframed_until_close(start_backend,
+                                                                            start_router):
+    """The relay writes each token from the backend's socket callback; an HTTP/1.0 client
+    gets the bytes as they are (no chunked framing) and the end as the connection's close."""
+    a = await start_backend(name="a", chunks=4, chunk_delay_s=0.05)
+    router = await start_router({"backends": [a.url]})
+    host, port = router.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"model": "tiny", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    raw = await asyncio.wait_for(reader.read(), 10)  # until the router closes
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    events = [e for e in payload.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    deltas = [json.loads(e[len(b"data: "):])["choices"][0]["delta"]["content"]
+              for e in events[:-1]]
+    assert deltas == [f"a-t{i} " for i in range(4)]

@@ -534,3 +534,17 @@ async def test_relay_raises_what_the_sink_raised_and_a_break_after_what_arrived(
             await response.relay(sink, sink.drain)
         assert sink.body == b"ab"
         http.close()
+
+
+async def test_relay_of_a_body_that_ends_when_the_backend_closes():
+    pieces = [b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\nold ", b"style"]
+    async with RawServer([pieces], close_after=True) as url:
+        http = client()
+        response = await http.request(url, "POST", b"/", [], b"")
+        sink = Sink()
+        await response.relay(sink, sink.drain)
+        assert sink.body == b"old style"
+        assert [end for _, end in sink.pieces][-1] is True
+        assert sum(end for _, end in sink.pieces) == 1
+        response.release()  # not reusable: it ended with the connection
+        http.close()

@@ -5,7 +5,9 @@ together (bench/README.md); the proxy needs only a small part of it: send a requ
 a body as given, read a status, headers and a body framed by Content-Length, chunked encoding
 or connection close, chunk by chunk as it arrives. This module does exactly that on an
 ``asyncio.Protocol``, with the three timeouts the proxy needs (connect, first byte, idle
-read) as loop timers. A request on a reused connection that the backend had already closed
+read) as loop timers. A streamed answer can also be relayed (``UpstreamResponse.relay``):
+each read's body goes to the client from this protocol's own callback, so a token costs no
+task wake-up, future or timer of its own. A request on a reused connection that the backend had already closed
 (no response byte yet) is resent once on a fresh connection; anything else is the caller's
 to retry. Health checks and background loops keep using aiohttp.
 

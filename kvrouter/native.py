@@ -3,7 +3,9 @@
 kvrouter is typed strictly enough for mypyc, which compiles annotated Python modules to C
 extensions with the same behaviour. The modules below are the per-request work: kv_aware's
 scoring and bookkeeping, the prefix index, block hashing, replica sync's ledger and wire, the
-proxy's dispatch, its HTTP server and client, and the prompt's tokenizer path. Compiled,
+proxy's dispatch, its HTTP server and client, the prompt's tokenizer path, and the KV events'
+decoding and ingestion (every engine step's batch passes through them).
+Compiled,
 kv_aware's own cost per request halves and a router process carries ~1.3-1.4x the requests
 (bench/README.md, "The request path compiled").
 
@@ -19,7 +21,8 @@ compiled), and without a build kvrouter is pure Python as before.
 Not compiled, and why: modules mypyc cannot build or run as written (a subclass of a builtin
 in ``policies/bookkeeping.py``, ``__slots__`` classes in ``router/pool.py``, the
 ``value_type`` decorator of ``policies/types.py``; prometheus-client calls into
-``router/hot_metrics.py`` and ``router/metrics.py`` as Python objects), and modules off the
+``router/hot_metrics.py`` and ``router/metrics.py`` as Python objects; ``router/kv/parity.py``
+delegates with ``__getattr__``), and modules off the
 per-request path. Compiled code checks annotations at run time (a list where the annotation
 says tuple raises), which is why ``make test`` runs the whole suite on the build too.
 """
@@ -57,6 +60,9 @@ MODULES: tuple[str, ...] = (
     "policies.kv.lookup",
     "policies.kv.hashing",
     "policies.kv.shared",
+    "policies.kv.feed",
+    "router.kv.wire",
+    "router.kv.events",
     "router.proxy",
     "router.attempt",
     "router.http.server",

@@ -40,12 +40,13 @@ def _workload(seed: int, groups: int = 12, requests: int = 96, words: int = 600)
     return out
 
 
-async def _start_router(urls, policy: str, *, kv: bool = True):
+async def _start_router(urls, policy: str, *, kv: bool = True, events: bool = True):
     config = parse_config({
         "backends": [{"url": u} for u in urls],
         "policy": {"name": policy, "seed": 7},
         "models": {MODEL: {"tokenizer": str(default_path()), "block_size": BS}},
-        "kv_events": {"scrape_interval_s": 0.2, "discover_interval_s": 0.2},
+        "kv_events": {"scrape_interval_s": 0.2, "discover_interval_s": 0.2,
+                      "enabled": events},
     })
     plumbing = build_kv(config)
     rng = random.Random(7)
@@ -54,7 +55,7 @@ async def _start_router(urls, policy: str, *, kv: bool = True):
     runner, port = await serve(app, "127.0.0.1", 0)
     pool = app.state.pool
     deadline = time.monotonic() + 30
-    while not all(b.kv_events for b in pool):  # sources found and replayed
+    while events and not all(b.kv_events for b in pool):  # sources found and replayed
         assert time.monotonic() < deadline, "KV event sources never came up"
         await asyncio.sleep(0.05)
     return runner, f"http://127.0.0.1:{port}", plumbing, app
@@ -235,3 +236,27 @@ async def test_engine_restart_clears_its_entries():
             await runner.cleanup()
             await pod.publisher.close()
             ctx.destroy(linger=0)
+
+
+async def test_kv_events_off_subscribes_to_nothing_and_routes_on_its_own_dispatches():
+    """``kv_events.enabled: false``: no engine's events are read (the pods publish them all
+    the same), and kv_aware still finds a prompt it sent before from its own dispatches."""
+    bodies = _workload(5, groups=2, requests=6, words=200)
+    async with EmulatedCluster(count=2, model=MODEL, block_size=BS, time_scale=5.0,
+                               tokenizer=default_path()) as cluster:
+        runner, url, plumbing, app = await _start_router(cluster.urls, "kv_aware",
+                                                         events=False)
+        try:
+            await asyncio.sleep(0.5)  # several discovery and scrape intervals
+            _, predicted = await _drive(url, bodies[:1], concurrency=1)
+            _, again = await _drive(url, bodies[:1], concurrency=1)
+            await asyncio.sleep(0.3)
+            assert plumbing.ingestor is None
+            assert not any(b.kv_events for b in app.state.pool)
+            applied = sum(s.value for m in plumbing.metrics.registry.collect()
+                          if m.name == "kvrouter_kv_events" for s in m.samples
+                          if s.name.endswith("_total"))
+            assert applied == 0
+            assert predicted == [0] and again[0] > 0  # the index knows its own dispatch
+        finally:
+            await runner.cleanup()

@@ -8,6 +8,9 @@
            replay_endpoint: "tcp://*:5558", topic: "kv@pod-7"}
       discover: true                  # ask backends without sources for /kv_event_sources
       replay: true                    # replay from 0 when a source is added (late join)
+      enabled: true                   # false: subscribe to no engine; the index learns from
+                                      # the router's own dispatches (tokenizing and scraping
+                                      # stay on)
 
 ``parse_kv_events`` runs once, when ``router.config.root`` loads the file: ``None`` when the section
 is absent (its presence alone turns the KV plumbing on), else a ``KvEventsConfig`` whose

@@ -258,6 +258,11 @@ def parse_config(raw: object) -> Config:
              "sync.warm_start.enabled",
              "warm start fetches snapshots with server.admin_token: set it (the same on every "
              "replica)")
+    kv_events = parse_kv_events(raw.get("kv_events"))
+    _require(not sync.warm_start.enabled or kv_events is None or kv_events.enabled,
+             "sync.warm_start.enabled",
+             "warm start restores the index that KV events keep current: it needs "
+             "kv_events.enabled true")
     return Config(
         server=server,
         upstream=upstream,
@@ -266,7 +271,7 @@ def parse_config(raw: object) -> Config:
         retries=retries,
         policy=policy,
         models=_parse_models(raw.get("models")),
-        kv_events=parse_kv_events(raw.get("kv_events")),
+        kv_events=kv_events,
         discovery=parse_discovery(raw.get("discovery")),
         disaggregation=parse_disaggregation(raw.get("disaggregation")),
         sync=sync,

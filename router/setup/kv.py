@@ -163,26 +163,31 @@ class KvPlumbing:
         self.pool = state.pool
         state.pool.on_removed.append(self._removed)
         section = self.section
-        self.ingestor = KvEventIngestor(
-            self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
-            replay_on_start=section.replay, max_gap_replays=section.max_gap_replays,
-            replay_backoff_s=section.replay_backoff_s,
-            gate=EventSocketGate(self.metrics, section.allow_from) if section.authenticate
-            else None,
-            on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
-            on_backend_live=self._live)
-        self.warm.ingestor = self.ingestor
-        if self.warm.phase == "fetching":  # before any source is added: positions first
-            snapshot = await self.warm.fetch(state.session())
-            if snapshot is not None:
-                self.warm.load(snapshot, self.ingestor)
-        tasks = [asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events")]
+        tasks = []
+        if section.enabled:
+            self.ingestor = KvEventIngestor(
+                self, [], self.metrics, replay_timeout_s=section.replay_timeout_s,
+                replay_on_start=section.replay, max_gap_replays=section.max_gap_replays,
+                replay_backoff_s=section.replay_backoff_s,
+                gate=EventSocketGate(self.metrics, section.allow_from) if section.authenticate
+                else None,
+                on_stored=lambda b, ev, hashes: self.parity.observe(b, ev, hashes),
+                on_backend_live=self._live)
+            self.warm.ingestor = self.ingestor
+            if self.warm.phase == "fetching":  # before any source is added: positions first
+                snapshot = await self.warm.fetch(state.session())
+                if snapshot is not None:
+                    self.warm.load(snapshot, self.ingestor)
+            tasks.append(asyncio.create_task(self.ingestor.run(), name="kvrouter-kv-events"))
+            tasks.append(asyncio.create_task(self._discover(state), name="kvrouter-kv-sources"))
+        else:
+            log.info("KV events off (kv_events.enabled: false): the prefix index learns only "
+                     "from this router's own dispatches")
         if section.scrape:
             scraper = EngineScraper(state.pool, self.metrics, state.session,
                                     interval_s=section.scrape_interval_s,
                                     timeout_s=section.scrape_timeout_s)
             tasks.append(asyncio.create_task(scraper.run(), name="kvrouter-scrape"))
-        tasks.append(asyncio.create_task(self._discover(state), name="kvrouter-kv-sources"))
         tasks.append(asyncio.create_task(self._follow_health(state), name="kvrouter-kv-health"))
         tasks.append(asyncio.create_task(self._check_tokenizers(state),
                                          name="kvrouter-kv-tokenizers"))

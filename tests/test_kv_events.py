@@ -287,7 +287,7 @@ async def test_a_backlog_is_applied_in_full_a_few_frames_per_loop_turn(ctx):
     base = ing.applied_batches
     for i in range(300):
         engine.publish([stored_map([10_000 + i], None, list(range(i, i + BS)))])
-    time.sleep(0.3)  # the loop blocked: ZeroMQ's threads queue all 300 at the subscriber
+    time.sleep(0.3)  # noqa: ASYNC251 (the loop blocked on purpose: ZeroMQ queues all 300)
     seen: list[int] = []
     loop = asyncio.get_running_loop()
 

@@ -305,7 +305,11 @@ class KvEventIngestor:
                     self.metrics.malformed.labels(address).inc()
                     log.warning("receiving KV events on %s failed: %s", address, exc)
                 return  # the next edge, or the safety drain, tries again
-            self._on_frames(frames, address, bind)
+            try:
+                self._on_frames(frames, address, bind)
+            except Exception:  # a loop callback: a bug on one message must not skip the rest
+                log.exception("KV-event message on %s failed", address)
+                self.metrics.malformed.labels(address).inc()
         asyncio.get_running_loop().call_soon(self._read_live, sock, address, bind)
 
     def _on_frames(self, frames: list[bytes], address: str, bind: bool) -> None:

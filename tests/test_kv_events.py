@@ -277,12 +277,7 @@ async def test_a_backlog_is_applied_in_full_a_few_frames_per_loop_turn(ctx):
     """An engine's burst of batches reaches the index whole, and the loop goes on serving
     other work while it is applied (at most 64 frames per turn): a callback that runs once
     per loop turn sees the backlog part-applied."""
-    port, rport = _port(), _port()
-    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
-                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
-    ing, index, metrics, task = await start_ingestor([source])
-    await wait_for(lambda: _probe(engine, ing))
+    _, source, engine, ing, index, metrics, task = await _live(ctx)
     await asyncio.sleep(0.1)  # the probes' stragglers are in
     base = ing.applied_batches
     for i in range(300):
@@ -307,6 +302,18 @@ async def test_a_backlog_is_applied_in_full_a_few_frames_per_loop_turn(ctx):
     await engine.close()
 
 
+async def _live(ctx, **kw):
+    """An engine that binds and an ingestor subscribed to it, past ZMQ's slow-joiner window:
+    (port, source, engine, ingestor, index, metrics, task)."""
+    port, rport = _port(), _port()
+    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
+                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
+    ing, index, metrics, task = await start_ingestor([source], **kw)
+    await wait_for(lambda: _probe(engine, ing))
+    return port, source, engine, ing, index, metrics, task
+
+
 def _probe(engine, ing, baseline=0):
     """Send empty batches until one is applied live (ZMQ's slow-joiner window)."""
     if ing.applied_batches > baseline:
@@ -316,12 +323,7 @@ def _probe(engine, ing, baseline=0):
 
 
 async def test_gap_is_filled_from_replay(ctx):
-    port, rport = _port(), _port()
-    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
-                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
-    ing, index, metrics, task = await start_ingestor([source])
-    await wait_for(lambda: _probe(engine, ing))
+    _, source, engine, _, index, metrics, task = await _live(ctx)
     a, b, c = list(range(0, 8)), list(range(8, 16)), list(range(16, 24))
     ha = chain(a + b + c)
     engine.publish([stored_map([1, 2], None, a)])
@@ -338,12 +340,7 @@ async def test_gap_is_filled_from_replay(ctx):
 
 
 async def test_engine_restart_clears_backend(ctx):
-    port, rport = _port(), _port()
-    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
-                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
-    ing, index, metrics, task = await start_ingestor([source])
-    await wait_for(lambda: _probe(engine, ing))
+    _, source, engine, _, index, metrics, task = await _live(ctx)
     old, new = list(range(0, 8)), list(range(50, 58))
     engine.publish([stored_map([1, 2], None, old)])
     await wait_for(lambda: index.match(chain(old), time.monotonic()).get(source.backend_id))
@@ -408,12 +405,7 @@ async def test_malformed_messages_are_counted_and_skipped(ctx):
 
 
 async def test_restart_whose_first_batches_were_lost_is_caught_on_reconnect(ctx):
-    port, rport = _port(), _port()
-    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
-                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
-    ing, index, metrics, task = await start_ingestor([source])
-    await wait_for(lambda: _probe(engine, ing))
+    port, source, engine, _, index, metrics, task = await _live(ctx)
     old, new = list(range(0, 8)), list(range(60, 68))
     engine.publish([stored_map([1, 2], None, old)])
     await wait_for(lambda: index.match(chain(old), time.monotonic()).get(source.backend_id))
@@ -433,13 +425,8 @@ async def test_restart_whose_first_batches_were_lost_is_caught_on_reconnect(ctx)
 
 
 async def test_a_message_far_ahead_gets_bounded_replays_then_a_resync(ctx):
-    port, rport = _port(), _port()
-    source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
-                                       f"tcp://127.0.0.1:{rport}", "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
-    ing, index, metrics, task = await start_ingestor([source], max_gap_replays=3,
-                                                     replay_backoff_s=0.05)
-    await wait_for(lambda: _probe(engine, ing))
+    _, source, engine, ing, index, metrics, task = await _live(ctx, max_gap_replays=3,
+                                                               replay_backoff_s=0.05)
     backend = source.backend_id
 
     def replays():

@@ -277,16 +277,8 @@ class _Connection(asyncio.Protocol):
             finally:
                 timer.cancel()
                 self._waiter = None
-        chunks = self._chunks
-        if len(chunks) == 1:
-            data = chunks.popleft()
-        else:
-            # All that has arrived leaves in one piece: one write to the client instead of one
-            # per upstream HTTP chunk of the same read, and nothing waits for more to arrive.
-            data = b"".join(chunks)
-            chunks.clear()
-        self._buffered -= len(data)
-        if self._paused and self._buffered < _HIGH_WATER_BYTES // 4 and self.transport:
+        data = self._take_chunks()
+        if self._paused and self.transport:
             self._paused = False
             self.transport.resume_reading()
         return data
@@ -296,6 +288,8 @@ class _Connection(asyncio.Protocol):
         self._abort()
 
     def _take_chunks(self) -> bytes:
+        """All that has arrived, in one piece: one write to the client instead of one per
+        upstream HTTP chunk of the same read, and nothing waits for more to arrive."""
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()

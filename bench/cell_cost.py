@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
-from quality_procs import ROOT, Emulator, cpu_seconds, free_port, make_router
+from quality_procs import ROOT, Emulator, free_port, make_router
 from quality_workload import REGIMES, build_workload
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts clock ticks
@@ -62,9 +62,6 @@ class Floor:
             "--backends", *pods.urls, cwd=ROOT)
         self.urls = [f"http://127.0.0.1:{port}"]
         await asyncio.sleep(2.0)
-
-    def cpu_s(self) -> float | None:
-        return cpu_seconds(self._proc)
 
     async def stop(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

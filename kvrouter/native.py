@@ -3,10 +3,10 @@
 kvrouter is typed strictly enough for mypyc, which compiles annotated Python modules to C
 extensions with the same behaviour. The modules below are the per-request work: kv_aware's
 scoring and bookkeeping, the prefix index, block hashing, replica sync's ledger and wire, the
-proxy's dispatch, its HTTP server and client, the prompt's tokenizer path, and the KV events'
-decoding and ingestion (every engine step's batch passes through them).
-Compiled,
-kv_aware's own cost per request halves and a router process carries ~1.3-1.4x the requests
+proxy's dispatch, its HTTP server and client, the backend pool and its breakers, the metrics
+every request updates, the prompt's tokenizer path and token parity, and the KV events'
+decoding and ingestion (every engine step's batch passes through them). Compiled, kv_aware's
+own cost per request halves and a router process carries ~1.3-1.4x the requests
 (bench/README.md, "The request path compiled").
 
 ``make native`` (``python -m kvrouter.native build``) compiles them into ``build/native/`` of
@@ -18,13 +18,13 @@ shadowed by a stale build. ``KVROUTER_NATIVE=0`` turns it off. Nothing else chan
 sources stay the reference, the tests run them (``KVROUTER_NATIVE=1 pytest`` runs them
 compiled), and without a build kvrouter is pure Python as before.
 
-Not compiled, and why: modules mypyc cannot build or run as written (a subclass of a builtin
-in ``policies/bookkeeping.py``, ``__slots__`` classes in ``router/pool.py``, the
-``value_type`` decorator of ``policies/types.py``; prometheus-client calls into
-``router/hot_metrics.py`` and ``router/metrics.py`` as Python objects; ``router/kv/parity.py``
-delegates with ``__getattr__``), and modules off the
-per-request path. Compiled code checks annotations at run time (a list where the annotation
-says tuple raises), which is why ``make test`` runs the whole suite on the build too.
+Not compiled, and why: ``policies/types.py``, whose ``value_type`` decorator mypyc cannot
+build (``dataclass_transform`` sets an attribute on the decorator, which a compiled function
+does not have), and modules off the per-request path. A compiled module must not alias a
+method in its class body (``describe = collect`` builds with a warning and fails at import)
+and may subclass ``Exception`` but not other builtin exceptions. Compiled code checks annotations at run time (a
+list where the annotation says tuple raises), which is why ``make test`` runs the whole suite
+on the build too.
 """
 
 from __future__ import annotations
@@ -61,8 +61,16 @@ MODULES: tuple[str, ...] = (
     "policies.kv.hashing",
     "policies.kv.shared",
     "policies.kv.feed",
+    "policies.kv.refresh",
+    "policies.bookkeeping",
     "router.kv.wire",
     "router.kv.events",
+    "router.kv.parity",
+    "router.pool",
+    "router.breaker",
+    "router.hot_metrics",
+    "router.metrics",
+    "router.setup.kv",
     "router.proxy",
     "router.attempt",
     "router.http.server",

@@ -38,8 +38,9 @@ from policies.types import (
 __all__ = ["BackendLoad", "EngineSignals", "PolicyChoiceError", "decide"]
 
 
-class PolicyChoiceError(RuntimeError):
-    """The policy chose a backend that was not among the candidates (a policy bug)."""
+class PolicyChoiceError(Exception):
+    """The policy chose a backend that was not among the candidates (a policy bug). An
+    ``Exception``, not a ``RuntimeError``: mypyc compiles subclasses of ``Exception`` only."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from policies.base import PolicyBase
 from policies.kv.events import BlockStored
@@ -190,7 +189,3 @@ class ParityPolicy(PolicyBase):
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
         self.parity.remove_backend(backend_id)
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything else the app reads from its policy (e.g. a decider's attributes).
-        return getattr(self.inner, name)

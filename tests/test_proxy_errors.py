@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import pytest
+
+from policies.base import PolicyBase
+from policies.bookkeeping import PolicyChoiceError, decide
+from policies.types import BackendState, ClusterView, Decision, RouteRequest
 
 
 def _assert_balanced(router) -> None:
@@ -79,6 +84,37 @@ async def test_no_backend_503(start_router, http):
                          json={"model": "tiny", "prompt": "x"}) as response:
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "no_backend_available"
+
+
+class _NamesAStranger(PolicyBase):
+    """A policy bug: answers with a backend that is not among the candidates."""
+
+    name = "names_a_stranger"
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return Decision(backend_id="http://127.0.0.1:9", reason="bug")
+
+
+def test_decide_refuses_a_non_candidate():
+    view = ClusterView(0.0, (BackendState(backend_id="a"),))
+    request = RouteRequest(request_id="r", model="tiny", prompt_tokens=1)
+    with pytest.raises(PolicyChoiceError, match=re.escape("non-candidate backend 'http://127.0.0.1:9'")):
+        decide(_NamesAStranger(), request, view)
+
+
+async def test_a_policy_bug_is_a_500_and_the_router_keeps_serving(start_backend, start_router,
+                                                                    http):
+    a = await start_backend()
+    router = await start_router({"backends": [a.url]}, policy=_NamesAStranger())
+    for _ in range(2):  # the second request too: nothing was left half-done by the first
+        async with http.post(router.url + "/v1/completions",
+                             json={"model": "tiny", "prompt": "x"}) as response:
+            assert response.status == 500
+            error = (await response.json())["error"]
+            assert error["type"] == "internal_error"
+            assert "non-candidate backend" in error["message"]
+    assert a.received == []
+    _assert_balanced(router)
 
 
 async def test_all_unhealthy_503(start_backend, start_router, http):

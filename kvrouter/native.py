@@ -20,9 +20,10 @@ compiled), and without a build kvrouter is pure Python as before.
 
 Not compiled, and why: ``policies/types.py``, whose ``value_type`` decorator mypyc cannot
 build (``dataclass_transform`` sets an attribute on the decorator, which a compiled function
-does not have), and modules off the per-request path. A compiled module must not alias a
-method in its class body (``describe = collect`` builds with a warning and fails at import)
-and may subclass ``Exception`` but not other builtin exceptions. Compiled code checks annotations at run time (a
+does not have); ``router/pd/serving.py`` (a ``break`` inside ``try/finally``); and modules off
+the per-request path. A compiled module must not alias a method in its class body
+(``describe = collect`` builds with a warning and fails at import), and may subclass
+``Exception`` but no other builtin exception. Compiled code checks annotations at run time (a
 list where the annotation says tuple raises), which is why ``make test`` runs the whole suite
 on the build too.
 """

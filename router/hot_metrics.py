@@ -151,4 +151,3 @@ class HotHistogram(_Family[HistogramChild]):
                 buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
             family.add_metric(values, buckets, child.sum)
         return [family]
-

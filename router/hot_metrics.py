@@ -97,7 +97,8 @@ class _Family(Generic[_Child]):
         return child
 
     def collect(self) -> list[Metric]:
-        raise NotImplementedError
+        # Each family below exports its own kind; this base is never registered on its own.
+        return []
 
     def describe(self) -> list[Metric]:
         # The registry checks names for duplicates through ``describe``. A method, not

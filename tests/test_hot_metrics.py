@@ -47,3 +47,20 @@ def test_counter_refuses_to_go_down():
     counter = HotCounter("t_c", "C.", ["x"], CollectorRegistry())
     with pytest.raises(ValueError):
         counter.labels("1").inc(-1)
+
+
+@pytest.mark.parametrize("family", [HotCounter, HotGauge])
+def test_a_name_taken_twice_is_refused_at_registration(family):
+    # The registry finds a collector's names through ``describe``; without it two families
+    # of one name would both export, and /metrics would show the name twice.
+    registry = CollectorRegistry()
+    family("kvrouter_taken", "first", ["backend"], registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        family("kvrouter_taken", "second", ["backend"], registry)
+
+
+def test_a_histogram_name_taken_twice_is_refused_at_registration():
+    registry = CollectorRegistry()
+    HotHistogram("kvrouter_taken_seconds", "first", [], registry, buckets=(0.1, 1.0))
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        HotHistogram("kvrouter_taken_seconds", "second", [], registry, buckets=(0.1, 1.0))

@@ -10,6 +10,7 @@ anything outside the standard library, ``xxhash`` and ``policies``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -45,7 +46,13 @@ def tier_of_medium(medium: str) -> Tier:
 
 class IndexedBackend:
     """One backend's slot in the index and its own maps: precise mode keeps engine hash ->
-    router hash; approximate mode keeps router hash -> expiry time, in recording order."""
+    router hash; approximate mode keeps router hash -> expiry time, in recording order.
+
+    ``recorded`` is an ``OrderedDict`` because its oldest records leave first (expiry and the
+    capacity bound both drop a prefix of it). A plain dict leaves a deleted slot at the front
+    of its entry array for each, and every later walk from the front steps over all of them
+    until the dict next resizes: at a 65,536-block bound that walk cost more than the rest of
+    a dispatch's record (bench/index.py, "dispatch records under churn")."""
 
     __slots__ = ("backend_id", "engine_to_router", "entries", "precise", "recorded", "slot")
 
@@ -55,12 +62,12 @@ class IndexedBackend:
         self.precise = False
         self.entries = 0
         self.engine_to_router: dict[int, BlockHash] = {}
-        self.recorded: dict[BlockHash, float] = {}
+        self.recorded: OrderedDict[BlockHash, float] = OrderedDict()
 
     def reset(self) -> None:
         self.entries = 0
         self.engine_to_router = {}
-        self.recorded = {}
+        self.recorded = OrderedDict()
 
 
 def orphan_seed(parent_engine_hash: int) -> int:

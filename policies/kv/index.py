@@ -58,6 +58,7 @@ chain's tail is evicted before its head. When ``entries`` ((block, backend) pair
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -320,9 +321,10 @@ class PrefixIndex:
         self._forget(backend, expired)
         self.expired_entries += len(expired)
         expiry_s = now_s + ttl_s
+        to_end = recorded.move_to_end
         for h in reversed(block_hashes):
-            recorded.pop(h, None)
             recorded[h] = expiry_s
+            to_end(h)
         self._hold(backend, block_hashes, Tier.GPU)
         if capacity_blocks is not None and len(recorded) > capacity_blocks:
             over = len(recorded) - low_water(max(capacity_blocks, 1))
@@ -522,7 +524,7 @@ class PrefixIndex:
 
 
 def _unexpired_prefix(
-    recorded: dict[BlockHash, float], hashes: Sequence[BlockHash], matched: int, now_s: float
+    recorded: OrderedDict[BlockHash, float], hashes: Sequence[BlockHash], matched: int, now_s: float
 ) -> int:
     # Expiry never increases along a chain (every dispatch carrying block k carried 0..k-1),
     # so the unexpired part is a prefix: binary search it, after the common case (all of it).

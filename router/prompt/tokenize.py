@@ -38,6 +38,7 @@ import itertools
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,11 @@ class ModelTokenizer:
                  piece_cache_tokens: int = 250_000) -> None:
         self.hf = hf_tokenizer
         self.cache = PrefixCache(cache_tokens)
-        # Piece text -> its ids. A dict's insertion order is the eviction order; single dict
-        # operations are atomic under the GIL, and two threads storing one piece store the same
-        # ids, so no lock.
-        self._pieces: dict[str, list[int]] = {}
+        # Piece text -> its ids, oldest first: the eviction order. An OrderedDict pops its
+        # oldest in O(1); a plain dict's walk to its first entry steps over every slot deleted
+        # since it last resized. Single operations are atomic under the GIL, and two threads
+        # storing one piece store the same ids, so no lock.
+        self._pieces: OrderedDict[str, list[int]] = OrderedDict()
         self._piece_tokens = 0
         self.piece_cache_tokens = piece_cache_tokens
         self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
@@ -254,9 +256,8 @@ class ModelTokenizer:
         pieces[text] = ids
         while self._piece_tokens > self.piece_cache_tokens and pieces:
             try:
-                oldest = next(iter(pieces))
-                self._piece_tokens -= len(pieces.pop(oldest))
-            except (StopIteration, KeyError, RuntimeError):  # another thread evicted it first
+                self._piece_tokens -= len(pieces.popitem(last=False)[1])
+            except KeyError:  # another thread emptied it first
                 break
 
     # ---- segments ---------------------------------------------------------------------------
@@ -350,7 +351,7 @@ class ModelTokenizer:
                         return False
         # The checks went through the cache; start serving with an empty one.
         self.cache = PrefixCache(self.cache.max_tokens)
-        self._pieces = {}
+        self._pieces = OrderedDict()
         self._piece_tokens = 0
         return True
 

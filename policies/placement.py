@@ -46,10 +46,13 @@ class PlacementMemory:
         moved = 0
         for h in reversed(block_hashes):
             old = get(h)
+            if old is None:  # new: appended at the end, no move needed
+                moved += 1
+                home[h] = backend_id
+                continue
             if old != backend_id:
                 moved += 1
-                if old is not None:
-                    homed[old] -= 1
+                homed[old] -= 1
                 home[h] = backend_id
             to_end(h)
         homed[backend_id] = homed.get(backend_id, 0) + moved

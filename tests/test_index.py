@@ -157,6 +157,29 @@ def test_approximate_records_expire_and_respect_capacity() -> None:
     assert index.match(other, now_s=31.0)["x"].matched_blocks >= 1  # the head survives
 
 
+def test_expiry_and_the_capacity_bound_drop_the_oldest_records_in_recording_order() -> None:
+    index = PrefixIndex()
+    a = HASHER.hash_tokens(tokens_of([10, 11]))
+    b = HASHER.hash_tokens(tokens_of([20, 21, 22]))
+    c = HASHER.hash_tokens(tokens_of([30, 31]))
+    d = HASHER.hash_tokens(tokens_of([40]))
+    index.record_dispatch("x", a, now_s=0.0, ttl_s=10.0)
+    index.record_dispatch("x", b, now_s=5.0, ttl_s=10.0)
+    # At t=12 a's two records have expired and b's have not: exactly a's leave the index.
+    index.record_dispatch("x", c, now_s=12.0, ttl_s=10.0)
+    assert index.expired_entries == 2
+    assert index.backend_entries("x") == 5 and index.entries == 5
+    assert "x" not in index.match(a) and index.match(b)["x"].matched_blocks == 3
+    # A chain is recorded deepest block first, so the bound (low water 4 of 5) drops b's two
+    # deeper blocks and keeps its head. The expiry check must have left b's deepest block,
+    # the first live record, in front: had it gone behind, b's head would be dropped.
+    index.record_dispatch("x", d, now_s=13.0, ttl_s=10.0, capacity_blocks=5)
+    assert index.backend_entries("x") == 4 and index.entries == 4
+    assert index.match(b, now_s=13.0)["x"].matched_blocks == 1
+    assert index.match(c, now_s=13.0)["x"].matched_blocks == 2
+    assert index.match(d, now_s=13.0)["x"].matched_blocks == 1
+
+
 def test_events_take_over_from_dispatch_records() -> None:
     index = new_index()
     chain = HASHER.hash_tokens(tokens_of([1, 2]))

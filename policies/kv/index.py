@@ -58,10 +58,10 @@ chain's tail is evicted before its head. When ``entries`` ((block, backend) pair
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent, is_shared
 from policies.kv.feed import IndexedBackend, Tier, low_water, rehash_stored, tier_of_medium
@@ -312,14 +312,8 @@ class PrefixIndex:
         self._version += 1
         recorded = backend.recorded
         # Oldest first, and expiry follows insertion order (constant ttl, time only moves
-        # forward): the expired records are a prefix, so stop at the first live one.
-        expired: list[BlockHash] = []
-        for h, expiry in recorded.items():
-            if expiry > now_s or len(expired) == 64:
-                break
-            expired.append(h)
-        self._forget(backend, expired)
-        self.expired_entries += len(expired)
+        # forward): the expired records lead, so stop at the first live one.
+        self.expired_entries += self._drop_oldest(backend, 64, now_s)
         expiry_s = now_s + ttl_s
         to_end = recorded.move_to_end
         for h in reversed(block_hashes):
@@ -327,8 +321,7 @@ class PrefixIndex:
             to_end(h)
         self._hold(backend, block_hashes, Tier.GPU)
         if capacity_blocks is not None and len(recorded) > capacity_blocks:
-            over = len(recorded) - low_water(max(capacity_blocks, 1))
-            self._forget(backend, list(islice(recorded, over)))
+            self._drop_oldest(backend, len(recorded) - low_water(max(capacity_blocks, 1)))
 
     def recorded_until(self, backend_id: BackendId, block_hash: BlockHash) -> float | None:
         """When ``backend_id``'s dispatch record of ``block_hash`` expires (None: not recorded).
@@ -340,11 +333,24 @@ class PrefixIndex:
         backend = self._backends.get(backend_id)
         return None if backend is None else backend.recorded.get(block_hash)
 
-    def _forget(self, backend: IndexedBackend, hashes: Sequence[BlockHash]) -> None:
+    def _drop_oldest(self, backend: IndexedBackend, count: int,
+                     expired_at_s: float = math.inf) -> int:
+        """Drop up to ``count`` of ``backend``'s oldest records, only those whose expiry is
+        at most ``expired_at_s``; returns how many. Each is popped from the front (O(1), one
+        dict operation) rather than found by a walk and then deleted by a second lookup."""
+        recorded = backend.recorded
+        if not recorded or recorded[next(iter(recorded))] > expired_at_s:
+            return 0  # the common case when only expiry drops: nothing has expired yet
         keep = ~(7 << (_BITS * backend.slot))
         nodes = self._nodes
-        for h in hashes:
-            del backend.recorded[h]
+        dropped = 0
+        while dropped < count and recorded:
+            h, expiry_s = recorded.popitem(last=False)
+            if expiry_s > expired_at_s:  # the first live record: back to the front
+                recorded[h] = expiry_s
+                recorded.move_to_end(h, last=False)
+                break
+            dropped += 1
             v = nodes.get(h)
             if v is None:
                 continue
@@ -353,8 +359,9 @@ class PrefixIndex:
                 nodes[h] = v
             else:
                 del nodes[h]
-        backend.entries -= len(hashes)
-        self._entries -= len(hashes)
+        backend.entries -= dropped
+        self._entries -= dropped
+        return dropped
 
     # ---- shared ------------------------------------------------------------------------------
 

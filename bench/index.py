@@ -22,6 +22,7 @@ from collections.abc import Callable
 from policies.kv.events import BlockRemoved, BlockStored
 from policies.kv.hashing import BlockHasher, Namespace
 from policies.kv.index import PrefixIndex
+from policies.placement import PlacementMemory
 
 BLOCK = 16
 NS = Namespace("bench-model")
@@ -173,6 +174,40 @@ def dispatch_records(dispatches: int, ttl_s: float) -> dict[str, float]:
     }
 
 
+def placement_memory(budget: int, dispatches: int) -> dict[str, float]:
+    """kv_aware's placement memory at its budget: unique 83-block prompts (the 2,000-character
+    prompt of bench/overhead.py) over 4 backends. What a record costs once the budget drops
+    the oldest blocks, and what the memory adds to a full collection of the cyclic collector
+    (which stops the event loop while it runs), against one with the memory empty."""
+    rng = random.Random(6)
+    memory = PlacementMemory(budget)
+    gc.collect()
+    start = time.perf_counter()
+    gc.collect()
+    empty_ms = (time.perf_counter() - start) * 1e3
+    while len(memory) < budget - 100:  # fill it
+        memory.record(f"b{rng.randrange(4)}", [rng.getrandbits(63) for _ in range(83)])
+    chains = [[rng.getrandbits(63) for _ in range(83)] for _ in range(dispatches)]
+    samples = []
+    for i, chain in enumerate(chains):
+        t = time.perf_counter()
+        memory.record(f"b{i % 4}", chain)
+        samples.append(time.perf_counter() - t)
+    del chains
+    gc.collect()
+    start = time.perf_counter()
+    gc.collect()
+    full_ms = (time.perf_counter() - start) * 1e3
+    return {
+        "record_83_blocks_p50_us": statistics.median(samples) * 1e6,
+        "record_83_blocks_mean_us": statistics.mean(samples) * 1e6,
+        "record_83_blocks_max_ms": max(samples) * 1e3,
+        "full_collection_ms": full_ms,
+        "full_collection_empty_ms": empty_ms,
+        "blocks": float(len(memory)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, default=3000, help="sequences of 32 blocks")
@@ -191,6 +226,7 @@ def main() -> None:
         "hash_match": hash_and_match(args.repeat),
         "dispatch_records_capacity_bound": dispatch_records(args.dispatches, 120.0),
         "dispatch_records_expiring_0_5_s": dispatch_records(args.dispatches, 0.5),
+        "placement_memory_1m_blocks": placement_memory(1_000_000, args.dispatches // 4),
     }
     if args.json:
         print(json.dumps(results, indent=2))

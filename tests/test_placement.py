@@ -24,10 +24,16 @@ def test_oldest_blocks_go_first_and_chains_stay_prefix_closed() -> None:
     memory = PlacementMemory(max_entries=6)
     memory.record("a", [1, 2, 3, 4])
     memory.record("b", [10, 11, 12, 13])
-    assert len(memory) == 6
+    # 8 blocks passed the budget of 6: the oldest go, down to 1/16 below it (5, at least 1)
+    assert len(memory) == 5
     # a's tail went first, its head is still known
-    assert memory.home([1, 2, 3, 4]) == ("a", 2)
+    assert memory.home([1, 2, 3, 4]) == ("a", 1)
     assert memory.home([10, 11, 12, 13]) == ("b", 4)
+    memory.record("a", [1, 2])  # a's head again: now the newest, so b's tail goes next
+    memory.record("c", [20, 21])  # 8 again: b's three deepest blocks go
+    assert memory.home([1, 2]) == ("a", 2) and memory.home([20, 21]) == ("c", 2)
+    assert memory.home([10, 11, 12, 13]) == ("b", 1)
+    assert {b: memory.homed_blocks(b) for b in "abc"} == {"a": 2, "b": 1, "c": 2}
 
 
 def test_removed_backends_are_no_ones_home() -> None:

@@ -180,6 +180,54 @@ def test_expiry_and_the_capacity_bound_drop_the_oldest_records_in_recording_orde
     assert index.match(d, now_s=13.0)["x"].matched_blocks == 1
 
 
+class _RecordsModel:
+    """Approximate-mode records as one ordered dict: each block at the place of its latest
+    record (a record stores its chain deepest block first), expired ones dropped from the
+    front before each record (at most 64), then the capacity bound drops the oldest."""
+
+    def __init__(self) -> None:
+        self.expiry: dict[int, float] = {}  # insertion order is the drop order
+        self.expired = 0
+
+    def record(self, chain: list[int], now_s: float, ttl_s: float, capacity: int | None) -> None:
+        old = [h for h, e in self.expiry.items() if e <= now_s][:64]
+        old = old[:next((i for i, h in enumerate(self.expiry) if self.expiry[h] > now_s),
+                        len(self.expiry))]
+        for h in old:
+            del self.expiry[h]
+        self.expired += len(old)
+        for h in reversed(chain):
+            self.expiry.pop(h, None)
+            self.expiry[h] = now_s + ttl_s
+        if capacity is not None and len(self.expiry) > capacity:
+            low = capacity - max(1, capacity // 16)
+            for h in list(self.expiry)[: len(self.expiry) - low]:
+                del self.expiry[h]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 6), st.integers(0, 3),
+                          st.sampled_from([None, 5, 9, 20])), min_size=1, max_size=40))
+def test_dispatch_records_drop_in_the_order_of_each_blocks_latest_record(
+    steps: list[tuple[int, int, int, int | None]]
+) -> None:
+    # Chains are prefixes of 5 paths, so records overlap; time moves by 0-3 s a step, each
+    # record lives 4 s, and some steps bound the backend's records.
+    index = PrefixIndex()
+    model = _RecordsModel()
+    now = 0.0
+    blocks = [[1000 * p + i for i in range(6)] for p in range(5)]
+    for path, depth, dt, capacity in steps:
+        now += dt
+        chain = blocks[path][:depth]
+        index.record_dispatch("x", chain, now_s=now, ttl_s=4.0, capacity_blocks=capacity)
+        model.record(chain, now, 4.0, capacity)
+        assert index.backend_entries("x") == len(model.expiry)
+        assert index.expired_entries == model.expired
+        for h in (b for path_blocks in blocks for b in path_blocks):
+            assert index.recorded_until("x", h) == model.expiry.get(h)
+
+
 def test_events_take_over_from_dispatch_records() -> None:
     index = new_index()
     chain = HASHER.hash_tokens(tokens_of([1, 2]))

@@ -10,7 +10,7 @@ anything outside the standard library, ``xxhash`` and ``policies``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 from enum import IntEnum
 
@@ -46,15 +46,21 @@ def tier_of_medium(medium: str) -> Tier:
 
 class IndexedBackend:
     """One backend's slot in the index and its own maps: precise mode keeps engine hash ->
-    router hash; approximate mode keeps router hash -> expiry time, in recording order.
+    router hash; approximate mode keeps router hash -> the number of the block's latest
+    record (``recorded``), and each live record's expiry by number (``record_expiry``).
 
-    ``recorded`` is an ``OrderedDict`` because its oldest records leave first (expiry and the
-    capacity bound both drop a prefix of it). A plain dict leaves a deleted slot at the front
-    of its entry array for each, and every later walk from the front steps over all of them
-    until the dict next resizes: at a 65,536-block bound that walk cost more than the rest of
-    a dispatch's record (bench/index.py, "dispatch records under churn")."""
+    Approximate records leave oldest first (expiry and the capacity bound), where a block's
+    age is that of its latest record. The order lives in ``records``, one entry per record
+    call (its chain and number); a block is dropped when the front record reaches it and it
+    still belongs to that record. So the maps stay plain dicts of atomic values, which the
+    cyclic collector does not track: an ``OrderedDict`` would be walked entry by entry in
+    every full collection (31 ms per 10^6 blocks). And nothing walks a dict from its front,
+    where a dict keeps a dead slot for each deletion until it resizes (that walk, in an
+    earlier plain-dict version, cost more than the rest of a record: bench/README.md,
+    "Dispatch records under churn")."""
 
-    __slots__ = ("backend_id", "engine_to_router", "entries", "precise", "recorded", "slot")
+    __slots__ = ("backend_id", "engine_to_router", "entries", "head_pos", "precise",
+                 "record_expiry", "recorded", "records", "slot")
 
     def __init__(self, backend_id: BackendId, slot: int) -> None:
         self.backend_id = backend_id
@@ -62,12 +68,23 @@ class IndexedBackend:
         self.precise = False
         self.entries = 0
         self.engine_to_router: dict[int, BlockHash] = {}
-        self.recorded: OrderedDict[BlockHash, float] = OrderedDict()
+        self.recorded: dict[BlockHash, int] = {}
+        self.record_expiry: dict[int, float] = {}
+        self.records: deque[tuple[tuple[BlockHash, ...], int]] = deque()
+        self.head_pos = 0  # blocks of the front record already visited, deepest first
+
+    def expiry_of(self, block_hash: BlockHash) -> float | None:
+        """When the latest record of ``block_hash`` expires (None: not recorded)."""
+        seq = self.recorded.get(block_hash)
+        return None if seq is None else self.record_expiry[seq]
 
     def reset(self) -> None:
         self.entries = 0
         self.engine_to_router = {}
-        self.recorded = OrderedDict()
+        self.recorded = {}
+        self.record_expiry = {}
+        self.records = deque()
+        self.head_pos = 0
 
 
 def orphan_seed(parent_engine_hash: int) -> int:

@@ -59,7 +59,6 @@ chain's tail is evicted before its head. When ``entries`` ((block, backend) pair
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -112,6 +111,7 @@ class PrefixIndex:
         # matched, cpu, storage, shared-only blocks)). A hot prompt is matched again and again
         # while nothing it could see changed; every change bumps ``_version``.
         self._version = 0
+        self._record_seq = 0  # numbers approximate-mode records, oldest first
         self._walked: tuple[Sequence[BlockHash], int,
                             tuple[tuple[IndexedBackend, int, int, int, int], ...]] | None = None
 
@@ -310,16 +310,18 @@ class PrefixIndex:
         if backend.precise or not block_hashes:
             return
         self._version += 1
-        recorded = backend.recorded
-        # Oldest first, and expiry follows insertion order (constant ttl, time only moves
+        # Oldest first, and expiry follows record order (constant ttl, time only moves
         # forward): the expired records lead, so stop at the first live one.
         self.expired_entries += self._drop_oldest(backend, 64, now_s)
-        expiry_s = now_s + ttl_s
-        to_end = recorded.move_to_end
-        for h in reversed(block_hashes):
-            recorded[h] = expiry_s
-            to_end(h)
-        self._hold(backend, block_hashes, Tier.GPU)
+        chain = tuple(block_hashes)  # kept for the drop: the caller's tuple, not a copy
+        self._record_seq += 1
+        seq = self._record_seq
+        backend.record_expiry[seq] = now_s + ttl_s
+        recorded = backend.recorded
+        for h in chain:
+            recorded[h] = seq
+        backend.records.append((chain, seq))
+        self._hold(backend, chain, Tier.GPU)
         if capacity_blocks is not None and len(recorded) > capacity_blocks:
             self._drop_oldest(backend, len(recorded) - low_water(max(capacity_blocks, 1)))
 
@@ -331,34 +333,47 @@ class PrefixIndex:
         first to expire or be evicted: while it is recorded and unexpired, so is every block
         before it. (Events storing part of a chain can reorder the shared LRU.)"""
         backend = self._backends.get(backend_id)
-        return None if backend is None else backend.recorded.get(block_hash)
+        return None if backend is None else backend.expiry_of(block_hash)
 
     def _drop_oldest(self, backend: IndexedBackend, count: int,
                      expired_at_s: float = math.inf) -> int:
-        """Drop up to ``count`` of ``backend``'s oldest records, only those whose expiry is
-        at most ``expired_at_s``; returns how many. Each is popped from the front (O(1), one
-        dict operation) rather than found by a walk and then deleted by a second lookup."""
+        """Drop up to ``count`` of ``backend``'s oldest recorded blocks, only those whose
+        expiry is at most ``expired_at_s``; returns how many. Oldest is record order, and
+        within a record deepest block first (the order a record stores them in), each block
+        counted at its latest record."""
+        records = backend.records
         recorded = backend.recorded
-        if not recorded or recorded[next(iter(recorded))] > expired_at_s:
-            return 0  # the common case when only expiry drops: nothing has expired yet
+        record_expiry = backend.record_expiry
         keep = ~(7 << (_BITS * backend.slot))
         nodes = self._nodes
         dropped = 0
-        while dropped < count and recorded:
-            h, expiry_s = recorded.popitem(last=False)
-            if expiry_s > expired_at_s:  # the first live record: back to the front
-                recorded[h] = expiry_s
-                recorded.move_to_end(h, last=False)
+        while dropped < count and records:
+            chain, seq = records[0]
+            if record_expiry[seq] > expired_at_s:
                 break
-            dropped += 1
-            v = nodes.get(h)
-            if v is None:
-                continue
-            v &= keep
-            if v:
-                nodes[h] = v
-            else:
-                del nodes[h]
+            pos = backend.head_pos
+            n = len(chain)
+            while pos < n and dropped < count:
+                h = chain[n - 1 - pos]
+                pos += 1
+                if recorded.get(h) != seq:
+                    continue  # recorded again since (it leaves with that record) or gone
+                del recorded[h]
+                dropped += 1
+                v = nodes.get(h)
+                if v is None:
+                    continue
+                v &= keep
+                if v:
+                    nodes[h] = v
+                else:
+                    del nodes[h]
+            if pos < n:
+                backend.head_pos = pos
+                break
+            records.popleft()
+            del record_expiry[seq]
+            backend.head_pos = 0
         backend.entries -= dropped
         self._entries -= dropped
         return dropped
@@ -454,7 +469,7 @@ class PrefixIndex:
         out: dict[BackendId, BackendMatch] = {}
         for backend, matched, cpu, storage, shared_only in ends:
             if backend.recorded and now_s is not None:
-                matched = _unexpired_prefix(backend.recorded, block_hashes, matched, now_s)
+                matched = _unexpired_prefix(backend, block_hashes, matched, now_s)
                 if matched == 0:
                     continue
                 cpu = storage = shared_only = 0
@@ -531,17 +546,22 @@ class PrefixIndex:
 
 
 def _unexpired_prefix(
-    recorded: OrderedDict[BlockHash, float], hashes: Sequence[BlockHash], matched: int, now_s: float
+    backend: IndexedBackend, hashes: Sequence[BlockHash], matched: int, now_s: float
 ) -> int:
     # Expiry never increases along a chain (every dispatch carrying block k carried 0..k-1),
     # so the unexpired part is a prefix: binary search it, after the common case (all of it).
-    if matched and recorded.get(hashes[matched - 1], float("-inf")) > now_s:
+    if matched and _alive(backend, hashes[matched - 1], now_s):
         return matched
     lo, hi = 0, matched - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if recorded.get(hashes[mid - 1], float("-inf")) > now_s:
+        if _alive(backend, hashes[mid - 1], now_s):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def _alive(backend: IndexedBackend, block_hash: BlockHash, now_s: float) -> bool:
+    expiry_s = backend.expiry_of(block_hash)
+    return expiry_s is not None and expiry_s > now_s

@@ -17,7 +17,7 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from policies.kv.events import BlockStored
 from policies.kv.hashing import BlockHasher, Namespace
@@ -127,7 +127,7 @@ def chat(hf: object, sizer: ModelTokenizer, size: int, n: int) -> None:
     for b in backends:
         index.set_backend_model(b, MODEL)
 
-    def hold(ids: list[int], backend: str) -> None:
+    def hold(ids: Sequence[int], backend: str) -> None:
         full = ids[: len(ids) // BS * BS]
         index.apply(backend, BlockStored(tuple(range(1, len(full) // BS + 1)), None,
                                          tuple(full), BS), 0.0)

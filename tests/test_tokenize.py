@@ -62,7 +62,7 @@ def test_chat_matches_apply_chat_template(tok, hf, body, ref_kwargs):
     result = tok.tokenize_body(body, chat=True)
     text, ids = _reference(hf, body["messages"], **ref_kwargs)
     assert result.text == text
-    assert result.token_ids == ids
+    assert list(result.token_ids) == ids
 
 
 def test_tools_are_filled_like_vllm_pydantic_dump():
@@ -81,12 +81,12 @@ def test_content_format_detection():
 def test_completion_shapes(tok, hf):
     text = "The quick brown fox"
     expected = hf(text, add_special_tokens=True)["input_ids"]
-    assert tok.tokenize_body({"prompt": text}, chat=False).token_ids == expected
-    assert tok.tokenize_body({"prompt": [text, "other"]}, chat=False).token_ids == expected
-    assert tok.tokenize_body({"prompt": [5, 6, 7]}, chat=False).token_ids == [5, 6, 7]
-    assert tok.tokenize_body({"prompt": [[9, 8], [1]]}, chat=False).token_ids == [9, 8]
+    assert list(tok.tokenize_body({"prompt": text}, chat=False).token_ids) == expected
+    assert list(tok.tokenize_body({"prompt": [text, "other"]}, chat=False).token_ids) == expected
+    assert list(tok.tokenize_body({"prompt": [5, 6, 7]}, chat=False).token_ids) == [5, 6, 7]
+    assert list(tok.tokenize_body({"prompt": [[9, 8], [1]]}, chat=False).token_ids) == [9, 8]
     truncated = tok.tokenize_body({"prompt": text, "truncate_prompt_tokens": 2}, chat=False)
-    assert truncated.token_ids == expected[-2:]
+    assert list(truncated.token_ids) == expected[-2:]
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_multi_turn_reuses_earlier_turns(tok, hf):
         history.append({"role": "user", "content": f"Question {turn}: what is block {turn}?"})
         result = tok.tokenize_body({"messages": history}, chat=True)
         _, ids = _reference(hf, history)
-        assert result.token_ids == ids
+        assert list(result.token_ids) == ids
         reused.append(result.reused_tokens)
         history.append({"role": "assistant", "content": f"Answer {turn} is cached."})
     assert reused[0] == 0
@@ -129,7 +129,7 @@ def test_shared_system_prompt_reused_across_conversations(tok, hf):
     second = tok.tokenize_body({"messages": [system, {"role": "user", "content": "second"}]},
                                chat=True)
     _, ids = _reference(hf, [system, {"role": "user", "content": "second"}])
-    assert second.token_ids == ids
+    assert list(second.token_ids) == ids
     assert second.reused_tokens > 100
 
 
@@ -148,11 +148,11 @@ def test_the_same_prompt_again_is_its_cached_run_and_a_cached_prefix_is_not(tok,
     prefix = long[: ends[0]]
     shorter = tok.encode(prefix, add_special_tokens=True)
     assert shorter.run is not first.run
-    assert shorter.token_ids == hf.encode(prefix, add_special_tokens=True)
-    assert first.token_ids == hf.encode(long, add_special_tokens=True)
+    assert list(shorter.token_ids) == hf.encode(prefix, add_special_tokens=True)
+    assert list(first.token_ids) == hf.encode(long, add_special_tokens=True)
     without = tok.encode(long, add_special_tokens=False)  # another key: not the same run
     assert without.run is not first.run
-    assert without.token_ids == hf.encode(long, add_special_tokens=False)
+    assert list(without.token_ids) == hf.encode(long, add_special_tokens=False)
 
 
 def test_cache_budget_bounds_tokens(hf):
@@ -172,7 +172,7 @@ def test_a_body_seen_behind_another_head_reuses_its_pieces_and_matches_a_whole_e
         for add in (False, True):
             text = head + document
             whole = list(hf(text, add_special_tokens=add)["input_ids"])
-            assert tok.encode(text, add_special_tokens=add).token_ids == whole
+            assert list(tok.encode(text, add_special_tokens=add).token_ids) == whole
     assert tok._pieces, "the document's pieces are kept"
     hits = sum(1 for piece in tok._pieces if piece in document)
     assert hits >= len(document) // 64 - 2
@@ -201,7 +201,7 @@ def test_tokenizer_without_independent_pieces_encodes_whole(hf):
     plain = ModelTokenizer(NoSpecials(hf))
     assert not plain.incremental
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    assert plain.tokenize_body(body, chat=True).token_ids == _reference(hf, body["messages"])[1]
+    assert list(plain.tokenize_body(body, chat=True).token_ids) == _reference(hf, body["messages"])[1]
 
 
 def test_load_tokenizer_error_names_the_path(tmp_path):
@@ -327,7 +327,7 @@ def test_chat_template_kwargs_and_string_content_format(hf):
     result = tok.tokenize_body(body, chat=True)
     # vLLM joins a string-format template's text parts with newlines and passes the kwargs.
     assert result.text == "<|start|>user salty\none\ntwo<|end|>\n<|start|>assistant\n"
-    assert result.token_ids == hf(result.text, add_special_tokens=False)["input_ids"]
+    assert list(result.token_ids) == hf(result.text, add_special_tokens=False)["input_ids"]
 
 
 def test_warm_compiles_the_chat_template_and_leaves_the_caches_alone(hf):

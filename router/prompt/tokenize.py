@@ -39,7 +39,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,8 @@ _PIECE_MIN_CHARS = 64
 
 @value_type  # built per request: a frozen dataclass's init is ~7x slower
 class TokenizedPrompt:
-    token_ids: list[int]
+    token_ids: tuple[int, ...]
+    """The run's own tuple: cached, so never changed."""
     text: str
     """The rendered prompt ('' for token-id prompts), for character-matching policies."""
     reused_tokens: int
@@ -107,7 +108,7 @@ class ModelTokenizer:
         # oldest in O(1); a plain dict's walk to its first entry steps over every slot deleted
         # since it last resized. Single operations are atomic under the GIL, and two threads
         # storing one piece store the same ids, so no lock.
-        self._pieces: OrderedDict[str, list[int]] = OrderedDict()
+        self._pieces: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._piece_tokens = 0
         self.piece_cache_tokens = piece_cache_tokens
         self._fast: Any = getattr(hf_tokenizer, "backend_tokenizer", None)
@@ -152,21 +153,21 @@ class ModelTokenizer:
             elif isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt
             ):
-                ids = list(prompt)
-                result = TokenizedPrompt(ids, "", 0, PromptRun(ids))
+                run = PromptRun(prompt)
+                result = TokenizedPrompt(run.token_ids, "", 0, run)
             else:
                 raise PromptError("prompt must be a string, a list of strings or token ids")
         keep = body.get("truncate_prompt_tokens")
         if isinstance(keep, int) and not isinstance(keep, bool) and 0 < keep < len(result.token_ids):
-            ids = result.token_ids[-keep:]
-            result = TokenizedPrompt(ids, result.text, 0, PromptRun(ids))
+            run = PromptRun(result.token_ids[-keep:])
+            result = TokenizedPrompt(run.token_ids, result.text, 0, run)
         return result
 
     def encode(self, text: str, *, add_special_tokens: bool) -> TokenizedPrompt:
         _check_text(text)
         if not self.incremental:
-            ids = self._encode_whole(text, add_special_tokens)
-            return TokenizedPrompt(ids, text, 0, PromptRun(ids))
+            run = PromptRun(self._encode_whole(text, add_special_tokens))
+            return TokenizedPrompt(run.token_ids, text, 0, run)
         suffix = self._affixes[1] if add_special_tokens else ()
         # This very prompt again: its whole text's key is its last cut's (xxh3's streaming
         # digest is the one-shot digest), so it is found without cutting the text (a
@@ -186,7 +187,7 @@ class ModelTokenizer:
                 # This very prompt again (its whole text is the key, and the run holds no
                 # more tokens than it): the run is the answer, block hashes included.
                 return TokenizedPrompt(run.token_ids, text, hit.tokens, run)
-            ids = run.token_ids[: hit.tokens]
+            ids = list(run.token_ids[: hit.tokens])
             counts = run.cut_counts[: hit.cut + 1]
             start = hit.cut + 1
         else:
@@ -206,15 +207,15 @@ class ModelTokenizer:
         if hit is not None:
             run.inherit(hit.run, hit.tokens)
         self.cache.add(run, keys, counts)
-        return TokenizedPrompt(ids, text, reused, run)
+        return TokenizedPrompt(run.token_ids, text, reused, run)
 
-    def _encode_texts(self, texts: list[str]) -> Iterator[list[int]]:
+    def _encode_texts(self, texts: list[str]) -> Iterator[Sequence[int]]:
         """Ids of each text, independently: the Python word path where it applies (for a text
         with a few non-ASCII characters, on the ASCII stretches between safe cuts around them),
         the rest in one ``encode_batch_fast`` call (Rust, GIL released, no offsets)."""
         words = self.words
         pieces = self._pieces
-        plans: list[list[list[int] | int]] = []  # per text: ids, or an index into ``rust``
+        plans: list[list[Sequence[int] | int]] = []  # per text: ids, or an index into ``rust``
         rust: list[str] = []
         for t in texts:
             if len(t) >= _PIECE_MIN_CHARS and (seen := pieces.get(t)) is not None:
@@ -228,7 +229,7 @@ class ModelTokenizer:
                 plans.append([len(rust)])
                 rust.append(t)
                 continue
-            plan: list[list[int] | int] = []
+            plan: list[Sequence[int] | int] = []
             pos = 0
             for a, b in _non_ascii_islands(t):
                 for piece, ascii_only in ((t[pos:a], True), (t[a:b], False)):
@@ -243,17 +244,17 @@ class ModelTokenizer:
                    if rust else [])
         for t, plan in zip(texts, plans, strict=True):
             parts = [encoded[p] if isinstance(p, int) else p for p in plan]
-            ids = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
+            out = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
             if len(t) >= _PIECE_MIN_CHARS and t not in pieces:
-                self._keep_piece(t, ids)
-            yield ids
+                self._keep_piece(t, out)
+            yield out
 
-    def _keep_piece(self, text: str, ids: list[int]) -> None:
+    def _keep_piece(self, text: str, ids: Sequence[int]) -> None:
         if len(ids) > self.piece_cache_tokens:
             return
         pieces = self._pieces
         self._piece_tokens += len(ids)
-        pieces[text] = ids
+        pieces[text] = tuple(ids)  # a tuple, as the prefix cache keeps its runs
         while self._piece_tokens > self.piece_cache_tokens and pieces:
             try:
                 self._piece_tokens -= len(pieces.popitem(last=False)[1])
@@ -345,9 +346,8 @@ class ModelTokenizer:
             for add in (False, True):
                 # The doubled sample goes through the cache hit path (the first copy is cached).
                 for text in (sample, sample + sample):
-                    if self.encode(text, add_special_tokens=add).token_ids != self._encode_whole(
-                        text, add
-                    ):
+                    if list(self.encode(text, add_special_tokens=add).token_ids) != (
+                            self._encode_whole(text, add)):
                         return False
         # The checks went through the cache; start serving with an empty one.
         self.cache = PrefixCache(self.cache.max_tokens)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from policies.types import value_type
 
@@ -28,8 +29,11 @@ class PromptRun:
 
     __slots__ = ("_hashes", "_lock", "cut_counts", "keys", "token_ids")
 
-    def __init__(self, token_ids: list[int], cut_counts: list[int] | None = None) -> None:
-        self.token_ids = token_ids
+    def __init__(self, token_ids: Sequence[int], cut_counts: list[int] | None = None) -> None:
+        # A tuple: the collector untracks a tuple of ints the first time it sees one, where
+        # it walks every item of a list in every full collection (the cache holds ~10^6 token
+        # ids: ~20 ms with the event loop stopped; bench/README.md, "The collector's walks").
+        self.token_ids: tuple[int, ...] = tuple(token_ids)
         self.cut_counts = cut_counts or []
         """Tokens up to each cut of the prompt (a cut follows each special token)."""
         self.keys = 0

@@ -65,7 +65,7 @@ async def test_completion_tokens_equal_engine(
                             json={"model": MODEL, "prompt": prompt}) as resp:
         assert resp.status == 200, await resp.text()
         engine = (await resp.json())["tokens"]
-    ours = tokenizer.tokenize_body({"model": MODEL, "prompt": prompt}, chat=False).token_ids
+    ours = list(tokenizer.tokenize_body({"model": MODEL, "prompt": prompt}, chat=False).token_ids)
     assert len(engine) > 32
     assert ours == engine
 
@@ -79,7 +79,7 @@ async def test_chat_tokens_equal_engine(
             "model": MODEL, "messages": messages, "add_generation_prompt": True}) as resp:
         assert resp.status == 200, await resp.text()
         engine = (await resp.json())["tokens"]
-    ours = tokenizer.tokenize_body({"model": MODEL, "messages": messages}, chat=True).token_ids
+    ours = list(tokenizer.tokenize_body({"model": MODEL, "messages": messages}, chat=True).token_ids)
     assert len(engine) > 32
     assert ours == engine
 
@@ -143,11 +143,11 @@ async def test_engine_blocks_equal_router_blocks(
                     {"role": "user", "content": text(21, 120)}]
         body = chat_body(messages, max_tokens=1)
         url = f"{engine.url}/v1/chat/completions"
-        ours = tokenizer.tokenize_body(body, chat=True).token_ids
+        ours = list(tokenizer.tokenize_body(body, chat=True).token_ids)
     else:
         body = completion_body(text(22, 170), max_tokens=1)
         url = f"{engine.url}/v1/completions"
-        ours = tokenizer.tokenize_body(body, chat=False).token_ids
+        ours = list(tokenizer.tokenize_body(body, chat=False).token_ids)
     result = await post(session, url, body)
     assert result.status == 200, result.body
     assert result.usage()["prompt_tokens"] == len(ours)

@@ -51,13 +51,17 @@ class IndexedBackend:
 
     Approximate records leave oldest first (expiry and the capacity bound), where a block's
     age is that of its latest record. The order lives in ``records``, one entry per record
-    call (its chain and number); a block is dropped when the front record reaches it and it
-    still belongs to that record. So the maps stay plain dicts of atomic values, which the
-    cyclic collector does not track: an ``OrderedDict`` would be walked entry by entry in
-    every full collection (31 ms per 10^6 blocks). And nothing walks a dict from its front,
-    where a dict keeps a dead slot for each deletion until it resizes (that walk, in an
-    earlier plain-dict version, cost more than the rest of a record: bench/README.md,
-    "Dispatch records under churn")."""
+    call (its chain and number). A block is dropped when the front record reaches it and it
+    still belongs to that record. Past a block recorded again since, the rest of the chain
+    was too (every record holds a whole chain from its root), so the walk stops there. The
+    deque keeps each live record's chain (the request's own tuple): at most the records of
+    the last ``ttl_s``, fewer once the bound drops them.
+
+    So the maps stay plain dicts of atomic values, which the cyclic collector does not
+    track: an ``OrderedDict`` would be walked entry by entry in every full collection (31 ms
+    per 10^6 blocks). And nothing walks a dict from its front, where a dict keeps a dead
+    slot for each deletion until it resizes (that walk, in an earlier plain-dict version,
+    cost more than the rest of a record: bench/README.md, "Dispatch records under churn")."""
 
     __slots__ = ("backend_id", "engine_to_router", "entries", "head_pos", "precise",
                  "record_expiry", "recorded", "records", "slot")
@@ -76,7 +80,7 @@ class IndexedBackend:
     def expiry_of(self, block_hash: BlockHash) -> float | None:
         """When the latest record of ``block_hash`` expires (None: not recorded)."""
         seq = self.recorded.get(block_hash)
-        return None if seq is None else self.record_expiry[seq]
+        return None if seq is None else self.record_expiry.get(seq)
 
     def reset(self) -> None:
         self.entries = 0

@@ -356,8 +356,13 @@ class PrefixIndex:
             while pos < n and dropped < count:
                 h = chain[n - 1 - pos]
                 pos += 1
-                if recorded.get(h) != seq:
-                    continue  # recorded again since (it leaves with that record) or gone
+                latest = recorded.get(h)
+                if latest != seq:
+                    if latest is not None:
+                        # Recorded again since: so was every block before it (a record holds
+                        # a whole chain from its root), and they all leave with that record.
+                        pos = n
+                    continue  # (None: dropped or evicted already)
                 del recorded[h]
                 dropped += 1
                 v = nodes.get(h)

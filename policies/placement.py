@@ -15,13 +15,13 @@ descendants, so the recorded set stays prefix-closed under oldest-first eviction
 deepest recorded block is found by binary search.
 
 Bounded: at most ``max_entries`` blocks; past that the oldest go in one batch, down to 1/16
-below the budget (at most 4,096 blocks), so the walk to the oldest is paid once per batch. Cost: O(blocks) per record, O(log blocks) dict lookups per query, O(1) per
-``homed_blocks``. Pure: no clock, I/O or randomness.
+below the budget (at most 4,096 blocks), so the walk to the oldest is paid once per batch.
+Cost: O(blocks) per record, O(log blocks) dict lookups per query, O(1) per ``homed_blocks``.
+Pure: no clock, I/O or randomness.
 
 A plain dict, not an ``OrderedDict``: its int keys and str values are atomic, so the cyclic
-collector does not track it, where a full collection walks every entry of an
-``OrderedDict`` (31 ms with a full budget of 10^6 blocks, stopping the event loop; bench/README.md,
-"Placement memory and the collector").
+collector does not track it, where a full collection walks every entry of an ``OrderedDict``
+with the event loop stopped (40 ms with a full budget of 10^6 blocks: bench/collector.py).
 """
 
 from __future__ import annotations

@@ -58,10 +58,11 @@ class IndexedBackend:
     the last ``ttl_s``, fewer once the bound drops them.
 
     So the maps stay plain dicts of atomic values, which the cyclic collector does not
-    track: an ``OrderedDict`` would be walked entry by entry in every full collection (31 ms
-    per 10^6 blocks). And nothing walks a dict from its front, where a dict keeps a dead
-    slot for each deletion until it resizes (that walk, in an earlier plain-dict version,
-    cost more than the rest of a record: bench/README.md, "Dispatch records under churn")."""
+    track: an ``OrderedDict`` would be walked entry by entry in every full collection (~30 ms
+    for 16 backends at the bound: bench/collector.py). And nothing walks a dict from its
+    front, where a dict keeps a dead slot for each deletion until it resizes (that walk, in
+    an earlier plain-dict version, cost more than the rest of a record: bench/README.md,
+    "Dispatch records under churn, and what a full collection walks")."""
 
     __slots__ = ("backend_id", "engine_to_router", "entries", "head_pos", "precise",
                  "record_expiry", "recorded", "records", "slot")

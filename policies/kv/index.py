@@ -189,19 +189,11 @@ class PrefixIndex:
 
     def _clear(self, backend: IndexedBackend) -> None:
         keep = ~(7 << (_BITS * backend.slot))
-        nodes = self._nodes
         held: Iterable[BlockHash] = (
             backend.recorded if backend.recorded else set(backend.engine_to_router.values())
         )
         for h in held:
-            v = nodes.get(h)
-            if v is None:
-                continue
-            v &= keep
-            if v:
-                nodes[h] = v
-            else:
-                del nodes[h]
+            self._mask(h, keep)
         self._entries -= backend.entries
         backend.reset()
 
@@ -345,7 +337,6 @@ class PrefixIndex:
         recorded = backend.recorded
         record_expiry = backend.record_expiry
         keep = ~(7 << (_BITS * backend.slot))
-        nodes = self._nodes
         dropped = 0
         while dropped < count and records:
             chain, seq = records[0]
@@ -365,14 +356,7 @@ class PrefixIndex:
                     continue  # (None: dropped or evicted already)
                 del recorded[h]
                 dropped += 1
-                v = nodes.get(h)
-                if v is None:
-                    continue
-                v &= keep
-                if v:
-                    nodes[h] = v
-                else:
-                    del nodes[h]
+                self._mask(h, keep)
             if pos < n:
                 backend.head_pos = pos
                 break
@@ -382,6 +366,17 @@ class PrefixIndex:
         backend.entries -= dropped
         self._entries -= dropped
         return dropped
+
+    def _mask(self, block_hash: BlockHash, keep: int) -> None:
+        """Leave only the ``keep`` bits of ``block_hash``'s node; no bits left, no node."""
+        v = self._nodes.get(block_hash)
+        if v is None:
+            return
+        v &= keep
+        if v:
+            self._nodes[block_hash] = v
+        else:
+            del self._nodes[block_hash]
 
     # ---- shared ------------------------------------------------------------------------------
 

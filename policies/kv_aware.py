@@ -26,7 +26,9 @@ Algorithm, per request, for each candidate backend ``b`` (score in seconds):
                     in-flight prompt tokens, or the engine's running requests times their mean
                     size when larger) paid while those tokens are prefilled in chunks
     kv_pressure_s = kv_full_wait_s * max(0, (kv_usage - kv_knee_ratio) / (1 - kv_knee_ratio))**2
-                    (admission waits for KV to free up; a cached prefix may be evicted first)
+                    (admission waits for KV to free up; a cached prefix may be evicted first),
+                    + admission_wait_s where b's free KV cannot take the prompt at all
+                    ("Admission", below)
     ttft_s_b      = queued_s_b + prefill_s_b + step_s_b + kv_pressure_s_b
     decode_s_b    = min(max_tokens, decode_horizon_tokens) * cost.step_overhead_s(0, running
                     context + prompt, at most total_kv_blocks * block_size when known), MIXED
@@ -233,18 +235,23 @@ as storage) as constants (the policy before issue 18); ``gpu_only`` is tier-blin
 blocks count (a router that ignores ``medium``, kept for comparisons). Without tiers in the
 index all three give the same scores.
 
-A load also has to be admitted: vLLM allocates HBM slots for every externally loaded token
-before the load starts (a cold prompt needs one chunk's), and admission is in arrival order,
-so a load that does not fit waits, with the queue behind it, until running requests finish
-(seconds to tens of seconds; the router cannot forecast when). Where the lower-tier tokens
-need more blocks (``ceil(tokens / block_size)``) than the backend's scraped free KV,
-``(1 - kv_usage_ratio) * total_kv_blocks`` (cached blocks nobody uses count as free, as in
-vLLM's usage), those tokens count as no hits and ``load_wait_s`` (100 s: practically "only
-if every backend waits") joins ``kv_pressure_s``; unknown KV numbers, GPU hits and
-``gpu_only`` are priced as before. Mooncake first half, 8 engines with 500 HBM blocks and a 2M
-CPU tier: 2 and 6 of ~1,740 tier-priced scores (seeds 0, 1), TTFT p99 5.413 s over seeds 0-9 against
-5.471 s without (tier-blind 5.432 s); 10 s left the slowest such wait (16 s) in place
-(docs/simulation.md, KV tiers).
+Admission: an engine admits a prompt only with free KV blocks for it, and admits in arrival
+order, so one that does not fit waits at the head of the queue, and holds everything behind
+it, until running requests finish: for a long context, tens to hundreds of seconds. Its
+cached prefix does not help: vLLM takes cached blocks nobody uses from the same free pool
+(they count as free in ``kv_usage_ratio``), and a lower tier's tokens need HBM slots before
+their load starts. Only blocks already in use by a running request are free of charge. So
+where ``ceil(prompt / block_size)`` minus the longest prefix the request shares with one in
+flight there (this policy's own dispatches) is more than the free blocks, ``total_kv_blocks``
+minus the larger of the scraped ``kv_usage_ratio`` share and the distinct blocks of the
+requests in flight there (fresher than any scrape), ``admission_wait_s`` (100 s: practically
+"only if every backend waits") joins ``kv_pressure_s``. The hits stay priced: where every
+backend waits, the one holding the prefix still computes least. Unknown KV numbers: no wait.
+On long-context agents (``synthetic:long_agent``, 16 engines of the Qwen3-32B shape, which
+holds 226k tokens of KV, contexts of 30k-200k tokens) the tail was steps queued behind a
+context that did not fit beside another one: TTFT p99 140-187 s over five seeds, 45-56 s
+with the wait priced. On workloads whose prompts are small beside KV memory it fires only
+with KV nearly full (docs/simulation.md, "Admission").
 
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)
 
@@ -425,8 +432,9 @@ class KvAwareParams:
     default_prompt_tokens: int = 1024  # cold size of an engine-waiting request without history
     kv_full_wait_s: float = 1.0  # predicted admission wait with the KV cache 100% used
     kv_knee_ratio: float = 0.8  # KV usage below which admission does not wait
-    load_wait_s: float = 100.0  # predicted admission wait of a lower-tier load that the
-    # backend's free KV cannot take (its tokens then count as no hits; 0: off)
+    admission_wait_s: float = 100.0  # predicted wait of a prompt whose blocks the backend's
+    # free KV cannot take: it waits for running requests to finish (0: off; docstring,
+    # "Admission")
     decode_horizon_tokens: int = 8  # output tokens whose decode time joins the score
     temperature_s: float = 0.002  # TTFT differences of this size are noise
     temperature_ratio: float = 0.02  # ... or this share of the best predicted TTFT
@@ -511,8 +519,9 @@ class KvAwareParams:
                      "speed_min_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0 or self.load_wait_s < 0:
-            raise ValueError("approx_ttl_s must be > 0, kv_full_wait_s and load_wait_s >= 0")
+        if self.approx_ttl_s <= 0 or self.kv_full_wait_s < 0 or self.admission_wait_s < 0:
+            raise ValueError(
+                "approx_ttl_s must be > 0, kv_full_wait_s and admission_wait_s >= 0")
         if self.speed_band_ratio < 1.0 or self.speed_max_ratio < 1.0:
             raise ValueError("speed_band_ratio and speed_max_ratio must be >= 1")
         if self.speed_min_ttft_s < 0 or self.speed_memory_s <= 0:
@@ -613,7 +622,6 @@ class KvAware(PolicyBase):
         bs = request.block_size
         prompt, cap = fleet.prompt_tokens, fleet.cap_tokens
         gpu = cpu = storage = shared = 0
-        load_waits = False
         if match is None:
             # Nothing cached here: the same prefill as every other such candidate, computed
             # once per request (they differ only in load and placement).
@@ -629,12 +637,7 @@ class KvAware(PolicyBase):
             storage, over = storage - cut, over - cut
             cut = min(cpu, over)
             cpu, gpu = cpu - cut, gpu - (over - cut)
-            # A load is admitted only with HBM for all of it (Tiers, above): where the scraped
-            # free KV cannot take it, it waits for finishes instead of being a cheap load.
-            load_waits = (bool(cpu or storage) and p.tier_pricing != "gpu_only"
-                          and p.load_wait_s > 0
-                          and _load_exceeds_free_kv(backend, cpu + storage, bs))
-            loads = (cpu or storage) and not load_waits
+            loads = cpu or storage
             hit = self._hit_tokens(prompt, gpu, cpu, storage) if loads else float(gpu)
             shared = min(shared, storage)  # past the cap the store's blocks go first
             prefill_s = self._cost.seconds(prompt - hit, hit)
@@ -695,8 +698,8 @@ class KvAware(PolicyBase):
         if usage is not None and usage > p.kv_knee_ratio:
             pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
-        if load_waits:
-            kv_pressure_s += p.load_wait_s
+        if p.admission_wait_s and self._admission_waits(backend, request, prompt, bs):
+            kv_pressure_s += p.admission_wait_s
         speed = self._speed.factor(backend.backend_id, now_s)
         if speed != 1.0:
             # A backend slower than the fleet computes all of it slower: its queue, this
@@ -743,6 +746,24 @@ class KvAware(PolicyBase):
                 queued_s + kv_pressure_s,  # wait_s
             ),  # prediction
         )
+
+    def _admission_waits(self, backend: BackendState, request: RouteRequest, prompt: int,
+                         block_size: int) -> bool:
+        """Whether ``backend``'s free KV cannot take the prompt's blocks (docstring,
+        "Admission"). Unknown KV numbers: False."""
+        usage, total = backend.kv_usage_ratio, backend.total_kv_blocks
+        if usage is None or total is None or block_size <= 0:
+            return False
+        need = -(-prompt // block_size)
+        used = usage * total
+        # In flight counts each request's whole prompt, shared prefixes again: an upper bound
+        # that settles nearly every call without looking at blocks.
+        if need <= total - max(used, backend.in_flight_prompt_tokens / block_size):
+            return False
+        committed = self._committed
+        used = max(used, committed.in_flight_blocks(backend.backend_id))
+        return need - committed.in_flight_prefix_blocks(backend.backend_id,
+                                                        request.block_hashes) > total - used
 
     def _hit_tokens(self, prompt: int, gpu: int, cpu: int, storage: int) -> float:
         """GPU hits plus each lower tier's tokens at what loading them saves (``tier_pricing``)."""
@@ -1060,16 +1081,6 @@ class KvAware(PolicyBase):
         self._committed.remove_backend(backend_id)
         self._backoff.remove_backend(backend_id)
         self._speed.remove_backend(backend_id)
-
-
-def _load_exceeds_free_kv(backend: BackendState, load_tokens: int, block_size: int) -> bool:
-    """Whether loading ``load_tokens`` from a lower tier needs more HBM blocks than the
-    engine's scraped KV numbers say are free (unknown numbers: False, priced as before)."""
-    usage, total = backend.kv_usage_ratio, backend.total_kv_blocks
-    if usage is None or total is None:
-        return False
-    free_blocks = (1.0 - usage) * total
-    return -(-load_tokens // block_size) > free_blocks
 
 
 def _uncached(score: BackendScore) -> float:

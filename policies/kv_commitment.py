@@ -133,6 +133,44 @@ class KvCommitment:
         left = self._tokens[backend_id] - removed
         self._tokens[backend_id] = left if left > 0.5 and by_request else 0.0  # no float drift
 
+    def in_flight_blocks(self, backend_id: BackendId) -> int:
+        """Distinct prompt blocks of the requests in flight on ``backend_id``, cached or not:
+        what they hold in its KV memory once admitted. O(their blocks)."""
+        by_request = self._held.get(backend_id)
+        if not by_request:
+            return 0
+        blocks: set[BlockHash] = set()
+        for pending in by_request.values():
+            for held in pending:
+                blocks.update(held.block_hashes)
+        return len(blocks)
+
+    def in_flight_prefix_blocks(self, backend_id: BackendId,
+                                block_hashes: tuple[BlockHash, ...]) -> int:
+        """The most leading blocks of ``block_hashes`` some request in flight on ``backend_id``
+        also holds: blocks the engine already has in use, which admitting this request does
+        not take from its free KV. Chains are prefix-closed (a block's hash covers its whole
+        prefix), so one request's shared length is found by bisection."""
+        by_request = self._held.get(backend_id)
+        if not by_request or not block_hashes:
+            return 0
+        best = 0
+        for pending in by_request.values():
+            for held in pending:
+                other = held.block_hashes
+                n = min(len(other), len(block_hashes))
+                if n <= best or other[best] != block_hashes[best]:
+                    continue  # shares no more than the best so far
+                lo, hi = best + 1, n  # the first lo blocks are shared, at most hi
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if other[mid - 1] == block_hashes[mid - 1]:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                best = lo
+        return best
+
     def committed(self, backend_id: BackendId) -> float:
         return self._tokens.get(backend_id, 0.0)
 

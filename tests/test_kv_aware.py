@@ -963,3 +963,35 @@ def test_speed_learning_can_be_turned_off() -> None:
     terms = {s.backend_id: s.terms for s in kv.choose(
         prompt(632, 4096), view(index, idle("b0"), idle("b1"))).scores}
     assert terms["b0"]["speed_factor"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("scraped_usage", "in_flight", "expected"),
+    [(0.0, None, "b0"), (0.8, None, "b1"), (0.8, "same-session", "b0"), (0.0, "other", "b1")],
+    ids=["fits", "scraped-free-kv-too-small", "prefix-in-use-by-its-session",
+         "router-knows-before-the-scrape"],
+)
+def test_a_prompt_the_free_kv_cannot_take_goes_where_it_can_be_admitted(
+    scraped_usage: float, in_flight: str | None, expected: str
+) -> None:
+    # b0 holds 240 of the prompt's 256 blocks in 1,000 blocks of KV. An engine admits a
+    # prompt only with free blocks for all of it (its cached blocks nobody uses count as
+    # free), and one that does not fit waits at the head of its queue until running requests
+    # finish: far longer than recomputing 4k tokens on an idle b1.
+    index = PrefixIndex()
+    request = prompt(1, 4096, suffix=2)
+    hold(index, "b0", request.block_hashes[:240])
+    kv = policy()
+    b0 = {"kv_usage_ratio": scraped_usage, "total_kv_blocks": 1000}
+    b1 = idle("b1", kv_usage_ratio=0.0, total_kv_blocks=1000)
+    if in_flight is not None:
+        # Sent to b0 since its last scrape: a turn of the same session (the same 240-block
+        # prefix, in use there, so admitting this request takes none of it again), or 900
+        # blocks of another group's prompt.
+        earlier = prompt(1, 4000, suffix=1) if in_flight == "same-session" else prompt(7, 14400)
+        _dispatch(kv, earlier, idle("b0", **b0), index, b1)
+        b0.update(in_flight_requests=1, in_flight_prompt_tokens=earlier.prompt_tokens)
+    # Ten seconds on: the earlier request is predicted past its first token (nothing queued).
+    picks = {kv.choose(request, view(index, idle("b0", **b0), b1, now_s=10.0)).backend_id
+             for _ in range(10)}
+    assert picks == {expected}

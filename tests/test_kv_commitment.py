@@ -160,3 +160,50 @@ def test_finishes_in_any_order_remove_exactly_what_dispatches_added(
         kv.remove(backend, request_id, hashes)
         assert kv.committed(backend) >= 0.0
     assert kv.committed("b0") == kv.committed("b1") == 0.0
+
+
+def chained(group: int, blocks: int, unique_from: int, suffix: int) -> tuple[int, ...]:
+    """As ``chain``, but each hash covers its whole prefix, as engines' block hashes do (two
+    chains that differ at one block differ at every later one)."""
+    hashes, parent = [], group
+    for i in range(blocks):
+        parent = hash((parent, i) if i < unique_from else (parent, i, suffix))
+        hashes.append(parent)
+    return tuple(hashes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_REQUESTS, st.integers(0, 3), st.integers(1, 12), st.integers(0, 12), st.integers(0, 3),
+       st.randoms(use_true_random=False))
+def test_in_flight_blocks_and_shared_prefix_match_a_brute_force_over_the_chains(
+    requests: list[tuple[int, int, int, int, int, float, str]], group: int, blocks: int,
+    unique_from: int, suffix: int, rng: object
+) -> None:
+    # What admission needs: the distinct prompt blocks in flight on a backend (cached or not:
+    # a hit's blocks are in use too), and the longest prefix a new chain shares with one of
+    # them (blocks the engine need not take from its free KV again).
+    kv = KvCommitment(CAP)
+    live: list[tuple[str, str, tuple[int, ...]]] = []
+    for n, (g, b, u, s, tail, hit_share, backend) in enumerate(requests):
+        hashes = chained(g, b, min(u, b), s)
+        prompt = b * BS + tail
+        kv.add(backend, f"r{n}", hashes, BS, prompt, prompt - hit_share * (b - 1) * BS, 50)
+        live.append((backend, f"r{n}", hashes))
+    rng.shuffle(live)  # type: ignore[attr-defined]
+    finished, live = live[: len(live) // 3], live[len(live) // 3:]
+    for backend, request_id, hashes in finished:
+        kv.remove(backend, request_id, hashes)
+    probe = chained(group, blocks, min(unique_from, blocks), suffix)
+
+    def shared(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    for backend in ("b0", "b1"):
+        chains = [h for b, _, h in live if b == backend]
+        assert kv.in_flight_blocks(backend) == len({x for h in chains for x in h})
+        assert kv.in_flight_prefix_blocks(backend, probe) == max(
+            (shared(h, probe) for h in chains), default=0)
+    assert kv.in_flight_blocks("elsewhere") == kv.in_flight_prefix_blocks("elsewhere", probe) == 0

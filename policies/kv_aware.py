@@ -249,8 +249,8 @@ requests in flight there (fresher than any scrape), ``admission_wait_s`` (100 s:
 backend waits, the one holding the prefix still computes least. Unknown KV numbers: no wait.
 On long-context agents (``synthetic:long_agent``, 16 engines of the Qwen3-32B shape, which
 holds 226k tokens of KV, contexts of 30k-200k tokens) the tail was steps queued behind a
-context that did not fit beside another one: TTFT p99 140-187 s over five seeds, 45-56 s
-with the wait priced. On workloads whose prompts are small beside KV memory it fires only
+context that did not fit beside another one: TTFT p99 122-187 s over five seeds, with HBM
+only or a CPU tier, and 44-62 s with the wait priced. On workloads whose prompts are small beside KV memory it fires only
 with KV nearly full (docs/simulation.md, "Admission").
 
 (``policies.prefill_cost`` holds the formulas and their H200 Llama-3.1-8B defaults.)

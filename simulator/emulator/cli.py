@@ -12,6 +12,7 @@ cache_aware needs them); ``--slow-pod 0=4`` makes pod 0's engine 4x slower than 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -229,8 +230,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(args))
+        _run_loop(_serve(args))
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"kvrouter emulate: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_loop(main: Any) -> None:
+    """vLLM's API server runs on uvloop (``uvloop.run`` in its ``api_server``), and four pods
+    share one core here where real pods have their own: with asyncio's own loop the pods' event
+    loop, not their modelled GPUs, set part of a burst's TTFT. asyncio when uvloop is absent."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

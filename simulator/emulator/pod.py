@@ -522,5 +522,11 @@ class EmulatedPod:
             stream = streams.get(rid)
             if stream is not None:
                 stream._emit()
-        if self.publisher is not None:
-            self.publisher.publish(result.events)
+        if self.publisher is not None and result.events:
+            # vLLM's engine core hands events to a publisher thread and its tokens to the API
+            # server: neither waits for the other. Published here, the step's events would be
+            # packed and sent before the handlers woken above write their tokens, and a
+            # subscribed router would read a cold prefill's ~90 stored blocks before its first
+            # token (bench/README.md, "The emulator's encoding"). Queued behind those handlers
+            # instead, in the same loop turn.
+            asyncio.get_running_loop().call_soon(self.publisher.publish, result.events)

@@ -20,8 +20,8 @@ from simulator.tiny_tokenizer import default_path
 SPECIALS = ["<|start|>", "<|end|>", "<|bos|>", "<|eos|>", "<|pad|>"]
 # Text that sits next to a special token in interesting ways: spaces and newlines on either
 # side (ByteLevel folds a leading space into the next word), half a special token, non-ASCII.
-ATOMS = SPECIALS + ["<|", "|>", "<|start", " ", "  ", "\n", "\n\n", "the", " cache", "block",
-                    "é", "日本", "123", "!?", "\t", "<", "|"]
+ATOMS = [*SPECIALS, "<|", "|>", "<|start", " ", "  ", "\n", "\n\n", "the", " cache", "block",
+         "é", "日本", "123", "!?", "\t", "<", "|"]
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,37 @@ def test_a_kvrouter_variant_sets_policy_params_and_runs_another_checkout(tmp_pat
     assert base.tree() == Path("/tmp/base")
     assert yaml.safe_load((tmp_path / "b.yaml").read_text())["policy"] == {
         "name": "kv_aware", "seed": 3}
+
+
+def test_added_ttft_pairs_each_groups_cold_prompt_with_a_warm_one() -> None:
+    import added_ttft
+
+    pairs = added_ttft.pairs(seed=1, groups=5)
+    assert len(pairs) == 5 and len({g for g, _, _ in pairs}) == 5
+    for _, cold, warm in pairs:
+        assert cold["messages"][0] == warm["messages"][0]  # the group's shared system prompt
+        assert cold["messages"][1:] != warm["messages"][1:]
+
+
+def test_added_ttft_splits_an_strace_into_route_pod_and_relay() -> None:
+    import added_ttft
+
+    def request(t: float, route: float, pod: float, relay: float) -> list[str]:
+        # the client's socket is fd 9, the pod's fd 12; a KV-event read on fd 20 in between;
+        # strace pads a short thread id with spaces
+        return [
+            f'7  {t:.6f} read(9, "POST /v1/chat/completions HTTP/1.1\\r\\n"..., 65536) = 7700',
+            f'8 {t + route / 2:.6f} read(20, "kv@pod-0"..., 64) = 8',
+            f'7 {t + route:.6f} write(12, "POST /v1/chat/completions HTTP/1.1\\r\\n"..., 7750) = 7750',
+            f'7 {t + route + pod / 2:.6f} read(12, "HTTP/1.1 200 OK\\r\\n"..., 65536) = 120',
+            f'7 {t + route + pod:.6f} read(12, "5a\\r\\ndata: {{\\"id\\""..., 65536) = 96',
+            f'7 {t + route + pod + relay:.6f} write(9, "5a\\r\\ndata: {{\\"id\\""..., 96) = 96',
+        ]
+
+    text = "\n".join(request(100.0, 0.002, 0.050, 0.0002) + request(101.0, 0.001, 0.008, 0.0001)
+                     + request(102.0, 0.004, 0.060, 0.0002) + request(103.0, 0.001, 0.006, 0.0001))
+    out = added_ttft.split_trace(text)
+    assert out["cold_route_ms"] == pytest.approx(3.0, abs=1e-3)  # median of 2 and 4
+    assert out["cold_pod_ms"] == pytest.approx(55.0, abs=1e-3)
+    assert out["warm_route_ms"] == pytest.approx(1.0, abs=1e-3)
+    assert out["warm_relay_ms"] == pytest.approx(0.1, abs=1e-3)

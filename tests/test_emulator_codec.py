@@ -83,3 +83,20 @@ def test_a_token_that_strips_its_neighbours_turns_the_cut_off(tmp_path: Path) ->
     assert codec._specials is None
     text = "<|start|>user\n  <|tool|> x<|end|>"
     assert codec.encode_rendered(text) == _whole(tok, text)
+
+
+def test_the_memory_keeps_at_most_its_token_budget_and_the_newest_piece(tokenizer: Any) -> None:
+    codec = HfCodec(tokenizer, "tiny")
+    codec.MEMO_TOKENS = 300  # type: ignore[misc]
+    texts = [f"<|start|>user\n{' '.join(['cache block'] * (40 + i))}<|end|>" for i in range(8)]
+    for text in texts:
+        assert codec.encode_rendered(text) == _whole(tokenizer, text)
+        assert codec._memo_tokens == sum(len(ids) for ids in codec._memo.values()) <= 300
+    newest = texts[-1][len("<|start|>"):-len("<|end|>")]
+    assert (newest, False) in codec._memo
+    assert ("user\n" + " ".join(["cache block"] * 40), False) not in codec._memo  # evicted
+    assert codec.encode_rendered(texts[0]) == _whole(tokenizer, texts[0])
+    # One piece larger than the whole budget is still kept until the next one arrives.
+    big = "<|start|>" + " ".join(["router"] * 400) + "<|end|>"
+    assert codec.encode_rendered(big) == _whole(tokenizer, big)
+    assert len(codec._memo) == 1 and codec._memo_tokens > 300

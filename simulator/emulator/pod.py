@@ -71,7 +71,8 @@ class HfCodec:
     (with tools, documents and template kwargs, messages shaped as vLLM shapes them: see
     ``simulator.emulator.chat``) and encodes it without adding special tokens again.
 
-    The last ``MEMO_ENTRIES`` encodings are remembered by text. Every pod of an emulated
+    Recent encodings are remembered by text (the last ``MEMO_ENTRIES``, at most
+    ``MEMO_TOKENS`` ids in all). Every pod of an emulated
     cluster shares one codec in one process, while real pods tokenize on their own CPUs: a
     router that renders each request on every pod (vllm-router's cache_aware) would otherwise
     cost the emulator N tokenizations of the same prompt in series, a slowdown real pods do not
@@ -87,7 +88,8 @@ class HfCodec:
     added token matches its exact text (no ``lstrip``, ``rstrip``, ``single_word`` or
     ``normalized``); otherwise the whole text is encoded, as before."""
 
-    MEMO_ENTRIES = 1024
+    MEMO_ENTRIES = 4096
+    MEMO_TOKENS = 1_000_000  # ~36 MB of ids held as tuples of ints
 
     def __init__(self, tokenizer: Any, name: str) -> None:
         self._tok = tokenizer
@@ -104,6 +106,7 @@ class HfCodec:
                  and hasattr(backend, "encode_batch_fast"))
         self._backend = backend if plain else None
         self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+        self._memo_tokens = 0
         self._specials = _special_cutter(tokenizer)
 
     def _remembered(self, text: str, special: bool) -> list[int]:
@@ -114,8 +117,10 @@ class HfCodec:
             return list(ids)
         fresh = self._encode(text, special)
         self._memo[key] = tuple(fresh)
-        if len(self._memo) > self.MEMO_ENTRIES:
-            self._memo.popitem(last=False)
+        self._memo_tokens += len(fresh)
+        while len(self._memo) > 1 and (len(self._memo) > self.MEMO_ENTRIES
+                                       or self._memo_tokens > self.MEMO_TOKENS):
+            self._memo_tokens -= len(self._memo.popitem(last=False)[1])
         return list(fresh)
 
     def _encode(self, text: str, special: bool) -> list[int]:

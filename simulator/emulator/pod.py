@@ -109,19 +109,18 @@ class HfCodec:
         self._memo_tokens = 0
         self._specials = _special_cutter(tokenizer)
 
-    def _remembered(self, text: str, special: bool) -> list[int]:
+    def _remembered(self, text: str, special: bool) -> tuple[int, ...]:
         key = (text, special)
         ids = self._memo.get(key)
         if ids is not None:
             self._memo.move_to_end(key)
-            return list(ids)
-        fresh = self._encode(text, special)
-        self._memo[key] = tuple(fresh)
-        self._memo_tokens += len(fresh)
+            return ids
+        ids = self._memo[key] = tuple(self._encode(text, special))
+        self._memo_tokens += len(ids)
         while len(self._memo) > 1 and (len(self._memo) > self.MEMO_ENTRIES
                                        or self._memo_tokens > self.MEMO_TOKENS):
             self._memo_tokens -= len(self._memo.popitem(last=False)[1])
-        return list(fresh)
+        return ids
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if self._backend is not None:
@@ -129,7 +128,7 @@ class HfCodec:
         return list(self._tok.encode(text, add_special_tokens=special))
 
     def encode(self, text: str) -> list[int]:
-        return self._remembered(text, special=True)
+        return list(self._remembered(text, special=True))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids)))
@@ -152,17 +151,17 @@ class HfCodec:
 
     def encode_rendered(self, text: str) -> list[int]:
         if self._specials is None:
-            return self._remembered(text, special=False)
+            return list(self._remembered(text, special=False))
         pattern, ids_of = self._specials
         out: list[int] = []
         at = 0
         for match in pattern.finditer(text):
             if match.start() > at:
-                out += self._remembered(text[at:match.start()], special=False)
+                out.extend(self._remembered(text[at:match.start()], special=False))
             out.append(ids_of[match.group()])
             at = match.end()
         if at < len(text):
-            out += self._remembered(text[at:], special=False)
+            out.extend(self._remembered(text[at:], special=False))
         return out
 
 

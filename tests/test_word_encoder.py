@@ -129,6 +129,53 @@ def test_word_path_learns_a_bounded_number_per_call(fast):
     assert len(encoder) <= 5, "the dictionary is bounded"
 
 
+@pytest.fixture(scope="module")
+def warmed(pipeline):
+    """A word path that learned its vocabulary's words up front, as a router's start-up does."""
+    encoder = WordEncoder.for_tokenizer(pipeline, set(SPECIALS) | {"<|pad|>", "<|eos|>"})
+    assert encoder is not None
+    assert encoder.learn_vocabulary(pipeline.get_vocab(), 10_000) > 100
+    return encoder
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ascii_text)
+def test_vocabulary_learned_up_front_stays_exact(warmed, pipeline, text):
+    assert warmed.encode(text) == _rust(pipeline, text)
+
+
+def test_vocabulary_learned_up_front_spares_the_first_prompts(fast):
+    encoder = WordEncoder(fast.model, learn_per_call=4)
+    learned = encoder.learn_vocabulary(fast.get_vocab(), 10_000)
+    text = " " + " ".join(_WORDS[:300])  # the tiny tokenizer's training words
+    assert len(encoder) == learned
+    assert encoder.encode(text) == _rust(fast, text), "more new words than one call may learn"
+    assert len(encoder) == learned, "every word of the text was known before the first prompt"
+    # Only whole ASCII words: no byte-level fragment, nothing a prompt's words never are.
+    assert all(encoder._findall(w) == [w] and w.isascii() for w in encoder._words)
+
+
+def test_vocabulary_learning_is_bounded(fast):
+    encoder = WordEncoder(fast.model, max_words=50)
+    assert encoder.learn_vocabulary(fast.get_vocab(), 30) == 30
+    assert encoder.learn_vocabulary(fast.get_vocab(), 1_000) == 20, "up to max_words in all"
+    assert len(encoder) == 50
+    words = sorted(encoder._words, key=lambda w: fast.token_to_id(
+        w.translate(word_encoder._ASCII_MAP)) or 0)
+    vocab = fast.get_vocab()
+    assert max(vocab[w.translate(word_encoder._ASCII_MAP)] for w in words) < 200, \
+        "the lowest ids first"
+
+
+def test_model_tokenizer_warm_learns_the_vocabulary(hf):
+    tokenizer = ModelTokenizer(hf)
+    assert tokenizer.words is not None
+    before, cached = len(tokenizer.words), len(tokenizer.cache)  # (the load's self-check)
+    tokenizer.warm()
+    assert len(tokenizer.words) > before + 1_000
+    assert len(tokenizer.cache) == cached, "the prefix cache is left untouched"
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=any_text, every=st.integers(min_value=1, max_value=12))
 def test_pieces_at_safe_cuts_equal_the_whole(pipeline, text, every):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
@@ -160,6 +161,30 @@ class WordEncoder:
 
     def __len__(self) -> int:
         return len(self._words)
+
+    def learn_vocabulary(self, vocab: Mapping[str, int], limit: int) -> int:
+        """Learn up to ``limit`` of the vocabulary's ASCII tokens that are whole words, lowest
+        ids first, and return how many. A fresh router otherwise learns each word the first
+        time a prompt holds it, up to ``learn_per_call`` per call and the rest of the text
+        through Rust: its first cold prompts took 2.4x a later one's time to tokenize
+        (bench/README.md, "A fresh router's first prompts"). A BPE vocabulary's low ids are its
+        earliest merges, the most frequent words of its training text. Exact as every learned
+        word is: the ids come from the model's own ``tokenize``, whatever the word's id."""
+        inverse = {c: chr(b) for b, c in _byte_chars().items()}
+        known = self._words
+        learned = 0
+        for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
+            if learned >= limit or len(known) >= self.max_words:
+                break
+            try:
+                word = "".join([inverse[c] for c in token])
+            except KeyError:  # a byte outside ASCII: such text goes to Rust anyway
+                continue
+            if word in known or self._findall(word) != [word]:
+                continue
+            known[word] = tuple(t.id for t in self._tokenize(token))
+            learned += 1
+        return learned
 
     def encode(self, text: str) -> list[int] | None:
         """The ids of ``text`` (no special tokens added), or None: not ASCII, or too many

@@ -4,6 +4,7 @@ the tokenizing analyzer turns it into the right block hashes, or a counted estim
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -338,3 +339,46 @@ def test_warm_compiles_the_chat_template_and_leaves_the_caches_alone(hf):
     tok.warm()
     assert chat_template_utils._compile_jinja_template.cache_info().currsize >= 1
     assert tok.cache.tokens == 0 and len(tok.cache) == 0 and not tok._pieces
+
+
+def test_warm_renders_with_tools_and_survives_a_tokenizer_without_a_template(hf):
+    import copy
+
+    from transformers.utils import chat_template_utils
+
+    chat_template_utils._compile_jinja_template.cache_clear()
+    ModelTokenizer(hf).warm()
+    # Plain and tool-bearing renders of the shipped template: both compiled at start-up.
+    assert chat_template_utils._compile_jinja_template.cache_info().hits >= 2
+    bare = copy.deepcopy(hf)
+    bare.chat_template = None
+    tok = ModelTokenizer(bare)
+    tok.warm()  # chat requests get their clear error later, not the start-up
+    assert tok.words is not None and len(tok.words) > 1_000
+
+
+async def test_a_base_model_without_chat_template_serves_completions_and_estimates_chats(hf):
+    # A base model's tokenizer has no chat template: the router must still start (warm) and
+    # tokenize its completions exactly; a chat request to it is the engine's to refuse, so the
+    # router routes it on the estimate instead of failing it with a 500.
+    import copy
+
+    bare = copy.deepcopy(hf)
+    bare.chat_template = None
+    tokenizer = ModelTokenizer(bare)
+    tokenizer.warm()
+    analyzer = TokenizingAnalyzer({"base": tokenizer}, KvMetrics(),
+                                  shape_of=lambda m: ModelShape(m, None, 16))
+    try:
+        text = "plain completion words " * 10
+        completion = await analyzer.analyze(_fields(
+            {"model": "base", "prompt": text}, Endpoint.COMPLETIONS, text=text))
+        assert completion.tokens_exact
+        assert completion.prompt_tokens == len(hf.encode(text, add_special_tokens=True))
+        chat = await analyzer.analyze(_fields(
+            {"model": "base", "messages": [{"role": "user", "content": text}]}, text=text))
+        assert not chat.tokens_exact and chat.prompt_tokens == math.ceil(len(text) / 4)
+        assert analyzer.metrics.registry.get_sample_value(
+            "kvrouter_tokenize_fallback_total", {"model": "base"}) == 1
+    finally:
+        analyzer.close()

@@ -60,7 +60,10 @@ def render_chat(hf_tokenizer: Any, body: Mapping[str, Any]) -> str:
     if not isinstance(add_generation_prompt, bool) or not isinstance(continue_final, bool):
         raise PromptError("add_generation_prompt and continue_final_message must be booleans")
     shaped_tools = shape_tools(tools) if tools else None
-    template = hf_tokenizer.get_chat_template(None, shaped_tools)
+    try:
+        template = hf_tokenizer.get_chat_template(None, shaped_tools)
+    except ValueError as exc:  # no chat template (a base model): the engine answers it
+        raise PromptError(f"no chat template: {exc}") from None
     conversation = shape_messages(messages, content_format(template))
     extra = {k: v for k, v in kwargs.items() if k not in _RESERVED}
     try:

@@ -276,7 +276,8 @@ def _best(cells: list[dict[str, Any]], key: str, lowest: bool) -> dict[str, Any]
 
 def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_aware") -> str:
     """Issue 12's bar per regime: the subject's pod hit rate >= the best peer's and its TTFT p99
-    <= the best peer's, peers being the routers that are not kvrouter's own policies."""
+    <= the best peer's, peers being the routers that are not kvrouter: none of its policies,
+    other checkouts (``kvrouter@PATH:``) or replica sets (``kvrouterxR:``)."""
     lines = [
         f"| regime | {subject} hit | best peer hit | {subject} p99 s | best peer p99 s | verdict |",
         "|---|---|---|---|---|---|",
@@ -285,7 +286,7 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
     for regime in regimes:
         cells = [r for r in results if r["regime"] == regime and not r.get("skipped")]
         mine = next((c for c in cells if c["router"] == subject), None)
-        peers = [c for c in cells if not c["router"].startswith("kvrouter:")]
+        peers = [c for c in cells if not c["router"].startswith("kvrouter")]
         hit = _best(peers, "hit_rate", lowest=False)
         p99 = _best(peers, "ttft_p99_s", lowest=True)
         if mine is None or hit is None or p99 is None:

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import aiohttp
 
+from kvrouter import native
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import wrk_client  # noqa: E402  (bench/ is not a package)
@@ -418,6 +420,7 @@ def _against_sglang(cells: list[Cell]) -> str:
 async def _main(args: argparse.Namespace) -> int:
     prompt = ("The quick brown fox jumps over the lazy dog. " * 64)[: args.prompt_chars]
     cells: list[Cell] = []
+    print(native.describe(), flush=True)  # a stale build runs the sources: say so up front
     async with _targets(args) as targets:
         for stream in [m == "stream" for m in args.modes.split(",")]:
             for concurrency in [int(c) for c in args.concurrency.split(",")]:

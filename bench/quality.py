@@ -40,6 +40,8 @@ from typing import Any
 
 import aiohttp
 
+from kvrouter import native
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_procs import (
     DEFAULT_ROUTERS,
@@ -364,8 +366,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     expected_s *= len(args.router_list) * len(args.seed_list) * (0.4 if args.quick else 1.0)
     print(f"{len(args.regime_list)} regimes x {len(args.router_list)} routers x "
           f"{len(args.seed_list)} seeds: about "
-          f"{expected_s / 60:.0f} min on an idle machine (budget {args.budget_min:g} min)",
-          file=sys.stderr, flush=True)
+          f"{expected_s / 60:.0f} min on an idle machine (budget {args.budget_min:g} min); "
+          f"{native.describe()}", file=sys.stderr, flush=True)
     plan = [(REGIMES[r], seed) for r in args.regime_list for seed in args.seed_list]
     for regime, seed in plan:
         items = build_workload(regime, seed, quick=args.quick)

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MODULES", "build", "default_dir", "enable", "enable_from_env", "status"]
+__all__ = ["MODULES", "build", "default_dir", "describe", "enable", "enable_from_env", "status"]
 
 log = logging.getLogger("kvrouter.native")
 
@@ -220,6 +220,16 @@ def enable_from_env() -> tuple[list[str], str]:
     if os.environ.get("KVROUTER_NATIVE", "") == "0":
         return [], "native build off (KVROUTER_NATIVE=0)"
     return enable()
+
+
+def describe(directory: Path | None = None) -> str:
+    """One line for a benchmark's output: whether ``kvrouter`` commands started now would run
+    the build or, and why, the sources (a stale build falls back silently but for one log
+    line, and its figures are the sources')."""
+    if os.environ.get("KVROUTER_NATIVE", "") == "0":
+        return "kvrouter runs its Python sources (KVROUTER_NATIVE=0)"
+    files, why = status(directory)
+    return f"kvrouter runs its native build ({len(MODULES)} modules)" if files else why
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,6 +92,19 @@ def test_kvrouter_native_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None
     assert native.enable_from_env() == ([], "native build off (KVROUTER_NATIVE=0)")
 
 
+def test_benchmarks_are_told_which_code_their_routers_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KVROUTER_NATIVE", raising=False)
+    _fake_build(tmp_path)
+    assert native.describe(tmp_path) == f"kvrouter runs its native build ({len(native.MODULES)} modules)"
+    _fake_build(tmp_path, wrong="policies.placement")
+    assert "stale (policies/placement.py changed)" in native.describe(tmp_path)
+    monkeypatch.setenv("KVROUTER_NATIVE", "0")
+    _fake_build(tmp_path)
+    assert native.describe(tmp_path) == "kvrouter runs its Python sources (KVROUTER_NATIVE=0)"
+
+
 # ---- the real build ---------------------------------------------------------------------------
 
 

@@ -80,6 +80,8 @@ def test_verdict_compares_kv_aware_with_the_best_peer() -> None:
     cells = [
         cell("light", "kvrouter:kv_aware", 0.76, 0.10),
         cell("light", "kvrouter:round_robin", 0.90, 0.01),  # not a peer
+        cell("light", "kvrouter@/tmp/base:kv_aware", 0.90, 0.01),  # an A/B checkout: neither
+        cell("light", "kvrouterx2:kv_aware", 0.90, 0.01),  # replicas: nor
         cell("light", "sglang-router:cache_aware", 0.75, 0.12),
         cell("pressure", "kvrouter:kv_aware", 0.44, 0.30),
         cell("pressure", "sglang-router:cache_aware", 0.48, 0.20),

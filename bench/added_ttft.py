@@ -36,8 +36,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
-from cell_cost import Floor
-from quality_procs import ROOT, Emulator, free_port, make_router
+from cell_cost import running
+from quality_procs import ROOT
 from quality_workload import REGIMES, build_workload
 
 
@@ -54,40 +54,34 @@ def pairs(seed: int, groups: int) -> list[tuple[str, dict[str, Any], dict[str, A
 
 async def one(name: str, seed: int, groups: int, gap_s: float, logdir: Path,
               strace: bool) -> dict[str, Any]:
-    pods = Emulator(count=4, num_gpu_blocks=REGIMES["light"].num_gpu_blocks, slow_pod=None,
-                    log=logdir / "pods.log")
     tag = name.replace(":", "-").replace("/", "_")
-    router: Any = Floor() if name == "floor" else make_router(name, logdir / f"{tag}.log", seed)
     tracer: asyncio.subprocess.Process | None = None
     trace_file = logdir / f"{tag}.strace"
     ttft: dict[str, list[float]] = {"cold": [], "warm": []}
     errors = 0
-    await pods.start()
-    try:
-        await router.start(pods, port=free_port())
-        if strace and name.startswith("kvrouter"):
-            tracer = await asyncio.create_subprocess_exec(
-                "strace", "-f", "-p", str(router._proc.pid), "-ttt", "-s", "48",
-                "-e", "trace=read,write,recvfrom,sendto,writev", "-o", str(trace_file),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-            await asyncio.sleep(1.0)  # attached to every thread
-        url = router.urls[0] + "/v1/chat/completions"
-        async with aiohttp.ClientSession() as session:
-            for group, cold, warm in pairs(seed, groups):
-                for kind, body in (("cold", cold), ("warm", warm)):
-                    out: list[dict[str, Any]] = []
-                    await quality._one(session, url, body, out, group)
-                    if out[0]["ok"]:
-                        ttft[kind].append(out[0]["ttft_s"])
-                    else:
-                        errors += 1
-                    await asyncio.sleep(gap_s)
-    finally:
-        if tracer is not None:
-            tracer.terminate()
-            await tracer.wait()
-        await router.stop()
-        await pods.stop()
+    async with running(name, REGIMES["light"], seed, logdir) as router:
+        try:
+            if strace and name.startswith("kvrouter"):
+                tracer = await asyncio.create_subprocess_exec(
+                    "strace", "-f", "-p", str(router._proc.pid), "-ttt", "-s", "48",
+                    "-e", "trace=read,write,recvfrom,sendto,writev", "-o", str(trace_file),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                await asyncio.sleep(1.0)  # attached to every thread
+            url = router.urls[0] + "/v1/chat/completions"
+            async with aiohttp.ClientSession() as session:
+                for group, cold, warm in pairs(seed, groups):
+                    for kind, body in (("cold", cold), ("warm", warm)):
+                        out: list[dict[str, Any]] = []
+                        await quality._one(session, url, body, out, group)
+                        if out[0]["ok"]:
+                            ttft[kind].append(out[0]["ttft_s"])
+                        else:
+                            errors += 1
+                        await asyncio.sleep(gap_s)
+        finally:
+            if tracer is not None:
+                tracer.terminate()
+                await tracer.wait()
     row: dict[str, Any] = {"router": name, "errors": errors}
     for kind, values in ttft.items():
         row[f"{kind}_ms"] = statistics.median(values) * 1e3 if values else float("nan")

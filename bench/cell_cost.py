@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
 from quality_procs import ROOT, Emulator, free_port, make_router
-from quality_workload import REGIMES, build_workload
+from quality_workload import REGIMES, Regime, build_workload
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts clock ticks
 
@@ -69,8 +71,10 @@ class Floor:
             await self._proc.wait()
 
 
-async def one(name: str, regime_name: str, seed: int, idle_s: float, logdir: Path) -> dict[str, Any]:
-    regime = REGIMES[regime_name]
+@contextlib.asynccontextmanager
+async def running(name: str, regime: Regime, seed: int, logdir: Path) -> AsyncIterator[Any]:
+    """``name`` (``floor`` or any router ``bench/quality.py`` takes) started in front of 4 fresh
+    emulated pods shaped by ``regime``; both stopped on the way out, whatever happened."""
     pods = Emulator(count=4, num_gpu_blocks=regime.num_gpu_blocks, slow_pod=regime.slow_pod,
                     log=logdir / "pods.log")
     tag = name.replace(":", "-").replace("/", "_")
@@ -78,6 +82,15 @@ async def one(name: str, regime_name: str, seed: int, idle_s: float, logdir: Pat
     await pods.start()
     try:
         await router.start(pods, port=free_port())
+        yield router
+    finally:
+        await router.stop()
+        await pods.stop()
+
+
+async def one(name: str, regime_name: str, seed: int, idle_s: float, logdir: Path) -> dict[str, Any]:
+    regime = REGIMES[regime_name]
+    async with running(name, regime, seed, logdir) as router:
         pid = router.pid if name == "floor" else router._proc.pid
         before_idle = _usage(pid)
         await asyncio.sleep(idle_s)
@@ -87,9 +100,6 @@ async def one(name: str, regime_name: str, seed: int, idle_s: float, logdir: Pat
         results, _ = await quality.drive(router.urls, items, regime, 240.0, False)
         run_s = time.monotonic() - start
         after = _usage(pid)
-    finally:
-        await router.stop()
-        await pods.stop()
     n = len(results)
     idle_cpu_per_s = ((before["user_s"] + before["sys_s"])
                       - (before_idle["user_s"] + before_idle["sys_s"])) / idle_s

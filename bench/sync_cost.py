@@ -2,7 +2,10 @@
 to kv_aware's own work (stamping its dispatch and finish), encoding them in batch frames,
 a sibling decoding those frames and replaying them into its policy, and the frames' trip
 through a ZeroMQ PUB/SUB pair over ipc:// driven by the event loop as ``router.sync.service``
-drives it (a non-blocking send; the SUB socket drained when its descriptor signals).
+drives it between pods (a non-blocking send; the SUB socket drained when its descriptor
+signals), and through the Unix socket link ``serve --workers`` uses (``router.sync.unix``).
+In one quiet process a ZeroMQ I/O thread's wake-up is cheap; on a loaded host it is a
+context switch, which only the live benchmark shows (bench/README.md).
 
     .venv/bin/python bench/sync_cost.py                     # compiled when `make native` built it
     KVROUTER_NATIVE=0 .venv/bin/python bench/sync_cost.py   # the Python sources
@@ -32,6 +35,7 @@ import zmq  # noqa: E402
 from policies.kv_aware import create  # noqa: E402  (after the native build is enabled)
 from policies.replica_sync import Message, ReplicaSync, SyncedPolicy  # noqa: E402
 from policies.types import BackendState, ClusterView, Policy, RouteRequest  # noqa: E402
+from router.sync.unix import UnixLink  # noqa: E402
 from router.sync.wire import decode_frame, encode_batch  # noqa: E402
 
 WINDOW = 10  # messages per frame
@@ -108,6 +112,39 @@ async def _transport_s(frames: list[bytes]) -> float:
     return spent
 
 
+async def _unix_transport_s(frames: list[bytes]) -> float:
+    """CPU seconds to send ``frames`` through ``router.sync.unix`` and receive them, as
+    ``serve --workers`` does: one link listening, one connected to it, on one event loop."""
+    got = 0
+    done = asyncio.get_running_loop().create_future()
+
+    def receive(batch: list[bytes]) -> None:
+        nonlocal got
+        got += len(batch)
+        if got == len(frames) and not done.done():
+            done.set_result(None)
+
+    with tempfile.TemporaryDirectory() as directory:
+        sender = UnixLink(f"{directory}/a.sock", lambda batch: None)
+        receiver = UnixLink(f"{directory}/b.sock", receive)
+        await sender.start()
+        assert await receiver.connect(f"unix://{sender.path}")
+        for _ in range(1000):  # the sender accepts the connection on a later loop turn
+            if sender._senders:
+                break
+            await asyncio.sleep(0.001)
+        start = _cpu_s()
+        for i, frame in enumerate(frames):
+            sender.send([frame])
+            if i % 5 == 0:
+                await asyncio.sleep(0)
+        await done
+        spent = _cpu_s() - start
+        await receiver.close()
+        await sender.close()
+    return spent
+
+
 def run_once(requests: list[RouteRequest]) -> dict[str, float]:
     n = len(requests)
     plain = _route(create({}, random.Random(0)), requests)
@@ -128,13 +165,15 @@ def run_once(requests: list[RouteRequest]) -> dict[str, float]:
             sibling.receive(message, 2.0)
     replay_s = time.perf_counter() - start
     transport_s = asyncio.run(_transport_s(frames))
+    unix_s = asyncio.run(_unix_transport_s(frames))
     us = 1e6 / n
     return {"kv_aware's own routing": plain * us,
             "stamping its dispatch and finish": (synced - plain) * us,
             "encoding (batch frames)": encode_s * us,
             "decoding at a sibling": decode_s * us,
             "replaying into the sibling's kv_aware": replay_s * us,
-            "ZeroMQ PUB -> SUB, both sides' CPU": transport_s * us}
+            "ZeroMQ PUB -> SUB over ipc://, both sides' CPU": transport_s * us,
+            "Unix socket link (serve --workers), both sides' CPU": unix_s * us}
 
 
 def main() -> None:

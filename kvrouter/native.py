@@ -85,6 +85,7 @@ MODULES: tuple[str, ...] = (
     "router.prompt.tokenize_cache",
     "router.prompt.word_encoder",
     "router.sync.service",
+    "router.sync.unix",
     "router.sync.wire",
     "router.sync.peers",
 )

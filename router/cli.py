@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"log verbosity (default {server.log_level})")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="router processes sharing the port (SO_REUSEPORT), synced as "
-                             "replicas over ipc://, so one pod uses N cores (default %(default)s)")
+                             "replicas over Unix sockets, so one pod uses N cores (default %(default)s)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # set by the parent
 
 

@@ -4,7 +4,7 @@ One Python process routes on one core. With ``--workers N`` the parent process s
 worker processes (``multiprocessing`` spawn: each builds its own app, index and event loop)
 and waits; each worker listens on the same host:port with ``SO_REUSEPORT``, so the kernel
 spreads incoming connections over them, and each is a replica synced with its siblings over
-``ipc://`` (``router.sync``, ``policies.replica_sync``): every worker's policy sees the whole
+Unix sockets in a private run directory (``router.sync``, ``policies.replica_sync``): every worker's policy sees the whole
 pod's in-flight work, cold-prefix placement and approximate record.
 
 Metrics, as Prometheus users expect of multi-process servers: a scrape reaches whichever
@@ -52,7 +52,9 @@ _SIBLING_TIMEOUT_S = 2.0
 
 
 def sync_endpoint(run_dir: Path, index: int) -> str:
-    return f"ipc://{run_dir}/sync-{index}.sock"
+    # A Unix stream socket on the event loop, not ZeroMQ's ipc://: no I/O thread to wake
+    # for every frame on either side (router.sync.unix).
+    return f"unix://{run_dir}/sync-{index}.sock"
 
 
 def worker_config(config: Config, index: int, count: int, run_dir: Path, port: int) -> Config:

@@ -1,5 +1,5 @@
-"""Replica sync in the live router: two router apps on real sockets (HTTP and ZeroMQ PUB/SUB
-on 127.0.0.1) in front of real HTTP backends. Replica B's decisions see the requests replica A
+"""Replica sync in the live router: two router apps on real sockets (HTTP, and ZeroMQ PUB/SUB
+on 127.0.0.1 or Unix sockets as `serve --workers` uses) in front of real HTTP backends. Replica B's decisions see the requests replica A
 has in flight; a replica that goes away has its share expire; only peers may subscribe; the
 ``sync:`` section's errors name the key."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,13 +29,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def raw_config(backends: list[FakeBackend], own: int, peer: int, **sync: Any) -> dict[str, Any]:
+def raw_config(backends: list[FakeBackend], own: int, peer: int, transport: str = "tcp",
+               **sync: Any) -> dict[str, Any]:
+    """A replica's config. ``unix``: Unix sockets named by the ports (serve --workers's
+    transport) instead of ZeroMQ over TCP."""
+    if transport == "unix":
+        endpoints = {"bind": f"unix://{tempfile.gettempdir()}/kvr-sync-{own}.sock",
+                     "peers": [f"unix://{tempfile.gettempdir()}/kvr-sync-{peer}.sock"]}
+    else:
+        endpoints = {"bind": f"tcp://127.0.0.1:{own}", "peers": [f"tcp://127.0.0.1:{peer}"],
+                     "allow_from": ["127.0.0.1"]}
     return {
         "backends": [b.url for b in backends],
         "policy": {"name": "least_loaded", "seed": own},
         "health": {"interval_s": 60},
-        "sync": {"enabled": True, "bind": f"tcp://127.0.0.1:{own}",
-                 "peers": [f"tcp://127.0.0.1:{peer}"], "allow_from": ["127.0.0.1"],
+        "sync": {"enabled": True, **endpoints, "discover_interval_s": 0.1,
                  "heartbeat_interval_s": 0.1, "peer_timeout_s": 0.5, **sync},
     }
 
@@ -114,15 +123,17 @@ async def debug_route(http: aiohttp.ClientSession, handle: RouterHandle) -> str:
         return str((await resp.json())["decision"]["backend_id"])
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_replica_b_routes_around_replica_as_in_flight_load(
     start_backend: Callable[..., Awaitable[FakeBackend]],
     start_router: Callable[..., Awaitable[RouterHandle]],
     http: aiohttp.ClientSession,
+    transport: str,
 ) -> None:
     slow = [await start_backend(delay_s=30.0) for _ in range(2)]
     port_a, port_b = free_port(), free_port()
-    a = await start_router(raw_config(slow, port_a, port_b))
-    b = await start_router(raw_config(slow, port_b, port_a))
+    a = await start_router(raw_config(slow, port_a, port_b, transport))
+    b = await start_router(raw_config(slow, port_b, port_a, transport))
     await wait_for(lambda: peers_of(a) == 1 and peers_of(b) == 1, "both replicas hear each other")
 
     # One request held open through A: it lands on one backend and stays in flight there.
@@ -146,15 +157,17 @@ async def test_replica_b_routes_around_replica_as_in_flight_load(
             or 0) >= 2
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_a_replica_that_goes_away_has_its_share_expire(
     start_backend: Callable[..., Awaitable[FakeBackend]],
     start_router: Callable[..., Awaitable[RouterHandle]],
     http: aiohttp.ClientSession,
+    transport: str,
 ) -> None:
     slow = [await start_backend(delay_s=30.0)]
     port_a, port_b = free_port(), free_port()
-    a = await start_router(raw_config(slow, port_a, port_b))
-    b = await start_router(raw_config(slow, port_b, port_a))
+    a = await start_router(raw_config(slow, port_a, port_b, transport))
+    b = await start_router(raw_config(slow, port_b, port_a, transport))
     await wait_for(lambda: peers_of(b) == 1, "B hears A")
     held = asyncio.create_task(complete(http, a))
     await wait_for(lambda: peer_in_flight(b) == 1, "B hears of A's dispatch")
@@ -243,11 +256,15 @@ async def test_prompt_text_is_shipped_only_to_policies_that_read_it(
     ({"port": 0}, "sync.port"),
     ({"peers": ["10.0.0.1:5601"]}, "sync.peers[0]"),
     ({"bind": "udp://x"}, "sync.bind"),
+    ({"bind": "tcp://*:5601", "peers": ["unix:///run/a.sock"]}, "sync.peers[0]"),
+    ({"bind": "unix:///run/b.sock", "peers": ["tcp://10.0.0.1:5601"]}, "sync.peers[0]"),
+    ({"bind": "unix:///run/b.sock", "dns_name": "kvrouter-peers"}, "sync.bind"),
     ({"heartbeat_interval_s": 2, "peer_timeout_s": 1}, "sync.peer_timeout_s"),
     ({"flush_interval_s": 1.0}, "sync.flush_interval_s"),
     ({"enabled": "yes"}, "sync.enabled"),
     ({"colour": 1}, "sync.colour"),
-], ids=["port", "peer", "bind", "timeout", "flush", "type", "unknown"])
+], ids=["port", "peer", "bind", "unix-peer-tcp-bind", "tcp-peer-unix-bind", "unix-dns",
+        "timeout", "flush", "type", "unknown"])
 def test_sync_section_errors_name_the_key(sync: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"sync": sync})

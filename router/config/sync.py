@@ -32,6 +32,10 @@ from policies.replica_sync import SyncParams
 
 __all__ = ["SyncConfig", "WarmStartConfig", "parse_sync"]
 
+# tcp:// and ipc:// are ZeroMQ endpoints; unix:// is a Unix stream socket driven by the event
+# loop (router.sync.unix), for replicas of one host.
+_SCHEMES = ("tcp://", "ipc://", "unix://")
+
 
 @dataclass(frozen=True, slots=True)
 class WarmStartConfig:
@@ -50,8 +54,8 @@ class SyncConfig:
     enabled: bool = False
     port: int = 5601  # the PUB socket's TCP port, and the port of every discovered peer
     bind_host: str = "*"
-    bind: str = ""  # a full endpoint instead of tcp://bind_host:port (ipc://... for --workers)
-    peers: tuple[str, ...] = ()  # static peer endpoints (tcp://HOST:PORT or ipc://PATH)
+    bind: str = ""  # a full endpoint instead of tcp://bind_host:port (unix://... for --workers)
+    peers: tuple[str, ...] = ()  # static peer endpoints (tcp://HOST:PORT, ipc:// or unix://PATH)
     dns_name: str = ""  # a headless Service's name: each A/AAAA record is a peer at `port`
     kubernetes_label_selector: str = ""  # pods with this label are peers at `port`
     kubernetes_namespace: str = ""  # default: the pod's own namespace
@@ -89,11 +93,19 @@ def parse_sync(raw: object) -> SyncConfig:
     section = parse_params(SyncConfig, raw, "sync")
     if not 0 < section.port < 65536:
         raise ConfigError("sync.port", "must be in 1..65535")
-    if section.bind and not section.bind.startswith(("tcp://", "ipc://")):
-        raise ConfigError("sync.bind", "expected tcp://HOST:PORT or ipc://PATH")
+    if section.bind and not section.bind.startswith(_SCHEMES):
+        raise ConfigError("sync.bind", "expected tcp://HOST:PORT, ipc://PATH or unix://PATH")
+    unix = section.bind.startswith("unix://")
     for i, peer in enumerate(section.peers):
-        if not peer.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"sync.peers[{i}]", f"expected tcp://HOST:PORT or ipc://PATH, got {peer!r}")
+        if not peer.startswith(_SCHEMES):
+            raise ConfigError(f"sync.peers[{i}]", "expected tcp://HOST:PORT, ipc://PATH or "
+                              f"unix://PATH, got {peer!r}")
+        if peer.startswith("unix://") != unix:
+            raise ConfigError(f"sync.peers[{i}]", "unix:// peers go with a unix:// bind, and "
+                              f"only with one (one transport per replica), got {peer!r}")
+    if unix and (section.dns_name or section.kubernetes_label_selector):
+        raise ConfigError("sync.bind", "unix:// is for replicas on one host (serve --workers): "
+                          "not with dns_name or kubernetes_label_selector")
     if section.discover_interval_s <= 0:
         raise ConfigError("sync.discover_interval_s", "must be > 0")
     if not 0 <= section.flush_interval_s < section.heartbeat_interval_s:

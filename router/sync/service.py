@@ -1,9 +1,12 @@
-"""The replica-sync service: ZeroMQ PUB/SUB between router replicas.
+"""The replica-sync service: ZeroMQ PUB/SUB between router replicas (Unix sockets between
+the workers of one host).
 
 Each replica binds one PUB socket (``sync.port``, or ``sync.bind``) and publishes its own
 dispatches, finishes and heartbeats (``router.sync.wire``); it connects one SUB socket to
 every peer's PUB socket as discovery finds them (``router.sync.peers``) and applies what
-arrives to its ``policies.replica_sync.ReplicaSync``. ``wrap(policy)`` gives the app the
+arrives to its ``policies.replica_sync.ReplicaSync``. A ``unix://`` bind (``serve
+--workers``) swaps both sockets for ``router.sync.unix``'s link, which the event loop drives
+with no I/O thread; everything else here is the same for both. ``wrap(policy)`` gives the app the
 policy it routes with: the inner policy over the fleet's in-flight view, publishing its own
 lifecycle (``SyncedPolicy``); the proxy does not know.
 
@@ -42,8 +45,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -56,6 +59,7 @@ from router.config import Config
 from router.config.sync import SyncConfig
 from router.kv.auth import EventSocketGate
 from router.sync.peers import PeerFinder, endpoint_host, kube_config
+from router.sync.unix import UnixLink, is_unix, unix_path
 from router.sync.wire import WireError, decode_frame, encode, encode_batch
 
 __all__ = ["SyncMetrics", "SyncService", "build_sync"]
@@ -104,8 +108,11 @@ class SyncService:
         self._kube = kube_config(config, environ)
         self.sync: ReplicaSync | None = None
         self.metrics: SyncMetrics | None = None
-        self._pub: zmq.Socket[bytes] | None = None
-        self._sub: zmq.Socket[bytes] | None = None
+        self._sub: zmq.Socket[bytes] | None = None  # ZeroMQ only: drained by _drain
+        # Hands a flush's frames to the transport; returns how many receivers missed them.
+        # None until the transport is up (and after it is down).
+        self._send: Callable[[list[bytes]], int] | None = None
+        self._sent: Any = None  # kvrouter_sync_messages_total{direction="sent"}, looked up once
         self._outbox: list[Message] = []
         self._send_text = True  # set by wrap() from the policy (sync.send_prompt_text)
         self._reported_dropped = 0
@@ -120,7 +127,7 @@ class SyncService:
     def publish(self, message: Message) -> None:
         """Queue ``message``; everything queued within ``flush_interval_s`` leaves as one
         multipart ZeroMQ message (one send here, one wake-up at each peer)."""
-        if self._pub is None:
+        if self._send is None:
             return  # not started yet (or stopped): peers will not hear of this one
         self._outbox.append(message)
         if len(self._outbox) == 1:
@@ -132,9 +139,9 @@ class SyncService:
                 loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        pub, batch = self._pub, self._outbox
+        send, batch = self._send, self._outbox
         self._outbox = []
-        if pub is None or not batch:
+        if send is None or not batch:
             return
         mono, unix = time.monotonic(), time.time()
         if self.config.batch_frames:
@@ -143,19 +150,35 @@ class SyncService:
         else:
             frames = [encode(m, monotonic_now_s=mono, unix_now_s=unix,
                              prompt_text=self._send_text) for m in batch]
-        try:
-            pub.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            if self.metrics is not None:
-                self.metrics.dropped.labels("send").inc(len(batch))
-            return
+        missed = send(frames)
         if self.metrics is not None:
-            self.metrics.messages.labels("sent").inc(len(batch))
+            if missed:
+                self.metrics.dropped.labels("send").inc(len(batch) * missed)
+            self._sent.inc(len(batch))
 
     async def run(self, state: Any) -> None:
-        """The background task (``create_app(background=...)``): sockets, then four loops."""
+        """The background task (``create_app(background=...)``): the transport, then the
+        heartbeat and discovery loops."""
         assert self.sync is not None, "wrap() the policy before running the service"
-        self.metrics = metrics = SyncMetrics(state.metrics.registry)
+        self.metrics = SyncMetrics(state.metrics.registry)
+        self._sent = self.metrics.messages.labels("sent")
+        if is_unix(self.config.endpoint):
+            await self._run_unix()
+        else:
+            await self._run_zmq(self.metrics)
+
+    async def _run_unix(self) -> None:
+        link = UnixLink(unix_path(self.config.endpoint), self._receive)
+        await link.start()
+        self._send = link.send
+        try:
+            log.info("replica sync: %s listening on %s", self.origin, self.config.endpoint)
+            await asyncio.gather(self._tick(), self._discover(link, None))
+        finally:
+            self._send = None
+            await link.close()
+
+    async def _run_zmq(self, metrics: SyncMetrics) -> None:
         context = zmq.asyncio.Context()
         tcp = self.config.endpoint.startswith("tcp://")
         gate = EventSocketGate(metrics, self.config.allow_from, what="replica-sync")
@@ -173,15 +196,16 @@ class SyncService:
             pub.bind(self.config.endpoint)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.setsockopt(zmq.LINGER, 0)
-            self._pub, self._sub = pub, sub
+            link = _ZmqLink(pub, sub)
+            self._sub, self._send = sub, link.send
             fd = cast(int, sub.get(zmq.FD))
             loop.add_reader(fd, self._drain)
             log.info("replica sync: %s publishing on %s", self.origin, self.config.endpoint)
-            await asyncio.gather(self._tick(), self._discover(sub, gate if tcp else None))
+            await asyncio.gather(self._tick(), self._discover(link, gate if tcp else None))
         finally:
             if fd >= 0:
                 loop.remove_reader(fd)
-            self._pub = self._sub = None
+            self._sub = self._send = None
             gate.stop()
             pub.close(0)
             sub.close(0)
@@ -205,6 +229,10 @@ class SyncService:
                 return
             self._apply(frames, metrics)
         asyncio.get_running_loop().call_soon(self._drain)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        if self.metrics is not None:
+            self._apply(frames, self.metrics)
 
     def _apply(self, frames: list[bytes], metrics: SyncMetrics) -> None:
         assert self.sync is not None
@@ -251,31 +279,66 @@ class SyncService:
             except Exception:
                 log.exception("replica sync heartbeat failed")
 
-    async def _discover(self, sub: zmq.Socket[bytes], gate: EventSocketGate | None) -> None:
+    async def _discover(self, link: _Link, gate: EventSocketGate | None) -> None:
         assert self.metrics is not None
         finder = PeerFinder(self.config, self._kube)
-        connected: set[str] = set()
         own = self.config.endpoint
         while True:
             try:
                 found = await finder.find()
-                for endpoint in sorted(found - connected - {own}):
-                    try:
-                        sub.connect(endpoint)
-                    except zmq.ZMQError as exc:
-                        log.warning("replica sync: cannot connect to peer %s: %s", endpoint, exc)
-                        continue
-                    connected.add(endpoint)
-                    log.info("replica sync: subscribed to peer %s", endpoint)
-                for endpoint in sorted(connected - found):
-                    sub.disconnect(endpoint)
-                    connected.discard(endpoint)
+                for endpoint in sorted(found - link.connected() - {own}):
+                    if await link.connect(endpoint):
+                        log.info("replica sync: subscribed to peer %s", endpoint)
+                for endpoint in sorted(link.connected() - found):
+                    link.disconnect(endpoint)
                 if gate is not None:
                     gate.set_hosts(h for e in found if (h := endpoint_host(e)) is not None)
-                self.metrics.subscribed.set(len(connected))
+                self.metrics.subscribed.set(len(link.connected()))
             except Exception:
                 log.exception("replica sync: peer discovery failed")
             await asyncio.sleep(self.config.discover_interval_s)
+
+
+class _Link(Protocol):
+    """A transport's subscribing side, as discovery drives it (``_ZmqLink``, ``UnixLink``)."""
+
+    async def connect(self, endpoint: str) -> bool: ...
+
+    def disconnect(self, endpoint: str) -> None: ...
+
+    def connected(self) -> frozenset[str]: ...
+
+
+class _ZmqLink:
+    """The PUB socket's send and the SUB socket's subscriptions (receiving is ``_drain``)."""
+
+    def __init__(self, pub: zmq.Socket[bytes], sub: zmq.Socket[bytes]) -> None:
+        self.pub = pub
+        self.sub = sub
+        self._endpoints: set[str] = set()
+
+    def send(self, frames: list[bytes]) -> int:
+        try:
+            self.pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return 1
+        return 0
+
+    async def connect(self, endpoint: str) -> bool:
+        try:
+            self.sub.connect(endpoint)  # returns at once: ZeroMQ connects (and retries) itself
+        except zmq.ZMQError as exc:
+            log.warning("replica sync: cannot connect to peer %s: %s", endpoint, exc)
+            return False
+        self._endpoints.add(endpoint)
+        return True
+
+    def disconnect(self, endpoint: str) -> None:
+        self.sub.disconnect(endpoint)
+        self._endpoints.discard(endpoint)
+
+    def connected(self) -> frozenset[str]:
+        return frozenset(self._endpoints)
 
 
 def build_sync(config: Config, environ: Mapping[str, str]) -> SyncService | None:

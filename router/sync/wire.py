@@ -176,6 +176,7 @@ def encode_batch(messages: Sequence[Message], *, monotonic_now_s: float, unix_no
     chains: dict[tuple[int, ...], int] = {}  # a chain -> its index, equal chains sent once
     get_request, get_decision = _GET["request"], _GET["decision"]
     hashes_at, text_at = _REQUEST_AT["block_hashes"], _REQUEST_AT["prompt_text"]
+    stream_at = _REQUEST_AT["stream"]
     entries: list[list[Any]] = []
     for message in messages:
         sent_unix_s = unix_now_s - (monotonic_now_s - message.sent_at_s)
@@ -188,6 +189,9 @@ def encode_batch(messages: Sequence[Message], *, monotonic_now_s: float, unix_no
             values[hashes_at] = at
             if not prompt_text:
                 values[text_at] = ""
+            # A peer replays the dispatch as a whole answer (its first token is heard only
+            # here): sent so, the receiver need not copy the request to say it (1.5 us).
+            values[stream_at] = False
             decision = list(get_decision(message.decision))
             decision[_SCORES_AT] = [_score_values(s) for s in message.decision.scores]
             entries.append(["d", message.seq, sent_unix_s, message.request_seq, values, decision])

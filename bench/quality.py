@@ -45,6 +45,7 @@ from kvrouter import native
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_procs import (
     DEFAULT_ROUTERS,
+    ROOT,
     ROUTER_NAMES,
     Emulator,
     add_pin_option,
@@ -321,6 +322,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "chunk, asked with stream_options.include_usage) and, through "
                         "kvrouter, the backend chosen and the hit tokens predicted: the "
                         "cells' \"trace\" in --out")
+    p.add_argument("--control", action="store_true",
+                   help="also run this checkout's kvrouter:kv_aware a second time, as "
+                        "kvrouter@THIS_CHECKOUT:kv_aware, interleaved with the others: the "
+                        "verdict then labels each gap within or beyond the two identical "
+                        "routers' own gap in that regime (the run's noise floor)")
     p.add_argument("--out", default=None, help="write the raw figures as JSON to this file")
     p.add_argument("--logs", default=None,
                    help="directory for the pods' and routers' logs (default: a temp dir)")
@@ -339,6 +345,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for r in args.router_list:
         if r not in ROUTER_NAMES and not r.startswith(("kvrouter:", "kvrouterx", "kvrouter@")):
             p.error(f"--routers: unknown router {r!r}; known: {', '.join(ROUTER_NAMES)}")
+    args.control_name = f"kvrouter@{ROOT}:kv_aware" if args.control else None
+    if args.control_name and args.control_name not in args.router_list:
+        args.router_list.append(args.control_name)
     read_pin_option(p, args)
     return args
 
@@ -422,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     report["pooled"] = pool_cells(report["cells"])
     print(markdown_table(report["pooled"]))
     print()
-    print(verdict_table(report["pooled"]))
+    print(verdict_table(report["pooled"], control=args.control_name))
     print(f"\n{report['date_utc']} UTC, {report['total_s']} s, load average "
           f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
           f"seeds {args.seeds}{', quick' if args.quick else ''}")

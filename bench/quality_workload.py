@@ -274,10 +274,16 @@ def _best(cells: list[dict[str, Any]], key: str, lowest: bool) -> dict[str, Any]
     return (min if lowest else max)(ok, key=lambda c: c[key])
 
 
-def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_aware") -> str:
+def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_aware",
+                  control: str | None = None) -> str:
     """Issue 12's bar per regime: the subject's pod hit rate >= the best peer's and its TTFT p99
     <= the best peer's, peers being the routers that are not kvrouter: none of its policies,
-    other checkouts (``kvrouter@PATH:``) or replica sets (``kvrouterxR:``)."""
+    other checkouts (``kvrouter@PATH:``) or replica sets (``kvrouterxR:``).
+
+    ``control`` names the subject's own build run a second time in the same run
+    (``quality.py --control``). The bar stays as it is; each gap it finds is then labelled
+    against the two identical routers' gap in that regime, which is the run's own noise
+    floor: "within" it, the run could not tell the subject from that peer."""
     lines = [
         f"| regime | {subject} hit | best peer hit | {subject} p99 s | best peer p99 s | verdict |",
         "|---|---|---|---|---|---|",
@@ -286,6 +292,7 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
     for regime in regimes:
         cells = [r for r in results if r["regime"] == regime and not r.get("skipped")]
         mine = next((c for c in cells if c["router"] == subject), None)
+        twin = next((c for c in cells if control is not None and c["router"] == control), None)
         peers = [c for c in cells if not c["router"].startswith("kvrouter")]
         hit = _best(peers, "hit_rate", lowest=False)
         p99 = _best(peers, "ttft_p99_s", lowest=True)
@@ -297,15 +304,27 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
             gap = mine["hit_rate"] - hit["hit_rate"]
             # Four places where three would print -0.000 for a loss.
             fails.append(f"hit {gap:+.3f}" if gap <= -0.0005 else f"hit {gap:+.4f}")
+            if twin is not None and twin["hit_rate"] is not None:
+                fails[-1] += _against(-gap, abs((mine["hit_rate"] or 0.0) - twin["hit_rate"]),
+                                      "{:.4f}")
         if mine["errors"] or mine["ttft_p99_s"] is None or mine["ttft_p99_s"] > p99["ttft_p99_s"]:
             ratio = (mine["ttft_p99_s"] or float("inf")) / p99["ttft_p99_s"]
             fails.append(f"p99 {ratio:.2f}x")
+            if twin is not None and twin["ttft_p99_s"] and mine["ttft_p99_s"]:
+                pair = sorted((mine["ttft_p99_s"], twin["ttft_p99_s"]))
+                fails[-1] += _against(ratio, pair[1] / pair[0], "{:.3f}x")
         lines.append(
             f"| {regime} | {_fmt(mine['hit_rate'], '.3f')} | {hit['hit_rate']:.3f} "
             f"({hit['router']}) | {_fmt(mine['ttft_p99_s'], '.3f')} | {p99['ttft_p99_s']:.3f} "
             f"({p99['router']}) | {'LOSES: ' + ', '.join(fails) if fails else 'meets the bar'} |"
         )
     return "\n".join(lines)
+
+
+def _against(gap: float, spread: float, spec: str) -> str:
+    """A gap labelled against the same build's own gap between two runs of it."""
+    side = "within" if gap <= spread else "beyond"
+    return f" ({side} the same-build spread {spec.format(spread)})"
 
 
 def pool_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

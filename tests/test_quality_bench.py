@@ -97,6 +97,34 @@ def test_verdict_compares_kv_aware_with_the_best_peer() -> None:
     assert lines[4].endswith("| LOSES: hit -0.0003 |")  # not "-0.000"
 
 
+def test_the_verdict_labels_gaps_against_the_same_build_run_twice() -> None:
+    def cell(regime: str, router: str, hit: float, p99: float) -> dict[str, object]:
+        return {"regime": regime, "router": router, "hit_rate": hit, "ttft_p99_s": p99,
+                "errors": 0}
+
+    control = "kvrouter@/work/main:kv_aware"
+    cells = [
+        # the twin differs by 0.010 hit and 1.10x p99: a 0.004 and 1.05x loss is noise here
+        cell("light", "kvrouter:kv_aware", 0.740, 0.105),
+        cell("light", control, 0.750, 0.0955),
+        cell("light", "sglang-router:cache_aware", 0.744, 0.100),
+        # the twin agrees closely: the same losses are beyond its spread
+        cell("pressure", "kvrouter:kv_aware", 0.440, 0.315),
+        cell("pressure", control, 0.441, 0.314),
+        cell("pressure", "sglang-router:cache_aware", 0.444, 0.300),
+    ]
+    lines = workload.verdict_table(cells, control=control).splitlines()
+    # The control is the subject's own build: never a peer, so the bar is unchanged.
+    assert "0.744 (sglang-router:cache_aware)" in lines[2]
+    assert lines[2].endswith("| LOSES: hit -0.004 (within the same-build spread 0.0100), "
+                             "p99 1.05x (within the same-build spread 1.099x) |")
+    assert lines[3].endswith("| LOSES: hit -0.004 (beyond the same-build spread 0.0010), "
+                             "p99 1.05x (beyond the same-build spread 1.003x) |")
+    # Without the control the verdict reads as before.
+    assert workload.verdict_table(cells).splitlines()[2].endswith(
+        "| LOSES: hit -0.004, p99 1.05x |")
+
+
 async def test_one_live_cell(tmp_path: Path) -> None:
     regime = dataclasses.replace(workload.REGIMES["light"], name="tiny", concurrency=1,
                                  groups=3, per_group=3, prefix_tokens=120, max_tokens=4)

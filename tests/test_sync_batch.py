@@ -6,7 +6,6 @@ on real sockets sending one frame per window."""
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any

@@ -180,6 +180,24 @@ async def test_a_replica_that_goes_away_has_its_share_expire(
         await held
 
 
+async def test_a_unix_peer_that_starts_later_is_reached_soon(
+    start_backend: Callable[..., Awaitable[FakeBackend]],
+    start_router: Callable[..., Awaitable[RouterHandle]],
+) -> None:
+    # serve --workers starts its workers together: each finds the others' sockets missing
+    # at first. B must not wait out its discovery interval (30 s here) to hear A.
+    backend = await start_backend()
+    port_a, port_b = free_port(), free_port()
+    b = await start_router(raw_config([backend], port_b, port_a, "unix",
+                                      discover_interval_s=30.0))
+    await asyncio.sleep(0.2)  # B has looked for A and not found it
+    assert peers_of(b) == 0
+    a = await start_router(raw_config([backend], port_a, port_b, "unix",
+                                      discover_interval_s=30.0))
+    await wait_for(lambda: peers_of(b) == 1, "B hears A", timeout_s=2.0)
+    assert a.state.metrics.registry.get_sample_value("kvrouter_sync_subscribed_endpoints") == 1
+
+
 async def test_only_peers_may_subscribe(
     start_backend: Callable[..., Awaitable[FakeBackend]],
     start_router: Callable[..., Awaitable[RouterHandle]],

@@ -67,6 +67,7 @@ __all__ = ["SyncMetrics", "SyncService", "build_sync"]
 log = logging.getLogger("kvrouter.sync")
 
 _SEND_HWM = 100_000  # messages queued per subscriber before PUB drops (counted as send drops)
+_RETRY_S = 0.05  # how soon a peer that could not be reached is tried again
 
 
 class SyncMetrics:
@@ -284,11 +285,14 @@ class SyncService:
         finder = PeerFinder(self.config, self._kube)
         own = self.config.endpoint
         while True:
+            unreached = False
             try:
                 found = await finder.find()
                 for endpoint in sorted(found - link.connected() - {own}):
                     if await link.connect(endpoint):
                         log.info("replica sync: subscribed to peer %s", endpoint)
+                    else:
+                        unreached = True
                 for endpoint in sorted(link.connected() - found):
                     link.disconnect(endpoint)
                 if gate is not None:
@@ -296,7 +300,11 @@ class SyncService:
                 self.metrics.subscribed.set(len(link.connected()))
             except Exception:
                 log.exception("replica sync: peer discovery failed")
-            await asyncio.sleep(self.config.discover_interval_s)
+            # A Unix peer not listening yet (a sibling worker still starting) is tried again
+            # soon: until then this replica routes blind to that peer's requests. ZeroMQ
+            # connects never fail; it retries by itself.
+            interval_s = self.config.discover_interval_s
+            await asyncio.sleep(min(interval_s, _RETRY_S) if unreached else interval_s)
 
 
 class _Link(Protocol):

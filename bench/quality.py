@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     report["pooled"] = pool_cells(report["cells"])
     print(markdown_table(report["pooled"]))
     print()
-    print(verdict_table(report["pooled"], control=args.control_name))
+    print(verdict_table(report["pooled"], control=args.control_name,
+                        per_seed=report["cells"]))
     print(f"\n{report['date_utc']} UTC, {report['total_s']} s, load average "
           f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
           f"seeds {args.seeds}{', quick' if args.quick else ''}")

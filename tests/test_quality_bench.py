@@ -120,6 +120,14 @@ def test_the_verdict_labels_gaps_against_the_same_build_run_twice() -> None:
                              "p99 1.05x (within the same-build spread 1.099x) |")
     assert lines[3].endswith("| LOSES: hit -0.004 (beyond the same-build spread 0.0010), "
                              "p99 1.05x (beyond the same-build spread 1.003x) |")
+    # Seed by seed the two identical routers can differ more than pooled: that is shown too.
+    seeds = [dict(c, seed=1) for c in cells[3:5]] + [
+        dict(cell("pressure", "kvrouter:kv_aware", 0.43, 0.30), seed=2),
+        dict(cell("pressure", control, 0.45, 0.33), seed=2)]
+    line = workload.verdict_table(cells, control=control, per_seed=seeds).splitlines()[3]
+    assert line.endswith("| LOSES: hit -0.004 (beyond the same-build spread 0.0010; up to "
+                         "0.0200 in one seed), p99 1.05x (beyond the same-build spread 1.003x; "
+                         "up to 1.100x in one seed) |")
     # Without the control the verdict reads as before.
     assert workload.verdict_table(cells).splitlines()[2].endswith(
         "| LOSES: hit -0.004, p99 1.05x |")

@@ -4,8 +4,9 @@ One Python process routes on one core. With ``--workers N`` the parent process s
 worker processes (``multiprocessing`` spawn: each builds its own app, index and event loop)
 and waits; each worker listens on the same host:port with ``SO_REUSEPORT``, so the kernel
 spreads incoming connections over them, and each is a replica synced with its siblings over
-Unix sockets in a private run directory (``router.sync``, ``policies.replica_sync``): every worker's policy sees the whole
-pod's in-flight work, cold-prefix placement and approximate record.
+Unix sockets in a private run directory (``router.sync``, ``policies.replica_sync``): every
+worker's policy sees the whole pod's in-flight work, cold-prefix placement and approximate
+record.
 
 Metrics, as Prometheus users expect of multi-process servers: a scrape reaches whichever
 worker the kernel picks, and that worker answers for all of them, each sample labelled

@@ -6,9 +6,9 @@ dispatches, finishes and heartbeats (``router.sync.wire``); it connects one SUB 
 every peer's PUB socket as discovery finds them (``router.sync.peers``) and applies what
 arrives to its ``policies.replica_sync.ReplicaSync``. A ``unix://`` bind (``serve
 --workers``) swaps both sockets for ``router.sync.unix``'s link, which the event loop drives
-with no I/O thread; everything else here is the same for both. ``wrap(policy)`` gives the app the
-policy it routes with: the inner policy over the fleet's in-flight view, publishing its own
-lifecycle (``SyncedPolicy``); the proxy does not know.
+with no I/O thread; everything else here is the same for both. ``wrap(policy)`` gives the
+app the policy it routes with: the inner policy over the fleet's in-flight view, publishing
+its own lifecycle (``SyncedPolicy``); the proxy does not know.
 
 Only peers may subscribe: the PUB socket is gated by ZAP like the KV-event sockets
 (``router.kv.auth``), with the peers' IPs (and ``sync.allow_from``); forged lifecycle would

@@ -102,13 +102,14 @@ async def test_an_impossible_frame_length_closes_that_connection(tmp_path: Path)
 
     server = await asyncio.start_unix_server(liar, str(base / "liar.sock"))
     got: list[bytes] = []
-    link = UnixLink(str(base / "own.sock"), got.extend)
+    counted: list[bool] = []
+    link = UnixLink(str(base / "own.sock"), got.extend, on_bad_frame=lambda: counted.append(True))
     try:
         endpoint = f"unix://{base / 'liar.sock'}"
         assert await link.connect(endpoint)
         await wait_for(lambda: link.bad_frames == 1 and not link.connected(),
                        "the connection closed")
-        assert got == []
+        assert got == [] and counted == [True]
         assert await link.connect(endpoint)  # the next discovery round reconnects
     finally:
         await link.close()

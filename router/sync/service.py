@@ -164,12 +164,14 @@ class SyncService:
         self.metrics = SyncMetrics(state.metrics.registry)
         self._sent = self.metrics.messages.labels("sent")
         if is_unix(self.config.endpoint):
-            await self._run_unix()
+            await self._run_unix(self.metrics)
         else:
             await self._run_zmq(self.metrics)
 
-    async def _run_unix(self) -> None:
-        link = UnixLink(unix_path(self.config.endpoint), self._receive)
+    async def _run_unix(self, metrics: SyncMetrics) -> None:
+        # A frame of impossible length is counted with the undecodable ones.
+        link = UnixLink(unix_path(self.config.endpoint), self._receive,
+                        on_bad_frame=metrics.decode_errors.inc)
         await link.start()
         self._send = link.send
         try:

@@ -20,7 +20,8 @@ Frames to one connection arrive whole and in order. A receiver that stops readin
 grow the sender's memory: past ``MAX_BUFFERED_BYTES`` queued for it, frames to it are dropped
 and counted, as a ZeroMQ PUB drops at its high-water mark, and the heartbeats repair the
 ledger. A frame announcing more than ``MAX_FRAME_BYTES`` closes that connection (nothing a
-sibling sends comes near it), which is counted and reconnected on the next discovery round.
+sibling sends comes near it), which is counted (``on_bad_frame``: the service's decode-error
+counter) and reconnected on the next discovery round.
 Must not import ``simulator``.
 """
 
@@ -85,6 +86,8 @@ class _Receiver(asyncio.Protocol):
                 log.warning("replica sync: %s announced a %d-byte frame; reconnecting",
                             self.endpoint, size)
                 self.link.bad_frames += 1
+                if self.link.on_bad_frame is not None:
+                    self.link.on_bad_frame()
                 assert self._transport is not None
                 self._transport.abort()
                 buffer.clear()
@@ -125,9 +128,11 @@ class UnixLink:
     to siblings' paths to read theirs, handing each batch of whole frames to ``on_frames``."""
 
     def __init__(self, path: str, on_frames: Callable[[list[bytes]], None],
-                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+                 on_bad_frame: Callable[[], None] | None = None) -> None:
         self.path = path
         self.on_frames = on_frames
+        self.on_bad_frame = on_bad_frame  # e.g. a metric: a connection closed for a bad length
         self.max_buffered_bytes = max_buffered_bytes
         self._server: asyncio.AbstractServer | None = None
         self._senders: set[_Sender] = set()

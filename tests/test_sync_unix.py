@@ -7,8 +7,10 @@ file is taken over and a live one is not."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,22 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 
         await asyncio.sleep(0.005)
 
 
-def short_dir(tmp_path: Path) -> Path:
-    # A Unix socket path is limited to ~107 bytes; pytest's tmp_path can be longer.
-    return tmp_path if len(str(tmp_path)) < 80 else Path("/tmp")
+@pytest.fixture
+def sock_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for the test's sockets. A Unix socket path is limited to ~107 bytes and
+    pytest's tmp_path can be longer: then a fresh short directory stands in."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    short = Path(tempfile.mkdtemp(prefix="kvr-", dir="/tmp"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
-async def test_frames_reach_a_connected_sibling_whole_and_in_order(tmp_path: Path) -> None:
-    base = short_dir(tmp_path)
+async def test_frames_reach_a_connected_sibling_whole_and_in_order(sock_dir: Path) -> None:
+    base = sock_dir
     got: list[bytes] = []
     a = UnixLink(str(base / "a.sock"), lambda frames: None)
     b = UnixLink(str(base / "b.sock"), got.extend)
@@ -53,8 +64,8 @@ async def test_frames_reach_a_connected_sibling_whole_and_in_order(tmp_path: Pat
     assert not (base / "a.sock").exists()
 
 
-async def test_a_stream_split_anywhere_still_yields_whole_frames(tmp_path: Path) -> None:
-    base = short_dir(tmp_path)
+async def test_a_stream_split_anywhere_still_yields_whole_frames(sock_dir: Path) -> None:
+    base = sock_dir
     frames = [b"first", b"", b"third frame"]
     wire = b"".join(len(f).to_bytes(4, "big") + f for f in frames)
 
@@ -84,8 +95,8 @@ async def test_a_stream_split_anywhere_still_yields_whole_frames(tmp_path: Path)
         server.close()
 
 
-async def test_an_impossible_frame_length_closes_that_connection(tmp_path: Path) -> None:
-    base = short_dir(tmp_path)
+async def test_an_impossible_frame_length_closes_that_connection(sock_dir: Path) -> None:
+    base = sock_dir
 
     closed: list[bool] = []
 
@@ -118,9 +129,9 @@ async def test_an_impossible_frame_length_closes_that_connection(tmp_path: Path)
 
 
 async def test_a_receiver_that_stops_reading_misses_frames_instead_of_growing_memory(
-    tmp_path: Path,
+    sock_dir: Path,
 ) -> None:
-    base = short_dir(tmp_path)
+    base = sock_dir
     link = UnixLink(str(base / "a.sock"), lambda frames: None, max_buffered_bytes=1 << 20)
     await link.start()
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connects, never reads
@@ -140,8 +151,8 @@ async def test_a_receiver_that_stops_reading_misses_frames_instead_of_growing_me
         await link.close()
 
 
-async def test_connect_to_nothing_is_false_and_retried_later(tmp_path: Path) -> None:
-    base = short_dir(tmp_path)
+async def test_connect_to_nothing_is_false_and_retried_later(sock_dir: Path) -> None:
+    base = sock_dir
     got: list[bytes] = []
     b = UnixLink(str(base / "b.sock"), got.extend)
     endpoint = f"unix://{base / 'a.sock'}"
@@ -161,8 +172,8 @@ async def test_connect_to_nothing_is_false_and_retried_later(tmp_path: Path) -> 
         await b.close()
 
 
-async def test_a_stale_socket_file_is_taken_over_and_a_live_one_is_not(tmp_path: Path) -> None:
-    base = short_dir(tmp_path)
+async def test_a_stale_socket_file_is_taken_over_and_a_live_one_is_not(sock_dir: Path) -> None:
+    base = sock_dir
     path = base / "a.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # a file left by a killed replica: bound, nobody listening

@@ -148,9 +148,15 @@ async def _unix_transport_s(frames: list[bytes]) -> float:
 def run_once(requests: list[RouteRequest]) -> dict[str, float]:
     n = len(requests)
     plain = _route(create({}, random.Random(0)), requests)
-    outbox: list[Message] = []
+    # Timed with the messages dropped as soon as they are built: a live worker encodes and
+    # lets go of them every flush window, and an outbox holding a whole run's messages
+    # charged the collector's growing scans to stamping (5.7 us against 1.3 us).
     inner = create({}, random.Random(0))
-    synced = _route(SyncedPolicy(inner, ReplicaSync("a", inner), outbox.append), requests)
+    synced = _route(SyncedPolicy(inner, ReplicaSync("a", inner), lambda message: None),
+                    requests)
+    outbox: list[Message] = []  # the same messages again, untimed, for the pieces below
+    inner = create({}, random.Random(0))
+    _route(SyncedPolicy(inner, ReplicaSync("a", inner), outbox.append), requests)
     start = time.perf_counter()
     frames = [encode_batch(outbox[j:j + WINDOW], monotonic_now_s=1.0, unix_now_s=1000.0,
                            prompt_text=False) for j in range(0, len(outbox), WINDOW)]

@@ -71,6 +71,7 @@ class _Receiver(asyncio.Protocol):
         self.endpoint = endpoint
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -102,6 +103,7 @@ class _Receiver(asyncio.Protocol):
             self.link.on_frames(frames)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.link._lost(self.endpoint, self)
 
 
@@ -177,6 +179,8 @@ class UnixLink:
             await loop.create_unix_connection(lambda: receiver, unix_path(endpoint))
         except OSError as exc:
             log.debug("replica sync: %s not reachable yet: %s", endpoint, exc)
+            return False
+        if receiver.lost:  # closed again before this coroutine resumed: not connected
             return False
         self._receivers[endpoint] = receiver
         return True

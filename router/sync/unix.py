@@ -108,7 +108,8 @@ class _Receiver(asyncio.Protocol):
 
 
 class _Sender(asyncio.Protocol):
-    """A sibling connected to this replica's socket: it only ever reads from us."""
+    """A sibling connected to this replica's socket: it only ever reads from us (anything it
+    sends is dropped by ``asyncio.Protocol``'s own ``data_received``)."""
 
     def __init__(self, link: UnixLink) -> None:
         self.link = link
@@ -117,9 +118,6 @@ class _Sender(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.link._senders.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        pass  # siblings send nothing this way; ignore rather than buffer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.link._senders.discard(self)

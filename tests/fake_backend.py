@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,3 +157,14 @@ async def wait_until_ok(session: Any, url: str, proc: Any = None, timeout_s: flo
         except aiohttp.ClientError:
             pass
         await asyncio.sleep(every_s)
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``predicate`` on the running loop until it holds; fail naming ``what`` after
+    ``timeout_s`` (generous: it only bounds how long a failing test takes to say so)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)

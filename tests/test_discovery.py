@@ -5,14 +5,13 @@ its index entries are purged)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from fake_backend import FakeBackend, RouterHandle
+from fake_backend import FakeBackend, RouterHandle, wait_for
 from fake_kube import FakeKube, make_pod
 from prometheus_client import CollectorRegistry
 
@@ -182,13 +181,6 @@ def test_pool_sink_applies_changes_tells_event_sources_and_spares_static_backend
     assert static is not None and static.role is Role.MIXED
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_router_serves_discovered_pods_and_drains_one_that_leaves(

@@ -4,7 +4,7 @@ small DNS server on 127.0.0.1 speaking the real wire format (dnspython builds th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import dns.message
@@ -12,6 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from fake_backend import wait_for
 from prometheus_client import CollectorRegistry
 
 from router.discovery.backend_set import BackendSet, DiscoveredBackend, DiscoveryMetrics
@@ -87,13 +88,6 @@ def count(registry: CollectorRegistry, kind: str) -> float:
     return registry.get_sample_value("kvrouter_discovery_events_total", {"kind": kind}) or 0
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_records_of_localhost_through_the_loop_resolver() -> None:

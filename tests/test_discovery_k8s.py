@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from fake_backend import wait_for
 from fake_kube import FakeKube, make_pod
 from prometheus_client import CollectorRegistry
 
@@ -56,13 +57,6 @@ class RecordingSink:
         self.log.append(("removed", backend_id))
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Harness:

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from fake_backend import RouterHandle
+from fake_backend import RouterHandle, wait_for
 from fake_kube import FakeKube, make_pod
 
 from policies.kv.hashing import BlockHasher, Namespace
@@ -62,13 +62,6 @@ class TokenIdAnalyzer:
         )
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Replica:

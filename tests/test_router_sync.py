@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import zmq
 import zmq.asyncio
-from fake_backend import FakeBackend, RouterHandle
+from fake_backend import FakeBackend, RouterHandle, wait_for
 
 from router.config import ConfigError, parse_config
 
@@ -48,12 +48,6 @@ def raw_config(backends: list[FakeBackend], own: int, peer: int, transport: str 
     }
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def peers_of(handle: RouterHandle) -> int:

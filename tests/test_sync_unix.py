@@ -10,20 +10,13 @@ import asyncio
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_backend import wait_for
 
 from router.sync.unix import MAX_FRAME_BYTES, UnixLink
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

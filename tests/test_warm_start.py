@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from fake_backend import RouterHandle
+from fake_backend import RouterHandle, wait_for
 
 from router.config import parse_config
 from router.setup.kv import KvPlumbing, build_kv
@@ -46,12 +46,6 @@ def prompt(name: str, words: int = 120) -> str:
     return f"{name}: " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def router_config(backend_urls: list[str], **warm: Any) -> dict[str, Any]:

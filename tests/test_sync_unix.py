@@ -111,7 +111,7 @@ async def test_an_impossible_frame_length_closes_that_connection(sock_dir: Path)
     try:
         endpoint = f"unix://{base / 'liar.sock'}"
         assert await link.connect(endpoint)
-        await wait_for(lambda: link.bad_frames == 1 and not link.connected(),
+        await wait_for(lambda: counted == [True] and not link.connected(),
                        "the connection closed")
         assert got == [] and counted == [True]
         assert await link.connect(endpoint)  # the next discovery round reconnects

@@ -86,7 +86,6 @@ class _Receiver(asyncio.Protocol):
             if size > MAX_FRAME_BYTES:
                 log.warning("replica sync: %s announced a %d-byte frame; reconnecting",
                             self.endpoint, size)
-                self.link.bad_frames += 1
                 if self.link.on_bad_frame is not None:
                     self.link.on_bad_frame()
                 assert self._transport is not None
@@ -137,7 +136,6 @@ class UnixLink:
         self._server: asyncio.AbstractServer | None = None
         self._senders: set[_Sender] = set()
         self._receivers: dict[str, _Receiver] = {}
-        self.bad_frames = 0  # connections closed for an impossible frame length
 
     async def start(self) -> None:
         if _listening(self.path):

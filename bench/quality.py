@@ -31,6 +31,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -61,6 +62,7 @@ from quality_workload import (
     build_workload,
     imbalance,
     markdown_table,
+    misses_table,
     percentile,
     pool_cells,
     verdict_table,
@@ -100,6 +102,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                     *events, rest = pending.split(b"\n\n")
                     if any(_has_content(e) for e in events):
                         out["ttft_s"] = time.monotonic() - start
+                        if trace:
+                            out["pod"] = _pod_of(events)
                         pending = pending[-keep:]
                     else:
                         pending = rest
@@ -131,6 +135,21 @@ def _usage(tail: bytes) -> dict[str, int | None]:
             return {"prompt_tokens": usage.get("prompt_tokens"),
                     "cached_tokens": details.get("cached_tokens")}
     return {"prompt_tokens": None, "cached_tokens": None}
+
+
+# The emulator's completion ids are ``chatcmpl-POD-N`` / ``cmpl-POD-N`` (its engine request ids):
+# every router relays the body as it is, so the pod that served a request is known for peers too.
+_POD_ID = re.compile(rb'"id":\s*"(?:chat)?cmpl-(\d+)-\d+"')
+
+
+def _pod_of(events: list[bytes]) -> str | None:
+    """The emulated pod that answered, from the first event's completion id (None: not an
+    emulator's id, e.g. a real vLLM's random one)."""
+    for event in events:
+        match = _POD_ID.search(event)
+        if match:
+            return f"pod {int(match.group(1))}"
+    return None
 
 
 def _has_content(event: bytes) -> bool:
@@ -280,12 +299,14 @@ async def run_cell(regime: Regime, router_name: str, items: list[Item], args: ar
 
 def _trace_rows(results: list[dict[str, Any]], run_start: float) -> list[dict[str, Any]]:
     """``--trace``: one row per answered request in the order it was sent: when (s after the
-    run began), its group, TTFT, the pod's prompt and cached tokens and, through kvrouter,
-    the backend it chose and the hit tokens it predicted."""
+    run began), its group, TTFT, the pod that answered (from the emulator's completion id,
+    whatever the router), the pod's prompt and cached tokens and, through kvrouter, the
+    backend it chose and the hit tokens it predicted."""
     rows = []
     for r in sorted((r for r in results if r["ok"]), key=lambda r: r["start_s"]):
         rows.append({"start_s": round(r["start_s"] - run_start, 4), "group": r["group"],
-                     "ttft_s": round(r["ttft_s"], 4), "backend": r.get("backend"),
+                     "ttft_s": round(r["ttft_s"], 4), "pod": r.get("pod"),
+                     "backend": r.get("backend"),
                      "predicted_hit_tokens": r.get("predicted_hit_tokens"),
                      "prompt_tokens": r.get("prompt_tokens"),
                      "cached_tokens": r.get("cached_tokens")})
@@ -433,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(verdict_table(report["pooled"], control=args.control_name,
                         per_seed=report["cells"]))
+    misses = misses_table(report["cells"]) if args.trace else ""
+    if misses:
+        print("\nWhere the misses came from (requests; bench/quality_workload.py miss_kinds):")
+        print(misses)
     print(f"\n{report['date_utc']} UTC, {report['total_s']} s, load average "
           f"{report['load_average_start'][0]:.1f} -> {report['load_average_end'][0]:.1f}, "
           f"seeds {args.seeds}{', quick' if args.quick else ''}")

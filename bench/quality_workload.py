@@ -24,6 +24,8 @@ __all__ = [
     "Regime",
     "build_workload",
     "markdown_table",
+    "miss_kinds",
+    "misses_table",
     "percentile",
     "pool_cells",
     "verdict_table",
@@ -381,3 +383,84 @@ def pool_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "preemptions": sum(c["preemptions"] for c in done),
         })
     return out
+
+
+# -- where a traced router's misses came from (--trace) ------------------------------------------
+
+HIT_SHARE = 0.5  # a request hit when its pod had at least this share of its prompt cached
+MISS_KINDS = ("first", "moved while computing", "moved", "evicted")
+
+
+def miss_kinds(trace: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Why the requests of one traced cell missed, from the pods' cached tokens and the pod
+    that answered each (``_pod``; None when some request's pod is unknown). In the order
+    sent, a request that missed is:
+
+    - ``first``: the first of its group; no router can hit it;
+    - ``moved while computing``: sent to a pod that never had its group while an earlier
+      request of the group was still short of its first token elsewhere (waiting there would
+      have hit; a router that sends it elsewhere trades the hit for not queueing behind that
+      prefill, as kv_aware does away from a slow pod);
+    - ``moved``: sent to a pod that never had its group, the group's earlier requests done:
+      a copy if their pod still held the prefix, a new home if it had evicted it;
+    - ``evicted``: sent to a pod that had its group before, which no longer held it.
+
+    Also counted: ``hits``, and ``stale``, misses the router predicted as hits (its index
+    still listed a prefix the pod had evicted). A group is the request's ``group`` (for
+    agentic sessions, the agent kind, whose first turns share a system prompt and tools)."""
+    found = [_pod(row) for row in trace]
+    pods_of = [pod for pod in found if pod is not None]
+    if not trace or len(pods_of) < len(found):
+        return None
+    counts = dict.fromkeys(("hits", *MISS_KINDS, "stale"), 0)
+    pods: dict[str, set[str]] = {}  # group -> pods sent it so far
+    first_tokens: dict[str, list[float]] = {}  # group -> first-token times so far
+    for row, pod in sorted(zip(trace, pods_of, strict=True), key=lambda rp: rp[0]["start_s"]):
+        group, start = row["group"], row["start_s"]
+        prompt = row.get("prompt_tokens") or 0
+        cached = row.get("cached_tokens") or 0
+        seen = pods.setdefault(group, set())
+        if prompt and cached >= HIT_SHARE * prompt:
+            counts["hits"] += 1
+        elif not seen:
+            counts["first"] += 1
+        elif pod in seen:
+            counts["evicted"] += 1
+        elif any(t > start for t in first_tokens.get(group, ())):
+            counts["moved while computing"] += 1
+        else:
+            counts["moved"] += 1
+        if prompt and cached < HIT_SHARE * prompt <= (row.get("predicted_hit_tokens") or 0):
+            counts["stale"] += 1
+        seen.add(pod)
+        first_tokens.setdefault(group, []).append(start + row["ttft_s"])
+    return counts
+
+
+def _pod(row: dict[str, Any]) -> str | None:
+    """The pod that answered: from the emulator's completion id (any router), else the
+    backend kvrouter reported choosing."""
+    pod = row.get("pod") or row.get("backend")
+    return None if pod is None else str(pod)
+
+
+def misses_table(cells: list[dict[str, Any]]) -> str:
+    """``miss_kinds`` per (regime, router), summed over seeds; cells whose pods are unknown
+    (traced before pods were recorded, or not emulated) are left out."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    for cell in cells:
+        kinds = miss_kinds(cell.get("trace") or [])
+        if kinds is None:
+            continue
+        total = totals.setdefault((cell["regime"], cell["router"]), dict.fromkeys(kinds, 0))
+        for kind, n in kinds.items():
+            total[kind] += n
+    if not totals:
+        return ""
+    lines = ["| regime | router | hits | " + " | ".join(MISS_KINDS)
+             + " | predicted hits that missed |",
+             "|---|---|" + "---:|" * (len(MISS_KINDS) + 2)]
+    for (regime, router), k in totals.items():
+        lines.append(f"| {regime} | {router} | {k['hits']} | "
+                     + " | ".join(str(k[kind]) for kind in MISS_KINDS) + f" | {k['stale']} |")
+    return "\n".join(lines)

@@ -45,7 +45,8 @@ STATES = tuple(BackendState(f"http://pod-{i}", kv_usage_ratio=0.5, total_kv_bloc
 
 
 def _requests(n: int, blocks: int) -> list[RouteRequest]:
-    chain = tuple(random.Random(1).getrandbits(63) for _ in range(blocks))
+    rng = random.Random(1)
+    chain = tuple(rng.getrandbits(63) for _ in range(blocks))
     return [RouteRequest(request_id=f"r{i}", model="m", prompt_tokens=blocks * 16 + 6,
                          block_hashes=chain, max_tokens=16, tokens_exact=True)
             for i in range(n)]

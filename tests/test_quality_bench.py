@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -151,6 +152,54 @@ async def test_one_live_cell(tmp_path: Path) -> None:
     trace = cell["trace"]
     assert len(trace) == 9 and all(r["backend"] and r["prompt_tokens"] for r in trace)
     assert sum(r["cached_tokens"] for r in trace) == sum(p["hits"] for p in cell["per_pod"])
+    # The pod that answered, from the emulator's completion id: the same one-to-one map as
+    # the backend kvrouter reports, and round_robin at concurrency 1 alternates the two.
+    assert {(r["backend"], r["pod"]) for r in trace} == {
+        (trace[0]["backend"], trace[0]["pod"]), (trace[1]["backend"], trace[1]["pod"])}
+    assert {r["pod"] for r in trace} == {"pod 0", "pod 1"}
+    assert all(a["pod"] != b["pod"] for a, b in itertools.pairwise(trace))
+    kinds = workload.miss_kinds(trace)
+    assert kinds is not None and kinds["first"] == 3 and sum(kinds.values()) - kinds[
+        "stale"] == 9
+
+
+def test_misses_are_sorted_by_why_they_missed() -> None:
+    def row(start: float, group: str, pod: str, cached: int, ttft: float = 0.05,
+            predicted: int | None = None) -> dict[str, object]:
+        return {"start_s": start, "group": group, "pod": pod, "ttft_s": ttft,
+                "prompt_tokens": 100, "cached_tokens": cached, "predicted_hit_tokens": predicted}
+
+    trace = [
+        row(0.00, "a", "pod 0", 0, ttft=0.50),  # first of a
+        row(0.10, "a", "pod 1", 0),  # a's first still computing on pod 0: moved while computing
+        row(0.20, "b", "pod 2", 0),  # first of b
+        row(0.70, "a", "pod 0", 90),  # a hit
+        row(0.80, "b", "pod 3", 0),  # b done on pod 2, sent to pod 3: moved
+        row(0.90, "b", "pod 2", 10, predicted=96),  # back on pod 2, which evicted it: evicted,
+    ]  # and the router predicted a hit there (stale)
+    assert workload.miss_kinds(trace) == {"hits": 1, "first": 2, "moved while computing": 1,
+                                          "moved": 1, "evicted": 1, "stale": 1}
+    # Given out of order, the same (rows are taken in the order sent).
+    assert workload.miss_kinds(trace[::-1]) == workload.miss_kinds(trace)
+    # kvrouter's reported backend stands in where no pod was recorded; a row with neither
+    # makes the cell unknown.
+    assert workload.miss_kinds([{**r, "pod": None, "backend": r["pod"]} for r in trace]) == (
+        workload.miss_kinds(trace))
+    assert workload.miss_kinds([*trace, {**trace[0], "pod": None}]) is None
+    table = workload.misses_table([
+        {"regime": "pressure", "router": "x", "seed": 1, "trace": trace},
+        {"regime": "pressure", "router": "x", "seed": 2, "trace": trace},
+        {"regime": "pressure", "router": "untraced", "seed": 1}])
+    assert table.splitlines()[2] == "| pressure | x | 2 | 4 | 2 | 2 | 2 | 2 |"
+    assert len(table.splitlines()) == 3
+
+
+def test_the_pod_is_read_from_the_emulators_completion_id() -> None:
+    assert quality._pod_of([b'data: {"id":"chatcmpl-3-17","object":"chat.completion.chunk"}']) == (
+        "pod 3")
+    assert quality._pod_of([b"data: {\"id\": \"cmpl-0-1\"}"]) == "pod 0"
+    # A real vLLM's ids are random hex: no pod, rather than a wrong one.
+    assert quality._pod_of([b'data: {"id":"chatcmpl-9f2c4e1a7b","choices":[]}']) is None
 
 
 def test_seeds_pool_into_one_row_per_regime_and_router() -> None:

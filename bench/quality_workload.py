@@ -313,7 +313,9 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
                 seeds = [abs(a["hit_rate"] - b["hit_rate"])
                          for a, b in _seed_pairs(per_seed, regime, subject, control)]
                 fails[-1] += _against(-gap, abs((mine["hit_rate"] or 0.0) - twin["hit_rate"]),
-                                      max(seeds, default=None), "{:.4f}")
+                                      max(seeds, default=None), "{:.4f}",
+                                      _seed_wins(per_seed, regime, subject, control,
+                                                 "hit_rate", "no lower"))
         if mine["errors"] or mine["ttft_p99_s"] is None or mine["ttft_p99_s"] > p99["ttft_p99_s"]:
             ratio = (mine["ttft_p99_s"] or float("inf")) / p99["ttft_p99_s"]
             fails.append(f"p99 {ratio:.2f}x")
@@ -321,7 +323,9 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
                 seeds = [_ratio(a["ttft_p99_s"], b["ttft_p99_s"])
                          for a, b in _seed_pairs(per_seed, regime, subject, control)]
                 fails[-1] += _against(ratio, _ratio(mine["ttft_p99_s"], twin["ttft_p99_s"]),
-                                      max(seeds, default=None), "{:.3f}x")
+                                      max(seeds, default=None), "{:.3f}x",
+                                      _seed_wins(per_seed, regime, subject, control,
+                                                 "ttft_p99_s", "no higher"))
         lines.append(
             f"| {regime} | {_fmt(mine['hit_rate'], '.3f')} | {hit['hit_rate']:.3f} "
             f"({hit['router']}) | {_fmt(mine['ttft_p99_s'], '.3f')} | {p99['ttft_p99_s']:.3f} "
@@ -330,11 +334,41 @@ def verdict_table(results: list[dict[str, Any]], subject: str = "kvrouter:kv_awa
     return "\n".join(lines)
 
 
-def _against(gap: float, spread: float, seed_spread: float | None, spec: str) -> str:
+def _against(gap: float, spread: float, seed_spread: float | None, spec: str,
+             wins: str = "") -> str:
     """A gap labelled against the same build's own gap between two runs of it."""
     side = "within" if gap <= spread else "beyond"
     seeds = "" if seed_spread is None else f"; up to {spec.format(seed_spread)} in one seed"
-    return f" ({side} the same-build spread {spec.format(spread)}{seeds})"
+    return f" ({side} the same-build spread {spec.format(spread)}{seeds}{wins})"
+
+
+def _seed_wins(cells: list[dict[str, Any]] | None, regime: str, subject: str,
+               control: str | None, key: str, word: str) -> str:
+    """Seed by seed, how often the subject and the control each met the best peer of that
+    seed on ``key`` (a hit rate no lower, a p99 no higher): two identical routers that meet
+    it in about as many seeds say the pooled gap is a draw, one that meets it in none says
+    it is not."""
+    if not cells or control is None:
+        return ""
+    lower_is_better = key == "ttft_p99_s"
+    seeds: dict[Any, dict[str, dict[str, Any]]] = {}
+    for c in cells:
+        if c["regime"] == regime and not c.get("skipped") and c.get(key) is not None:
+            seeds.setdefault(c.get("seed"), {})[c["router"]] = c
+    met = {subject: 0, control: 0}
+    counted = 0
+    for by_router in seeds.values():
+        peers = [c for r, c in by_router.items() if not r.startswith("kvrouter")]
+        best = _best(peers, key, lowest=lower_is_better)
+        if best is None or subject not in by_router or control not in by_router:
+            continue
+        counted += 1
+        for router in met:
+            value = by_router[router][key]
+            met[router] += value <= best[key] if lower_is_better else value >= best[key]
+    if not counted:
+        return ""
+    return f"; {word} in {met[subject]} of {counted} seeds, the control in {met[control]}"
 
 
 def _ratio(a: float, b: float) -> float:

@@ -129,6 +129,15 @@ def test_the_verdict_labels_gaps_against_the_same_build_run_twice() -> None:
     assert line.endswith("| LOSES: hit -0.004 (beyond the same-build spread 0.0010; up to "
                          "0.0200 in one seed), p99 1.05x (beyond the same-build spread 1.003x; "
                          "up to 1.100x in one seed) |")
+    # With the peers' cells per seed too, how often each of the two met that seed's best
+    # peer: both met its hit rate in seed 2 only; its p99 the subject met in seed 2 and the
+    # control in neither.
+    peer_seeds = [dict(cell("pressure", "sglang-router:cache_aware", 0.444, 0.300), seed=1),
+                  dict(cell("pressure", "sglang-router:cache_aware", 0.42, 0.32), seed=2)]
+    line = workload.verdict_table(cells, control=control,
+                                  per_seed=seeds + peer_seeds).splitlines()[3]
+    assert "up to 0.0200 in one seed; no lower in 1 of 2 seeds, the control in 1)" in line
+    assert "up to 1.100x in one seed; no higher in 1 of 2 seeds, the control in 0)" in line
     # Without the control the verdict reads as before.
     assert workload.verdict_table(cells).splitlines()[2].endswith(
         "| LOSES: hit -0.004, p99 1.05x |")

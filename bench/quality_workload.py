@@ -427,7 +427,7 @@ MISS_KINDS = ("first", "moved while computing", "moved", "evicted")
 
 def miss_kinds(trace: list[dict[str, Any]]) -> dict[str, int] | None:
     """Why the requests of one traced cell missed, from the pods' cached tokens and the pod
-    that answered each (``_pod``; None when some request's pod is unknown). In the order
+    that answered each (``_pods``; None when some request's pod is unknown). In the order
     sent, a request that missed is:
 
     - ``first``: the first of its group; no router can hit it;
@@ -442,9 +442,8 @@ def miss_kinds(trace: list[dict[str, Any]]) -> dict[str, int] | None:
     Also counted: ``hits``, and ``stale``, misses the router predicted as hits (its index
     still listed a prefix the pod had evicted). A group is the request's ``group`` (for
     agentic sessions, the agent kind, whose first turns share a system prompt and tools)."""
-    found = [_pod(row) for row in trace]
-    pods_of = [pod for pod in found if pod is not None]
-    if not trace or len(pods_of) < len(found):
+    pods_of = _pods(trace)
+    if pods_of is None:
         return None
     counts = dict.fromkeys(("hits", *MISS_KINDS, "stale"), 0)
     pods: dict[str, set[str]] = {}  # group -> pods sent it so far
@@ -471,11 +470,15 @@ def miss_kinds(trace: list[dict[str, Any]]) -> dict[str, int] | None:
     return counts
 
 
-def _pod(row: dict[str, Any]) -> str | None:
-    """The pod that answered: from the emulator's completion id (any router), else the
-    backend kvrouter reported choosing."""
-    pod = row.get("pod") or row.get("backend")
-    return None if pod is None else str(pod)
+def _pods(trace: list[dict[str, Any]]) -> list[str] | None:
+    """The pod that answered each row: from the emulator's completion ids (any router), else
+    the backends kvrouter reported choosing; one source for the whole cell, so that the two
+    names of one pod never count as two pods. None: some row has neither."""
+    for key in ("pod", "backend"):
+        names = [row.get(key) for row in trace]
+        if trace and all(names):
+            return [str(name) for name in names]
+    return None
 
 
 def misses_table(cells: list[dict[str, Any]]) -> str:

@@ -72,6 +72,10 @@ __all__ = ["EventSink", "KvEventIngestor", "StoredObserver"]
 log = logging.getLogger("kvrouter.kv_events")
 
 _DRAIN_FRAMES = 64  # live frames applied per loop turn; the rest wait for the next turn
+# A plain int: ``events & zmq.POLLIN`` goes through Python's ``Flag.__and__`` and builds an
+# enum member, 0.57 us against 0.03 us, once per frame read (0.7% of kv_aware's CPU in a
+# streamed quality cell).
+_POLLIN = int(zmq.POLLIN)
 _SAFETY_DRAIN_S = 1.0  # every socket is drained this often too (a missed edge)
 
 
@@ -295,7 +299,7 @@ class KvEventIngestor:
         the next loop turn (an engine's backlog must not stall requests)."""
         for _ in range(_DRAIN_FRAMES):
             try:
-                if sock.closed or not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+                if sock.closed or not cast(int, sock.get(zmq.EVENTS)) & _POLLIN:
                     return
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

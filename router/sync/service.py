@@ -67,6 +67,7 @@ __all__ = ["SyncMetrics", "SyncService", "build_sync"]
 log = logging.getLogger("kvrouter.sync")
 
 _SEND_HWM = 100_000  # messages queued per subscriber before PUB drops (counted as send drops)
+_POLLIN = int(zmq.POLLIN)  # a plain int: ``& zmq.POLLIN`` builds an enum member (router.kv.events)
 _RETRY_S = 0.05  # how soon a peer that could not be reached is tried again
 
 
@@ -222,7 +223,7 @@ class SyncService:
             return
         for _ in range(limit):
             try:
-                if not cast(int, sub.get(zmq.EVENTS)) & zmq.POLLIN:
+                if not cast(int, sub.get(zmq.EVENTS)) & _POLLIN:
                     return
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -348,16 +348,12 @@ def _seed_wins(cells: list[dict[str, Any]] | None, regime: str, subject: str,
     seed on ``key`` (a hit rate no lower, a p99 no higher): two identical routers that meet
     it in about as many seeds say the pooled gap is a draw, one that meets it in none says
     it is not."""
-    if not cells or control is None:
+    if control is None:
         return ""
     lower_is_better = key == "ttft_p99_s"
-    seeds: dict[Any, dict[str, dict[str, Any]]] = {}
-    for c in cells:
-        if c["regime"] == regime and not c.get("skipped") and c.get(key) is not None:
-            seeds.setdefault(c.get("seed"), {})[c["router"]] = c
     met = {subject: 0, control: 0}
     counted = 0
-    for by_router in seeds.values():
+    for by_router in _by_seed(cells, regime).values():
         peers = [c for r, c in by_router.items() if not r.startswith("kvrouter")]
         best = _best(peers, key, lowest=lower_is_better)
         if best is None or subject not in by_router or control not in by_router:
@@ -378,13 +374,19 @@ def _ratio(a: float, b: float) -> float:
 def _seed_pairs(cells: list[dict[str, Any]] | None, regime: str, subject: str,
                 control: str | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """The subject's and the control's cells of ``regime``, seed by seed."""
-    if not cells or control is None:
-        return []
-    done = [c for c in cells if c["regime"] == regime and not c.get("skipped")
-            and c.get("hit_rate") is not None and c.get("ttft_p99_s")]
-    mine = {c.get("seed"): c for c in done if c["router"] == subject}
-    twin = {c.get("seed"): c for c in done if c["router"] == control}
-    return [(mine[seed], twin[seed]) for seed in mine if seed in twin]
+    return [(by_router[subject], by_router[control])
+            for by_router in _by_seed(cells, regime).values()
+            if subject in by_router and control in by_router]
+
+
+def _by_seed(cells: list[dict[str, Any]] | None, regime: str) -> dict[Any, dict[str, dict[str, Any]]]:
+    """The measured cells of ``regime`` (a hit rate and a p99), by seed, then by router."""
+    seeds: dict[Any, dict[str, dict[str, Any]]] = {}
+    for c in cells or ():
+        if (c["regime"] == regime and not c.get("skipped") and c.get("hit_rate") is not None
+                and c.get("ttft_p99_s")):
+            seeds.setdefault(c.get("seed"), {})[c["router"]] = c
+    return seeds
 
 
 def pool_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -329,11 +329,13 @@ class RouterGroup:
     """``kvrouterxR:POLICY`` (replica sync on) or ``kvrouterxR-nosync:POLICY``: R kvrouter
     processes in front of the same pods, each a replica synced with the others over
     127.0.0.1 (static peers; batch frames, as ``serve --workers`` sends them); the client
-    alternates requests between them (docs/scale-out.md)."""
+    alternates requests between them (docs/scale-out.md). ``kvrouterxR@PATH:POLICY`` runs
+    the checkout at PATH, as ``kvrouter@PATH:POLICY`` does."""
 
     def __init__(self, name: str, log: Path, seed: int,
                  cpus: frozenset[int] | None = None) -> None:
         kind, _, policy = name.partition(":")
+        kind, at, tree = kind.partition("@")
         count, _, flag = kind.removeprefix("kvrouterx").partition("-")
         self.name = name
         self.count = int(count)
@@ -346,7 +348,8 @@ class RouterGroup:
                         "peers": [f"tcp://127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
                         "allow_from": ["127.0.0.1"], "send_prompt_text": policy != "kv_aware",
                         "batch_frames": True}  # one version: every replica reads batches
-            self.routers.append(Router(f"kvrouter:{policy}", log.with_name(f"{log.stem}-r{i}.log"),
+            self.routers.append(Router(f"kvrouter{at}{tree}:{policy}",
+                                       log.with_name(f"{log.stem}-r{i}.log"),
                                        seed * 100 + i, sync, cpus))
         self.url = ""
         self.urls: list[str] = []

@@ -1,6 +1,7 @@
 """Replica sync's cost per request, piece by piece, in one process: what a synced replica adds
-to kv_aware's own work (stamping its dispatch and finish), encoding them in batch frames,
-a sibling decoding those frames and replaying them into its policy, and the frames' trip
+to kv_aware's own work (counting its dispatches and finishes, asking the policy which
+dispatches to share, and building one state a window), encoding each window's messages as a
+batch frame, a sibling decoding those frames and applying them to its policy, and the frames' trip
 through a ZeroMQ PUB/SUB pair over ipc:// driven by the event loop as ``router.sync.service``
 drives it between pods (a non-blocking send; the SUB socket drained when its descriptor
 signals), and through the Unix socket link ``serve --workers`` uses (``router.sync.unix``).
@@ -12,7 +13,9 @@ context switch, which only the live benchmark shows (bench/README.md).
 
 The workload is ``bench/overhead.py``'s hot prompt as kv_aware sees it: one 31-block chain
 (~500 tokens at block size 16), 2 backends, 16 requests in flight, a flush window of 10
-messages (5 requests: ~2 ms at the ~2,500 requests/s a worker carries here). Medians of 5
+window every 5 requests (~2 ms at the ~2,500 requests/s a worker carries here). The hot
+prompt's dispatches are shared once per ``record_refresh_s`` per backend (kv_aware's
+``shares_dispatch``), so a window's frame is nearly always its state alone. Medians of 5
 runs; the machine is shared, so compare rows of one run, not runs.
 """
 
@@ -25,6 +28,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 from kvrouter import native
 
@@ -38,7 +42,7 @@ from policies.types import BackendState, ClusterView, Policy, RouteRequest  # no
 from router.sync.unix import UnixLink  # noqa: E402
 from router.sync.wire import decode_frame, encode_batch  # noqa: E402
 
-WINDOW = 10  # messages per frame
+WINDOW = 5  # requests per flush window
 STATES = tuple(BackendState(f"http://pod-{i}", kv_usage_ratio=0.5, total_kv_blocks=10_000,
                             engine_waiting_requests=1, engine_running_requests=4)
                for i in range(2))
@@ -52,12 +56,14 @@ def _requests(n: int, blocks: int) -> list[RouteRequest]:
             for i in range(n)]
 
 
-def _route(policy: Policy, requests: list[RouteRequest]) -> float:
-    """Seconds to route ``requests`` (defer, choose, on_dispatched; on_finished 16 behind)."""
+def _route(policy: Policy, requests: list[RouteRequest],
+           end_window: Callable[[float], None] = lambda now_s: None) -> float:
+    """Seconds to route ``requests`` (defer, choose, on_dispatched; on_finished 16 behind),
+    ending a flush window every ``WINDOW`` requests."""
     decisions = []
     start = time.perf_counter()
     for i, request in enumerate(requests):
-        now_s = i * 0.0002
+        now_s = i * 0.0004
         view = ClusterView(now_s, STATES)
         policy.defer(request, view)
         decision = policy.choose(request, view)
@@ -65,7 +71,26 @@ def _route(policy: Policy, requests: list[RouteRequest]) -> float:
         decisions.append(decision)
         if i >= 16:
             policy.on_finished(requests[i - 16], decisions[i - 16], now_s, True)
+        if i % WINDOW == WINDOW - 1:
+            end_window(now_s)
     return time.perf_counter() - start
+
+
+def _synced(windows: list[list[Message]] | None) -> tuple[SyncedPolicy, Callable[[float], None]]:
+    """A synced kv_aware, and its window's end: the window's messages, then its state if its
+    own work changed (``router.sync.service``'s flush), kept in ``windows`` when given."""
+    inner = create({}, random.Random(0))
+    sync = ReplicaSync("a", inner)
+    outbox: list[Message] = []
+
+    def end_window(now_s: float) -> None:
+        if sync.changed:
+            outbox.append(sync.state(now_s))
+        if windows is not None and outbox:
+            windows.append(list(outbox))
+        outbox.clear()
+
+    return SyncedPolicy(inner, sync, outbox.append), end_window
 
 
 def _cpu_s() -> float:
@@ -152,15 +177,14 @@ def run_once(requests: list[RouteRequest]) -> dict[str, float]:
     # Timed with the messages dropped as soon as they are built: a live worker encodes and
     # lets go of them every flush window, and an outbox holding a whole run's messages
     # charged the collector's growing scans to stamping (5.7 us against 1.3 us).
-    inner = create({}, random.Random(0))
-    synced = _route(SyncedPolicy(inner, ReplicaSync("a", inner), lambda message: None),
-                    requests)
-    outbox: list[Message] = []  # the same messages again, untimed, for the pieces below
-    inner = create({}, random.Random(0))
-    _route(SyncedPolicy(inner, ReplicaSync("a", inner), outbox.append), requests)
+    policy, end_window = _synced(None)
+    synced = _route(policy, requests, end_window)
+    windows: list[list[Message]] = []  # the same messages again, untimed, for the pieces below
+    policy, end_window = _synced(windows)
+    _route(policy, requests, end_window)
     start = time.perf_counter()
-    frames = [encode_batch(outbox[j:j + WINDOW], monotonic_now_s=1.0, unix_now_s=1000.0,
-                           prompt_text=False) for j in range(0, len(outbox), WINDOW)]
+    frames = [encode_batch(window, monotonic_now_s=1.0, unix_now_s=1000.0, prompt_text=False)
+              for window in windows]
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     decoded = [decode_frame(f, monotonic_now_s=2.0, unix_now_s=1001.0) for f in frames]
@@ -175,10 +199,10 @@ def run_once(requests: list[RouteRequest]) -> dict[str, float]:
     unix_s = asyncio.run(_unix_transport_s(frames))
     us = 1e6 / n
     return {"kv_aware's own routing": plain * us,
-            "stamping its dispatch and finish": (synced - plain) * us,
+            "stamping: counting, sharing, one state a window": (synced - plain) * us,
             "encoding (batch frames)": encode_s * us,
             "decoding at a sibling": decode_s * us,
-            "replaying into the sibling's kv_aware": replay_s * us,
+            "applying them to the sibling's kv_aware": replay_s * us,
             "ZeroMQ PUB -> SUB over ipc://, both sides' CPU": transport_s * us,
             "Unix socket link (serve --workers), both sides' CPU": unix_s * us}
 
@@ -193,7 +217,7 @@ def main() -> None:
     run_once(requests[:500])  # warm-up: first calls, caches, the interpreter's specialisation
     runs = [run_once(requests) for _ in range(args.runs)]
     print(f"replica sync, {'compiled (make native)' if NATIVE else 'from the Python sources'}; "
-          f"{args.blocks}-block prompt, {WINDOW} messages per frame")
+          f"{args.blocks}-block prompt, a window every {WINDOW} requests")
     print(f"| piece | us per request (median of {args.runs}) |")
     print("|---|---:|")
     for name in runs[0]:

@@ -53,6 +53,7 @@ MODULES: tuple[str, ...] = (
     "policies.kv_aware",
     "policies.prefill_cost",
     "policies.kv_commitment",
+    "policies.peer_work",
     "policies.placement",
     "policies.preemption_backoff",
     "policies.replica_sync",

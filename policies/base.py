@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from policies.types import BackendId, ClusterView, Decision, RouteRequest
+from policies.types import BackendId, ClusterView, Decision, RouteRequest, SharedState
 
 __all__ = ["PolicyBase", "backend_speed_factors", "needs_prompt_text"]
 
@@ -36,6 +36,23 @@ class PolicyBase:
         return None
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
+        return None
+
+    # Replica sync (policies.replica_sync). By default every dispatch is shared and a peer's is
+    # replayed as a dispatch: right for a policy whose dispatch record needs no finish (a
+    # round-robin turn, a session's backend, a character tree), and such a policy shares no
+    # state; peers' in-flight counts reach it in the view either way.
+
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        return True
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.on_dispatched(request, decision, now_s)
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        return None
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
         return None
 
 

@@ -74,6 +74,7 @@ from policies.types import (
     Policy,
     Role,
     RouteRequest,
+    SharedState,
 )
 
 __all__ = ["Disaggregated", "DisaggregationParams", "is_disaggregated", "wrap"]
@@ -311,6 +312,18 @@ class Disaggregated(PolicyBase):
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
+
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        return self.inner.shares_dispatch(request, self._for_inner(decision), now_s)
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_peer_dispatched(request, self._for_inner(decision), now_s)
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        return self.inner.shared_state(now_s)
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        self.inner.on_peer_state(origin, state, now_s)
 
 
 def chosen_engine(backends: tuple[BackendState, ...], backend_id: BackendId) -> EngineKind:

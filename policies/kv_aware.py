@@ -319,6 +319,7 @@ from policies.kv.index import PrefixIndex
 from policies.kv.refresh import RecordRefresh
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
+from policies.peer_work import PeerWork, export
 from policies.placement import PlacementMemory
 from policies.preemption_backoff import PreemptionBackoff
 from policies.prefill_cost import BackendSpeed, PendingPrefill, PrefillCost
@@ -333,6 +334,7 @@ from policies.types import (
     Prediction,
     Role,
     RouteRequest,
+    SharedState,
     value_type,
 )
 
@@ -557,6 +559,9 @@ class KvAware(PolicyBase):
         # TTFT at the cost model's speed) until the first token or the finish retires it
         self._forecasts: dict[str, tuple[BackendId, int, float, float]] = {}
         self._committed = KvCommitment(params.hold_output_tokens)
+        self._peers = PeerWork()  # replica peers' pending prefill (policies.replica_sync)
+        # chains whose recent-dispatch record peers heard of lately (shares_dispatch)
+        self._shared_recent = RecordRefresh(params.recent_ttl_s / 2)
         self._backoff = PreemptionBackoff(params.hold_kv_ratio, params.hold_kv_floor_ratio,
                                           params.hold_kv_backoff_ratio, params.hold_kv_recovery_s)
         self._speed = BackendSpeed(params.speed_window_requests, params.speed_min_requests,
@@ -656,22 +661,30 @@ class KvAware(PolicyBase):
                                             prefill_s)
 
         pending = self._pending.get(backend.backend_id)
-        own_s = own_tokens = mean_s = mean_tokens = 0.0
+        own_s = own_tokens = own_prompt = mean_s = mean_tokens = 0.0
+        placed = pending is not None  # some of its work was placed by this policy (or a peer)
         if pending is not None:
             # Bookkeeping only: what is predicted done by now_s stays done for any later call.
             pending.expire(now_s)
             own_s, own_tokens = pending.remaining_s(now_s), pending.new_tokens
+            own_prompt = float(pending.prompt_tokens)
             mean_s, mean_tokens = pending.mean_prefill_s, pending.mean_new_tokens
-            if pending.prompt_tokens > backend.in_flight_prompt_tokens:
-                returned = backend.in_flight_prompt_tokens / pending.prompt_tokens
-                own_s, own_tokens = own_s * returned, own_tokens * returned
+        if self._peers and (peer := self._peers.pending(backend.backend_id, now_s)) is not None:
+            placed = True
+            own_s, own_tokens, own_prompt = (own_s + peer[0], own_tokens + peer[1],
+                                             own_prompt + peer[2])
+            if not mean_tokens and (means := self._peers.means(backend.backend_id)) is not None:
+                mean_s, mean_tokens = means
+        if placed and own_prompt > backend.in_flight_prompt_tokens:
+            returned = backend.in_flight_prompt_tokens / own_prompt
+            own_s, own_tokens = own_s * returned, own_tokens * returned
         if not mean_tokens:
             mean_tokens, mean_s = float(p.default_prompt_tokens), self._default_mean_s
         waiting = backend.engine_waiting_requests or 0
         queued_s, queued_tokens = own_s, own_tokens
         if waiting * mean_s > own_s:  # traffic this policy did not send (other replicas)
             queued_s, queued_tokens = waiting * mean_s, waiting * mean_tokens
-        elif (pending is None and backend.engine_waiting_requests is None
+        elif (not placed and backend.engine_waiting_requests is None
               and backend.in_flight_requests and backend.in_flight_prompt_tokens):
             # In flight there, but not placed by this policy and no engine numbers: the only
             # evidence is the router's counters, so assume all of it still needs prefill.
@@ -698,7 +711,7 @@ class KvAware(PolicyBase):
         if usage is not None and usage > p.kv_knee_ratio:
             pressure = min((usage - p.kv_knee_ratio) / (1.0 - p.kv_knee_ratio), 1.0)
         kv_pressure_s = p.kv_full_wait_s * pressure * pressure
-        if p.admission_wait_s and self._admission_waits(backend, request, prompt, bs):
+        if p.admission_wait_s and self._admission_waits(backend, request, prompt, bs, gpu):
             kv_pressure_s += p.admission_wait_s
         speed = self._speed.factor(backend.backend_id, now_s)
         if speed != 1.0:
@@ -748,9 +761,9 @@ class KvAware(PolicyBase):
         )
 
     def _admission_waits(self, backend: BackendState, request: RouteRequest, prompt: int,
-                         block_size: int) -> bool:
+                         block_size: int, gpu_tokens: int) -> bool:
         """Whether ``backend``'s free KV cannot take the prompt's blocks (docstring,
-        "Admission"). Unknown KV numbers: False."""
+        "Admission"). Unknown KV numbers: False. ``gpu_tokens``: its prefix cached there."""
         usage, total = backend.kv_usage_ratio, backend.total_kv_blocks
         if usage is None or total is None or block_size <= 0:
             return False
@@ -761,9 +774,19 @@ class KvAware(PolicyBase):
         if need <= total - max(used, backend.in_flight_prompt_tokens / block_size):
             return False
         committed = self._committed
-        used = max(used, committed.in_flight_blocks(backend.backend_id))
-        return need - committed.in_flight_prefix_blocks(backend.backend_id,
-                                                        request.block_hashes) > total - used
+        backend_id = backend.backend_id
+        # This replica's own requests only: which blocks peers' requests hold there is not
+        # shared (their states are sums), and adding their committed prompt tokens counted a
+        # group's prefix once per replica, predicted a wait for room (admission_wait_s: 100 s)
+        # on the group's own backend and moved groups off it in overload (bench/README.md,
+        # "State, not requests"). Peers' admitted requests are in the engine's usage.
+        used = max(used, committed.in_flight_blocks(backend_id))
+        in_use = committed.in_flight_prefix_blocks(backend_id, request.block_hashes)
+        if self._peers and self._peers.has_work(backend_id):
+            # Likewise the prefix cached there is taken to be held by a peer's request, not
+            # needed again.
+            in_use = max(in_use, gpu_tokens // block_size)
+        return need - in_use > total - used
 
     def _hit_tokens(self, prompt: int, gpu: int, cpu: int, storage: int) -> float:
         """GPU hits plus each lower tier's tokens at what loading them saves (``tier_pricing``)."""
@@ -970,13 +993,21 @@ class KvAware(PolicyBase):
         what is still in flight there: a backend faster than predicted has returned its
         requests, and one with nothing in flight has no queue. That also keeps the hold live:
         it holds only while every candidate has a request whose finish will ask again."""
-        pending = self._pending.get(backend.backend_id)
-        if pending is None or not backend.in_flight_requests:
+        if not backend.in_flight_requests:
             return 0.0
-        pending.expire(now_s)  # bookkeeping only, as in _score
-        queued_s = pending.remaining_s(now_s) * self._speed.factor(backend.backend_id, now_s)
-        if pending.prompt_tokens > backend.in_flight_prompt_tokens:
-            queued_s *= backend.in_flight_prompt_tokens / pending.prompt_tokens
+        pending = self._pending.get(backend.backend_id)
+        peer = self._peers.pending(backend.backend_id, now_s) if self._peers else None
+        if pending is None and peer is None:
+            return 0.0
+        queued_s = prompt = 0.0
+        if pending is not None:
+            pending.expire(now_s)  # bookkeeping only, as in _score
+            queued_s, prompt = pending.remaining_s(now_s), float(pending.prompt_tokens)
+        if peer is not None:
+            queued_s, prompt = queued_s + peer[0], prompt + peer[2]
+        queued_s *= self._speed.factor(backend.backend_id, now_s)
+        if prompt > backend.in_flight_prompt_tokens:
+            queued_s *= backend.in_flight_prompt_tokens / prompt
         return queued_s
 
     def speed_factors(self, now_s: float) -> dict[BackendId, float]:
@@ -1029,6 +1060,13 @@ class KvAware(PolicyBase):
             predicted.prompt_tokens,
             awaits_first_token=request.stream,
         ), now_s, model_ttft_s
+        self._record(request, prefill_id, predicted, now_s)
+
+    def _record(self, request: RouteRequest, prefill_id: BackendId, predicted: Prediction,
+                now_s: float) -> None:
+        """What a dispatch records beyond its own lifetime: where its chain went (recent
+        dispatches, placement, the approximate index). A peer's shared dispatch records only
+        this (``on_peer_dispatched``)."""
         hashes = request.block_hashes
         if not hashes:
             return
@@ -1071,11 +1109,54 @@ class KvAware(PolicyBase):
         expiry_s = self._approx.recorded_until(backend_id, deepest)
         return expiry_s is not None and expiry_s > now_s
 
+    # ---- replica sync (policies.replica_sync, policies.peer_work) ---------------------------------
+
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        """Peers replay a dispatch for its chain records only (``_record``); its queue and KV
+        commitment reach them in ``shared_state``. So a dispatch is shared when ``_record``
+        would record something they lack: a chain not recorded lately; with KV events, a
+        chain with blocks the engine has yet to store, or whose recent-dispatch record peers
+        last heard of more than half of ``recent_ttl_s`` ago. That record bridges the events'
+        lag, and every dispatch refreshes it here: a group's later requests, predicted as
+        hits on it, kept it alive here while the peers' copy lapsed, and in overload (first
+        requests queued for longer than its 0.5 s) the peers moved those groups away
+        (bench/README.md, "State, not requests"). Called once per dispatch, just before
+        ``on_dispatched``: a True answer is noted as shared."""
+        hashes = request.block_hashes
+        if not hashes:
+            return False
+        prefill_id = decision.prefill_backend_id or decision.backend_id
+        predicted = _prediction(decision, prefill_id)
+        if predicted is None:
+            return False
+        if predicted.kv_events and self.params.recent_ttl_s:
+            tail = max(predicted.prompt_tokens - len(hashes) * request.block_size, 0)
+            shared = self._shared_recent
+            if predicted.uncached_tokens > tail or not shared.fresh(prefill_id, hashes[-1],
+                                                                    now_s):
+                shared.note(prefill_id, hashes[-1], now_s)
+                return True
+        return not self._recorded_lately(prefill_id, hashes[-1], now_s, predicted.kv_events)
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        prefill_id = decision.prefill_backend_id or decision.backend_id
+        predicted = _prediction(decision, prefill_id)
+        if predicted is not None:
+            self._record(request, prefill_id, predicted, now_s)
+
+    def shared_state(self, now_s: float) -> SharedState:
+        return export(self._pending, self._committed, now_s)
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        self._committed.set_peers(self._peers.update(origin, state, now_s))
+
     def on_backend_removed(self, backend_id: BackendId) -> None:
+        self._peers.remove_backend(backend_id)
         self._approx.remove_backend(backend_id)
         self._homes.remove_backend(backend_id)
         self._recent.remove_backend(backend_id)
         self._refresh.clear()  # a backend back under the same id starts with nothing recorded
+        self._shared_recent.clear()
         self._pending.pop(backend_id, None)
         self._forecasts = {r: f for r, f in self._forecasts.items() if f[0] != backend_id}
         self._committed.remove_backend(backend_id)

@@ -30,6 +30,12 @@ memory. An engine admits whatever fits at the instant and preempts (recomputes w
 when decodes outgrow its memory; holding the excess in the router instead places it when a
 backend has room, on fresher cache state.
 
+Replica peers' commitments (``set_peers``: each backend's tokens over the peers' latest shared
+states) count in ``committed`` and ``has_room`` beside this policy's own. They are sums, so a
+prefix a peer committed on the same backend is not deduplicated against this policy's blocks
+(``policies.replica_sync``); ``in_flight_blocks`` and ``in_flight_prefix_blocks`` are this
+policy's own requests only.
+
 Pure: no clock, I/O or randomness. ``add`` and ``remove`` cost O(uncached blocks) (plus the
 requests in flight under one request id, normally one); ``has_room`` and ``committed`` O(1).
 """
@@ -66,6 +72,15 @@ class KvCommitment:
         self._refs: dict[BackendId, dict[BlockHash, int]] = {}
         self._partial: dict[BackendId, dict[BlockHash, float]] = {}
         self._held: dict[BackendId, dict[str, list[_Held]]] = {}
+        self._peers: dict[BackendId, float] = {}  # replica peers' committed tokens
+
+    def set_peers(self, tokens: dict[BackendId, float]) -> None:
+        """Replica peers' committed tokens per backend, replacing the previous sums."""
+        self._peers = tokens
+
+    def own_committed(self, backend_id: BackendId) -> float:
+        """This policy's own committed tokens on ``backend_id``: what it shares with peers."""
+        return self._tokens.get(backend_id, 0.0)
 
     def _commit(self, block_hashes: tuple[BlockHash, ...], block_size: int, prompt_tokens: int,
                 uncached_tokens: float, max_tokens: int) -> _Held:
@@ -172,22 +187,25 @@ class KvCommitment:
         return best
 
     def committed(self, backend_id: BackendId) -> float:
-        return self._tokens.get(backend_id, 0.0)
+        """This policy's and its replica peers' committed tokens on ``backend_id``."""
+        return self._tokens.get(backend_id, 0.0) + self._peers.get(backend_id, 0.0)
 
     def has_room_at_any_ratio(self, backend: BackendState) -> bool:
         """``has_room`` whatever the prompt and ratio: the backend's KV size is unknown, or
         nothing is committed there (an empty backend admits anything it can hold at all)."""
-        return not backend.total_kv_blocks or self._tokens.get(backend.backend_id, 0.0) <= 0
+        return not backend.total_kv_blocks or self.committed(backend.backend_id) <= 0
 
     def has_room(self, backend: BackendState, prompt_tokens: int, block_size: int,
                  ratio: float) -> bool:
         if self.has_room_at_any_ratio(backend):
             return True
         total_blocks = backend.total_kv_blocks or 0  # known, or there was room above
-        return self._tokens[backend.backend_id] + prompt_tokens <= ratio * total_blocks * block_size
+        return (self.committed(backend.backend_id) + prompt_tokens
+                <= ratio * total_blocks * block_size)
 
     def remove_backend(self, backend_id: BackendId) -> None:
         self._tokens.pop(backend_id, None)
         self._refs.pop(backend_id, None)
         self._partial.pop(backend_id, None)
         self._held.pop(backend_id, None)
+        self._peers.pop(backend_id, None)

@@ -167,6 +167,11 @@ class PendingPrefill:
             self.seconds = self.new_tokens = 0.0
             self.prompt_tokens = 0
 
+    @property
+    def overdue(self) -> bool:
+        """Some forecast is past its predicted time: ``remaining_s`` counts all in full."""
+        return bool(self._late)
+
     def remaining_s(self, now_s: float) -> float:
         """Pending prefill seconds at ``now_s``. With nothing overdue, the earliest-finishing
         forecast is assumed to be in progress, so only what is left of it until its predicted

@@ -6,46 +6,48 @@ its cold-prefix placement and its approximate-mode record then cover a share of 
 traffic, and replicas herd onto the backend that looks idle to each of them. The shared KV
 index does not fix that: engine events say what is cached, not what is on its way.
 
-Each replica publishes its own request lifecycle and applies its peers':
+Load travels as state, records as operations:
 
-- ``Dispatch``: the request (prompt tokens, block hashes: the approximate-mode record and the
-  placement of a cold prefix) and the policy's ``Decision`` (backend, prefill backend, the
-  chosen backend's ``Prediction``: predicted TTFT, prefill seconds, uncached tokens), slimmed
-  to the scores of the backends it names.
-- ``Finish``: that request is over (``ok`` as the proxy saw it).
-- ``Heartbeat``: the sender is alive, and which of its requests are still in flight (number,
-  backend, prompt tokens); any other peer request still held here lost its ``Finish`` and
-  is finished now, and one it lists that never arrived lost its ``Dispatch`` and enters the
-  ledger now (its load only: the policy replays a bare request). Under 10% loss, retiring
-  only requests older than the oldest in flight left the in-flight view 18% too full, and
-  without re-adding lost dispatches 8% too empty.
+- ``State``: the sender's own work in flight, per backend: its requests and their prompt
+  tokens, and what its policy shares of its own bookkeeping (``Policy.shared_state``:
+  kv_aware's pending prefill and KV commitment). Sent at the end of every flush window in
+  which any of the sender's requests was dispatched, produced its first token or finished,
+  and at every heartbeat. A receiver keeps each peer's latest and adds them up, so the cost
+  is O(backends) a window whatever the request rate, and a lost one is healed by the next.
+- ``Dispatch``: one request (prompt tokens, block hashes) and the policy's ``Decision``
+  (backend, prefill backend, the chosen backend's ``Prediction``), slimmed to the scores of
+  the backends it names. Sent only when the policy says the dispatch records something that
+  outlives the request (``Policy.shares_dispatch``: a cold prefix's placement, an
+  approximate-index entry, a round-robin turn); a peer replays it through
+  ``Policy.on_peer_dispatched``. A hot prompt recorded moments ago sends none.
 
-A peer's ``Dispatch`` is replayed into the local policy through the same hook the local
-proxy calls (``on_dispatched``), and its ``Finish`` through ``on_finished``: whatever the
-policy records (pending prefill, placement, approximate index, commitments, counters) is
-then recorded for the fleet's traffic, and nothing here knows which policy it holds. Peers'
-in-flight requests and prompt tokens per backend are kept in a ledger and added to the
-candidates' router-side counters (``overlay``), which is how they enter the ``ClusterView``.
-``SyncedPolicy`` wraps a replica's policy to do both sides with no change to its caller (the
-live proxy or the simulator): ``choose``/``defer`` see the overlaid view, and the hooks also
-stamp and ``publish`` the replica's own lifecycle.
+Why not every request's lifecycle (as this module did before): each replica then replayed
+every peer request into its own policy, two messages each. That made every replica do the
+fleet's bookkeeping, O(replicas x request rate) each, and it was a quarter of a worker's CPU
+with two workers at concurrency 32 (bench/README.md, "State, not requests"). What sums lose:
+- a prefix two replicas both committed on one backend counts once per replica (kv_aware
+  dedupes KV commitments per block within a replica, not across them); in practice a
+  replica's second request of a group hears of the first's dispatch and predicts its prefix
+  as a hit, so it commits little;
+- a peer's pending prefill between two of its states is aged at one second a second (a
+  backend drains its queue so), except when the peer says part of it is overdue (then all of
+  it counts, as it does there).
 
-Bounded staleness: a peer not heard from for ``peer_timeout_s`` is dropped, and each of its
-requests still held is finished in the policy and leaves the ledger; so does any peer
-request older than ``max_in_flight_s`` (a lost ``Finish`` under a lost ``Heartbeat``).
+Bounded staleness: a peer not heard from for ``peer_timeout_s`` is dropped with its state.
 Messages carry a per-sender sequence number (gaps count as drops) and the sender's clock
 (``now - sent_at_s`` is the sync lag; exact in the simulator, clock skew included live).
 
 Pure and synchronous: time comes in as ``now_s``; no I/O, clock or randomness. The wire
 format and transport live in ``router.sync``; the simulator delivers these objects directly.
-Cost: O(1) per message plus the policy's hook; ``overlay`` O(candidates).
+Cost: a dispatch O(1) plus the policy's hooks; a state O(peers x backends) to apply;
+``overlay`` O(candidates).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import attrgetter
 
 from policies.types import (
@@ -56,16 +58,16 @@ from policies.types import (
     Decision,
     Policy,
     RouteRequest,
+    SharedState,
     value_type,
 )
 
 __all__ = [
     "Dispatch",
-    "Finish",
-    "Heartbeat",
     "Message",
     "PeerStats",
     "ReplicaSync",
+    "State",
     "SyncParams",
     "SyncedPolicy",
     "slim_decision",
@@ -75,14 +77,11 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class SyncParams:
     peer_timeout_s: float = 5.0  # a peer silent this long is dropped with its in-flight share
-    heartbeat_interval_s: float = 1.0  # how often a replica says it is alive
-    max_in_flight_s: float = 900.0  # a peer request held longer than this is finished here
+    heartbeat_interval_s: float = 1.0  # how often a replica says it is alive (with its state)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.peer_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_interval_s must be > 0 and peer_timeout_s > heartbeat_interval_s")
-        if self.max_in_flight_s <= 0:
-            raise ValueError("max_in_flight_s must be > 0")
 
 
 @value_type
@@ -90,34 +89,26 @@ class Dispatch:
     origin: str  # the sending replica (unique per process start)
     seq: int  # the sender's message number: a gap means messages were lost
     sent_at_s: float
-    request_seq: int  # the sender's dispatch number; its Finish names it
+    request_seq: int  # the sender's dispatch number
     request: RouteRequest
     decision: Decision
 
 
 @value_type
-class Finish:
+class State:
     origin: str
     seq: int
     sent_at_s: float
-    request_seq: int
-    ok: bool
+    dispatches: int  # the sender's dispatches so far, shared or not
+    # the sender's own requests in flight: (backend, requests, prompt tokens)
+    load: tuple[tuple[BackendId, int, int], ...] = ()
+    # what the sender's policy shares of its own bookkeeping (Policy.shared_state)
+    shared: SharedState | None = None
 
 
-@value_type
-class Heartbeat:
-    origin: str
-    seq: int
-    sent_at_s: float
-    next_request_seq: int  # the sender's next dispatch number
-    # the sender's dispatches still in flight: (request seq, backend, prompt tokens)
-    in_flight: tuple[tuple[int, BackendId, int], ...] = ()
-
-
-Message = Dispatch | Finish | Heartbeat
+Message = Dispatch | State
 """Messages are ``value_type`` (immutable to the type checker, plain slotted classes at run
-time): a synced replica builds two per request and decodes two per peer request, and a frozen
-dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
+time): a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``."""
 
 # A candidate's fields in order, read in one C call: ``overlay`` rebuilds a candidate with two
 # counters changed in 0.6 us, against 2.1 us through ``dataclasses.replace``.
@@ -134,8 +125,7 @@ def slim_decision(decision: Decision) -> Decision:
     """The decision with only the scores of the backends it names, without their ``terms``:
     what a peer's hooks read (the predictions), without one score per candidate and a dozen
     explanatory terms each on the wire (they were a third of a dispatch's bytes). Built with
-    the constructors, not ``dataclasses.replace``: this runs for every request of a synced
-    replica."""
+    the constructors, not ``dataclasses.replace``."""
     named = (decision.backend_id, decision.prefill_backend_id)
     kept = tuple(BackendScore(backend_id=s.backend_id, score=s.score,
                               matched_tokens=s.matched_tokens, prediction=s.prediction,
@@ -155,60 +145,76 @@ class PeerStats:
     received: int = 0
     dropped: int = 0  # messages lost in transit (sequence gaps)
     lag_s: float = 0.0  # receive time - send time of the latest message
-    # request seq -> (request, decision, arrival time here), in arrival order
-    in_flight: dict[int, tuple[RouteRequest, Decision, float]] = field(default_factory=dict)
-    # Finishes of requests not held (Dispatch lost) since the last heartbeat: a heartbeat
-    # sent before such a Finish may still list the request, which is over all the same.
-    finished_early: set[int] = field(default_factory=set)
+    # its requests in flight per backend as its latest State said: [requests, prompt tokens]
+    load: dict[BackendId, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class ReplicaSync:
-    """One replica's side: stamps its own lifecycle into messages, applies its peers'."""
+    """One replica's side: stamps its own work into messages, applies its peers'."""
 
     def __init__(self, origin: str, policy: Policy, params: SyncParams | None = None) -> None:
         self.origin = origin
         self.policy = policy
         self.params = params or SyncParams()
         self._seq = 0
-        self._request_seq = 0
-        # (request id, backend) -> (request seq, prompt tokens)
-        self._own: dict[tuple[str, BackendId], tuple[int, int]] = {}
+        self._dispatches = 0
+        # (request id, backend) -> prompt tokens of each such request in flight (request ids
+        # come from clients and may repeat)
+        self._own: dict[tuple[str, BackendId], list[int]] = {}
+        self._own_load: dict[BackendId, list[int]] = {}  # [requests, prompt tokens]
+        self.changed = False  # own work changed since the last State
         self.peers: dict[str, PeerStats] = {}
-        # Peers' in-flight load per backend: [requests, prompt tokens].
-        self._load: dict[BackendId, list[int]] = {}
+        # Peers' in-flight load per backend, summed over their latest states.
+        self._load: dict[BackendId, tuple[int, int]] = {}
         self.load_version = 0  # bumped by every change of _load (SyncedPolicy's view memo)
         self.peers_expired = 0
-        self.requests_expired = 0
-        self.unknown_finishes = 0
 
-    # ---- own lifecycle -> messages -----------------------------------------------------------
+    # ---- own work -> messages -----------------------------------------------------------------
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> Dispatch:
-        self._request_seq += 1
-        self._own[(request.request_id, decision.backend_id)] = (self._request_seq,
-                                                                request.prompt_tokens)
-        return Dispatch(self.origin, self._next_seq(), now_s, self._request_seq, request,
+    def dispatched(self, request: RouteRequest, decision: Decision, now_s: float,
+                   share: bool = True) -> Dispatch | None:
+        """Count one own dispatch in the next State; the Dispatch to send when ``share``."""
+        self._dispatches += 1
+        tokens = request.prompt_tokens
+        self._own.setdefault((request.request_id, decision.backend_id), []).append(tokens)
+        load = self._own_load.get(decision.backend_id)
+        if load is None:
+            load = self._own_load[decision.backend_id] = [0, 0]
+        load[0] += 1
+        load[1] += tokens
+        self.changed = True
+        if not share:
+            return None
+        return Dispatch(self.origin, self._next_seq(), now_s, self._dispatches, request,
                         slim_decision(decision))
 
-    def finished(self, request: RouteRequest, decision: Decision, now_s: float,
-                 ok: bool) -> Finish | None:
-        own = self._own.pop((request.request_id, decision.backend_id), None)
-        if own is None:
-            return None
-        request_seq = own[0]
-        return Finish(self.origin, self._next_seq(), now_s, request_seq, ok)
+    def finished(self, request: RouteRequest, decision: Decision) -> None:
+        key = (request.request_id, decision.backend_id)
+        held = self._own.get(key)
+        if not held:
+            return
+        tokens = held.pop()
+        if not held:
+            del self._own[key]
+        load = self._own_load[decision.backend_id]
+        load[0] -= 1
+        load[1] -= tokens
+        if not load[0]:
+            del self._own_load[decision.backend_id]
+        self.changed = True
 
-    def heartbeat(self, now_s: float) -> Heartbeat:
-        in_flight = sorted((seq, backend_id, tokens)
-                           for (_r, backend_id), (seq, tokens) in self._own.items())
-        return Heartbeat(self.origin, self._next_seq(), now_s, self._request_seq + 1,
-                         tuple(in_flight))
+    def state(self, now_s: float) -> State:
+        """This replica's own work now; the policy's share is asked only here, once a window."""
+        self.changed = False
+        load = tuple((b, x[0], x[1]) for b, x in self._own_load.items())
+        return State(self.origin, self._next_seq(), now_s, self._dispatches, load,
+                     self.policy.shared_state(now_s))
 
-    # ---- peers' messages -> ledger and policy ---------------------------------------------------
+    # ---- peers' messages -> load and policy -------------------------------------------------------
 
     def receive(self, message: Message, now_s: float) -> None:
         if message.origin == self.origin:
@@ -224,88 +230,37 @@ class ReplicaSync:
         peer.last_seen_s = now_s
         peer.lag_s = now_s - message.sent_at_s
         if isinstance(message, Dispatch):
-            if message.request_seq not in peer.in_flight:  # else already re-added, bare
-                request = message.request
-                if request.stream:
-                    # Its first token is heard only where it was sent: replayed here as a
-                    # whole answer, so no forecast waits for an on_first_token never coming.
-                    request = dataclasses.replace(request, stream=False)
-                self._add(peer, message.request_seq, request, message.decision, now_s)
-        elif isinstance(message, Finish):
-            held = peer.in_flight.pop(message.request_seq, None)
-            if held is None:
-                self.unknown_finishes += 1  # its Dispatch was lost or expired
-                peer.finished_early.add(message.request_seq)
-            else:
-                self._release(held, now_s, message.ok)
-        else:
-            self._reconcile(peer, message, now_s)
+            self.policy.on_peer_dispatched(message.request, message.decision, now_s)
+            return
+        load = {b: (n, tokens) for b, n, tokens in message.load if n > 0}
+        if load != peer.load:
+            peer.load = load
+            self._sum_load()
+        self.policy.on_peer_state(message.origin, message.shared, now_s)
 
-    def _reconcile(self, peer: PeerStats, beat: Heartbeat, now_s: float) -> None:
-        alive = {seq for seq, _b, _t in beat.in_flight}
-        for request_seq in [s for s in peer.in_flight
-                            if s < beat.next_request_seq and s not in alive]:
-            self._release(peer.in_flight.pop(request_seq), now_s, True)
-        # Messages from one peer arrive in order (one ZeroMQ connection; a fixed delay in the
-        # simulator): a listed request not held here had its Dispatch lost, not delayed.
-        for request_seq, backend_id, tokens in beat.in_flight:
-            if request_seq not in peer.in_flight and request_seq not in peer.finished_early:
-                bare = RouteRequest(request_id=f"{beat.origin}/{request_seq}", model="",
-                                    prompt_tokens=tokens)
-                self._add(peer, request_seq, bare, Decision(backend_id, "peer (dispatch lost)"),
-                          now_s)
-        peer.finished_early.clear()
-
-    def _add(self, peer: PeerStats, request_seq: int, request: RouteRequest,
-             decision: Decision, now_s: float) -> None:
-        peer.in_flight[request_seq] = (request, decision, now_s)
+    def _sum_load(self) -> None:
+        total: dict[BackendId, tuple[int, int]] = {}
+        for peer in self.peers.values():
+            for b, (n, tokens) in peer.load.items():
+                held = total.get(b)
+                total[b] = (n, tokens) if held is None else (held[0] + n, held[1] + tokens)
+        self._load = total
         self.load_version += 1
-        load = self._load.get(decision.backend_id)
-        if load is None:
-            load = self._load[decision.backend_id] = [0, 0]
-        load[0] += 1
-        load[1] += request.prompt_tokens
-        self.policy.on_dispatched(request, decision, now_s)
-
-    def _release(self, held: tuple[RouteRequest, Decision, float], now_s: float,
-                 ok: bool) -> None:
-        request, decision, _arrived_s = held
-        self.load_version += 1
-        load = self._load[decision.backend_id]
-        load[0] -= 1
-        load[1] -= request.prompt_tokens
-        if not load[0]:
-            del self._load[decision.backend_id]
-        self.policy.on_finished(request, decision, now_s, ok)
 
     def expire(self, now_s: float) -> None:
-        """Drop silent peers and over-age peer requests: their share leaves the view."""
-        p = self.params
-        for origin in [o for o, s in self.peers.items()
-                       if now_s - s.last_seen_s > p.peer_timeout_s]:
-            peer = self.peers.pop(origin)
+        """Drop silent peers: their share leaves the view and the policy."""
+        timeout_s = self.params.peer_timeout_s
+        for origin in [o for o, s in self.peers.items() if now_s - s.last_seen_s > timeout_s]:
+            del self.peers[origin]
             self.peers_expired += 1
-            for held in peer.in_flight.values():
-                self._release(held, now_s, False)
-        # Sent-at times are the peer's clock; age is measured from arrival here instead, so a
-        # skewed peer clock cannot expire work early. Arrival order is insertion order, so
-        # the scan stops at the first request young enough.
-        for peer in self.peers.values():
-            stale = []
-            for request_seq, (_r, _d, arrived_s) in peer.in_flight.items():
-                if now_s - arrived_s <= p.max_in_flight_s:
-                    break
-                stale.append(request_seq)
-            for request_seq in stale:
-                self.requests_expired += 1
-                self._release(peer.in_flight.pop(request_seq), now_s, False)
+            self._sum_load()
+            self.policy.on_peer_state(origin, None, now_s)
 
     # ---- what policies see ------------------------------------------------------------------------
 
     def peer_load(self, backend_id: BackendId) -> tuple[int, int]:
         """Peers' in-flight (requests, prompt tokens) on ``backend_id``."""
-        load = self._load.get(backend_id)
-        return (load[0], load[1]) if load else (0, 0)
+        return self._load.get(backend_id, (0, 0))
 
     def peer_in_flight(self) -> int:
         return sum(load[0] for load in self._load.values())
@@ -335,16 +290,19 @@ class ReplicaSync:
 
 class SyncedPolicy:
     """A replica's policy as its proxy sees it: the inner policy over the fleet's in-flight
-    view, publishing each of its own dispatches and finishes. Peers' messages go to
-    ``sync.receive``, which replays them into the inner policy (never republished)."""
+    view, publishing the dispatches its peers must record and telling its transport when its
+    own work changed (``changed``: the transport sends ``sync.state`` at the end of the
+    window). Peers' messages go to ``sync.receive`` (never republished)."""
 
-    def __init__(self, inner: Policy, sync: ReplicaSync, publish: Callable[[Message], None]) -> None:
+    def __init__(self, inner: Policy, sync: ReplicaSync, publish: Callable[[Message], None],
+                 changed: Callable[[], None] = lambda: None) -> None:
         self.inner = inner
         self.sync = sync
         self.publish = publish
+        self.changed = changed
         self.name = inner.name
-        # The last view overlaid, and the ledger version it saw: the proxy asks defer and then
-        # choose about the same view, and the overlay is the same while no peer message came.
+        # The last view overlaid, and the load version it saw: the proxy asks defer and then
+        # choose about the same view, and the overlay is the same while no peer state came.
         self._memo: tuple[ClusterView, int, ClusterView] | None = None
 
     def _view(self, view: ClusterView) -> ClusterView:
@@ -367,21 +325,38 @@ class SyncedPolicy:
         return self.inner.defer(request, self._view(view))
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        # Asked first: recording the dispatch is what makes a second one "recorded lately".
+        share = self.inner.shares_dispatch(request, decision, now_s)
         self.inner.on_dispatched(request, decision, now_s)
-        self.publish(self.sync.dispatched(request, decision, now_s))
+        message = self.sync.dispatched(request, decision, now_s, share)
+        if message is not None:
+            self.publish(message)
+        self.changed()
 
     def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
-        # Local only: peers replay dispatches as whole answers (no first token to wait for),
-        # so their forecasts retire at the predicted time.
         self.inner.on_first_token(request, decision, now_s)
+        self.sync.changed = True  # its forecast ended: the policy's shared state changed
+        self.changed()
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:
         self.inner.on_finished(request, decision, now_s, ok)
-        message = self.sync.finished(request, decision, now_s, ok)
-        if message is not None:
-            self.publish(message)
+        self.sync.finished(request, decision)
+        self.changed()
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
+
+    # A SyncedPolicy is outermost: its peers' hooks go to the inner policy through the sync.
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        return self.inner.shares_dispatch(request, decision, now_s)
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_peer_dispatched(request, decision, now_s)
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        return self.inner.shared_state(now_s)
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        self.inner.on_peer_state(origin, state, now_s)

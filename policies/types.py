@@ -28,6 +28,7 @@ __all__ = [
     "PrefixLookup",
     "Role",
     "RouteRequest",
+    "SharedState",
     "value_type",
 ]
 
@@ -48,6 +49,10 @@ BackendId = str
 
 BlockHash = int
 """The router's own chained hash of one full KV block (unsigned 64-bit)."""
+
+SharedState = Mapping[BackendId, Sequence[float]]
+"""What a policy shares with replica peers of its own bookkeeping (``Policy.shared_state``):
+numbers per backend, in a layout the policy defines and checks (``policies.replica_sync``)."""
 
 
 class Role(StrEnum):
@@ -260,6 +265,27 @@ class Policy(Protocol):
     ) -> None: ...
 
     def on_backend_removed(self, backend_id: BackendId) -> None: ...
+
+    # ---- replica sync (policies.replica_sync; defaults in policies.base.PolicyBase) ----------
+
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        """Whether replica peers must replay this dispatch (``on_peer_dispatched``): it records
+        something that outlives the request. Asked just before ``on_dispatched``."""
+        ...
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        """A peer's shared dispatch: record what outlives it. No first token or finish
+        follows; the peer's in-flight work arrives in its ``shared_state``."""
+        ...
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        """This replica's own in-flight bookkeeping, for its peers' ``on_peer_state``."""
+        ...
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        """Peer ``origin``'s latest ``shared_state`` (None: the peer is gone). Raises
+        ValueError on a state it cannot read (the caller counts it and goes on)."""
+        ...
 
 
 class PolicyFactory(Protocol):

@@ -276,6 +276,10 @@ def create_app(
     metrics = RouterMetrics(policy.name)
     metrics.watch_speed_factors(lambda: backend_speed_factors(policy, time.monotonic()))
     proxy = Proxy(config, pool, policy, analyzer or CharEstimateAnalyzer(), metrics, rng, index)
+    if sync is not None:
+        # A held request waits for capacity to free up; a peer's finishes free it too, and
+        # are heard only as its next state (policies.replica_sync).
+        sync.on_peer_state = proxy.hold.release
     health = HealthChecker(pool, config.health, metrics, lambda: state.session(),
                            on_healthy=proxy.preconnect if config.upstream.preconnect else None)
     state = RouterState(config, pool, policy, metrics, proxy, health, index)

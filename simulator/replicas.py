@@ -10,9 +10,11 @@ in-flight counters. What couples them is what couples real replicas:
 - **KV events reach each replica with its own delay**: on top of the cluster's
   ``event_delay_s``, replica r gets a fixed extra delay drawn in [0, ``event_delay_spread_s``)
   (each replica's ZMQ subscriber is its own socket and process).
-- **Replica sync** (``policies.replica_sync``), when on: each replica's dispatch, finish and
-  heartbeat messages reach every peer after ``sync_delay_s``, each copy lost with
-  probability ``sync_loss_ratio``. When off, each replica knows only its own requests.
+- **Replica sync** (``policies.replica_sync``), when on: as live, a replica's messages leave
+  at the end of a ``sync_flush_s`` window (the dispatches its policy shares, then its state
+  if its own work changed) and at each heartbeat (its state); each reaches every peer after
+  ``sync_delay_s``, each copy lost with probability ``sync_loss_ratio``. When off, each
+  replica knows only its own requests.
 
 Engine scrapes reach every replica at the same instant (each scrapes the same ``/metrics``).
 Held requests (late binding) wait in the cluster's one FIFO and are asked about by the
@@ -51,6 +53,7 @@ class ReplicaConfig:
     routers: int = 1
     sync: bool = True
     sync_delay_s: float = 0.001  # one hop on a cluster network, ZMQ PUB/SUB
+    sync_flush_s: float = 0.002  # the live router's sync.flush_interval_s
     sync_loss_ratio: float = 0.0
     event_delay_spread_s: float = 0.002
     heartbeat_interval_s: float = 1.0
@@ -61,8 +64,8 @@ class ReplicaConfig:
             raise ValueError("--routers: each count must be >= 1")
         if not 0.0 <= self.sync_loss_ratio <= 1.0:
             raise ValueError("--sync-loss-ratio must be within [0, 1]")
-        if self.sync_delay_s < 0 or self.event_delay_spread_s < 0:
-            raise ValueError("--sync-delay-s and event_delay_spread_s must be >= 0")
+        if self.sync_delay_s < 0 or self.event_delay_spread_s < 0 or self.sync_flush_s < 0:
+            raise ValueError("--sync-delay-s, sync_flush_s and event_delay_spread_s must be >= 0")
         SyncParams(self.peer_timeout_s, self.heartbeat_interval_s)
 
     @property
@@ -108,8 +111,11 @@ class ReplicaSet:
             for r, router in enumerate(self.replicas):
                 sync = ReplicaSync(f"replica-{r}", router.policy, params)
                 router.policy = SyncedPolicy(router.policy, sync,
-                                             functools.partial(self._broadcast, r))
+                                             functools.partial(self._publish, r),
+                                             functools.partial(self._schedule, r))
                 self.syncs.append(sync)
+        self._outbox: list[list[Message]] = [[] for _ in range(r_count)]
+        self._flush_due = [False] * r_count
         rng = random.Random(seed ^ 0x5E41CE)
         self._spread = rng
         self._event_extra_s = [rng.uniform(0.0, config.event_delay_spread_s) for _ in range(r_count)]
@@ -190,6 +196,24 @@ class ReplicaSet:
 
     # ---- sync traffic ----------------------------------------------------------------------------
 
+    def _publish(self, sender: int, message: Message) -> None:
+        self._outbox[sender].append(message)
+        self._schedule(sender)
+
+    def _schedule(self, sender: int) -> None:
+        if not self._flush_due[sender]:
+            self._flush_due[sender] = True
+            self.loop.after(self.config.sync_flush_s, self._flush, sender)
+
+    def _flush(self, sender: int) -> None:
+        self._flush_due[sender] = False
+        messages, self._outbox[sender] = self._outbox[sender], []
+        sync = self.syncs[sender]
+        if sync.changed:
+            messages.append(sync.state(self.loop.now_s))
+        for message in messages:
+            self._broadcast(sender, message)
+
     def _broadcast(self, sender: int, message: Message) -> None:
         loss = self.config.sync_loss_ratio
         targets = []
@@ -225,7 +249,7 @@ class ReplicaSet:
     def _tick(self) -> None:
         now = self.loop.now_s
         for r, sync in enumerate(self.syncs):
-            self._broadcast(r, sync.heartbeat(now))
+            self._broadcast(r, sync.state(now))
             sync.expire(now)
         if self.keep_going():
             self.loop.after(self.config.heartbeat_interval_s, self._tick)

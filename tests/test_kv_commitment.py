@@ -207,3 +207,22 @@ def test_in_flight_blocks_and_shared_prefix_match_a_brute_force_over_the_chains(
         assert kv.in_flight_prefix_blocks(backend, probe) == max(
             (shared(h, probe) for h in chains), default=0)
     assert kv.in_flight_blocks("elsewhere") == kv.in_flight_prefix_blocks("elsewhere", probe) == 0
+
+
+def test_peers_commitments_count_in_room_but_not_in_what_is_shared() -> None:
+    """A replica shares its own committed tokens (policies.peer_work); its peers' sums count
+    in ``committed`` and ``has_room``, never in what it shares."""
+    kv = KvCommitment(CAP)
+    kv.add("b", "r1", chain(1, 4), BS, 4 * BS + 3, 4 * BS + 3, max_tokens=500)  # cold
+    kv.add("b", "r2", chain(1, 4), BS, 4 * BS + 3, 3, max_tokens=20)  # its prefix hit
+    own = 4 * BS + 3 + CAP + 3 + 20
+    assert kv.own_committed("b") == own
+    kv.set_peers({"b": 1000.0})
+    assert kv.committed("b") == own + 1000 and kv.own_committed("b") == own
+    full = BackendState(backend_id="b", total_kv_blocks=100, kv_usage_ratio=0.0)
+    assert not kv.has_room(full, 500, BS, 1.0)  # 1,190 + 500 > 1,600: the peers' 1,000 count
+    kv.set_peers({})
+    assert kv.has_room(full, 500, BS, 1.0)
+    kv.remove("b", "r1", chain(1, 4))
+    kv.remove("b", "r2", chain(1, 4))
+    assert kv.own_committed("b") == 0.0

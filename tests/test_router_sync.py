@@ -88,13 +88,13 @@ async def published_sends(
     **sync: Any,
 ) -> list[list[list[str]]]:
     """Four requests within a few ms through a replica with no peers, and what it published:
-    per ZeroMQ send, per frame, the message kinds (heartbeats, and sends of nothing else,
-    left out). Frames of one message and batch frames both decode."""
+    per ZeroMQ send, per frame, the message kinds. Heartbeats come every 5 s, so none falls
+    within the test. Frames of one message and batch frames both decode."""
     from router.sync.wire import decode_frame
 
     backend = await start_backend()
     port = free_port()
-    raw = raw_config([backend], port, 1, heartbeat_interval_s=0.5, peer_timeout_s=2.0, **sync)
+    raw = raw_config([backend], port, 1, heartbeat_interval_s=5.0, peer_timeout_s=10.0, **sync)
     raw["sync"]["peers"] = []
     handle = await start_router(raw)
     sends: list[list[list[str]]] = []
@@ -102,11 +102,9 @@ async def published_sends(
         await asyncio.sleep(0.3)  # the subscription reaches the PUB socket
         assert await asyncio.gather(*(complete(http, handle) for _ in range(4))) == [200] * 4
         while await sub.poll(400):
-            frames = [[type(m).__name__ for m in decode_frame(f, monotonic_now_s=0, unix_now_s=0)
-                       if type(m).__name__ != "Heartbeat"]
-                      for f in await sub.recv_multipart()]
-            if any(frames):
-                sends.append([f for f in frames if f])
+            sends.append([[type(m).__name__
+                            for m in decode_frame(f, monotonic_now_s=0, unix_now_s=0)]
+                           for f in await sub.recv_multipart()])
     return sends
 
 
@@ -218,14 +216,17 @@ async def test_messages_queued_within_the_flush_window_leave_as_one(
 ) -> None:
     sends = await published_sends(start_backend, start_router, http,
                                   flush_interval_s=flush_interval_s)
-    # Four requests within a few ms: four dispatches and four finishes.
+    # Four requests within a few ms: four dispatches (least_loaded shares each), and a state
+    # ending every window in which the replica's own work changed.
     lifecycle = [[k for frame in send for k in frame] for send in sends]
-    assert sorted(k for batch in lifecycle for k in batch) == ["Dispatch"] * 4 + ["Finish"] * 4
+    assert sum(batch.count("Dispatch") for batch in lifecycle) == 4, sends
+    assert all(batch[-1] == "State" for batch in lifecycle), sends
     if flush_interval_s:
-        # 0.3 s covers the four requests' whole lives: one send, one wake-up per peer.
-        assert len(lifecycle) == 1, sends
+        # 0.3 s covers the four requests' whole lives: one send, one wake-up per peer, and
+        # one state for the lot.
+        assert lifecycle == [["Dispatch"] * 4 + ["State"]], sends
     else:
-        # Every loop turn sends what it queued: the finishes leave after the dispatches.
+        # Every loop turn sends what it queued: the finishes' state leaves after the dispatches.
         assert len(lifecycle) > 1, sends
 
 
@@ -286,7 +287,7 @@ def test_sync_section_errors_name_the_key(sync: dict[str, Any], path: str) -> No
 def test_wire_round_trip_and_malformed_messages() -> None:
     import msgpack
 
-    from policies.replica_sync import Dispatch, Finish, Heartbeat
+    from policies.replica_sync import Dispatch, State
     from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
     from router.sync.wire import WireError, decode, encode
 
@@ -298,8 +299,10 @@ def test_wire_round_trip_and_malformed_messages() -> None:
                      prediction=Prediction(0.1, 0.05, 8.0, 40, True, 4096)),
         BackendScore("http://b", 0.2, 0, {"decode_score_s": 0.2},
                      decode=DecodeEstimate(0.01, 0.15, 0.0, 3)),))
-    sent = [Dispatch("a", 1, 10.0, 1, request, decision), Finish("a", 2, 10.5, 1, True),
-            Heartbeat("a", 3, 11.0, 2, ((1, "http://b", 40),))]
+    sent = [Dispatch("a", 1, 10.0, 1, request, decision),
+            State("a", 2, 10.5, 1, (("http://b", 1, 40),),
+                  {"http://p": [0.1, 0.0, 8.0, 40.0, 0.05, 8.0, 72.0]}),
+            State("a", 3, 11.0, 1)]
     for message in sent:
         # Sender's monotonic 100 s = its unix 1000 s; the receiver's monotonic 50 s = unix 1001 s.
         data = encode(message, monotonic_now_s=100.0, unix_now_s=1000.0)
@@ -313,7 +316,9 @@ def test_wire_round_trip_and_malformed_messages() -> None:
     got = decode(msgpack.packb(body), monotonic_now_s=0, unix_now_s=0)
     assert isinstance(got, Dispatch) and got.request.block_hashes == (2**64 - 1, 7)
     for bad in (b"\xc1", msgpack.packb(["x", "a", 1, 0.0, 1]), msgpack.packb(["f", "a", 1]),
-                msgpack.packb(["h", "a", 1, 0.0, 2, [[1, 2, 3]]]),
+                msgpack.packb(["h", "a", 1, 0.0, 2, [[1, "http://b", 3]]]),  # version 1
+                msgpack.packb(["s", "a", 1, 0.0, 2, [[1, 2, 3]], None]),
+                msgpack.packb(["s", "a", 1, 0.0, 2, [], ["not", "a", "map"]]),
                 msgpack.packb(["d", "a", 1, 0.0, 1, {"prompt_tokens": 1}, {}])):
         with pytest.raises(WireError):
             decode(bad, monotonic_now_s=0, unix_now_s=0)

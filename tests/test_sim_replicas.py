@@ -50,7 +50,7 @@ def test_lost_sync_messages_are_counted_and_seen_by_receivers() -> None:
     lossy = run(ReplicaConfig(routers=4, sync=True, sync_loss_ratio=0.2))
     assert 0.15 < lossy["sync_lost"] / lossy["sync_messages"] < 0.25
     assert sum(r["sync_dropped"] for r in lossy["replicas"]) > 0
-    # Heartbeats retire peer requests whose Finish was lost: the view stays near the truth.
+    # A lost state is replaced by the sender's next one: the view stays near the truth.
     assert lossy["in_flight_seen_ratio"] > 0.7
 
 

@@ -6,6 +6,7 @@ on real sockets sending one frame per window."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from fake_backend import FakeBackend, RouterHandle
 from test_router_sync import published_sends
 
-from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
+from policies.replica_sync import Dispatch, Message, State
 from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
 from router.config import ConfigError, parse_config
 from router.sync import wire
@@ -39,8 +40,9 @@ def messages() -> list[Message]:
             # an equal chain in another tuple (a hot prompt tokenized again)
             Dispatch("a", 2, 10.1, 2, request(2, tuple(list(chain))), DECISION),
             Dispatch("a", 3, 10.2, 3, request(3, ()), Decision("http://b", "peer")),
-            Finish("a", 4, 10.5, 1, True),
-            Heartbeat("a", 5, 11.0, 4, ((2, "http://b", 40), (3, "http://b", 40)))]
+            State("a", 4, 10.5, 3, (("http://b", 2, 80),),
+                  {"http://p": [0.1, 0.0, 8.0, 40.0, 0.05, 8.0, 72.0]}),
+            State("a", 5, 11.0, 3)]  # nothing in flight, no policy state
 
 
 def test_a_batch_decodes_to_the_messages_one_frame_each_gives() -> None:
@@ -108,8 +110,8 @@ def test_headers_are_remembered_by_their_bytes_and_the_memory_is_bounded() -> No
     with pytest.raises(WireError, match=r"^not msgpack"):
         decode_frame(whole[:-3], monotonic_now_s=0, unix_now_s=0)  # truncated
     # The frame's own errors keep their words (WireError is a ValueError, as msgpack's are).
-    with pytest.raises(WireError, match=r"^batch version 2"):
-        decode_frame(_batch(v1=2), monotonic_now_s=0, unix_now_s=0)
+    with pytest.raises(WireError, match=r"^batch version 1"):
+        decode_frame(_batch(v1=1), monotonic_now_s=0, unix_now_s=0)
 
 def _batch(**change: Any) -> bytes:
     body = msgpack.unpackb(encode_batch(messages(), monotonic_now_s=0, unix_now_s=0))
@@ -119,15 +121,20 @@ def _batch(**change: Any) -> bytes:
 
 
 @pytest.mark.parametrize("data", [
-    _batch(v1=2),  # a later batch version
+    _batch(v1=1),  # an earlier batch version (finishes and heartbeats, not states)
+    _batch(v1=3),  # a later one
     _batch(v2=7),  # origin
     _batch(v4=[[1, 2], "x"]),  # a chain that is no list
     _batch(v4=[]),  # dispatches naming chains the batch lacks
     _batch(v5=[["d", 1, 0.0, 1, [1, 2], []]]),  # too few values
     _batch(v5=[["x", 1, 0.0, 1, 0]]),  # unknown kind
-    _batch(v5=[["h", 1, 0.0, 1, [[1, 2, 3]]]]),  # heartbeat entry: backend is no string
+    _batch(v5=[["f", 1, 0.0, 1, True]]),  # a version-1 finish
+    _batch(v5=[["s", 1, 0.0, 1, [[1, 2, 3]], None]]),  # state: backend is no string
+    _batch(v5=[["s", 1, 0.0, 1, [], {"http://b": 3}]]),  # state: shared numbers are no list
+    _batch(v5=[["s", 1, 0.0, 1, []]]),  # state: too few values
     _batch(v3={}),  # no field names
-], ids=["version", "origin", "chain", "chain-index", "values", "kind", "heartbeat", "header"])
+], ids=["version-1", "version-3", "origin", "chain", "chain-index", "values", "kind", "finish",
+        "state-load", "state-shared", "state-short", "header"])
 def test_malformed_batches_raise_wire_error(data: bytes) -> None:
     with pytest.raises(WireError):
         decode_frame(data, monotonic_now_s=0, unix_now_s=0)
@@ -150,7 +157,34 @@ async def test_a_replica_with_batch_frames_sends_one_frame_per_window(
 ) -> None:
     sends = await published_sends(start_backend, start_router, http, flush_interval_s=0.3,
                                   batch_frames=True)
-    # One send of one frame: the four dispatches and four finishes together.
-    assert [[sorted(f) for f in send] for send in sends] == [[["Dispatch"] * 4 + ["Finish"] * 4]], \
-        sends
+    # One send of one frame: the four dispatches, and the state after their finishes.
+    assert sends == [[["Dispatch"] * 4 + ["State"]]], sends
 
+
+
+def test_a_peers_state_wakes_the_held_request_and_a_dispatch_alone_does_not() -> None:
+    """A held request waits for capacity to free up (router/hold.py); a peer's finishes free
+    it too and are heard only in its next state, so a frame ending with a state wakes the
+    hold's head. Bad frames and states are counted, and the service goes on."""
+    from prometheus_client import CollectorRegistry
+
+    from policies.kv_aware import KvAware, KvAwareParams
+    from router.sync.service import SyncMetrics, SyncService
+
+    service = SyncService(parse_config({"sync": {"enabled": True}}).sync, {})
+    service.wrap(KvAware(KvAwareParams(), random.Random(0)))
+    registry = CollectorRegistry()
+    metrics = SyncMetrics(registry)
+    woken: list[int] = []
+    service.on_peer_state = lambda: woken.append(1)
+    clocks = {"monotonic_now_s": 0.0, "unix_now_s": 0.0}
+    dispatch, state = messages()[0], messages()[3]
+    service._apply([encode_batch([dispatch], **clocks)], metrics)
+    assert woken == []
+    service._apply([encode_batch([dispatch, state], **clocks)], metrics)
+    assert woken == [1]
+    bad = dataclasses.replace(state, seq=9, shared={"http://p": [1.0]})  # not kv_aware's layout
+    service._apply([b"\xc1", encode_batch([bad], **clocks)], metrics)
+    # the undecodable frame, and the state kv_aware refused
+    assert registry.get_sample_value("kvrouter_sync_decode_errors_total") == 2
+    assert service.sync is not None and service.sync.peers["a"].received == 4

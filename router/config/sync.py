@@ -67,6 +67,9 @@ class SyncConfig:
     # one wake-up at each peer for the lot, instead of one per loop turn. 0: every loop turn.
     flush_interval_s: float = 0.002
     peer_timeout_s: float = 5.0  # a peer silent this long is dropped with its in-flight share
+    # Retired: sync no longer holds peers' requests one by one (their states replace each
+    # other), so nothing can be left over to expire. Accepted and ignored, so that configs
+    # and Helm values of earlier versions still load.
     max_in_flight_s: float = 900.0
     # Ship each dispatch's prompt text to the peers: None (the default) when the policy reads
     # it (character matching: sglang_cache_aware, consistent_hash); kv_aware does not.
@@ -80,7 +83,7 @@ class SyncConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def params(self) -> SyncParams:
-        return SyncParams(self.peer_timeout_s, self.heartbeat_interval_s, self.max_in_flight_s)
+        return SyncParams(self.peer_timeout_s, self.heartbeat_interval_s)
 
     @property
     def endpoint(self) -> str:
@@ -126,6 +129,5 @@ def parse_sync(raw: object) -> SyncConfig:
     try:
         section.params()
     except ValueError as exc:
-        name = "max_in_flight_s" if "max_in_flight_s" in str(exc) else "peer_timeout_s"
-        raise ConfigError(f"sync.{name}", str(exc)) from None
+        raise ConfigError("sync.peer_timeout_s", str(exc)) from None
     return section

@@ -35,7 +35,15 @@ from dataclasses import dataclass, field
 
 from policies.base import PolicyBase
 from policies.kv.events import BlockStored
-from policies.types import BackendId, BlockHash, ClusterView, Decision, Policy, RouteRequest
+from policies.types import (
+    BackendId,
+    BlockHash,
+    ClusterView,
+    Decision,
+    Policy,
+    RouteRequest,
+    SharedState,
+)
 from router.kv.metrics import KvMetrics
 
 __all__ = ["ParityPolicy", "TokenParity"]
@@ -189,3 +197,16 @@ class ParityPolicy(PolicyBase):
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
         self.parity.remove_backend(backend_id)
+
+    # A peer's requests are not this router's to check (their hashes were never noted here).
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        return self.inner.shares_dispatch(request, decision, now_s)
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_peer_dispatched(request, decision, now_s)
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        return self.inner.shared_state(now_s)
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        self.inner.on_peer_state(origin, state, now_s)

@@ -1,8 +1,9 @@
 """The replica-sync service: ZeroMQ PUB/SUB between router replicas (Unix sockets between
 the workers of one host).
 
-Each replica binds one PUB socket (``sync.port``, or ``sync.bind``) and publishes its own
-dispatches, finishes and heartbeats (``router.sync.wire``); it connects one SUB socket to
+Each replica binds one PUB socket (``sync.port``, or ``sync.bind``) and publishes the
+dispatches its peers must record and its own state (``router.sync.wire``,
+``policies.replica_sync``); it connects one SUB socket to
 every peer's PUB socket as discovery finds them (``router.sync.peers``) and applies what
 arrives to its ``policies.replica_sync.ReplicaSync``. A ``unix://`` bind (``serve
 --workers``) swaps both sockets for ``router.sync.unix``'s link, which the event loop drives
@@ -17,8 +18,10 @@ chose them, as for engines that bind). ipc:// endpoints (``serve --workers``) ar
 files, not gated.
 
 Publishing queues the message; what was queued within ``sync.flush_interval_s`` (2 ms) leaves
-as one multipart message (one frame for the lot with ``sync.batch_frames``: ``wire.encode_batch``), a non-blocking send (PUB drops at its high-water mark rather than
-wait; counted). Sending per loop turn cost `serve --workers 2` ~12% of a worker's CPU in
+as one multipart message (one frame for the lot with ``sync.batch_frames``:
+``wire.encode_batch``), a non-blocking send (PUB drops at its high-water mark rather than
+wait; counted). A window in which this replica's own work changed (a dispatch, a first token,
+a finish) ends with its ``State``, built once for the window; every heartbeat sends one too. Sending per loop turn cost `serve --workers 2` ~12% of a worker's CPU in
 ZeroMQ sends alone at concurrency 32 (py-spy; one send per 1-2 requests), and as much again in
 the siblings' wake-ups; a 2 ms window adds 2 ms of sync lag, against engine metrics scraped
 once a second.
@@ -53,7 +56,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from policies.base import needs_prompt_text
-from policies.replica_sync import Message, ReplicaSync, SyncedPolicy
+from policies.replica_sync import Message, ReplicaSync, State, SyncedPolicy
 from policies.types import Policy
 from router.config import Config
 from router.config.sync import SyncConfig
@@ -116,6 +119,9 @@ class SyncService:
         self._send: Callable[[list[bytes]], int] | None = None
         self._sent: Any = None  # kvrouter_sync_messages_total{direction="sent"}, looked up once
         self._outbox: list[Message] = []
+        self._flush_due = False  # a flush is scheduled: the window is open
+        # Called after a frame with a peer's state was applied (the app: wake a held request)
+        self.on_peer_state: Callable[[], None] | None = None
         self._send_text = True  # set by wrap() from the policy (sync.send_prompt_text)
         self._reported_dropped = 0
         self._reported_expired = 0
@@ -124,7 +130,7 @@ class SyncService:
         self.sync = ReplicaSync(self.origin, policy, self.config.params())
         send = self.config.send_prompt_text
         self._send_text = needs_prompt_text(policy) if send is None else send
-        return SyncedPolicy(policy, self.sync, self.publish)
+        return SyncedPolicy(policy, self.sync, self.publish, self._schedule)
 
     def publish(self, message: Message) -> None:
         """Queue ``message``; everything queued within ``flush_interval_s`` leaves as one
@@ -132,20 +138,31 @@ class SyncService:
         if self._send is None:
             return  # not started yet (or stopped): peers will not hear of this one
         self._outbox.append(message)
-        if len(self._outbox) == 1:
-            delay_s = self.config.flush_interval_s
-            loop = asyncio.get_running_loop()
-            if delay_s:
-                loop.call_later(delay_s, self._flush)
-            else:
-                loop.call_soon(self._flush)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """End the current window with a flush (this replica's state, if it changed)."""
+        if self._send is None or self._flush_due:
+            return
+        self._flush_due = True
+        delay_s = self.config.flush_interval_s
+        loop = asyncio.get_running_loop()
+        if delay_s:
+            loop.call_later(delay_s, self._flush)
+        else:
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        send, batch = self._send, self._outbox
+        self._flush_due = False
+        send, batch, sync = self._send, self._outbox, self.sync
         self._outbox = []
-        if send is None or not batch:
+        if send is None or sync is None:
             return
         mono, unix = time.monotonic(), time.time()
+        if sync.changed:
+            batch.append(sync.state(mono))  # after the window's dispatches: it counts them
+        if not batch:
+            return
         if self.config.batch_frames:
             frames = [encode_batch(batch, monotonic_now_s=mono, unix_now_s=unix,
                                    prompt_text=self._send_text)]
@@ -258,6 +275,8 @@ class SyncService:
                 except Exception:  # a policy hook failing on a peer's data must not stop sync
                     metrics.decode_errors.inc()
                     log.exception("applying a sync message from %s failed", message.origin)
+            if self.on_peer_state is not None and isinstance(messages[-1], State):
+                self.on_peer_state()  # (a window's state is its frame's last message)
 
     async def _tick(self) -> None:
         assert self.sync is not None and self.metrics is not None
@@ -267,7 +286,7 @@ class SyncService:
             try:
                 self._drain()  # an edge ZeroMQ's descriptor did not signal is caught here
                 now = time.monotonic()
-                self.publish(sync.heartbeat(now))
+                self.publish(sync.state(now))  # liveness, and heals a lost state
                 sync.expire(now)
                 metrics.peers.set(len(sync.peers))
                 metrics.lag.set(sync.max_lag_s())

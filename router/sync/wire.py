@@ -3,8 +3,9 @@
 One message per frame (every version reads it):
 
     ["d", origin, seq, sent_at_unix_s, request_seq, {RouteRequest fields}, {Decision fields}]
-    ["f", origin, seq, sent_at_unix_s, request_seq, ok]
-    ["h", origin, seq, sent_at_unix_s, next_request_seq, [[request_seq, backend, tokens], ...]]
+    ["s", origin, seq, sent_at_unix_s, dispatches, [[backend, requests, tokens], ...], shared]
+
+``shared`` is the sender's policy's shared state (a map of backend -> numbers) or nil.
 
 Dataclasses travel as maps of their fields, so a field added on one side is ignored by an
 older peer and a field it lacks takes its default: replicas of neighbouring versions keep
@@ -12,10 +13,9 @@ syncing through a rolling update.
 
 A batch per frame (``encode_batch``; ``sync.batch_frames``, on for ``serve --workers``):
 
-    ["b", 1, origin, {class: [field names]}, [[block hashes], ...], [entry, ...]]
+    ["b", 2, origin, {class: [field names]}, [[block hashes], ...], [entry, ...]]
     entry: ["d", seq, sent_at_unix_s, request_seq, [RouteRequest values], [Decision values]]
-           ["f", seq, sent_at_unix_s, request_seq, ok]
-           ["h", seq, sent_at_unix_s, next_request_seq, [[request_seq, backend, tokens], ...]]
+           ["s", seq, sent_at_unix_s, dispatches, [[backend, requests, tokens], ...], shared]
 
 The field names travel once per batch, and values in that order: a receiver whose classes
 have the same fields builds them positionally, and otherwise by name (a field it lacks is
@@ -25,7 +25,12 @@ travels and is decoded once per batch and its dispatches share one tuple. A whol
 one frame is one ZeroMQ message part instead of one per message: with 11 messages of 1.2 KB
 a send and its receipt took 36 against 7 us on this machine. ``decode_frame`` reads both
 forms; an older replica reads only the first (the batch is one undecodable frame to it), so
-senders turn batches on once every replica reads them (the ``1`` is the batch's version). Times on the wire are the sender's wall clock (monotonic
+senders turn batches on once every replica reads them (the ``2`` is the batch's version).
+
+Version 2 (states instead of finishes and heartbeats, ``policies.replica_sync``) is not read
+by replicas of version 1, nor theirs by it: "f" and "h" messages are undecodable here (counted,
+skipped). Through a rolling update across it, old and new replicas route blind to each
+other's traffic until the last old one is gone, as unsynced replicas do. Times on the wire are the sender's wall clock (monotonic
 clocks of two processes share no origin); ``decode`` turns them into the receiver's
 monotonic time, so ``now - sent_at_s`` is the sync lag (including clock skew between hosts).
 Anything malformed raises ``WireError``. Must not import other ``router`` modules.
@@ -41,7 +46,7 @@ from typing import Any
 import msgpack
 from msgpack.exceptions import UnpackException
 
-from policies.replica_sync import Dispatch, Finish, Heartbeat, Message
+from policies.replica_sync import Dispatch, Message, State
 from policies.types import BackendScore, Decision, DecodeEstimate, Prediction, RouteRequest
 
 __all__ = ["BATCH_VERSION", "WireError", "decode", "decode_frame", "encode", "encode_batch"]
@@ -76,11 +81,28 @@ def encode(message: Message, *, monotonic_now_s: float, unix_now_s: float,
         decision = _fields(message.decision)
         decision["scores"] = [_score_fields(s) for s in message.decision.scores]
         body: list[Any] = ["d", *head, message.request_seq, request, decision]
-    elif isinstance(message, Finish):
-        body = ["f", *head, message.request_seq, message.ok]
     else:
-        body = ["h", *head, message.next_request_seq, [list(x) for x in message.in_flight]]
+        body = ["s", *head, message.dispatches, [list(x) for x in message.load],
+                _shared_out(message)]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _shared_out(state: State) -> dict[str, list[float]] | None:
+    shared = state.shared
+    return None if shared is None else {b: list(x) for b, x in shared.items()}
+
+
+def _state(origin: str, seq: int, sent_at_s: float, dispatches: int, load: object,
+           shared: object) -> State:
+    if not isinstance(load, list) or not all(
+            isinstance(x, list) and len(x) == 3 and isinstance(x[0], str)
+            and isinstance(x[1], int) and isinstance(x[2], int) for x in load):
+        raise WireError("state: expected [[backend, requests, tokens]...]")
+    if shared is not None and not (isinstance(shared, dict) and all(
+            isinstance(b, str) and isinstance(x, list) for b, x in shared.items())):
+        raise WireError("state: shared: expected a map of backend -> [numbers] or nil")
+    return State(origin, seq, sent_at_s, dispatches, tuple((x[0], x[1], x[2]) for x in load),
+                 shared)
 
 
 def _score_fields(score: BackendScore) -> dict[str, Any]:
@@ -117,24 +139,17 @@ def decode(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> Message
         body = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise WireError(f"not msgpack: {exc}") from None
-    if not isinstance(body, list) or len(body) < 5 or body[0] not in ("d", "f", "h"):
+    if not isinstance(body, list) or len(body) < 5 or body[0] not in ("d", "s"):
         raise WireError("expected [kind, origin, seq, sent_at, ...]")
     kind, origin, seq, sent_unix_s = body[0], body[1], body[2], body[3]
     if not isinstance(origin, str) or not isinstance(seq, int) or not isinstance(
             sent_unix_s, int | float) or not isinstance(body[4], int):
         raise WireError("bad header types")
     sent_at_s = monotonic_now_s - (unix_now_s - float(sent_unix_s))
-    if kind == "h":
-        if len(body) != 6 or not isinstance(body[5], list) or not all(
-                isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
-                and isinstance(x[1], str) and isinstance(x[2], int) for x in body[5]):
-            raise WireError("heartbeat: expected 6 fields, the last [[seq, backend, tokens]...]")
-        return Heartbeat(origin, seq, sent_at_s, body[4],
-                         tuple((x[0], x[1], x[2]) for x in body[5]))
-    if kind == "f":
-        if len(body) != 6:
-            raise WireError("finish: expected 6 fields")
-        return Finish(origin, seq, sent_at_s, body[4], bool(body[5]))
+    if kind == "s":
+        if len(body) != 7:
+            raise WireError("state: expected 7 fields")
+        return _state(origin, seq, sent_at_s, body[4], body[5], body[6])
     if len(body) != 7 or not isinstance(body[6], dict):
         raise WireError("dispatch: expected 7 fields")
     raw_request = dict(body[5]) if isinstance(body[5], dict) else body[5]
@@ -154,7 +169,7 @@ def decode(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> Message
 
 # ---- a batch per frame ------------------------------------------------------------------------
 
-BATCH_VERSION = 1
+BATCH_VERSION = 2
 # The classes a batch carries, by the key of their field names in the batch's header.
 _CLASSES: dict[str, type] = {"request": RouteRequest, "decision": Decision, "score": BackendScore,
                              "prediction": Prediction, "decode": DecodeEstimate}
@@ -195,11 +210,9 @@ def encode_batch(messages: Sequence[Message], *, monotonic_now_s: float, unix_no
             decision = list(get_decision(message.decision))
             decision[_SCORES_AT] = [_score_values(s) for s in message.decision.scores]
             entries.append(["d", message.seq, sent_unix_s, message.request_seq, values, decision])
-        elif isinstance(message, Finish):
-            entries.append(["f", message.seq, sent_unix_s, message.request_seq, message.ok])
         else:
-            entries.append(["h", message.seq, sent_unix_s, message.next_request_seq,
-                            [list(x) for x in message.in_flight]])
+            entries.append(["s", message.seq, sent_unix_s, message.dispatches,
+                            [list(x) for x in message.load], _shared_out(message)])
     pack = msgpack.packb
     return b"".join((_BATCH_OPEN, pack(messages[0].origin, use_bin_type=True), _HEADER_BYTES,
                      pack(list(chains)), pack(entries, use_bin_type=True)))
@@ -308,10 +321,8 @@ def decode_frame(data: bytes, *, monotonic_now_s: float, unix_now_s: float) -> l
             out.append(Dispatch(origin, seq, sent_at_s, number,
                                 _batch_request(built, chains, entry[4]),
                                 _batch_decision(built, entry[5])))
-        elif kind == "f" and len(entry) == 5:
-            out.append(Finish(origin, seq, sent_at_s, number, bool(entry[4])))
-        elif kind == "h" and len(entry) == 5:
-            out.append(Heartbeat(origin, seq, sent_at_s, number, _in_flight(entry[4])))
+        elif kind == "s" and len(entry) == 6:
+            out.append(_state(origin, seq, sent_at_s, number, entry[4], entry[5]))
         else:
             raise WireError(f"batch entry: unknown kind {kind!r} or wrong length")
     return out
@@ -352,11 +363,3 @@ def _batch_score(built: dict[str, _Builder], builder: _Builder, values: object) 
             if values[at] is not None:
                 values[at] = nested.build(values[at])
     return builder.build(values)  # type: ignore[no-any-return]
-
-
-def _in_flight(raw: object) -> tuple[tuple[int, str, int], ...]:
-    if not isinstance(raw, list) or not all(
-            isinstance(x, list) and len(x) == 3 and isinstance(x[0], int)
-            and isinstance(x[1], str) and isinstance(x[2], int) for x in raw):
-        raise WireError("heartbeat: expected [[seq, backend, tokens]...]")
-    return tuple((x[0], x[1], x[2]) for x in raw)

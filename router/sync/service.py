@@ -21,8 +21,8 @@ Publishing queues the message; what was queued within ``sync.flush_interval_s`` 
 as one multipart message (one frame for the lot with ``sync.batch_frames``:
 ``wire.encode_batch``), a non-blocking send (PUB drops at its high-water mark rather than
 wait; counted). A window in which this replica's own work changed (a dispatch, a first token,
-a finish) ends with its ``State``, built once for the window; every heartbeat sends one too. Sending per loop turn cost `serve --workers 2` ~12% of a worker's CPU in
-ZeroMQ sends alone at concurrency 32 (py-spy; one send per 1-2 requests), and as much again in
+a finish) ends with its ``State``, built once for the window; every heartbeat sends one too.
+Sending per loop turn cost `serve --workers 2` ~12% of a worker's CPU in ZeroMQ sends alone at concurrency 32 (py-spy; one send per 1-2 requests), and as much again in
 the siblings' wake-ups; a 2 ms window adds 2 ms of sync lag, against engine metrics scraped
 once a second.
 

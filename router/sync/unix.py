@@ -18,8 +18,8 @@ there.
 
 Frames to one connection arrive whole and in order. A receiver that stops reading does not
 grow the sender's memory: past ``MAX_BUFFERED_BYTES`` queued for it, frames to it are dropped
-and counted, as a ZeroMQ PUB drops at its high-water mark, and the heartbeats repair the
-ledger. A frame announcing more than ``MAX_FRAME_BYTES`` closes that connection (nothing a
+and counted, as a ZeroMQ PUB drops at its high-water mark, and the sender's next state
+repairs the peer's view. A frame announcing more than ``MAX_FRAME_BYTES`` closes that connection (nothing a
 sibling sends comes near it), which is counted (``on_bad_frame``: the service's decode-error
 counter) and reconnected on the next discovery round.
 Must not import ``simulator``.

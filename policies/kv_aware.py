@@ -316,10 +316,10 @@ from dataclasses import dataclass
 
 from policies.base import PolicyBase
 from policies.kv.index import PrefixIndex
+from policies.kv.peers import PeerWork
 from policies.kv.refresh import RecordRefresh
 from policies.kv_commitment import KvCommitment
 from policies.params import parse_params
-from policies.peer_work import PeerWork, export
 from policies.placement import PlacementMemory
 from policies.preemption_backoff import PreemptionBackoff
 from policies.prefill_cost import BackendSpeed, PendingPrefill, PrefillCost
@@ -1109,7 +1109,7 @@ class KvAware(PolicyBase):
         expiry_s = self._approx.recorded_until(backend_id, deepest)
         return expiry_s is not None and expiry_s > now_s
 
-    # ---- replica sync (policies.replica_sync, policies.peer_work) ---------------------------------
+    # ---- replica sync (policies.replica_sync, policies.kv.peers) ---------------------------------
 
     def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
         """Peers replay a dispatch for its chain records only (``_record``); its queue and KV
@@ -1145,7 +1145,17 @@ class KvAware(PolicyBase):
             self._record(request, prefill_id, predicted, now_s)
 
     def shared_state(self, now_s: float) -> SharedState:
-        return export(self._pending, self._committed, now_s)
+        """This replica's own work per backend with any in flight (``policies.kv.peers``)."""
+        out: dict[BackendId, tuple[float, ...]] = {}
+        for backend_id, queue in self._pending.items():
+            queue.expire(now_s)
+            own = self._committed.own_committed(backend_id)
+            if not queue.prompt_tokens and not own:
+                continue
+            out[backend_id] = (queue.remaining_s(now_s), 1.0 if queue.overdue else 0.0,
+                               queue.new_tokens, float(queue.prompt_tokens),
+                               queue.mean_prefill_s, queue.mean_new_tokens, own)
+        return out
 
     def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
         self._committed.set_peers(self._peers.update(origin, state, now_s))

@@ -210,7 +210,7 @@ def test_in_flight_blocks_and_shared_prefix_match_a_brute_force_over_the_chains(
 
 
 def test_peers_commitments_count_in_room_but_not_in_what_is_shared() -> None:
-    """A replica shares its own committed tokens (policies.peer_work); its peers' sums count
+    """A replica shares its own committed tokens (policies.kv.peers); its peers' sums count
     in ``committed`` and ``has_room``, never in what it shares."""
     kv = KvCommitment(CAP)
     kv.add("b", "r1", chain(1, 4), BS, 4 * BS + 3, 4 * BS + 3, max_tokens=500)  # cold

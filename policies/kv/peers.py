@@ -2,9 +2,10 @@
 
 A replica's kv_aware keeps two kinds of bookkeeping about its own requests in flight: the
 prefill it predicts is still queued on each backend (``PendingPrefill``) and the KV memory
-they will hold there (``KvCommitment``). ``export`` turns both into numbers per backend, once
-per sync window; a peer stores the latest numbers of each replica (``PeerWork.update``) and
-adds them to its own when it scores. Per backend, in this order:
+they will hold there (``KvCommitment``). Its ``shared_state`` turns both into numbers per
+backend, once per sync window; a peer stores the latest numbers of each replica
+(``PeerWork.update``) and adds them to its own when it scores. Per backend, in this order
+(``FIELDS``):
 
     remaining_s       prefill seconds still queued, at the cost model's speed
     overdue           1 when some of it is past its predicted time (then all of it counts)
@@ -24,29 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from policies.kv_commitment import KvCommitment
-from policies.prefill_cost import PendingPrefill
 from policies.types import BackendId, SharedState
 
-__all__ = ["FIELDS", "PeerWork", "export"]
+__all__ = ["FIELDS", "PeerWork"]
 
 FIELDS = ("remaining_s", "overdue", "new_tokens", "prompt_tokens", "mean_prefill_s",
           "mean_new_tokens", "committed_tokens")
-
-
-def export(pending: Mapping[BackendId, PendingPrefill], committed: KvCommitment,
-           now_s: float) -> dict[BackendId, tuple[float, ...]]:
-    """This replica's own work per backend with any in flight (``FIELDS``)."""
-    out: dict[BackendId, tuple[float, ...]] = {}
-    for backend_id, queue in pending.items():
-        queue.expire(now_s)
-        own = committed.own_committed(backend_id)
-        if not queue.prompt_tokens and not own:
-            continue
-        out[backend_id] = (queue.remaining_s(now_s), 1.0 if queue.overdue else 0.0,
-                           queue.new_tokens, float(queue.prompt_tokens), queue.mean_prefill_s,
-                           queue.mean_new_tokens, own)
-    return out
 
 
 class PeerWork:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -279,11 +280,44 @@ def _build_locked(
 # ---------------------------------------------------------------------------- engines
 
 
+# Ports are handed out below the kernel's ephemeral range. An engine binds its replay socket
+# ~25 s after we pick the port, and meanwhile vLLM itself (and every other engine starting
+# beside it) binds port 0 and connects outward many times: an ephemeral pick can be taken in
+# that window, and CI once lost a whole end-to-end run to "Address already in use". Nothing
+# the kernel assigns falls below the range, and a port handed out once in this process is
+# not handed out again.
+_PORTS_FLOOR = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+    return low
+
+
 def free_port() -> int:
-    """An ephemeral port free right now on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free right now on 127.0.0.1 that the kernel will not hand to anyone else."""
+    ceiling = _ephemeral_low()
+    if ceiling - _PORTS_FLOOR < 1000:  # a tuned range leaves no room below: let the OS pick
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    pick = random.Random()  # seeded from the OS: two processes pick different sequences
+    for _ in range(200):
+        port = pick.randrange(_PORTS_FLOOR, ceiling)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{_PORTS_FLOOR}, {ceiling}) after 200 tries")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from router.cli import add_arguments, build_config
 from router.config import ConfigError, apply_env, load_config, parse_config
@@ -124,15 +124,9 @@ def test_flags_alone_need_no_file():
     assert config.server.host == "127.0.0.1" and config.server.port == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_serve_process_proxies_and_rejects_bad_config(start_backend, http, tmp_path):
     backend = await start_backend(name="a")
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "c.yaml"
     path.write_text(f"backends: [{backend.url}]\n")
     env = os.environ | {"KVROUTER_LOG_LEVEL": "warning"}

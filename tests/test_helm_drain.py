@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,12 +15,7 @@ import aiohttp
 import yaml
 from fake_backend import FakeBackend
 from fake_kube import FakeKube, make_pod
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ports import free_port
 
 
 async def test_serve_discovers_pods_and_drains_streams_on_sigterm(
@@ -44,7 +38,7 @@ async def test_serve_discovers_pods_and_drains_streams_on_sigterm(
             "clusters": [{"name": "k", "cluster": {"server": kube.url}}],
             "users": [{"name": "u", "user": {"token": "sa-token"}}],
         }))
-        port = _free_port()
+        port = free_port()
         config = tmp_path / "config.yaml"
         config.write_text(yaml.safe_dump({
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},

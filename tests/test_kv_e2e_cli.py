@@ -6,22 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 
 import aiohttp
+from ports import free_port
 
 from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
 
 MODEL = "tiny-llama"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _metric_lines(session, url, prefix):
@@ -33,7 +27,7 @@ async def _metric_lines(session, url, prefix):
 async def test_serve_with_model_tokenizer_predicts_hits():
     async with EmulatedCluster(count=2, model=MODEL, block_size=16, time_scale=20.0,
                                tokenizer=default_path()) as cluster:
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "kvrouter.cli", "serve", "--policy", "kv_aware",
                "--port", str(port), "--loop", "asyncio", "--log-level", "warning",
                "--model-tokenizer", f"{MODEL}={default_path()}"]

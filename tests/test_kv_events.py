@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from ports import free_port
 
 from policies.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from policies.kv.hashing import BlockHasher, Namespace
@@ -23,12 +23,6 @@ from router.kv.wire import WireError, decode_live, decode_replay, replay_request
 
 BS = 4
 MODEL = "tiny"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stored_map(hashes, parent, tokens):
@@ -245,7 +239,7 @@ def test_parse_event_sources_per_rank():
 
 @pytest.mark.parametrize("engine_binds", [True, False], ids=["engine-binds", "engine-connects"])
 async def test_events_reach_the_index_in_order(ctx, engine_binds):
-    port, rport = _port(), _port()
+    port, rport = free_port(), free_port()
     endpoint = f"tcp://*:{port}" if engine_binds else f"tcp://127.0.0.1:{port}"
     source = KvEventSource.for_backend("http://127.0.0.1:9", endpoint,
                                        f"tcp://127.0.0.1:{rport}", "kv@e0")
@@ -305,7 +299,7 @@ async def test_a_backlog_is_applied_in_full_a_few_frames_per_loop_turn(ctx):
 async def _live(ctx, **kw):
     """An engine that binds and an ingestor subscribed to it, past ZMQ's slow-joiner window:
     (port, source, engine, ingestor, index, metrics, task)."""
-    port, rport = _port(), _port()
+    port, rport = free_port(), free_port()
     source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}",
                                        f"tcp://127.0.0.1:{rport}", "kv@e0")
     engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
@@ -355,7 +349,7 @@ async def test_engine_restart_clears_backend(ctx):
 
 
 async def test_late_join_replays_what_the_engine_buffered(ctx):
-    port, rport = _port(), _port()
+    port, rport = free_port(), free_port()
     engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
     tokens = list(range(200, 216))
     engine.publish([stored_map([1, 2], None, tokens[:8])])  # nobody is listening yet
@@ -382,9 +376,9 @@ async def test_late_join_replays_what_the_engine_buffered(ctx):
 
 
 async def test_malformed_messages_are_counted_and_skipped(ctx):
-    port = _port()
+    port = free_port()
     source = KvEventSource.for_backend("http://127.0.0.1:9", f"tcp://*:{port}", None, "kv@e0")
-    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{_port()}")
+    engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{free_port()}")
     ing, index, metrics, task = await start_ingestor([source])
     await wait_for(lambda: _probe(engine, ing))
     engine.pub.send_multipart([b"kv@e0", b"\x00" * 8, b"\xc1garbage"])
@@ -453,7 +447,7 @@ async def test_a_message_far_ahead_gets_bounded_replays_then_a_resync(ctx):
 
 
 async def test_lag_describes_live_batches_and_replayed_ones_are_counted_apart(ctx):
-    port, rport = _port(), _port()
+    port, rport = free_port(), free_port()
     engine = FakeEngine(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rport}")
     for i in range(3):  # published long ago, before the router joined
         engine.publish([stored_map([i + 1], i or None, list(range(4 * i, 4 * i + 4)))],
@@ -474,7 +468,7 @@ async def test_lag_describes_live_batches_and_replayed_ones_are_counted_apart(ct
 async def test_a_bound_socket_refuses_events_from_addresses_that_are_no_backend(ctx):
     from router.kv.auth import EventSocketGate
 
-    port, rport = _port(), _port()
+    port, rport = free_port(), free_port()
     bind = f"tcp://127.0.0.1:{port}"
     source = KvEventSource.for_backend("http://127.0.0.1:9", bind, f"tcp://127.0.0.1:{rport}",
                                        "kv@e0")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fake_backend import FakeBackend, wait_until_ok
+from ports import free_port
 
 from kvrouter import native
 
@@ -167,12 +167,6 @@ def test_compiled_kv_aware_routes_exactly_as_the_python_sources(
     assert compiled == python
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _mapped(pid: int, built: Path) -> bool:
     """Has process ``pid`` loaded a compiled module of ``built``?"""
     try:
@@ -191,7 +185,7 @@ async def test_serve_with_workers_runs_the_compiled_path_in_every_worker(
     built: Path, start_backend: Callable[..., Awaitable[FakeBackend]]
 ) -> None:
     backends = [await start_backend() for _ in range(2)]
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvrouter.cli", "serve", "--workers", "2", "--port", str(port),
         "--policy", "kv_aware", "--log-level", "info",

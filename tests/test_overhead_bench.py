@@ -21,17 +21,12 @@ sys.path.insert(0, str(BENCH))
 import overhead  # noqa: E402
 import wrk_client  # noqa: E402
 import zero_backend  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ports import free_port  # noqa: E402
 
 
 @pytest.fixture
 async def backend() -> str:
-    port = _free_port()
+    port = free_port()
     task = asyncio.create_task(zero_backend.serve([port]))
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -105,7 +100,7 @@ async def test_wrk_slice_sends_the_benchmark_bodies(unique: bool) -> None:
     app.router.add_post("/v1/completions", record)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         url = f"http://127.0.0.1:{port}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,16 +16,11 @@ import pytest
 import zmq
 import zmq.asyncio
 from fake_backend import FakeBackend, RouterHandle, wait_for
+from ports import free_port
 
 from router.config import ConfigError, parse_config
 
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw_config(backends: list[FakeBackend], own: int, peer: int, transport: str = "tcp",

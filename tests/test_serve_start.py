@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fake_backend import wait_until_ok
+from ports import free_port
 
 from simulator.emulator.fleet import EmulatedCluster
 from simulator.tiny_tokenizer import default_path
@@ -22,16 +22,10 @@ from simulator.tiny_tokenizer import default_path
 MODEL = "tiny-llama"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _serve_log(args: list[str], settle_s: float = 1.5) -> str:
     """Start `kvrouter serve ARGS`, wait for /health, let the first checks run, stop it, and
     return everything it logged."""
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvrouter.cli", "serve", "--port", str(port), "--loop", "asyncio",
         "--log-level", "info", *args, env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -65,7 +59,7 @@ async def test_tokenizer_for_a_model_nobody_serves_is_named() -> None:
 
 
 async def test_unhealthy_warnings_say_why() -> None:
-    refused = _free_port()  # nothing listens there
+    refused = free_port()  # nothing listens there
     async with EmulatedCluster(count=1, model=MODEL, time_scale=10.0) as cluster:
         # A path prefix the pod does not serve: its health check gets 404.
         log = await _serve_log(["--backend", f"http://127.0.0.1:{refused}",

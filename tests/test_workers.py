@@ -7,21 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 from fake_backend import FakeBackend
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.workers import merge_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def samples(text: str, name: str) -> dict[str, float]:

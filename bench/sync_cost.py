@@ -77,20 +77,17 @@ def _route(policy: Policy, requests: list[RouteRequest],
 
 
 def _synced(windows: list[list[Message]] | None) -> tuple[SyncedPolicy, Callable[[float], None]]:
-    """A synced kv_aware, and its window's end: the window's messages, then its state if its
-    own work changed (``router.sync.service``'s flush), kept in ``windows`` when given."""
+    """A synced kv_aware, and its window's end (``ReplicaSync.flush``, as
+    ``router.sync.service`` calls it), the windows' messages kept in ``windows`` when given."""
     inner = create({}, random.Random(0))
     sync = ReplicaSync("a", inner)
-    outbox: list[Message] = []
 
     def end_window(now_s: float) -> None:
-        if sync.changed:
-            outbox.append(sync.state(now_s))
-        if windows is not None and outbox:
-            windows.append(list(outbox))
-        outbox.clear()
+        batch = sync.flush(now_s)
+        if windows is not None and batch:
+            windows.append(batch)
 
-    return SyncedPolicy(inner, sync, outbox.append), end_window
+    return SyncedPolicy(inner, sync), end_window
 
 
 def _cpu_s() -> float:

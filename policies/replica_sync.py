@@ -163,6 +163,8 @@ class ReplicaSync:
         self._own: dict[tuple[str, BackendId], list[int]] = {}
         self._own_load: dict[BackendId, list[int]] = {}  # [requests, prompt tokens]
         self.changed = False  # own work changed since the last State
+        self._outbox: list[Message] = []  # this window's dispatches to share
+        self._window_open = False  # a flush is due: the transport will call flush()
         self.peers: dict[str, PeerStats] = {}
         # Peers' in-flight load per backend, summed over their latest states.
         self._load: dict[BackendId, tuple[int, int]] = {}
@@ -177,7 +179,8 @@ class ReplicaSync:
 
     def dispatched(self, request: RouteRequest, decision: Decision, now_s: float,
                    share: bool = True) -> Dispatch | None:
-        """Count one own dispatch in the next State; the Dispatch to send when ``share``."""
+        """Count one own dispatch in the next State; the Dispatch to send when ``share``
+        (``SyncedPolicy`` queues it in the window)."""
         self._dispatches += 1
         tokens = request.prompt_tokens
         self._own.setdefault((request.request_id, decision.backend_id), []).append(tokens)
@@ -206,6 +209,41 @@ class ReplicaSync:
         if not load[0]:
             del self._own_load[decision.backend_id]
         self.changed = True
+
+    # ---- the flush window: what the transport sends, and when --------------------------------------
+    #
+    # Messages leave in windows: the first change to this replica's own work (a dispatch, a
+    # first token, a finish) or a heartbeat opens one, the transport calls ``flush`` when it
+    # ends (``sync.flush_interval_s`` live, ``sync_flush_s`` in the simulator), and the window
+    # leaves as one batch: its shared dispatches, then one State if own work changed. The
+    # live service and the simulator share this bookkeeping; they differ only in how they
+    # wait and deliver.
+
+    def queue(self, message: Message) -> bool:
+        """Add ``message`` to the window; True when that opened it (schedule ``flush``)."""
+        self._outbox.append(message)
+        return self.open_window()
+
+    def open_window(self) -> bool:
+        """True when no window was open: the caller must schedule ``flush``."""
+        if self._window_open:
+            return False
+        self._window_open = True
+        return True
+
+    def heartbeat(self) -> bool:
+        """A State is due (liveness; it also heals a lost one): True when a window opened."""
+        self.changed = True
+        return self.open_window()
+
+    def flush(self, now_s: float) -> list[Message]:
+        """End the window: its dispatches, then this replica's State if its work changed
+        (after them: the State counts them)."""
+        self._window_open = False
+        batch, self._outbox = self._outbox, []
+        if self.changed:
+            batch.append(self.state(now_s))
+        return batch
 
     def state(self, now_s: float) -> State:
         """This replica's own work now; the policy's share is asked only here, once a window."""
@@ -290,16 +328,15 @@ class ReplicaSync:
 
 class SyncedPolicy:
     """A replica's policy as its proxy sees it: the inner policy over the fleet's in-flight
-    view, publishing the dispatches its peers must record and telling its transport when its
-    own work changed (``changed``: the transport sends ``sync.state`` at the end of the
-    window). Peers' messages go to ``sync.receive`` (never republished)."""
+    view, queueing in ``sync``'s window the dispatches its peers must record and noting when
+    its own work changed. ``window_opened`` tells the transport to call ``sync.flush`` at the
+    window's end. Peers' messages go to ``sync.receive`` (never republished)."""
 
-    def __init__(self, inner: Policy, sync: ReplicaSync, publish: Callable[[Message], None],
-                 changed: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, inner: Policy, sync: ReplicaSync,
+                 window_opened: Callable[[], None] = lambda: None) -> None:
         self.inner = inner
         self.sync = sync
-        self.publish = publish
-        self.changed = changed
+        self.window_opened = window_opened
         self.name = inner.name
         # The last view overlaid, and the load version it saw: the proxy asks defer and then
         # choose about the same view, and the overlay is the same while no peer state came.
@@ -328,22 +365,24 @@ class SyncedPolicy:
         # Asked first: recording the dispatch is what makes a second one "recorded lately".
         share = self.inner.shares_dispatch(request, decision, now_s)
         self.inner.on_dispatched(request, decision, now_s)
-        message = self.sync.dispatched(request, decision, now_s, share)
-        if message is not None:
-            self.publish(message)
-        self.changed()
+        sync = self.sync
+        message = sync.dispatched(request, decision, now_s, share)
+        if sync.queue(message) if message is not None else sync.open_window():
+            self.window_opened()
 
     def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_first_token(request, decision, now_s)
         self.sync.changed = True  # its forecast ended: the policy's shared state changed
-        self.changed()
+        if self.sync.open_window():
+            self.window_opened()
 
     def on_finished(
         self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
     ) -> None:
         self.inner.on_finished(request, decision, now_s, ok)
         self.sync.finished(request, decision)
-        self.changed()
+        if self.sync.open_window():
+            self.window_opened()
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)

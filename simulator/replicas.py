@@ -111,11 +111,8 @@ class ReplicaSet:
             for r, router in enumerate(self.replicas):
                 sync = ReplicaSync(f"replica-{r}", router.policy, params)
                 router.policy = SyncedPolicy(router.policy, sync,
-                                             functools.partial(self._publish, r),
                                              functools.partial(self._schedule, r))
                 self.syncs.append(sync)
-        self._outbox: list[list[Message]] = [[] for _ in range(r_count)]
-        self._flush_due = [False] * r_count
         rng = random.Random(seed ^ 0x5E41CE)
         self._spread = rng
         self._event_extra_s = [rng.uniform(0.0, config.event_delay_spread_s) for _ in range(r_count)]
@@ -196,22 +193,12 @@ class ReplicaSet:
 
     # ---- sync traffic ----------------------------------------------------------------------------
 
-    def _publish(self, sender: int, message: Message) -> None:
-        self._outbox[sender].append(message)
-        self._schedule(sender)
-
     def _schedule(self, sender: int) -> None:
-        if not self._flush_due[sender]:
-            self._flush_due[sender] = True
-            self.loop.after(self.config.sync_flush_s, self._flush, sender)
+        """``sender``'s window opened: it leaves ``sync_flush_s`` on, as live."""
+        self.loop.after(self.config.sync_flush_s, self._flush, sender)
 
     def _flush(self, sender: int) -> None:
-        self._flush_due[sender] = False
-        messages, self._outbox[sender] = self._outbox[sender], []
-        sync = self.syncs[sender]
-        if sync.changed:
-            messages.append(sync.state(self.loop.now_s))
-        for message in messages:
+        for message in self.syncs[sender].flush(self.loop.now_s):
             self._broadcast(sender, message)
 
     def _broadcast(self, sender: int, message: Message) -> None:
@@ -249,7 +236,8 @@ class ReplicaSet:
     def _tick(self) -> None:
         now = self.loop.now_s
         for r, sync in enumerate(self.syncs):
-            self._broadcast(r, sync.state(now))
+            if sync.heartbeat():
+                self._schedule(r)
             sync.expire(now)
         if self.keep_going():
             self.loop.after(self.config.heartbeat_interval_s, self._tick)

@@ -103,7 +103,7 @@ def test_a_synced_policys_view_follows_peer_states_between_two_questions() -> No
             return False
 
     recorder: Any = Recorder(KvAware(KvAwareParams(), random.Random(0)))
-    synced = SyncedPolicy(recorder, b, lambda m: None)
+    synced = SyncedPolicy(recorder, b)
     view = ClusterView(now_s=0.0, backends=states())
     dispatch(a, request(1), 0.0)
     b.receive(a.state(0.0), 0.001)
@@ -241,6 +241,34 @@ def test_a_malformed_shared_state_raises_and_leaves_the_last_good_one() -> None:
             b.receive(bad, 0.0)
     second, _ = dispatch(b, request(2, tokens=8000), 0.0)
     assert second.backend_id != next(iter(good.shared))  # A's good state still counts
+
+
+def test_a_window_opens_once_and_leaves_its_dispatches_then_one_state() -> None:
+    """The flush window the live service and the simulator share: the first change opens it
+    (one flush to schedule), everything until the flush leaves together, the State last."""
+    a = ReplicaSync("a", kv_aware(1))
+    opened: list[float] = []
+    synced = SyncedPolicy(a.policy, a, lambda: opened.append(0.0))
+    view = ClusterView(now_s=0.0, backends=states())
+    reqs = [request(i, hashes=(100 + i,)) for i in range(3)]  # three cold prefixes: all shared
+    decisions = []
+    for req in reqs:
+        decisions.append(synced.choose(req, view))
+        synced.on_dispatched(req, decisions[-1], 0.0)
+    synced.on_first_token(reqs[0], decisions[0], 0.001)
+    assert len(opened) == 1  # one window for the lot
+    batch = a.flush(0.002)
+    assert [type(m) for m in batch] == [Dispatch, Dispatch, Dispatch, State]
+    state = batch[-1]
+    assert isinstance(state, State) and state.dispatches == 3  # it counts the window's dispatches
+    assert a.flush(0.003) == []  # nothing changed since: an empty window sends nothing
+    synced.on_finished(reqs[0], decisions[0], 0.004, True)
+    assert len(opened) == 2
+    (after,) = a.flush(0.006)
+    assert isinstance(after, State) and sum(n for _b, n, _t in after.load) == 2
+    assert a.heartbeat() and not a.heartbeat()  # a heartbeat opens a window once
+    (beat,) = a.flush(1.0)
+    assert isinstance(beat, State)  # liveness: a State even with nothing changed
 
 
 def test_own_echo_is_ignored_and_params_are_checked() -> None:

@@ -17,11 +17,12 @@ skew every replica's view, so the SUB side connects only to discovered peers (th
 chose them, as for engines that bind). ipc:// endpoints (``serve --workers``) are local
 files, not gated.
 
-Publishing queues the message; what was queued within ``sync.flush_interval_s`` (2 ms) leaves
-as one multipart message (one frame for the lot with ``sync.batch_frames``:
-``wire.encode_batch``), a non-blocking send (PUB drops at its high-water mark rather than
-wait; counted). A window in which this replica's own work changed (a dispatch, a first token,
-a finish) ends with its ``State``, built once for the window; every heartbeat sends one too.
+Messages leave in windows (``ReplicaSync.flush``): the first change to this replica's own
+work (a dispatch, a first token, a finish) or a heartbeat opens one, and
+``sync.flush_interval_s`` (2 ms) later it leaves as one multipart message (one frame for the
+lot with ``sync.batch_frames``: ``wire.encode_batch``): the dispatches to share, then the
+replica's ``State``, built once for the window. The send does not block (PUB drops at its
+high-water mark rather than wait; counted).
 Sending per loop turn cost `serve --workers 2` ~12% of a worker's CPU in ZeroMQ sends alone at concurrency 32 (py-spy; one send per 1-2 requests), and as much again in
 the siblings' wake-ups; a 2 ms window adds 2 ms of sync lag, against engine metrics scraped
 once a second.
@@ -56,7 +57,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from policies.base import needs_prompt_text
-from policies.replica_sync import Message, ReplicaSync, State, SyncedPolicy
+from policies.replica_sync import ReplicaSync, State, SyncedPolicy
 from policies.types import Policy
 from router.config import Config
 from router.config.sync import SyncConfig
@@ -118,8 +119,6 @@ class SyncService:
         # None until the transport is up (and after it is down).
         self._send: Callable[[list[bytes]], int] | None = None
         self._sent: Any = None  # kvrouter_sync_messages_total{direction="sent"}, looked up once
-        self._outbox: list[Message] = []
-        self._flush_due = False  # a flush is scheduled: the window is open
         # Called after a frame with a peer's state was applied (the app: wake a held request)
         self.on_peer_state: Callable[[], None] | None = None
         self._send_text = True  # set by wrap() from the policy (sync.send_prompt_text)
@@ -130,21 +129,14 @@ class SyncService:
         self.sync = ReplicaSync(self.origin, policy, self.config.params())
         send = self.config.send_prompt_text
         self._send_text = needs_prompt_text(policy) if send is None else send
-        return SyncedPolicy(policy, self.sync, self.publish, self._schedule)
-
-    def publish(self, message: Message) -> None:
-        """Queue ``message``; everything queued within ``flush_interval_s`` leaves as one
-        multipart ZeroMQ message (one send here, one wake-up at each peer)."""
-        if self._send is None:
-            return  # not started yet (or stopped): peers will not hear of this one
-        self._outbox.append(message)
-        self._schedule()
+        return SyncedPolicy(policy, self.sync, self._schedule)
 
     def _schedule(self) -> None:
-        """End the current window with a flush (this replica's state, if it changed)."""
-        if self._send is None or self._flush_due:
+        """A window opened (``ReplicaSync.open_window``): flush it ``flush_interval_s`` on."""
+        if self._send is None:  # not started yet (or stopped): peers will not hear of it
+            assert self.sync is not None
+            self.sync.flush(time.monotonic())  # and the window must not stay open
             return
-        self._flush_due = True
         delay_s = self.config.flush_interval_s
         loop = asyncio.get_running_loop()
         if delay_s:
@@ -153,15 +145,14 @@ class SyncService:
             loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_due = False
-        send, batch, sync = self._send, self._outbox, self.sync
-        self._outbox = []
-        if send is None or sync is None:
+        """Send the window as one multipart ZeroMQ message (one send here, one wake-up at
+        each peer)."""
+        send, sync = self._send, self.sync
+        if sync is None:
             return
         mono, unix = time.monotonic(), time.time()
-        if sync.changed:
-            batch.append(sync.state(mono))  # after the window's dispatches: it counts them
-        if not batch:
+        batch = sync.flush(mono)
+        if send is None or not batch:
             return
         if self.config.batch_frames:
             frames = [encode_batch(batch, monotonic_now_s=mono, unix_now_s=unix,
@@ -286,7 +277,8 @@ class SyncService:
             try:
                 self._drain()  # an edge ZeroMQ's descriptor did not signal is caught here
                 now = time.monotonic()
-                self.publish(sync.state(now))  # liveness, and heals a lost state
+                if sync.heartbeat():  # a State: liveness, and it heals a lost one
+                    self._schedule()
                 sync.expire(now)
                 metrics.peers.set(len(sync.peers))
                 metrics.lag.set(sync.max_lag_s())

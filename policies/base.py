@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from policies.types import BackendId, ClusterView, Decision, RouteRequest, SharedState
+from policies.types import BackendId, ClusterView, Decision, Policy, RouteRequest, SharedState
 
-__all__ = ["PolicyBase", "backend_speed_factors", "needs_prompt_text"]
+__all__ = ["PolicyBase", "PolicyWrapper", "backend_speed_factors", "needs_prompt_text"]
 
 
 class PolicyBase:
@@ -54,6 +54,49 @@ class PolicyBase:
 
     def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
         return None
+
+
+class PolicyWrapper(PolicyBase):
+    """A policy around another (``inner``) that passes every hook through; a wrapper overrides
+    only what it adds (the P/D decider, the token-parity check, replica sync). It keeps
+    ``inner``'s name so metrics labels do not move. New hooks are forwarded here, once, so no
+    wrapper can swallow one by falling back to ``PolicyBase``'s no-op."""
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return self.inner.choose(request, view)
+
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return self.inner.defer(request, view)
+
+    def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_dispatched(request, decision, now_s)
+
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_first_token(request, decision, now_s)
+
+    def on_finished(
+        self, request: RouteRequest, decision: Decision, now_s: float, ok: bool
+    ) -> None:
+        self.inner.on_finished(request, decision, now_s, ok)
+
+    def on_backend_removed(self, backend_id: BackendId) -> None:
+        self.inner.on_backend_removed(backend_id)
+
+    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
+        return self.inner.shares_dispatch(request, decision, now_s)
+
+    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_peer_dispatched(request, decision, now_s)
+
+    def shared_state(self, now_s: float) -> SharedState | None:
+        return self.inner.shared_state(now_s)
+
+    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
+        self.inner.on_peer_state(origin, state, now_s)
 
 
 def backend_speed_factors(policy: object, now_s: float) -> dict[BackendId, float]:

@@ -59,7 +59,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from policies.base import PolicyBase
+from policies.base import PolicyWrapper
 from policies.kv.lookup import MatchOnce
 from policies.params import parse_params
 from policies.prefill_cost import PrefillCost
@@ -74,7 +74,6 @@ from policies.types import (
     Policy,
     Role,
     RouteRequest,
-    SharedState,
 )
 
 __all__ = ["Disaggregated", "DisaggregationParams", "is_disaggregated", "wrap"]
@@ -125,13 +124,13 @@ def is_disaggregated(backends: tuple[BackendState, ...]) -> bool:
     return False
 
 
-class Disaggregated(PolicyBase):
-    """The decider around ``inner``; keeps ``inner``'s name so metrics labels do not move."""
+class Disaggregated(PolicyWrapper):
+    """The decider around ``inner``; keeps ``inner``'s name so metrics labels do not move.
+    The hooks that carry a decision hand ``inner`` the decision without decode-side scores."""
 
     def __init__(self, inner: Policy, params: DisaggregationParams, rng: random.Random) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.params = params
-        self.name = inner.name
         self._rng = rng
         self._fallback_cost = PrefillCost()
 
@@ -296,9 +295,6 @@ class Disaggregated(PolicyBase):
             return decision
         return dataclasses.replace(decision, scores=tuple(s for s in scores if s.decode is None))
 
-    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
-        return self.inner.defer(request, view)
-
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, self._for_inner(decision), now_s)
 
@@ -310,20 +306,11 @@ class Disaggregated(PolicyBase):
     ) -> None:
         self.inner.on_finished(request, self._for_inner(decision), now_s, ok)
 
-    def on_backend_removed(self, backend_id: BackendId) -> None:
-        self.inner.on_backend_removed(backend_id)
-
     def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
         return self.inner.shares_dispatch(request, self._for_inner(decision), now_s)
 
     def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_peer_dispatched(request, self._for_inner(decision), now_s)
-
-    def shared_state(self, now_s: float) -> SharedState | None:
-        return self.inner.shared_state(now_s)
-
-    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
-        self.inner.on_peer_state(origin, state, now_s)
 
 
 def chosen_engine(backends: tuple[BackendState, ...], backend_id: BackendId) -> EngineKind:

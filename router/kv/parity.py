@@ -33,16 +33,14 @@ import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from policies.base import PolicyBase
+from policies.base import PolicyWrapper
 from policies.kv.events import BlockStored
 from policies.types import (
     BackendId,
     BlockHash,
-    ClusterView,
     Decision,
     Policy,
     RouteRequest,
-    SharedState,
 )
 from router.kv.metrics import KvMetrics
 
@@ -168,45 +166,20 @@ def _adjust(backend: _Backend, expectation: _Expectation, delta: int) -> None:
                 table.pop(h, None)
 
 
-class ParityPolicy(PolicyBase):
-    """Wraps the routing policy to learn where each request went; decides nothing itself."""
+class ParityPolicy(PolicyWrapper):
+    """Wraps the routing policy to learn where each request went; decides nothing itself. A
+    peer's requests are not this router's to check (their hashes were never noted here):
+    the peer hooks pass through unnoted."""
 
     def __init__(self, inner: Policy, parity: TokenParity) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.parity = parity
-        self.name = inner.name
-
-    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
-        return self.inner.choose(request, view)
-
-    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
-        return self.inner.defer(request, view)
 
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, decision, now_s)
         self.parity.dispatched(request.request_id, decision.prefill_backend_id
                                or decision.backend_id, now_s)
 
-    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
-        self.inner.on_first_token(request, decision, now_s)
-
-    def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
-                    ok: bool) -> None:
-        self.inner.on_finished(request, decision, now_s, ok)
-
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)
         self.parity.remove_backend(backend_id)
-
-    # A peer's requests are not this router's to check (their hashes were never noted here).
-    def shares_dispatch(self, request: RouteRequest, decision: Decision, now_s: float) -> bool:
-        return self.inner.shares_dispatch(request, decision, now_s)
-
-    def on_peer_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
-        self.inner.on_peer_dispatched(request, decision, now_s)
-
-    def shared_state(self, now_s: float) -> SharedState | None:
-        return self.inner.shared_state(now_s)
-
-    def on_peer_state(self, origin: str, state: SharedState | None, now_s: float) -> None:
-        self.inner.on_peer_state(origin, state, now_s)

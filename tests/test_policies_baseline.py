@@ -188,3 +188,31 @@ def test_consistent_hash_bounded_load_spills_hot_key():
 def test_bad_params_name_the_key(name, params, message):
     with pytest.raises(ParamError, match=message):
         build_policy(name, params, random.Random(0))
+
+
+def test_a_wrapper_passes_every_hook_of_the_policy_interface_through():
+    """Every method of ``Policy`` reaches the inner policy through ``PolicyWrapper``: a hook
+    added to the interface and not forwarded would fall to ``PolicyBase``'s no-op in the P/D
+    decider, the parity check and replica sync alike."""
+    import inspect
+
+    from policies.base import PolicyWrapper
+    from policies.types import Policy
+
+    hooks = [n for n, v in vars(Policy).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert "on_peer_state" in hooks and "choose" in hooks
+    calls: list[str] = []
+
+    class Inner:
+        name = "inner"
+
+        def __getattr__(self, hook):
+            return lambda *args: calls.append(hook)
+
+    wrapper = PolicyWrapper(Inner())
+    for hook in hooks:
+        arity = len(inspect.signature(getattr(Policy, hook)).parameters) - 1
+        getattr(wrapper, hook)(*([None] * arity))
+        assert calls[-1:] == [hook], hook
+    assert calls == hooks
+    assert wrapper.name == "inner"

@@ -58,9 +58,16 @@ class PolicyBase:
 
 class PolicyWrapper(PolicyBase):
     """A policy around another (``inner``) that passes every hook through; a wrapper overrides
-    only what it adds (the P/D decider, the token-parity check, replica sync). It keeps
-    ``inner``'s name so metrics labels do not move. New hooks are forwarded here, once, so no
-    wrapper can swallow one by falling back to ``PolicyBase``'s no-op."""
+    only what it adds (the P/D decider, the token-parity check). It keeps ``inner``'s name so
+    metrics labels do not move. New hooks are forwarded here, once, so no wrapper can swallow
+    one by falling back to ``PolicyBase``'s no-op.
+
+    This module is not compiled (interpreted policies subclass ``PolicyBase``, and an
+    interpreted class cannot inherit from a compiled one), so a compiled wrapper runs what it
+    inherits from here interpreted: it writes out the hooks every request calls (``choose``,
+    ``defer``, ``on_dispatched``, ``on_first_token``, ``on_finished``) and inherits the rare
+    ones (a backend removed, replica sync's). ``SyncedPolicy``, on every request of a synced
+    replica, keeps its own class altogether."""
 
     def __init__(self, inner: Policy) -> None:
         self.inner = inner

@@ -295,6 +295,11 @@ class Disaggregated(PolicyWrapper):
             return decision
         return dataclasses.replace(decision, scores=tuple(s for s in scores if s.decode is None))
 
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        # Written out, not inherited: PolicyWrapper's pass-throughs run interpreted
+        # (policies/base.py is not compiled), and this one runs on every request.
+        return self.inner.defer(request, view)
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, self._for_inner(decision), now_s)
 

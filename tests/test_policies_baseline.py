@@ -216,3 +216,15 @@ def test_a_wrapper_passes_every_hook_of_the_policy_interface_through():
         assert calls[-1:] == [hook], hook
     assert calls == hooks
     assert wrapper.name == "inner"
+
+
+def test_the_synced_policy_defines_every_hook_itself():
+    """``SyncedPolicy`` is not a ``PolicyWrapper`` (it must stay a compiled class): none of
+    its hooks may be missing, which for a class with no base would fail only when called."""
+    import inspect
+
+    from policies.replica_sync import SyncedPolicy
+    from policies.types import Policy
+
+    hooks = [n for n, v in vars(Policy).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert [h for h in hooks if h not in vars(SyncedPolicy)] == []

@@ -38,6 +38,7 @@ from policies.kv.events import BlockStored
 from policies.types import (
     BackendId,
     BlockHash,
+    ClusterView,
     Decision,
     Policy,
     RouteRequest,
@@ -175,10 +176,25 @@ class ParityPolicy(PolicyWrapper):
         super().__init__(inner)
         self.parity = parity
 
+    # The per-request hooks are written out, not inherited: PolicyWrapper's run interpreted
+    # (policies/base.py is not compiled), these compiled.
+    def choose(self, request: RouteRequest, view: ClusterView) -> Decision:
+        return self.inner.choose(request, view)
+
+    def defer(self, request: RouteRequest, view: ClusterView) -> bool:
+        return self.inner.defer(request, view)
+
     def on_dispatched(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
         self.inner.on_dispatched(request, decision, now_s)
         self.parity.dispatched(request.request_id, decision.prefill_backend_id
                                or decision.backend_id, now_s)
+
+    def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
+        self.inner.on_first_token(request, decision, now_s)
+
+    def on_finished(self, request: RouteRequest, decision: Decision, now_s: float,
+                    ok: bool) -> None:
+        self.inner.on_finished(request, decision, now_s, ok)
 
     def on_backend_removed(self, backend_id: BackendId) -> None:
         self.inner.on_backend_removed(backend_id)

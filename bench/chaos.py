@@ -39,7 +39,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvrouter.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama"
 TOKENIZER = ROOT / "simulator" / "data" / "tiny-tokenizer"
@@ -59,12 +60,6 @@ _ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 # ---- processes ------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -88,7 +83,7 @@ def _start_emulator(count: int) -> subprocess.Popen[bytes]:
 
 
 def _start_router(config: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     path = workdir / f"router-{port}.json"
     path.write_text(json.dumps(config))  # JSON is YAML
     log = open(workdir / f"router-{port}.log", "wb")
@@ -217,7 +212,7 @@ def _p(values: list[float], q: float) -> float:
 
 async def scenario_kill(workdir: Path, stream: bool, *, concurrency: int = 16,
                         after_restart_s: float = 8.0, fast_health: bool = True) -> dict[str, Any]:
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     logs = [workdir / f"backend-{p}.log" for p in ports]
     backends = [_start_backend(p, log) for p, log in zip(ports, logs, strict=True)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -300,7 +295,7 @@ async def _slowloris(port: int, seconds: float, results: list[str]) -> None:
 
 
 async def scenario_stall(workdir: Path) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     backend = _start_backend(port, workdir / f"backend-{port}.log")
     router, url = _start_router({"backends": [f"http://127.0.0.1:{port}"],
                                  "server": {"body_timeout_s": 5.0}}, workdir)
@@ -354,7 +349,7 @@ async def scenario_events(workdir: Path) -> dict[str, Any]:
     import zmq
     import zmq.asyncio
 
-    port, event_port = _free_port(), _free_port()
+    port, event_port = free_port(), free_port()
     backend = _start_backend(port, workdir / f"backend-{port}.log")
     burl = f"http://127.0.0.1:{port}"
     bind = f"tcp://127.0.0.1:{event_port}"
@@ -412,7 +407,7 @@ async def scenario_fuzz(workdir: Path, examples: int) -> dict[str, Any]:
     import test_fuzz_http as fuzz
     from hypothesis import HealthCheck, given, settings
 
-    port = _free_port()
+    port = free_port()
     backend = _start_backend(port, workdir / f"backend-{port}.log")
     router, url = _start_router({
         "backends": [f"http://127.0.0.1:{port}"], "policy": {"name": "kv_aware"},
@@ -520,7 +515,7 @@ async def scenario_restart(workdir: Path) -> dict[str, Any]:
 
 
 async def scenario_soak(workdir: Path, seconds: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     backend = _start_backend(port, workdir / f"backend-{port}.log")
     router, url = _start_router({"backends": [f"http://127.0.0.1:{port}"]}, workdir)
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,16 +30,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from emulator import wait_healthy  # noqa: E402
 from quality_workload import REGIMES, build_workload  # noqa: E402
 
+from kvrouter.ports import free_port  # noqa: E402
+
 MODEL = "tiny-llama"
 ANSWER = {"id": "x", "object": "chat.completion", "model": MODEL, "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bodies(count: int) -> list[dict[str, Any]]:
@@ -89,12 +84,12 @@ async def _serve_backends(ports: list[int]) -> None:
 
 
 async def _run(preconnect: int, bodies: list[dict[str, Any]]) -> list[float]:
-    ports = [_free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(4)]
     backends = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "backends", *map(str, ports), stdout=asyncio.subprocess.PIPE)
     assert backends.stdout is not None
     await backends.stdout.readline()  # "ready"
-    router_port = _free_port()
+    router_port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
         config.write(f"upstream:\n  preconnect: {preconnect}\n")
         config.flush()

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,15 +33,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from kvrouter.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def serve_baseline(port: int) -> None:

@@ -40,7 +40,6 @@ import contextlib
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from kvrouter import native
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import wrk_client  # noqa: E402  (bench/ is not a package)
+
+from kvrouter.ports import free_port  # noqa: E402
 
 PEERS_VENV = ROOT / ".tools" / "peers-venv"
 MODEL = "tiny"
@@ -110,12 +111,6 @@ async def _run_floor(port: int, backends: list[str]) -> None:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
 class Target:
@@ -186,7 +181,7 @@ def _router_argv(target: str, port: int, backends: list[str], default_policy: st
                 *(["--workers", workers] if workers else []),
                 *[a for b in backends for a in ("--backend", b)]]
     py = str(PEERS_VENV / "bin" / "python")
-    metrics_port = str(_free_port())  # both crash when their metrics port is taken
+    metrics_port = str(free_port())  # both crash when their metrics port is taken
     if name == "sglang-router":
         return [py, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
                 str(port), "--worker-urls", *backends, "--policy", policy,
@@ -200,7 +195,7 @@ def _router_argv(target: str, port: int, backends: list[str], default_policy: st
 @contextlib.asynccontextmanager
 async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
     (ROOT / ".tools").mkdir(exist_ok=True)
-    ports = [_free_port() for _ in range(args.backends)]
+    ports = [free_port() for _ in range(args.backends)]
     backend = _start([sys.executable, str(ROOT / "bench" / "zero_backend.py"), "--ports",
                       *map(str, ports)], "backend")
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -216,7 +211,7 @@ async def _targets(args: argparse.Namespace) -> AsyncIterator[list[Target]]:
         for url in urls:
             await _wait_ready(url, 60, backend)
         for name in names:
-            port = _free_port()
+            port = free_port()
             python_only = name.endswith("@python")
             code = name.removesuffix("@python")
             code, at_base = code.removesuffix("@base"), code.endswith("@base")

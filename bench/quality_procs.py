@@ -25,12 +25,13 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from kvrouter.ports import free_port
 
 __all__ = [
     "DEFAULT_ROUTERS",
@@ -87,12 +88,6 @@ def read_pin_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if len(cpus) < 2:
             parser.error(f"--pin: needs 2 CPUs, this process may use {len(cpus)}")
         args.pod_cpus, args.router_cpus = frozenset(cpus[-1:]), frozenset(cpus[:-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(root: Path = ROOT) -> dict[str, str]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from kvrouter.ports import free_ports
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -60,29 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7, help="workload seed (default %(default)s)")
     parser.add_argument("--out", default="out/demo",
                         help="directory for results.json and report.html (default %(default)s)")
-
-
-def _free_ports(count: int) -> int:
-    """A base port with ``count`` consecutive free ports after it (checked, then released)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + count >= 65535:
-            continue
-        socks = []
-        try:
-            for i in range(count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise OSError("no run of free ports found on 127.0.0.1")
 
 
 def _workload(args: argparse.Namespace) -> list[Any]:
@@ -163,7 +141,7 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     from simulator.tiny_tokenizer import default_path
 
     exe = [sys.executable, "-m", "kvrouter.cli"]
-    pod_port = _free_ports(args.pods)
+    pod_port = free_ports(args.pods)
     pod_urls = [f"http://127.0.0.1:{pod_port + i}" for i in range(args.pods)]
     logs = (workdir / f"{policy}-emulator.log").open("wb")
     pods = subprocess.Popen(
@@ -177,9 +155,7 @@ def _run_policy(policy: str, args: argparse.Namespace, workload: list[Any],
     try:
         for url in pod_urls:
             _wait_http(f"{url}/health", pods, 60)
-        # The router's port is picked only now: the pods bind ephemeral ZMQ ports as they
-        # start, and one of those once took a port picked before them.
-        router_port = _free_ports(1)
+        router_port = free_ports(1)
         config = workdir / f"{policy}.yaml"
         config.write_text(yaml.safe_dump({
             "server": {"host": "127.0.0.1", "port": router_port, "log_level": "warning"},

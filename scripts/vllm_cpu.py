@@ -280,6 +280,7 @@ def _build_locked(
 # ---------------------------------------------------------------------------- engines
 
 
+# The rule of kvrouter/ports.py, repeated: this script imports nothing from the project.
 # Ports are handed out below the kernel's ephemeral range. An engine binds its replay socket
 # ~25 s after we pick the port, and meanwhile vLLM itself (and every other engine starting
 # beside it) binds port 0 and connects outward many times: an ephemeral pick can be taken in

@@ -376,7 +376,8 @@ class SyncedPolicy:
         self.inner.on_dispatched(request, decision, now_s)
         sync = self.sync
         message = sync.dispatched(request, decision, now_s, share)
-        if sync.queue(message) if message is not None else sync.open_window():
+        opened = sync.queue(message) if message is not None else sync.open_window()
+        if opened:
             self.window_opened()
 
     def on_first_token(self, request: RouteRequest, decision: Decision, now_s: float) -> None:
